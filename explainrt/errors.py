@@ -1,0 +1,45 @@
+"""Exception classes: every bad input gets one that names the problem."""
+
+from __future__ import annotations
+
+
+class ExplainrtError(Exception):
+    """Base class of every error explainrt raises on purpose."""
+
+
+class InvalidModelError(ExplainrtError):
+    """The model file or graph is unreadable, corrupt, or lacks what explaining needs."""
+
+
+class UnsupportedOperatorError(ExplainrtError):
+    """The gradient builder has no VJP rule for an operator on the path to the logits."""
+
+    def __init__(self, op_type: str, node_name: str, detail: str = "") -> None:
+        self.op_type = op_type
+        self.node_name = node_name
+        message = f"no gradient rule for operator {op_type!r} (node {node_name!r})"
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class UnknownLayerError(ExplainrtError):
+    """A requested target layer (tensor name or module) does not exist in the model."""
+
+
+class NoSpatialLayerError(ExplainrtError):
+    """The model has no rank-4 tensor with spatial size > 1 on the path to the logits."""
+
+
+class InvalidInputError(ExplainrtError, ValueError):
+    """An image batch, target or option given to an explanation is malformed."""
+
+
+class ImageReadError(InvalidInputError):
+    """An image file or buffer cannot be decoded."""
+
+
+class BackendUnavailableError(ExplainrtError):
+    """The requested backend or execution provider is not installed or not usable here."""
+
+
+class UnknownMethodError(InvalidInputError):
+    """The explanation method name is not registered."""
