@@ -1,0 +1,244 @@
+"""A small graph builder: appends nodes to an ONNX model under stable, readable names.
+
+The exporter only ever *adds* nodes (the original ones stay untouched, so the original outputs
+stay bit-identical); this class is the one place that knows how an ONNX node, initializer or
+graph output is spelled, which opset-dependent form an operator takes, and what static type and
+shape each tensor has (from ONNX shape inference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from explainrt.errors import InvalidModelError
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Static element type and (possibly partly symbolic) shape of a tensor."""
+
+    elem_type: int
+    shape: tuple[Dim, ...] | None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.elem_type in FLOAT_TYPES
+
+
+FLOAT_TYPES = frozenset(
+    {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+)
+
+
+def _info_from_type(type_proto: onnx.TypeProto) -> TensorInfo | None:
+    if not type_proto.HasField("tensor_type"):
+        return None
+    tensor_type = type_proto.tensor_type
+    shape: tuple[Dim, ...] | None = None
+    if tensor_type.HasField("shape"):
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor_type.shape.dim
+        )
+    return TensorInfo(tensor_type.elem_type, shape)
+
+
+def tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    """Types and shapes of every tensor ONNX shape inference can type."""
+    graph = model.graph
+    infos: dict[str, TensorInfo] = {}
+    for init in graph.initializer:
+        infos[init.name] = TensorInfo(init.data_type, tuple(init.dims))
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        info = _info_from_type(value.type)
+        if info is not None:
+            infos[value.name] = info
+    for node in graph.node:
+        tensor = _constant_tensor(node) if node.op_type == "Constant" else None
+        if tensor is not None:
+            infos[node.output[0]] = TensorInfo(tensor.data_type, tuple(tensor.dims))
+    return infos
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return attr.t
+    return None
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise InvalidModelError("the model imports no version of the default ONNX operator set")
+
+
+class GraphBuilder:
+    """Appends nodes, constants and outputs to ``model.graph`` (mutated in place).
+
+    Every new node is named ``<scope>/<OpType>`` (deduplicated with ``.1``, ``.2``... in build
+    order, so names are the same on every export of the same model). ``scope`` is set by the
+    caller, e.g. ``explainrt/grad/<tensor>`` while building that tensor's gradient.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.opset = opset_version(model)
+        self.infos = tensor_infos(model)
+        self.scope = "explainrt"
+        self._taken: set[str] = {n.name for n in self.graph.node}
+        for value in self.infos:
+            self._taken.add(value)
+        for node in self.graph.node:
+            self._taken.update(node.output)
+        self._constants: dict[tuple[bytes, int, tuple[int, ...]], str] = {}
+        self._shapes: dict[str, str] = {}
+        self._constant_protos = {t.name: t for t in self.graph.initializer}
+        for node in self.graph.node:
+            tensor = _constant_tensor(node) if node.op_type == "Constant" else None
+            if tensor is not None:
+                self._constant_protos[node.output[0]] = tensor
+
+    # -- naming -------------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        """A name not used anywhere in the graph yet: ``hint`` itself, else ``hint.1``, ..."""
+        name, count = hint, 0
+        while name in self._taken:
+            count += 1
+            name = f"{hint}.{count}"
+        self._taken.add(name)
+        return name
+
+    # -- nodes --------------------------------------------------------------------------------
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        outputs: int = 1,
+        name: str | None = None,
+        like: str | None = None,
+        **attrs: object,
+    ) -> str:
+        """Append one node; returns its (first) output name. ``like`` records its type."""
+        return self.op_multi(op_type, inputs, outputs=outputs, name=name, like=like, **attrs)[0]
+
+    def op_multi(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        outputs: int,
+        name: str | None = None,
+        like: str | None = None,
+        **attrs: object,
+    ) -> list[str]:
+        node_name = self.fresh(name or f"{self.scope}/{op_type}")
+        out_names = [node_name] if outputs == 1 else [self.fresh(f"{node_name}:{i}") for i in range(outputs)]
+        node = helper.make_node(op_type, list(inputs), out_names, name=node_name, **attrs)
+        self.graph.node.append(node)
+        if like is not None and like in self.infos:
+            for out in out_names:
+                self.infos[out] = self.infos[like]
+        return out_names
+
+    def constant(self, value: np.ndarray | float | int | Sequence[int], *, dtype: int) -> str:
+        """An initializer holding ``value`` as ONNX element type ``dtype`` (shared when equal)."""
+        array = np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+        key = (array.tobytes(), dtype, array.shape)
+        if key not in self._constants:
+            name = self.fresh(f"explainrt/const/{array.dtype}{list(array.shape)}")
+            self.graph.initializer.append(numpy_helper.from_array(array, name))
+            self.infos[name] = TensorInfo(dtype, array.shape)
+            self._constants[key] = name
+        return self._constants[key]
+
+    def ints(self, values: Sequence[int]) -> str:
+        """A 1-D int64 constant (axes, shapes, starts...)."""
+        return self.constant(np.asarray(values, dtype=np.int64), dtype=TensorProto.INT64)
+
+    def scalar_like(self, value: float, like: str) -> str:
+        """A scalar constant of ``like``'s floating type."""
+        return self.constant(value, dtype=self.info(like).elem_type)
+
+    def add_output(self, name: str, source: str, elem_type: int, shape: Sequence[Dim]) -> None:
+        """Expose ``source`` as a new graph output called ``name`` (through an Identity)."""
+        self.op("Identity", [source], name=name)
+        self.graph.output.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    def add_input(self, name: str, elem_type: int, shape: Sequence[Dim]) -> str:
+        if name in self._taken:
+            raise InvalidModelError(f"the model already has a tensor named {name!r}")
+        self._taken.add(name)
+        self.graph.input.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        self.infos[name] = TensorInfo(elem_type, tuple(shape))
+        return name
+
+    # -- static facts ---------------------------------------------------------------------------
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant-node output; None for computed tensors."""
+        proto = self._constant_protos.get(name)
+        return None if proto is None else numpy_helper.to_array(proto)
+
+    def info(self, name: str) -> TensorInfo:
+        info = self.infos.get(name)
+        if info is None:
+            raise InvalidModelError(f"ONNX shape inference could not type tensor {name!r}")
+        return info
+
+    def rank(self, name: str) -> int:
+        rank = self.info(name).rank
+        if rank is None:
+            raise InvalidModelError(f"ONNX shape inference could not find the rank of {name!r}")
+        return rank
+
+    def static_shape(self, name: str, what: str) -> tuple[int, ...]:
+        """The shape of ``name`` where every dimension must be a known integer."""
+        shape = self.info(name).shape
+        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+            raise InvalidModelError(f"{what} needs the static shape of {name!r}, got {shape}")
+        return shape  # type: ignore[return-value]
+
+    # -- opset-aware building blocks -----------------------------------------------------------
+    def shape(self, name: str) -> str:
+        """``Shape(name)``, built once per tensor."""
+        if name not in self._shapes:
+            self._shapes[name] = self.op("Shape", [name], name=f"explainrt/shape/{name}")
+        return self._shapes[name]
+
+    def shape_slice(self, name: str, start: int, end: int | None = None) -> str:
+        stop = np.iinfo(np.int64).max if end is None else end
+        return self.op("Slice", [self.shape(name), self.ints([start]), self.ints([stop])])
+
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
+        """ReduceSum/ReduceMean/ReduceMax over ``axes``, in the form the model's opset wants."""
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes_as_input:
+            return self.op(op_type, [x, self.ints(axes)], keepdims=int(keepdims), like=x)
+        return self.op(op_type, [x], axes=list(axes), keepdims=int(keepdims), like=x)
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Unsqueeze", [x, self.ints(axes)], like=x)
+
+    def squeeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Squeeze", [x, self.ints(axes)], like=x)
+
+    def concat(self, parts: Sequence[str], axis: int) -> str:
+        return parts[0] if len(parts) == 1 else self.op("Concat", list(parts), axis=axis)
+
+    def add_all(self, terms: Sequence[str]) -> str:
+        """The sum of one or more same-shaped tensors."""
+        return terms[0] if len(terms) == 1 else self.op("Sum", list(terms), like=terms[0])

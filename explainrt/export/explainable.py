@@ -1,0 +1,265 @@
+"""make_explainable: an ONNX model that also returns target-layer activations and their gradients.
+
+The rewritten model keeps every original node and output as it was and adds:
+
+- input  ``explainrt.targets``            int64 ``[N, K]``: a class index, or ``-k`` for the
+  k-th most likely class of that image;
+- output ``explainrt.resolved_targets``   int64 ``[N, K]``: the class each target resolved to;
+- output ``explainrt.activations.<i>``    ``[N, C, h, w]`` for the i-th target layer;
+- output ``explainrt.gradients.<i>``      ``[N, K, C, h, w]``: d logit[target] / d activations.
+
+What the engine needs to run the model without the original code (input name, logits, target
+layers, preprocessing) is stored as JSON in the model's metadata under ``explainrt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, version_converter
+
+from explainrt.errors import InvalidModelError, NoSpatialLayerError, UnknownLayerError
+from explainrt.export.builder import TensorInfo, opset_version
+from explainrt.export.gradients import GradientBuilder, ancestors, append_gradients
+
+log = logging.getLogger(__name__)
+
+TARGETS_INPUT = "explainrt.targets"
+RESOLVED_TARGETS_OUTPUT = "explainrt.resolved_targets"
+METADATA_KEY = "explainrt"
+MIN_OPSET = 13
+
+
+def activations_output(index: int) -> str:
+    return f"explainrt.activations.{index}"
+
+
+def gradients_output(index: int) -> str:
+    return f"explainrt.gradients.{index}"
+
+
+@dataclass(frozen=True)
+class ExplainableSpec:
+    """What an explainable model says about itself (stored in its metadata)."""
+
+    image_input: str
+    logits: str
+    num_classes: int
+    target_layers: tuple[str, ...]
+    preprocessing: str | None = None  # JSON of explainrt.engine.preprocessing.Preprocessing
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> ExplainableSpec:
+        props = {p.key: p.value for p in model.metadata_props}
+        if METADATA_KEY not in props:
+            raise InvalidModelError("the model is not explainable (no explainrt metadata): run make_explainable first")
+        try:
+            fields = json.loads(props[METADATA_KEY])
+            fields["target_layers"] = tuple(fields["target_layers"])
+            return cls(**fields)
+        except (ValueError, TypeError, KeyError) as error:
+            raise InvalidModelError(f"corrupt explainrt metadata in the model: {error}") from error
+
+
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto
+
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """Read an ONNX model from a path, serialized bytes or a ModelProto (copied)."""
+    if isinstance(source, onnx.ModelProto):
+        return copy.deepcopy(source)
+    try:
+        if isinstance(source, bytes):
+            return onnx.load_from_string(source)
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidModelError(f"model file not found: {path}")
+        model = onnx.load(str(path))
+    except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError, ValueError) as error:
+        raise InvalidModelError(f"cannot read ONNX model {source!r}: {error}") from error
+    if not model.graph.node:
+        raise InvalidModelError(f"{source!r} holds no ONNX graph (empty or corrupt file)")
+    return model
+
+
+def make_explainable(
+    model: ModelSource,
+    target_layers: str | Sequence[str] = "auto",
+    logits: str | None = None,
+    preprocessing: str | None = None,
+) -> onnx.ModelProto:
+    """Return a copy of ``model`` that also outputs target-layer activations and gradients.
+
+    ``target_layers`` is ``"auto"`` (the last rank-4 tensor with spatial size > 1 on the path
+    to the logits) or a list of tensor names. ``logits`` names the class-score tensor; by
+    default the first graph output (or the input of a final Softmax/LogSoftmax).
+    ``preprocessing`` is a Preprocessing JSON stored for the CLI and servers.
+    """
+    proto = _prepared(load_model(model))
+    builder = GradientBuilder(proto)
+    image_input = _image_input(builder)
+    logits_name = _logits(builder, logits)
+    num_classes = _num_classes(builder, logits_name)
+    targets = _target_layers(builder, target_layers, logits_name)
+    log.info("explaining %s w.r.t. %s", logits_name, targets)
+
+    requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
+    resolved = _resolve_targets(builder, logits_name, requested)
+    seed = _one_hot_seed(builder, logits_name, resolved)
+    gradients = append_gradients(builder, targets, logits_name, seed)
+
+    builder.scope = "explainrt/outputs"
+    builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
+    for index, target in enumerate(targets):
+        info = builder.info(target)
+        channels_hw = list(info.shape[1:]) if info.shape else ["C", "h", "w"]
+        builder.add_output(activations_output(index), target, info.elem_type, ["N", *channels_hw])
+        per_image = builder.op("Transpose", [gradients[target]], perm=[1, 0, 2, 3, 4])
+        builder.add_output(gradients_output(index), per_image, info.elem_type, ["N", "K", *channels_hw])
+
+    _prune_added_nodes(proto)
+    spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing)
+    _set_metadata(proto, METADATA_KEY, spec.to_json())
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        raise InvalidModelError(f"the explainable model failed ONNX validation: {error}") from error
+    return proto
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Upgrade old opsets and run shape inference (the rules need ranks, dtypes and sizes)."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        raise InvalidModelError(f"invalid ONNX model: {error}") from error
+    if opset_version(model) < MIN_OPSET:
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+        except Exception as error:  # the converter raises bare RuntimeErrors of many kinds
+            raise InvalidModelError(f"cannot upgrade the model to opset {MIN_OPSET}: {error}") from error
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as error:
+        raise InvalidModelError(f"ONNX shape inference failed on the model: {error}") from error
+
+
+def _image_input(builder: GradientBuilder) -> str:
+    initializers = {t.name for t in builder.graph.initializer}
+    for value in builder.graph.input:
+        info = builder.infos.get(value.name)
+        if value.name not in initializers and info is not None and info.rank == 4 and info.is_float:
+            return value.name
+    raise InvalidModelError("the model has no float image input of rank 4 [N, C, H, W]")
+
+
+def _logits(builder: GradientBuilder, requested: str | None) -> str:
+    graph = builder.graph
+    if requested is not None:
+        if requested not in builder.infos:
+            raise UnknownLayerError(f"logits tensor {requested!r} not found{_suggest(requested, builder.infos)}")
+        return requested
+    name = graph.output[0].name
+    producer = next((n for n in graph.node if name in n.output), None)
+    if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
+        log.info("the model ends in %s: explaining its input %s", producer.op_type, producer.input[0])
+        return producer.input[0]
+    return name
+
+
+def _num_classes(builder: GradientBuilder, logits: str) -> int:
+    info = builder.info(logits)
+    if info.rank != 2 or not isinstance(info.shape[1], int):  # type: ignore[index]
+        raise InvalidModelError(f"logits {logits!r} must have shape [N, classes], got {info.shape}")
+    return info.shape[1]  # type: ignore[index, return-value]
+
+
+def _is_spatial(info: TensorInfo) -> bool:
+    if info.rank != 4 or not info.is_float:
+        return False
+    h, w = info.shape[2:]  # type: ignore[index]
+    return isinstance(h, int) and isinstance(w, int) and h * w > 1
+
+
+def _target_layers(builder: GradientBuilder, requested: str | Sequence[str], logits: str) -> list[str]:
+    if isinstance(requested, str) and requested == "auto":
+        return [_auto_target(builder, logits)]
+    names = [requested] if isinstance(requested, str) else list(requested)
+    if not names:
+        raise UnknownLayerError("target_layers is empty: give tensor names or 'auto'")
+    for name in names:
+        info = builder.infos.get(name)
+        if info is None:
+            raise UnknownLayerError(f"target layer {name!r} is not a tensor of the model{_suggest(name, builder.infos)}")
+        if info.rank != 4 or not info.is_float:
+            raise UnknownLayerError(f"target layer {name!r} must be a float tensor [N, C, h, w], got shape {info.shape}")
+    return names
+
+
+def _auto_target(builder: GradientBuilder, logits: str) -> str:
+    upstream = ancestors(builder.graph, logits)
+    candidates = [out for node in builder.graph.node for out in node.output
+                  if out in upstream and out in builder.infos and _is_spatial(builder.info(out))]
+    if not candidates:
+        raise NoSpatialLayerError(f"no rank-4 tensor with spatial size > 1 leads to {logits!r}: give target_layers")
+    return candidates[-1]
+
+
+def _suggest(name: str, known: object) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3)  # type: ignore[call-overload]
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+
+
+def _resolve_targets(b: GradientBuilder, logits: str, requested: str) -> str:
+    """Targets < 0 mean 'the k-th most likely class': look them up in the sorted logits."""
+    b.scope = "explainrt/targets"
+    classes = b.shape_slice(logits, 1, 2)
+    ranked = b.op_multi("TopK", [logits, classes], outputs=2, axis=-1, largest=1, sorted=1)[1]
+    rank = b.op("Max", [b.op("Sub", [b.op("Neg", [requested]), b.ints([1])]), b.ints([0])])
+    by_rank = b.op("GatherElements", [ranked, rank], axis=1)
+    return b.op("Where", [b.op("Less", [requested, b.ints([0])]), by_rank, requested])
+
+
+def _one_hot_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
+    """Cotangent [K, N, classes]: one-hot rows of the resolved targets."""
+    per_seed = b.unsqueeze(b.op("Transpose", [resolved], perm=[1, 0]), [-1])
+    count = b.squeeze(b.shape_slice(logits, 1, 2), [0])
+    class_ids = b.op("Range", [b.constant(0, dtype=TensorProto.INT64), count, b.constant(1, dtype=TensorProto.INT64)])
+    hot = b.op("Equal", [per_seed, class_ids])
+    return b.op("Cast", [hot], to=b.info(logits).elem_type, name="explainrt/grad/seed", like=logits)
+
+
+def _prune_added_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes and constants this rewrite added that no output needs (e.g. weight gradients)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if not node.name.startswith("explainrt/") or any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    unused = [t for t in graph.initializer if t.name.startswith("explainrt/") and t.name not in needed]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)

@@ -1,0 +1,123 @@
+"""The PyTorch front door: export a ``torch.nn.Module`` and find its target modules' tensors.
+
+Asking ``torch.onnx.export`` to trace ``torch.autograd.grad`` fails, so the model is exported
+for inference only and the gradient graph is built on the ONNX side. To know which ONNX tensor
+``model.layer4`` became, the export runs through a wrapper whose forward hooks also return each
+target module's output as an extra graph output; those outputs are then dropped again, leaving
+their (now known) tensor names inside the graph.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+
+import onnx
+import torch
+
+from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.export.explainable import make_explainable
+
+log = logging.getLogger(__name__)
+
+IMAGE_INPUT = "input"
+LOGITS_OUTPUT = "logits"
+TAP_PREFIX = "explainrt.tap."
+
+
+class _Tapped(torch.nn.Module):
+    """Returns the model's output followed by each target module's output."""
+
+    def __init__(self, model: torch.nn.Module, taps: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.taps = list(taps)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        captured: dict[int, torch.Tensor] = {}
+        handles = [
+            module.register_forward_hook(lambda _m, _i, out, index=index: captured.__setitem__(index, out))
+            for index, module in enumerate(self.taps)
+        ]
+        try:
+            logits = self.model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [i for i in range(len(self.taps)) if i not in captured]
+        if missing:
+            raise UnknownLayerError(f"target modules {missing} were not called by the model's forward")
+        for index, value in captured.items():
+            if not isinstance(value, torch.Tensor) or value.dim() != 4:
+                raise UnknownLayerError(f"target module {index} must output one tensor [N, C, h, w]")
+        if not isinstance(logits, torch.Tensor):
+            raise InvalidModelError("the model must return one logits tensor [N, classes]")
+        return (logits, *(captured[i] for i in range(len(self.taps))))
+
+
+def export_torch(
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    target_modules: Sequence[torch.nn.Module],
+    opset: int = 18,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """Export ``model`` to ONNX (dynamic batch) and return it with each target module's tensor."""
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+        raise InvalidInputError("example_input must be a float tensor [N, C, H, W]")
+    owned = {id(m) for m in model.modules()}
+    for module in target_modules:
+        if not isinstance(module, torch.nn.Module) or id(module) not in owned:
+            raise UnknownLayerError(f"target layer {module!r} is not a sub-module of the model")
+    # A batch of 1 would be specialised by torch.export; trace with 2 and keep the batch dynamic.
+    example = example_input[:1].detach().float().repeat(2, 1, 1, 1)
+    wrapper = _Tapped(model, target_modules)
+    modes = {m: m.training for m in model.modules()}
+    wrapper.eval()  # evaluates dropout/batch-norm as at inference; restored below
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[IMAGE_INPUT],
+                output_names=[LOGITS_OUTPUT, *(f"{TAP_PREFIX}{i}" for i in range(len(target_modules)))],
+                dynamic_shapes=({0: torch.export.Dim("N", min=1)},),
+                verbose=False,
+            )
+        program.save(buffer)
+    except (UnknownLayerError, InvalidModelError):
+        raise
+    except Exception as error:  # torch.export raises many unrelated types
+        raise InvalidModelError(f"torch.onnx.export failed: {error}") from error
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    taps = [o.name for o in proto.graph.output[1:]]
+    kept = [o for o in proto.graph.output if o.name not in taps]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    return proto, taps
+
+
+def from_torch(
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    target_layers: Sequence[torch.nn.Module] | None = None,
+    preprocessing: str | None = None,
+) -> onnx.ModelProto:
+    """Export a PyTorch classifier as an explainable ONNX model.
+
+    ``target_layers`` are sub-modules (e.g. ``[model.layer4]``) whose outputs are explained;
+    ``None`` picks the last spatial tensor automatically.
+    """
+    modules = list(target_layers or [])
+    proto, tensors = export_torch(model, example_input, modules)
+    for module, tensor in zip(modules, tensors):
+        log.info("target module %s is ONNX tensor %s", type(module).__name__, tensor)
+    return make_explainable(proto, tensors or "auto", logits=LOGITS_OUTPUT, preprocessing=preprocessing)
