@@ -205,12 +205,12 @@ class GraphBuilder:
             raise InvalidModelError(f"ONNX shape inference could not find the rank of {name!r}")
         return rank
 
-    def static_shape(self, name: str, what: str) -> tuple[int, ...]:
-        """The shape of ``name`` where every dimension must be a known integer."""
+    def static_shape(self, name: str, what: str) -> tuple[Dim, ...]:
+        """The shape of ``name``; every dimension but the batch (axis 0) must be a known integer."""
         shape = self.info(name).shape
-        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             raise InvalidModelError(f"{what} needs the static shape of {name!r}, got {shape}")
-        return shape  # type: ignore[return-value]
+        return shape
 
     # -- opset-aware building blocks -----------------------------------------------------------
     def shape(self, name: str) -> str:

@@ -217,6 +217,8 @@ def _slice(b: B, n: Node, g: Grads) -> Sequence[str | None]:
     before, after = [0] * (rank + 1), [0] * (rank + 1)
     for axis, start, end in zip(axes, starts or [], ends or []):
         axis %= rank
+        if not isinstance(shape[axis], int):
+            raise n.unsupported(f"slicing along the dynamic axis {axis}")
         lo, hi, _ = slice(start, end).indices(shape[axis])
         before[axis + 1], after[axis + 1] = lo, shape[axis] - max(hi, lo)
     return (b.op("Pad", [g[0], b.ints(before + after)], like=x),)

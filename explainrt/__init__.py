@@ -1,0 +1,1 @@
+"""explainrt: inference-time explanations computed inside the ONNX graph."""

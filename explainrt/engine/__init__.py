@@ -1,0 +1,1 @@
+"""Engine: model loading, image handling and the explanation pipeline."""
