@@ -1,1 +1,15 @@
-"""explainrt: inference-time explanations computed inside the ONNX graph."""
+"""explainrt: inference-time explanations computed inside the ONNX graph.
+
+``Explainer(model).explain(images, method="gradcam")`` explains a classifier's predictions on
+ONNX Runtime (or PyTorch, as the reference); ``make_explainable`` / ``from_torch`` rewrite a model
+so that it also returns its target layers' activations and their gradients.
+"""
+
+__version__ = "0.1.0"
+
+from explainrt.engine.explainer import Explainer, Explanation, Prediction  # noqa: E402
+from explainrt.engine.methods import METHODS  # noqa: E402
+from explainrt.export import make_explainable  # noqa: E402
+from explainrt.export.torch_export import from_torch  # noqa: E402
+
+__all__ = ["METHODS", "Explainer", "Explanation", "Prediction", "__version__", "from_torch", "make_explainable"]

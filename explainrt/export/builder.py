@@ -176,7 +176,8 @@ class GraphBuilder:
 
     def add_output(self, name: str, source: str, elem_type: int, shape: Sequence[Dim]) -> None:
         """Expose ``source`` as a new graph output called ``name`` (through an Identity)."""
-        self.op("Identity", [source], name=name)
+        self._taken.add(name)
+        self.graph.node.append(helper.make_node("Identity", [source], [name], name=self.fresh(f"{self.scope}/{name}")))
         self.graph.output.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
 
     def add_input(self, name: str, elem_type: int, shape: Sequence[Dim]) -> str:

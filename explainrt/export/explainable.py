@@ -263,3 +263,18 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
             prop.value = value
             return
     model.metadata_props.add(key=key, value=value)
+
+
+def original_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without what make_explainable added: plain inference, same original outputs."""
+    plain = copy.deepcopy(model)
+    graph = plain.graph
+    for field_name, prefix in (("node", "explainrt/"), ("initializer", "explainrt/"), ("input", "explainrt."), ("output", "explainrt.")):
+        items = getattr(graph, field_name)
+        kept = [item for item in items if not item.name.startswith(prefix)]
+        del items[:]
+        items.extend(kept)
+    kept_props = [p for p in plain.metadata_props if p.key != METADATA_KEY]
+    del plain.metadata_props[:]
+    plain.metadata_props.extend(kept_props)
+    return plain

@@ -1,0 +1,302 @@
+"""The public API: ``Explainer(model).explain(images, method=...) -> Explanation``.
+
+The pipeline is the same for every CAM method: validate inputs -> one runtime call per batch
+(logits, activations, gradients) -> the method's weights -> fused kernel (weight, ReLU,
+normalise, resize) per target layer -> average layers -> normalise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from explainrt import kernels
+from explainrt.engine.methods import LayerContext, get_method
+from explainrt.engine.overlay import overlay
+from explainrt.engine.preprocessing import Preprocessing
+from explainrt.engine.session import OnnxRuntimeSession, Session, TorchSession
+from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
+from explainrt.export.explainable import METADATA_KEY, ExplainableSpec, load_model, make_explainable, original_model
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str | None
+    probability: float
+
+
+@dataclass
+class Explanation:
+    """Saliency maps [N, H, W] in [0, 1], with the predictions and what each stage cost."""
+
+    maps: np.ndarray
+    logits: np.ndarray
+    targets: np.ndarray  # [N] the class each map explains
+    method: str
+    timings: dict[str, float] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    images: np.ndarray | None = None  # uint8 [N, H, W, 3] when raw images were given
+
+    def top_k(self, k: int = 5) -> list[list[Prediction]]:
+        """The k most likely classes per image, with softmax probabilities."""
+        shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        order = np.argsort(-self.logits, axis=1)[:, :k]
+        return [[Prediction(int(c), self.labels[c] if self.labels else None, float(p[c])) for c in row]
+                for row, p in zip(order, probabilities)]
+
+    def overlays(self, alpha: float = 0.5) -> np.ndarray:
+        """Heatmaps blended onto the (resized, cropped) input images, uint8 [N, H, W, 3]."""
+        if self.images is None:
+            raise InvalidInputError("overlays need the raw images: explain files, PIL images or uint8 arrays")
+        return np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, self.maps)])
+
+
+class Explainer:
+    """Explains a classifier's predictions with the CAM family, in one runtime call per batch.
+
+    ``model``: a ``torch.nn.Module`` (exported on the fly), an ONNX path, bytes or ModelProto
+    (explainable already, or made so), or None for the shipped default (EfficientNet-Lite0).
+    ``target_layers``: modules (torch) or tensor names (ONNX); None picks the last spatial layer.
+    ``backend``: "onnxruntime" (``providers`` in priority order, validated) or "torch".
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        target_layers: Sequence[Any] | None = None,
+        backend: str = "onnxruntime",
+        providers: Sequence[str] | None = None,
+        preprocessing: Preprocessing | None = None,
+        input_size: tuple[int, int] | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if backend == "tensorrt":
+            raise BackendUnavailableError("the TensorRT backend is not available in this build (needs tensorrt and a CUDA GPU)")
+        module, target_modules = None, None
+        if model is None:
+            from explainrt.engine.default_model import DEFAULT_PREPROCESSING, default_target_module, load_default_torch_model
+
+            preprocessing = preprocessing or DEFAULT_PREPROCESSING
+            if backend == "torch":
+                module = load_default_torch_model()
+                target_modules = list(target_layers or [default_target_module(module)])
+            else:
+                model = default_explainable_model()
+        if _is_torch_module(model):
+            module = model
+            target_modules = list(target_layers) if target_layers else None
+        if backend == "torch":
+            if module is None:
+                raise BackendUnavailableError("backend='torch' needs a torch.nn.Module, not an ONNX model")
+            self.session: Session = self._torch_session(module, target_modules, preprocessing, input_size)
+        else:
+            proto = self._explainable(model, target_layers, preprocessing, input_size)
+            self.session = OnnxRuntimeSession(proto, providers)
+        self.spec = self.session.spec
+        self.preprocessing = preprocessing or _stored_preprocessing(self.spec)
+        self.backend = backend
+
+    @staticmethod
+    def _explainable(model: Any, target_layers: Sequence[Any] | None, preprocessing: Preprocessing | None,
+                     input_size: tuple[int, int] | None) -> onnx.ModelProto:
+        stored = preprocessing.to_json() if preprocessing else None
+        if _is_torch_module(model):
+            from explainrt.export.torch_export import from_torch
+
+            return from_torch(model, _example_input(preprocessing, input_size), target_layers, preprocessing=stored)
+        proto = load_model(model)
+        explainable = any(p.key == METADATA_KEY for p in proto.metadata_props)
+        if explainable and not target_layers:
+            return proto
+        if explainable:
+            proto = original_model(proto)
+        return make_explainable(proto, list(target_layers) if target_layers else "auto", preprocessing=stored)
+
+    @staticmethod
+    def _torch_session(module: Any, target_modules: list[Any] | None, preprocessing: Preprocessing | None,
+                       input_size: tuple[int, int] | None) -> TorchSession:
+        from explainrt.export.torch_export import export_torch
+
+        example = _example_input(preprocessing, input_size)
+        if not target_modules:
+            raise InvalidInputError("backend='torch' needs target_layers (modules) to hook")
+        proto, tensors = export_torch(module, example, target_modules)
+        spec = ExplainableSpec.from_model(make_explainable(proto, tensors, logits=proto.graph.output[0].name))
+        return TorchSession(module, target_modules, spec)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def prepare(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Model input [N, C, H, W] float32 and, for raw images, the uint8 crops they came from."""
+        if _is_torch_tensor(images):
+            images = images.detach().cpu().numpy()
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+            return self._checked_batch(images), None
+        raw = [images] if _is_single_image(images) else list(images)
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            raw = list(images)
+        if not raw:
+            raise InvalidInputError("no images given")
+        if self.preprocessing is None:
+            raise InvalidInputError("the model stores no preprocessing: pass a preprocessed float32 [N, C, H, W] batch")
+        batch, crops = self.preprocessing.prepare(raw)
+        return self._checked_batch(batch), crops
+
+    def _checked_batch(self, batch: np.ndarray) -> np.ndarray:
+        if batch.dtype != np.float32:
+            raise InvalidInputError(f"images must be float32, got {batch.dtype}")
+        if batch.ndim != 4 or batch.shape[0] == 0:
+            raise InvalidInputError(f"images must have shape [N, C, H, W] with N >= 1, got {batch.shape}")
+        expected = self.session.input_shape[1:]
+        for axis, (got, want) in enumerate(zip(batch.shape[1:], expected), start=1):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise InvalidInputError(f"images have shape {batch.shape}; the model expects [N, {', '.join(map(str, expected))}] (axis {axis})")
+        bad = ~np.isfinite(batch)
+        if bad.any():
+            raise InvalidInputError(f"images contain NaN or inf values (image {int(np.argwhere(bad)[0][0])})")
+        return np.ascontiguousarray(batch)
+
+    def _targets(self, targets: Any, count: int) -> np.ndarray:
+        classes = self.spec.num_classes
+        if targets is None:
+            wanted = np.full(count, -1, dtype=np.int64)
+        elif isinstance(targets, (int, np.integer)):
+            wanted = np.full(count, int(targets), dtype=np.int64)
+        else:
+            wanted = np.asarray(targets)
+            if wanted.shape != (count,) or wanted.dtype.kind not in "iu":
+                raise InvalidInputError(f"targets must be None, one int or {count} ints (one per image), got {targets!r}")
+            wanted = wanted.astype(np.int64)
+        bad = (wanted >= classes) | (wanted < -classes)
+        if bad.any():
+            raise InvalidInputError(f"target class {int(wanted[bad][0])} is out of range for a model with {classes} classes "
+                                    f"(use 0..{classes - 1}, or -k for the k-th most likely)")
+        return wanted
+
+    # -- explaining --------------------------------------------------------------------------
+    def predict(self, images: Any) -> np.ndarray:
+        """Plain logits [N, classes]."""
+        batch, _ = self.prepare(images)
+        return self.session.logits(batch)
+
+    def explain(self, images: Any, method: str = "gradcam", targets: Any = None, *, batch_size: int = 32,
+                progress: bool | None = None, **options: Any) -> Explanation:
+        """Saliency maps for ``targets`` (None: the top class; -k: the k-th most likely class)."""
+        cam = get_method(method)
+        unknown = set(options) - set(cam.options)
+        if unknown:
+            raise InvalidInputError(f"method {cam.name!r} takes no option(s) {sorted(unknown)}; it takes {list(cam.options)}")
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        timings = dict.fromkeys(("preprocess", "runtime", "method", "maps"), 0.0)
+        start = time.perf_counter()
+        batch, crops = self.prepare(images)
+        wanted = self._targets(targets, batch.shape[0])
+        timings["preprocess"] = time.perf_counter() - start
+        height, width = batch.shape[2:]
+        maps, logits, resolved = [], [], []
+        chunks = range(0, batch.shape[0], batch_size)
+        for first in tqdm(chunks, desc=cam.name, disable=not progress if progress is not None else len(chunks) < 4):
+            images_chunk = batch[first : first + batch_size]
+            tick = time.perf_counter()
+            result = self.session.run(images_chunk, wanted[first : first + batch_size, None])
+            timings["runtime"] += time.perf_counter() - tick
+            per_layer = []
+            for layer, (acts, grads) in enumerate(zip(result.activations, result.gradients)):
+                tick = time.perf_counter()
+                ctx = LayerContext(acts, grads[:, 0], result.logits, result.targets[:, 0], images_chunk, layer,
+                                   self.session, batch_size, options)
+                terms = cam.weigh(ctx)
+                mid = time.perf_counter()
+                per_layer.append(kernels.cam_maps(np.ascontiguousarray(terms.activations, dtype=np.float32),
+                                                  np.ascontiguousarray(terms.weights, dtype=np.float32), (height, width)))
+                timings["method"] += mid - tick
+                timings["maps"] += time.perf_counter() - mid
+            tick = time.perf_counter()
+            combined = per_layer[0] if len(per_layer) == 1 else np.maximum(np.stack(per_layer), 0).mean(axis=0)
+            maps.append(kernels.normalize_minmax(np.ascontiguousarray(combined)))
+            timings["maps"] += time.perf_counter() - tick
+            logits.append(result.logits)
+            resolved.append(result.targets[:, 0])
+        timings["total"] = time.perf_counter() - start
+        labels = self.preprocessing.labels if self.preprocessing else None
+        return Explanation(np.concatenate(maps), np.concatenate(logits), np.concatenate(resolved), cam.name,
+                           timings, labels, crops)
+
+
+def _is_torch_module(value: Any) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(value, torch.nn.Module)
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _is_single_image(value: Any) -> bool:
+    from PIL import Image
+
+    if isinstance(value, (str, bytes, os.PathLike, Image.Image)):
+        return True
+    return isinstance(value, np.ndarray) and value.ndim in (2, 3)
+
+
+def _example_input(preprocessing: Preprocessing | None, input_size: tuple[int, int] | None) -> Any:
+    import torch
+
+    height, width = input_size or (preprocessing.input_size if preprocessing else (224, 224))
+    return torch.zeros(1, 3, height, width)
+
+
+def _stored_preprocessing(spec: ExplainableSpec) -> Preprocessing | None:
+    return Preprocessing.from_json(spec.preprocessing) if spec.preprocessing else None
+
+
+def cache_dir() -> Path:
+    """Where exported models are cached: $EXPLAINRT_CACHE, else ~/.cache/explainrt."""
+    return Path(os.environ.get("EXPLAINRT_CACHE", Path.home() / ".cache" / "explainrt"))
+
+
+def default_explainable_model() -> onnx.ModelProto:
+    """The default model as explainable ONNX: exported on first use, then read from the cache."""
+    from explainrt import __version__
+    from explainrt.engine.default_model import DEFAULT_PREPROCESSING, default_target_module, load_default_torch_model
+
+    key = hashlib.sha256(f"{__version__}:{DEFAULT_PREPROCESSING.to_json()}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"efficientnet_lite0-{key}.onnx"
+    if path.is_file():
+        try:
+            return load_model(path)
+        except InvalidModelError:
+            log.warning("cached default model %s is corrupt: exporting it again", path)
+    from explainrt.export.torch_export import from_torch
+
+    module = load_default_torch_model()
+    log.info("exporting the default model to %s (first use)", path)
+    proto = from_torch(module, _example_input(DEFAULT_PREPROCESSING, None), [default_target_module(module)],
+                       preprocessing=DEFAULT_PREPROCESSING.to_json())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+        handle.write(proto.SerializeToString())
+    os.replace(handle.name, path)
+    return proto

@@ -1,0 +1,196 @@
+"""Sessions: one explainable model on one backend, behind the three calls methods need.
+
+- ``run(images, targets)``: logits, resolved targets, activations and gradients of every target
+  layer, in one runtime call;
+- ``logits(images)``: a plain forward pass (perturbation methods);
+- ``head(layer, activations, images)``: logits with the target layer's activations replaced
+  (ablation), re-running only what comes after the layer where the backend allows.
+
+Backends: ``onnxruntime`` (any execution providers, validated up front, never a silent fallback)
+and ``torch`` (the reference: hooks and autograd on the original module).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from explainrt.errors import BackendUnavailableError, ExplainrtError, InvalidModelError
+from explainrt.export.explainable import (
+    RESOLVED_TARGETS_OUTPUT,
+    TARGETS_INPUT,
+    ExplainableSpec,
+    activations_output,
+    gradients_output,
+    original_model,
+)
+from explainrt.export.gradients import ancestors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Everything one explaining call of the model returns (host arrays)."""
+
+    logits: np.ndarray  # [N, classes]
+    targets: np.ndarray  # [N, K] resolved class indices
+    activations: list[np.ndarray]  # per target layer [N, C, h, w]
+    gradients: list[np.ndarray]  # per target layer [N, K, C, h, w]
+
+
+class Session(Protocol):
+    spec: ExplainableSpec
+    input_shape: tuple[int | str | None, ...]
+
+    def run(self, images: np.ndarray, targets: np.ndarray) -> RunResult: ...
+
+    def logits(self, images: np.ndarray) -> np.ndarray: ...
+
+    def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxRuntimeSession:
+    """An explainable ONNX model in ONNX Runtime, plus lazily built plain and head sessions."""
+
+    def __init__(self, model: onnx.ModelProto, providers: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.spec = ExplainableSpec.from_model(model)
+        self.providers = _validated_providers(ort, providers)
+        self._model = model
+        self._ort = ort
+        self._main = self._session(model)
+        self._plain: object | None = None
+        self._heads: dict[int, object] = {}
+        self.input_shape = tuple(_input_dims(model, self.spec.image_input))
+        self._outputs = [self.spec.logits, RESOLVED_TARGETS_OUTPUT]
+        for index in range(len(self.spec.target_layers)):
+            self._outputs += [activations_output(index), gradients_output(index)]
+
+    def _session(self, model: onnx.ModelProto) -> object:
+        options = self._ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            session = self._ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+        except Exception as error:  # onnxruntime raises its own untyped exceptions
+            raise InvalidModelError(f"onnxruntime cannot load the model: {error}") from error
+        active = session.get_providers()
+        if active[0] != self.providers[0]:
+            raise BackendUnavailableError(f"onnxruntime did not enable {self.providers[0]} (active: {active})")
+        return session
+
+    def run(self, images: np.ndarray, targets: np.ndarray) -> RunResult:
+        values = self._main.run(self._outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})  # type: ignore[attr-defined]
+        return RunResult(values[0], values[1], values[2::2], values[3::2])
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        if self._plain is None:
+            self._plain = self._session(original_model(self._model))
+        return self._plain.run([self.spec.logits], {self.spec.image_input: images})[0]  # type: ignore[attr-defined]
+
+    def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
+        if layer not in self._heads:
+            self._heads[layer] = self._session(_head_model(self._model, self.spec, layer))
+        tensor = self.spec.target_layers[layer]
+        return self._heads[layer].run([self.spec.logits], {tensor: activations})[0]  # type: ignore[attr-defined]
+
+
+def _validated_providers(ort: object, providers: Sequence[str] | None) -> list[str]:
+    available = ort.get_available_providers()  # type: ignore[attr-defined]
+    wanted = list(providers) if providers else ["CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise BackendUnavailableError(
+            f"onnxruntime execution provider(s) {missing} are not available here (available: {available}); "
+            "install onnxruntime-gpu for CUDAExecutionProvider"
+        )
+    return wanted
+
+
+def _input_dims(model: onnx.ModelProto, name: str) -> list[int | str | None]:
+    value = next(v for v in model.graph.input if v.name == name)
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
+
+
+def _head_model(model: onnx.ModelProto, spec: ExplainableSpec, layer: int) -> onnx.ModelProto:
+    """The sub-graph from one target layer to the logits, as a model of its own."""
+    plain = original_model(model)
+    tensor = spec.target_layers[layer]
+    needed = _ancestors_stopping_at(plain.graph, spec.logits, tensor)
+    if spec.image_input in needed:
+        raise ExplainrtError(f"what follows target layer {tensor!r} also reads the image: it cannot be re-run alone")
+    return onnx.utils.Extractor(plain).extract_model([tensor], [spec.logits])
+
+
+def _ancestors_stopping_at(graph: onnx.GraphProto, of: str, stop: str) -> set[str]:
+    cut = onnx.GraphProto()
+    cut.CopyFrom(graph)
+    kept = [n for n in cut.node if stop not in n.output]
+    del cut.node[:]
+    cut.node.extend(kept)
+    return ancestors(cut, of)
+
+
+class TorchSession:
+    """The reference backend: the original PyTorch module with hooks and autograd."""
+
+    def __init__(self, module: object, target_modules: Sequence[object], spec: ExplainableSpec) -> None:
+        import torch
+
+        self._torch = torch
+        self.module = module.eval()  # type: ignore[attr-defined]
+        self.targets = list(target_modules)
+        self.spec = spec
+        self.input_shape = ("N", None, None, None)
+
+    def _forward(self, images: np.ndarray, replace: dict[int, object] | None = None) -> tuple[object, list[object]]:
+        torch = self._torch
+        captured: dict[int, object] = {}
+
+        def hook(index: int):  # noqa: ANN202
+            def capture(_module, _inputs, output):  # noqa: ANN001, ANN202
+                if replace is not None and index in replace:
+                    output = replace[index]
+                captured[index] = output
+                return output
+            return capture
+
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.targets)]  # type: ignore[attr-defined]
+        try:
+            logits = self.module(torch.from_numpy(np.ascontiguousarray(images)))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, [captured[i] for i in range(len(self.targets))]
+
+    def run(self, images: np.ndarray, targets: np.ndarray) -> RunResult:
+        torch = self._torch
+        with torch.enable_grad():
+            logits, acts = self._forward(images)
+            order = torch.argsort(logits.detach(), dim=1, descending=True)
+            requested = torch.from_numpy(targets)
+            by_rank = torch.gather(order, 1, (-requested - 1).clamp(min=0))
+            resolved = torch.where(requested < 0, by_rank, requested)
+            rows = torch.arange(logits.shape[0])
+            per_seed = []
+            for k in range(resolved.shape[1]):
+                score = logits[rows, resolved[:, k]].sum()
+                per_seed.append(torch.autograd.grad(score, acts, retain_graph=True))
+        gradients = [np.stack([g[i].numpy() for g in per_seed], axis=1) for i in range(len(acts))]
+        return RunResult(logits.detach().numpy(), resolved.numpy(), [a.detach().numpy() for a in acts], gradients)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        with self._torch.no_grad():
+            return self.module(self._torch.from_numpy(np.ascontiguousarray(images))).numpy()  # type: ignore[operator]
+
+    def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
+        repeated = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
+        with self._torch.no_grad():
+            logits, _ = self._forward(repeated, {layer: self._torch.from_numpy(activations)})
+        return logits.numpy()  # type: ignore[attr-defined]
