@@ -226,6 +226,8 @@ class GraphBuilder:
 
     def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
         """ReduceSum/ReduceMean/ReduceMax over ``axes``, in the form the model's opset wants."""
+        if not axes:  # ONNX reads no axes as "all axes"; a reduction over none is the identity
+            return x
         axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
         if axes_as_input:
             return self.op(op_type, [x, self.ints(axes)], keepdims=int(keepdims), like=x)

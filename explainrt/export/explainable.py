@@ -82,15 +82,17 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         return copy.deepcopy(source)
     try:
         if isinstance(source, bytes):
-            return onnx.load_from_string(source)
-        path = Path(source)
-        if not path.is_file():
-            raise InvalidModelError(f"model file not found: {path}")
-        model = onnx.load(str(path))
+            model = onnx.load_from_string(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise InvalidModelError(f"model file not found: {path}")
+            model = onnx.load(str(path))
     except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError, ValueError) as error:
         raise InvalidModelError(f"cannot read ONNX model {source!r}: {error}") from error
     if not model.graph.node:
-        raise InvalidModelError(f"{source!r} holds no ONNX graph (empty or corrupt file)")
+        name = "the bytes given" if isinstance(source, bytes) else repr(source)
+        raise InvalidModelError(f"{name} hold no ONNX graph (empty or corrupt model)")
     return model
 
 

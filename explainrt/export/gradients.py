@@ -75,8 +75,12 @@ class GradientBuilder(GraphBuilder):
         return self.op("Expand", [self.scalar_like(0.0, x), self.grad_shape(x)], like=x)
 
     def merge_seeds(self, g: str, y: str) -> str:
-        """``[K, N, ...]`` -> ``[K*N, ...]`` for operators of fixed rank (Conv, pooling)."""
-        return self.op("Reshape", [g, self.concat([self.ints([-1]), self.shape_slice(y, 1)], 0)], like=y)
+        """``[K, N, ...]`` -> ``[K*N, ...]`` for operators of fixed rank (Conv, pooling).
+
+        The shape comes from ``g``, not ``y``: a new consumer of a Conv output would keep ONNX
+        Runtime from fusing the Conv with what follows, and the original outputs would change.
+        """
+        return self.op("Reshape", [g, self.concat([self.ints([-1]), self.shape_slice(g, 2)], 0)], like=y)
 
     def unbroadcast(self, g: str, x: str, out_shape: Sequence[Dim]) -> str:
         """Sum a gradient of shape ``[K, *out_shape]`` down to ``[K, *shape(x)]``.

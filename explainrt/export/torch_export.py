@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import onnx
 import torch
 
-from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.errors import ExplainrtError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.explainable import make_explainable
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,15 @@ class _Tapped(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         captured: dict[int, torch.Tensor] = {}
-        handles = [
-            module.register_forward_hook(lambda _m, _i, out, index=index: captured.__setitem__(index, out))
-            for index, module in enumerate(self.taps)
-        ]
+        def tap(index: int):  # noqa: ANN202
+            def hook(_module, _inputs, out):  # noqa: ANN001, ANN202
+                captured[index] = out
+                # The model goes on with a copy, so in-place ops after the module (densenet's
+                # F.relu(features, inplace=True)) cannot change what the tap reports.
+                return out.clone() if isinstance(out, torch.Tensor) else out
+            return hook
+
+        handles = [module.register_forward_hook(tap(index)) for index, module in enumerate(self.taps)]
         try:
             logits = self.model(images)
         finally:
@@ -55,6 +60,15 @@ class _Tapped(torch.nn.Module):
         if not isinstance(logits, torch.Tensor):
             raise InvalidModelError("the model must return one logits tensor [N, classes]")
         return (logits, *(captured[i] for i in range(len(self.taps))))
+
+
+def _own_error(error: BaseException | None) -> ExplainrtError | None:
+    """An explainrt error raised inside the traced forward, however torch wrapped it."""
+    while error is not None:
+        if isinstance(error, ExplainrtError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def export_torch(
@@ -90,10 +104,8 @@ def export_torch(
                 verbose=False,
             )
         program.save(buffer)
-    except (UnknownLayerError, InvalidModelError):
-        raise
-    except Exception as error:  # torch.export raises many unrelated types
-        raise InvalidModelError(f"torch.onnx.export failed: {error}") from error
+    except Exception as error:  # torch.export raises many unrelated types and wraps ours
+        raise _own_error(error) or InvalidModelError(f"torch.onnx.export failed: {error}") from error
     finally:
         for module, training in modes.items():
             module.train(training)

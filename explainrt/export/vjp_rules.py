@@ -236,6 +236,11 @@ def _gather(b: B, n: Node, g: Grads) -> Sequence[str | None]:
     wrapped = b.op("Where", [b.op("Less", [flat_indices, b.ints([0])]), b.op("Add", [flat_indices, dim]), flat_indices])
     placed = b.op("Reshape", [wrapped, b.ints([1] * (axis + 1) + [-1] + [1] * (rank - axis - 1))])
     expanded = b.op("Expand", [placed, b.shape(g_flat)])
+    if b.opset < 16:  # ScatterElements adds repeated indices' gradients only from opset 16 on
+        known = b.constant_value(indices)
+        size = b.shape_of(data)[axis]
+        if known is None or not isinstance(size, int) or len(np.unique(known % size)) != known.size:
+            raise n.unsupported(f"indices that may repeat need ScatterElements(reduction='add'), opset 16 (model: {b.opset})")
     reduction = {"reduction": "add"} if b.opset >= 16 else {}
     return (b.op("ScatterElements", [b.zeros_grad(data), expanded, g_flat], axis=axis + 1, like=data, **reduction), None)
 
@@ -357,8 +362,8 @@ def _layer_norm(b: B, n: Node, g: Grads) -> Sequence[str | None]:
 
 
 # -- windows: convolution and pooling ----------------------------------------------------------
-def _window_geometry(b: B, n: Node, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
-    """Static (input size, output size, strides, dilations, leading pads) of a window operator."""
+def _window_geometry(b: B, n: Node, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
+    """Static (input size, output size, strides, dilations, leading pads, trailing pads) of a window operator."""
     x, y = n.inputs[0], n.outputs[0]
     spatial = len(kernel)
     in_size = list(b.static_shape(x, f"the gradient of {n.op_type}")[2:])
@@ -367,12 +372,19 @@ def _window_geometry(b: B, n: Node, kernel: Sequence[int]) -> tuple[list[int], l
     dilations = list(n.attr("dilations") or [1] * spatial)  # type: ignore[arg-type]
     auto_pad = n.attr("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", "VALID"):
-        pads = list(n.attr("pads") or [0] * 2 * spatial)[:spatial] if auto_pad == "NOTSET" else [0] * spatial  # type: ignore[arg-type]
+        both = list(n.attr("pads") or [0] * 2 * spatial) if auto_pad == "NOTSET" else [0] * 2 * spatial  # type: ignore[arg-type]
+        pads, end_pads = both[:spatial], both[spatial:]
+        if n.attr("ceil_mode", 0) and any((o - 1) * s >= i + p for o, s, i, p in zip(out_size, strides, in_size, pads)):
+            # ONNX shape inference before opset 22 keeps a last window that starts past the input;
+            # ONNX Runtime (like ONNX 22 and PyTorch) drops it: the model's static shapes are wrong.
+            raise n.unsupported(f"ceil_mode with a last window past the input (inferred output {out_size}): "
+                                "ONNX shape inference before opset 22 disagrees with the runtime; export with opset 22")
     else:
         totals = [max((o - 1) * s + (k - 1) * d + 1 - i, 0)
                   for i, o, s, k, d in zip(in_size, out_size, strides, kernel, dilations)]
         pads = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
-    return in_size, out_size, strides, dilations, pads
+        end_pads = [t - p for t, p in zip(totals, pads)]
+    return in_size, out_size, strides, dilations, pads, end_pads
 
 
 def _scatter_windows(b: B, n: Node, g_merged: str, weight: str, group: int, kernel: Sequence[int]) -> str:
@@ -381,7 +393,7 @@ def _scatter_windows(b: B, n: Node, g_merged: str, weight: str, group: int, kern
     The transposed convolution covers ``(out - 1) * stride + (k - 1) * dilation + 1`` positions
     starting at the leading pad; the input occupies ``[pad, pad + in)`` of that.
     """
-    in_size, out_size, strides, dilations, pads = _window_geometry(b, n, kernel)
+    in_size, out_size, strides, dilations, pads, _ = _window_geometry(b, n, kernel)
     full = b.op("ConvTranspose", [g_merged, weight], strides=strides, dilations=dilations, group=group)
     covered = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out_size, strides, kernel, dilations)]
     ends = [min(p + i, c) for p, i, c in zip(pads, in_size, covered)]
@@ -407,11 +419,10 @@ def _channels(b: B, n: Node) -> int:
 def _average_pool(b: B, n: Node, g: Grads) -> Sequence[str | None]:
     """Each output's gradient is shared by its window: divide by the window's count, scatter ones."""
     kernel = list(n.attr("kernel_shape"))  # type: ignore[arg-type]
-    in_size, out_size, strides, dilations, pads = _window_geometry(b, n, kernel)
+    in_size, out_size, strides, dilations, pads, end_pads = _window_geometry(b, n, kernel)
     if any(d != 1 for d in dilations):
         raise n.unsupported("dilated AveragePool")
     include_pad = int(n.attr("count_include_pad", 0))
-    end_pads = list(n.attr("pads") or [0] * 2 * len(kernel))[len(kernel):]  # type: ignore[arg-type]
     counts = np.ones(out_size, dtype=np.float64)
     for axis, (i, o, s, k, p, e) in enumerate(zip(in_size, out_size, strides, kernel, pads, end_pads)):
         start = np.arange(o) * s - p
@@ -436,7 +447,7 @@ def _max_pool(b: B, n: Node, g: Grads) -> Sequence[str | None]:
         raise n.unsupported("MaxPool with an Indices output")
     x, y = n.inputs[0], n.outputs[0]
     kernel = list(n.attr("kernel_shape"))  # type: ignore[arg-type]
-    in_size, out_size, strides, dilations, pads = _window_geometry(b, n, kernel)
+    in_size, out_size, strides, dilations, pads, _ = _window_geometry(b, n, kernel)
     covered = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out_size, strides, kernel, dilations)]
     after = [max(c - p - i, 0) for c, p, i in zip(covered, pads, in_size)]
     padded = b.op("Pad", [x, b.ints([0, 0, *pads, 0, 0, *after]), b.scalar_like(-np.inf, x)], like=x)
@@ -494,7 +505,8 @@ RULES: dict[str, Rule] = {
     "Where": _where_rule,
     "Expand": lambda b, n, g: (b.unbroadcast(g[0], n.inputs[0], b.shape_of(n.outputs[0])), None),
     "Neg": lambda b, n, g: (b.op("Neg", [g[0]], like=g[0]),),
-    "Relu": lambda b, n, g: (where(b, compare(b, "Greater", n.inputs[0], 0.0), g[0], n.inputs[0]),),
+    # from the output: the input is often a Conv or Add output ONNX Runtime fuses into the Relu
+    "Relu": lambda b, n, g: (where(b, compare(b, "Greater", n.outputs[0], 0.0), g[0], n.inputs[0]),),
     "LeakyRelu": lambda b, n, g: (where(b, compare(b, "Greater", n.inputs[0], 0.0), g[0], n.inputs[0],
                                         otherwise=scale(b, g[0], float(n.attr("alpha", 0.01)), n.inputs[0])),),
     "PRelu": lambda b, n, g: (where(b, compare(b, "Greater", n.inputs[0], 0.0), g[0], n.inputs[0],

@@ -1,0 +1,579 @@
+"""Every VJP rule against central finite differences of its forward operator (see gradcheck.py).
+
+One table of cases, each naming the rule it covers; ``test_every_rule_has_a_case`` fails when a
+rule is added to ``RULES`` without one. float64 where ONNX Runtime's CPU provider has float64
+kernels for the operator and its gradient graph, float32 (larger step, looser tolerance) where it
+does not — the ``F32`` cases below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from explainrt.errors import UnsupportedOperatorError
+from explainrt.export.vjp_rules import RULES
+from gradcheck import (
+    away_from,
+    away_from_zero,
+    check_gradients,
+    distinct,
+    forward_model,
+    gradient_model,
+    gradients,
+    normal,
+    positive,
+    relative_error,
+    rng,
+    session,
+)
+
+F64, F32 = np.float64, np.float32
+I64 = np.int64
+BIG = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # the rule under test
+    id: str
+    nodes: tuple[onnx.NodeProto, ...]
+    feeds: dict[str, np.ndarray]
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    wrt: tuple[str, ...] | None = None
+    opset: int = 18
+    output: str = "y"
+    dynamic_batch: tuple[str, ...] = ()
+    tolerance: float | None = None
+    step: float | None = None
+
+
+def node(op: str, inputs: list[str], outputs: tuple[str, ...] = ("y",), **attrs: object) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, list(outputs), name=f"{op}_under_test", **attrs)
+
+
+def case(op: str, variant: str, inputs: list[str], feeds: dict[str, np.ndarray], *,
+         attrs: dict[str, object] | None = None, outputs: tuple[str, ...] = ("y",), **options: object) -> Case:
+    """A case of one ``op`` node; ``feeds`` are graph inputs, ``constants`` initializers."""
+    return Case(op, f"{op}-{variant}", (node(op, inputs, outputs, **(attrs or {})),), feeds, **options)  # type: ignore[arg-type]
+
+
+def graph_case(op: str, variant: str, nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], **options: object) -> Case:
+    return Case(op, f"{op}-{variant}", tuple(nodes), feeds, **options)  # type: ignore[arg-type]
+
+
+def split_pool(shapes: list[list[int]], dtype: type = F64, seed: int = 0, spacing: float = 0.05) -> list[np.ndarray]:
+    """Arrays of the given shapes whose values are all pairwise distinct (Max/Min without ties)."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    pool = distinct([sum(sizes)], dtype, seed, spacing).reshape(-1)
+    bounds = np.cumsum([0, *sizes])
+    return [pool[lo:hi].reshape(s) for lo, hi, s in zip(bounds[:-1], bounds[1:], shapes)]
+
+
+def n64(shape: list[int], seed: int = 0) -> np.ndarray:
+    return normal(shape, F64, seed)
+
+
+def n32(shape: list[int], seed: int = 0) -> np.ndarray:
+    return normal(shape, F32, seed)
+
+
+# --- the cases ----------------------------------------------------------------------------------
+def _elementwise_binary() -> list[Case]:
+    cases = []
+    shapes = {
+        "same": ([2, 3, 4], [2, 3, 4]),
+        "b-missing-and-size1-axes": ([2, 3, 4], [3, 1]),
+        "a-missing-and-size1-axes": ([4], [2, 3, 1]),
+        "both-size1": ([2, 1, 4], [3, 1]),
+        "scalar-b": ([2, 3], []),
+    }
+    for op in ("Add", "Sub", "Mul", "Div"):
+        for variant, (sa, sb) in shapes.items():
+            b = away_from(sb, (0.0,), F64, 2, margin=0.5) if op == "Div" else n64(sb, 2)
+            cases.append(case(op, variant, ["a", "b"], {"a": n64(sa, 1), "b": b}))
+        cases.append(case(op, "only-a-differentiable", ["a", "b"], {"a": n64([2, 3], 1), "b": positive([3], F64, 2)},
+                          wrt=("a",)))
+        cases.append(case(op, "constant-b", ["a", "b"], {"a": n64([2, 3], 1)}, constants={"b": positive([2, 1], F64, 2)}))
+        cases.append(case(op, "same-input-twice", ["a", "a"], {"a": positive([2, 3], F64, 1)}))
+    return cases
+
+
+def _variadic() -> list[Case]:
+    cases = []
+    three = {"a": [2, 3, 4], "b": [3, 1], "c": [1]}
+    for op in ("Sum", "Max", "Min"):
+        a, b, c = split_pool(list(three.values()))
+        cases.append(case(op, "three-broadcast", ["a", "b", "c"], {"a": a, "b": b, "c": c}))
+        a, b = split_pool([[2, 1, 4], [3, 1]], seed=1)
+        cases.append(case(op, "two-both-size1", ["a", "b"], {"a": a, "b": b}))
+        cases.append(case(op, "one", ["a"], {"a": n64([2, 3])}))
+    # Mean has no float64 CPU kernel
+    cases.append(case("Mean", "three-broadcast", ["a", "b", "c"],
+                      {"a": n32([2, 3, 4]), "b": n32([3, 1], 1), "c": n32([1], 2)}))
+    cases.append(case("Mean", "two-same", ["a", "b"], {"a": n32([2, 3]), "b": n32([2, 3], 1)}))
+    a, b = split_pool([[2, 3], [2, 3]], seed=3)
+    cases.append(case("Max", "one-differentiable", ["a", "b"], {"a": a, "b": b}, wrt=("a",)))
+    return cases
+
+
+def _where_expand() -> list[Case]:
+    condition = rng(5).random([3, 1]) > 0.5
+    condition[0, 0], condition[1, 0] = True, False
+    return [
+        case("Where", "broadcast-both", ["c", "a", "b"], {"a": n64([2, 3, 4], 1), "b": n64([4], 2)},
+             constants={"c": condition}),
+        case("Where", "size1-operands", ["c", "a", "b"], {"a": n64([1, 4], 1), "b": n64([2, 1, 1], 2)},
+             constants={"c": condition}),
+        case("Where", "runtime-condition", ["c", "a", "b"],
+             {"a": n64([3, 4], 1), "b": n64([3, 4], 2), "c": rng(6).random([3, 4]) > 0.5}),
+        case("Expand", "missing-and-size1", ["x", "s"], {"x": n64([3, 1])}, constants={"s": np.array([2, 3, 4], I64)}),
+        case("Expand", "vector", ["x", "s"], {"x": n64([4])}, constants={"s": np.array([2, 1, 4], I64)}),
+        case("Expand", "shape-smaller-than-input", ["x", "s"], {"x": n64([2, 3, 4])}, constants={"s": np.array([3, 1], I64)}),
+    ]
+
+
+def _unary() -> list[Case]:
+    shape = [2, 3, 4]
+    return [
+        case("Identity", "plain", ["x"], {"x": n64(shape)}),
+        case("Dropout", "inference", ["x"], {"x": n64(shape)}),
+        case("Dropout", "mask-output-ratio-input", ["x", "r"], {"x": n64(shape)}, outputs=("y", "mask"),
+             constants={"r": np.array(0.3, F64)}),
+        case("Cast", "float32-to-float64", ["x"], {"x": n32(shape)}, attrs={"to": TensorProto.DOUBLE}),
+        case("Cast", "float64-to-float32", ["x"], {"x": n64(shape)}, attrs={"to": TensorProto.FLOAT},
+             step=1e-2, tolerance=1e-5),  # the float32 output needs a float32-sized step
+        case("Neg", "plain", ["x"], {"x": n64(shape)}),
+        case("Relu", "plain", ["x"], {"x": away_from_zero(shape)}),
+        case("LeakyRelu", "default-alpha", ["x"], {"x": away_from_zero(shape, F32)}),
+        case("LeakyRelu", "alpha", ["x"], {"x": away_from_zero(shape, F32)}, attrs={"alpha": 0.3}),
+        case("PRelu", "channel-slope", ["x", "s"], {"x": away_from_zero([2, 3, 2, 2], F32)},
+             constants={"s": np.array([0.1, -0.2, 0.5], F32).reshape(3, 1, 1)}),
+        case("PRelu", "scalar-slope", ["x", "s"], {"x": away_from_zero(shape, F32)}, constants={"s": np.array([0.25], F32)}),
+        case("Clip", "min-only", ["x", "lo"], {"x": away_from(shape, (-0.3,))}, constants={"lo": np.array(-0.3)}),
+        case("Clip", "max-only", ["x", "", "hi"], {"x": away_from(shape, (0.4,))}, constants={"hi": np.array(0.4)}),
+        case("Clip", "min-and-max", ["x", "lo", "hi"], {"x": away_from(shape, (-0.5, 0.5))},
+             constants={"lo": np.array(-0.5), "hi": np.array(0.5)}),
+        case("Clip", "none", ["x"], {"x": n64(shape)}),
+        case("Clip", "relu6", ["x", "lo", "hi"], {"x": away_from(shape, (0.0, 6.0), scale=4.0)},
+             constants={"lo": np.array(0.0), "hi": np.array(6.0)}),
+        case("HardSigmoid", "default", ["x"], {"x": away_from(shape, (-2.5, 2.5), F32, scale=3.0)}),
+        case("HardSigmoid", "alpha-beta", ["x"], {"x": away_from(shape, (-0.6, 1.4), F32, scale=2.0)},
+             attrs={"alpha": 0.5, "beta": 0.3}),
+        case("HardSwish", "plain", ["x"], {"x": away_from(shape, (-3.0, 3.0), F32, scale=4.0)}),
+        case("Gelu", "exact", ["x"], {"x": n32(shape) * 2}, opset=20),
+        case("Gelu", "tanh", ["x"], {"x": n32(shape) * 2}, opset=20, attrs={"approximate": "tanh"}),
+        case("Erf", "plain", ["x"], {"x": n32(shape)}),
+        case("Sigmoid", "plain", ["x"], {"x": n64(shape) * 3}),
+        case("Tanh", "plain", ["x"], {"x": n64(shape) * 2}),
+        case("Exp", "plain", ["x"], {"x": n64(shape)}),
+        case("Log", "plain", ["x"], {"x": positive(shape, low=0.2)}),
+        case("Sqrt", "plain", ["x"], {"x": positive(shape, low=0.2)}),
+        case("Reciprocal", "plain", ["x"], {"x": away_from(shape, (0.0,), margin=0.3)}),
+        case("Abs", "plain", ["x"], {"x": away_from_zero(shape)}),
+        case("Softplus", "plain", ["x"], {"x": n32(shape) * 3}),
+        case("Pow", "float-exponent", ["x", "p"], {"x": positive(shape)}, constants={"p": np.array(2.5)}),
+        case("Pow", "int-exponent", ["x", "p"], {"x": n64(shape)}, constants={"p": np.array(3, I64)}),
+        case("Pow", "broadcast-exponent", ["x", "p"], {"x": positive([3, 1])}, constants={"p": np.array([[0.5, 2.0, -1.0, 3.0]])}),
+    ]
+
+
+def _shapes() -> list[Case]:
+    x = n64([2, 3, 4])
+    return [
+        case("Reshape", "flat", ["x", "s"], {"x": x}, constants={"s": np.array([4, -1], I64)}),
+        case("Reshape", "copy-dim-dynamic-batch", ["x", "s"], {"x": x}, constants={"s": np.array([0, -1, 2], I64)},
+             dynamic_batch=("x",)),
+        case("Flatten", "axis1", ["x"], {"x": n64([2, 3, 2, 2])}),
+        case("Flatten", "axis2-dynamic-batch", ["x"], {"x": n64([2, 3, 2, 2])}, attrs={"axis": 2}, dynamic_batch=("x",)),
+        case("Flatten", "axis0", ["x"], {"x": x}, attrs={"axis": 0}),
+        case("Squeeze", "axes", ["x", "a"], {"x": n64([2, 1, 3, 1])}, constants={"a": np.array([1, -1], I64)}),
+        case("Squeeze", "all", ["x"], {"x": n64([1, 3, 1, 4])}),
+        case("Unsqueeze", "axes", ["x", "a"], {"x": x}, constants={"a": np.array([0, -1], I64)}),
+        case("Transpose", "perm", ["x"], {"x": x}, attrs={"perm": [2, 0, 1]}),
+        case("Transpose", "default-reverses", ["x"], {"x": x}),
+        case("Transpose", "rank4-dynamic-batch", ["x"], {"x": n64([2, 3, 4, 5])}, attrs={"perm": [0, 2, 3, 1]},
+             dynamic_batch=("x",)),
+    ]
+
+
+def _concat_split_slice() -> list[Case]:
+    cases = [
+        case("Concat", "three-inputs-one-feed-off-path", ["a", "b", "c"],
+             {"a": n64([2, 1, 4]), "b": n64([2, 3, 4], 1), "c": n64([2, 2, 4], 2)}, attrs={"axis": 1}, wrt=("a", "c")),
+        case("Concat", "negative-axis-constant-input", ["a", "k", "c"], {"a": n64([2, 3, 1]), "c": n64([2, 3, 2], 2)},
+             constants={"k": n64([2, 3, 4], 3)}, attrs={"axis": -1}),
+        case("Concat", "axis0-dynamic-batch", ["a", "c"], {"a": n64([2, 3]), "c": n64([1, 3], 2)}, attrs={"axis": 0},
+             dynamic_batch=("a",)),
+    ]
+    x = n64([2, 4, 3])
+    parts = ("s0", "s1", "s2")
+    cases += [
+        graph_case("Split", "middle-output-unused", [
+            node("Split", ["x", "sizes"], parts, axis=1),
+            node("Mul", ["s0", "s2"]),
+        ], {"x": x}, constants={"sizes": np.array([1, 2, 1], I64)}),
+        graph_case("Split", "only-last-used-num-outputs", [node("Split", ["x"], parts, axis=-1, num_outputs=3)],
+                   {"x": n64([2, 6])}, output="s2"),
+        graph_case("Split", "all-used-opset13", [
+            node("Split", ["x", "sizes"], parts, axis=0),
+            node("Concat", ["s2", "s0", "s1"], axis=0),
+        ], {"x": n64([5, 2])}, constants={"sizes": np.array([2, 1, 2], I64)}, opset=13),
+        graph_case("Split", "one-output-twice", [
+            node("Split", ["x"], ("s0", "s1"), axis=0, num_outputs=2),
+            node("Mul", ["s1", "s1"], ("t",)),
+            node("Add", ["t", "s1"]),
+        ], {"x": n64([4, 3])}),
+    ]
+    y = n64([3, 4, 5])
+    slices = {
+        "two-axes-negative-start-end-past-end": ([-2, 1], [BIG, -1], [0, 2]),
+        "no-axes": ([1, 0], [3, 3], None),
+        "negative-axis": ([-3], [1000], [-1]),
+        "start-before-begin": ([-100, 2], [2, 4], [1, 0]),
+        "empty-range-axis": ([3], [1], [1]),
+        "all-three-axes-with-steps-1": ([0, 1, 1], [2, 3, -1], [0, 1, 2]),
+    }
+    for variant, (starts, ends, axes) in slices.items():
+        inputs = ["x", "st", "en"] + (["ax"] if axes is not None else [])
+        constants = {"st": np.array(starts, I64), "en": np.array(ends, I64)}
+        if axes is not None:
+            constants["ax"] = np.array(axes, I64)
+        if variant.endswith("steps-1"):
+            inputs.append("sp")
+            constants["sp"] = np.ones(len(starts), I64)
+        cases.append(case("Slice", variant, inputs, {"x": y}, constants=constants))
+    cases.append(case("Slice", "dynamic-batch", ["x", "st", "en", "ax"], {"x": y},
+                      constants={"st": np.array([1], I64), "en": np.array([-1], I64), "ax": np.array([2], I64)},
+                      dynamic_batch=("x",)))
+    return cases
+
+
+def _gather_pad() -> list[Case]:
+    data = n64([4, 3])
+    cases = [
+        case("Gather", "scalar-index", ["x", "i"], {"x": data}, constants={"i": np.array(2, I64)}),
+        case("Gather", "repeats", ["x", "i"], {"x": data}, constants={"i": np.array([1, 1, 3, 0, 1], I64)}),
+        case("Gather", "negative", ["x", "i"], {"x": data}, constants={"i": np.array([-1, 0, -1], I64)}),
+        case("Gather", "axis1-2d-indices", ["x", "i"], {"x": n64([2, 3, 4])},
+             constants={"i": np.array([[0, 2], [2, -3]], I64)}, attrs={"axis": 1}),
+        case("Gather", "axis-negative-scalar", ["x", "i"], {"x": n64([2, 3, 4])}, constants={"i": np.array(-1, I64)},
+             attrs={"axis": -1}),
+        case("Gather", "distinct-opset13", ["x", "i"], {"x": data}, constants={"i": np.array([2, -1, 0], I64)}, opset=13),
+        case("Gather", "runtime-indices", ["x", "i"], {"x": data, "i": np.array([3, 3, 0], I64)}),
+    ]
+    x = n64([2, 3, 4])
+    cases += [
+        case("Pad", "constant-zero", ["x", "p"], {"x": x}, constants={"p": np.array([0, 1, 2, 1, 0, 3], I64)}),
+        case("Pad", "constant-value", ["x", "p", "v"], {"x": x},
+             constants={"p": np.array([1, 0, 0, 0, 2, 1], I64), "v": np.array(1.5)}),
+        case("Pad", "axes", ["x", "p", "", "a"], {"x": x},
+             constants={"p": np.array([2, 1, 0, 3], I64), "a": np.array([-1, 1], I64)}),
+        case("Pad", "negative-crops", ["x", "p"], {"x": x}, constants={"p": np.array([0, -1, 1, 0, 1, -2], I64)}),
+    ]
+    return cases
+
+
+def _reductions() -> list[Case]:
+    cases = []
+    x = n64([2, 3, 4])
+    for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
+        value = distinct([2, 3, 4]) if op in ("ReduceMax", "ReduceMin") else x
+        for keepdims in (0, 1):
+            for axes in ([1], [0, 2], [-1, 0]):
+                cases.append(case(op, f"axes{axes}-keepdims{keepdims}", ["x", "a"], {"x": value},
+                                  constants={"a": np.array(axes, I64)}, attrs={"keepdims": keepdims}))
+            cases.append(case(op, f"all-keepdims{keepdims}", ["x"], {"x": value}, attrs={"keepdims": keepdims}))
+            if op == "ReduceSum":  # axes became an input in opset 13 already
+                cases.append(case(op, f"opset13-keepdims{keepdims}", ["x", "a"], {"x": value}, opset=13,
+                                  constants={"a": np.array([2, 0], I64)}, attrs={"keepdims": keepdims}))
+            else:
+                cases.append(case(op, f"attr-axes-opset13-keepdims{keepdims}", ["x"], {"x": value}, opset=13,
+                                  attrs={"keepdims": keepdims, "axes": [2, 0]}))
+        cases.append(case(op, "noop-with-empty-axes", ["x"], {"x": value}, attrs={"noop_with_empty_axes": 1}))
+        cases.append(case(op, "dynamic-batch", ["x", "a"], {"x": value}, constants={"a": np.array([1, 2], I64)},
+                          dynamic_batch=("x",), attrs={"keepdims": 0}))
+    cases += [
+        case("GlobalAveragePool", "rank4", ["x"], {"x": n32([2, 3, 4, 5])}),
+        case("GlobalAveragePool", "dynamic-batch", ["x"], {"x": n32([2, 3, 4, 5])}, dynamic_batch=("x",)),
+        case("GlobalAveragePool", "rank3", ["x"], {"x": n32([2, 3, 5])}),
+        case("GlobalMaxPool", "rank4", ["x"], {"x": distinct([2, 3, 4, 5], F32)}),
+        case("GlobalMaxPool", "dynamic-batch", ["x"], {"x": distinct([2, 3, 2, 3], F32)}, dynamic_batch=("x",)),
+    ]
+    for op in ("Softmax", "LogSoftmax"):
+        for axis in (-1, 0, 1):
+            cases.append(case(op, f"axis{axis}", ["x"], {"x": x * 2}, attrs={"axis": axis}))
+        cases.append(case(op, "default-axis-rank2", ["x"], {"x": n64([3, 5])}))
+    return cases
+
+
+def _linear_algebra() -> list[Case]:
+    cases = [
+        case("MatMul", "2d", ["a", "b"], {"a": n64([3, 4]), "b": n64([4, 5], 1)}),
+        case("MatMul", "batched-times-2d", ["a", "b"], {"a": n64([2, 3, 4]), "b": n64([4, 5], 1)}),
+        case("MatMul", "2d-times-batched", ["a", "b"], {"a": n64([3, 4]), "b": n64([2, 4, 5], 1)}),
+        case("MatMul", "batched-broadcast", ["a", "b"], {"a": n64([2, 1, 3, 4]), "b": n64([3, 4, 2], 1)}),
+        case("MatMul", "constant-weight", ["a", "w"], {"a": n64([2, 3, 4])}, constants={"w": n64([4, 2], 1)}),
+        case("MatMul", "dynamic-batch", ["a", "w"], {"a": n64([2, 3, 4])}, constants={"w": n64([4, 2], 1)},
+             dynamic_batch=("a",)),
+    ]
+    gemm_bias = {"none": None, "vector": [5], "row": [1, 5], "column": [3, 1], "full": [3, 5], "scalar": []}
+    for trans_a in (0, 1):
+        for trans_b in (0, 1):
+            a = n64([4, 3] if trans_a else [3, 4])
+            b = n64([5, 4] if trans_b else [4, 5], 1)
+            for bias_name, bias in gemm_bias.items():
+                if bias_name not in ("vector", "column") and (trans_a, trans_b) != (1, 1):
+                    continue
+                feeds = {"a": a, "b": b} | ({"c": n64(bias, 2)} if bias is not None else {})
+                attrs = {"transA": trans_a, "transB": trans_b, "alpha": 0.7, "beta": -1.3}
+                cases.append(case("Gemm", f"transA{trans_a}-transB{trans_b}-bias-{bias_name}", list(feeds), feeds,
+                                  attrs=attrs))
+    cases += [
+        case("Gemm", "defaults", ["a", "b", "c"], {"a": n64([3, 4]), "b": n64([4, 5], 1), "c": n64([5], 2)}),
+        case("Gemm", "classifier-dynamic-batch", ["a", "w", "c"], {"a": n64([3, 4])},
+             constants={"w": n64([5, 4], 1), "c": n64([5], 2)}, attrs={"transB": 1}, dynamic_batch=("a",)),
+    ]
+    return cases
+
+
+def _normalisation() -> list[Case]:
+    x = n64([2, 3, 4])
+    return [
+        case("LayerNormalization", "axis-1", ["x", "s", "b"], {"x": x}, constants={"s": n64([4], 1), "b": n64([4], 2)}),
+        case("LayerNormalization", "axis-2", ["x", "s", "b"], {"x": x}, constants={"s": n64([3, 4], 1), "b": n64([3, 4], 2)},
+             attrs={"axis": -2, "epsilon": 1e-3}),
+        case("LayerNormalization", "axis1-no-bias", ["x", "s"], {"x": x}, constants={"s": n64([3, 4], 1)},
+             attrs={"axis": 1}),
+        case("LayerNormalization", "dynamic-batch", ["x", "s", "b"], {"x": x},
+             constants={"s": n64([4], 1), "b": n64([4], 2)}, dynamic_batch=("x",)),
+        case("BatchNormalization", "rank4", ["x", "s", "b", "m", "v"], {"x": n64([2, 3, 2, 2])},
+             constants={"s": n64([3], 1), "b": n64([3], 2), "m": n64([3], 3), "v": positive([3], seed=4)},
+             attrs={"epsilon": 1e-3}),
+        case("BatchNormalization", "rank2-dynamic-batch", ["x", "s", "b", "m", "v"], {"x": n64([2, 3])},
+             constants={"s": n64([3], 1), "b": n64([3], 2), "m": n64([3], 3), "v": positive([3], seed=4)},
+             dynamic_batch=("x",)),
+    ]
+
+
+def _conv() -> list[Case]:
+    x = n32([2, 4, 7, 6])
+    w = n32([6, 4, 3, 3], 1)
+    variants = {
+        "plain": ({}, w),
+        "stride2-pad1": ({"strides": [2, 2], "pads": [1, 1, 1, 1]}, w),
+        "asymmetric-pads-strides": ({"strides": [2, 1], "pads": [0, 2, 1, 0]}, w),
+        "dilation2": ({"dilations": [2, 2], "pads": [2, 1, 2, 1]}, w),
+        "dilation-stride": ({"dilations": [2, 1], "strides": [1, 2]}, w),
+        "depthwise": ({"group": 4, "pads": [1, 1, 1, 1]}, n32([4, 1, 3, 3], 1)),
+        "depthwise-multiplier-stride2": ({"group": 4, "strides": [2, 2], "pads": [1, 1, 1, 1]}, n32([8, 1, 3, 3], 1)),
+        "groups2": ({"group": 2}, n32([6, 2, 3, 3], 1)),
+        "same-upper-stride2": ({"auto_pad": "SAME_UPPER", "strides": [2, 2]}, w),
+        "same-lower-stride2": ({"auto_pad": "SAME_LOWER", "strides": [2, 2]}, w),
+        "same-upper-even-kernel": ({"auto_pad": "SAME_UPPER"}, n32([6, 4, 2, 4], 1)),
+        "valid-stride3": ({"auto_pad": "VALID", "strides": [3, 3]}, w),
+        "kernel-larger-than-stride-leaves-rows": ({"strides": [3, 2]}, n32([6, 4, 2, 2], 1)),
+        "1x1-stride2": ({"strides": [2, 2]}, n32([6, 4, 1, 1], 1)),
+        "kernel-shape-attr": ({"kernel_shape": [3, 3], "pads": [1, 0, 1, 0]}, w),
+    }
+    cases = [case("Conv", variant, ["x", "w"], {"x": x}, constants={"w": weight}, attrs=attrs)
+             for variant, (attrs, weight) in variants.items()]
+    cases += [
+        case("Conv", "bias-dynamic-batch", ["x", "w", "b"], {"x": x}, constants={"w": w, "b": n32([6], 2)},
+             attrs={"pads": [1, 1, 1, 1], "strides": [2, 2]}, dynamic_batch=("x",)),
+        case("Conv", "1d", ["x", "w"], {"x": n32([2, 3, 9])}, constants={"w": n32([2, 3, 3], 1)},
+             attrs={"strides": [2], "pads": [1, 2]}),
+    ]
+    return cases
+
+
+def _pools() -> list[Case]:
+    cases = []
+    x = n32([2, 2, 7, 6])
+    average = {
+        "k2s2": {"kernel_shape": [2, 2], "strides": [2, 2]},
+        "k3s2-pads": {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+        "k3s2-asymmetric-pads": {"kernel_shape": [3, 2], "strides": [2, 1], "pads": [0, 1, 2, 0]},
+        "k3s2-pads-ceil": {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+        "k2s3-ceil-no-pads": {"kernel_shape": [2, 2], "strides": [3, 3], "ceil_mode": 1, "opset": 22},
+        "same-upper": {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+        "same-lower": {"kernel_shape": [2, 2], "strides": [1, 1], "auto_pad": "SAME_LOWER"},
+    }
+    for variant, attrs in average.items():
+        opset = attrs.pop("opset", 18)
+        for include in (0, 1):
+            cases.append(case("AveragePool", f"{variant}-count_include_pad{include}", ["x"], {"x": x},
+                              attrs={**attrs, "count_include_pad": include}, opset=opset))
+    cases.append(case("AveragePool", "dynamic-batch", ["x"], {"x": x}, dynamic_batch=("x",),
+                      attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}))
+    cases.append(case("AveragePool", "1d", ["x"], {"x": n32([2, 3, 9])},
+                      attrs={"kernel_shape": [3], "strides": [2], "pads": [1, 1], "count_include_pad": 1}))
+    distinct_x = distinct([2, 2, 7, 6], F32)
+    maximum = {
+        "k2s2": {"kernel_shape": [2, 2], "strides": [2, 2]},
+        "k3s2-overlap-pads": {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+        "k3s2-pads-ceil": {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+        "k2s3-ceil": {"kernel_shape": [2, 2], "strides": [3, 3], "ceil_mode": 1, "opset": 22},
+        "asymmetric-pads": {"kernel_shape": [3, 2], "strides": [1, 2], "pads": [2, 0, 0, 1]},
+        "dilation2": {"kernel_shape": [2, 2], "dilations": [2, 2], "pads": [1, 1, 1, 1]},
+        "same-upper": {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+        "stride1-overlap": {"kernel_shape": [3, 3], "strides": [1, 1]},
+    }
+    for variant, attrs in maximum.items():
+        opset = attrs.pop("opset", 18)
+        cases.append(case("MaxPool", variant, ["x"], {"x": distinct_x}, attrs=attrs, opset=opset))
+    cases.append(case("MaxPool", "dynamic-batch-negative-values", ["x"], {"x": distinct([2, 2, 5, 5], F32, offset=-5.0)},
+                      attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, dynamic_batch=("x",)))
+    return cases
+
+
+CASES = [
+    *_elementwise_binary(), *_variadic(), *_where_expand(), *_unary(), *_shapes(), *_concat_split_slice(),
+    *_gather_pad(), *_reductions(), *_linear_algebra(), *_normalisation(), *_conv(), *_pools(),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_rule_matches_finite_differences(case: Case) -> None:
+    check_gradients(case.nodes, case.feeds, case.output, wrt=case.wrt, constants=case.constants, opset=case.opset,
+                    dynamic_batch=case.dynamic_batch, tolerance=case.tolerance, step=case.step)
+
+
+def test_every_rule_has_a_case() -> None:
+    covered = {c.op for c in CASES}
+    assert set(RULES) == covered, (f"rules without a case: {sorted(set(RULES) - covered)}; "
+                                   f"cases without a rule: {sorted(covered - set(RULES))}")
+
+
+def test_case_ids_are_unique() -> None:
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("op, wrong", [("Sigmoid", "Tanh"), ("Softmax", "LogSoftmax"), ("ReduceMean", "ReduceSum")])
+def test_the_check_catches_a_wrong_rule(monkeypatch: pytest.MonkeyPatch, op: str, wrong: str) -> None:
+    """The harness is not vacuous: a plausible but wrong rule fails it."""
+    monkeypatch.setitem(RULES, op, RULES[wrong])
+    attrs = {"axes": [1]} if op == "ReduceMean" else {}
+    with pytest.raises(AssertionError, match="relative errors"):
+        check_gradients([node(op, ["x"], **attrs)], {"x": n64([2, 3])}, opset=13)
+
+
+# --- MaxPool at ties: torch.autograd routes to the first maximum -----------------------------------
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [2, 2], "strides": [2, 2]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+    {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [2, 2], "strides": [1, 1], "dilations": [2, 2]},
+], ids=["k2s2", "k3s2-pads", "k3s2-pads-ceil", "k3s1-pads", "k2-dilation2"])
+def test_max_pool_ties_route_like_torch(attrs: dict[str, object]) -> None:
+    x = rng(7).integers(-2, 3, size=(2, 3, 7, 6)).astype(F32)  # five values: windows full of ties
+    x[0, 0] = 1.0  # a constant channel: every window is one tie
+    model = forward_model([node("MaxPool", ["x"], **attrs)], {"x": x}, "y")
+    y = session(model).run(["y"], {"x": x})[0]
+    seeds = rng(8).standard_normal((2, *y.shape)).astype(F32)
+    actual = gradients(model, {"x": x}, ["x"], "y", seeds)["x"]
+
+    pads = attrs.get("pads", [0, 0, 0, 0])
+    reference = []
+    for seed in seeds:
+        xt = torch.from_numpy(x).requires_grad_(True)
+        yt = torch.nn.functional.max_pool2d(xt, attrs["kernel_shape"], attrs["strides"] if "strides" in attrs else 1,
+                                            padding=pads[:2], dilation=attrs.get("dilations", 1),
+                                            ceil_mode=bool(attrs.get("ceil_mode", 0)))
+        np.testing.assert_array_equal(yt.detach().numpy(), y)
+        (yt * torch.from_numpy(seed)).sum().backward()
+        reference.append(xt.grad.numpy())
+    assert relative_error(actual, np.stack(reference)) <= 1e-6
+
+
+# --- operators and inputs without a gradient: a clear error, never a wrong gradient -----------------
+def _error_for(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], wrt: list[str], *, opset: int = 18,
+               constants: dict[str, np.ndarray] | None = None) -> UnsupportedOperatorError:
+    model = forward_model(nodes, feeds, "y", constants=constants, opset=opset)
+    with pytest.raises(UnsupportedOperatorError) as caught:
+        gradient_model(model, wrt, "y")
+    return caught.value
+
+
+def test_operator_without_rule_names_node_and_op() -> None:
+    nodes = [node("Relu", ["x"], ("r",)), helper.make_node("Einsum", ["r"], ["e"], name="the_einsum", equation="ij->ji"),
+             node("Tanh", ["e"])]
+    error = _error_for(nodes, {"x": n64([2, 3])}, ["x"])
+    assert error.op_type == "Einsum" and error.node_name == "the_einsum"
+    assert "'Einsum'" in str(error) and "'the_einsum'" in str(error)
+
+
+def test_resize_on_path_is_unsupported() -> None:
+    resize = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="upsample", mode="linear")
+    error = _error_for([resize], {"x": n32([1, 2, 3, 3])}, ["x"], constants={"scales": np.array([1, 1, 2, 2], F32)})
+    assert error.op_type == "Resize" and "'upsample'" in str(error)
+
+
+def test_unnamed_node_is_named_by_its_output() -> None:
+    einsum = helper.make_node("Einsum", ["x"], ["y"], equation="ij->ji")
+    error = _error_for([einsum], {"x": n64([2, 3])}, ["x"])
+    assert error.node_name == "y" and "'Einsum'" in str(error)
+
+
+def test_conv_weight_on_path_is_unsupported() -> None:
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="the_conv")
+    error = _error_for([conv], {"x": n32([1, 2, 4, 4]), "w": n32([3, 2, 3, 3], 1)}, ["x", "w"])
+    assert error.op_type == "Conv" and error.node_name == "the_conv"
+    assert "input 1" in str(error) and "'w'" in str(error)
+
+
+def test_weight_reached_through_another_node_is_unsupported() -> None:
+    """The weight depends on the differentiated input: the gradient would miss a term."""
+    nodes = [node("Relu", ["x"], ("r",)), helper.make_node("Mul", ["w", "s"], ["ws"], name="scaled_weight"),
+             helper.make_node("Conv", ["r", "ws"], ["y"], name="conv_with_computed_weight")]
+    error = _error_for(nodes, {"x": n32([1, 2, 4, 4]), "s": n32([1], 2)}, ["x", "s"],
+                       constants={"w": n32([3, 2, 3, 3], 1)})
+    assert error.node_name == "conv_with_computed_weight"
+
+
+def test_batch_norm_scale_on_path_is_unsupported() -> None:
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn")
+    error = _error_for([bn], {"x": n64([2, 3, 2, 2]), "s": n64([3], 1)}, ["x", "s"],
+                       constants={"b": n64([3], 2), "m": n64([3], 3), "v": positive([3])})
+    assert error.op_type == "BatchNormalization" and "input 1" in str(error)
+
+
+def test_slice_with_step_is_unsupported() -> None:
+    sl = helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["y"], name="strided")
+    error = _error_for([sl], {"x": n64([4, 6])}, ["x"], constants={
+        "st": np.array([0], I64), "en": np.array([6], I64), "ax": np.array([1], I64), "sp": np.array([2], I64)})
+    assert error.op_type == "Slice" and "steps" in str(error)
+
+
+def test_custom_domain_is_unsupported() -> None:
+    custom = helper.make_node("Relu", ["x"], ["y"], name="custom_relu", domain="com.example")
+    model = helper.make_model(helper.make_graph([custom], "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2])],
+                                                [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2])]),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    with pytest.raises(UnsupportedOperatorError, match="custom_relu"):
+        gradient_model(model, ["x"], "y")
+
+
+def test_gather_with_repeated_indices_before_opset16_is_unsupported() -> None:
+    """ScatterElements only adds repeated indices' gradients from opset 16 (reduction='add')."""
+    gather = helper.make_node("Gather", ["x", "i"], ["y"], name="repeating_gather")
+    error = _error_for([gather], {"x": n64([4, 3])}, ["x"], opset=13, constants={"i": np.array([2, 2, -2], I64)})
+    assert error.node_name == "repeating_gather" and "opset 16" in str(error)
+    error = _error_for([gather], {"x": n64([4, 3]), "i": np.array([1, 3], I64)}, ["x"], opset=13)
+    assert error.op_type == "Gather"
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_ceil_mode_window_past_the_input_before_opset22_is_unsupported(op: str) -> None:
+    """Before opset 22 ONNX shape inference keeps a last ceil_mode window that starts past the
+    input, ONNX Runtime drops it: the model's static shapes are wrong, so no gradient is built."""
+    pool = helper.make_node(op, ["x"], ["y"], name="ceil_pool", kernel_shape=[2, 2], strides=[3, 3], ceil_mode=1)
+    error = _error_for([pool], {"x": n32([1, 2, 7, 6])}, ["x"], opset=18)
+    assert error.node_name == "ceil_pool" and "opset 22" in str(error)
