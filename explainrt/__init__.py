@@ -10,6 +10,15 @@ __version__ = "0.1.0"
 from explainrt.engine.explainer import Explainer, Explanation, Prediction  # noqa: E402
 from explainrt.engine.methods import METHODS  # noqa: E402
 from explainrt.export import make_explainable  # noqa: E402
-from explainrt.export.torch_export import from_torch  # noqa: E402
+
+
+def __getattr__(name: str) -> object:
+    """``from_torch`` imports PyTorch: load it only when asked for."""
+    if name == "from_torch":
+        from explainrt.export.torch_export import from_torch
+
+        return from_torch
+    raise AttributeError(f"module 'explainrt' has no attribute {name!r}")
+
 
 __all__ = ["METHODS", "Explainer", "Explanation", "Prediction", "__version__", "from_torch", "make_explainable"]

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from explainrt.errors import BackendUnavailableError, ExplainrtError, InvalidModelError
+from explainrt.errors import BackendUnavailableError, InvalidModelError
 from explainrt.export.explainable import (
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
@@ -67,7 +67,7 @@ class OnnxRuntimeSession:
         self._ort = ort
         self._main = self._session(model)
         self._plain: object | None = None
-        self._heads: dict[int, object] = {}
+        self._heads: dict[int, tuple[object, bool]] = {}
         self.input_shape = tuple(_input_dims(model, self.spec.image_input))
         self._outputs = [self.spec.logits, RESOLVED_TARGETS_OUTPUT]
         for index in range(len(self.spec.target_layers)):
@@ -96,9 +96,13 @@ class OnnxRuntimeSession:
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         if layer not in self._heads:
-            self._heads[layer] = self._session(_head_model(self._model, self.spec, layer))
-        tensor = self.spec.target_layers[layer]
-        return self._heads[layer].run([self.spec.logits], {tensor: activations})[0]  # type: ignore[attr-defined]
+            head, reads_image = _head_model(self._model, self.spec, layer)
+            self._heads[layer] = (self._session(head), reads_image)
+        session, reads_image = self._heads[layer]
+        feeds = {self.spec.target_layers[layer]: activations}
+        if reads_image:
+            feeds[self.spec.image_input] = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
+        return session.run([self.spec.logits], feeds)[0]  # type: ignore[attr-defined]
 
 
 def _validated_providers(ort: object, providers: Sequence[str] | None) -> list[str]:
@@ -118,14 +122,17 @@ def _input_dims(model: onnx.ModelProto, name: str) -> list[int | str | None]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
 
 
-def _head_model(model: onnx.ModelProto, spec: ExplainableSpec, layer: int) -> onnx.ModelProto:
-    """The sub-graph from one target layer to the logits, as a model of its own."""
+def _head_model(model: onnx.ModelProto, spec: ExplainableSpec, layer: int) -> tuple[onnx.ModelProto, bool]:
+    """The sub-graph from one target layer to the logits, and whether it also reads the image.
+
+    Exporters often compute reshape targets from ``Shape(image)``; such a head takes the image
+    as a second input (only its shape is then read; whatever else it reads stays exact).
+    """
     plain = original_model(model)
     tensor = spec.target_layers[layer]
-    needed = _ancestors_stopping_at(plain.graph, spec.logits, tensor)
-    if spec.image_input in needed:
-        raise ExplainrtError(f"what follows target layer {tensor!r} also reads the image: it cannot be re-run alone")
-    return onnx.utils.Extractor(plain).extract_model([tensor], [spec.logits])
+    reads_image = spec.image_input in _ancestors_stopping_at(plain.graph, spec.logits, tensor)
+    inputs = [tensor, spec.image_input] if reads_image else [tensor]
+    return onnx.utils.Extractor(plain).extract_model(inputs, [spec.logits]), reads_image
 
 
 def _ancestors_stopping_at(graph: onnx.GraphProto, of: str, stop: str) -> set[str]:
@@ -158,7 +165,9 @@ class TorchSession:
                 if replace is not None and index in replace:
                     output = replace[index]
                 captured[index] = output
-                return output
+                # the model goes on with a copy: an in-place op after the layer (DenseNet's
+                # F.relu(features, inplace=True)) must not change the captured activations
+                return output.clone()
             return capture
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.targets)]  # type: ignore[attr-defined]

@@ -107,24 +107,19 @@ def _where_rule(b: B, n: Node, g: Grads) -> Sequence[str | None]:
 
 
 # -- element-wise unary derivatives ----------------------------------------------------------
-def _clip_mask(b: B, n: Node) -> str:
-    x = n.inputs[0]
-    if b.opset >= 11:
-        low = n.inputs[1] if len(n.inputs) > 1 and n.inputs[1] else None
-        high = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2] else None
-    else:
-        low = b.scalar_like(float(n.attr("min", -np.inf)), x)
-        high = b.scalar_like(float(n.attr("max", np.inf)), x)
-    masks = [b.op("Greater", [x, low])] if low else []
-    masks += [b.op("Less", [x, high])] if high else []
-    return masks[0] if len(masks) == 1 else b.op("And", masks)
-
-
 def _clip(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    x = n.inputs[0]
-    if len(n.inputs) == 1 and b.opset >= 11:
+    """Pass the gradient strictly inside [min, max].
+
+    The mask reads the output (min < y < max holds exactly where min < x < max) so that ONNX
+    Runtime can still fuse the Conv producing x with this Clip (ReLU6).
+    """
+    y = n.outputs[0]
+    bounds = [("Greater", n.inputs[1] if len(n.inputs) > 1 else ""), ("Less", n.inputs[2] if len(n.inputs) > 2 else "")]
+    masks = [b.op(op_type, [y, bound]) for op_type, bound in bounds if bound]
+    if not masks:
         return (g[0],)
-    return (where(b, _clip_mask(b, n), g[0], x),)
+    inside = masks[0] if len(masks) == 1 else b.op("And", masks)
+    return (where(b, inside, g[0], y),)
 
 
 def _hard_sigmoid(b: B, n: Node, g: Grads) -> Sequence[str | None]:

@@ -1,0 +1,104 @@
+"""Shared fixtures: a private model cache, the default Explainer and a small random ResNet-18.
+
+The cache variable is set when this file is imported, before any test can export the default
+model, so test runs never write to ~/.cache/explainrt; the export (about 10 s) happens once per
+session and every later ``Explainer()`` in the session (the CLI's too) reads it from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_CACHE = Path(tempfile.mkdtemp(prefix="explainrt-test-cache-"))
+os.environ["EXPLAINRT_CACHE"] = str(_CACHE)
+
+SMALL_SIZE = (64, 64)
+SMALL_CLASSES = 10
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """The EXPLAINRT_CACHE folder of this test session."""
+    return _CACHE
+
+
+@pytest.fixture(scope="session")
+def default_explainer(model_cache: Path):  # noqa: ANN201
+    """The shipped EfficientNet-Lite0 on ONNX Runtime (exported into the session cache once)."""
+    from explainrt import Explainer
+
+    return Explainer()
+
+
+@pytest.fixture(scope="session")
+def example_images() -> dict[str, np.ndarray]:
+    """chelsea, coffee and astronaut from scikit-image, uint8 RGB."""
+    from explainrt.engine.default_model import example_images
+
+    return example_images()
+
+
+@pytest.fixture(scope="session")
+def default_explanation(default_explainer, example_images):  # noqa: ANN001, ANN201
+    """Grad-CAM of the default model on the three example images."""
+    return default_explainer.explain(list(example_images.values()), method="gradcam")
+
+
+@pytest.fixture(scope="session")
+def small_resnet():  # noqa: ANN201
+    """A random (seeded) torchvision ResNet-18 with 10 classes, in eval mode."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    return resnet18(num_classes=SMALL_CLASSES).eval()
+
+
+@pytest.fixture(scope="session")
+def small_onnx(small_resnet):  # noqa: ANN001, ANN201
+    """The small ResNet-18 as an explainable ONNX model (target layer4, 64x64 input, no preprocessing)."""
+    import torch
+
+    from explainrt import from_torch
+
+    return from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), [small_resnet.layer4])
+
+
+@pytest.fixture(scope="session")
+def small_explainer(small_onnx):  # noqa: ANN001, ANN201
+    """The small ResNet-18 on ONNX Runtime; takes preprocessed float32 [N, 3, 64, 64] batches."""
+    from explainrt import Explainer
+
+    return Explainer(small_onnx)
+
+
+@pytest.fixture(scope="session")
+def small_torch_explainer(small_resnet):  # noqa: ANN001, ANN201
+    """The same ResNet-18 on the torch reference backend (hooks and autograd)."""
+    from explainrt import Explainer
+
+    return Explainer(small_resnet, target_layers=[small_resnet.layer4], backend="torch", input_size=SMALL_SIZE)
+
+
+@pytest.fixture(scope="session")
+def small_batch() -> np.ndarray:
+    """A preprocessed-looking float32 batch [3, 3, 64, 64]."""
+    return np.random.default_rng(0).standard_normal((3, 3, *SMALL_SIZE)).astype(np.float32)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temporary current directory."""
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path

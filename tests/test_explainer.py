@@ -1,0 +1,331 @@
+"""The public API: Explainer / Explanation behaviour, and every bad input raising a specific error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from explainrt import METHODS, Explainer, Prediction
+from explainrt.engine import explainer as explainer_module
+from explainrt.engine.default_model import DEFAULT_PREPROCESSING
+from explainrt.errors import (
+    BackendUnavailableError,
+    ImageReadError,
+    InvalidInputError,
+    InvalidModelError,
+    NoSpatialLayerError,
+    UnknownLayerError,
+    UnknownMethodError,
+)
+from explainrt.export.explainable import ExplainableSpec
+
+from conftest import SMALL_CLASSES, SMALL_SIZE
+
+CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+ESPRESSO = 967
+
+
+# -- the default model on the example images ---------------------------------------------------------
+def test_default_model_recognises_the_examples(default_explanation) -> None:  # noqa: ANN001
+    top = default_explanation.top_k(5)
+    chelsea, coffee, _astronaut = top
+    assert {p.index for p in chelsea[:3]} == CAT_CLASSES
+    assert coffee[0].index == ESPRESSO and coffee[0].label == "espresso"
+    assert all(isinstance(p, Prediction) and len(row) == 5 for row in top for p in row)
+    probabilities = [p.probability for p in coffee]
+    assert probabilities == sorted(probabilities, reverse=True) and 0.5 < probabilities[0] <= 1
+
+
+def test_maps_are_float32_in_unit_range(default_explanation) -> None:  # noqa: ANN001
+    maps = default_explanation.maps
+    assert maps.shape == (3, 224, 224) and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    assert np.allclose(maps.max(axis=(1, 2)), 1) and np.allclose(maps.min(axis=(1, 2)), 0)
+    assert default_explanation.method == "gradcam"
+    assert default_explanation.logits.shape == (3, 1000)
+
+
+def test_default_targets_are_the_top_class(default_explanation) -> None:  # noqa: ANN001
+    np.testing.assert_array_equal(default_explanation.targets, default_explanation.logits.argmax(axis=1))
+
+
+def test_timings_cover_every_stage(default_explanation) -> None:  # noqa: ANN001
+    timings = default_explanation.timings
+    assert {"preprocess", "runtime", "method", "maps", "total"} <= set(timings)
+    assert all(value >= 0 for value in timings.values())
+    assert timings["total"] >= timings["runtime"]
+
+
+def test_overlays_match_the_images(default_explanation) -> None:  # noqa: ANN001
+    overlays = default_explanation.overlays()
+    assert overlays.shape == (3, 224, 224, 3) and overlays.dtype == np.uint8
+    assert default_explanation.images is not None and default_explanation.images.shape == (3, 224, 224, 3)
+
+
+def test_negative_target_explains_the_kth_most_likely_class(default_explainer, example_images,  # noqa: ANN001
+                                                            default_explanation) -> None:  # noqa: ANN001
+    second = default_explainer.explain(list(example_images.values()), targets=-2)
+    np.testing.assert_array_equal(second.targets, np.argsort(-second.logits, axis=1)[:, 1])
+    assert not np.allclose(second.maps, default_explanation.maps)
+
+
+def test_explicit_targets_per_image(default_explainer, example_images) -> None:  # noqa: ANN001
+    wanted = [281, ESPRESSO, 0]
+    explanation = default_explainer.explain(list(example_images.values()), targets=wanted)
+    np.testing.assert_array_equal(explanation.targets, wanted)
+    same_class = default_explainer.explain(list(example_images.values()), targets=ESPRESSO)
+    np.testing.assert_array_equal(same_class.targets, [ESPRESSO] * 3)
+    np.testing.assert_allclose(same_class.maps[1], explanation.maps[1], atol=1e-6)
+
+
+def test_batch_size_does_not_change_the_maps(default_explainer, example_images,  # noqa: ANN001
+                                             default_explanation) -> None:  # noqa: ANN001
+    one_by_one = default_explainer.explain(list(example_images.values()), batch_size=1)
+    np.testing.assert_allclose(one_by_one.maps, default_explanation.maps, atol=1e-5)
+    np.testing.assert_array_equal(one_by_one.targets, default_explanation.targets)
+    np.testing.assert_allclose(one_by_one.logits, default_explanation.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_image_files_and_arrays_give_the_same_maps(default_explainer, example_images, tmp_path: Path) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    path = tmp_path / "coffee.png"
+    Image.fromarray(example_images["coffee"]).save(path)
+    from_file = default_explainer.explain(str(path))
+    from_array = default_explainer.explain(example_images["coffee"])
+    assert from_file.maps.shape == (1, 224, 224)
+    np.testing.assert_array_equal(from_file.maps, from_array.maps)
+    assert from_file.targets[0] == ESPRESSO
+
+
+def test_saved_explainable_model_reloads_without_export(default_explainer, example_images,  # noqa: ANN001
+                                                        default_explanation, tmp_path: Path,  # noqa: ANN001
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "explainable.onnx"
+    onnx.save(explainer_module.default_explainable_model(), path)
+
+    def no_export(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("an already explainable model must not be exported again")
+
+    monkeypatch.setattr(explainer_module, "make_explainable", no_export)
+    monkeypatch.setattr("explainrt.export.torch_export.from_torch", no_export)
+    reloaded = Explainer(path)
+    assert reloaded.preprocessing == DEFAULT_PREPROCESSING
+    assert reloaded.preprocessing.labels[ESPRESSO] == "espresso"
+    again = reloaded.explain(list(example_images.values()))
+    np.testing.assert_allclose(again.maps, default_explanation.maps, atol=1e-6)
+    np.testing.assert_array_equal(again.targets, default_explanation.targets)
+
+
+def test_explainable_model_interface(small_onnx) -> None:  # noqa: ANN001
+    """The names other tools rely on."""
+    inputs = {v.name for v in small_onnx.graph.input}
+    outputs = [v.name for v in small_onnx.graph.output]
+    assert "explainrt.targets" in inputs
+    assert outputs[0] == "logits"
+    assert {"explainrt.resolved_targets", "explainrt.activations.0", "explainrt.gradients.0"} <= set(outputs)
+    spec = ExplainableSpec.from_model(small_onnx)
+    assert spec.num_classes == SMALL_CLASSES and len(spec.target_layers) == 1
+
+
+# -- the small ResNet-18 (random weights, preprocessed float input) --------------------------------
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_gives_normalised_maps(small_explainer, small_batch, method: str) -> None:  # noqa: ANN001
+    explanation = small_explainer.explain(small_batch, method=method, batch_size=64)
+    assert explanation.maps.shape == (3, *SMALL_SIZE) and explanation.maps.dtype == np.float32
+    assert np.isfinite(explanation.maps).all()
+    assert explanation.maps.min() >= 0 and explanation.maps.max() <= 1
+    assert explanation.method == method
+
+
+def test_methods_are_case_insensitive(small_explainer, small_batch) -> None:  # noqa: ANN001
+    assert small_explainer.explain(small_batch, method="GradCAM").method == "gradcam"
+
+
+def test_torch_tensor_input(small_explainer, small_batch) -> None:  # noqa: ANN001
+    from_numpy = small_explainer.explain(small_batch)
+    from_torch = small_explainer.explain(torch.from_numpy(small_batch))
+    np.testing.assert_array_equal(from_torch.maps, from_numpy.maps)
+
+
+def test_batch_size_one_equals_one_batch(small_explainer, small_batch) -> None:  # noqa: ANN001
+    together = small_explainer.explain(small_batch, batch_size=3)
+    apart = small_explainer.explain(small_batch, batch_size=1)
+    np.testing.assert_allclose(apart.maps, together.maps, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"])
+def test_onnxruntime_matches_the_torch_backend(small_torch_explainer, small_explainer, small_batch,  # noqa: ANN001
+                                               method: str) -> None:
+    expected = small_torch_explainer.explain(small_batch, method=method)
+    got = small_explainer.explain(small_batch, method=method)
+    np.testing.assert_array_equal(got.targets, expected.targets)
+    np.testing.assert_allclose(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    assert np.abs(got.maps - expected.maps).max() <= 1e-4
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+def test_wrong_channel_count(small_explainer, small_batch) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match=r"shape \(3, 1, 64, 64\).*expects \[N, 3, 64, 64\]"):
+        small_explainer.explain(small_batch[:, :1])
+
+
+def test_wrong_spatial_size(small_explainer) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match=r"shape \(1, 3, 32, 32\)"):
+        small_explainer.explain(np.zeros((1, 3, 32, 32), dtype=np.float32))
+
+
+def test_three_dimensional_float_array(small_explainer, small_batch) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match=r"\[N, C, H, W\].*\(3, 64, 64\)"):
+        small_explainer.explain(small_batch[0])
+
+
+def test_empty_batch(small_explainer) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="N >= 1"):
+        small_explainer.explain(np.zeros((0, 3, *SMALL_SIZE), dtype=np.float32))
+
+
+def test_float64_images(small_explainer, small_batch) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="float32, got float64"):
+        small_explainer.explain(small_batch.astype(np.float64))
+
+
+def test_integer_images(default_explainer, example_images) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="uint8, got int64"):
+        default_explainer.explain(example_images["coffee"].astype(np.int64))
+
+
+def test_float_pixels_without_preprocessing_are_refused(default_explainer) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="float32, got float64"):
+        default_explainer.explain(np.zeros((1, 3, 224, 224)))
+
+
+def test_raw_images_need_stored_preprocessing(small_explainer, example_images) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="stores no preprocessing"):
+        small_explainer.explain(example_images["coffee"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels(small_explainer, small_batch, bad: float) -> None:  # noqa: ANN001
+    images = small_batch.copy()
+    images[2, 1, 5, 7] = bad
+    with pytest.raises(InvalidInputError, match=r"NaN or inf.*image 2"):
+        small_explainer.explain(images)
+
+
+@pytest.mark.parametrize("target", [SMALL_CLASSES, 10_000, -SMALL_CLASSES - 1])
+def test_class_index_out_of_range(small_explainer, small_batch, target: int) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match=rf"target class {target} is out of range.*{SMALL_CLASSES} classes"):
+        small_explainer.explain(small_batch, targets=target)
+
+
+def test_class_index_out_of_range_on_the_default_model(default_explainer, example_images) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="target class 1000 is out of range"):
+        default_explainer.explain(example_images["coffee"], targets=1000)
+    with pytest.raises(InvalidInputError, match="target class -1001 is out of range"):
+        default_explainer.explain(example_images["coffee"], targets=-1001)
+
+
+def test_extreme_valid_targets(small_explainer, small_batch) -> None:  # noqa: ANN001
+    last = small_explainer.explain(small_batch, targets=-SMALL_CLASSES)
+    np.testing.assert_array_equal(last.targets, last.logits.argmin(axis=1))
+    assert (small_explainer.explain(small_batch, targets=SMALL_CLASSES - 1).targets == SMALL_CLASSES - 1).all()
+
+
+@pytest.mark.parametrize("targets", [[1, 2], [0.5, 1, 2], "cat"])
+def test_malformed_targets(small_explainer, small_batch, targets: object) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="targets must be"):
+        small_explainer.explain(small_batch, targets=targets)
+
+
+def test_unknown_tensor_name(small_onnx) -> None:  # noqa: ANN001
+    from explainrt.export.explainable import original_model
+
+    with pytest.raises(UnknownLayerError, match="'layer_four'"):
+        Explainer(original_model(small_onnx), target_layers=["layer_four"])
+
+
+def test_module_outside_the_model(small_resnet) -> None:  # noqa: ANN001
+    with pytest.raises(UnknownLayerError, match="not a sub-module"):
+        Explainer(small_resnet, target_layers=[torch.nn.ReLU()], input_size=SMALL_SIZE)
+
+
+def _flat_model() -> onnx.ModelProto:
+    """Flatten -> MatMul: a classifier with no spatial layer between the image and the logits."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+    weight = helper.make_tensor("weight", TensorProto.FLOAT, [192, 10], np.ones(1920, dtype=np.float32))
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "weight"], ["logits"])]
+    graph = helper.make_graph(nodes, "flat", [image], [logits], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_model_without_spatial_layers() -> None:
+    with pytest.raises(NoSpatialLayerError, match="no rank-4 tensor with spatial size > 1"):
+        Explainer(_flat_model())
+
+
+@pytest.mark.parametrize("content", [b"this is not an ONNX model", b"", b"\x08\x07\x12\x03abc"])
+def test_corrupt_onnx_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InvalidModelError, match="model.onnx"):
+        Explainer(path)
+
+
+def test_missing_onnx_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidModelError, match="not found"):
+        Explainer(tmp_path / "absent.onnx")
+
+
+def test_unreadable_image(default_explainer, tmp_path: Path) -> None:  # noqa: ANN001
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        default_explainer.explain([str(path)])
+    with pytest.raises(ImageReadError, match="no such file"):
+        default_explainer.explain([str(tmp_path / "absent.jpg")])
+
+
+def test_unknown_method(small_explainer, small_batch) -> None:  # noqa: ANN001
+    with pytest.raises(UnknownMethodError, match=r"unknown method 'gradcam\+\+\+'.*gradcam"):
+        small_explainer.explain(small_batch, method="gradcam+++")
+
+
+def test_unknown_method_option(small_explainer, small_batch) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match=r"'gradcam' takes no option\(s\) \['window'\]"):
+        small_explainer.explain(small_batch, method="gradcam", window=8)
+
+
+def test_bad_batch_size(small_explainer, small_batch) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="batch_size must be >= 1"):
+        small_explainer.explain(small_batch, batch_size=0)
+
+
+def test_unknown_backend(small_onnx) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match="unknown backend 'jax'"):
+        Explainer(small_onnx, backend="jax")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                    reason="CUDA is available here: the provider is not missing")
+def test_unavailable_provider(small_onnx) -> None:  # noqa: ANN001
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
+        Explainer(small_onnx, providers=["CUDAExecutionProvider"])
+
+
+def test_tensorrt_backend_unavailable(small_onnx) -> None:  # noqa: ANN001
+    with pytest.raises(BackendUnavailableError, match="TensorRT"):
+        Explainer(small_onnx, backend="tensorrt")
+
+
+def test_torch_backend_needs_a_torch_model(small_onnx) -> None:  # noqa: ANN001
+    with pytest.raises(BackendUnavailableError, match="needs a torch.nn.Module"):
+        Explainer(small_onnx, backend="torch")
