@@ -27,7 +27,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, version_converter
 
-from explainrt.errors import InvalidModelError, NoSpatialLayerError, UnknownLayerError
+from explainrt.errors import InvalidInputError, InvalidModelError, NoSpatialLayerError, UnknownLayerError
 from explainrt.export.builder import TensorInfo, opset_version
 from explainrt.export.gradients import GradientBuilder, ancestors, append_gradients
 
@@ -56,6 +56,7 @@ class ExplainableSpec:
     num_classes: int
     target_layers: tuple[str, ...]
     preprocessing: str | None = None  # JSON of explainrt.engine.preprocessing.Preprocessing
+    objective: str = "logit"  # what is differentiated per target: see OBJECTIVES
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -96,19 +97,30 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     return model
 
 
+OBJECTIVES = {
+    "logit": "the target's logit y_t",
+    "cross_entropy": "the cross-entropy loss -log softmax(y)_t (Contrast-CAM, confidence gradients)",
+}
+
+
 def make_explainable(
     model: ModelSource,
     target_layers: str | Sequence[str] = "auto",
     logits: str | None = None,
     preprocessing: str | None = None,
+    objective: str = "logit",
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` that also outputs target-layer activations and gradients.
 
     ``target_layers`` is ``"auto"`` (the last rank-4 tensor with spatial size > 1 on the path
     to the logits) or a list of tensor names. ``logits`` names the class-score tensor; by
     default the first graph output (or the input of a final Softmax/LogSoftmax).
-    ``preprocessing`` is a Preprocessing JSON stored for the CLI and servers.
+    ``preprocessing`` is a Preprocessing JSON stored for the CLI and servers. ``objective``
+    (see ``OBJECTIVES``) is the function of the logits whose gradient each target asks for; a
+    loss is nonlinear in the logits, so its cotangent (softmax - one-hot) is formed in the graph.
     """
+    if objective not in OBJECTIVES:
+        raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
     proto = _prepared(load_model(model))
     builder = GradientBuilder(proto)
     image_input = _image_input(builder)
@@ -119,7 +131,8 @@ def make_explainable(
 
     requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
     resolved = _resolve_targets(builder, logits_name, requested)
-    of, seed = _seed(builder, logits_name, resolved)
+    of, seed = _seed(builder, logits_name, resolved) if objective == "logit" else (
+        logits_name, _cross_entropy_seed(builder, logits_name, resolved))
     gradients = append_gradients(builder, targets, of, seed)
 
     builder.scope = "explainrt/outputs"
@@ -132,7 +145,7 @@ def make_explainable(
         builder.add_output(gradients_output(index), per_image, info.elem_type, ["N", "K", *channels_hw])
 
     _prune_added_nodes(proto)
-    spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing)
+    spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing, objective)
     _set_metadata(proto, METADATA_KEY, spec.to_json())
     try:
         onnx.checker.check_model(proto)
@@ -264,6 +277,12 @@ def _one_hot_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
     class_ids = b.op("Range", [b.constant(0, dtype=TensorProto.INT64), count, b.constant(1, dtype=TensorProto.INT64)])
     hot = b.op("Equal", [per_seed, class_ids])
     return b.op("Cast", [hot], to=b.info(logits).elem_type, name="explainrt/grad/seed", like=logits)
+
+
+def _cross_entropy_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
+    """Cotangent of -log softmax(y)_t: softmax(y) - one_hot(t), [K, N, classes]."""
+    softmax = b.op("Softmax", [logits], axis=-1, like=logits)
+    return b.op("Sub", [softmax, _one_hot_seed(b, logits, resolved)], name="explainrt/grad/seed/cross_entropy", like=logits)
 
 
 def _prune_added_nodes(model: onnx.ModelProto) -> None:
