@@ -140,6 +140,8 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
     a = ctx.activations
     n, channels = a.shape[:2]
     values = ctx.options.get("ablation_values")
+    if callable(values):  # f(activations [n, C, h, w]) -> [n, C]: per target layer and per batch of images
+        values = values(a)
     values = ablation_values(a) if values is None else np.asarray(values, dtype=np.float32)
     if values.shape != (n, channels):
         raise InvalidInputError(f"ablation_values must have shape {(n, channels)}, got {values.shape}")

@@ -1,0 +1,301 @@
+"""Latency of explainrt's Grad-CAM against plain inference, pytorch-grad-cam and Captum, on the CPU.
+
+Run from the repository root (a few minutes):
+
+    python bench/latency.py [--runs 20] [--models resnet50,default] [--batches 1,8] [--out bench/results/latency.md]
+
+Models: ResNet-50 (torchvision, random init with a fixed seed: no weights can be downloaded; the
+timing does not depend on the weights) and the shipped default, EfficientNet-Lite0 with ImageNet
+weights. 224x224 inputs, one random batch per batch size, the same tensor for every contender:
+
+- ``ort plain``: ONNX Runtime on the plain exported model, with explainrt's session options;
+- ``explainrt gradcam``: ``Explainer(model, [layer]).explain(x, method="gradcam")``, end to end
+  (one runtime call, then maps at 224x224 in [0, 1]);
+- ``explainrt runtime``: only that runtime call, ``explainer.session.run(x, targets)``;
+- ``pytorch-grad-cam``: ``GradCAM(model=..., target_layers=[layer])(input_tensor=x, targets=None)``;
+- ``captum``: ``LayerGradCam(model, layer).attribute(x, target)`` + ``LayerAttribution.interpolate``
+  to 224x224 (bilinear), what a Captum user needs for an input-sized map;
+- ``torch eager``: ``with torch.no_grad(): model(x)``.
+
+Contenders are interleaved round-robin per repetition (see ``bench.common.interleaved``).
+Progress is logged to stderr; the markdown report goes to ``--out`` and the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    Contender,
+    Stats,
+    header_lines,
+    interleaved,
+    load_average,
+    markdown_table,
+    physical_cores,
+    setup_logging,
+    thread_environment,
+    usable_cpus,
+)
+from explainrt import kernels  # noqa: E402
+from explainrt.engine.explainer import Explainer  # noqa: E402
+from explainrt.export.torch_export import export_torch  # noqa: E402
+
+log = logging.getLogger("bench.latency")
+
+SIZE = 224
+PLAIN = "ort plain"
+EXPLAINRT = "explainrt gradcam"
+RUNTIME = "explainrt runtime"
+GRAD_CAM = "pytorch-grad-cam"
+CAPTUM = "captum"
+EAGER = "torch eager"
+CONTENDERS = (PLAIN, EXPLAINRT, RUNTIME, GRAD_CAM, CAPTUM, EAGER)
+STAGES = ("preprocess", "runtime", "method", "maps")
+TARGET_RATIO = 1.05  # issue 2, section 9: explainrt Grad-CAM <= 1.05x plain inference
+TARGET_SPEEDUP = 5.0  # ... and >= 5x faster than pytorch-grad-cam
+
+
+@dataclass(frozen=True)
+class Model:
+    key: str
+    title: str
+    module: torch.nn.Module
+    target: torch.nn.Module
+    target_name: str
+
+
+def load_model(key: str, seed: int) -> Model:
+    if key == "resnet50":
+        import torchvision
+
+        torch.manual_seed(seed)
+        module = torchvision.models.resnet50(weights=None).eval()
+        return Model(key, f"ResNet-50 (torchvision, random init, seed {seed})", module, module.layer4, "layer4")
+    if key == "default":
+        from explainrt.engine.default_model import DEFAULT_TARGET_MODULE, default_target_module, load_default_torch_model
+
+        module = load_default_torch_model()
+        return Model(key, "EfficientNet-Lite0 (explainrt default, ImageNet weights)", module,
+                     default_target_module(module), DEFAULT_TARGET_MODULE)
+    raise SystemExit(f"unknown model {key!r}: choose resnet50 or default")
+
+
+def plain_session(model: Model) -> ort.InferenceSession:
+    """The original exported model in ONNX Runtime, with the options OnnxRuntimeSession._session uses."""
+    proto, _ = export_torch(model.module, torch.zeros(1, 3, SIZE, SIZE), [model.target])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # as explainrt; intra-op threads left at ORT's default, as explainrt
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Case:
+    """One model at one batch size: the timings, and explainrt's own per-stage timings."""
+
+    model: Model
+    batch: int
+    stats: dict[str, Stats]
+    stages: dict[str, Stats]
+
+
+def contenders(model: Model, explainer: Explainer, plain: ort.InferenceSession, x: torch.Tensor,
+               stage_log: list[dict[str, float]]) -> list[Contender]:
+    from captum.attr import LayerAttribution, LayerGradCam
+    from pytorch_grad_cam import GradCAM
+
+    images = x.numpy()  # shares memory with x
+    plain_input = plain.get_inputs()[0].name
+    top_class = np.full((x.shape[0], 1), -1, dtype=np.int64)  # explainrt: -1 = the most likely class
+    with torch.no_grad():
+        predicted = model.module(x).argmax(dim=1)
+    # pytorch-grad-cam's hooks stay on the model it is given: give it a copy of its own, so that
+    # they do not run inside the other contenders' forward passes.
+    grad_cam_model = copy.deepcopy(model.module)
+    grad_cam = GradCAM(model=grad_cam_model, target_layers=[grad_cam_model.get_submodule(model.target_name)])
+    captum = LayerGradCam(model.module, model.target)
+
+    def run_explainrt() -> object:
+        explanation = explainer.explain(x, method="gradcam")
+        stage_log.append(explanation.timings)
+        return explanation
+
+    def run_captum() -> object:
+        # The target must be known up front: a Captum user has it from an earlier prediction
+        # (not timed here; explainrt and pytorch-grad-cam find the top class themselves).
+        attribution = captum.attribute(x, target=predicted, relu_attributions=True)
+        return LayerAttribution.interpolate(attribution, (SIZE, SIZE), interpolate_mode="bilinear")
+
+    def run_eager() -> object:
+        with torch.no_grad():
+            return model.module(x)
+
+    runs: dict[str, Callable[[], object]] = {
+        PLAIN: lambda: plain.run(None, {plain_input: images}),
+        EXPLAINRT: run_explainrt,
+        RUNTIME: lambda: explainer.session.run(images, top_class),
+        GRAD_CAM: lambda: grad_cam(input_tensor=x, targets=None),
+        CAPTUM: run_captum,
+        EAGER: run_eager,
+    }
+    check(explainer, grad_cam, x, predicted)
+    return [Contender(name, runs[name]) for name in CONTENDERS]
+
+
+def check(explainer: Explainer, grad_cam: object, x: torch.Tensor, predicted: torch.Tensor) -> None:
+    """Everyone explains the same class and the maps agree: the contenders do the same work."""
+    ours = explainer.explain(x, method="gradcam")
+    theirs = grad_cam(input_tensor=x, targets=None)  # type: ignore[operator]
+    if not np.array_equal(ours.targets, predicted.numpy()):
+        log.warning("explainrt explains classes %s, torch predicts %s", ours.targets.tolist(), predicted.tolist())
+    log.info("  maps %s; max |explainrt - pytorch-grad-cam| = %.2e", ours.maps.shape, float(np.abs(ours.maps - theirs).max()))
+
+
+def bench_model(key: str, batches: list[int], runs: int, warmup: int, pause_s: float, seed: int) -> list[Case]:
+    model = load_model(key, seed)
+    log.info("%s: exporting the plain and the explainable ONNX models", model.title)
+    plain = plain_session(model)
+    explainer = Explainer(model.module, [model.target])
+    cases = []
+    for batch in batches:
+        generator = torch.Generator().manual_seed(seed + batch)
+        x = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+        stage_log: list[dict[str, float]] = []
+        entries = contenders(model, explainer, plain, x, stage_log)
+        log.info("%s, batch %d: %d warm-up + %d timed rounds of %d contenders", model.key, batch, warmup, runs, len(entries))
+        times = interleaved(entries, runs, warmup, pause_s)
+        timed = stage_log[-runs:]
+        stages = {name: Stats.of([t[name] for t in timed]) for name in (*STAGES, "total")}
+        cases.append(Case(model, batch, {name: Stats.of(times[name]) for name in CONTENDERS}, stages))
+    return cases
+
+
+# -- report -------------------------------------------------------------------------------------
+def results_table(cases: list[Case]) -> list[str]:
+    rows = []
+    for case in cases:
+        base = case.stats[PLAIN].median_ms
+        for name in CONTENDERS:
+            s = case.stats[name]
+            rows.append([case.model.key, case.batch, name, f"{s.median_ms:.1f}", f"{s.p90_ms:.1f}", f"{s.median_ms / base:.2f}x"])
+    return markdown_table(["model", "batch", "contender", "median ms", "p90 ms", "vs ort plain (median)"], rows,
+                          [False, True, False, True, True, True])
+
+
+def stages_table(cases: list[Case]) -> list[str]:
+    rows = []
+    for case in cases:
+        wall = case.stats[EXPLAINRT].median_ms
+        st = case.stages
+        rows.append([case.model.key, case.batch, *(f"{st[name].median_ms:.2f}" for name in STAGES),
+                     f"{st['total'].median_ms:.2f}", f"{wall:.2f}", f"{wall - st['total'].median_ms:.2f}"])
+    return markdown_table(["model", "batch", *STAGES, "total (timings)", "wall (explain)", "outside timings"], rows,
+                          [False, *[True] * 8])
+
+
+def verdicts(cases: list[Case]) -> list[str]:
+    lines = []
+    for case in cases:
+        plain, ours, theirs = (case.stats[n].median_ms for n in (PLAIN, EXPLAINRT, GRAD_CAM))
+        ratio, speedup = ours / plain, theirs / ours
+        lines.append(
+            f"- {case.model.key}, batch {case.batch}: explainrt Grad-CAM = {ratio:.2f}x plain ORT inference "
+            f"(target <= {TARGET_RATIO:.2f}x): **{'MET' if ratio <= TARGET_RATIO else 'NOT MET'}**; "
+            f"{speedup:.1f}x faster than pytorch-grad-cam (target >= {TARGET_SPEEDUP:.0f}x): "
+            f"**{'MET' if speedup >= TARGET_SPEEDUP else 'NOT MET'}**"
+        )
+    return lines
+
+
+def kernel_backend() -> str:
+    """The backend kernels.cam_maps picks ("auto") for host arrays."""
+    return "cpp" if "cpp" in kernels.available_backends() else "numpy"
+
+
+def report(cases: list[Case], args: argparse.Namespace, threads: int, load: tuple[str, str]) -> tuple[list[str], list[str]]:
+    titles = sorted({f"`{c.model.key}` = {c.model.title}, target layer `{c.model.target_name}`" for c in cases})
+    notes = [
+        *titles,
+        f"Input: random float32 [N, 3, {SIZE}, {SIZE}] (fixed seed), the same tensor for every contender; CPU only.",
+        f"Threads: torch.set_num_threads({threads}); ONNX Runtime intra-op threads at its default "
+        f"(one per physical core = {physical_cores()}), the same for plain ORT and explainrt's session. "
+        f"Thread environment: {thread_environment()}. explainrt kernels: `{kernel_backend()}` backend.",
+        f"Load average (1/5/15 min) at start {load[0]}, at end {load[1]}: above {usable_cpus()} means other "
+        "processes shared the cores (see bench/README.md on what that does to OpenMP code).",
+        f"Timing: {args.warmup} warm-up rounds, then {args.runs} rounds; each round runs every contender once "
+        f"(round-robin, rotated start), after a gc.collect() and a {args.pause_ms:g} ms pause (not timed).",
+        "Captum is given the predicted class (computed beforehand, not timed); explainrt and "
+        "pytorch-grad-cam find the top class themselves. Captum: `relu_attributions=True`, bilinear "
+        "interpolation; it does not min-max normalise, the others do.",
+    ]
+    table = results_table(cases)
+    lines = [
+        *header_lines("Latency: explainrt Grad-CAM vs plain inference, pytorch-grad-cam, Captum", (
+            "torch", "torchvision", "onnxruntime", "explainrt", "grad-cam", "captum", "numpy"), notes),
+        "",
+        "## Results",
+        "",
+        *table,
+        "",
+        "## Where explainrt's time goes (median ms of `Explanation.timings` stages)",
+        "",
+        *stages_table(cases),
+        "",
+        "## Targets (issue 2, section 9)",
+        "",
+        *verdicts(cases),
+        "",
+        f"Command: `python bench/latency.py --runs {args.runs} --warmup {args.warmup} --models {args.models} "
+        f"--batches {args.batches} --pause-ms {args.pause_ms:g}`",
+    ]
+    return lines, table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20, help="timed rounds (>= 20 for the report)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (>= 3)")
+    parser.add_argument("--models", default="resnet50,default", help="comma-separated: resnet50, default")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--pause-ms", type=float, default=20.0, help="untimed sleep before each call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.md")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        parser.error("--runs must be >= 1 and --warmup >= 0")
+    setup_logging()
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated initializer
+    threads = usable_cpus()
+    torch.set_num_threads(threads)
+    if physical_cores() not in (None, threads):
+        log.warning("ONNX Runtime uses %s threads (one per physical core) but torch %d (nproc): explainrt's "
+                    "session takes no thread setting", physical_cores(), threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    start_load = load_average()
+    log.info("load average at start: %s", start_load)
+    cases = []
+    for key in args.models.split(","):
+        cases += bench_model(key.strip(), batches, args.runs, args.warmup, args.pause_ms / 1e3, args.seed)
+    end_load = load_average()
+    log.info("load average at end: %s", end_load)
+    lines, table = report(cases, args, threads, (start_load, end_load))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", args.out)
+    print("\n".join(table + [""] + verdicts(cases)))
+
+
+if __name__ == "__main__":
+    main()
