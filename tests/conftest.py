@@ -21,6 +21,8 @@ os.environ["EXPLAINRT_CACHE"] = str(_CACHE)
 
 SMALL_SIZE = (64, 64)
 SMALL_CLASSES = 10
+CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat: chelsea's top 3
+ESPRESSO = 967  # coffee's top 1
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

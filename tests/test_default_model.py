@@ -21,8 +21,7 @@ from explainrt.engine.default_model import (
 from explainrt.engine.preprocessing import Preprocessing, load_image
 from explainrt.errors import UnknownLayerError
 
-CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
-ESPRESSO = 967
+from conftest import CAT_CLASSES, ESPRESSO
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,8 @@ from explainrt.errors import (
 )
 from explainrt.export.explainable import ExplainableSpec
 
-from conftest import SMALL_CLASSES, SMALL_SIZE
+from conftest import CAT_CLASSES, ESPRESSO, SMALL_CLASSES, SMALL_SIZE
 
-CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
-ESPRESSO = 967
 
 
 # -- the default model on the example images ---------------------------------------------------------

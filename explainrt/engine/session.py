@@ -130,18 +130,9 @@ def _head_model(model: onnx.ModelProto, spec: ExplainableSpec, layer: int) -> tu
     """
     plain = original_model(model)
     tensor = spec.target_layers[layer]
-    reads_image = spec.image_input in _ancestors_stopping_at(plain.graph, spec.logits, tensor)
+    reads_image = spec.image_input in ancestors(plain.graph, spec.logits, stop=tensor)
     inputs = [tensor, spec.image_input] if reads_image else [tensor]
     return onnx.utils.Extractor(plain).extract_model(inputs, [spec.logits]), reads_image
-
-
-def _ancestors_stopping_at(graph: onnx.GraphProto, of: str, stop: str) -> set[str]:
-    cut = onnx.GraphProto()
-    cut.CopyFrom(graph)
-    kept = [n for n in cut.node if stop not in n.output]
-    del cut.node[:]
-    cut.node.extend(kept)
-    return ancestors(cut, of)
 
 
 class TorchSession:

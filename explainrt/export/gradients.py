@@ -108,8 +108,8 @@ class GradientBuilder(GraphBuilder):
         return shape
 
 
-def ancestors(graph: onnx.GraphProto, of: str) -> set[str]:
-    """Every tensor ``of`` depends on, itself included."""
+def ancestors(graph: onnx.GraphProto, of: str, stop: str | None = None) -> set[str]:
+    """Every tensor ``of`` depends on, itself included; ``stop`` is reached but not looked past."""
     producers = {out: node for node in graph.node for out in node.output}
     found: set[str] = set()
     stack = [of]
@@ -118,7 +118,7 @@ def ancestors(graph: onnx.GraphProto, of: str) -> set[str]:
         if value in found:
             continue
         found.add(value)
-        if value in producers:
+        if value in producers and value != stop:
             stack.extend(i for i in producers[value].input if i)
     return found
 
