@@ -43,3 +43,7 @@ class BackendUnavailableError(ExplainrtError):
 
 class UnknownMethodError(InvalidInputError):
     """The explanation method name is not registered."""
+
+
+class ExplanationCancelled(ExplainrtError):
+    """A long explanation was stopped through its ``cancel`` event; nothing partial is returned."""

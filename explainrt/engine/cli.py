@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import json
 import logging
 import os
@@ -37,6 +38,10 @@ EXAMPLES = "examples"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TOP_K = 5
+
+COMMAND_MODULES: tuple[str, ...] = ()
+"""Modules that add a subcommand: each has ``register(commands, parents)`` where ``parents`` maps
+"verbose" and "model" to the shared argument parsers; the subcommand sets ``run`` like the ones here."""
 
 
 # -- the parser ------------------------------------------------------------------------------------
@@ -92,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an ONNX file (explainable or not), or a torchvision architecture name with --weights "
                               "(default: the shipped EfficientNet-Lite0 with ImageNet weights)")
     explain.add_argument("--method", default="gradcam", help="explanation method (see `explainrt methods`)")
+    explain.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", dest="options", type=_method_option,
+                         help="a method option, e.g. -O window=[16,16] -O n_masks=2000; VALUE is JSON, else a string "
+                              "(repeat for several)")
+    explain.add_argument("--raw", action="store_true",
+                         help="write raw attribution maps (.npy) instead of maps scaled to [0, 1]")
     explain.add_argument("--target", metavar="CLASS",
                          help="class to explain: an index, -k for the k-th most likely class, or a label name "
                               "(default: the most likely class)")
@@ -113,7 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grad-CAM of the shipped EfficientNet-Lite0 on scikit-image's chelsea, coffee and astronaut.")
     demo.add_argument("--out", default="explainrt-demo", metavar="DIR", help="output folder (default: explainrt-demo)")
     demo.set_defaults(run=_demo)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands, {"verbose": verbose, "model": model})
     return parser
+
+
+def _method_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _positive_int(text: str) -> int:
@@ -425,7 +447,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _compute(explainer: Any, sources: list[_Source], method: str, target: int | None, batch_size: int) -> list[_Result]:
+def _compute(explainer: Any, sources: list[_Source], method: str, target: int | None, batch_size: int,
+             options: dict[str, Any], normalize: bool) -> list[_Result]:
     """Explain every source, batch by batch; nothing is written here."""
     from explainrt.engine.preprocessing import load_image
 
@@ -437,7 +460,7 @@ def _compute(explainer: Any, sources: list[_Source], method: str, target: int | 
             pixels = [load_image(source.image) for source in chunk]
             read = time.perf_counter() - tick
             explanation = explainer.explain(pixels, method=method, targets=target, batch_size=batch_size,
-                                            progress=False)
+                                            normalize=normalize, progress=False, **options)
             overlays = explanation.overlays()
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
             probabilities = _softmax(explanation.logits)
@@ -489,14 +512,18 @@ def _explain(args: argparse.Namespace) -> int:
     from explainrt import __version__
     from explainrt.engine.methods import get_method
 
-    method = get_method(args.method).name  # fail fast, before loading the model
+    chosen = get_method(args.method)  # fail fast, before loading the model
+    method = chosen.name
+    options = dict(args.options or [])
+    chosen.check_options(options)
     sources = _sources(args.images)
     explainer = _load_explainer(args)
     target = _class_target(args.target, explainer.preprocessing.labels)
     start = time.perf_counter()
-    results = _compute(explainer, sources, method, target, args.batch_size)
+    results = _compute(explainer, sources, method, target, args.batch_size, options, not args.raw)
     header = {"explainrt": __version__, "model": args.model or "default (EfficientNet-Lite0, ImageNet)",
-              "method": method, "backend": args.backend, "timings_unit": "seconds",
+              "method": method, "options": options, "raw_maps": bool(args.raw), "backend": args.backend,
+              "timings_unit": "seconds",
               "total_seconds": time.perf_counter() - start}
     summary = _write_results(Path(args.out), results, header, method)
     for result in results:

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from explainrt import kernels
-from explainrt.engine.methods import LayerContext, get_method
+from explainrt.engine.methods import Attribution, AttributionRequest, get_method
 from explainrt.engine.overlay import overlay
 from explainrt.engine.preprocessing import Preprocessing
 from explainrt.engine.session import OnnxRuntimeSession, Session, TorchSession
@@ -43,7 +44,7 @@ class Prediction:
 
 @dataclass
 class Explanation:
-    """Saliency maps [N, H, W] in [0, 1], with the predictions and what each stage cost."""
+    """Maps [N, H, W] (in [0, 1] unless raw maps were asked for), the predictions, and what each stage cost."""
 
     maps: np.ndarray
     logits: np.ndarray
@@ -52,6 +53,8 @@ class Explanation:
     timings: dict[str, float] = field(default_factory=dict)
     labels: tuple[str, ...] | None = None
     images: np.ndarray | None = None  # uint8 [N, H, W, 3] when raw images were given
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # method-specific per-image arrays
+    normalized: bool = True  # False: raw attributions (overlays scale them first)
 
     def top_k(self, k: int = 5) -> list[list[Prediction]]:
         """The k most likely classes per image, with softmax probabilities."""
@@ -65,7 +68,8 @@ class Explanation:
         """Heatmaps blended onto the (resized, cropped) input images, uint8 [N, H, W, 3]."""
         if self.images is None:
             raise InvalidInputError("overlays need the raw images: explain files, PIL images or uint8 arrays")
-        return np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, self.maps)])
+        maps = self.maps if self.normalized else kernels.normalize_minmax(np.ascontiguousarray(self.maps))
+        return np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)])
 
 
 class Explainer:
@@ -197,48 +201,45 @@ class Explainer:
         return self.session.logits(batch)
 
     def explain(self, images: Any, method: str = "gradcam", targets: Any = None, *, batch_size: int = 32,
-                progress: bool | None = None, **options: Any) -> Explanation:
-        """Saliency maps for ``targets`` (None: the top class; -k: the k-th most likely class)."""
-        cam = get_method(method)
-        unknown = set(options) - set(cam.options)
-        if unknown:
-            raise InvalidInputError(f"method {cam.name!r} takes no option(s) {sorted(unknown)}; it takes {list(cam.options)}")
-        if batch_size < 1:
-            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
-        timings = dict.fromkeys(("preprocess", "runtime", "method", "maps"), 0.0)
+                normalize: bool = True, progress: bool | None = None, cancel: threading.Event | None = None,
+                **options: Any) -> Explanation:
+        """Maps for ``targets`` (None: the top class; -k: the k-th most likely class).
+
+        ``batch_size`` bounds the images (or perturbed copies) in one runtime call. ``normalize``
+        scales each map to [0, 1] for display; False returns the method's raw attributions.
+        ``cancel``: set the event from another thread to stop between runtime calls
+        (ExplanationCancelled; nothing partial is returned). ``options`` are the method's own.
+        """
+        chosen = get_method(method)
+        chosen.check_options(options)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        timings: dict[str, float] = {}
         start = time.perf_counter()
         batch, crops = self.prepare(images)
         wanted = self._targets(targets, batch.shape[0])
         timings["preprocess"] = time.perf_counter() - start
-        height, width = batch.shape[2:]
-        maps, logits, resolved = [], [], []
+        parts: list[Attribution] = []
         chunks = range(0, batch.shape[0], batch_size)
-        for first in tqdm(chunks, desc=cam.name, disable=not progress if progress is not None else len(chunks) < 4):
-            images_chunk = batch[first : first + batch_size]
-            tick = time.perf_counter()
-            result = self.session.run(images_chunk, wanted[first : first + batch_size, None])
-            timings["runtime"] += time.perf_counter() - tick
-            per_layer = []
-            for layer, (acts, grads) in enumerate(zip(result.activations, result.gradients)):
-                tick = time.perf_counter()
-                ctx = LayerContext(acts, grads[:, 0], result.logits, result.targets[:, 0], images_chunk, layer,
-                                   self.session, batch_size, options)
-                terms = cam.weigh(ctx)
-                mid = time.perf_counter()
-                per_layer.append(kernels.cam_maps(np.ascontiguousarray(terms.activations, dtype=np.float32),
-                                                  np.ascontiguousarray(terms.weights, dtype=np.float32), (height, width)))
-                timings["method"] += mid - tick
-                timings["maps"] += time.perf_counter() - mid
-            tick = time.perf_counter()
-            combined = per_layer[0] if len(per_layer) == 1 else np.maximum(np.stack(per_layer), 0).mean(axis=0)
-            maps.append(kernels.normalize_minmax(np.ascontiguousarray(combined)))
-            timings["maps"] += time.perf_counter() - tick
-            logits.append(result.logits)
-            resolved.append(result.targets[:, 0])
+        show = progress if progress is not None else len(chunks) >= 4
+        for first in tqdm(chunks, desc=chosen.name, disable=not show):
+            request = AttributionRequest(batch[first : first + batch_size], wanted[first : first + batch_size],
+                                         self.session, int(batch_size), normalize, options, cancel, bool(progress))
+            request.check_cancelled()
+            part = chosen.attribute(request)
+            for stage, seconds in part.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+            parts.append(part)
+        tick = time.perf_counter()
+        maps = np.concatenate([p.maps for p in parts])
+        if normalize:
+            maps = kernels.normalize_minmax(np.ascontiguousarray(np.maximum(maps, 0) if chosen.signed else maps))
+        timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
+        extras = {key: np.concatenate([p.extras[key] for p in parts]) for key in parts[0].extras}
         labels = self.preprocessing.labels if self.preprocessing else None
-        return Explanation(np.concatenate(maps), np.concatenate(logits), np.concatenate(resolved), cam.name,
-                           timings, labels, crops)
+        return Explanation(maps, np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts]),
+                           chosen.name, timings, labels, crops, extras, normalize)
 
 
 def _is_torch_module(value: Any) -> bool:

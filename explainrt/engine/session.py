@@ -1,7 +1,9 @@
 """Sessions: one explainable model on one backend, behind the three calls methods need.
 
-- ``run(images, targets)``: logits, resolved targets, activations and gradients of every target
-  layer, in one runtime call;
+- ``run(images, targets, objective)``: logits, resolved targets, activations and gradients of
+  every target layer, in one runtime call;
+- ``input_gradients(images, targets, objective)``: the same with the model input as the one
+  "layer" (Saliency, Integrated Gradients, SmoothGrad, FGVis);
 - ``logits(images)``: a plain forward pass (perturbation methods);
 - ``head(layer, activations, images)``: logits with the target layer's activations replaced
   (ablation), re-running only what comes after the layer where the backend allows.
@@ -20,13 +22,15 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from explainrt.errors import BackendUnavailableError, InvalidModelError
+from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.explainable import (
+    OBJECTIVES,
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
     ExplainableSpec,
     activations_output,
     gradients_output,
+    make_explainable,
     original_model,
 )
 from explainrt.export.gradients import ancestors
@@ -48,7 +52,9 @@ class Session(Protocol):
     spec: ExplainableSpec
     input_shape: tuple[int | str | None, ...]
 
-    def run(self, images: np.ndarray, targets: np.ndarray) -> RunResult: ...
+    def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult: ...
+
+    def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult: ...
 
     def logits(self, images: np.ndarray) -> np.ndarray: ...
 
@@ -56,7 +62,11 @@ class Session(Protocol):
 
 
 class OnnxRuntimeSession:
-    """An explainable ONNX model in ONNX Runtime, plus lazily built plain and head sessions."""
+    """An explainable ONNX model in ONNX Runtime, plus lazily built plain, head and variant sessions.
+
+    A variant is the same original model made explainable for another objective (a loss instead of
+    a logit) or with the model input as the target (input gradients); each is built on first use.
+    """
 
     def __init__(self, model: onnx.ModelProto, providers: Sequence[str] | None = None) -> None:
         import onnxruntime as ort
@@ -68,10 +78,9 @@ class OnnxRuntimeSession:
         self._main = self._session(model)
         self._plain: object | None = None
         self._heads: dict[int, tuple[object, bool]] = {}
+        self._variants: dict[tuple[str, bool], tuple[object, list[str]]] = {
+            (self.spec.objective, False): (self._main, _outputs(self.spec.logits, len(self.spec.target_layers)))}
         self.input_shape = tuple(_input_dims(model, self.spec.image_input))
-        self._outputs = [self.spec.logits, RESOLVED_TARGETS_OUTPUT]
-        for index in range(len(self.spec.target_layers)):
-            self._outputs += [activations_output(index), gradients_output(index)]
 
     def _session(self, model: onnx.ModelProto) -> object:
         options = self._ort.SessionOptions()
@@ -85,8 +94,21 @@ class OnnxRuntimeSession:
             raise BackendUnavailableError(f"onnxruntime did not enable {self.providers[0]} (active: {active})")
         return session
 
-    def run(self, images: np.ndarray, targets: np.ndarray) -> RunResult:
-        values = self._main.run(self._outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})  # type: ignore[attr-defined]
+    def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._run_variant(images, targets, objective, of_input=False)
+
+    def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._run_variant(images, targets, objective, of_input=True)
+
+    def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
+        key = (objective, of_input)
+        if key not in self._variants:
+            layers = [self.spec.image_input] if of_input else list(self.spec.target_layers)
+            log.info("building the %s variant of the model (objective %s)", "input-gradient" if of_input else "layer", objective)
+            variant = make_explainable(original_model(self._model), layers, logits=self.spec.logits, objective=objective)
+            self._variants[key] = (self._session(variant), _outputs(self.spec.logits, len(layers)))
+        session, outputs = self._variants[key]
+        values = session.run(outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})  # type: ignore[attr-defined]
         return RunResult(values[0], values[1], values[2::2], values[3::2])
 
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -103,6 +125,13 @@ class OnnxRuntimeSession:
         if reads_image:
             feeds[self.spec.image_input] = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
         return session.run([self.spec.logits], feeds)[0]  # type: ignore[attr-defined]
+
+
+def _outputs(logits: str, layers: int) -> list[str]:
+    names = [logits, RESOLVED_TARGETS_OUTPUT]
+    for index in range(layers):
+        names += [activations_output(index), gradients_output(index)]
+    return names
 
 
 def _validated_providers(ort: object, providers: Sequence[str] | None) -> list[str]:
@@ -147,7 +176,7 @@ class TorchSession:
         self.spec = spec
         self.input_shape = ("N", None, None, None)
 
-    def _forward(self, images: np.ndarray, replace: dict[int, object] | None = None) -> tuple[object, list[object]]:
+    def _forward(self, images: object, replace: dict[int, object] | None = None) -> tuple[object, list[object]]:
         torch = self._torch
         captured: dict[int, object] = {}
 
@@ -163,27 +192,36 @@ class TorchSession:
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.targets)]  # type: ignore[attr-defined]
         try:
-            logits = self.module(torch.from_numpy(np.ascontiguousarray(images)))
+            logits = self.module(images)
         finally:
             for handle in handles:
                 handle.remove()
         return logits, [captured[i] for i in range(len(self.targets))]
 
-    def run(self, images: np.ndarray, targets: np.ndarray) -> RunResult:
+    def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._differentiate(images, targets, objective, of_input=False)
+
+    def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._differentiate(images, targets, objective, of_input=True)
+
+    def _differentiate(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
         torch = self._torch
+        if objective not in OBJECTIVES:
+            raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
         with torch.enable_grad():
-            logits, acts = self._forward(images)
+            inputs = torch.from_numpy(np.ascontiguousarray(images)).requires_grad_(of_input)
+            logits, acts = self._forward(inputs)
+            wrt = [inputs] if of_input else acts
             order = torch.argsort(logits.detach(), dim=1, descending=True)
             requested = torch.from_numpy(targets)
             by_rank = torch.gather(order, 1, (-requested - 1).clamp(min=0))
             resolved = torch.where(requested < 0, by_rank, requested)
             rows = torch.arange(logits.shape[0])
-            per_seed = []
-            for k in range(resolved.shape[1]):
-                score = logits[rows, resolved[:, k]].sum()
-                per_seed.append(torch.autograd.grad(score, acts, retain_graph=True))
-        gradients = [np.stack([g[i].numpy() for g in per_seed], axis=1) for i in range(len(acts))]
-        return RunResult(logits.detach().numpy(), resolved.numpy(), [a.detach().numpy() for a in acts], gradients)
+            scores = logits if objective == "logit" else -torch.log_softmax(logits, dim=1)
+            per_seed = [torch.autograd.grad(scores[rows, resolved[:, k]].sum(), wrt, retain_graph=True)
+                        for k in range(resolved.shape[1])]
+        gradients = [np.stack([g[i].numpy() for g in per_seed], axis=1) for i in range(len(wrt))]
+        return RunResult(logits.detach().numpy(), resolved.numpy(), [w.detach().numpy() for w in wrt], gradients)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         with self._torch.no_grad():
@@ -192,5 +230,5 @@ class TorchSession:
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         repeated = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
         with self._torch.no_grad():
-            logits, _ = self._forward(repeated, {layer: self._torch.from_numpy(activations)})
+            logits, _ = self._forward(self._torch.from_numpy(repeated), {layer: self._torch.from_numpy(activations)})
         return logits.numpy()  # type: ignore[attr-defined]

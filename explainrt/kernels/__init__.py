@@ -124,14 +124,15 @@ def _check_out_hw(out_hw: Any) -> tuple[int, int]:
 
 
 def cam_maps(
-    activations: Any, weights: Any, out_hw: tuple[int, int], *, backend: Backend = "auto"
+    activations: Any, weights: Any, out_hw: tuple[int, int], *, normalize: bool = True,
+    backend: Backend = "auto",
 ) -> Any:
     """Grad-CAM-family saliency: ReLU(sum_c weights * activations), min-max scaled, resized.
 
     `activations` is [N, C, h, w]; `weights` is [N, C] (one weight per channel, Grad-CAM) or
     [N, C, h, w] (per pixel, HiResCAM / LayerCAM). Normalisation is pytorch-grad-cam's
     `scale_cam_image` and resizing is cv2's INTER_LINEAR, so results match that library.
-    Returns [N, H, W] for `out_hw` = (H, W).
+    Returns [N, H, W] for `out_hw` = (H, W); `normalize=False` skips the min-max scaling (raw maps).
     """
     impl = _select(backend, activations, weights)
     acts = _as_float32("activations", activations, impl)
@@ -143,7 +144,7 @@ def cam_maps(
             f"weights must be [N, C] or [N, C, h, w] matching activations {tuple(acts.shape)}; "
             f"got shape {tuple(wts.shape)}"
         )
-    return impl.kernels.cam_maps(acts, wts, *_check_out_hw(out_hw))
+    return impl.kernels.cam_maps(acts, wts, *_check_out_hw(out_hw), bool(normalize))
 
 
 def resize_bilinear(maps: Any, out_hw: tuple[int, int], *, backend: Backend = "auto") -> Any:

@@ -139,15 +139,16 @@ def _resize(maps: Any, rows: Axis, cols: Axis) -> Any:
     return out
 
 
-def cam_maps(activations: Any, weights: Any, out_h: int, out_w: int) -> Any:
-    """Weighted sum and ReLU (CUDA), `scale_cam_image` normalisation, then cv2-compatible resize."""
+def cam_maps(activations: Any, weights: Any, out_h: int, out_w: int, normalize: bool = True) -> Any:
+    """Weighted sum and ReLU (CUDA), `scale_cam_image` normalisation if asked, cv2-compatible resize."""
     cupy = load_cupy()
     n, c, h, w = activations.shape
     with activations.device:
         cams = cupy.empty((n, h, w), dtype=cupy.float32)
         sizes = (n, c, h * w, weights.ndim == 4)
         _launch("weighted_relu_f32", cams.size, (activations, weights, cams, *map(np.int64, sizes)))
-        cams = minmax_normalize(cams, CAM_EPS)
+        if normalize:
+            cams = minmax_normalize(cams, CAM_EPS)
         return _resize(cams, half_pixel_axis(h, out_h), half_pixel_axis(w, out_w))
 
 

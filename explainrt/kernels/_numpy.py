@@ -82,10 +82,11 @@ def weighted_relu(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return cam.clip(min=0)
 
 
-def cam_maps(activations: np.ndarray, weights: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Weighted sum, ReLU, `scale_cam_image` normalisation, then cv2-compatible resize."""
-    cams = minmax_normalize(weighted_relu(activations, weights), CAM_EPS)
-    return resize_bilinear(cams, out_h, out_w)
+def cam_maps(activations: np.ndarray, weights: np.ndarray, out_h: int, out_w: int,
+             normalize: bool = True) -> np.ndarray:
+    """Weighted sum, ReLU, `scale_cam_image` normalisation (if asked), then cv2-compatible resize."""
+    cams = weighted_relu(activations, weights)
+    return resize_bilinear(minmax_normalize(cams, CAM_EPS) if normalize else cams, out_h, out_w)
 
 
 def resize_bilinear(maps: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

@@ -112,10 +112,10 @@ void resize_planes(const float* src, float* dst, float* across, int64_t planes, 
     blend_rows(across + (r / H) * h * W, dst + r * W, rows, r % H, W);
 }
 
-// One map before resizing: ReLU(sum_c weights * activations), then min-max normalised.
+// One map before resizing: ReLU(sum_c weights * activations), then min-max normalised if asked.
 // Channel-sequential float32 sum, the order NumPy uses for .sum(axis=1).
-void small_cam(const float* act, const float* wgt, bool per_pixel, int64_t C, int64_t hw,
-               float* cam) {
+void small_cam(const float* act, const float* wgt, bool per_pixel, bool normalize, int64_t C,
+               int64_t hw, float* cam) {
   for (int64_t c = 0; c < C; ++c) {
     const float* a = act + c * hw;
     if (per_pixel) {
@@ -127,12 +127,13 @@ void small_cam(const float* act, const float* wgt, bool per_pixel, int64_t C, in
     }
   }
   for (int64_t p = 0; p < hw; ++p) cam[p] = std::max(cam[p], 0.f);
-  minmax_normalize(cam, hw, kCamEps);
+  if (normalize) minmax_normalize(cam, hw, kCamEps);
 }
 
 std::vector<py::ssize_t> shape_of(const Array& a) { return {a.shape(), a.shape() + a.ndim()}; }
 
-Array cam_maps(const Array& activations, const Array& weights, int64_t out_h, int64_t out_w) {
+Array cam_maps(const Array& activations, const Array& weights, int64_t out_h, int64_t out_w,
+               bool normalize) {
   require(activations.ndim() == 4, "activations must be [N, C, h, w]");
   require(out_h > 0 && out_w > 0, "out_h and out_w must be positive");
   const int64_t N = activations.shape(0), C = activations.shape(1);
@@ -156,7 +157,7 @@ Array cam_maps(const Array& activations, const Array& weights, int64_t out_h, in
     {
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n)
-        small_cam(act + n * C * hw, wgt + n * C * (per_pixel ? hw : 1), per_pixel, C, hw,
+        small_cam(act + n * C * hw, wgt + n * C * (per_pixel ? hw : 1), per_pixel, normalize, C, hw,
                   cams.data() + n * hw);
       resize_planes(cams.data(), dst, across.data(), N, h, w, rows, cols);
     }
@@ -239,7 +240,8 @@ Array channel_masks(const Array& activations, int64_t out_h, int64_t out_w) {
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "OpenMP CPU kernels of explainrt.kernels; call them through explainrt.kernels.";
   m.def("cam_maps", &cam_maps, py::arg("activations"), py::arg("weights"), py::arg("out_h"),
-        py::arg("out_w"), "Fused weighted sum, ReLU, min-max normalisation and cv2 resize.");
+        py::arg("out_w"), py::arg("normalize") = true,
+        "Fused weighted sum, ReLU, min-max normalisation (optional) and cv2 resize.");
   m.def("resize_bilinear", &resize_bilinear, py::arg("maps"), py::arg("out_h"), py::arg("out_w"),
         "cv2.resize INTER_LINEAR of each [h, w] map.");
   m.def("normalize_minmax", &normalize_minmax, py::arg("maps"),

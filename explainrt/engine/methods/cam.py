@@ -1,15 +1,16 @@
 """The CAM family: each method says how to weight a target layer's activation channels.
 
-A method is one small function from a ``LayerContext`` (activations A [N, C, h, w], gradients
-g = dy_target/dA [N, C, h, w], and the session for methods that re-run the model) to
-``CamTerms``: the activations to weight and per-channel [N, C] or per-pixel [N, C, h, w]
-weights. Running the model, ReLU, normalising, resizing and averaging layers belong to the
-pipeline (``explainrt.engine.explainer`` and ``explainrt.kernels``). Formulas follow the papers
-and pytorch-grad-cam's numerics so results compare directly.
+A CAM method is one small function from a ``LayerContext`` (activations A [N, C, h, w],
+gradients g = d objective / dA [N, C, h, w], and the session for methods that re-run the
+model) to ``CamTerms``: the activations to weight and per-channel [N, C] or per-pixel
+[N, C, h, w] weights. ``CamMethod.attribute`` is the one pipeline they share: one runtime call,
+the weights, the fused kernel (weight, ReLU, normalise, resize) per target layer, the layer
+average. Formulas follow the papers and pytorch-grad-cam's numerics so results compare directly.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from explainrt import kernels
-from explainrt.engine.session import Session
-from explainrt.errors import InvalidInputError, UnknownMethodError
+from explainrt.engine.methods.base import Attribution, AttributionRequest, Method
+from explainrt.engine.session import RunResult, Session
+from explainrt.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class LayerContext:
     """What a method may use to weight one target layer of one batch."""
 
     activations: np.ndarray  # [N, C, h, w]
-    gradients: np.ndarray  # [N, C, h, w]: d logit[target] / d activations
+    gradients: np.ndarray  # [N, C, h, w]: d objective / d activations for the explained target
     logits: np.ndarray  # [N, classes]
     targets: np.ndarray  # [N] resolved class per image
     images: np.ndarray  # [N, 3, H, W] model input
@@ -42,13 +44,47 @@ class CamTerms:
     weights: np.ndarray  # [N, C] per channel or [N, C, h, w] per pixel
 
 
+def combine_layers(per_layer: list[np.ndarray]) -> np.ndarray:
+    """Average the (ReLU'd) maps of several target layers, as pytorch-grad-cam does."""
+    return per_layer[0] if len(per_layer) == 1 else np.maximum(np.stack(per_layer), 0).mean(axis=0)
+
+
+def cam_attribution(request: AttributionRequest, result: RunResult, explained: np.ndarray,
+                    weigh: Callable[[LayerContext], CamTerms], seed: int = 0) -> Attribution:
+    """Maps from one runtime result: weigh each target layer (gradients of seed ``seed``), fuse, average."""
+    height, width = request.images.shape[2:]
+    timings = {"method": 0.0, "maps": 0.0}
+    per_layer = []
+    for layer, (acts, grads) in enumerate(zip(result.activations, result.gradients)):
+        tick = time.perf_counter()
+        terms = weigh(LayerContext(acts, grads[:, seed], result.logits, explained, request.images, layer,
+                                   request.session, request.batch_size, request.options))
+        mid = time.perf_counter()
+        per_layer.append(kernels.cam_maps(np.ascontiguousarray(terms.activations, dtype=np.float32),
+                                          np.ascontiguousarray(terms.weights, dtype=np.float32), (height, width),
+                                          normalize=request.normalize))
+        timings["method"] += mid - tick
+        timings["maps"] += time.perf_counter() - mid
+    return Attribution(combine_layers(per_layer), result.logits, explained, timings)
+
+
 @dataclass(frozen=True)
-class CamMethod:
+class CamMethod(Method):
+    """A CAM method: channel weights from the gradients of the target's logit (or none)."""
+
     name: str
     weigh: Callable[[LayerContext], CamTerms]
     uses_gradients: bool
     summary: str
     options: tuple[str, ...] = ()
+
+    def attribute(self, request: AttributionRequest) -> Attribution:
+        tick = time.perf_counter()
+        result = request.session.run(request.images, request.targets[:, None])
+        runtime = time.perf_counter() - tick
+        attribution = cam_attribution(request, result, result.targets[:, 0], self.weigh)
+        attribution.timings["runtime"] = runtime
+        return attribution
 
 
 def _grad_cam(ctx: LayerContext) -> CamTerms:
@@ -157,25 +193,15 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
     return CamTerms(a, (original[:, None] - ablated) / original[:, None])
 
 
-METHODS: dict[str, CamMethod] = {
-    m.name: m
-    for m in [
-        CamMethod("gradcam", _grad_cam, True, "Grad-CAM: channels weighted by mean gradient"),
-        CamMethod("gradcam++", _grad_cam_pp, True, "Grad-CAM++: positive gradients with pixel-wise alphas"),
-        CamMethod("xgradcam", _xgrad_cam, True, "XGrad-CAM: activation-normalised gradient weights"),
-        CamMethod("hirescam", _hires_cam, True, "HiResCAM: element-wise gradient x activation"),
-        CamMethod("layercam", _layer_cam, True, "LayerCAM: positive gradients x activation per location"),
-        CamMethod("eigencam", _eigen_cam, False, "Eigen-CAM: first principal component of the activations"),
-        CamMethod("eigengradcam", _eigen_grad_cam, True, "EigenGrad-CAM: principal component of gradient x activation"),
-        CamMethod("scorecam", _score_cam, False, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),
-        CamMethod("ablationcam", _ablation_cam, False, "Ablation-CAM: score drop with each channel ablated (head only)",
-                  ("ablation_values",)),
-    ]
-}
-
-
-def get_method(name: str) -> CamMethod:
-    try:
-        return METHODS[name.lower()]
-    except KeyError:
-        raise UnknownMethodError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+CAM_METHODS: tuple[CamMethod, ...] = (
+    CamMethod("gradcam", _grad_cam, True, "Grad-CAM: channels weighted by mean gradient"),
+    CamMethod("gradcam++", _grad_cam_pp, True, "Grad-CAM++: positive gradients with pixel-wise alphas"),
+    CamMethod("xgradcam", _xgrad_cam, True, "XGrad-CAM: activation-normalised gradient weights"),
+    CamMethod("hirescam", _hires_cam, True, "HiResCAM: element-wise gradient x activation"),
+    CamMethod("layercam", _layer_cam, True, "LayerCAM: positive gradients x activation per location"),
+    CamMethod("eigencam", _eigen_cam, False, "Eigen-CAM: first principal component of the activations"),
+    CamMethod("eigengradcam", _eigen_grad_cam, True, "EigenGrad-CAM: principal component of gradient x activation"),
+    CamMethod("scorecam", _score_cam, False, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),
+    CamMethod("ablationcam", _ablation_cam, False, "Ablation-CAM: score drop with each channel ablated (head only)",
+              ("ablation_values",)),
+)

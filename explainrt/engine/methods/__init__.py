@@ -1,0 +1,25 @@
+"""The explanation methods, by name: ``METHODS`` and ``get_method``.
+
+Each family lives in its own module and registers its methods here; the pipeline and the
+interfaces (CLI, server) know methods only through this registry.
+"""
+
+from __future__ import annotations
+
+from explainrt.engine.methods.base import Attribution, AttributionRequest, Method
+from explainrt.engine.methods.cam import CAM_METHODS, CamMethod, CamTerms, LayerContext, ablation_values, principal_projection
+from explainrt.errors import UnknownMethodError
+
+METHODS: dict[str, Method] = {m.name: m for m in (*CAM_METHODS,)}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name`` (case-insensitive)."""
+    try:
+        return METHODS[name.lower()]
+    except KeyError:
+        raise UnknownMethodError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "Attribution", "AttributionRequest", "CamMethod", "CamTerms", "LayerContext", "Method",
+           "ablation_values", "get_method", "principal_projection"]

@@ -1,0 +1,75 @@
+"""What every explanation method is: a name, its options, and ``attribute(request) -> Attribution``.
+
+The pipeline (``explainrt.engine.explainer``) validates images, targets and option names, cuts
+the images into chunks, calls ``attribute`` once per chunk, and normalises the raw maps for
+display. A method says only how it weights (CAM family) or perturbs (occlusion, RISE, ...) and
+runs the model through the request's session, never on its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from explainrt.engine.session import Session
+from explainrt.errors import ExplanationCancelled, InvalidInputError
+
+
+@dataclass(frozen=True)
+class AttributionRequest:
+    """One chunk of images to explain, and everything a method may use to do it."""
+
+    images: np.ndarray  # [n, C, H, W] float32 model input
+    targets: np.ndarray  # [n] int64 requested classes (-k: the k-th most likely)
+    session: Session
+    batch_size: int  # the most images (or perturbed copies) per runtime call
+    normalize: bool  # whether the maps will be shown scaled to [0, 1] (CAM layers are scaled one by one)
+    options: dict[str, Any] = field(default_factory=dict)
+    cancel: threading.Event | None = None
+    progress: bool = False
+
+    def check_cancelled(self) -> None:
+        """Raise ExplanationCancelled if the caller asked to stop (methods call it between runtime calls)."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise ExplanationCancelled("the explanation was cancelled")
+
+
+@dataclass
+class Attribution:
+    """A method's answer for one chunk: raw maps at input resolution and the predictions."""
+
+    maps: np.ndarray  # [n, H, W] float32
+    logits: np.ndarray  # [n, classes]
+    targets: np.ndarray  # [n] the class each map explains
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # per-image arrays, first axis n
+
+
+class Method(ABC):
+    """An explanation method. Subclasses set the class attributes and implement ``attribute``."""
+
+    name: str
+    summary: str
+    options: tuple[str, ...] = ()
+    signed: bool = False  # raw maps may be negative; normalised display shows the positive evidence
+
+    @abstractmethod
+    def attribute(self, request: AttributionRequest) -> Attribution:
+        """Raw attribution maps [n, H, W] for the request's images and targets."""
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Reject option names the method does not take (values are checked by the method)."""
+        unknown = set(options) - set(self.options)
+        if unknown:
+            takes = f"it takes {', '.join(self.options)}" if self.options else "it takes none"
+            raise InvalidInputError(f"method {self.name!r} takes no option(s) {', '.join(sorted(unknown))}; {takes}")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of [..., classes] logits, in float64 for stable probabilities."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True), dtype=np.float64)
+    return shifted / shifted.sum(axis=-1, keepdims=True)
