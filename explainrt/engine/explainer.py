@@ -23,8 +23,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from explainrt import kernels
-from explainrt.engine.methods import Attribution, AttributionRequest, get_method
-from explainrt.engine.overlay import overlay
+from explainrt.engine.methods import Attribution, AttributionRequest, Method, get_method
+from explainrt.engine.overlay import concept_overlay, overlay
 from explainrt.engine.preprocessing import Preprocessing
 from explainrt.engine.session import OnnxRuntimeSession, Session, TorchSession
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
@@ -68,6 +68,9 @@ class Explanation:
         """Heatmaps blended onto the (resized, cropped) input images, uint8 [N, H, W, 3]."""
         if self.images is None:
             raise InvalidInputError("overlays need the raw images: explain files, PIL images or uint8 arrays")
+        if "concept_maps" in self.extras:  # DFF: one colour per concept
+            return np.stack([concept_overlay(image, concepts, alpha)
+                             for image, concepts in zip(self.images, self.extras["concept_maps"])])
         maps = self.maps if self.normalized else kernels.normalize_minmax(np.ascontiguousarray(self.maps))
         return np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)])
 
@@ -218,13 +221,16 @@ class Explainer:
         start = time.perf_counter()
         batch, crops = self.prepare(images)
         wanted = self._targets(targets, batch.shape[0])
+        per_image = self._per_image_options(chosen, options, batch)
         timings["preprocess"] = time.perf_counter() - start
         parts: list[Attribution] = []
         chunks = range(0, batch.shape[0], batch_size)
         show = progress if progress is not None else len(chunks) >= 4
         for first in tqdm(chunks, desc=chosen.name, disable=not show):
-            request = AttributionRequest(batch[first : first + batch_size], wanted[first : first + batch_size],
-                                         self.session, int(batch_size), normalize, options, cancel, bool(progress))
+            stop = first + batch_size
+            chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
+            request = AttributionRequest(batch[first:stop], wanted[first:stop], self.session, int(batch_size),
+                                         normalize, chunk_options, cancel, bool(progress))
             request.check_cancelled()
             part = chosen.attribute(request)
             for stage, seconds in part.timings.items():
@@ -240,6 +246,39 @@ class Explainer:
         labels = self.preprocessing.labels if self.preprocessing else None
         return Explanation(maps, np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts]),
                            chosen.name, timings, labels, crops, extras, normalize)
+
+
+    def explain_contrasts(self, images: Any, k: int = 3, **kwargs: Any) -> Explanation:
+        """Contrast-CAM of each image's prediction against each of the next ``k`` most likely classes,
+        in one runtime call per batch: ``extras["contrast_maps"]`` [N, k, H, W] and
+        ``extras["contrast_classes"]`` [N, k]; ``maps`` is the contrast with the runner-up."""
+        return self.explain(images, method="contrast-cam", top_k=k, **kwargs)
+
+    def _per_image_options(self, method: Method, options: dict[str, Any], batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Options given per image ([N, ...] arrays the pipeline slices per chunk), images preprocessed."""
+        count = batch.shape[0]
+        sliced: dict[str, np.ndarray] = {}
+        for name in method.image_options:
+            if options.get(name) is None:
+                continue
+            try:
+                prepared, _ = self.prepare(options[name])
+            except InvalidInputError as error:
+                raise InvalidInputError(f"{name}: {error}") from error
+            if prepared.shape[1:] != batch.shape[1:] or prepared.shape[0] not in (1, count):
+                raise InvalidInputError(f"{name} must be one image or one per image ({count}) of the same size as the "
+                                        f"images: got {prepared.shape[0]} of shape {prepared.shape[1:]} for images "
+                                        f"{batch.shape[1:]}")
+            sliced[name] = np.broadcast_to(prepared, batch.shape)
+        for name in method.per_image_options:
+            value = options.get(name)
+            if value is None or np.ndim(value) == 0:
+                continue
+            values = np.asarray(value)
+            if values.shape[0] != count:
+                raise InvalidInputError(f"{name} must be one value or one per image ({count} images), got {values.shape[0]}")
+            sliced[name] = values
+        return sliced
 
 
 def _is_torch_module(value: Any) -> bool:

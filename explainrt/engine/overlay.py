@@ -68,6 +68,29 @@ def overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5, colorma
     return (np.float32(255) * (blended / peak)).astype(np.uint8)
 
 
+def concept_colours(count: int) -> np.ndarray:
+    """``count`` evenly spaced hues at full saturation and value: float32 RGB [count, 3] in [0, 1]."""
+    hsv = np.full((1, count, 3), 255, dtype=np.uint8)
+    hsv[0, :, 0] = (np.arange(count) * 256 // max(count, 1)).astype(np.uint8)
+    return np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"), dtype=np.float32)[0] / np.float32(255)
+
+
+def concept_overlay(image: np.ndarray, concept_maps: np.ndarray, alpha: float = 0.7) -> np.ndarray:
+    """One colour per concept (DFF): each pixel takes its strongest concept's colour, as bright as
+    that concept's map there, blended as ``alpha * colours + (1 - alpha) * image``; uint8 [H, W, 3]."""
+    _check_rgb(image, "overlay image")
+    maps = np.asarray(concept_maps, dtype=np.float32)
+    if maps.ndim != 3 or maps.shape[1:] != image.shape[:2]:
+        raise InvalidInputError(f"concept maps must be [k, H, W] with H, W = {image.shape[:2]}, got {maps.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise InvalidInputError(f"alpha must lie in [0, 1], got {alpha}")
+    strongest = maps.argmax(axis=0)
+    strength = np.clip(np.take_along_axis(maps, strongest[None], axis=0)[0], 0, 1)
+    colours = concept_colours(maps.shape[0])[strongest] * strength[..., None]
+    blended = np.float32(alpha) * colours + np.float32(1 - alpha) * (image.astype(np.float32) / np.float32(255))
+    return (np.float32(255) * np.clip(blended, 0, 1)).astype(np.uint8)
+
+
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write a uint8 [H, W, 3] RGB image as PNG atomically; return the path.
 

@@ -56,6 +56,8 @@ class Method(ABC):
     summary: str
     options: tuple[str, ...] = ()
     signed: bool = False  # raw maps may be negative; normalised display shows the positive evidence
+    per_image_options: tuple[str, ...] = ()  # may be one value per image: the pipeline slices them per chunk
+    image_options: tuple[str, ...] = ()  # images (one, or one per image): the pipeline preprocesses them
 
     @abstractmethod
     def attribute(self, request: AttributionRequest) -> Attribution:
@@ -73,3 +75,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of [..., classes] logits, in float64 for stable probabilities."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True), dtype=np.float64)
     return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def resolve_targets(requested: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Class indices for requested targets (any shape [n, ...]); -k is the k-th most likely class of its image."""
+    requested = np.asarray(requested, dtype=np.int64)
+    ranked = np.argsort(-logits, axis=1, kind="stable")
+    flat = requested.reshape(requested.shape[0], -1)
+    by_rank = np.take_along_axis(ranked, np.maximum(-flat - 1, 0), axis=1)
+    return np.where(flat < 0, by_rank, flat).reshape(requested.shape)
