@@ -327,3 +327,35 @@ def test_tensorrt_backend_unavailable(small_onnx) -> None:  # noqa: ANN001
 def test_torch_backend_needs_a_torch_model(small_onnx) -> None:  # noqa: ANN001
     with pytest.raises(BackendUnavailableError, match="needs a torch.nn.Module"):
         Explainer(small_onnx, backend="torch")
+
+
+def test_torch_backend_checks_its_target_layers(small_resnet) -> None:  # noqa: ANN001
+    import torch
+
+    from explainrt.errors import UnknownLayerError
+
+    with pytest.raises(UnknownLayerError, match="is not a sub-module of the model"):
+        Explainer(small_resnet, target_layers=[torch.nn.Conv2d(3, 3, 1)], backend="torch", input_size=(64, 64))
+    with pytest.raises(UnknownLayerError, match="target layer 'fc' must output \\[N, C, h, w\\]"):
+        Explainer(small_resnet, target_layers=[small_resnet.fc], backend="torch", input_size=(64, 64))
+
+
+def test_torch_backend_explains_models_onnx_cannot_express(small_batch) -> None:  # noqa: ANN001
+    """The reference backend needs no ONNX export: a model with an FFT (no VJP rule) still explains."""
+    import torch
+
+    class Spectral(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            maps = torch.fft.ifft2(torch.fft.fft2(self.features(x))).real
+            return self.head(maps.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Spectral().eval()
+    explanation = Explainer(model, target_layers=[model.features], backend="torch", input_size=(64, 64)).explain(small_batch)
+    assert explanation.maps.shape == (3, 64, 64) and explanation.logits.shape == (3, 4)
+    assert np.isfinite(explanation.maps).all() and explanation.maps.max() > 0

@@ -196,7 +196,7 @@ class TorchSession:
         finally:
             for handle in handles:
                 handle.remove()
-        return logits, [captured[i] for i in range(len(self.targets))]
+        return logits, [captured.get(i) for i in range(len(self.targets))]
 
     def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
         return self._differentiate(images, targets, objective, of_input=False)
