@@ -73,6 +73,8 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "explain")
     assert code == 2 and "explainrt explain: error:" in err
     assert run(capsys, "explain", "examples", "--batch-size", "0")[0] == 2
+    code, _, err = run(capsys, "explain", "examples", "-O", "no-key")
+    assert code == 2 and "expected KEY=VALUE with KEY a name, got 'no-key'" in err
     assert run(capsys, "--help")[0] == 0
     assert run(capsys, "-v", "methods")[0] == 0
 
@@ -131,6 +133,21 @@ def test_explain_files_with_a_class_by_label(capsys: pytest.CaptureFixture[str],
     assert record["image"] == str(photo) and record["target"]["index"] == 968  # "cup"
     assert record["overlay"] == "cup.layercam.png" and (tmp_path / "cup.layercam.npy").is_file()
     assert "cup" in stdout
+
+
+def test_method_options_raw_maps_and_extras(capsys: pytest.CaptureFixture[str], tmp_path: Path, photo: Path) -> None:
+    code, out, err = run(capsys, "explain", photo, "--method", "contrast-cam", "-O", "top_k=2", "--raw", "--out", tmp_path)
+    assert code == 0, err
+    assert files_in(tmp_path) == ["cup.contrast-cam.extras.npz", "cup.contrast-cam.npy", "cup.contrast-cam.png",
+                                  "explanations.json"]
+    summary = json.loads((tmp_path / "explanations.json").read_text())
+    assert summary["options"] == {"top_k": 2} and summary["raw_maps"] is True
+    extras = np.load(tmp_path / "cup.contrast-cam.extras.npz")
+    assert extras["contrast_maps"].shape == (2, 224, 224)
+    top5 = [p["index"] for p in summary["images"][0]["top5"]]
+    assert list(extras["contrast_classes"]) == top5[1:3]
+    np.testing.assert_array_equal(np.load(tmp_path / "cup.contrast-cam.npy"), extras["contrast_maps"][0])
+    assert "wrote 4 files" in out
 
 
 def test_negative_target(capsys: pytest.CaptureFixture[str], tmp_path: Path, photo: Path) -> None:
@@ -197,6 +214,8 @@ def test_corrupt_model(capsys: pytest.CaptureFixture[str], tmp_path: Path, photo
     (["--model", "absent.onnx"], "model file not found"),
     (["--provider", "CUDAExecutionProvider"], "CUDAExecutionProvider"),
     (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--method", "contrast-cam", "-O", "top_k=5000"], "top_k must be an integer in 1..999"),
+    (["--method", "gradcam", "-O", "window=8"], "method 'gradcam' takes no option(s) window"),
 ])
 def test_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path, photo: Path, argv: list[str],
                      fragment: str) -> None:

@@ -39,7 +39,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TOP_K = 5
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("explainrt.engine.cli_check_trt",)
 """Modules that add a subcommand: each has ``register(commands, parents)`` where ``parents`` maps
 "verbose" and "model" to the shared argument parsers; the subcommand sets ``run`` like the ones here."""
 
@@ -403,6 +403,7 @@ class _Result:
     saliency: np.ndarray
     overlay: np.ndarray
     record: dict[str, Any]
+    extras: dict[str, np.ndarray]
 
 
 def _sources(images: Sequence[str]) -> list[_Source]:
@@ -473,7 +474,8 @@ def _compute(explainer: Any, sources: list[_Source], method: str, target: int | 
                     "top5": [dataclasses.asdict(p) for p in top],
                     "timings": timings,
                 }
-                results.append(_Result(source, explanation.maps[index], overlays[index], record))
+                extras = {key: values[index] for key, values in explanation.extras.items()}
+                results.append(_Result(source, explanation.maps[index], overlays[index], record, extras))
             bar.update(len(chunk))
     return results
 
@@ -502,7 +504,12 @@ def _write_results(out: Path, results: list[_Result], header: dict[str, Any], me
         npy = out / f"{result.source.stem}.{method}.npy"
         save_png(png, result.overlay)
         _write_atomic(npy, lambda handle, saliency=result.saliency: np.save(handle, saliency))
-        records.append({**result.record, "overlay": png.name, "map": npy.name})
+        written = {"overlay": png.name, "map": npy.name}
+        if result.extras:  # method-specific arrays (contrast maps, concepts, ...)
+            npz = out / f"{result.source.stem}.{method}.extras.npz"
+            _write_atomic(npz, lambda handle, extras=result.extras: np.savez_compressed(handle, **extras))
+            written["extras"] = npz.name
+        records.append({**result.record, **written})
     summary = out / "explanations.json"
     _write_atomic(summary, (json.dumps({**header, "images": records}, indent=2) + "\n").encode())
     return summary
@@ -532,7 +539,8 @@ def _explain(args: argparse.Namespace) -> int:
               f"{_label(record['target']['label'])}-> {result.source.stem}.{method}.png")
         for rank, prediction in enumerate(record["top5"], start=1):
             print(f"  {rank}. {prediction['probability']:6.1%}  {prediction['index']:>5}  {prediction['label'] or ''}")
-    print(f"wrote {2 * len(results) + 1} files to {args.out} (summary: {summary})")
+    count = sum(3 if result.extras else 2 for result in results) + 1
+    print(f"wrote {count} files to {args.out} (summary: {summary})")
     return 0
 
 
