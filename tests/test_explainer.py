@@ -217,6 +217,12 @@ def test_non_finite_pixels(small_explainer, small_batch, bad: float) -> None:  #
         small_explainer.explain(images)
 
 
+def test_huge_finite_pixels_are_not_mistaken_for_inf(small_explainer, small_batch) -> None:  # noqa: ANN001
+    images = small_batch.copy()
+    images[:, :, :4] = 3e38  # finite, but their float32 sum overflows
+    assert small_explainer.explain(images).maps.shape == (3, 64, 64)
+
+
 @pytest.mark.parametrize("target", [SMALL_CLASSES, 10_000, -SMALL_CLASSES - 1])
 def test_class_index_out_of_range(small_explainer, small_batch, target: int) -> None:  # noqa: ANN001
     with pytest.raises(InvalidInputError, match=rf"target class {target} is out of range.*{SMALL_CLASSES} classes"):

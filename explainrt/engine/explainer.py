@@ -190,7 +190,9 @@ class Explainer:
         for axis, (got, want) in enumerate(zip(batch.shape[1:], expected), start=1):
             if isinstance(want, int) and want > 0 and got != want:
                 raise InvalidInputError(f"images have shape {batch.shape}; the model expects [N, {', '.join(map(str, expected))}] (axis {axis})")
-        if not np.isfinite(batch.sum(dtype=np.float64)):  # one pass, no mask: NaN/inf propagate
+        # one vectorised pass, no mask: NaN/inf propagate into the sum; a float32 overflow of huge
+        # but finite pixels is told apart by the exact check that follows only then
+        if not np.isfinite(batch.sum()) and not np.isfinite(batch).all():
             bad = int(np.argwhere(~np.isfinite(batch))[0][0])
             raise InvalidInputError(f"images contain NaN or inf values (image {bad})")
         return np.ascontiguousarray(batch)
