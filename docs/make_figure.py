@@ -11,6 +11,7 @@ shipped EfficientNet-Lite0), so the figure is reproducible on any machine.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,9 @@ def panels(explainer: Explainer, image: np.ndarray) -> list[tuple[str, np.ndarra
     first, second = _short(labels[top[0]]), _short(labels[top[1]])
     shown = [(f"input: {first}", crop), (f"Grad-CAM: why {first}", grad.overlays()[0])]
     runs = [
-        ("counterfactual-cam", {}, f"Counterfactual-CAM: what if absent"),
+        ("counterfactual-cam", {}, f"Counterfactual-CAM: regions whose absence would raise {first}"),
         ("contrast-cam", {}, f"Contrast-CAM: {first} rather than {second}"),
-        ("galore-deliberative", {}, f"Galore: {first} vs {second} insecurity"),
+        ("galore-deliberative", {}, f"Galore deliberative: where {first} vs {second} is uncertain"),
         ("dff", {"n_concepts": 4}, "DFF: 4 concepts"),
         ("integrated-gradients", {"steps": 32}, "Integrated Gradients"),
         ("fgvis", {"game": "delete"}, "FGVis deletion mask"),
@@ -60,7 +61,7 @@ def compose(shown: list[tuple[str, np.ndarray]], columns: int = 4) -> np.ndarray
     draw = ImageDraw.Draw(sheet)
     for index, (caption, rgb) in enumerate(shown):
         x, y = (index % columns) * PANEL, (index // columns) * (PANEL + CAPTION)
-        draw.text((x + 4, y + 4), caption[:38], fill="black")
+        draw.multiline_text((x + 4, y + 3), "\n".join(textwrap.wrap(caption, 36)[:2]), fill="black", spacing=2)
         sheet.paste(Image.fromarray(rgb).resize((PANEL, PANEL)), (x, y + CAPTION))
     return np.asarray(sheet)
 

@@ -47,3 +47,23 @@ class UnknownMethodError(InvalidInputError):
 
 class ExplanationCancelled(ExplainrtError):
     """A long explanation was stopped through its ``cancel`` event; nothing partial is returned."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """A request body or an image exceeds a limit the server was started with."""
+
+
+class UnknownModelError(InvalidInputError):
+    """A request names a model the server does not serve."""
+
+
+class ServerBusyError(ExplainrtError):
+    """The server's queue for a model is full; the client should retry later."""
+
+
+class UnknownMetricError(InvalidInputError):
+    """The faithfulness metric name is not one explainrt computes."""
+
+
+class BatchJobError(ExplainrtError):
+    """A dataset explanation job on Ray failed; no summary table was written."""

@@ -104,3 +104,53 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A temporary current directory."""
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+@pytest.fixture(scope="session")
+def biased_resnet():  # noqa: ANN201
+    """A random ResNet-18 (10 classes) whose batch norms have random statistics and biases, so that,
+    unlike ``small_resnet``, it is not positively homogeneous (input-gradient methods need that)."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=SMALL_CLASSES).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                for tensor, low, high in ((module.running_mean, -0.2, 0.2), (module.running_var, 0.5, 1.5),
+                                          (module.weight, 0.5, 1.5), (module.bias, -0.2, 0.2)):
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return model
+
+
+@pytest.fixture(scope="session")
+def biased_onnx(biased_resnet):  # noqa: ANN001, ANN201
+    """``biased_resnet`` as an explainable ONNX model (target layer4, 64x64 input)."""
+    import torch
+
+    from explainrt import from_torch
+
+    return from_torch(biased_resnet, torch.zeros(1, 3, *SMALL_SIZE), [biased_resnet.layer4])
+
+
+@pytest.fixture(scope="session")
+def biased_explainers(biased_onnx, biased_resnet):  # noqa: ANN001, ANN201
+    """``biased_resnet`` on ONNX Runtime and on the torch reference backend, by backend name."""
+    from explainrt import Explainer
+
+    return {"onnxruntime": Explainer(biased_onnx),
+            "torch": Explainer(biased_resnet, target_layers=[biased_resnet.layer4], backend="torch", input_size=SMALL_SIZE)}
+
+
+@pytest.fixture
+def cupy():  # noqa: ANN201
+    """The cupy module, or a visible skip where no CUDA device exists."""
+    from explainrt import kernels
+
+    if "cupy" not in kernels.available_backends():
+        pytest.skip("no CUDA device")
+    import cupy
+
+    return cupy

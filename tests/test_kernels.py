@@ -257,15 +257,6 @@ def test_cuda_source_compiles_to_ptx(entry: str, tmp_path) -> None:
     assert f".entry {entry}(" in ptx.read_text()
 
 
-@pytest.fixture
-def cupy():
-    if "cupy" not in kernels.available_backends():
-        pytest.skip("no CUDA device")
-    import cupy
-
-    return cupy
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("per_pixel", [False, True])
 @pytest.mark.parametrize("N, C, h, w, H, W", BATCH_CASES)

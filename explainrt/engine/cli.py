@@ -17,8 +17,7 @@ import logging
 import os
 import sys
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from explainrt.engine.files import write_atomic
+from explainrt.engine.methods.base import softmax
 from explainrt.errors import ExplainrtError, ImageReadError, InvalidInputError, InvalidModelError, UnknownLayerError
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TOP_K = 5
 
-COMMAND_MODULES: tuple[str, ...] = ("explainrt.engine.cli_check_trt",)
+COMMAND_MODULES: tuple[str, ...] = ("explainrt.engine.cli_check_trt", "explainrt.serve.cli", "explainrt.engine.cli_evaluate",
+                                     "explainrt.engine.cli_batch")
 """Modules that add a subcommand: each has ``register(commands, parents)`` where ``parents`` maps
-"verbose" and "model" to the shared argument parsers; the subcommand sets ``run`` like the ones here."""
+"verbose", "model" and "runtime" to the shared argument parsers; the subcommand sets ``run`` like the ones here."""
 
 
 # -- the parser ------------------------------------------------------------------------------------
@@ -70,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--labels", metavar="FILE",
                        help="class names, one per line (default: ImageNet names for 1000-class models)")
 
+    runtime = argparse.ArgumentParser(add_help=False)
+    group = runtime.add_argument_group("runtime")
+    group.add_argument("--model", metavar="M",
+                       help="an ONNX file (explainable or not), or a torchvision architecture name with --weights "
+                            "(default: the shipped EfficientNet-Lite0 with ImageNet weights)")
+    group.add_argument("--layer", action="append", metavar="LAYER", dest="layers",
+                       help="target layer: an ONNX tensor name, or a dotted module name for torch models; "
+                            "repeat for several (default: the model's own, else the last spatial layer)")
+    group.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (torch models only)")
+    group.add_argument("--provider", action="append", metavar="NAME", dest="providers",
+                       help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
+    group.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="images per runtime call")
+
     export = commands.add_parser(
         "export", parents=[verbose, model], help="write a model as an explainable ONNX model",
         description="Rewrite MODEL so that it also returns its target layers' activations and their gradients "
@@ -81,21 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target layer: an ONNX tensor name, or a dotted module name (layer4) for a torchvision "
                              "architecture; repeat for several (default: the last spatial layer)")
     export.add_argument("--logits", metavar="NAME", help="the ONNX tensor of class scores (default: the first output)")
-    export.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
-                        help="where to write the explainable model")
+    export.add_argument("-o", "--output", metavar="OUT.onnx",
+                        help="where to write the explainable model (needed unless --triton is given)")
+    triton = export.add_argument_group("Triton model repository")
+    triton.add_argument("--triton", metavar="DIR",
+                        help="also write DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx for Triton's ONNX Runtime "
+                             "backend (needs tritonclient[grpc] for the config schema)")
+    triton.add_argument("--triton-name", metavar="NAME",
+                        help="the Triton model name (default: the model's file stem or architecture name)")
+    triton.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                        help="Triton max_batch_size; 0 turns batching off (default: 16)")
+    triton.add_argument("--preferred-batch-size", type=_positive_int, action="append", metavar="N",
+                        dest="preferred_batch_sizes",
+                        help="dynamic batching's preferred batch size; repeat for several (default: N/2 and N)")
+    triton.add_argument("--max-queue-delay-us", type=int, default=5000, metavar="US",
+                        help="longest a request waits for a batch to fill, in microseconds (default: 5000)")
+    triton.add_argument("--instances", type=_positive_int, default=1, metavar="N",
+                        help="model instances (instance_group count, default: 1)")
+    triton.add_argument("--instance-kind", choices=("cpu", "gpu", "auto"), default="cpu",
+                        help="where the instances run (default: cpu)")
+    triton.add_argument("--force", action="store_true", help="replace an existing, non-empty DIR/NAME")
     export.set_defaults(run=_export)
 
     explain = commands.add_parser(
-        "explain", parents=[verbose, model], help="explain images: overlay PNGs, raw maps and a JSON summary",
+        "explain", parents=[verbose, model, runtime], help="explain images: overlay PNGs, raw maps and a JSON summary",
         description="Explain each IMAGE and write <stem>.<method>.png (overlay), <stem>.<method>.npy (map) and "
                     "explanations.json (top-5 predictions, explained class, timings) to --out. Nothing is written "
                     "unless every image is explained.")
     explain.add_argument("images", nargs="+", metavar="IMAGE",
                          help=f"image files; the word {EXAMPLES!r} stands for the example images chelsea, coffee "
                               "and astronaut")
-    explain.add_argument("--model", metavar="M",
-                         help="an ONNX file (explainable or not), or a torchvision architecture name with --weights "
-                              "(default: the shipped EfficientNet-Lite0 with ImageNet weights)")
     explain.add_argument("--method", default="gradcam", help="explanation method (see `explainrt methods`)")
     explain.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", dest="options", type=_method_option,
                          help="a method option, e.g. -O window=[16,16] -O n_masks=2000; VALUE is JSON, else a string "
@@ -105,13 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", metavar="CLASS",
                          help="class to explain: an index, -k for the k-th most likely class, or a label name "
                               "(default: the most likely class)")
-    explain.add_argument("--layer", action="append", metavar="LAYER", dest="layers",
-                         help="target layer: an ONNX tensor name, or a dotted module name for torch models; "
-                              "repeat for several (default: the model's own, else the last spatial layer)")
-    explain.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (torch models only)")
-    explain.add_argument("--provider", action="append", metavar="NAME", dest="providers",
-                         help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
-    explain.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="images per runtime call")
     explain.add_argument("--out", default="explainrt-out", metavar="DIR", help="output folder (default: explainrt-out)")
     explain.set_defaults(run=_explain)
 
@@ -124,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="explainrt-demo", metavar="DIR", help="output folder (default: explainrt-demo)")
     demo.set_defaults(run=_demo)
     for module in COMMAND_MODULES:
-        importlib.import_module(module).register(commands, {"verbose": verbose, "model": model})
+        importlib.import_module(module).register(commands, {"verbose": verbose, "model": model, "runtime": runtime})
     return parser
 
 
@@ -340,6 +363,14 @@ def _architecture(name: str) -> str:
 
 # -- export ----------------------------------------------------------------------------------------
 def _export(args: argparse.Namespace) -> int:
+    if args.output is None and args.triton is None:
+        raise InvalidInputError("export needs -o OUT.onnx, --triton DIR or both")
+    triton_settings = (args.triton_name or Path(args.model).stem, args.max_batch_size, args.preferred_batch_sizes,
+                       args.max_queue_delay_us, args.instances, args.instance_kind, args.force)
+    if args.triton is not None:
+        from explainrt.export.triton import check_triton_target
+
+        check_triton_target(args.triton, *triton_settings)  # before the (slow) export
     if _is_onnx_path(args.model):
         proto = _explainable_onnx(args)
     else:
@@ -347,11 +378,17 @@ def _export(args: argparse.Namespace) -> int:
     from explainrt.export.explainable import ExplainableSpec
 
     spec = ExplainableSpec.from_model(proto)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output, proto.SerializeToString())
-    print(f"wrote {output}: explains {spec.logits!r} ({spec.num_classes} classes) w.r.t. "
-          f"{', '.join(map(repr, spec.target_layers))}")
+    explains = f"explains {spec.logits!r} ({spec.num_classes} classes) w.r.t. {', '.join(map(repr, spec.target_layers))}"
+    if args.output is not None:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(output, proto.SerializeToString())
+        print(f"wrote {output}: {explains}")
+    if args.triton is not None:
+        from explainrt.export.triton import write_triton_repository
+
+        folder = write_triton_repository(proto, args.triton, *triton_settings)
+        print(f"wrote Triton model {folder.name!r} to {folder} (config.pbtxt, 1/model.onnx): {explains}")
     return 0
 
 
@@ -443,11 +480,6 @@ def _class_target(target: str | None, labels: Sequence[str] | None) -> int | Non
     raise InvalidInputError(f"--target {target!r} is neither a class index nor a label of the model{hint}")
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 def _compute(explainer: Any, sources: list[_Source], method: str, target: int | None, batch_size: int,
              options: dict[str, Any], normalize: bool) -> list[_Result]:
     """Explain every source, batch by batch; nothing is written here."""
@@ -464,7 +496,7 @@ def _compute(explainer: Any, sources: list[_Source], method: str, target: int | 
                                             normalize=normalize, progress=False, **options)
             overlays = explanation.overlays()
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
-            probabilities = _softmax(explanation.logits)
+            probabilities = softmax(explanation.logits)
             for index, (source, top) in enumerate(zip(chunk, explanation.top_k(TOP_K), strict=True)):
                 cls = int(explanation.targets[index])
                 record = {
@@ -480,20 +512,6 @@ def _compute(explainer: Any, sources: list[_Source], method: str, target: int | 
     return results
 
 
-def _write_atomic(path: Path, data: bytes | Callable[[Any], None]) -> None:
-    """Write `data` (bytes, or a function writing to a binary file) to a temporary file, then rename it."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            if isinstance(data, bytes):
-                handle.write(data)
-            else:
-                data(handle)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _write_results(out: Path, results: list[_Result], header: dict[str, Any], method: str) -> Path:
     from explainrt.engine.overlay import save_png
 
@@ -503,15 +521,15 @@ def _write_results(out: Path, results: list[_Result], header: dict[str, Any], me
         png = out / f"{result.source.stem}.{method}.png"
         npy = out / f"{result.source.stem}.{method}.npy"
         save_png(png, result.overlay)
-        _write_atomic(npy, lambda handle, saliency=result.saliency: np.save(handle, saliency))
+        write_atomic(npy, lambda handle, saliency=result.saliency: np.save(handle, saliency))
         written = {"overlay": png.name, "map": npy.name}
         if result.extras:  # method-specific arrays (contrast maps, concepts, ...)
             npz = out / f"{result.source.stem}.{method}.extras.npz"
-            _write_atomic(npz, lambda handle, extras=result.extras: np.savez_compressed(handle, **extras))
+            write_atomic(npz, lambda handle, extras=result.extras: np.savez_compressed(handle, **extras))
             written["extras"] = npz.name
         records.append({**result.record, **written})
     summary = out / "explanations.json"
-    _write_atomic(summary, (json.dumps({**header, "images": records}, indent=2) + "\n").encode())
+    write_atomic(summary, (json.dumps({**header, "images": records}, indent=2) + "\n").encode())
     return summary
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -24,16 +23,23 @@ import onnx
 from tqdm.auto import tqdm
 
 from explainrt import kernels
+from explainrt.engine.files import write_atomic
 from explainrt.engine.methods import Attribution, AttributionRequest, Method, get_method
 from explainrt.engine.overlay import concept_overlay, overlay
 from explainrt.engine.preprocessing import Preprocessing
-from explainrt.engine.session import OnnxRuntimeSession, Session, TorchSession
+from explainrt.engine.session import OnnxRuntimeSession, Session, TorchSession, onnxruntime_placement
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.explainable import METADATA_KEY, ExplainableSpec, load_model, make_explainable, original_model
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("device_outputs",),
+    "torch": (),
+    "tensorrt": ("precision", "profile", "cache_dir", "device_outputs"),
+}
+"""Keyword settings each backend's session takes through ``Explainer(backend_options=...)``."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ class Explanation:
         if "concept_maps" in self.extras:  # DFF: one colour per concept
             return np.stack([concept_overlay(image, concepts, alpha)
                              for image, concepts in zip(self.images, self.extras["concept_maps"])])
-        maps = self.maps if self.normalized else kernels.normalize_minmax(np.ascontiguousarray(self.maps))
+        maps = self.maps if self.normalized else kernels.normalize_minmax(self.maps)
         return np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)])
 
 
@@ -82,7 +88,10 @@ class Explainer:
     ``model``: a ``torch.nn.Module`` (exported on the fly), an ONNX path, bytes or ModelProto
     (explainable already, or made so), or None for the shipped default (EfficientNet-Lite0).
     ``target_layers``: modules (torch) or tensor names (ONNX); None picks the last spatial layer.
-    ``backend``: "onnxruntime" (``providers`` in priority order, validated) or "torch".
+    ``backend``: "onnxruntime" (``providers`` in priority order, validated), "torch" or "tensorrt".
+    ``device``: "cpu", "cuda" or "cuda:N" (onnxruntime: picks CUDAExecutionProvider and its device;
+    torch: where the module runs; tensorrt: the GPU, default "cuda"). ``backend_options``: the
+    backend's own settings (see ``BACKEND_OPTIONS``), e.g. ``{"precision": "fp16"}`` for TensorRT.
     """
 
     def __init__(
@@ -93,11 +102,20 @@ class Explainer:
         providers: Sequence[str] | None = None,
         preprocessing: Preprocessing | None = None,
         input_size: tuple[int, int] | None = None,
+        device: str | None = None,
+        backend_options: dict[str, Any] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidInputError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        if backend == "tensorrt":
-            raise BackendUnavailableError("the TensorRT backend is not available in this build (needs tensorrt and a CUDA GPU)")
+        backend_options = dict(backend_options or {})
+        unknown = sorted(set(backend_options) - set(BACKEND_OPTIONS[backend]))
+        if unknown:
+            raise InvalidInputError(f"backend_options {unknown} are not options of backend {backend!r} "
+                                    f"(it takes {list(BACKEND_OPTIONS[backend])})")
+        if backend == "tensorrt":  # fail before an export when TensorRT or the GPU is missing
+            from explainrt.engine.tensorrt_session import load_tensorrt
+
+            load_tensorrt()
         module, target_modules = None, None
         if model is None:
             from explainrt.engine.default_model import DEFAULT_PREPROCESSING, default_target_module, load_default_torch_model
@@ -114,10 +132,17 @@ class Explainer:
         if backend == "torch":
             if module is None:
                 raise BackendUnavailableError("backend='torch' needs a torch.nn.Module, not an ONNX model")
-            self.session: Session = self._torch_session(module, target_modules, preprocessing, input_size)
-        else:
+            self.session: Session = self._torch_session(module, target_modules, preprocessing, input_size,
+                                                        device or "cpu")
+        elif backend == "tensorrt":
+            from explainrt.engine.tensorrt_session import TensorRTSession
+
             proto = self._explainable(model, target_layers, preprocessing, input_size)
-            self.session = OnnxRuntimeSession(proto, providers)
+            self.session = TensorRTSession(proto, device or "cuda", **backend_options)
+        else:
+            providers, device_id = onnxruntime_placement(providers, device)
+            proto = self._explainable(model, target_layers, preprocessing, input_size)
+            self.session = OnnxRuntimeSession(proto, providers, device_id, **backend_options)
         self.spec = self.session.spec
         self.preprocessing = preprocessing or _stored_preprocessing(self.spec)
         self.backend = backend
@@ -140,7 +165,7 @@ class Explainer:
 
     @staticmethod
     def _torch_session(module: Any, target_modules: list[Any] | None, preprocessing: Preprocessing | None,
-                       input_size: tuple[int, int] | None) -> TorchSession:
+                       input_size: tuple[int, int] | None, device: str = "cpu") -> TorchSession:
         """The module with hooks on its target layers; what the spec needs comes from one probe forward pass."""
         import torch
 
@@ -152,9 +177,9 @@ class Explainer:
             raise UnknownLayerError(f"target layer {type(unknown[0]).__name__} is not a sub-module of the model")
         layer_names = tuple(names[id(m)] or type(m).__name__ for m in target_modules)
         spec = ExplainableSpec("input", "logits", 0, layer_names, preprocessing.to_json() if preprocessing else None)
-        session = TorchSession(module, target_modules, spec)
+        session = TorchSession(module, target_modules, spec, device)
         with torch.no_grad():
-            logits, activations = session._forward(_example_input(preprocessing, input_size))
+            logits, activations = session._forward(session._tensor(_example_input(preprocessing, input_size)))
         if logits.ndim != 2:
             raise InvalidModelError(f"the model must return logits [N, classes], got shape {tuple(logits.shape)}")
         for name, acts in zip(layer_names, activations):
@@ -256,7 +281,7 @@ class Explainer:
         tick = time.perf_counter()
         maps = np.concatenate([p.maps for p in parts])
         if normalize:
-            maps = kernels.normalize_minmax(np.ascontiguousarray(np.maximum(maps, 0) if chosen.signed else maps))
+            maps = kernels.normalize_minmax(np.maximum(maps, 0) if chosen.signed else maps)
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
         extras = {key: np.concatenate([p.extras[key] for p in parts]) for key in parts[0].extras}
@@ -353,7 +378,5 @@ def default_explainable_model() -> onnx.ModelProto:
     proto = from_torch(module, _example_input(DEFAULT_PREPROCESSING, None), [default_target_module(module)],
                        preprocessing=DEFAULT_PREPROCESSING.to_json())
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(proto.SerializeToString())
-    os.replace(handle.name, path)
+    write_atomic(path, proto.SerializeToString())
     return proto

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
-import uuid
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from explainrt.engine.files import write_atomic
 from explainrt.errors import InvalidInputError
 
 _COLORMAP_FILES = {"jet": "jet_colormap.txt"}
@@ -98,15 +98,7 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     complete, so an interrupted or failed run never leaves a truncated PNG behind.
     """
     _check_rgb(rgb, "PNG image")
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            Image.fromarray(rgb).save(file, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda file: Image.fromarray(rgb).save(file, format="PNG"))
 
 
 def _check_rgb(array: np.ndarray, what: str) -> None:

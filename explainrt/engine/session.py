@@ -8,8 +8,10 @@
 - ``head(layer, activations, images)``: logits with the target layer's activations replaced
   (ablation), re-running only what comes after the layer where the backend allows.
 
-Backends: ``onnxruntime`` (any execution providers, validated up front, never a silent fallback)
-and ``torch`` (the reference: hooks and autograd on the original module).
+Backends: ``onnxruntime`` (any execution providers, validated up front, never a silent fallback;
+with CUDAExecutionProvider first, inputs and outputs are bound on the device by IO binding),
+``torch`` (the reference: hooks and autograd on the original module, on the CPU or a CUDA device)
+and ``tensorrt`` (``explainrt.engine.tensorrt_session``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -25,6 +27,7 @@ import onnx
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.explainable import (
     OBJECTIVES,
+    REFERENCE_PREFIX,
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
     ExplainableSpec,
@@ -32,10 +35,14 @@ from explainrt.export.explainable import (
     gradients_output,
     make_explainable,
     original_model,
+    reference_input,
+    relu_output,
 )
 from explainrt.export.gradients import ancestors
 
 log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ class Session(Protocol):
 
     def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult: ...
 
+    def defended_input_gradients(self, images: np.ndarray, targets: np.ndarray, references: list[np.ndarray] | None = None,
+                                 objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]: ...
+
     def logits(self, images: np.ndarray) -> np.ndarray: ...
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray: ...
@@ -68,11 +78,20 @@ class OnnxRuntimeSession:
     a logit) or with the model input as the target (input gradients); each is built on first use.
     """
 
-    def __init__(self, model: onnx.ModelProto, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, providers: Sequence[str] | None = None, device_id: int = 0,
+                 device_outputs: bool = False) -> None:
+        """``device_id``: the CUDA device of CUDAExecutionProvider. ``device_outputs=True`` (CUDA only)
+        returns CuPy arrays that share ONNX Runtime's output buffers (DLPack) instead of host arrays."""
         import onnxruntime as ort
 
         self.spec = ExplainableSpec.from_model(model)
         self.providers = _validated_providers(ort, providers)
+        self.device_id = int(device_id)
+        self.on_cuda = self.providers[0] == CUDA_PROVIDER
+        self.io_device = "cuda"  # where IO binding places buffers (the tests bind host memory through it)
+        if device_outputs and not self.on_cuda:
+            raise InvalidInputError(f"device_outputs=True needs {CUDA_PROVIDER} first in providers, got {self.providers}")
+        self.device_outputs = bool(device_outputs)
         self._model = model
         self._ort = ort
         self._main = self._session(model)
@@ -81,12 +100,15 @@ class OnnxRuntimeSession:
         self._variants: dict[tuple[str, bool], tuple[object, list[str]]] = {
             (self.spec.objective, False): (self._main, _outputs(self.spec.logits, len(self.spec.target_layers)))}
         self.input_shape = tuple(_input_dims(model, self.spec.image_input))
+        self._defended: dict[str, tuple[object, list[str], list[list[int | str | None]]]] = {}
 
     def _session(self, model: onnx.ModelProto) -> object:
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
         try:
-            session = self._ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+            provider_options = [{"device_id": str(self.device_id)} if p == CUDA_PROVIDER else {} for p in self.providers]
+            session = self._ort.InferenceSession(model.SerializeToString(), options, providers=self.providers,
+                                                 provider_options=provider_options)
         except Exception as error:  # onnxruntime raises its own untyped exceptions
             raise InvalidModelError(f"onnxruntime cannot load the model: {error}") from error
         active = session.get_providers()
@@ -108,13 +130,64 @@ class OnnxRuntimeSession:
             variant = make_explainable(original_model(self._model), layers, logits=self.spec.logits, objective=objective)
             self._variants[key] = (self._session(variant), _outputs(self.spec.logits, len(layers)))
         session, outputs = self._variants[key]
-        values = session.run(outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})  # type: ignore[attr-defined]
+        values = self._run(session, outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})
         return RunResult(values[0], values[1], values[2::2], values[3::2])
+
+    def _run(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
+        """One runtime call. On CUDA, through IO binding: CUDA arrays (CuPy, torch) are bound in
+        place, host arrays copied once, outputs allocated on the device; they come back as CuPy
+        arrays (DLPack, no copy) with ``device_outputs``, else copied to the host."""
+        if not self.on_cuda:
+            return session.run(outputs, feeds)  # type: ignore[attr-defined]
+        binding = session.io_binding()  # type: ignore[attr-defined]
+        for name, value in feeds.items():
+            if hasattr(value, "__cuda_array_interface__"):
+                interface = value.__cuda_array_interface__
+                if interface.get("strides") is not None and not _is_contiguous(value):
+                    raise InvalidInputError(f"the CUDA array for {name!r} must be C-contiguous")
+                binding.bind_input(name, self.io_device, self.device_id, np.dtype(interface["typestr"]),
+                                   tuple(interface["shape"]), interface["data"][0])
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in outputs:
+            binding.bind_output(name, self.io_device, self.device_id)
+        session.run_with_iobinding(binding)  # type: ignore[attr-defined]
+        values = binding.get_outputs()
+        if self.device_outputs:
+            from explainrt.kernels._cupy import load_cupy
+
+            cupy = load_cupy()
+            return [cupy.from_dlpack(value) for value in values]
+        return [value.numpy() for value in values]
+
+    def defended_input_gradients(self, images: np.ndarray, targets: np.ndarray, references: list[np.ndarray] | None = None,
+                                 objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:
+        """Input gradients with FGVis's defence: a Relu passes the gradient only where
+        0 < activation <= reference, its activation on the unperturbed image (``references``, as an
+        earlier call on the unperturbed images returned them; None: no upper bound). Returns the
+        result and these images' Relu activations (the references for their perturbations)."""
+        if objective not in self._defended:
+            log.info("building the defended input-gradient variant of the model (objective %s)", objective)
+            variant = make_explainable(original_model(self._model), [self.spec.image_input], logits=self.spec.logits,
+                                       objective=objective, defended_relus=True)
+            shapes = [_input_dims(variant, reference_input(k))
+                      for k in range(sum(v.name.startswith(REFERENCE_PREFIX) for v in variant.graph.input))]
+            outputs = _outputs(self.spec.logits, 1) + [relu_output(k) for k in range(len(shapes))]
+            self._defended[objective] = (self._session(variant), outputs, shapes)
+        session, outputs, shapes = self._defended[objective]
+        if references is None:
+            references = [np.full([images.shape[0], *_static(shape[1:])], np.inf, dtype=images.dtype) for shape in shapes]
+        elif len(references) != len(shapes):
+            raise InvalidInputError(f"the model has {len(shapes)} defended Relus; got {len(references)} references")
+        feeds = {self.spec.image_input: images, TARGETS_INPUT: targets,
+                 **{reference_input(k): reference for k, reference in enumerate(references)}}
+        values = self._run(session, outputs, feeds)
+        return RunResult(values[0], values[1], [values[2]], [values[3]]), list(values[4:])
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         if self._plain is None:
             self._plain = self._session(original_model(self._model))
-        return self._plain.run([self.spec.logits], {self.spec.image_input: images})[0]  # type: ignore[attr-defined]
+        return self._run(self._plain, [self.spec.logits], {self.spec.image_input: images})[0]
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         if layer not in self._heads:
@@ -124,7 +197,7 @@ class OnnxRuntimeSession:
         feeds = {self.spec.target_layers[layer]: activations}
         if reads_image:
             feeds[self.spec.image_input] = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
-        return session.run([self.spec.logits], feeds)[0]  # type: ignore[attr-defined]
+        return self._run(session, [self.spec.logits], feeds)[0]
 
 
 def _outputs(logits: str, layers: int) -> list[str]:
@@ -146,9 +219,46 @@ def _validated_providers(ort: object, providers: Sequence[str] | None) -> list[s
     return wanted
 
 
+def _is_contiguous(array: Any) -> bool:
+    return bool(getattr(array, "flags", None) is not None and array.flags.c_contiguous) or (
+        hasattr(array, "is_contiguous") and array.is_contiguous())
+
+
+def onnxruntime_placement(providers: Sequence[str] | None, device: str | None) -> tuple[list[str] | None, int]:
+    """Providers and CUDA device id for ONNX Runtime from ``providers`` and ``device``.
+
+    ``device="cuda[:N]"`` with no providers means CUDAExecutionProvider (CPU for the operators
+    it lacks); a device that contradicts the first provider is an error, never a silent switch.
+    """
+    if device is None:
+        return (list(providers) if providers else None), 0
+    kind, index = parse_device(device)
+    if providers:
+        if (providers[0] == CUDA_PROVIDER) != (kind == "cuda"):
+            raise InvalidInputError(f"device {device!r} contradicts the first provider {providers[0]!r}")
+        return list(providers), index
+    return ([CUDA_PROVIDER, "CPUExecutionProvider"] if kind == "cuda" else ["CPUExecutionProvider"]), index
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as (kind, index); anything else is an InvalidInputError."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 def _input_dims(model: onnx.ModelProto, name: str) -> list[int | str | None]:
     value = next(v for v in model.graph.input if v.name == name)
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
+
+
+def _static(dims: Sequence[int | str | None]) -> list[int]:
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        raise InvalidModelError(f"defended gradients need Relu activations of a static size, got {list(dims)}")
+    return list(dims)  # type: ignore[arg-type]
 
 
 def _head_model(model: onnx.ModelProto, spec: ExplainableSpec, layer: int) -> tuple[onnx.ModelProto, bool]:
@@ -167,17 +277,23 @@ def _head_model(model: onnx.ModelProto, spec: ExplainableSpec, layer: int) -> tu
 class TorchSession:
     """The reference backend: the original PyTorch module with hooks and autograd."""
 
-    def __init__(self, module: object, target_modules: Sequence[object], spec: ExplainableSpec) -> None:
+    def __init__(self, module: object, target_modules: Sequence[object], spec: ExplainableSpec,
+                 device: str = "cpu") -> None:
+        """``device``: "cpu", "cuda" or "cuda:N"; the module is moved there (``module.to``, in place)."""
         import torch
 
         self._torch = torch
-        self.module = module.eval()  # type: ignore[attr-defined]
+        kind, index = parse_device(device)
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(f"backend 'torch' on {device!r} needs a PyTorch build with CUDA and a CUDA "
+                                          "device; torch.cuda.is_available() is False here")
+        self.device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+        self.module = module.eval().to(self.device)  # type: ignore[attr-defined]
         self.targets = list(target_modules)
         self.spec = spec
         self.input_shape = ("N", None, None, None)
 
     def _forward(self, images: object, replace: dict[int, object] | None = None) -> tuple[object, list[object]]:
-        torch = self._torch
         captured: dict[int, object] = {}
 
         def hook(index: int):  # noqa: ANN202
@@ -209,26 +325,73 @@ class TorchSession:
         if objective not in OBJECTIVES:
             raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
         with torch.enable_grad():
-            inputs = torch.from_numpy(np.ascontiguousarray(images)).requires_grad_(of_input)
+            inputs = self._tensor(images).requires_grad_(of_input)
             logits, acts = self._forward(inputs)
             wrt = [inputs] if of_input else acts
             order = torch.argsort(logits.detach(), dim=1, descending=True)
-            requested = torch.from_numpy(targets)
+            requested = self._tensor(targets)
             by_rank = torch.gather(order, 1, (-requested - 1).clamp(min=0))
             resolved = torch.where(requested < 0, by_rank, requested)
-            rows = torch.arange(logits.shape[0])
+            rows = torch.arange(logits.shape[0], device=self.device)
             scores = logits if objective == "logit" else -torch.log_softmax(logits, dim=1)
             per_seed = [torch.autograd.grad(scores[rows, resolved[:, k]].sum(), wrt, retain_graph=True)
                         for k in range(resolved.shape[1])]
-        gradients = [np.stack([g[i].numpy() for g in per_seed], axis=1) for i in range(len(wrt))]
-        return RunResult(logits.detach().numpy(), resolved.numpy(), [w.detach().numpy() for w in wrt], gradients)
+        gradients = [torch.stack([g[i] for g in per_seed], dim=1).cpu().numpy() for i in range(len(wrt))]
+        return RunResult(logits.detach().cpu().numpy(), resolved.cpu().numpy(), [w.detach().cpu().numpy() for w in wrt],
+                         gradients)
+
+    def _tensor(self, array: Any) -> Any:
+        """A tensor on the session's device: host arrays copied once, CUDA arrays shared by DLPack."""
+        torch = self._torch
+        if isinstance(array, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return (array if isinstance(array, torch.Tensor) else torch.from_dlpack(array)).to(self.device)
+
+    def defended_input_gradients(self, images: np.ndarray, targets: np.ndarray, references: list[np.ndarray] | None = None,
+                                 objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:
+        """As ``OnnxRuntimeSession.defended_input_gradients``; every relu the forward calls
+        (``nn.ReLU``, ``F.relu``, ``torch.relu``; ReLU6 and hardtanh from 0) is defended, in call order."""
+        torch = self._torch
+        functional = torch.nn.functional
+        relus = {torch.relu, torch.relu_, functional.relu, torch.Tensor.relu, torch.Tensor.relu_, functional.relu6}
+        recorded: list[np.ndarray] = []
+        session = self
+
+        def activation(func, args, kwargs):  # noqa: ANN001, ANN202
+            """The relu's output, out of place even for inplace=True (the graph must keep it); None if not a relu."""
+            if func in relus:
+                return torch.clamp(args[0], 0.0, 6.0) if func is functional.relu6 else torch.relu(args[0])
+            if func is functional.hardtanh:
+                bounds = {"min_val": -1.0, "max_val": 1.0, **dict(zip(("min_val", "max_val"), args[1:3])), **kwargs}
+                if bounds["min_val"] == 0:
+                    return functional.hardtanh(args[0], 0.0, bounds["max_val"])
+            return None
+
+        class DefendedRelus(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+                out = activation(func, args, kwargs or {})
+                if out is None:
+                    return func(*args, **(kwargs or {}))
+                recorded.append(out.detach().cpu().numpy().copy())
+                if references is not None and out.requires_grad:
+                    if len(recorded) > len(references):
+                        raise InvalidInputError(f"the forward calls more relus than the {len(references)} references given")
+                    passes = out.detach() <= session._tensor(references[len(recorded) - 1])
+                    out.register_hook(lambda grad: grad * passes)
+                return out
+
+        with DefendedRelus():
+            result = self._differentiate(images, targets, objective, of_input=True)
+        if references is not None and len(references) != len(recorded):
+            raise InvalidInputError(f"the forward calls {len(recorded)} relus; got {len(references)} references")
+        return result, recorded
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         with self._torch.no_grad():
-            return self.module(self._torch.from_numpy(np.ascontiguousarray(images))).numpy()  # type: ignore[operator]
+            return self.module(self._tensor(images)).cpu().numpy()  # type: ignore[operator]
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         repeated = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
         with self._torch.no_grad():
-            logits, _ = self._forward(self._torch.from_numpy(repeated), {layer: self._torch.from_numpy(activations)})
-        return logits.numpy()  # type: ignore[attr-defined]
+            logits, _ = self._forward(self._tensor(repeated), {layer: self._tensor(activations)})
+        return logits.cpu().numpy()  # type: ignore[attr-defined]

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from onnx import TensorProto, version_converter
 
 from explainrt.errors import InvalidInputError, InvalidModelError, NoSpatialLayerError, UnknownLayerError
 from explainrt.export.builder import TensorInfo, opset_version
-from explainrt.export.gradients import GradientBuilder, ancestors, append_gradients
+from explainrt.export.gradients import GradientBuilder, Node, ancestors, append_gradients
+from explainrt.export.vjp_rules import RULES
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,20 @@ def activations_output(index: int) -> str:
 
 def gradients_output(index: int) -> str:
     return f"explainrt.gradients.{index}"
+
+
+REFERENCE_PREFIX = "explainrt.reference."
+RELU_OUTPUT_PREFIX = "explainrt.relu."
+
+
+def reference_input(index: int) -> str:
+    """Input of a defended model: the k-th defended Relu's activations on the unperturbed image."""
+    return f"{REFERENCE_PREFIX}{index}"
+
+
+def relu_output(index: int) -> str:
+    """Output of a defended model: the k-th defended Relu's activations, to feed back as references."""
+    return f"{RELU_OUTPUT_PREFIX}{index}"
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,7 @@ def make_explainable(
     logits: str | None = None,
     preprocessing: str | None = None,
     objective: str = "logit",
+    defended_relus: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` that also outputs target-layer activations and gradients.
 
@@ -118,6 +135,11 @@ def make_explainable(
     ``preprocessing`` is a Preprocessing JSON stored for the CLI and servers. ``objective``
     (see ``OBJECTIVES``) is the function of the logits whose gradient each target asks for; a
     loss is nonlinear in the logits, so its cotangent (softmax - one-hot) is formed in the graph.
+    ``defended_relus`` (FGVis's defence against adversarial evidence): every Relu (and ReLU6,
+    a Clip from 0) the gradient crosses passes it only where 0 < out <= reference, the reference
+    being its activations on the unperturbed image, fed as input ``explainrt.reference.<k>``; the
+    model also outputs those activations as ``explainrt.relu.<k>`` (k counts from the logits
+    back), so a first run on the unperturbed image (references +inf) yields the references.
     """
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
@@ -133,7 +155,8 @@ def make_explainable(
     resolved = _resolve_targets(builder, logits_name, requested)
     of, seed = _seed(builder, logits_name, resolved) if objective == "logit" else (
         logits_name, _cross_entropy_seed(builder, logits_name, resolved))
-    gradients = append_gradients(builder, targets, of, seed)
+    defended = _defended_relu_rules(builder) if defended_relus else None
+    gradients = append_gradients(builder, targets, of, seed, defended)
 
     builder.scope = "explainrt/outputs"
     builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
@@ -283,6 +306,33 @@ def _cross_entropy_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
     """Cotangent of -log softmax(y)_t: softmax(y) - one_hot(t), [K, N, classes]."""
     softmax = b.op("Softmax", [logits], axis=-1, like=logits)
     return b.op("Sub", [softmax, _one_hot_seed(b, logits, resolved)], name="explainrt/grad/seed/cross_entropy", like=logits)
+
+
+def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[str | None]]]:
+    """Relu (and ReLU6: Clip from 0) rules that also need out <= reference to pass the gradient,
+    adding each one's reference input and activation output as the reverse pass reaches it
+    (Wagner et al., CVPR 2019, Sec. 3.3: the explanation may not raise an activation above the image's)."""
+    count = itertools.count()
+
+    def bounded(n: Node, g: str) -> str:
+        out, index = n.outputs[0], next(count)
+        info = b.info(out)
+        shape = ["N", *info.shape[1:]] if info.shape else ["N", "C", "h", "w"]
+        reference = b.add_input(reference_input(index), info.elem_type, shape)
+        b.add_output(relu_output(index), out, info.elem_type, shape)
+        return b.op("Where", [b.op("LessOrEqual", [out, reference]), g, b.scalar_like(0.0, out)], like=g)
+
+    def relu(b: GradientBuilder, n: Node, g: Sequence[str | None]) -> Sequence[str | None]:
+        return (bounded(n, RULES["Relu"](b, n, g)[0]),)
+
+    def clip(b: GradientBuilder, n: Node, g: Sequence[str | None]) -> Sequence[str | None]:
+        standard = RULES["Clip"](b, n, g)
+        low = b.constant_value(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] else None
+        if low is None or low.size != 1 or float(low) != 0.0:
+            return standard
+        return (bounded(n, standard[0]), *standard[1:])
+
+    return {"Relu": relu, "Clip": clip}
 
 
 def _prune_added_nodes(model: onnx.ModelProto) -> None:

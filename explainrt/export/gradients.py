@@ -12,7 +12,7 @@ cost one graph, not K.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -138,11 +138,13 @@ def _maybe_float(builder: GraphBuilder, name: str) -> bool:
     return info is None or info.is_float
 
 
-def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed: str) -> dict[str, str]:
+def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed: str,
+                     rules: Mapping[str, Callable[..., Sequence[str | None]]] | None = None) -> dict[str, str]:
     """Append the graph of ``seed``'s vector-Jacobian products with respect to each ``wrt``.
 
     ``seed`` has shape ``[K, *shape(of)]``; the returned tensor for ``x`` in ``wrt`` has shape
     ``[K, *shape(x)]``: its k-th slice is the gradient of ``sum(seed[k] * of)`` w.r.t. ``x``.
+    ``rules`` replace the standard rules of the operators they name (e.g. FGVis's defended Relu).
     """
     from explainrt.export.vjp_rules import RULES  # rules import this module's builder
 
@@ -163,7 +165,7 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
             continue
         if node.proto.domain not in ("", "ai.onnx"):
             raise node.unsupported(f"custom domain {node.proto.domain!r}")
-        rule = RULES.get(node.op_type)
+        rule = (rules or {}).get(node.op_type) or RULES.get(node.op_type)
         if rule is None:
             raise node.unsupported("add a VJP rule to explainrt.export.vjp_rules")
         builder.scope = f"explainrt/grad/{node.name}"

@@ -1,5 +1,8 @@
 """CuPy kernels: the NumPy reference's semantics on a CUDA device; results stay on the device.
 
+Perturbation kernels (apply masks, RISE and occlusion masks) are CUDA too; segment masks use
+CuPy's indexing and score accumulation cuBLAS (float32 sgemm).
+
 CuPy is imported only when a function runs, so this module (and its CUDA sources, which the
 tests compile with nvcc) loads on machines without it. Inputs arrive validated as contiguous
 float32 CuPy arrays from `explainrt.kernels`. Resize tables come from the NumPy reference and
@@ -74,9 +77,117 @@ extern "C" __global__ void resize_bilinear_f32(
 }
 """
 
+# --- perturbation masks ---------------------------------------------------------------------------
+
+# image * m + baseline * (1 - m), one thread per output element of [B, C, H, W]; explicit
+# rounding (no FMA) so the float32 result equals NumPy's.
+APPLY_MASKS_SOURCE = r"""
+extern "C" __global__ void apply_masks_f32(
+    const float* image, const float* masks, const float* baseline, float* out,
+    long long batch, long long channels, long long plane, long long per_channel, long long one_value)
+{
+    const long long total = batch * channels * plane;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long p = i % plane, c = (i / plane) % channels, b = i / (plane * channels);
+        const float m = masks[per_channel ? i : b * plane + p];
+        const float base = baseline[one_value ? 0 : c * plane + p];
+        out[i] = __fadd_rn(__fmul_rn(image[c * plane + p], m), __fmul_rn(base, __fsub_rn(1.f, m)));
+    }
+}
+"""
+
+# Counter-based RISE masks, one thread per output pixel: the four grid cells it blends and the
+# mask's shift are SplitMix64 draws (see _numpy.counter_uniform); double arithmetic with
+# explicit rounding, rounded to float32 once, so the masks equal NumPy's and C++'s bit for bit.
+RISE_MASKS_SOURCE = r"""
+__device__ unsigned long long splitmix64(unsigned long long x) {
+    unsigned long long z = x + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__device__ double counter_uniform(unsigned long long seed, unsigned long long index,
+                                  unsigned long long slot) {
+    const unsigned long long key = splitmix64(seed ^ splitmix64(index));
+    return __dmul_rn((double)(splitmix64(key + slot) >> 11), 1.1102230246251565e-16);  // 2^-53
+}
+
+__device__ long long mirror(long long i, long long n) {
+    if (n == 1) return 0;
+    i = i < 0 ? -i : i;
+    return i > n - 1 ? 2 * (n - 1) - i : i;
+}
+
+__device__ double rise_tap(double pos, long long grid, long long cell, long long* lo, long long* hi) {
+    const double up = (double)((grid + 1) * cell);
+    const double src = __dadd_rn(__ddiv_rn(__dmul_rn(__dadd_rn(pos, 0.5), (double)grid), up), -0.5);
+    const double low = floor(src);
+    *lo = mirror((long long)low, grid);
+    *hi = mirror((long long)low + 1, grid);
+    return __dadd_rn(src, -low);
+}
+
+__device__ double cell(unsigned long long seed, unsigned long long index, long long k, double p) {
+    return counter_uniform(seed, index, (unsigned long long)k) < p ? 1.0 : 0.0;
+}
+
+extern "C" __global__ void rise_masks_f32(
+    float* out, unsigned long long seed, long long first, long long count, long long grid,
+    double p, long long out_h, long long out_w)
+{
+    const long long cell_h = (out_h + grid - 1) / grid, cell_w = (out_w + grid - 1) / grid;
+    const long long cells = grid * grid, plane = out_h * out_w, total = count * plane;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long j = i / plane, y = (i % plane) / out_w, x = i % out_w;
+        const unsigned long long index = (unsigned long long)(first + j);
+        const double dy = floor(__dmul_rn(counter_uniform(seed, index, cells), (double)cell_h));
+        const double dx = floor(__dmul_rn(counter_uniform(seed, index, cells + 1), (double)cell_w));
+        long long r_lo, r_hi, c_lo, c_hi;
+        const double fy = rise_tap(__dadd_rn((double)y, dy), grid, cell_h, &r_lo, &r_hi);
+        const double fx = rise_tap(__dadd_rn((double)x, dx), grid, cell_w, &c_lo, &c_hi);
+        const double wy = __dadd_rn(1.0, -fy), wx = __dadd_rn(1.0, -fx);
+        const double top = __dadd_rn(__dmul_rn(cell(seed, index, r_lo * grid + c_lo, p), wx),
+                                     __dmul_rn(cell(seed, index, r_lo * grid + c_hi, p), fx));
+        const double bottom = __dadd_rn(__dmul_rn(cell(seed, index, r_hi * grid + c_lo, p), wx),
+                                        __dmul_rn(cell(seed, index, r_hi * grid + c_hi, p), fx));
+        out[i] = (float)__dadd_rn(__dmul_rn(top, wy), __dmul_rn(bottom, fy));
+    }
+}
+"""
+
+# Keep masks of Captum's occlusion windows: 0 where (c, y, x) lies in window first + j.
+OCCLUSION_MASKS_SOURCE = r"""
+extern "C" __global__ void occlusion_masks_f32(
+    float* out, long long first, long long count, long long channels, long long height,
+    long long width, long long win_c, long long win_h, long long win_w, long long step_c,
+    long long step_h, long long step_w, long long pos_h, long long pos_w)
+{
+    const long long volume = channels * height * width, total = count * volume;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long k = first + i / volume, e = i % volume;
+        const long long c = e / (height * width), y = (e / width) % height, x = e % width;
+        const long long c0 = k / (pos_h * pos_w) * step_c, y0 = k / pos_w % pos_h * step_h;
+        const long long x0 = k % pos_w * step_w;
+        const bool inside = c >= c0 && c < c0 + win_c && y >= y0 && y < y0 + win_h &&
+                            x >= x0 && x < x0 + win_w;
+        out[i] = inside ? 0.f : 1.f;
+    }
+}
+"""
+
+PERTURBATION_KERNELS = ("apply_masks_f32", "rise_masks_f32", "occlusion_masks_f32")
+"""Entry points of the perturbation kernels (segments use CuPy indexing, accumulation cuBLAS)."""
+
 KERNEL_SOURCES: dict[str, str] = {
     "weighted_relu_f32": WEIGHTED_RELU_SOURCE,
     "resize_bilinear_f32": RESIZE_SOURCE,
+    "apply_masks_f32": APPLY_MASKS_SOURCE,
+    "rise_masks_f32": RISE_MASKS_SOURCE,
+    "occlusion_masks_f32": OCCLUSION_MASKS_SOURCE,
 }
 """Entry point name -> CUDA source defining it as `extern "C" __global__`."""
 
@@ -172,3 +283,47 @@ def channel_masks(activations: Any, out_h: int, out_w: int) -> Any:
         planes = activations.reshape(n * c, h, w)
         upsampled = _resize(planes, align_corners_axis(h, out_h), align_corners_axis(w, out_w))
         return minmax_normalize(upsampled.reshape(n, c, out_h, out_w), MASK_EPS)
+
+
+def apply_masks(image: Any, masks: Any, baseline: Any) -> Any:
+    """image * m + baseline * (1 - m) per mask: [B, C, H, W]."""
+    cupy = load_cupy()
+    channels, height, width = image.shape
+    with image.device:
+        out = cupy.empty((masks.shape[0], channels, height, width), dtype=cupy.float32)
+        sizes = (masks.shape[0], channels, height * width, masks.ndim == 4, baseline.size == 1)
+        _launch("apply_masks_f32", out.size, (image, masks, baseline, out, *map(np.int64, sizes)))
+        return out
+
+
+def segment_masks(segments: Any, on_off: Any) -> Any:
+    """[B, H, W]: each pixel takes its segment's value in on_off [B, S]."""
+    with on_off.device:
+        return on_off[:, segments]
+
+
+def accumulate_scores(scores: Any, masks: Any) -> Any:
+    """sum_b scores[b, t] * masks[b] -> [T, H, W] as one cuBLAS sgemm."""
+    batch, height, width = masks.shape
+    with masks.device:
+        return (scores.T @ masks.reshape(batch, height * width)).reshape(-1, height, width)
+
+
+def rise_masks(seed: int, first: int, count: int, grid: int, p: float, out_h: int, out_w: int) -> Any:
+    """Counter-based RISE masks [count, H, W] on the current device (equal to NumPy's)."""
+    cupy = load_cupy()
+    out = cupy.empty((count, out_h, out_w), dtype=cupy.float32)
+    sizes = (first, count, grid)
+    _launch("rise_masks_f32", out.size, (out, np.uint64(seed), *map(np.int64, sizes), np.float64(p),
+                                         np.int64(out_h), np.int64(out_w)))
+    return out
+
+
+def occlusion_masks(shape: tuple[int, int, int], window: tuple[int, int, int], stride: tuple[int, int, int],
+                    positions: tuple[int, int, int], first: int, count: int) -> Any:
+    """Keep masks [count, C, H, W] of Captum's occlusion windows on the current device."""
+    cupy = load_cupy()
+    out = cupy.empty((count, *shape), dtype=cupy.float32)
+    sizes = (first, count, *shape, *window, *stride, *positions[1:])
+    _launch("occlusion_masks_f32", out.size, (out, *map(np.int64, sizes)))
+    return out

@@ -105,3 +105,120 @@ def channel_masks(activations: np.ndarray, out_h: int, out_w: int) -> np.ndarray
     h, w = activations.shape[-2:]
     upsampled = apply_axes(activations, align_corners_axis(h, out_h), align_corners_axis(w, out_w))
     return minmax_normalize(upsampled, MASK_EPS)
+
+
+# --- perturbation masks: apply, segments, accumulate, RISE, occlusion ---------------------------
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """Steele et al.'s SplitMix64 finaliser of x + golden gamma, element-wise on uint64 (wrapping)."""
+    with np.errstate(over="ignore"):  # wrapping modulo 2^64 is the point (0-d inputs would warn)
+        z = np.asarray(x, dtype=np.uint64) + _GOLDEN_GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX_1
+        z = (z ^ (z >> np.uint64(27))) * _MIX_2
+        return z ^ (z >> np.uint64(31))
+
+
+def counter_uniform(seed: int, index: np.ndarray, slot: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) doubles that depend only on (seed, index, slot): a counter-based stream.
+
+    u = top 53 bits of splitmix64(splitmix64(seed ^ splitmix64(index)) + slot) / 2^53; the C++
+    and CUDA kernels compute the same bits, so masks agree across backends.
+    """
+    index = np.asarray(index, dtype=np.uint64)
+    key = splitmix64(np.uint64(seed) ^ splitmix64(index))
+    bits = splitmix64(key + np.asarray(slot, dtype=np.uint64))
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def apply_masks(image: np.ndarray, masks: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """image * m + baseline * (1 - m) per mask: [B, C, H, W] from [C, H, W], [B, (C,) H, W] masks.
+
+    `baseline` is [1] (one value) or [C, H, W]. The float32 expression is evaluated as written
+    (Captum's ablation formula with m = 1 - its mask; image * m exactly when baseline is 0).
+    """
+    m = masks[:, None] if masks.ndim == 3 else masks
+    base = baseline.reshape(()) if baseline.size == 1 else baseline
+    return image * m + base * (np.float32(1.0) - m)
+
+
+def segment_masks(segments: np.ndarray, on_off: np.ndarray) -> np.ndarray:
+    """[B, H, W]: each pixel takes its segment's value in on_off [B, S] (segments [H, W] int)."""
+    return on_off[:, segments]
+
+
+def accumulate_scores(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """sum_b scores[b, t] * masks[b] -> [T, H, W] as one float32 GEMM (BLAS sgemm)."""
+    batch, height, width = masks.shape
+    return (scores.T @ masks.reshape(batch, height * width)).reshape(-1, height, width)
+
+
+def _mirror(index: np.ndarray, size: int) -> np.ndarray:
+    """Reflect an out-of-range index about the edge pixel centres (ndimage 'mirror', skimage 'reflect')."""
+    if size == 1:
+        return np.zeros_like(index)
+    index = np.abs(index)
+    return np.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def _rise_axis(shifts: np.ndarray, grid: int, cell: int, size: int):
+    """Per-mask lo/hi cells and weights of output pixels 0..size-1 shifted by `shifts` [count]."""
+    up = (grid + 1) * cell
+    pos = np.arange(size, dtype=np.float64)[None, :] + shifts[:, None]
+    src = (pos + 0.5) * grid / up - 0.5
+    lo_f = np.floor(src)
+    frac = src - lo_f
+    lo = lo_f.astype(np.int64)
+    return _mirror(lo, grid), _mirror(lo + 1, grid), 1.0 - frac, frac
+
+
+def rise_grids(seed: int, first: int, count: int, grid: int, p: float):
+    """Binary grids [count, s, s] (cell kept iff u < p) and shifts (dy, dx) [count] of masks first.."""
+    index = np.arange(first, first + count, dtype=np.uint64)[:, None]
+    slots = np.arange(grid * grid + 2, dtype=np.uint64)[None, :]
+    u = counter_uniform(seed, index, slots)
+    cells = (u[:, : grid * grid] < p).astype(np.float64).reshape(count, grid, grid)
+    return cells, u[:, grid * grid], u[:, grid * grid + 1]
+
+
+def rise_masks(seed: int, first: int, count: int, grid: int, p: float, out_h: int,
+               out_w: int) -> np.ndarray:
+    """RISE masks first..first+count-1 [count, H, W] (Petsiuk et al. 2018, the reference code).
+
+    Grid s x s of cells kept with probability p, upsampled bilinearly (half-pixel centres,
+    mirrored edges: skimage.transform.resize(order=1, mode='reflect')) to
+    ((s+1) ceil(H/s), (s+1) ceil(W/s)), and cropped at a random shift (dy < ceil(H/s),
+    dx < ceil(W/s)). Interpolation in float64, rounded to float32 once.
+    """
+    cell_h, cell_w = -(-out_h // grid), -(-out_w // grid)
+    cells, u_y, u_x = rise_grids(seed, first, count, grid, p)
+    shift_y, shift_x = np.floor(u_y * cell_h), np.floor(u_x * cell_w)
+    row_lo, row_hi, row_wlo, row_whi = _rise_axis(shift_y, grid, cell_h, out_h)
+    col_lo, col_hi, col_wlo, col_whi = _rise_axis(shift_x, grid, cell_w, out_w)
+    across = (np.take_along_axis(cells, col_lo[:, None, :], axis=2) * col_wlo[:, None, :]
+              + np.take_along_axis(cells, col_hi[:, None, :], axis=2) * col_whi[:, None, :])  # [count, s, W]
+    masks = (np.take_along_axis(across, row_lo[:, :, None], axis=1) * row_wlo[:, :, None]
+             + np.take_along_axis(across, row_hi[:, :, None], axis=1) * row_whi[:, :, None])
+    return masks.astype(np.float32)
+
+
+def occlusion_masks(shape: tuple[int, int, int], window: tuple[int, int, int],
+                    stride: tuple[int, int, int], positions: tuple[int, int, int], first: int,
+                    count: int) -> np.ndarray:
+    """Keep masks [count, C, H, W] of windows first..first+count-1: 0 inside the window, 1 outside.
+
+    Window k sits at offset unravel(k, positions) * stride (last axis fastest) and is cropped at
+    the image edge, as Captum's Occlusion places them.
+    """
+    index = np.unravel_index(np.arange(first, first + count), positions)
+    inside = [
+        (np.arange(size)[None, :] >= (start * step)[:, None])
+        & (np.arange(size)[None, :] < (start * step + span)[:, None])
+        for size, span, step, start in zip(shape, window, stride, index)
+    ]
+    occluded = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :]
+    return (~occluded).astype(np.float32)

@@ -9,10 +9,14 @@ from __future__ import annotations
 from explainrt.engine.methods.base import Attribution, AttributionRequest, Method
 from explainrt.engine.methods.cam import CAM_METHODS, CamMethod, CamTerms, LayerContext, ablation_values, principal_projection
 from explainrt.engine.methods.dff import DFF_METHODS
+from explainrt.engine.methods.fgvis import FGVIS_METHODS
+from explainrt.engine.methods.gradients import GRADIENT_METHODS
+from explainrt.engine.methods.perturbation import PERTURBATION_METHODS
+from explainrt.engine.methods.surrogate import SURROGATE_METHODS
 from explainrt.engine.methods.targeted import TARGETED_METHODS
 from explainrt.errors import UnknownMethodError
 
-METHODS: dict[str, Method] = {m.name: m for m in (*CAM_METHODS, *TARGETED_METHODS, *DFF_METHODS)}
+METHODS: dict[str, Method] = {m.name: m for m in (*CAM_METHODS, *TARGETED_METHODS, *DFF_METHODS, *GRADIENT_METHODS, *PERTURBATION_METHODS, *SURROGATE_METHODS, *FGVIS_METHODS)}
 
 
 def get_method(name: str) -> Method:

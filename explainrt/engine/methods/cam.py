@@ -19,6 +19,7 @@ import numpy as np
 
 from explainrt import kernels
 from explainrt.engine.methods.base import Attribution, AttributionRequest, Method
+from explainrt.engine.methods.perturbation import perturbation_scores
 from explainrt.engine.session import RunResult, Session
 from explainrt.errors import InvalidInputError
 
@@ -60,8 +61,8 @@ def cam_attribution(request: AttributionRequest, result: RunResult, explained: n
         terms = weigh(LayerContext(acts, grads[:, seed], result.logits, explained, request.images, layer,
                                    request.session, request.batch_size, request.options))
         mid = time.perf_counter()
-        per_layer.append(kernels.cam_maps(np.ascontiguousarray(terms.activations, dtype=np.float32),
-                                          np.ascontiguousarray(terms.weights, dtype=np.float32), (height, width),
+        # the kernels make their inputs contiguous float32 on the arrays' own device (NumPy or CuPy)
+        per_layer.append(kernels.cam_maps(terms.activations, terms.weights, (height, width),
                                           normalize=request.normalize))
         timings["method"] += mid - tick
         timings["maps"] += time.perf_counter() - mid
@@ -150,13 +151,13 @@ def _score_cam(ctx: LayerContext) -> CamTerms:
     """Wang et al. 2020: each upsampled, normalised channel masks the input; softmax of the scores."""
     n, channels = ctx.activations.shape[:2]
     height, width = ctx.images.shape[2:]
+    request = AttributionRequest(ctx.images, ctx.targets, ctx.session, ctx.batch_size, False, ctx.options)
     scores = np.empty((n, channels), dtype=np.float32)
     for image in range(n):
-        for start in range(0, channels, ctx.batch_size):
-            stop = min(start + ctx.batch_size, channels)
-            masks = kernels.channel_masks(ctx.activations[image : image + 1, start:stop], (height, width))[0]
-            masked = ctx.images[image][None] * masks[:, None]
-            scores[image, start:stop] = ctx.session.logits(masked)[:, ctx.targets[image]]
+        batches = (kernels.channel_masks(ctx.activations[image : image + 1, start : start + ctx.batch_size],
+                                         (height, width))[0] for start in range(0, channels, ctx.batch_size))
+        scores[image] = perturbation_scores(request, image, batches, channels, ctx.targets[image : image + 1],
+                                            desc="scorecam")[:, 0]
     shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
     return CamTerms(ctx.activations, shifted / shifted.sum(axis=1, keepdims=True))
 

@@ -1,0 +1,406 @@
+"""The HTTP routes: KServe V1, the Open Inference Protocol (V2), /metrics and the web page.
+
+- V1: ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}:predict`` and
+  ``:explain`` with ``{"instances": [...], "parameters": {...}}``;
+- V2: ``POST /v2/models/{name}/infer`` (explanations as extra outputs named like the explainable
+  model's: ``explainrt.maps``, ``explainrt.resolved_targets``, ``explainrt.activations.<i>``,
+  ``explainrt.gradients.<i>``), ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{name}``;
+- ``/metrics`` (Prometheus), ``/`` (the page) and ``/api/methods`` (the registered methods).
+
+Every error is JSON ``{"error": message, "type": class}`` with a 4xx status for the client's
+mistakes (413 over a limit, 404 unknown model, 503 queue full) and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from explainrt import __version__
+from explainrt.engine.explainer import Explainer
+from explainrt.engine.methods import METHODS, get_method
+from explainrt.engine.methods.base import softmax
+from explainrt.errors import (
+    ExplainrtError,
+    ExplanationCancelled,
+    InvalidInputError,
+    RequestTooLargeError,
+    ServerBusyError,
+    UnknownModelError,
+)
+from explainrt.export.explainable import RESOLVED_TARGETS_OUTPUT, activations_output, gradients_output
+from explainrt.serve import codec
+from explainrt.serve.codec import Limits
+from explainrt.serve.metrics import ServerMetrics
+from explainrt.serve.models import Job, ServedModel, explain_key, layers_key, predict_key
+
+log = logging.getLogger(__name__)
+
+MAPS_OUTPUT = "explainrt.maps"
+TARGETS_TENSOR = "explainrt.targets"
+TOP_K = 5
+RESERVED_PARAMETERS = ("method", "targets", "return", "normalize")
+"""V1/V2 parameters the server reads itself; every other parameter is an option of the method."""
+RETURNS = ("overlay", "map")
+
+_STATUS = ((RequestTooLargeError, 413), (UnknownModelError, 404), (ServerBusyError, 503),
+           (ExplanationCancelled, 503), (InvalidInputError, 400))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server batches and what it accepts."""
+
+    max_batch: int = 16
+    max_wait: float = 0.005  # seconds a request may wait for others to join its batch
+    max_queue: int = 512  # images waiting per model before requests get 503
+    limits: Limits = field(default_factory=Limits)
+
+
+def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = None) -> FastAPI:
+    """The ASGI app serving ``explainers`` by name."""
+    config = config or ServeConfig()
+    metrics = ServerMetrics()
+    models = {name: ServedModel(name, explainer, config.max_batch, config.max_wait, config.max_queue, metrics)
+              for name, explainer in explainers.items()}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        for model in models.values():
+            model.batcher.start()
+        yield
+        for model in models.values():
+            await model.batcher.stop()
+
+    app = FastAPI(title="explainrt", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.add_middleware(_Metered, metrics=metrics)
+    static = resources.files("explainrt.serve").joinpath("static")
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.exception_handler(ExplainrtError)
+    async def explainrt_error(_: Request, error: ExplainrtError) -> JSONResponse:
+        status = next((code for kind, code in _STATUS if isinstance(error, kind)), 500)
+        if status == 500:
+            log.error("request failed: %s", error)
+        return _error(status, str(error), type(error).__name__)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error(error.status_code, str(error.detail), "HTTPError")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(500, f"internal error: {type(error).__name__}: {error}", "InternalError")
+
+    def served(name: str) -> ServedModel:
+        if name not in models:
+            raise UnknownModelError(f"unknown model {name!r}; this server serves {', '.join(map(repr, models))}")
+        return models[name]
+
+    async def body_of(request: Request) -> Any:
+        return await codec.read_json(request.headers.get("content-length"), request.stream(), config.limits)
+
+    # -- page and discovery ---------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(static.joinpath("index.html")), media_type="text/html")
+
+    @app.get("/api/methods")
+    async def methods() -> dict[str, Any]:
+        return {"methods": [{"name": m.name, "summary": m.summary, "options": list(m.options)} for m in METHODS.values()]}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    # -- KServe V1 ------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def v1_models() -> dict[str, Any]:
+        return {"models": list(models)}
+
+    @app.get("/v1/models/{name}")
+    async def v1_model(name: str) -> dict[str, Any]:
+        return {"name": served(name).name, "ready": True}
+
+    @app.post("/v1/models/{name}:predict")
+    async def v1_predict(name: str, request: Request) -> dict[str, Any]:
+        model = served(name)
+        body = await body_of(request)
+        parameters = _parameters(body)
+        top_k = _positive_int(parameters.get("top_k", TOP_K), "top_k", model.num_classes)
+        images = await run_in_threadpool(codec.decode_instances, body, config.limits)
+        result = await model.submit(predict_key(raw=True), Job(images))
+        return {"model_name": name, "predictions": _predictions(model, result["logits"], top_k)}
+
+    @app.post("/v1/models/{name}:explain")
+    async def v1_explain(name: str, request: Request) -> dict[str, Any]:
+        model = served(name)
+        body = await body_of(request)
+        parameters = _parameters(body)
+        method, options, normalize = _method_parameters(parameters)
+        returns = _returns(parameters.get("return", ["overlay"]))
+        images = await run_in_threadpool(codec.decode_instances, body, config.limits)
+        targets = _instance_targets(parameters.get("targets"), len(images), model.num_classes)
+        tick = time.perf_counter()
+        result = await model.submit(explain_key(True, method, options, normalize),
+                                    Job(images, targets, overlays="overlay" in returns))
+        waited = time.perf_counter() - tick
+        encoded = await run_in_threadpool(_explanations, model, method, result, returns)
+        timings = {**result["timings"], "request": waited}
+        return {"model_name": name, "predictions": _predictions(model, result["logits"], TOP_K),
+                "explanations": encoded, "timings": timings}
+
+    # -- Open Inference Protocol (V2) -----------------------------------------------------------
+    @app.get("/v2")
+    async def v2_server() -> dict[str, Any]:
+        return {"name": "explainrt", "version": __version__, "extensions": ["explain"]}
+
+    @app.get("/v2/health/live")
+    async def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready() -> dict[str, bool]:
+        return {"ready": bool(models)}
+
+    @app.get("/v2/models/{name}/ready")
+    async def v2_model_ready(name: str) -> dict[str, Any]:
+        return {"name": served(name).name, "ready": True}
+
+    @app.get("/v2/models/{name}")
+    async def v2_metadata(name: str) -> dict[str, Any]:
+        return _metadata(served(name))
+
+    @app.post("/v2/models/{name}/infer")
+    async def v2_infer(name: str, request: Request) -> dict[str, Any]:
+        model = served(name)
+        body = await body_of(request)
+        tensors = await run_in_threadpool(codec.decode_v2_inputs, body, config.limits)
+        images, raw, targets = _v2_images(model, tensors)
+        parameters = _parameters(body)
+        wanted = _v2_outputs(model, body, "method" in parameters)
+        arrays: dict[str, np.ndarray] = {}
+        logits_name = model.explainer.spec.logits
+        if MAPS_OUTPUT in wanted or RESOLVED_TARGETS_OUTPUT in wanted:
+            method, options, normalize = _method_parameters(parameters)
+            result = await model.submit(explain_key(raw, method, options, normalize), Job(images, targets))
+            arrays.update({MAPS_OUTPUT: result["maps"], RESOLVED_TARGETS_OUTPUT: result["targets"],
+                           logits_name: result["logits"]})
+        if any(output.startswith(("explainrt.activations.", "explainrt.gradients.")) for output in wanted):
+            result = await model.submit(layers_key(raw), Job(images, targets))
+            arrays.update({f"explainrt.{key}": value for key, value in result.items() if "." in key})
+            arrays.setdefault(logits_name, result["logits"])
+            arrays.setdefault(RESOLVED_TARGETS_OUTPUT, result["resolved_targets"][:, 0])
+        if logits_name not in arrays:
+            arrays[logits_name] = (await model.submit(predict_key(raw), Job(images)))["logits"]
+        outputs = await run_in_threadpool(lambda: [codec.v2_output(output, arrays[output]) for output in wanted])
+        return {"model_name": name, "model_version": "1", "id": body.get("id"), "outputs": outputs}
+
+    return app
+
+
+class _Metered:
+    """ASGI middleware: count and time every HTTP request by route template and status."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "unmatched")
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": message, "type": kind}, status_code=status)
+
+
+def _parameters(body: Any) -> dict[str, Any]:
+    parameters = codec.json_object(body, "the request body").get("parameters", {})
+    return codec.json_object(parameters, '"parameters"')
+
+
+def _method_parameters(parameters: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    """The method (checked against the registry), its options, and ``normalize``."""
+    name = parameters.get("method", "gradcam")
+    if not isinstance(name, str):
+        raise InvalidInputError(f"parameter method must be a method name, got {name!r}")
+    method = get_method(name)
+    options = {key: value for key, value in parameters.items() if key not in RESERVED_PARAMETERS}
+    method.check_options(options)
+    normalize = parameters.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise InvalidInputError(f"parameter normalize must be true or false, got {normalize!r}")
+    return method.name, options, normalize
+
+
+def _returns(value: Any) -> tuple[str, ...]:
+    chosen = (value,) if isinstance(value, str) else value
+    if not isinstance(chosen, list | tuple) or not chosen or any(item not in RETURNS for item in chosen):
+        raise InvalidInputError(f"parameter return must be one or more of {', '.join(RETURNS)}, got {value!r}")
+    return tuple(chosen)
+
+
+def _positive_int(value: Any, name: str, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidInputError(f"parameter {name} must be an integer in 1..{most}, got {value!r}")
+    return value
+
+
+def _instance_targets(value: Any, count: int, classes: int) -> np.ndarray:
+    """Targets: None (top class), one class for all, or one per instance; -k = the k-th most likely."""
+    if value is None:
+        return np.full(count, -1, dtype=np.int64)
+    values = [value] * count if not isinstance(value, list) else value
+    if len(values) != count or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise InvalidInputError(f"parameter targets must be one class index or {count} (one per instance), got {value!r}")
+    for target in values:
+        if not -classes <= target < classes:
+            raise InvalidInputError(f"target class {target} is out of range for a model with {classes} classes "
+                                    f"(use 0..{classes - 1}, or -k for the k-th most likely)")
+    return np.asarray(values, dtype=np.int64)
+
+
+def _class(model: ServedModel, index: int, probability: float) -> dict[str, Any]:
+    labels = model.labels
+    return {"index": int(index), "label": labels[index] if labels else None, "probability": float(probability)}
+
+
+def _predictions(model: ServedModel, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+    probabilities = softmax(logits)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    return [{**_class(model, int(row[0]), p[row[0]]), "top_k": [_class(model, int(c), p[c]) for c in row]}
+            for row, p in zip(order, probabilities, strict=True)]
+
+
+def _explanations(model: ServedModel, method: str, result: dict[str, Any], returns: tuple[str, ...]) -> list[dict[str, Any]]:
+    probabilities = softmax(result["logits"])
+    encoded = []
+    for index, target in enumerate(result["targets"]):
+        item: dict[str, Any] = {"method": method, "target": _class(model, int(target), probabilities[index, target])}
+        if "overlay" in returns:
+            overlays = result["overlays"]
+            item["overlay"] = {"b64": codec.png_b64(overlays[index])} if overlays is not None else None
+        if "map" in returns:
+            item["map"] = np.round(result["maps"][index], 5).tolist()
+        small = {key: values[index].tolist() for key, values in result["extras"].items() if values[index].size <= 64}
+        if small:
+            item["extras"] = small
+        encoded.append(item)
+    return encoded
+
+
+def _v2_images(model: ServedModel, tensors: dict[str, codec.V2Tensor]) -> tuple[Any, bool, np.ndarray]:
+    """The image batch (uint8 [N, H, W, 3] as raw images, or float32 [N, C, H, W]) and per-image targets."""
+    input_name = model.explainer.spec.image_input
+    unknown = sorted(set(tensors) - {input_name, TARGETS_TENSOR})
+    if unknown or input_name not in tensors:
+        raise InvalidInputError(f"unknown input(s) {unknown or 'none'}: model {model.name!r} takes {input_name!r} "
+                                f"(UINT8 [N, H, W, 3] images or FP32 [N, C, H, W] preprocessed) and optionally "
+                                f"{TARGETS_TENSOR!r} (INT64 [N])")
+    image = tensors[input_name]
+    expected = list(model.explainer.session.input_shape[1:])
+    if image.datatype == "UINT8" and image.array.ndim == 4 and image.array.shape[3] == 3:
+        images: Any = list(image.array)
+        raw = True
+    elif image.datatype == "FP32" and image.array.ndim == 4:
+        images, raw = image.array, False
+        fixed = [(got, want) for got, want in zip(image.array.shape[1:], expected) if isinstance(want, int) and want > 0]
+        if any(got != want for got, want in fixed):
+            raise InvalidInputError(f"input {input_name!r} has shape {list(image.array.shape)}; FP32 input must be "
+                                    f"[N, {', '.join(map(str, expected))}]")
+    else:
+        raise InvalidInputError(f"input {input_name!r} is {image.datatype} {list(image.array.shape)}; expected UINT8 "
+                                f"[N, H, W, 3] images or FP32 [N, {', '.join(map(str, expected))}] preprocessed input")
+    count = len(images)
+    targets = np.full(count, -1, dtype=np.int64)
+    if TARGETS_TENSOR in tensors:
+        given = tensors[TARGETS_TENSOR]
+        if given.datatype not in ("INT64", "INT32") or given.array.size != count:
+            raise InvalidInputError(f"input {TARGETS_TENSOR!r} must be INT64 [{count}] (one class per image), got "
+                                    f"{given.datatype} {list(given.array.shape)}")
+        targets = _instance_targets(given.array.ravel().tolist(), count, model.num_classes)
+    return images, raw, targets
+
+
+def _output_names(model: ServedModel) -> list[str]:
+    layers = len(model.explainer.spec.target_layers)
+    return [model.explainer.spec.logits, MAPS_OUTPUT, RESOLVED_TARGETS_OUTPUT,
+            *(name for i in range(layers) for name in (activations_output(i), gradients_output(i)))]
+
+
+def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool) -> list[str]:
+    """Requested output names (default: the logits, plus the maps and resolved targets when a method is given)."""
+    requested = body.get("outputs")
+    if requested is None:
+        base = [model.explainer.spec.logits]
+        return base + [MAPS_OUTPUT, RESOLVED_TARGETS_OUTPUT] if explaining else base
+    if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+        raise InvalidInputError('"outputs" must be a list of {"name": ...} objects')
+    names = [o["name"] for o in requested]
+    known = _output_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInputError(f"unknown output(s) {unknown}; model {model.name!r} has {known}")
+    return names
+
+
+def _metadata(model: ServedModel) -> dict[str, Any]:
+    spec = model.explainer.spec
+    session = model.explainer.session
+    dims = [d if isinstance(d, int) and d > 0 else -1 for d in session.input_shape[1:]]
+    height, width = dims[-2:] if len(dims) == 3 else (-1, -1)
+    classes = spec.num_classes
+    outputs = [{"name": spec.logits, "datatype": "FP32", "shape": [-1, classes]},
+               {"name": MAPS_OUTPUT, "datatype": "FP32", "shape": [-1, height, width]},
+               {"name": RESOLVED_TARGETS_OUTPUT, "datatype": "INT64", "shape": [-1]}]
+    for index in range(len(spec.target_layers)):
+        outputs += [{"name": activations_output(index), "datatype": "FP32", "shape": [-1, -1, -1, -1]},
+                    {"name": gradients_output(index), "datatype": "FP32", "shape": [-1, 1, -1, -1, -1]}]
+    return {
+        "name": model.name, "versions": ["1"], "platform": "onnxruntime_onnx",
+        "inputs": [{"name": spec.image_input, "datatype": "FP32", "shape": [-1, *dims]},
+                   {"name": TARGETS_TENSOR, "datatype": "INT64", "shape": [-1]}],
+        "outputs": outputs,
+        "parameters": {"image_input_also_accepts": "UINT8 [-1, -1, -1, 3] raw RGB images", "methods": list(METHODS), "target_layers": list(spec.target_layers),
+                       "num_classes": classes, "preprocessing": _preprocessing_summary(model)},
+    }
+
+
+def _preprocessing_summary(model: ServedModel) -> dict[str, Any] | None:
+    """The stored preprocessing without its label list (the labels come with each prediction)."""
+    preprocessing = model.explainer.preprocessing
+    if preprocessing is None:
+        return None
+    return {"input_size": list(preprocessing.input_size), "resize_shorter": preprocessing.resize_shorter,
+            "mean": list(preprocessing.mean), "std": list(preprocessing.std), "interpolation": preprocessing.interpolation,
+            "labels": len(preprocessing.labels) if preprocessing.labels else None}

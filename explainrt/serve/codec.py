@@ -1,0 +1,234 @@
+"""Request decoding for the server: JSON bodies, image instances, V2 tensors, and the limits on each.
+
+Everything a client sends is checked here before it reaches a model, so a bad request is an
+``InvalidInputError`` (400) or ``RequestTooLargeError`` (413) naming the problem, never a crash
+in a worker. Limits are checked before work: the body size from its length header (and while it
+streams in), an encoded image's pixel count from its header before its pixels are decompressed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from explainrt.engine.preprocessing import load_image
+from explainrt.errors import ImageReadError, InvalidInputError, RequestTooLargeError
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+V2_DATATYPES = {"UINT8": np.uint8, "FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_instances: int = 64
+
+
+async def read_json(content_length: str | None, chunks: AsyncIterator[bytes], limits: Limits) -> Any:
+    """The request body parsed as JSON, refusing oversized bodies before reading (or while reading) them."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limits.max_body_bytes:
+        raise RequestTooLargeError(f"request body of {int(content_length)} bytes exceeds the limit of "
+                                   f"{limits.max_body_bytes} bytes (--max-body-mb)")
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise RequestTooLargeError(f"request body exceeds the limit of {limits.max_body_bytes} bytes (--max-body-mb)")
+    return parse_json(bytes(body))
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a JSON body; empty, non-UTF-8, malformed and absurdly nested bodies are InvalidInputError."""
+    if not body.strip():
+        raise InvalidInputError("empty request body: expected a JSON object")
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(f"request body is not UTF-8 text: {error}") from None
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(f"request body is not valid JSON: {error.msg} at line {error.lineno} "
+                                f"column {error.colno}") from None
+    except RecursionError:
+        raise InvalidInputError("request body is not valid JSON: nested too deeply") from None
+
+
+def json_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what} must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def decode_instances(body: Any, limits: Limits) -> list[np.ndarray]:
+    """The images of a KServe V1 body ``{"instances": [...]}`` as uint8 [H, W, 3] arrays."""
+    instances = json_object(body, "the request body").get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInputError('the request body needs "instances": a non-empty list of images '
+                                '({"image": {"b64": ...}} or [H][W][3] uint8 arrays)')
+    if len(instances) > limits.max_instances:
+        raise RequestTooLargeError(f"{len(instances)} instances exceed the limit of {limits.max_instances} per request")
+    images = []
+    for index, instance in enumerate(instances):
+        try:
+            images.append(decode_instance(instance, limits))
+        except InvalidInputError as error:
+            raise type(error)(f"instance {index}: {error}") from None
+    return images
+
+
+def decode_instance(instance: Any, limits: Limits) -> np.ndarray:
+    """One V1 instance: ``{"image": {"b64": ...}}``, ``{"b64": ...}`` or a nested [H][W][3] uint8 array."""
+    if isinstance(instance, dict):
+        image = instance.get("image", instance)
+        if not isinstance(image, dict) or not isinstance(image.get("b64"), str):
+            raise InvalidInputError('an instance object must be {"image": {"b64": "<base64 PNG or JPEG>"}}')
+        return decode_b64_image(image["b64"], limits)
+    if isinstance(instance, list):
+        return decode_pixel_array(instance, limits)
+    raise InvalidInputError(f'an instance must be {{"image": {{"b64": ...}}}} or an [H][W][3] uint8 array, '
+                            f"got {_json_type(instance)}")
+
+
+def decode_b64_image(text: str, limits: Limits) -> np.ndarray:
+    """A base64 PNG or JPEG (a ``data:`` URL prefix is allowed) as uint8 RGB, within the pixel limit."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidInputError(f"image.b64 is not valid base64: {error}") from None
+    if not data:
+        raise ImageReadError("image.b64 is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Exception as error:  # PIL raises many types for unreadable data; load_image names them too
+        raise ImageReadError(f"image.b64 is not a readable PNG or JPEG image: {error}") from None
+    check_pixels(height, width, limits)
+    return load_image(data, max_pixels=limits.max_pixels)
+
+
+def decode_pixel_array(rows: list[Any], limits: Limits) -> np.ndarray:
+    """A nested [H][W][3] list of integers in 0..255 as uint8, within the pixel limit."""
+    height = len(rows)
+    width = len(rows[0]) if height and isinstance(rows[0], list) else 0
+    check_pixels(height, width, limits)
+    try:
+        pixels = np.asarray(rows)
+    except ValueError as error:  # ragged nesting
+        raise InvalidInputError(f"the pixel array is ragged: {error}") from None
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+        raise InvalidInputError(f"a pixel array must have shape [H][W][3], got {list(pixels.shape)}")
+    return to_uint8(pixels, "the pixel array")
+
+
+def check_pixels(height: int, width: int, limits: Limits) -> None:
+    if height * width > limits.max_pixels:
+        raise RequestTooLargeError(f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
+                                   f"{limits.max_pixels} pixels (--max-pixels)")
+
+
+def to_uint8(values: np.ndarray, what: str) -> np.ndarray:
+    """Integers in 0..255 as uint8; anything else (floats, booleans, strings, out of range) is refused."""
+    if values.dtype == np.uint8:
+        return values
+    if values.dtype.kind not in "iu":
+        raise InvalidInputError(f"{what} must hold integers in 0..255, got {_numpy_kind(values)}")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise InvalidInputError(f"{what} must hold integers in 0..255, got values in [{values.min()}, {values.max()}]")
+    return values.astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class V2Tensor:
+    name: str
+    datatype: str
+    array: np.ndarray
+
+
+def decode_v2_inputs(body: Any, limits: Limits) -> dict[str, V2Tensor]:
+    """The ``inputs`` of an Open Inference Protocol request, by name, with shape and datatype checked."""
+    inputs = json_object(body, "the request body").get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInputError('the request body needs "inputs": a non-empty list of tensors '
+                                '{"name", "shape", "datatype", "data"}')
+    tensors: dict[str, V2Tensor] = {}
+    for index, item in enumerate(inputs):
+        tensor = _v2_tensor(json_object(item, f"inputs[{index}]"), index, limits)
+        if tensor.name in tensors:
+            raise InvalidInputError(f"input {tensor.name!r} is given twice")
+        tensors[tensor.name] = tensor
+    return tensors
+
+
+def _v2_tensor(item: dict[str, Any], index: int, limits: Limits) -> V2Tensor:
+    name, shape, datatype, data = (item.get(key) for key in ("name", "shape", "datatype", "data"))
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"inputs[{index}] needs a \"name\" string")
+    if datatype not in V2_DATATYPES:
+        raise InvalidInputError(f"input {name!r}: datatype {datatype!r} is not supported; use one of "
+                                f"{', '.join(V2_DATATYPES)}")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise InvalidInputError(f"input {name!r}: shape must be a list of positive integers, got {shape!r}")
+    count = math.prod(shape)
+    if count > limits.max_pixels * 3 * limits.max_instances:
+        raise RequestTooLargeError(f"input {name!r}: shape {shape} holds {count} values, over the server's limit")
+    if not isinstance(data, list):
+        raise InvalidInputError(f"input {name!r}: data must be a (flat or nested) list of numbers")
+    try:
+        values = np.asarray(data)
+    except ValueError as error:
+        raise InvalidInputError(f"input {name!r}: data is ragged: {error}") from None
+    if values.size != count:
+        raise InvalidInputError(f"input {name!r}: data has {values.size} values but shape {shape} needs {count}")
+    if values.dtype.kind not in "iuf" or values.dtype == np.bool_:
+        raise InvalidInputError(f"input {name!r}: data must be numbers, got {_numpy_kind(values)}")
+    if datatype == "FP32":
+        array = values.astype(np.float32)
+    elif values.dtype.kind == "f":
+        raise InvalidInputError(f"input {name!r}: datatype {datatype} needs integers, got floating-point data")
+    elif datatype == "UINT8":
+        array = to_uint8(values, f"input {name!r}")
+    else:
+        array = values.astype(V2_DATATYPES[datatype])
+    return V2Tensor(name, datatype, array.reshape(shape))
+
+
+def v2_output(name: str, array: np.ndarray) -> dict[str, Any]:
+    """One Open Inference Protocol output tensor (row-major flat data)."""
+    datatypes = {np.dtype(t): n for n, t in V2_DATATYPES.items()}
+    datatype = datatypes.get(array.dtype)
+    if datatype is None:
+        array, datatype = array.astype(np.float32), "FP32"
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}
+
+
+def png_b64(rgb: np.ndarray) -> str:
+    """A uint8 [H, W, 3] image as base64 PNG text."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _numpy_kind(values: np.ndarray) -> str:
+    return {"f": "floating-point values", "b": "booleans", "U": "strings", "O": "mixed values"}.get(
+        values.dtype.kind, str(values.dtype))

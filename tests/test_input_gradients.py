@@ -1,0 +1,192 @@
+"""Saliency, Integrated Gradients and SmoothGrad against Captum and torch.autograd.
+
+The model is ``biased_resnet`` (random ResNet-18 with random batch-norm biases, 64x64 inputs)
+on ONNX Runtime (its explainrt export) and on the torch backend. Errors are
+``max |ours - reference| / max |reference|`` over the maps of the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from captum.attr import IntegratedGradients, InputXGradient, NoiseTunnel, Saliency
+
+from explainrt import from_torch
+from explainrt.engine.session import OnnxRuntimeSession
+from explainrt.errors import InvalidInputError
+
+PARITY = 1e-3  # the issue's bound for Integrated Gradients vs Captum
+AUTOGRAD = 1e-4
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+@pytest.fixture(scope="module")
+def batch() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+
+
+def top_classes(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.from_numpy(images)).argmax(dim=1)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_input_gradients_match_autograd_on_zoo_models(name: str) -> None:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    session = OnnxRuntimeSession(from_torch(model, torch.zeros(1, 3, 64, 64)))
+    images = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    targets = np.array([[1, -1], [7, -2]])
+    result = session.input_gradients(images, targets)
+    inputs = torch.from_numpy(images).requires_grad_(True)
+    logits = model(inputs)
+    rows = torch.arange(2)
+    expected = np.stack([torch.autograd.grad(logits[rows, torch.from_numpy(result.targets[:, k])].sum(), inputs,
+                                             retain_graph=True)[0].numpy() for k in range(2)], axis=1)
+    assert result.gradients[0].shape == (2, 2, 3, 64, 64)
+    assert relative_error(result.gradients[0], expected) < AUTOGRAD
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("multiply_by_input", [False, True])
+def test_saliency_matches_captum(biased_explainers, biased_resnet, batch, backend: str, multiply_by_input: bool) -> None:  # noqa: ANN001
+    explanation = biased_explainers[backend].explain(batch, method="saliency", targets=-1, normalize=False,
+                                              multiply_by_input=multiply_by_input)
+    targets = top_classes(biased_resnet, batch)
+    inputs = torch.from_numpy(batch)
+    if multiply_by_input:
+        reference = InputXGradient(biased_resnet).attribute(inputs, target=targets).abs()
+    else:
+        reference = Saliency(biased_resnet).attribute(inputs, target=targets, abs=True)
+    reference = reference.detach().numpy().max(axis=1)
+    np.testing.assert_array_equal(explanation.targets, targets.numpy())
+    error = relative_error(explanation.maps, reference)
+    print(f"saliency parity ({backend}, multiply_by_input={multiply_by_input}): {error:.2e}")
+    assert error < AUTOGRAD
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("rule", ["riemann_trapezoid", "gausslegendre"])
+def test_integrated_gradients_match_captum(biased_explainers, biased_resnet, batch, backend: str, rule: str) -> None:  # noqa: ANN001
+    steps = 16
+    explanation = biased_explainers[backend].explain(batch, method="integrated-gradients", targets=-1, normalize=False,
+                                              steps=steps, rule=rule, batch_size=7)
+    targets = top_classes(biased_resnet, batch)
+    attributions, delta = IntegratedGradients(biased_resnet).attribute(
+        torch.from_numpy(batch), baselines=0.0, target=targets, n_steps=steps, method=rule,
+        return_convergence_delta=True)
+    reference = attributions.detach().numpy().sum(axis=1)
+    error = relative_error(explanation.maps, reference)
+    print(f"integrated gradients parity ({backend}, {rule}, {steps} steps): {error:.2e}")
+    assert error <= PARITY
+    # Captum's convergence delta is the same completeness gap: sum(attributions) - (f(x) - f(x'))
+    spread = np.abs(explanation.extras["completeness_gap"] - delta.detach().numpy())
+    assert spread.max() <= PARITY * np.abs(reference).sum(axis=(1, 2)).max()
+
+
+def test_integrated_gradients_baselines_match_captum(biased_explainers, biased_resnet, batch) -> None:  # noqa: ANN001
+    from explainrt.engine.methods.gradients import baselines
+
+    targets = top_classes(biased_resnet, batch)
+    grey = np.linspace(-1, 1, 3 * 64 * 64, dtype=np.float32).reshape(3, 64, 64)
+    for option, reference_baseline in ((0.5, torch.full(batch.shape, 0.5)),
+                                       (grey, torch.from_numpy(np.broadcast_to(grey, batch.shape).copy())),
+                                       ("blur", torch.from_numpy(baselines("blur", batch)))):
+        explanation = biased_explainers["onnxruntime"].explain(batch, method="integrated-gradients", normalize=False,
+                                                        baseline=option, steps=8)
+        reference = IntegratedGradients(biased_resnet).attribute(torch.from_numpy(batch), baselines=reference_baseline,
+                                                                 target=targets, n_steps=8).detach().numpy().sum(axis=1)
+        assert relative_error(explanation.maps, reference) <= PARITY
+
+
+def test_blur_baseline_is_a_smoothed_image(batch) -> None:  # noqa: ANN001
+    from explainrt.engine.methods.gradients import baselines
+
+    blurred = baselines("blur", batch)
+    assert blurred.shape == batch.shape and blurred.dtype == np.float32
+    assert blurred.std() < 0.5 * batch.std()  # white noise loses most of its variance
+    np.testing.assert_allclose(blurred.mean(axis=(2, 3)), batch.mean(axis=(2, 3)), atol=0.05)
+
+
+def test_integrated_gradients_completeness_converges(biased_explainers, batch) -> None:  # noqa: ANN001
+    explanation = biased_explainers["onnxruntime"].explain(batch, method="integrated-gradients", normalize=False, steps=64)
+    logits = explanation.logits[np.arange(3), explanation.targets]
+    plain = biased_explainers["onnxruntime"].session.logits(np.zeros_like(batch))[np.arange(3), explanation.targets]
+    np.testing.assert_allclose(explanation.maps.sum(axis=(1, 2)) - (logits - plain),
+                               explanation.extras["completeness_gap"], rtol=1e-3, atol=1e-4)
+    assert np.abs(explanation.extras["completeness_gap"]).max() < 0.01 * np.abs(logits - plain).max()
+
+
+def test_integrated_gradients_do_not_depend_on_batch_size(biased_explainers, batch) -> None:  # noqa: ANN001
+    one = biased_explainers["onnxruntime"].explain(batch, method="integrated-gradients", normalize=False, steps=6, batch_size=1)
+    many = biased_explainers["onnxruntime"].explain(batch, method="integrated-gradients", normalize=False, steps=6, batch_size=64)
+    assert relative_error(one.maps, many.maps) < 1e-5
+
+
+def test_integrated_gradients_explain_the_requested_rank(biased_explainers, biased_resnet, batch) -> None:  # noqa: ANN001
+    explanation = biased_explainers["onnxruntime"].explain(batch, method="integrated-gradients", targets=-2, steps=4)
+    with torch.no_grad():
+        second = biased_resnet(torch.from_numpy(batch)).argsort(dim=1, descending=True)[:, 1].numpy()
+    np.testing.assert_array_equal(explanation.targets, second)
+
+
+def autograd_smoothgrad(model: torch.nn.Module, images: np.ndarray, targets: torch.Tensor, samples: int,
+                        noise: float, seed: int) -> np.ndarray:
+    """Mean gradient over the noisy copies explainrt documents: one standard-normal float32 draw of
+    [n, samples, C, H, W] from numpy's default_rng(seed), scaled by noise * (max - min) per image."""
+    draws = np.random.default_rng(seed).standard_normal((images.shape[0], samples, *images.shape[1:]), dtype=np.float32)
+    stds = noise * (images.max(axis=(1, 2, 3)) - images.min(axis=(1, 2, 3)))
+    means = []
+    for image, target, std, eps in zip(images, targets, stds, draws):
+        noisy = torch.from_numpy(image[None] + std * eps).requires_grad_(True)
+        model(noisy)[:, target].sum().backward()
+        means.append(noisy.grad.numpy().mean(axis=0))
+    return np.stack(means)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_smoothgrad_matches_an_autograd_loop_with_the_same_noise(biased_explainers, biased_resnet, batch, backend: str) -> None:  # noqa: ANN001
+    explanation = biased_explainers[backend].explain(batch, method="smoothgrad", normalize=False, n_samples=5, noise=0.2,
+                                              seed=3, batch_size=4)
+    mean = autograd_smoothgrad(biased_resnet, batch, top_classes(biased_resnet, batch), 5, 0.2, 3)
+    assert relative_error(explanation.maps, np.abs(mean).sum(axis=1)) < AUTOGRAD
+
+
+def test_smoothgrad_squared_and_seeds(biased_explainers, batch) -> None:  # noqa: ANN001
+    explainer = biased_explainers["onnxruntime"]
+    plain = explainer.explain(batch, method="smoothgrad", normalize=False, n_samples=4, seed=1)
+    again = explainer.explain(batch, method="smoothgrad", normalize=False, n_samples=4, seed=1)
+    other = explainer.explain(batch, method="smoothgrad", normalize=False, n_samples=4, seed=2)
+    squared = explainer.explain(batch, method="smoothgrad", normalize=False, n_samples=4, seed=1, squared=True)
+    np.testing.assert_array_equal(plain.maps, again.maps)
+    assert relative_error(other.maps, plain.maps) > 1e-2
+    assert (squared.maps >= 0).all() and relative_error(squared.maps, plain.maps) > 1e-2
+
+
+def test_smoothgrad_without_noise_is_captum_noise_tunnel_without_noise(biased_explainers, biased_resnet, batch) -> None:  # noqa: ANN001
+    explanation = biased_explainers["onnxruntime"].explain(batch, method="smoothgrad", normalize=False, n_samples=2, noise=0.0)
+    tunnel = NoiseTunnel(Saliency(biased_resnet)).attribute(torch.from_numpy(batch), nt_type="smoothgrad", nt_samples=2,
+                                                            stdevs=0.0, target=top_classes(biased_resnet, batch), abs=False)
+    assert relative_error(explanation.maps, np.abs(tunnel.detach().numpy()).sum(axis=1)) < AUTOGRAD
+
+
+@pytest.mark.parametrize(("method", "options", "message"), [
+    ("integrated-gradients", {"steps": 0}, "steps must be an integer >= 1"),
+    ("integrated-gradients", {"steps": 2.5}, "steps must be an integer >= 1"),
+    ("integrated-gradients", {"rule": "simpson"}, "unknown rule 'simpson'"),
+    ("integrated-gradients", {"rule": "riemann_trapezoid", "steps": 1}, "riemann_trapezoid needs steps >= 2"),
+    ("integrated-gradients", {"baseline": np.zeros((3, 32, 32))}, r"\[C, H, W\] = \[3, 64, 64\], got shape \[3, 32, 32\]"),
+    ("integrated-gradients", {"baseline": "noise"}, "baseline must be a number, 'blur' or an array"),
+    ("smoothgrad", {"n_samples": 0}, "n_samples must be an integer >= 1"),
+    ("smoothgrad", {"noise": -0.1}, "noise must be a number >= 0"),
+    ("smoothgrad", {"seed": -1}, "seed must be an integer >= 0"),
+    ("saliency", {"abs": "yes"}, "abs must be True or False"),
+])
+def test_bad_options_are_named(biased_explainers, batch, method: str, options: dict, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidInputError, match=message):
+        biased_explainers["onnxruntime"].explain(batch, method=method, **options)
