@@ -365,3 +365,11 @@ def test_torch_backend_explains_models_onnx_cannot_express(small_batch) -> None:
     explanation = Explainer(model, target_layers=[model.features], backend="torch", input_size=(64, 64)).explain(small_batch)
     assert explanation.maps.shape == (3, 64, 64) and explanation.logits.shape == (3, 4)
     assert np.isfinite(explanation.maps).all() and explanation.maps.max() > 0
+
+
+def test_list_of_preprocessed_images(small_explainer, small_batch) -> None:  # noqa: ANN001
+    together = small_explainer.explain(small_batch).maps
+    np.testing.assert_array_equal(small_explainer.explain(list(small_batch)).maps, together)
+    np.testing.assert_array_equal(small_explainer.explain([torch.from_numpy(x) for x in small_batch]).maps, together)
+    with pytest.raises(InvalidInputError, match=r"images have mixed sizes \[\(3, 32, 32\), \(3, 64, 64\)\]"):
+        small_explainer.explain([small_batch[0], small_batch[1, :, :32, :32]], method="occlusion")

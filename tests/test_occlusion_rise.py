@@ -207,7 +207,7 @@ def test_bad_options_name_the_parameter(small_explainer, images, options, match:
 
 def test_mixed_image_sizes_are_rejected(small_explainer) -> None:
     mixed = [np.zeros((3, 64, 64), np.float32), np.zeros((3, 32, 32), np.float32)]
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="images have mixed sizes"):
         small_explainer.explain(mixed, method="rise")
     with pytest.raises(InvalidInputError, match="expects"):
         small_explainer.explain(np.zeros((2, 3, 32, 32), np.float32), method="occlusion")

@@ -201,6 +201,13 @@ class Explainer:
             raw = list(images)
         if not raw:
             raise InvalidInputError("no images given")
+        preprocessed = [np.asarray(item.detach().cpu() if _is_torch_tensor(item) else item) for item in raw
+                        if _is_torch_tensor(item) or (isinstance(item, np.ndarray) and item.dtype.kind == "f")]
+        if len(preprocessed) == len(raw):  # a list of preprocessed [C, H, W] images: one batch of one size
+            sizes = sorted({item.shape for item in preprocessed})
+            if len(sizes) > 1:
+                raise InvalidInputError(f"images have mixed sizes {sizes}: give one [N, C, H, W] batch of one size")
+            return self._checked_batch(np.stack(preprocessed)), None
         if self.preprocessing is None:
             raise InvalidInputError("the model stores no preprocessing: pass a preprocessed float32 [N, C, H, W] batch")
         batch, crops = self.preprocessing.prepare(raw)
