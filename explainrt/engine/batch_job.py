@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from explainrt.engine.methods import get_method
 from explainrt.engine.preprocessing import Preprocessing
-from explainrt.errors import BatchJobError, ImageReadError, InvalidInputError, InvalidModelError
+from explainrt.errors import BackendUnavailableError, BatchJobError, ImageReadError, InvalidInputError, InvalidModelError
 from explainrt.export.explainable import METADATA_KEY, ExplainableSpec, ModelSource, load_model, make_explainable
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,12 @@ def explain_dataset(
     blob, preprocessing, num_classes = _explainable_model(model, preprocessing)
     if target is not None and not -num_classes <= target < num_classes:
         raise InvalidInputError(f"target class {target} is out of range for a model with {num_classes} classes")
+    try:
+        import ray
+    except ImportError as error:
+        raise BackendUnavailableError(f"explainrt batch needs the ray extra (pip install 'explainrt[ray]'): {error}") from error
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-
-    import ray
 
     started = not ray.is_initialized()
     if started:

@@ -1,8 +1,6 @@
 """``explainrt serve``: explanations over HTTP (KServe V1, Open Inference Protocol V2, a web page).
 
-``create_app(explainers)`` builds the ASGI app; ``explainrt.serve.cli`` adds the subcommand.
+``explainrt.serve.app.create_app(explainers)`` builds the ASGI app (needs the ``serve`` extra:
+FastAPI, uvicorn); ``explainrt.serve.cli`` adds the subcommand without importing them, so the
+rest of the command line works without that extra.
 """
-
-from explainrt.serve.app import ServeConfig, create_app
-
-__all__ = ["ServeConfig", "create_app"]

@@ -40,10 +40,14 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from explainrt.errors import BackendUnavailableError, InvalidInputError
 
-    from explainrt.errors import InvalidInputError
-    from explainrt.serve.app import ServeConfig, create_app
+    try:
+        import uvicorn
+
+        from explainrt.serve.app import ServeConfig, create_app
+    except ImportError as error:
+        raise BackendUnavailableError(f"explainrt serve needs the serve extra (pip install 'explainrt[serve]'): {error}") from error
     from explainrt.serve.models import load_models
 
     if args.max_queue_ms < 0 or args.max_body_mb <= 0:

@@ -84,3 +84,10 @@ def resolve_targets(requested: np.ndarray, logits: np.ndarray) -> np.ndarray:
     flat = requested.reshape(requested.shape[0], -1)
     by_rank = np.take_along_axis(ranked, np.maximum(-flat - 1, 0), axis=1)
     return np.where(flat < 0, by_rank, flat).reshape(requested.shape)
+
+
+def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """The last two axes blurred with a Gaussian of std ``sigma`` pixels (edges repeated): "blur" baselines."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(images, sigma=(0,) * (images.ndim - 2) + (sigma, sigma), mode="nearest").astype(np.float32)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, resolve_targets
+from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, gaussian_blur, resolve_targets
 from explainrt.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,7 @@ def baselines(value: Any, images: np.ndarray) -> np.ndarray:
     if isinstance(value, str):
         if value != "blur":
             raise InvalidInputError(f"baseline must be a number, 'blur' or an array [C, H, W], got {value!r}")
-        from scipy.ndimage import gaussian_filter
-
-        sigma = BLUR_SIGMA * max(images.shape[2:])
-        return gaussian_filter(images, sigma=(0, 0, sigma, sigma), mode="nearest").astype(np.float32)
+        return gaussian_blur(images, BLUR_SIGMA * max(images.shape[2:]))
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         return np.full_like(images, float(value))
     array = np.asarray(value)

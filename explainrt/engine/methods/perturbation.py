@@ -38,12 +38,18 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from explainrt import kernels
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, resolve_targets, softmax
+from explainrt.engine.methods.base import (
+    Attribution,
+    AttributionRequest,
+    Method,
+    gaussian_blur,
+    resolve_targets,
+    softmax,
+)
 from explainrt.errors import InvalidInputError
 
 BUDGET_OPTIONS = ("max_batch", "memory_mb")
@@ -147,8 +153,7 @@ def perturbation_scores(request: AttributionRequest, index: int, batches: Iterab
 def _occlusion_baseline(value: Any, image: np.ndarray) -> float | np.ndarray:
     """The occluding value: a number, or "blur" (the image blurred with std BLUR_SIGMA pixels)."""
     if isinstance(value, str) and value == "blur":
-        planes = [cv2.GaussianBlur(plane, (0, 0), BLUR_SIGMA) for plane in image]
-        return np.ascontiguousarray(planes, dtype=np.float32)
+        return gaussian_blur(image, BLUR_SIGMA)
     is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not is_number or not np.isfinite(value):
         raise InvalidInputError(f"baseline must be a finite number or 'blur', got {value!r}")
