@@ -183,7 +183,7 @@ def test_smoothgrad_without_noise_is_captum_noise_tunnel_without_noise(biased_ex
     ("integrated-gradients", {"baseline": np.zeros((3, 32, 32))}, r"\[C, H, W\] = \[3, 64, 64\], got shape \[3, 32, 32\]"),
     ("integrated-gradients", {"baseline": "noise"}, "baseline must be a number, 'blur' or an array"),
     ("smoothgrad", {"n_samples": 0}, "n_samples must be an integer >= 1"),
-    ("smoothgrad", {"noise": -0.1}, "noise must be a number >= 0"),
+    ("smoothgrad", {"noise": -0.1}, "noise must be a finite number >= 0"),
     ("smoothgrad", {"seed": -1}, "seed must be an integer >= 0"),
     ("saliency", {"abs": "yes"}, "abs must be True or False"),
 ])

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from explainrt.engine.methods import get_method
+from explainrt.engine.methods.base import check_class_range, checked_int
 from explainrt.engine.preprocessing import Preprocessing
 from explainrt.errors import BackendUnavailableError, BatchJobError, ImageReadError, InvalidInputError, InvalidModelError
 from explainrt.export.explainable import METADATA_KEY, ExplainableSpec, ModelSource, load_model, make_explainable
@@ -113,12 +114,11 @@ def explain_dataset(
     options = dict(options or {})
     chosen.check_options(options)
     for name, value in (("batch_size", batch_size), ("workers", workers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
+        checked_int(name, value)
     dataset = find_source(source, image_column, name_column, label_column)
     blob, preprocessing, num_classes = _explainable_model(model, preprocessing)
-    if target is not None and not -num_classes <= target < num_classes:
-        raise InvalidInputError(f"target class {target} is out of range for a model with {num_classes} classes")
+    if target is not None:
+        check_class_range(target, num_classes)
     try:
         import ray
     except ImportError as error:

@@ -7,7 +7,6 @@ normalise, resize) per target layer -> average layers -> normalise.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -25,10 +24,11 @@ from tqdm.auto import tqdm
 from explainrt import kernels
 from explainrt.engine.files import write_atomic
 from explainrt.engine.methods import Attribution, AttributionRequest, Method, get_method
+from explainrt.engine.methods.base import check_class_range
 from explainrt.engine.overlay import concept_overlay, overlay
 from explainrt.engine.preprocessing import Preprocessing
 from explainrt.engine.session import OnnxRuntimeSession, Session, TorchSession, onnxruntime_placement
-from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.explainable import METADATA_KEY, ExplainableSpec, load_model, make_explainable, original_model
 
 log = logging.getLogger(__name__)
@@ -166,28 +166,11 @@ class Explainer:
     @staticmethod
     def _torch_session(module: Any, target_modules: list[Any] | None, preprocessing: Preprocessing | None,
                        input_size: tuple[int, int] | None, device: str = "cpu") -> TorchSession:
-        """The module with hooks on its target layers; what the spec needs comes from one probe forward pass."""
-        import torch
-
+        """The module with hooks on its target layers (no ONNX export: see ``TorchSession.probed``)."""
         if not target_modules:
             raise InvalidInputError("backend='torch' needs target_layers (modules) to hook")
-        names = {id(m): name for name, m in module.named_modules()}
-        unknown = [m for m in target_modules if id(m) not in names]
-        if unknown:
-            raise UnknownLayerError(f"target layer {type(unknown[0]).__name__} is not a sub-module of the model")
-        layer_names = tuple(names[id(m)] or type(m).__name__ for m in target_modules)
-        spec = ExplainableSpec("input", "logits", 0, layer_names, preprocessing.to_json() if preprocessing else None)
-        session = TorchSession(module, target_modules, spec, device)
-        with torch.no_grad():
-            logits, activations = session._forward(session._tensor(_example_input(preprocessing, input_size)))
-        if logits.ndim != 2:
-            raise InvalidModelError(f"the model must return logits [N, classes], got shape {tuple(logits.shape)}")
-        for name, acts in zip(layer_names, activations):
-            if acts is None or acts.ndim != 4:
-                shape = None if acts is None else tuple(acts.shape)
-                raise UnknownLayerError(f"target layer {name!r} must output [N, C, h, w] in the forward pass, got {shape}")
-        session.spec = dataclasses.replace(spec, num_classes=int(logits.shape[1]))
-        return session
+        return TorchSession.probed(module, target_modules, _example_input(preprocessing, input_size),
+                                   preprocessing.to_json() if preprocessing else None, device)
 
     # -- inputs ------------------------------------------------------------------------------
     def prepare(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -240,10 +223,7 @@ class Explainer:
             if wanted.shape != (count,) or wanted.dtype.kind not in "iu":
                 raise InvalidInputError(f"targets must be None, one int or {count} ints (one per image), got {targets!r}")
             wanted = wanted.astype(np.int64)
-        bad = (wanted >= classes) | (wanted < -classes)
-        if bad.any():
-            raise InvalidInputError(f"target class {int(wanted[bad][0])} is out of range for a model with {classes} classes "
-                                    f"(use 0..{classes - 1}, or -k for the k-th most likely)")
+        check_class_range(wanted, classes)
         return wanted
 
     # -- explaining --------------------------------------------------------------------------

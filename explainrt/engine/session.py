@@ -16,6 +16,7 @@ and ``tensorrt`` (``explainrt.engine.tensorrt_session``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
+from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.explainable import (
     OBJECTIVES,
     REFERENCE_PREFIX,
@@ -97,10 +98,10 @@ class OnnxRuntimeSession:
         self._main = self._session(model)
         self._plain: object | None = None
         self._heads: dict[int, tuple[object, bool]] = {}
-        self._variants: dict[tuple[str, bool], tuple[object, list[str]]] = {
-            (self.spec.objective, False): (self._main, _outputs(self.spec.logits, len(self.spec.target_layers)))}
+        # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
+        self._variants: dict[tuple[str, bool, bool], tuple[object, list[str], list[list[int | str | None]]]] = {
+            (self.spec.objective, False, False): (self._main, _outputs(self.spec.logits, len(self.spec.target_layers)), [])}
         self.input_shape = tuple(_input_dims(model, self.spec.image_input))
-        self._defended: dict[str, tuple[object, list[str], list[list[int | str | None]]]] = {}
 
     def _session(self, model: onnx.ModelProto) -> object:
         options = self._ort.SessionOptions()
@@ -122,14 +123,20 @@ class OnnxRuntimeSession:
     def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
         return self._run_variant(images, targets, objective, of_input=True)
 
-    def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
-        key = (objective, of_input)
+    def _variant(self, objective: str, of_input: bool, defended: bool = False) -> tuple[object, list[str], list[list[int | str | None]]]:
+        """The session of a variant (built on first use), its outputs and its reference inputs' shapes."""
+        key = (objective, of_input, defended)
         if key not in self._variants:
-            layers = [self.spec.image_input] if of_input else list(self.spec.target_layers)
-            log.info("building the %s variant of the model (objective %s)", "input-gradient" if of_input else "layer", objective)
-            variant = make_explainable(original_model(self._model), layers, logits=self.spec.logits, objective=objective)
-            self._variants[key] = (self._session(variant), _outputs(self.spec.logits, len(layers)))
-        session, outputs = self._variants[key]
+            log.info("building the %s variant of the model (objective %s)", _variant_kind(of_input, defended), objective)
+            variant = variant_model(self._model, self.spec, objective, of_input, defended)
+            shapes = [_input_dims(variant, reference_input(k))
+                      for k in range(sum(v.name.startswith(REFERENCE_PREFIX) for v in variant.graph.input))]
+            outputs = _outputs(self.spec.logits, 1 if of_input else len(self.spec.target_layers))
+            self._variants[key] = (self._session(variant), outputs + [relu_output(k) for k in range(len(shapes))], shapes)
+        return self._variants[key]
+
+    def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
+        session, outputs, _ = self._variant(objective, of_input)
         values = self._run(session, outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})
         return RunResult(values[0], values[1], values[2::2], values[3::2])
 
@@ -166,15 +173,7 @@ class OnnxRuntimeSession:
         0 < activation <= reference, its activation on the unperturbed image (``references``, as an
         earlier call on the unperturbed images returned them; None: no upper bound). Returns the
         result and these images' Relu activations (the references for their perturbations)."""
-        if objective not in self._defended:
-            log.info("building the defended input-gradient variant of the model (objective %s)", objective)
-            variant = make_explainable(original_model(self._model), [self.spec.image_input], logits=self.spec.logits,
-                                       objective=objective, defended_relus=True)
-            shapes = [_input_dims(variant, reference_input(k))
-                      for k in range(sum(v.name.startswith(REFERENCE_PREFIX) for v in variant.graph.input))]
-            outputs = _outputs(self.spec.logits, 1) + [relu_output(k) for k in range(len(shapes))]
-            self._defended[objective] = (self._session(variant), outputs, shapes)
-        session, outputs, shapes = self._defended[objective]
+        session, outputs, shapes = self._variant(objective, of_input=True, defended=True)
         if references is None:
             references = [np.full([images.shape[0], *_static(shape[1:])], np.inf, dtype=images.dtype) for shape in shapes]
         elif len(references) != len(shapes):
@@ -194,10 +193,30 @@ class OnnxRuntimeSession:
             head, reads_image = _head_model(self._model, self.spec, layer)
             self._heads[layer] = (self._session(head), reads_image)
         session, reads_image = self._heads[layer]
-        feeds = {self.spec.target_layers[layer]: activations}
-        if reads_image:
-            feeds[self.spec.image_input] = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
-        return self._run(session, [self.spec.logits], feeds)[0]
+        return self._run(session, [self.spec.logits], head_feeds(self.spec, layer, activations, images, reads_image))[0]
+
+
+def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str, of_input: bool,
+                  defended: bool = False) -> onnx.ModelProto:
+    """The explainable model for an objective, w.r.t. the target layers or the input (FGVis's defence
+    optional): ``model`` itself when it is that one, else the original model made explainable again."""
+    if (objective, of_input, defended) == (spec.objective, False, False):
+        return model
+    layers = [spec.image_input] if of_input else list(spec.target_layers)
+    return make_explainable(original_model(model), layers, logits=spec.logits, objective=objective,
+                            defended_relus=defended)
+
+
+def _variant_kind(of_input: bool, defended: bool) -> str:
+    return ("defended " if defended else "") + ("input-gradient" if of_input else "layer")
+
+
+def head_feeds(spec: ExplainableSpec, layer: int, activations: Any, images: Any, reads_image: bool) -> dict[str, Any]:
+    """Inputs of a head sub-graph: the replaced activations, and the images repeated to match when it reads them."""
+    feeds = {spec.target_layers[layer]: activations}
+    if reads_image:
+        feeds[spec.image_input] = np.repeat(np.asarray(images), activations.shape[0] // images.shape[0], axis=0)
+    return feeds
 
 
 def _outputs(logits: str, layers: int) -> list[str]:
@@ -292,6 +311,28 @@ class TorchSession:
         self.targets = list(target_modules)
         self.spec = spec
         self.input_shape = ("N", None, None, None)
+
+    @classmethod
+    def probed(cls, module: Any, target_modules: Sequence[object], example: Any, preprocessing: str | None,
+               device: str = "cpu") -> TorchSession:
+        """A session whose spec (layer names, class count) comes from one forward pass of ``example``,
+        which also checks that every target module is a sub-module producing [N, C, h, w]."""
+        names = {id(m): name for name, m in module.named_modules()}
+        unknown = [m for m in target_modules if id(m) not in names]
+        if unknown:
+            raise UnknownLayerError(f"target layer {type(unknown[0]).__name__} is not a sub-module of the model")
+        layer_names = tuple(names[id(m)] or type(m).__name__ for m in target_modules)
+        session = cls(module, target_modules, ExplainableSpec("input", "logits", 0, layer_names, preprocessing), device)
+        with session._torch.no_grad():
+            logits, activations = session._forward(session._tensor(example))
+        if logits.ndim != 2:
+            raise InvalidModelError(f"the model must return logits [N, classes], got shape {tuple(logits.shape)}")
+        for name, acts in zip(layer_names, activations):
+            if acts is None or acts.ndim != 4:
+                shape = None if acts is None else tuple(acts.shape)
+                raise UnknownLayerError(f"target layer {name!r} must output [N, C, h, w] in the forward pass, got {shape}")
+        session.spec = dataclasses.replace(session.spec, num_classes=int(logits.shape[1]))
+        return session
 
     def _forward(self, images: object, replace: dict[int, object] | None = None) -> tuple[object, list[object]]:
         captured: dict[int, object] = {}

@@ -28,9 +28,10 @@ import numpy as np
 import onnx
 
 from explainrt.engine.files import write_atomic
-from explainrt.engine.session import RunResult, _head_model, _input_dims, _outputs, parse_device
+from explainrt.engine.methods.base import checked_int
+from explainrt.engine.session import RunResult, _head_model, _input_dims, _outputs, head_feeds, parse_device, variant_model
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.explainable import TARGETS_INPUT, ExplainableSpec, make_explainable, original_model
+from explainrt.export.explainable import TARGETS_INPUT, ExplainableSpec, original_model
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,7 @@ class BatchProfile:
 
     def __post_init__(self) -> None:
         for name in ("min_batch", "opt_batch", "max_batch", "max_targets"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
+            checked_int(name, getattr(self, name))
         if not self.min_batch <= self.opt_batch <= self.max_batch:
             raise InvalidInputError(f"the batch profile needs min_batch <= opt_batch <= max_batch, got "
                                     f"{self.min_batch}, {self.opt_batch}, {self.max_batch}")
@@ -275,16 +274,10 @@ class TensorRTSession:
 
     def _run_variant(self, images: Any, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
         self._check_targets(np.asarray(targets))
-        layers = [self.spec.image_input] if of_input else list(self.spec.target_layers)
-
-        def build() -> onnx.ModelProto:
-            if (objective, of_input) == (self.spec.objective, False):
-                return self._model
-            return make_explainable(original_model(self._model), layers, logits=self.spec.logits, objective=objective)
-
-        engine = self._engine(("variant", objective, of_input), build)
+        engine = self._engine(("variant", objective, of_input),
+                              lambda: variant_model(self._model, self.spec, objective, of_input))
         values = self._call(engine, {self.spec.image_input: images, TARGETS_INPUT: np.asarray(targets, np.int64)},
-                            _outputs(self.spec.logits, len(layers)))
+                            _outputs(self.spec.logits, 1 if of_input else len(self.spec.target_layers)))
         return RunResult(values[0], values[1], values[2::2], values[3::2])
 
     def defended_input_gradients(self, images: Any, targets: np.ndarray, references: list[np.ndarray] | None = None,
@@ -307,7 +300,4 @@ class TensorRTSession:
             return head
 
         engine = self._engine(("head", layer), build)
-        feeds = {self.spec.target_layers[layer]: activations}
-        if self._heads[layer]:
-            feeds[self.spec.image_input] = np.repeat(np.asarray(images), activations.shape[0] // images.shape[0], axis=0)
-        return self._call(engine, feeds, [self.spec.logits])[0]
+        return self._call(engine, head_feeds(self.spec, layer, activations, images, self._heads[layer]), [self.spec.logits])[0]

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from explainrt.engine.methods.base import softmax
+from explainrt.engine.methods.base import checked_int, softmax
 from explainrt.errors import InvalidInputError
 
 BLUR_KERNEL_SIZE = 11
@@ -64,12 +64,6 @@ def saliency_ranks(maps: np.ndarray) -> np.ndarray:
     return ranks.reshape(maps.shape)
 
 
-def check_positive_int(name: str, value: object) -> None:
-    """Reject anything but an integer >= 1 for the parameter called ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def check_maps(images: np.ndarray, maps: np.ndarray, targets: np.ndarray) -> None:
     """Reject maps and targets that do not match the image batch [N, C, H, W]."""
     if images.ndim != 4 or images.shape[0] == 0:
@@ -97,8 +91,8 @@ def causal_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, targ
     """
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {MODES}, got {mode!r}")
-    check_positive_int("steps", steps)
-    check_positive_int("batch_size", batch_size)
+    checked_int("steps", steps)
+    checked_int("batch_size", batch_size)
     images = np.asarray(images, dtype=np.float32)
     maps = np.asarray(maps, dtype=np.float32)
     targets = np.asarray(targets, dtype=np.int64)

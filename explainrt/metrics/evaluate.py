@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from explainrt.engine.methods import get_method
+from explainrt.engine.methods.base import checked_int
 from explainrt.errors import InvalidInputError, UnknownMetricError
-from explainrt.metrics.curves import CausalCurves, causal_curves, check_positive_int
+from explainrt.metrics.curves import CausalCurves, causal_curves
 from explainrt.metrics.pointing import POINTING_TOLERANCE, energy_pointing_game, pointing_game
 from explainrt.metrics.road import DEFAULT_NOISE, DEFAULT_PERCENTAGES, road_curves
 
@@ -110,7 +111,7 @@ def evaluate(explainer: Any, images: Any, methods: Sequence[str], metrics: Seque
     needs_boxes = [m for m in metrics if m in BOX_METRICS]
     if needs_boxes and boxes is None:
         raise InvalidInputError(f"metric(s) {', '.join(needs_boxes)} need object boxes (use the pasted data set)")
-    check_positive_int("steps", steps)
+    checked_int("steps", steps)
     unknown = set(options or {}) - set(methods)
     if unknown:
         raise InvalidInputError(f"options given for method(s) {', '.join(sorted(unknown))} that are not evaluated")

@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
+from explainrt.engine.methods.base import checked_int
 from explainrt.engine.preprocessing import Preprocessing
 from explainrt.errors import InvalidInputError
-from explainrt.metrics.curves import check_positive_int
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
 
@@ -62,7 +62,7 @@ def _rgb(picture: str) -> np.ndarray:
 def pasted_dataset(count: int = 12, size: int = 256, seed: int = 0,
                    scale: tuple[float, float] = (0.45, 0.75)) -> list[PastedSample]:
     """``count`` samples alternating the objects; the object's longer side is ``scale`` of ``size``."""
-    check_positive_int("count", count)
+    checked_int("count", count)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 32:
         raise InvalidInputError(f"size must be an integer >= 32, got {size!r}")
     low, high = scale

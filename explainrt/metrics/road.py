@@ -21,8 +21,9 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 from tqdm.auto import tqdm
 
+from explainrt.engine.methods.base import checked_int
 from explainrt.errors import InvalidInputError
-from explainrt.metrics.curves import ScoresModel, check_maps, check_positive_int, probabilities, saliency_ranks
+from explainrt.metrics.curves import ScoresModel, check_maps, probabilities, saliency_ranks
 
 ORDERS = ("morf", "lerf")
 DEFAULT_PERCENTAGES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -114,7 +115,7 @@ def road_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, target
     a run is reproducible and does not depend on ``batch_size``.
     """
     values = _check_road(order, percentages, noise)
-    check_positive_int("batch_size", batch_size)
+    checked_int("batch_size", batch_size)
     images = np.asarray(images, dtype=np.float32)
     maps = np.asarray(maps, dtype=np.float32)
     targets = np.asarray(targets, dtype=np.int64)

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from explainrt import __version__
 from explainrt.engine.explainer import Explainer
 from explainrt.engine.methods import METHODS, get_method
-from explainrt.engine.methods.base import softmax
+from explainrt.engine.methods.base import check_class_range, checked_int, softmax
 from explainrt.errors import (
     ExplainrtError,
     ExplanationCancelled,
@@ -140,7 +140,7 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         model = served(name)
         body = await body_of(request)
         parameters = _parameters(body)
-        top_k = _positive_int(parameters.get("top_k", TOP_K), "top_k", model.num_classes)
+        top_k = checked_int("parameter top_k", parameters.get("top_k", TOP_K), 1, model.num_classes)
         images = await run_in_threadpool(codec.decode_instances, body, config.limits)
         result = await model.submit(predict_key(raw=True), Job(images))
         return {"model_name": name, "predictions": _predictions(model, result["logits"], top_k)}
@@ -270,12 +270,6 @@ def _returns(value: Any) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _positive_int(value: Any, name: str, most: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise InvalidInputError(f"parameter {name} must be an integer in 1..{most}, got {value!r}")
-    return value
-
-
 def _instance_targets(value: Any, count: int, classes: int) -> np.ndarray:
     """Targets: None (top class), one class for all, or one per instance; -k = the k-th most likely."""
     if value is None:
@@ -283,10 +277,7 @@ def _instance_targets(value: Any, count: int, classes: int) -> np.ndarray:
     values = [value] * count if not isinstance(value, list) else value
     if len(values) != count or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
         raise InvalidInputError(f"parameter targets must be one class index or {count} (one per instance), got {value!r}")
-    for target in values:
-        if not -classes <= target < classes:
-            raise InvalidInputError(f"target class {target} is out of range for a model with {classes} classes "
-                                    f"(use 0..{classes - 1}, or -k for the k-th most likely)")
+    check_class_range(values, classes)
     return np.asarray(values, dtype=np.int64)
 
 

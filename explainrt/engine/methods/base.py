@@ -91,3 +91,45 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
     return gaussian_filter(images, sigma=(0,) * (images.ndim - 2) + (sigma, sigma), mode="nearest").astype(np.float32)
+
+
+def checked_int(name: str, value: Any, lowest: int = 1, highest: int | None = None) -> int:
+    """``value`` as an int in ``lowest``..``highest`` (no upper bound when None), else an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest or (
+            highest is not None and value > highest):
+        bound = f">= {lowest}" if highest is None else f"in {lowest}..{highest}"
+        raise InvalidInputError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def int_option(options: dict[str, Any], name: str, default: int | None, lowest: int = 1,
+               highest: int | None = None) -> int | None:
+    """An integer method option (``default`` when absent; None stays None)."""
+    value = options.get(name, default)
+    return None if value is None else checked_int(name, value, lowest, highest)
+
+
+def number_option(options: dict[str, Any], name: str, default: float, *, allow_zero: bool) -> float:
+    """A finite number option > 0 (>= 0 with ``allow_zero``)."""
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            value >= 0 if allow_zero else value > 0) or not np.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return float(value)
+
+
+def flag_option(options: dict[str, Any], name: str, default: bool) -> bool:
+    """A True/False method option."""
+    value = options.get(name, default)
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_class_range(values: Any, classes: int, what: str = "target class") -> None:
+    """Raise InvalidInputError naming the first class index outside -classes..classes-1 (-k: k-th most likely)."""
+    values = np.asarray(values)
+    bad = (values >= classes) | (values < -classes)
+    if bad.any():
+        raise InvalidInputError(f"{what} {int(values[bad][0])} is out of range for a model with {classes} classes "
+                                f"(use 0..{classes - 1}, or -k for the k-th most likely)")

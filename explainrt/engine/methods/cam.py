@@ -88,7 +88,8 @@ class CamMethod(Method):
         return attribution
 
 
-def _grad_cam(ctx: LayerContext) -> CamTerms:
+def grad_cam_terms(ctx: LayerContext) -> CamTerms:
+    """Grad-CAM's terms (also Contrast-CAM's, on the gradients of its loss)."""
     # Selvaraju et al. 2017, eq. 1: alpha_k = mean_ij dy/dA_kij
     return CamTerms(ctx.activations, ctx.gradients.mean(axis=(2, 3)))
 
@@ -195,7 +196,7 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
 
 
 CAM_METHODS: tuple[CamMethod, ...] = (
-    CamMethod("gradcam", _grad_cam, True, "Grad-CAM: channels weighted by mean gradient"),
+    CamMethod("gradcam", grad_cam_terms, True, "Grad-CAM: channels weighted by mean gradient"),
     CamMethod("gradcam++", _grad_cam_pp, True, "Grad-CAM++: positive gradients with pixel-wise alphas"),
     CamMethod("xgradcam", _xgrad_cam, True, "XGrad-CAM: activation-normalised gradient weights"),
     CamMethod("hirescam", _hires_cam, True, "HiResCAM: element-wise gradient x activation"),

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from explainrt import kernels
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, resolve_targets, softmax
+from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, int_option, resolve_targets, softmax
 from explainrt.errors import InvalidInputError
 
 TOP_CLASSES = 3
@@ -43,9 +43,7 @@ class DeepFeatureFactorization(Method):
     options = ("n_concepts",)
 
     def attribute(self, request: AttributionRequest) -> Attribution:
-        n_concepts = request.options.get("n_concepts", 5)
-        if isinstance(n_concepts, bool) or not isinstance(n_concepts, (int, np.integer)) or n_concepts < 1:
-            raise InvalidInputError(f"n_concepts must be an integer >= 1, got {n_concepts!r}")
+        n_concepts = int_option(request.options, "n_concepts", 5)
         n = request.images.shape[0]
         tick = time.perf_counter()
         result = request.session.run(request.images, np.full((n, 1), -1, dtype=np.int64))

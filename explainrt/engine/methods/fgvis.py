@@ -29,13 +29,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, resolve_targets
-from explainrt.engine.methods.gradients import baselines, positive_int
+from explainrt.engine.methods.base import (
+    Attribution,
+    AttributionRequest,
+    Method,
+    flag_option,
+    int_option,
+    number_option,
+    resolve_targets,
+)
+from explainrt.engine.methods.gradients import baselines
 from explainrt.engine.session import RunResult
 from explainrt.errors import InvalidInputError
 
@@ -50,14 +57,6 @@ DEFAULT_LR = {"preserve": 0.1, "delete": 1.0}
 OBJECTIVE = "cross_entropy"  # -log softmax: its negated gradient is that of the score S_c
 
 
-def _positive_number(options: dict[str, Any], name: str, default: float, allow_zero: bool) -> float:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
-            value >= 0 if allow_zero else value > 0) or not np.isfinite(value):
-        raise InvalidInputError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
-
-
 class FGVis(Method):
     """FGVis preservation and deletion masks, optimised on the runtime's (defended) input gradients."""
 
@@ -70,12 +69,10 @@ class FGVis(Method):
         game = options.get("game", "preserve")
         if game not in GAMES:
             raise InvalidInputError(f"unknown game {game!r}; choose one of {', '.join(GAMES)}")
-        sparsity = _positive_number(options, "lambda", DEFAULT_LAMBDA[game], allow_zero=True)
-        steps = positive_int(options, "steps", 200)
-        lr = _positive_number(options, "lr", DEFAULT_LR[game], allow_zero=False)
-        defense = options.get("defense", True)
-        if not isinstance(defense, (bool, np.bool_)):
-            raise InvalidInputError(f"defense must be True or False, got {defense!r}")
+        sparsity = number_option(options, "lambda", DEFAULT_LAMBDA[game], allow_zero=True)
+        steps = int_option(options, "steps", 200)
+        lr = number_option(options, "lr", DEFAULT_LR[game], allow_zero=False)
+        defense = flag_option(options, "defense", True)
         images = request.images
         base = baselines(options.get("baseline", 0.0), images)
         delta = images - base

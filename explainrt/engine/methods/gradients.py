@@ -25,7 +25,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, gaussian_blur, resolve_targets
+from explainrt.engine.methods.base import (
+    Attribution,
+    AttributionRequest,
+    Method,
+    flag_option,
+    gaussian_blur,
+    int_option,
+    number_option,
+    resolve_targets,
+)
 from explainrt.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -33,28 +42,6 @@ log = logging.getLogger(__name__)
 RULES = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre")
 BLUR_SIGMA = 0.05
 """The "blur" baseline: a Gaussian blur of std BLUR_SIGMA * max(H, W) pixels (Sturmfels et al., 2020)."""
-
-
-def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
-    value = options.get(name, default)
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def positive_int(options: dict[str, Any], name: str, default: int) -> int:
-    """An integer option >= 1."""
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _non_negative(options: dict[str, Any], name: str, default: float) -> float:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
-        raise InvalidInputError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
 
 
 def baselines(value: Any, images: np.ndarray) -> np.ndarray:
@@ -135,8 +122,8 @@ class Saliency(Method):
     options = ("abs", "multiply_by_input")
 
     def attribute(self, request: AttributionRequest) -> Attribution:
-        absolute = _flag(request.options, "abs", True)
-        by_input = _flag(request.options, "multiply_by_input", False)
+        absolute = flag_option(request.options, "abs", True)
+        by_input = flag_option(request.options, "multiply_by_input", False)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         result = request.session.input_gradients(request.images, request.targets[:, None])
@@ -157,7 +144,7 @@ class IntegratedGradients(Method):
     signed = True
 
     def attribute(self, request: AttributionRequest) -> Attribution:
-        steps = positive_int(request.options, "steps", 50)
+        steps = int_option(request.options, "steps", 50)
         alphas, weights = quadrature(request.options.get("rule", "gausslegendre"), steps)
         images = request.images
         base = baselines(request.options.get("baseline", 0.0), images)
@@ -186,12 +173,10 @@ class SmoothGrad(Method):
     options = ("n_samples", "noise", "seed", "squared")
 
     def attribute(self, request: AttributionRequest) -> Attribution:
-        samples = positive_int(request.options, "n_samples", 25)
-        noise = _non_negative(request.options, "noise", 0.15)
-        seed = request.options.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InvalidInputError(f"seed must be an integer >= 0, got {seed!r}")
-        squared = _flag(request.options, "squared", False)
+        samples = int_option(request.options, "n_samples", 25)
+        noise = number_option(request.options, "noise", 0.15, allow_zero=True)
+        seed = int_option(request.options, "seed", 0, lowest=0)
+        squared = flag_option(request.options, "squared", False)
         images, timings = request.images, {}
         logits = _logits(request, images, timings)
         targets = resolve_targets(request.targets, logits)

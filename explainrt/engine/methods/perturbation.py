@@ -47,6 +47,7 @@ from explainrt.engine.methods.base import (
     AttributionRequest,
     Method,
     gaussian_blur,
+    int_option,
     resolve_targets,
     softmax,
 )
@@ -57,16 +58,6 @@ BUDGET_OPTIONS = ("max_batch", "memory_mb")
 
 BLUR_SIGMA = 10.0
 """Std in pixels of the Gaussian blur of the ``baseline="blur"`` occlusion (Fong & Vedaldi 2017)."""
-
-
-def int_option(options: dict[str, Any], name: str, default: int | None, lowest: int = 1) -> int | None:
-    """An integer option >= ``lowest`` (``default`` when absent)."""
-    value = options.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
-        raise InvalidInputError(f"{name} must be an integer >= {lowest}, got {value!r}")
-    return int(value)
 
 
 def perturbation_budget(request: AttributionRequest, mask_channels: int = 1) -> int:

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from explainrt import kernels
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method
-from explainrt.engine.methods.perturbation import (BUDGET_OPTIONS, int_option, perturbation_budget,
+from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, int_option, number_option
+from explainrt.engine.methods.perturbation import (BUDGET_OPTIONS, perturbation_budget,
                                                    perturbation_scores, reference_logits)
 from explainrt.errors import InvalidInputError
 
@@ -259,15 +259,6 @@ def shapley_regression(coalitions: Coalitions, values: np.ndarray, full_value: f
 OUTPUTS = ("probability", "logit")
 
 
-def _number_option(options: dict[str, Any], name: str, default: float) -> float:
-    """A finite number > 0 (``default`` when absent)."""
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(value) or value <= 0:
-        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def _baseline_option(options: dict[str, Any]) -> str | float:
     """What an off superpixel shows: "mean" (its mean colour, lime's default) or a number (model-input units)."""
     value = options.get("baseline", "mean")
@@ -328,9 +319,7 @@ class SuperpixelSurrogate(Method):
     def attribute(self, request: AttributionRequest) -> Attribution:
         options = request.options
         n_samples = int_option(options, "n_samples", self.default_samples, lowest=2)
-        seed = int_option(options, "seed", 0, lowest=0)
-        if seed >= 2**32:
-            raise InvalidInputError(f"seed must be an integer in [0, 2**32), got {seed}")
+        seed = int_option(options, "seed", 0, lowest=0, highest=2**32 - 1)
         num_features = int_option(options, "num_features", None)
         output = options.get("output", "probability")
         if output not in OUTPUTS:
@@ -380,11 +369,8 @@ class Lime(SuperpixelSurrogate):
     options = (*SuperpixelSurrogate.common_options, "kernel_width", "alpha")
 
     def fit_settings(self, options: dict[str, Any]) -> dict[str, float]:
-        alpha = options.get("alpha", 1.0)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(alpha) or alpha < 0:
-            raise InvalidInputError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        return {"kernel_width": _number_option(options, "kernel_width", 0.25), "alpha": float(alpha)}
+        return {"kernel_width": number_option(options, "kernel_width", 0.25, allow_zero=False),
+                "alpha": number_option(options, "alpha", 1.0, allow_zero=True)}
 
     def samples(self, count: int, n_samples: int | None, seed: int) -> np.ndarray:
         return lime_samples(count, n_samples, seed)

@@ -23,8 +23,16 @@ from typing import Any
 import numpy as np
 
 from explainrt import kernels
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, resolve_targets, softmax
-from explainrt.engine.methods.cam import CamMethod, CamTerms, LayerContext, cam_attribution, combine_layers
+from explainrt.engine.methods.base import (
+    Attribution,
+    AttributionRequest,
+    Method,
+    check_class_range,
+    checked_int,
+    resolve_targets,
+    softmax,
+)
+from explainrt.engine.methods.cam import CamMethod, CamTerms, LayerContext, cam_attribution, combine_layers, grad_cam_terms
 from explainrt.engine.session import RunResult
 from explainrt.errors import InvalidInputError
 
@@ -36,25 +44,13 @@ def _counterfactual_cam(ctx: LayerContext) -> CamTerms:
     return CamTerms(ctx.activations, -ctx.gradients.mean(axis=(2, 3)))
 
 
-def _grad_cam_weights(ctx: LayerContext) -> CamTerms:
-    return CamTerms(ctx.activations, ctx.gradients.mean(axis=(2, 3)))
-
-
 def _class_option(value: Any, name: str, count: int, classes: int) -> np.ndarray:
     """A class option (one int, or one per image; -k = k-th most likely) as int64 [count]."""
     values = np.broadcast_to(np.asarray(value), (count,)) if np.ndim(value) == 0 else np.asarray(value)
     if values.dtype.kind not in "iu":
         raise InvalidInputError(f"{name} must be a class index (or -k for the k-th most likely), got {value!r}")
-    bad = (values >= classes) | (values < -classes)
-    if bad.any():
-        raise InvalidInputError(f"{name} {int(values[bad][0])} is out of range for a model with {classes} classes")
+    check_class_range(values, classes, name)
     return values.astype(np.int64)
-
-
-def _top_k(value: Any, classes: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= classes - 1:
-        raise InvalidInputError(f"top_k must be an integer in 1..{classes - 1} (the other classes), got {value!r}")
-    return int(value)
 
 
 def _timed_run(request: AttributionRequest, timings: dict[str, float], images: np.ndarray, targets: np.ndarray,
@@ -79,7 +75,7 @@ class ContrastCam(Method):
         if top_k is not None and contrast is not None:
             raise InvalidInputError("give contrast (the class Q per image) or top_k (the next k classes), not both")
         if top_k is not None:
-            contrasts = np.tile(-np.arange(2, _top_k(top_k, classes) + 2, dtype=np.int64), (n, 1))
+            contrasts = np.tile(-np.arange(2, checked_int("top_k", top_k, 1, classes - 1) + 2, dtype=np.int64), (n, 1))
         else:
             contrasts = _class_option(-2 if contrast is None else contrast, "contrast", n, classes)[:, None]
         timings: dict[str, float] = {}
@@ -95,7 +91,7 @@ class ContrastCam(Method):
             image = int(np.argwhere(same)[0][0])
             raise InvalidInputError(f"the contrast class of image {image} is its predicted class {predicted[image]}: "
                                     "choose another class Q")
-        per_contrast = [cam_attribution(request, result, predicted, _grad_cam_weights, seed=k)
+        per_contrast = [cam_attribution(request, result, predicted, grad_cam_terms, seed=k)
                         for k in range(contrasts.shape[1])]
         for part in per_contrast:
             for stage, seconds in part.timings.items():
