@@ -9,7 +9,10 @@ runs the model through the request's session, never on its own.
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,3 +136,13 @@ def check_class_range(values: Any, classes: int, what: str = "target class") -> 
     if bad.any():
         raise InvalidInputError(f"{what} {int(values[bad][0])} is out of range for a model with {classes} classes "
                                 f"(use 0..{classes - 1}, or -k for the k-th most likely)")
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[stage]`` (the per-stage timings of an Attribution)."""
+    tick = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - tick

@@ -10,7 +10,6 @@ average. Formulas follow the papers and pytorch-grad-cam's numerics so results c
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from explainrt import kernels
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method
+from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, timed
 from explainrt.engine.methods.perturbation import perturbation_scores
 from explainrt.engine.session import RunResult, Session
 from explainrt.errors import InvalidInputError
@@ -54,18 +53,16 @@ def cam_attribution(request: AttributionRequest, result: RunResult, explained: n
                     weigh: Callable[[LayerContext], CamTerms], seed: int = 0) -> Attribution:
     """Maps from one runtime result: weigh each target layer (gradients of seed ``seed``), fuse, average."""
     height, width = request.images.shape[2:]
-    timings = {"method": 0.0, "maps": 0.0}
+    timings: dict[str, float] = {}
     per_layer = []
     for layer, (acts, grads) in enumerate(zip(result.activations, result.gradients)):
-        tick = time.perf_counter()
-        terms = weigh(LayerContext(acts, grads[:, seed], result.logits, explained, request.images, layer,
-                                   request.session, request.batch_size, request.options))
-        mid = time.perf_counter()
-        # the kernels make their inputs contiguous float32 on the arrays' own device (NumPy or CuPy)
-        per_layer.append(kernels.cam_maps(terms.activations, terms.weights, (height, width),
-                                          normalize=request.normalize))
-        timings["method"] += mid - tick
-        timings["maps"] += time.perf_counter() - mid
+        with timed(timings, "method"):
+            terms = weigh(LayerContext(acts, grads[:, seed], result.logits, explained, request.images, layer,
+                                       request.session, request.batch_size, request.options))
+        with timed(timings, "maps"):
+            # the kernels make their inputs contiguous float32 on the arrays' own device (NumPy or CuPy)
+            per_layer.append(kernels.cam_maps(terms.activations, terms.weights, (height, width),
+                                              normalize=request.normalize))
     return Attribution(combine_layers(per_layer), result.logits, explained, timings)
 
 
@@ -80,11 +77,11 @@ class CamMethod(Method):
     options: tuple[str, ...] = ()
 
     def attribute(self, request: AttributionRequest) -> Attribution:
-        tick = time.perf_counter()
-        result = request.session.run(request.images, request.targets[:, None])
-        runtime = time.perf_counter() - tick
+        timings: dict[str, float] = {}
+        with timed(timings, "runtime"):
+            result = request.session.run(request.images, request.targets[:, None])
         attribution = cam_attribution(request, result, result.targets[:, 0], self.weigh)
-        attribution.timings["runtime"] = runtime
+        attribution.timings.update(timings)
         return attribution
 
 

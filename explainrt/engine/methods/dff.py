@@ -10,12 +10,11 @@ shared by the images of one chunk (``batch_size`` images), like pytorch-grad-cam
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
 from explainrt import kernels
-from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, int_option, resolve_targets, softmax
+from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, int_option, resolve_targets, softmax, timed
 from explainrt.errors import InvalidInputError
 
 TOP_CLASSES = 3
@@ -45,27 +44,24 @@ class DeepFeatureFactorization(Method):
     def attribute(self, request: AttributionRequest) -> Attribution:
         n_concepts = int_option(request.options, "n_concepts", 5)
         n = request.images.shape[0]
-        tick = time.perf_counter()
-        result = request.session.run(request.images, np.full((n, 1), -1, dtype=np.int64))
-        timings = {"runtime": time.perf_counter() - tick}
+        timings: dict[str, float] = {}
+        with timed(timings, "runtime"):
+            result = request.session.run(request.images, np.full((n, 1), -1, dtype=np.int64))
         layer = len(result.activations) - 1  # the deepest target layer: the one next to the head
         activations = result.activations[layer]
         if int(n_concepts) > activations.shape[1]:
             raise InvalidInputError(f"n_concepts ({n_concepts}) exceeds the target layer's {activations.shape[1]} channels")
-        tick = time.perf_counter()
-        concepts, heatmaps = factorize(activations, int(n_concepts))
-        timings["method"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        filled = np.ascontiguousarray(np.broadcast_to(concepts[:, :, None, None], (n_concepts, *activations.shape[1:])))
-        concept_logits = request.session.head(layer, filled, request.images[:1])
-        timings["runtime"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        height, width = request.images.shape[2:]
-        scaled = kernels.normalize_minmax(heatmaps.reshape(-1, *heatmaps.shape[2:]))
-        concept_maps = kernels.resize_bilinear(scaled, (height, width)).reshape(n, n_concepts, height, width)
-        probabilities = softmax(concept_logits)
-        top = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_CLASSES]
-        timings["maps"] = time.perf_counter() - tick
+        with timed(timings, "method"):
+            concepts, heatmaps = factorize(activations, int(n_concepts))
+        with timed(timings, "runtime"):
+            filled = np.ascontiguousarray(np.broadcast_to(concepts[:, :, None, None], (n_concepts, *activations.shape[1:])))
+            concept_logits = request.session.head(layer, filled, request.images[:1])
+        with timed(timings, "maps"):
+            height, width = request.images.shape[2:]
+            scaled = kernels.normalize_minmax(heatmaps.reshape(-1, *heatmaps.shape[2:]))
+            concept_maps = kernels.resize_bilinear(scaled, (height, width)).reshape(n, n_concepts, height, width)
+            probabilities = softmax(concept_logits)
+            top = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_CLASSES]
         extras = {
             "concept_maps": concept_maps,
             "concept_classes": np.broadcast_to(top, (n, *top.shape)).copy(),

@@ -28,7 +28,6 @@ the class flipped, or held under a mask).
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 from tqdm import tqdm
@@ -41,6 +40,7 @@ from explainrt.engine.methods.base import (
     int_option,
     number_option,
     resolve_targets,
+    timed,
 )
 from explainrt.engine.methods.gradients import baselines
 from explainrt.engine.session import RunResult
@@ -80,21 +80,18 @@ class FGVis(Method):
 
         def gradients(perturbed: np.ndarray, targets: np.ndarray, references: list[np.ndarray] | None
                       ) -> tuple[RunResult, list[np.ndarray]]:
-            tick = time.perf_counter()
-            if defense:
-                answer = request.session.defended_input_gradients(perturbed, targets[:, None], references, OBJECTIVE)
-            else:
-                answer = request.session.input_gradients(perturbed, targets[:, None], OBJECTIVE), []
-            timings["runtime"] += time.perf_counter() - tick
-            return answer
+            with timed(timings, "runtime"):
+                if defense:
+                    return request.session.defended_input_gradients(perturbed, targets[:, None], references, OBJECTIVE)
+                return request.session.input_gradients(perturbed, targets[:, None], OBJECTIVE), []
 
-        tick = time.perf_counter()
-        if defense:
-            first, references = request.session.defended_input_gradients(images, request.targets[:, None], None, OBJECTIVE)
-            logits = first.logits
-        else:
-            logits, references = request.session.logits(images), []
-        timings["runtime"] += time.perf_counter() - tick
+        with timed(timings, "runtime"):
+            if defense:
+                first, references = request.session.defended_input_gradients(images, request.targets[:, None], None,
+                                                                             OBJECTIVE)
+                logits = first.logits
+            else:
+                logits, references = request.session.logits(images), []
         targets = resolve_targets(request.targets, logits)
 
         mask = np.ones(images.shape, dtype=np.float32)

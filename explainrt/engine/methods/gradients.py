@@ -18,7 +18,6 @@ points of all images of a chunk share runtime calls of at most ``request.batch_s
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from explainrt.engine.methods.base import (
     int_option,
     number_option,
     resolve_targets,
+    timed,
 )
 from explainrt.errors import InvalidInputError
 
@@ -92,9 +92,8 @@ def weighted_gradients(request: AttributionRequest, targets: np.ndarray, count: 
         request.check_cancelled()
         image_of, point_of = np.divmod(np.arange(start, min(start + request.batch_size, n * count)), count)
         batch = np.ascontiguousarray(inputs_at(image_of, point_of), dtype=np.float32)
-        tick = time.perf_counter()
-        gradients = request.session.input_gradients(batch, targets[image_of, None]).gradients[0][:, 0]
-        timings["runtime"] = timings.get("runtime", 0.0) + time.perf_counter() - tick
+        with timed(timings, "runtime"):
+            gradients = request.session.input_gradients(batch, targets[image_of, None]).gradients[0][:, 0]
         if squared:
             gradients = gradients * gradients
         for image in np.unique(image_of):
@@ -105,12 +104,11 @@ def weighted_gradients(request: AttributionRequest, targets: np.ndarray, count: 
 
 def _logits(request: AttributionRequest, images: np.ndarray, timings: dict[str, float]) -> np.ndarray:
     """Plain logits of any number of images, in runtime calls of at most ``request.batch_size``."""
-    tick = time.perf_counter()
     parts = []
-    for start in range(0, images.shape[0], request.batch_size):
-        request.check_cancelled()
-        parts.append(request.session.logits(np.ascontiguousarray(images[start:start + request.batch_size])))
-    timings["runtime"] = timings.get("runtime", 0.0) + time.perf_counter() - tick
+    with timed(timings, "runtime"):
+        for start in range(0, images.shape[0], request.batch_size):
+            request.check_cancelled()
+            parts.append(request.session.logits(np.ascontiguousarray(images[start:start + request.batch_size])))
     return np.concatenate(parts)
 
 
@@ -125,9 +123,8 @@ class Saliency(Method):
         absolute = flag_option(request.options, "abs", True)
         by_input = flag_option(request.options, "multiply_by_input", False)
         timings: dict[str, float] = {}
-        tick = time.perf_counter()
-        result = request.session.input_gradients(request.images, request.targets[:, None])
-        timings["runtime"] = time.perf_counter() - tick
+        with timed(timings, "runtime"):
+            result = request.session.input_gradients(request.images, request.targets[:, None])
         gradients = result.gradients[0][:, 0]
         if by_input:
             gradients = gradients * request.images

@@ -17,7 +17,6 @@ Maps are combined at the layer's resolution, averaged over target layers and res
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from explainrt.engine.methods.base import (
     checked_int,
     resolve_targets,
     softmax,
+    timed,
 )
 from explainrt.engine.methods.cam import CamMethod, CamTerms, LayerContext, cam_attribution, combine_layers, grad_cam_terms
 from explainrt.engine.session import RunResult
@@ -55,10 +55,8 @@ def _class_option(value: Any, name: str, count: int, classes: int) -> np.ndarray
 
 def _timed_run(request: AttributionRequest, timings: dict[str, float], images: np.ndarray, targets: np.ndarray,
                objective: str = "logit") -> RunResult:
-    tick = time.perf_counter()
-    result = request.session.run(images, targets, objective)
-    timings["runtime"] = timings.get("runtime", 0.0) + time.perf_counter() - tick
-    return result
+    with timed(timings, "runtime"):
+        return request.session.run(images, targets, objective)
 
 
 class ContrastCam(Method):
@@ -146,14 +144,13 @@ class GaloreDeliberative(Method):
         timings: dict[str, float] = {}
         top = _timed_run(request, timings, request.images, np.tile(np.array([-1, -2, -3], dtype=np.int64), (n, 1)))
         confidence = _timed_run(request, timings, request.images, np.full((n, 1), -1, dtype=np.int64), "cross_entropy")
-        tick = time.perf_counter()
-        per_layer = []
-        for acts, grads, (_, difficulty) in zip(top.activations, top.gradients, confidence_attributions(confidence)):
-            by_class = attribution_maps(acts, grads)
-            per_layer.append(np.stack([by_class[:, a] * by_class[:, b] * difficulty for a, b in TOP_PAIRS], axis=1))
-        insecurities = _resized(per_layer, request.images.shape[2:])
-        pairs = np.stack([top.targets[:, [a, b]] for a, b in TOP_PAIRS], axis=1)
-        timings["method"] = time.perf_counter() - tick
+        with timed(timings, "method"):
+            per_layer = []
+            for acts, grads, (_, difficulty) in zip(top.activations, top.gradients, confidence_attributions(confidence)):
+                by_class = attribution_maps(acts, grads)
+                per_layer.append(np.stack([by_class[:, a] * by_class[:, b] * difficulty for a, b in TOP_PAIRS], axis=1))
+            insecurities = _resized(per_layer, request.images.shape[2:])
+            pairs = np.stack([top.targets[:, [a, b]] for a, b in TOP_PAIRS], axis=1)
         return Attribution(insecurities[:, 0], top.logits, top.targets[:, 0], timings,
                            {"insecurity_maps": insecurities, "insecurity_pairs": pairs})
 
@@ -191,12 +188,11 @@ class GaloreCounterfactual(Method):
         """D(x, y*, y_c) for the run's two seeds (explained class, counter class)."""
         top = np.full((images.shape[0], 1), -1, dtype=np.int64)
         confidence = _timed_run(request, timings, images, top, "cross_entropy")
-        tick = time.perf_counter()
-        per_layer = []
-        for acts, grads, (aware, _) in zip(pair.activations, pair.gradients, confidence_attributions(confidence)):
-            by_class = attribution_maps(acts, grads)
-            per_layer.append(aware * (1 - by_class[:, 1]) * by_class[:, 0])
-        timings["method"] = timings.get("method", 0.0) + time.perf_counter() - tick
+        with timed(timings, "method"):
+            per_layer = []
+            for acts, grads, (aware, _) in zip(pair.activations, pair.gradients, confidence_attributions(confidence)):
+                by_class = attribution_maps(acts, grads)
+                per_layer.append(aware * (1 - by_class[:, 1]) * by_class[:, 0])
         return _resized(per_layer, images.shape[2:])
 
 
