@@ -126,6 +126,15 @@ def _blocks(rows: int, cols: int, size: int = 64) -> np.ndarray:
     return (y * rows // size) * cols + x * cols // size
 
 
+def _superpixel_vector(result, index: int) -> np.ndarray:
+    """Image ``index``'s weight per superpixel, read from the dense extras (one weight per superpixel checked)."""
+    labels, weight_map = result.extras["segments"][index], result.extras["superpixel_weights"][index]
+    vector = np.full(labels.max() + 1, np.nan, np.float32)
+    vector[labels] = weight_map
+    np.testing.assert_array_equal(vector[labels], weight_map)
+    return vector
+
+
 def _probabilities(explainer, images: np.ndarray, target: int) -> np.ndarray:
     return softmax(explainer.session.logits(np.ascontiguousarray(images, dtype=np.float32)))[:, target]
 
@@ -146,7 +155,7 @@ def test_lime_matches_lime_package(small_explainer, small_batch):
     expected = np.zeros(16)
     for feature, weight in explanation.local_exp[target]:
         expected[feature] = weight
-    weights = ours.extras["superpixel_weights"][0]
+    weights = _superpixel_vector(ours, 0)
     assert np.abs(expected).max() > 1e-3  # the scores do depend on the superpixels
     np.testing.assert_allclose(weights, expected, atol=1e-5 * np.abs(expected).max() + 1e-7)
     assert ours.extras["intercept"][0] == pytest.approx(explanation.intercept[target], abs=1e-5)
@@ -159,8 +168,8 @@ def test_lime_top_k_map_and_extras(small_explainer, small_batch):
     full = small_explainer.explain(small_batch[:1], method="lime", normalize=False, segments=labels, n_samples=120)
     top3 = small_explainer.explain(small_batch[:1], method="lime", normalize=False, segments=labels, n_samples=120,
                                    num_features=3)
-    weights = full.extras["superpixel_weights"][0]
-    np.testing.assert_array_equal(top3.extras["superpixel_weights"][0], weights)
+    weights = _superpixel_vector(full, 0)
+    np.testing.assert_array_equal(top3.extras["superpixel_weights"], full.extras["superpixel_weights"])
     kept = np.argsort(-np.abs(weights))[:3]  # lime's explanation size: the largest |weights|
     np.testing.assert_allclose(top3.maps[0], np.where(np.isin(labels, kept), weights[labels], 0.0))
     top = top3.extras["top_superpixels"][0]
@@ -190,7 +199,7 @@ def test_kernelshap_equals_brute_force_shapley_values(small_explainer, small_bat
         keep = members[:, labels][:, None]  # [m, 1, H, W]
         return _probabilities(small_explainer, image * keep + off * (1 - keep), target).astype(np.float64)
 
-    phi = result.extras["superpixel_weights"][0]
+    phi = _superpixel_vector(result, 0)
     np.testing.assert_allclose(phi, exact_shapley(game, count), atol=2e-6)
     assert result.extras["base_value"][0] == pytest.approx(game(np.zeros((1, count)))[0], abs=1e-6)
     np.testing.assert_allclose(result.maps[0], phi[labels])
@@ -200,7 +209,7 @@ def test_kernelshap_efficiency_with_sampled_coalitions(small_explainer, small_ba
     result = small_explainer.explain(small_batch[:2], method="kernelshap", normalize=False, n_samples=150,
                                      segments={"algorithm": "slic", "n_segments": 30}, output="logit")
     for index in range(2):
-        phi = result.extras["superpixel_weights"][index]
+        phi = _superpixel_vector(result, index).astype(np.float64)
         assert len(phi) > 10  # 2^S - 2 > 150: coalitions are sampled
         full = result.logits[index, result.targets[index]]  # all on is the image itself
         assert result.extras["full_value"][index] == pytest.approx(full, abs=1e-4)
@@ -220,17 +229,60 @@ def test_per_image_segments_and_seed_reproducibility(small_explainer, small_batc
     assert not np.allclose(other.maps[0], both.maps[0])
 
 
+@pytest.mark.parametrize("method", ["lime", "kernelshap"])
+def test_per_image_segments_across_chunks(small_explainer, small_batch, method):
+    """[N, H, W] labels are sliced per chunk: batch_size=1 over 3 images equals each image alone with its labels;
+    one [H, W] map and a segmentation name are shared by every chunk."""
+    labels = np.stack([_blocks(3, 3), _blocks(2, 4), _blocks(4, 2)])
+    options = {"method": method, "normalize": False, "n_samples": 40, "seed": 2}
+    chunked = small_explainer.explain(small_batch, segments=labels, batch_size=1, **options)
+    for index in range(3):
+        alone = small_explainer.explain(small_batch[index : index + 1], segments=labels[index], **options)
+        np.testing.assert_allclose(chunked.maps[index], alone.maps[0], atol=1e-5 * np.abs(alone.maps).max())
+        np.testing.assert_array_equal(chunked.extras["segments"][index], labels[index])
+        for key, values in alone.extras.items():
+            np.testing.assert_allclose(chunked.extras[key][index], values[0], atol=1e-4)
+    for shared in (labels[1], {"algorithm": "slic", "n_segments": 8}):
+        one_call = small_explainer.explain(small_batch, segments=shared, batch_size=3, **options)
+        chunked = small_explainer.explain(small_batch, segments=shared, batch_size=1, **options)
+        np.testing.assert_allclose(chunked.maps, one_call.maps, atol=1e-5 * np.abs(one_call.maps).max())
+        np.testing.assert_array_equal(chunked.extras["segments"], one_call.extras["segments"])
+
+
+def test_extras_are_regular_arrays_and_the_cli_saves_them_without_pickle(workdir, small_onnx, capsys):
+    from PIL import Image
+
+    from explainrt.engine.cli import main
+
+    (workdir / "small.onnx").write_bytes(small_onnx.SerializeToString())
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(workdir / "a.png")
+    status = main(["explain", "a.png", "--model", "small.onnx", "--input-size", "64", "64", "--method", "lime",
+                   "-O", "n_samples=30", "-O", 'segments={"algorithm": "slic", "n_segments": 10}', "--raw",
+                   "--out", "out"])
+    assert status == 0, capsys.readouterr().err
+    with np.load(workdir / "out" / "a.lime.extras.npz", allow_pickle=False) as extras:
+        assert sorted(extras.files) == ["intercept", "r2", "segments", "superpixel_weights", "top_superpixels"]
+        assert extras["segments"].dtype == np.int32 and extras["superpixel_weights"].dtype == np.float32
+        assert extras["superpixel_weights"].shape == extras["segments"].shape == (64, 64)
+        assert extras["top_superpixels"].shape == (5,) and extras["r2"].shape == ()
+        raw = np.load(workdir / "out" / "a.lime.npy")
+        np.testing.assert_array_equal(raw, extras["superpixel_weights"])  # no num_features: the map is the weights
+
+
 @pytest.mark.parametrize("segments", ["slic", "quickshift", {"algorithm": "slic", "n_segments": 12, "compactness": 20}])
 def test_scikit_image_segmentations(small_explainer, small_batch, segments):
     result = small_explainer.explain(small_batch[:1], method="lime", normalize=False, segments=segments, n_samples=40)
     labels = result.extras["segments"][0]
     assert labels.shape == (64, 64) and labels.min() == 0
-    assert len(result.extras["superpixel_weights"][0]) == labels.max() + 1 >= 2
+    assert result.extras["superpixel_weights"].shape == (1, 64, 64) and labels.max() + 1 >= 2
+    assert np.isfinite(_superpixel_vector(result, 0)).all()
 
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"segments": np.zeros((64, 64), dtype=np.int64)}, "segments: image 0 has a single segment"),
-    ({"segments": _blocks(2, 2, 32)}, "segments for image 0 must be int labels of shape"),
+    ({"segments": _blocks(2, 2, 32)}, r"segments must be one value or one per image \(1 images\), got 32 "
+                                      r"\(shape \(32, 32\); one map for all images has the images' size \(64, 64\)"),
+    ({"segments": np.stack([_blocks(2, 2, 32)])}, "segments for image 0 must be int labels of shape"),
     ({"segments": np.zeros((64, 64))}, "segments must be"),
     ({"segments": "watershed"}, "unknown segmentation 'watershed'"),
     ({"segments": {"algorithm": "slic", "n_segmentz": 4}}, "segments: bad parameters for 'slic'"),
@@ -251,9 +303,9 @@ def test_bad_options(small_explainer, small_batch, options, message):
 def test_bad_inputs_kernelshap(small_explainer, small_batch):
     with pytest.raises(InvalidInputError, match="kernelshap.*kernel_width"):
         small_explainer.explain(small_batch[:1], method="kernelshap", kernel_width=0.5)
-    with pytest.raises(InvalidInputError, match="segments has 3 label maps for a chunk of 2 images"):
+    with pytest.raises(InvalidInputError, match=r"segments must be one value or one per image \(3 images\), got 2"):
         small_explainer.explain(small_batch, method="kernelshap", batch_size=2, n_samples=10,
-                                segments=np.stack([_blocks(2, 2)] * 3))
+                                segments=np.stack([_blocks(2, 2)] * 2))
     with pytest.raises(InvalidInputError, match="images have shape"):  # the pipeline's size check
         small_explainer.explain(np.zeros((1, 3, 32, 32), np.float32), method="kernelshap")
 

@@ -67,3 +67,95 @@ def test_evaluate_bad_input(arguments: list[str], message: str, workdir: Path,
     assert main(["evaluate", *arguments, "--out", "eval"]) == 2
     assert message in capsys.readouterr().err
     assert not (workdir / "eval").exists()
+
+
+@pytest.fixture
+def noise_folder(workdir: Path, small_onnx) -> Path:  # noqa: ANN001
+    """small.onnx and a folder of two 64x64 noise PNGs in the working directory."""
+    (workdir / "small.onnx").write_bytes(small_onnx.SerializeToString())
+    folder = workdir / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(2):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"noise{index}.png")
+    return folder
+
+
+def _reference_batch(small_onnx, folder: Path):  # noqa: ANN001, ANN202
+    """The small model with the CLI's default preprocessing for a 64x64 ONNX input, and the folder's images."""
+    from explainrt.engine.explainer import Explainer
+    from explainrt.engine.preprocessing import Preprocessing
+
+    explainer = Explainer(small_onnx, preprocessing=Preprocessing((64, 64), 64 * 8 // 7, (0.485, 0.456, 0.406),
+                                                                  (0.229, 0.224, 0.225)))
+    images = [np.asarray(Image.open(folder / f"noise{index}.png").convert("RGB")) for index in range(2)]
+    return explainer, explainer.prepare(images)[0]
+
+
+def test_evaluate_road_percentages_agree_with_road_curves(noise_folder: Path, small_onnx,  # noqa: ANN001
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from explainrt.metrics.road import road_curves
+
+    status = main(["evaluate", str(noise_folder), "--model", "small.onnx", "--methods", "gradcam", "--metrics", "road",
+                   "--road-percentages", "25, 50,75", "--seed", "3", "--batch-size", "4", "--out", "eval"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    summary = json.loads((noise_folder.parent / "eval" / "evaluation.json").read_text())
+    assert summary["road_percentages"] == [25.0, 50.0, 75.0]
+    explainer, batch = _reference_batch(small_onnx, noise_folder)
+    explanation = explainer.explain(batch, "gradcam")
+    assert summary["targets"] == explanation.targets.tolist()
+    for order in ("morf", "lerf"):
+        curves = road_curves(explainer.session, batch, explanation.maps, explanation.targets, order, (25, 50, 75),
+                             seed=3, batch_size=4)
+        np.testing.assert_allclose(summary["per_image"]["gradcam"][f"road-{order}"], curves.mean, atol=1e-6)
+        assert f"{curves.mean.mean():.3f}" in printed
+
+
+def test_evaluate_sanity_table_agrees_with_cascading_randomization(noise_folder: Path, small_onnx,  # noqa: ANN001
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from explainrt.export.explainable import original_model
+    from explainrt.metrics.sanity import cascading_randomization, weighted_nodes
+
+    status = main(["evaluate", str(noise_folder), "--model", "small.onnx", "--methods", "gradcam,eigencam",
+                   "--steps", "4", "--sanity", "--sanity-steps", "3", "--seed", "2", "--out", "eval"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    out = noise_folder.parent / "eval"
+    summary = json.loads((out / "evaluation.json").read_text())
+    table = (out / "sanity.md").read_text()
+    assert table in printed and "| layers randomised | down to | gradcam | eigencam |" in table
+    _, batch = _reference_batch(small_onnx, noise_folder)
+    layers = weighted_nodes(original_model(small_onnx))
+    cuts = summary["sanity"]["cuts"]
+    assert [c["layers_randomized"] for c in cuts] == np.rint(np.linspace(1, len(layers), 3)).astype(int).tolist()
+    assert [c["down_to"] for c in cuts] == [layers[c["layers_randomized"] - 1] for c in cuts]
+    for method in ("gradcam", "eigencam"):
+        reference = cascading_randomization(small_onnx, batch, method, np.array(summary["targets"]), steps=3, seed=2)
+        assert [c["down_to"] for c in cuts] == list(reference.layers)
+        np.testing.assert_allclose(summary["sanity"]["spearman"][method], reference.spearman[1:], atol=1e-6)
+        np.testing.assert_allclose(summary["sanity"]["ssim"][method], reference.ssim[1:], atol=1e-6)
+        column = ["gradcam", "eigencam"].index(method) + 2
+        rows = [line.strip("|").split("|") for line in table.splitlines()[4:]]
+        assert [float(row[column]) for row in rows] == pytest.approx(reference.spearman[1:].mean(axis=1), abs=5e-4)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--metrics", "road", "--road-percentages", "10,100"], "argument --road-percentages: percentages must lie "
+                                                            "strictly between 0 and 100, got 100"),
+    (["--metrics", "road", "--road-percentages", "0,50"], "argument --road-percentages: percentages must lie"),
+    (["--metrics", "road", "--road-percentages", "-5"], "argument --road-percentages: percentages must lie"),
+    (["--metrics", "road", "--road-percentages", ""], "argument --road-percentages: expected comma-separated"),
+    (["--metrics", "road", "--road-percentages", "10,,20"], "argument --road-percentages: expected comma-separated"),
+    (["--metrics", "road", "--road-percentages", "10,ten"], "argument --road-percentages: expected comma-separated "
+                                                            "numbers, got '10,ten'"),
+    (["--metrics", "road", "--road-percentages", "nan"], "argument --road-percentages: percentages must lie"),
+    (["--road-percentages", "10,20"], "--road-percentages sets the road metric's removals: add road to --metrics"),
+    (["--sanity", "--sanity-steps", "0"], "argument --sanity-steps: must be at least 1, got 0"),
+    (["--sanity", "--backend", "torch"], "--sanity re-draws the ONNX model's weights"),
+])
+def test_evaluate_bad_road_and_sanity_flags(arguments: list[str], message: str, workdir: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "missing.png", *arguments, "--out", "eval"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (workdir / "eval").exists()

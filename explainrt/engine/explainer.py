@@ -284,7 +284,12 @@ class Explainer:
         return self.explain(images, method="contrast-cam", top_k=k, **kwargs)
 
     def _per_image_options(self, method: Method, options: dict[str, Any], batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Options given per image ([N, ...] arrays the pipeline slices per chunk), images preprocessed."""
+        """Options given per image ([N, ...] arrays the pipeline slices per chunk), images preprocessed.
+
+        A per-image option's one value for all images (kept whole) is a scalar, a string, dict or
+        callable, or a map of the images' size [H, W] (e.g. LIME's ``segments``); anything else
+        must hold one value per image along its first axis.
+        """
         count = batch.shape[0]
         sliced: dict[str, np.ndarray] = {}
         for name in method.image_options:
@@ -301,11 +306,13 @@ class Explainer:
             sliced[name] = np.broadcast_to(prepared, batch.shape)
         for name in method.per_image_options:
             value = options.get(name)
-            if value is None or np.ndim(value) == 0:
+            if value is None or np.ndim(value) == 0 or np.shape(value) == batch.shape[2:]:
                 continue
             values = np.asarray(value)
             if values.shape[0] != count:
-                raise InvalidInputError(f"{name} must be one value or one per image ({count} images), got {values.shape[0]}")
+                raise InvalidInputError(f"{name} must be one value or one per image ({count} images), got "
+                                        f"{values.shape[0]} (shape {values.shape}; one map for all images has the "
+                                        f"images' size {batch.shape[2:]})")
             sliced[name] = values
         return sliced
 

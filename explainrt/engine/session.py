@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -103,9 +103,13 @@ class OnnxRuntimeSession:
             (self.spec.objective, False, False): (self._main, _outputs(self.spec.logits, len(self.spec.target_layers)), [])}
         self.input_shape = tuple(_input_dims(model, self.spec.image_input))
 
-    def _session(self, model: onnx.ModelProto) -> object:
+    def _session(self, model: onnx.ModelProto, spinning: bool = True) -> object:
+        """An ONNX Runtime session on this session's providers. ``spinning=False`` for sessions run in
+        quick alternation (incremental stages): their idle threads would otherwise spin and starve the next."""
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             provider_options = [{"device_id": str(self.device_id)} if p == CUDA_PROVIDER else {} for p in self.providers]
             session = self._ort.InferenceSession(model.SerializeToString(), options, providers=self.providers,
@@ -182,6 +186,18 @@ class OnnxRuntimeSession:
                  **{reference_input(k): reference for k, reference in enumerate(references)}}
         values = self._run(session, outputs, feeds)
         return RunResult(values[0], values[1], [values[2]], [values[3]]), list(values[4:])
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The explainable model this session runs."""
+        return self._model
+
+    def submodel_runner(self, model: onnx.ModelProto) -> Callable[[np.ndarray], np.ndarray]:
+        """Run ``model``, one input to one output, derived from this one (a stage of incremental
+        inference) on the same providers and device."""
+        session = self._session(model, spinning=False)
+        source, result = model.graph.input[0].name, model.graph.output[0].name
+        return lambda values: self._run(session, [result], {source: values})[0]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         if self._plain is None:

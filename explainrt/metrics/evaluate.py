@@ -29,7 +29,8 @@ METRICS = {
     "insertion": "insertion AUC (RISE): class probability as salient pixels are added to a blurred image; higher is better",
     "pointing": f"pointing game: share of maps whose maximum lies within {POINTING_TOLERANCE} px of the object box",
     "energy": "energy-based pointing game: share of the map's energy inside the object box",
-    "road": "ROAD MoRF and LeRF: mean class probability after noisy linear imputation of 10..90 % of the pixels",
+    "road": "ROAD MoRF and LeRF: mean class probability after noisy linear imputation of a share of the pixels "
+            "(default 10..90 %)",
 }
 BOX_METRICS = ("pointing", "energy")
 COLUMNS = {"deletion": ("deletion",), "insertion": ("insertion",), "pointing": ("pointing",), "energy": ("energy",),

@@ -27,21 +27,24 @@ Methods here:
   masks (``kernels.rise_masks``), accumulated batch by batch as a GEMM, so memory does not grow
   with N. Options: ``n_masks`` (default 4000), ``grid`` (7), ``p`` (0.5), ``seed`` (0).
 
-Both also take ``max_batch`` and ``memory_mb`` (see ``perturbation_budget``). Occlusion is one
-mask per window for now; exact incremental inference (re-running only what a patch changes,
-layer by layer, as Krypton does) would replace the runner call, not the mask description.
+Both also take ``max_batch`` and ``memory_mb`` (see ``perturbation_budget``). Occlusion also takes
+``incremental``: "auto" (default) runs the windows by exact incremental inference
+(``explainrt.engine.incremental``, Krypton-style: only the box a window reaches is recomputed,
+stage by stage) when the backend can run sub-models and the plan saves at least 15 % of the work;
+True requires it (an error says why it cannot), False always runs full forward passes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from explainrt import kernels
+from explainrt.engine.incremental import incremental_forward
 from explainrt.engine.methods.base import (
     Attribution,
     AttributionRequest,
@@ -50,6 +53,7 @@ from explainrt.engine.methods.base import (
     int_option,
     resolve_targets,
     softmax,
+    timed,
 )
 from explainrt.errors import InvalidInputError
 
@@ -84,34 +88,43 @@ def perturbation_budget(request: AttributionRequest, mask_channels: int = 1) -> 
     return budget
 
 
-def _logits(request: AttributionRequest, images: np.ndarray) -> np.ndarray:
+Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Logits of perturbed copies [b, C, H, W] given their masks (a faster exact way than a plain forward pass)."""
+
+
+def _logits(request: AttributionRequest, images: np.ndarray, timings: dict[str, float] | None) -> np.ndarray:
     """Plain logits of ``images`` in runtime calls of at most ``batch_size``, checking cancellation."""
     parts = []
     for start in range(0, images.shape[0], request.batch_size):
         request.check_cancelled()
-        parts.append(np.asarray(request.session.logits(images[start : start + request.batch_size])))
+        with timed({} if timings is None else timings, "runtime"):
+            parts.append(np.asarray(request.session.logits(images[start : start + request.batch_size])))
     return np.concatenate(parts)
 
 
-def reference_logits(request: AttributionRequest) -> tuple[np.ndarray, np.ndarray]:
-    """Unperturbed logits [n, classes] of the chunk and its targets [n] resolved (-k: k-th largest)."""
-    logits = _logits(request, request.images)
+def reference_logits(request: AttributionRequest, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Unperturbed logits [n, classes] of the chunk and its targets [n] resolved (-k: k-th largest);
+    the runtime's seconds are added to ``timings["runtime"]``."""
+    logits = _logits(request, request.images, timings)
     return logits, resolve_targets(request.targets, logits)
 
 
 def iter_perturbation_scores(request: AttributionRequest, index: int, batches: Iterable[np.ndarray], total: int,
                              targets: np.ndarray, baseline: float | np.ndarray = 0.0, *, probabilities: bool = False,
-                             desc: str = "perturbations") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                             desc: str = "perturbations", timings: dict[str, float] | None = None,
+                             forward: Forward | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each mask batch of image ``index`` with its copies' scores [b, T] for the classes ``targets``.
 
     Masks ([b, H, W] or [b, C, H, W], 1 keeps the image) are applied by ``kernels.apply_masks``
     against ``baseline`` (a number or [C, H, W]); a batch larger than ``perturbation_budget``
-    runs in several runtime calls. Scores are logits, or softmax probabilities over all classes
-    when ``probabilities``. ``total`` (the masks ``batches`` yields) sizes the progress bar and is
-    checked at the end.
+    runs in several runtime calls, through ``forward`` if given (else the session's plain forward
+    pass), timed into ``timings["runtime"]``. Scores are logits, or softmax probabilities over all
+    classes when ``probabilities``. ``total`` (the masks ``batches`` yields) sizes the progress bar
+    and is checked at the end.
     """
     image = request.images[index]
     columns = np.asarray(targets, dtype=np.int64).reshape(-1)
+    runtime = {} if timings is None else timings
     seen = 0
     with tqdm(total=total, desc=f"{desc} (image {index})", disable=not request.progress, leave=False) as bar:
         for masks in batches:
@@ -119,8 +132,10 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
             budget = perturbation_budget(request, masks.shape[1] if masks.ndim == 4 else 1)
             for start in range(0, masks.shape[0], budget):
                 request.check_cancelled()
-                copies = kernels.apply_masks(image, masks[start : start + budget], baseline)
-                logits = np.asarray(request.session.logits(copies))
+                chunk = masks[start : start + budget]
+                copies = kernels.apply_masks(image, chunk, baseline)
+                with timed(runtime, "runtime"):
+                    logits = np.asarray(request.session.logits(copies) if forward is None else forward(copies, chunk))
                 scores[start : start + budget] = (softmax(logits) if probabilities else logits)[:, columns]
                 bar.update(copies.shape[0])
             seen += masks.shape[0]
@@ -131,11 +146,16 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
 
 def perturbation_scores(request: AttributionRequest, index: int, batches: Iterable[np.ndarray], total: int,
                         targets: np.ndarray, baseline: float | np.ndarray = 0.0, *, probabilities: bool = False,
-                        desc: str = "perturbations") -> np.ndarray:
+                        desc: str = "perturbations", timings: dict[str, float] | None = None) -> np.ndarray:
     """Scores [total, T] float32 of every masked copy of image ``index`` (see ``iter_perturbation_scores``)."""
     parts = [scores for _, scores in iter_perturbation_scores(request, index, batches, total, targets, baseline,
-                                                              probabilities=probabilities, desc=desc)]
+                                                              probabilities=probabilities, desc=desc, timings=timings)]
     return np.concatenate(parts) if parts else np.empty((0, np.size(targets)), dtype=np.float32)
+
+
+def method_timings(timings: dict[str, float], started: float) -> dict[str, float]:
+    """``timings`` with "method": the seconds since ``started`` not spent in the runtime."""
+    return {**timings, "method": time.perf_counter() - started - timings.get("runtime", 0.0)}
 
 
 # --- Occlusion ---------------------------------------------------------------------------------
@@ -163,33 +183,48 @@ class Occlusion(Method):
 
     name = "occlusion"
     summary = "Occlusion: output drop when a sliding window is replaced by a baseline (Captum's definition)"
-    options = ("window", "stride", "baseline", *BUDGET_OPTIONS)
+    options = ("window", "stride", "baseline", "incremental", *BUDGET_OPTIONS)
     signed = True
 
     def attribute(self, request: AttributionRequest) -> Attribution:
-        tick = time.perf_counter()
+        started, timings = time.perf_counter(), {}
         channels, height, width = request.images.shape[1:]
         window = request.options.get("window", (16, 16))
         grid = kernels.occlusion_grid((channels, height, width), window, request.options.get("stride", window))
+        incremental = _incremental_mode(request.options.get("incremental", "auto"))
         spans_channels = grid.window[0] == channels
         if spans_channels:  # one mask plane per copy serves every channel
             grid = grid._replace(window=(1, *grid.window[1:]), stride=(1, *grid.stride[1:]))
         shape = (1 if spans_channels else channels, height, width)
-        logits, targets = reference_logits(request)
+        logits, targets = reference_logits(request, timings)
         budget = perturbation_budget(request, shape[0])
         maps = np.empty((request.images.shape[0], height, width), dtype=np.float32)
         for index in range(request.images.shape[0]):
             baseline = _occlusion_baseline(request.options.get("baseline", 0.0), request.images[index])
             reference = logits[index, targets[index]]
+            forward = None
+            if incremental is not False:
+                with timed(timings, "runtime"):
+                    forward = incremental_forward(request.session, request.images[index], grid.window[1:],
+                                                  required=incremental is True)
             sums = np.zeros((2, shape[0] * height, width))  # float64: sum of drop * window, sum of window
             for masks, scores in iter_perturbation_scores(request, index, _occlusion_batches(shape, grid, budget),
                                                           grid.total, targets[index : index + 1], baseline,
-                                                          desc=self.name):
+                                                          desc=self.name, timings=timings, forward=forward):
                 drops = np.stack([reference - scores[:, 0], np.ones_like(scores[:, 0])], axis=1)
                 windows = (np.float32(1.0) - masks).reshape(masks.shape[0], shape[0] * height, width)
                 sums += kernels.accumulate_scores(drops, windows)
             maps[index] = (sums[0] / sums[1]).reshape(shape).mean(axis=0)
-        return Attribution(maps, logits, targets, {"method": time.perf_counter() - tick})
+        return Attribution(maps, logits, targets, method_timings(timings, started))
+
+
+def _incremental_mode(value: Any) -> bool | str:
+    """The ``incremental`` option: "auto" (when it saves work), True (required) or False (never)."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidInputError(f"incremental must be 'auto', True or False, got {value!r}")
 
 
 # --- RISE --------------------------------------------------------------------------------------
@@ -203,14 +238,14 @@ class Rise(Method):
     options = ("n_masks", "grid", "p", "seed", *BUDGET_OPTIONS)
 
     def attribute(self, request: AttributionRequest) -> Attribution:
-        tick = time.perf_counter()
+        started, timings = time.perf_counter(), {}
         n_masks = int_option(request.options, "n_masks", 4000)
         grid = int_option(request.options, "grid", 7)
         seed = int_option(request.options, "seed", 0, lowest=0)
         p = request.options.get("p", 0.5)
         height, width = request.images.shape[2:]
         kernels.rise_masks(seed, 0, 0, grid, p, (height, width))  # validates p and the sizes up front
-        logits, targets = reference_logits(request)
+        logits, targets = reference_logits(request, timings)
         budget = perturbation_budget(request)
         maps = np.empty((request.images.shape[0], height, width), dtype=np.float32)
         for index in range(request.images.shape[0]):
@@ -218,10 +253,10 @@ class Rise(Method):
                        for first in range(0, n_masks, budget))
             saliency = np.zeros((1, height, width))  # float64 running sum of score-weighted masks
             for masks, scores in iter_perturbation_scores(request, index, batches, n_masks, targets[index : index + 1],
-                                                          probabilities=True, desc=self.name):
+                                                          probabilities=True, desc=self.name, timings=timings):
                 saliency += kernels.accumulate_scores(scores, masks)
             maps[index] = saliency[0] / (n_masks * p)
-        return Attribution(maps, logits, targets, {"method": time.perf_counter() - tick})
+        return Attribution(maps, logits, targets, method_timings(timings, started))
 
 
 PERTURBATION_METHODS: tuple[Method, ...] = (Occlusion(), Rise())

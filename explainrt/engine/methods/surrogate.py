@@ -6,6 +6,14 @@ labels), switch superpixels on and off (off: the superpixel's mean colour, as li
 perturbed copies through the shared perturbation runner, and fit a weighted linear model of the
 score on the on/off vectors. The raw map paints each superpixel with its weight (signed).
 
+Extras, all regular numeric arrays with the images on the first axis (so chunks concatenate and
+``numpy.savez`` stores them without pickling): ``segments`` [n, H, W] int32 superpixel labels
+0..S-1; ``superpixel_weights`` [n, H, W] float32, each pixel holding its superpixel's weight
+(every superpixel, also those ``num_features`` leaves out of the map; one superpixel's weight is
+``superpixel_weights[i][segments[i] == s][0]``); ``top_superpixels`` [n, k] int64, padded with
+-1; and per-image scalars [n] float32 (LIME: ``intercept``, ``r2``; KernelSHAP: ``base_value``,
+``full_value``).
+
 - LIME (Ribeiro et al. 2016; lime's ``LimeImageExplainer`` and ``LimeBase``): sample 0 is all on,
   the rest are uniform random on/off vectors (``RandomState(seed).randint(0, 2)``, exactly the
   lime package's draw); weights sqrt(exp(-d^2 / width^2)) of the cosine distance d to the all-on
@@ -32,7 +40,7 @@ import numpy as np
 
 from explainrt import kernels
 from explainrt.engine.methods.base import Attribution, AttributionRequest, Method, int_option, number_option
-from explainrt.engine.methods.perturbation import (BUDGET_OPTIONS, perturbation_budget,
+from explainrt.engine.methods.perturbation import (BUDGET_OPTIONS, method_timings, perturbation_budget,
                                                    perturbation_scores, reference_logits)
 from explainrt.errors import InvalidInputError
 
@@ -98,9 +106,8 @@ def segment_images(images: np.ndarray, segments: Any, seed: int) -> np.ndarray:
             raise InvalidInputError(f"segments must be 'slic', 'quickshift', a dict, a callable or int labels "
                                     f"[H, W] / [N, H, W]; got {given.dtype} array of shape {given.shape}")
         if given.ndim == 3 and given.shape[0] != n:
-            raise InvalidInputError(f"segments has {given.shape[0]} label maps for a chunk of {n} images: give one "
-                                    f"[H, W] map, one per image with all images in one call (batch_size >= N), "
-                                    f"or a segmentation name")
+            raise InvalidInputError(f"segments has {given.shape[0]} label maps for {n} images: give one [H, W] map, "
+                                    f"one per image, or a segmentation name")
         labels = list(given) if given.ndim == 3 else [given] * n
     out = np.empty((n, height, width), dtype=np.int32)
     for index, label in enumerate(labels):
@@ -297,6 +304,7 @@ class SuperpixelSurrogate(Method):
     """
 
     signed = True
+    per_image_options = ("segments",)  # [N, H, W] labels are sliced per chunk; one [H, W] map or a name is shared
     common_options = ("n_samples", "segments", "seed", "baseline", "num_features", "output", *BUDGET_OPTIONS)
     default_samples: int | None = 1000
 
@@ -330,11 +338,11 @@ class SuperpixelSurrogate(Method):
         labels = segment_images(request.images, options.get("segments", "slic"), seed)
         timings = {"segmentation": time.perf_counter() - tick}
         tick = time.perf_counter()
-        logits, targets = reference_logits(request)
+        logits, targets = reference_logits(request, timings)
         budget = perturbation_budget(request)
         n, _, height, width = request.images.shape
         maps = np.empty((n, height, width), dtype=np.float32)
-        weights = np.empty(n, dtype=object)
+        weights = np.empty((n, height, width), dtype=np.float32)
         top = np.empty((n, num_features or TOP_SUPERPIXELS), dtype=np.int64)
         scalars: dict[str, list[float]] = {}
         for index in range(n):
@@ -344,9 +352,9 @@ class SuperpixelSurrogate(Method):
             off = superpixel_means(request.images[index], labels[index], count) if baseline == "mean" else baseline
             scores = perturbation_scores(request, index, _mask_batches(labels[index], on_off, budget), len(on_off),
                                          targets[index : index + 1], off, probabilities=output == "probability",
-                                         desc=self.name)[:, 0]
+                                         desc=self.name, timings=timings)[:, 0]
             result = self.fit(plan, scores.astype(np.float64), settings)
-            weights[index] = result.weights.astype(np.float32)
+            weights[index] = result.weights[labels[index]]
             top[index] = _top_superpixels(result.weights, top.shape[1])
             painted = result.weights
             if num_features is not None:  # lime's explanation size: the k largest |weights|
@@ -355,7 +363,7 @@ class SuperpixelSurrogate(Method):
             maps[index] = painted[labels[index]]
             for key, value in result.scalars.items():
                 scalars.setdefault(key, []).append(value)
-        timings["method"] = time.perf_counter() - tick
+        timings = method_timings(timings, tick)
         extras = {"segments": labels, "superpixel_weights": weights, "top_superpixels": top,
                   **{key: np.asarray(values, dtype=np.float32) for key, values in scalars.items()}}
         return Attribution(maps, logits, targets, timings, extras)
