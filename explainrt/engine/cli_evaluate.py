@@ -172,7 +172,7 @@ def _sanity(explainer: Any, images: list[Any], methods: tuple[str, ...], targets
     from explainrt.export.explainable import original_model
     from explainrt.metrics.sanity import cascading_randomization, weighted_nodes
 
-    model = explainer.session._model  # noqa: SLF001 (the explainable ONNX model it runs; no public accessor)
+    model = explainer.session.model
     batch, _ = explainer.prepare(images)
     results = {method: cascading_randomization(model, batch, method, targets, steps=args.sanity_steps,
                                                seed=args.seed, batch_size=args.batch_size, providers=args.providers)

@@ -120,7 +120,7 @@ class IncrementalModel:
             for i in range(j):
                 stage = self._stage(cuts[i], cuts[j], sizes, reach)
                 if stage is not None:
-                    options.append((best[i][0] + self._stage_cost(stage, sizes), best[i][1] + (stage,)))
+                    options.append((best[i][0] + self._stage_cost(stage), best[i][1] + (stage,)))
             best.append(min(options, key=lambda option: option[0]) if options else (np.inf, ()))
         totals = [cost + self._suffix_cost(cuts[j], sizes, last_local) for j, (cost, _) in enumerate(best)]
         chosen = int(np.argmin(totals))
@@ -149,25 +149,20 @@ class IncrementalModel:
         return Stage(start, end, (crop[0], crop[1]), self.front.stride(start, end), (origins[0], origins[1]),
                      (reach[0][end], reach[1][end]))
 
-    def _stage_cost(self, stage: Stage, sizes: dict[str, tuple[int, int]]) -> float:
-        channels = self._channels(stage.start) + self._channels(stage.end)
-        out = [self._widest(stage.changed[axis]) for axis in (0, 1)]
-        copied = self._channels(stage.start) * stage.crop[0] * stage.crop[1] + channels * out[0] * out[1]
+    def _stage_cost(self, stage: Stage) -> float:
+        """Estimated cost of one copy: the stage's MACs on its crop, plus assembling the crop and pasting the box."""
+        channels = self.front.channels(stage.start) + self.front.channels(stage.end)
+        out = [int((stage.changed[axis][1] - stage.changed[axis][0]).max()) for axis in (0, 1)]
+        copied = self.front.channels(stage.start) * stage.crop[0] * stage.crop[1] + channels * out[0] * out[1]
         return self.front.stage_macs(stage.start, stage.end, stage.crop) + COPY_MACS * copied
 
     def _suffix_cost(self, start: str, sizes: dict[str, tuple[int, int]], last_local: str) -> float:
+        """Estimated cost of one copy from the cut ``start`` on at full size (plus copying the full map)."""
         if start == self.front.image_input:
             return self.front.stage_macs(start, last_local, sizes[start])
         h, w = sizes[start]
         rest = self.front.stage_macs(start, last_local, (h, w)) if start != last_local else 0.0
-        return rest + COPY_MACS * self._channels(start) * h * w
-
-    @staticmethod
-    def _widest(interval: tuple[np.ndarray, np.ndarray]) -> int:
-        return int((interval[1] - interval[0]).max())
-
-    def _channels(self, name: str) -> int:
-        return self.front.channels(name)
+        return rest + COPY_MACS * self.front.channels(start) * h * w
 
     def runner(self, start: str, end: str | None) -> Runner:
         """The compiled stage ``start`` -> ``end`` (``None``: to the logits) on the session's runtime."""
