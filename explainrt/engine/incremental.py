@@ -109,10 +109,10 @@ class IncrementalModel:
         if any(b < 1 or b > s for b, s in zip(box, image)):
             raise InvalidInputError(f"box {box} does not fit the image {image}")
         sizes = front.sizes(*image)
-        positions = [np.arange(size - span + 1, dtype=np.int64) for size, span in zip(image, box)]
-        reach = [front.changed(axis, positions[axis], positions[axis] + box[axis], sizes, front.nodes[-1].output)
-                 for axis in (0, 1)]
         last_local = front.nodes[-1].output
+        positions = [np.arange(size - span + 1, dtype=np.int64) for size, span in zip(image, box)]
+        reach = [front.changed(axis, positions[axis], positions[axis] + box[axis], sizes, last_local)
+                 for axis in (0, 1)]
         full = front.stage_macs(front.image_input, last_local, sizes[front.image_input])
         best: list[tuple[float, tuple[Stage, ...]]] = [(0.0, ())]
         for j in range(1, len(cuts)):
@@ -134,7 +134,7 @@ class IncrementalModel:
     def _stage(self, start: str, end: str, sizes: dict[str, tuple[int, int]],
                reach: list[dict[str, tuple[np.ndarray, np.ndarray]]]) -> Stage | None:
         """The stage ``start`` -> ``end`` with one crop size for every box position (None: no crop saves)."""
-        steps = self.front.alignment(start, end)
+        steps, stride = self.front.strides(start, end)
         crop, origins = [], []
         for axis in (0, 1):
             first, last = self.front.needed(axis, start, end, reach[axis][end], sizes)
@@ -146,7 +146,7 @@ class IncrementalModel:
                 return None
             crop.append(length)
             origins.append(np.minimum(origin, size - length))
-        return Stage(start, end, (crop[0], crop[1]), self.front.stride(start, end), (origins[0], origins[1]),
+        return Stage(start, end, (crop[0], crop[1]), stride, (origins[0], origins[1]),
                      (reach[0][end], reach[1][end]))
 
     def _stage_cost(self, stage: Stage) -> float:
@@ -157,12 +157,11 @@ class IncrementalModel:
         return self.front.stage_macs(stage.start, stage.end, stage.crop) + COPY_MACS * copied
 
     def _suffix_cost(self, start: str, sizes: dict[str, tuple[int, int]], last_local: str) -> float:
-        """Estimated cost of one copy from the cut ``start`` on at full size (plus copying the full map)."""
-        if start == self.front.image_input:
-            return self.front.stage_macs(start, last_local, sizes[start])
+        """Estimated cost of one copy from the cut ``start`` on at full size (plus copying the full map
+        of a cut other than the image)."""
         h, w = sizes[start]
-        rest = self.front.stage_macs(start, last_local, (h, w)) if start != last_local else 0.0
-        return rest + COPY_MACS * self.front.channels(start) * h * w
+        copied = 0 if start == self.front.image_input else self.front.channels(start) * h * w
+        return self.front.stage_macs(start, last_local, (h, w)) + COPY_MACS * copied
 
     def runner(self, start: str, end: str | None) -> Runner:
         """The compiled stage ``start`` -> ``end`` (``None``: to the logits) on the session's runtime."""
@@ -170,7 +169,6 @@ class IncrementalModel:
             model = self.front.stage_model(start, end, self._outputs)
             self._runners[(start, end)] = self._session.submodel_runner(model)  # type: ignore[attr-defined]
         return self._runners[(start, end)]
-
 
 
 def incremental_forward(session: object, image: np.ndarray, box: tuple[int, int], *,
@@ -200,7 +198,6 @@ class ImageForward:
     def __init__(self, model: IncrementalModel, plan: Plan, image: np.ndarray) -> None:
         self._model = model
         self.plan = plan
-        self._image = image
         self._cached: dict[str, np.ndarray] = {}
         current = image[None]
         for stage in plan.stages:

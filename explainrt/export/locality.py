@@ -194,26 +194,19 @@ class LocalFront:
                 wanted.setdefault(name, []).append(node.windows[axis].backward(*region, sizes[name][axis]))
         return _hull(wanted[start])
 
-    def alignment(self, start: str, end: str) -> tuple[int, int]:
-        """Per axis, the step a crop of ``start`` must begin on so that every stride in the stage lines up."""
+    def strides(self, start: str, end: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Per axis, the step a crop of ``start`` must begin on so that every stride in the stage lines
+        up, and how many pixels of ``start`` one pixel of ``end`` steps over."""
         strides: dict[str, tuple[int, int]] = {start: (1, 1)}
-        steps = [1, 1]
+        steps = (1, 1)
         for node in self.stage_nodes(start, end):
             before = {strides[name] for name in node.inputs}
             if len(before) != 1:
                 raise InvalidModelError(f"node {node.output!r} adds tensors of different strides {sorted(before)}")
             (sh, sw), (wh, ww) = before.pop(), node.windows
             strides[node.output] = (sh * wh.stride, sw * ww.stride)
-            steps = [math.lcm(steps[0], sh * wh.stride), math.lcm(steps[1], sw * ww.stride)]
-        return steps[0], steps[1]
-
-    def stride(self, start: str, end: str) -> tuple[int, int]:
-        """How many pixels of ``start`` one pixel of ``end`` steps over, per axis."""
-        strides: dict[str, tuple[int, int]] = {start: (1, 1)}
-        for node in self.stage_nodes(start, end):
-            sh, sw = strides[node.inputs[0]]
-            strides[node.output] = (sh * node.windows[0].stride, sw * node.windows[1].stride)
-        return strides[end]
+            steps = (math.lcm(steps[0], sh * wh.stride), math.lcm(steps[1], sw * ww.stride))
+        return steps, strides[end]
 
     def stage_macs(self, start: str, end: str, crop: tuple[int, int]) -> float:
         """Multiply-accumulates of one copy of the stage ``start`` -> ``end`` run on a crop of ``start``."""
