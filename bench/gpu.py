@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Contender, Stats, header_lines, interleaved, markdown_table, setup_logging  # noqa: E402
 from bench.latency import Model, load_model  # noqa: E402
 from explainrt import kernels  # noqa: E402
-from explainrt.engine.explainer import Explainer  # noqa: E402
-from explainrt.engine.methods import METHODS  # noqa: E402
+from explainrt.explainer import Explainer  # noqa: E402
+from explainrt.methods import METHODS  # noqa: E402
 
 log = logging.getLogger("bench.gpu")
 

@@ -50,7 +50,7 @@ from bench.common import (  # noqa: E402
     usable_cpus,
 )
 from explainrt import kernels  # noqa: E402
-from explainrt.engine.explainer import Explainer  # noqa: E402
+from explainrt.explainer import Explainer  # noqa: E402
 from explainrt.export.torch_export import export_torch  # noqa: E402
 
 log = logging.getLogger("bench.latency")
@@ -85,7 +85,7 @@ def load_model(key: str, seed: int) -> Model:
         module = torchvision.models.resnet50(weights=None).eval()
         return Model(key, f"ResNet-50 (torchvision, random init, seed {seed})", module, module.layer4, "layer4")
     if key == "default":
-        from explainrt.engine.default_model import DEFAULT_TARGET_MODULE, default_target_module, load_default_torch_model
+        from explainrt.models.default import DEFAULT_TARGET_MODULE, default_target_module, load_default_torch_model
 
         module = load_default_torch_model()
         return Model(key, "EfficientNet-Lite0 (explainrt default, ImageNet weights)", module,

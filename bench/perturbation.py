@@ -58,8 +58,8 @@ from bench.common import (  # noqa: E402
 )
 from bench.latency import SIZE, Model, load_model, plain_session  # noqa: E402
 from explainrt import kernels  # noqa: E402
-from explainrt.engine.explainer import Explainer  # noqa: E402
-from explainrt.engine.incremental import IncrementalModel  # noqa: E402
+from explainrt.explainer import Explainer  # noqa: E402
+from explainrt.runtime.incremental import IncrementalModel  # noqa: E402
 
 log = logging.getLogger("bench.perturbation")
 

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from explainrt import Explainer
-from explainrt.engine.default_model import example_images
-from explainrt.engine.overlay import overlay, save_png
+from explainrt.models.default import example_images
+from explainrt.overlay import overlay, save_png
 
 PANEL = 224
 CAPTION = 34

@@ -5,11 +5,11 @@ ONNX Runtime (or PyTorch, as the reference); ``make_explainable`` / ``from_torch
 so that it also returns its target layers' activations and their gradients.
 """
 
-__version__ = "0.1.0"
 
-from explainrt.engine.explainer import Explainer, Explanation, Prediction  # noqa: E402
-from explainrt.engine.methods import METHODS  # noqa: E402
+from explainrt.version import __version__
+from explainrt.explainer import Explainer, Explanation, Prediction  # noqa: E402
 from explainrt.export import make_explainable  # noqa: E402
+from explainrt.methods import METHODS  # noqa: E402
 
 
 def __getattr__(name: str) -> object:

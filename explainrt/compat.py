@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from explainrt.engine.explainer import Explainer
-from explainrt.engine.session import RunResult, Session
 from explainrt.errors import InvalidInputError
+from explainrt.explainer import Explainer
+from explainrt.runtime.base import RunResult, Session
 
 __all__ = [
     "AblationCAM",

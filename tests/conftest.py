@@ -46,7 +46,7 @@ def default_explainer(model_cache: Path):  # noqa: ANN201
 @pytest.fixture(scope="session")
 def example_images() -> dict[str, np.ndarray]:
     """chelsea, coffee and astronaut from scikit-image, uint8 RGB."""
-    from explainrt.engine.default_model import example_images
+    from explainrt.models.default import example_images
 
     return example_images()
 

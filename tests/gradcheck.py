@@ -32,6 +32,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from explainrt.export.gradients import GradientBuilder, append_gradients
+from explainrt.export.rules import RULES
 
 SEEDS = 2  # K: cotangents per check
 SEED_INPUT = "gradcheck.seed"
@@ -124,7 +125,7 @@ def gradient_model(model: onnx.ModelProto, wrt: Sequence[str], output: str,
     builder = GradientBuilder(model)
     elem_type, shape = output_info(model, output)
     seed = builder.add_input(SEED_INPUT, elem_type, ["K", *(shape if output_shape is None else output_shape)])
-    grads = append_gradients(builder, list(wrt), output, seed)
+    grads = append_gradients(builder, list(wrt), output, seed, RULES)
     for x in wrt:
         info = builder.info(x)
         builder.add_output(grad_output(x), grads[x], info.elem_type, ["K", *info.shape])  # type: ignore[misc]

@@ -16,9 +16,9 @@ import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
 from explainrt import from_torch
-from explainrt.engine.cli import main
+from explainrt.cli import main
 from explainrt.export import ExplainableSpec, make_explainable
-from explainrt.export.explainable import original_model
+from explainrt.export.spec import original_model
 from explainrt.export.trt_support import OperatorTable, check_tensorrt_support, operator_table
 
 FLOAT = TensorProto.FLOAT

@@ -12,13 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SMALL_CLASSES
 from PIL import Image
 
 from explainrt import METHODS, Explainer
-from explainrt.engine.cli import main
-from explainrt.export.explainable import ExplainableSpec, original_model
-
-from conftest import SMALL_CLASSES
+from explainrt.cli import main
+from explainrt.export.spec import ExplainableSpec, original_model
 
 REPO = Path(__file__).resolve().parents[1]
 ESPRESSO = 967
@@ -62,7 +61,7 @@ def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_methods_as_a_process() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "explainrt.engine.cli", "methods"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "explainrt.cli", "methods"], capture_output=True,
                           text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "gradcam" in done.stdout and "Grad-CAM" in done.stdout

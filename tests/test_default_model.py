@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CAT_CLASSES, ESPRESSO
 from efficientnet_lite_pytorch import EfficientNet
 
-from explainrt.engine.default_model import (
+from explainrt.errors import UnknownLayerError
+from explainrt.models.default import (
     DEFAULT_PREPROCESSING,
     DEFAULT_TARGET_MODULE,
     default_target_module,
@@ -18,10 +20,7 @@ from explainrt.engine.default_model import (
     load_default_torch_model,
     write_example_images,
 )
-from explainrt.engine.preprocessing import Preprocessing, load_image
-from explainrt.errors import UnknownLayerError
-
-from conftest import CAT_CLASSES, ESPRESSO
+from explainrt.preprocessing import Preprocessing, load_image
 
 
 @pytest.fixture(scope="module")

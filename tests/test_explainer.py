@@ -9,11 +9,10 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import CAT_CLASSES, ESPRESSO, SMALL_CLASSES, SMALL_SIZE
 from onnx import TensorProto, helper
 
 from explainrt import METHODS, Explainer, Prediction
-from explainrt.engine import explainer as explainer_module
-from explainrt.engine.default_model import DEFAULT_PREPROCESSING
 from explainrt.errors import (
     BackendUnavailableError,
     ImageReadError,
@@ -23,10 +22,8 @@ from explainrt.errors import (
     UnknownLayerError,
     UnknownMethodError,
 )
-from explainrt.export.explainable import ExplainableSpec
-
-from conftest import CAT_CLASSES, ESPRESSO, SMALL_CLASSES, SMALL_SIZE
-
+from explainrt.export.spec import ExplainableSpec
+from explainrt.models.default import DEFAULT_PREPROCESSING, default_explainable_model
 
 
 # -- the default model on the example images ---------------------------------------------------------
@@ -106,12 +103,12 @@ def test_saved_explainable_model_reloads_without_export(default_explainer, examp
                                                         default_explanation, tmp_path: Path,  # noqa: ANN001
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "explainable.onnx"
-    onnx.save(explainer_module.default_explainable_model(), path)
+    onnx.save(default_explainable_model(), path)
 
     def no_export(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("an already explainable model must not be exported again")
 
-    monkeypatch.setattr(explainer_module, "make_explainable", no_export)
+    monkeypatch.setattr("explainrt.models.loading.make_explainable", no_export)
     monkeypatch.setattr("explainrt.export.torch_export.from_torch", no_export)
     reloaded = Explainer(path)
     assert reloaded.preprocessing == DEFAULT_PREPROCESSING
@@ -249,7 +246,7 @@ def test_malformed_targets(small_explainer, small_batch, targets: object) -> Non
 
 
 def test_unknown_tensor_name(small_onnx) -> None:  # noqa: ANN001
-    from explainrt.export.explainable import original_model
+    from explainrt.export.spec import original_model
 
     with pytest.raises(UnknownLayerError, match="'layer_four'"):
         Explainer(original_model(small_onnx), target_layers=["layer_four"])

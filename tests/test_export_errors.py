@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from explainrt.errors import InvalidModelError, NoSpatialLayerError, UnknownLayerError
 from explainrt.export import ExplainableSpec, load_model, make_explainable
-from explainrt.export.explainable import METADATA_KEY
+from explainrt.export.spec import METADATA_KEY
 from explainrt.export.torch_export import from_torch
 
 

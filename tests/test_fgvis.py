@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from explainrt import Explainer, from_torch
-from explainrt.engine.session import OnnxRuntimeSession
 from explainrt.errors import InvalidInputError
-from explainrt.export.explainable import REFERENCE_PREFIX, RELU_OUTPUT_PREFIX, make_explainable, original_model
+from explainrt.export.explainable import make_explainable
+from explainrt.export.spec import REFERENCE_PREFIX, RELU_OUTPUT_PREFIX, original_model
+from explainrt.runtime.onnxruntime import OnnxRuntimeSession
 
 TOLERANCE = 1e-4
 RELUS = (torch.nn.ReLU, torch.nn.ReLU6)

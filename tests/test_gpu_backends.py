@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from explainrt import Explainer
-from explainrt.engine.session import CUDA_PROVIDER, OnnxRuntimeSession, onnxruntime_placement, parse_device
-from explainrt.engine.tensorrt_session import BatchProfile, EngineKey, TensorRTSession, engine_key
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.explainable import TARGETS_INPUT
+from explainrt.export.spec import TARGETS_INPUT
+from explainrt.runtime.base import parse_device
+from explainrt.runtime.onnxruntime import CUDA_PROVIDER, OnnxRuntimeSession, onnxruntime_placement
+from explainrt.runtime.tensorrt import BatchProfile, EngineKey, TensorRTSession, engine_key
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -372,7 +373,7 @@ def _cpu_torch() -> SimpleNamespace:
 
 @pytest.fixture
 def fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from explainrt.engine import tensorrt_session
+    from explainrt.runtime import tensorrt as tensorrt_session
 
     builds: list[str] = []
     fake = _fake_tensorrt(builds)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from explainrt import Explainer, kernels
-from explainrt.engine.incremental import IncrementalModel, changed_boxes, incremental_forward
 from explainrt.errors import InvalidInputError
 from explainrt.export.locality import LocalFront
+from explainrt.runtime.incremental import IncrementalModel, changed_boxes, incremental_forward
 
 
 class Branchy(nn.Module):

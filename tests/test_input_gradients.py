@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from captum.attr import IntegratedGradients, InputXGradient, NoiseTunnel, Saliency
+from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 
 from explainrt import from_torch
-from explainrt.engine.session import OnnxRuntimeSession
 from explainrt.errors import InvalidInputError
+from explainrt.runtime.onnxruntime import OnnxRuntimeSession
 
 PARITY = 1e-3  # the bound for Integrated Gradients vs Captum
 AUTOGRAD = 1e-4
@@ -90,7 +90,7 @@ def test_integrated_gradients_match_captum(biased_explainers, biased_resnet, bat
 
 
 def test_integrated_gradients_baselines_match_captum(biased_explainers, biased_resnet, batch) -> None:  # noqa: ANN001
-    from explainrt.engine.methods.gradients import baselines
+    from explainrt.methods.gradients import baselines
 
     targets = top_classes(biased_resnet, batch)
     grey = np.linspace(-1, 1, 3 * 64 * 64, dtype=np.float32).reshape(3, 64, 64)
@@ -105,7 +105,7 @@ def test_integrated_gradients_baselines_match_captum(biased_explainers, biased_r
 
 
 def test_blur_baseline_is_a_smoothed_image(batch) -> None:  # noqa: ANN001
-    from explainrt.engine.methods.gradients import baselines
+    from explainrt.methods.gradients import baselines
 
     blurred = baselines("blur", batch)
     assert blurred.shape == batch.shape and blurred.dtype == np.float32

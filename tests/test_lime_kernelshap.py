@@ -18,8 +18,9 @@ import math
 import numpy as np
 import pytest
 
-from explainrt.engine.methods.base import softmax
-from explainrt.engine.methods.surrogate import (
+from explainrt.errors import ExplanationCancelled, InvalidInputError
+from explainrt.methods.base import softmax
+from explainrt.methods.surrogate import (
     Coalitions,
     lime_kernel,
     lime_samples,
@@ -29,7 +30,6 @@ from explainrt.engine.methods.surrogate import (
     superpixel_means,
     weighted_ridge,
 )
-from explainrt.errors import ExplanationCancelled, InvalidInputError
 
 
 def _toy_game(count: int, seed: int = 1):
@@ -252,7 +252,7 @@ def test_per_image_segments_across_chunks(small_explainer, small_batch, method):
 def test_extras_are_regular_arrays_and_the_cli_saves_them_without_pickle(workdir, small_onnx, capsys):
     from PIL import Image
 
-    from explainrt.engine.cli import main
+    from explainrt.cli import main
 
     (workdir / "small.onnx").write_bytes(small_onnx.SerializeToString())
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(workdir / "a.png")

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from scipy.ndimage import gaussian_filter
 
 from explainrt.errors import InvalidInputError
-from explainrt.export.explainable import original_model
+from explainrt.export.spec import original_model
 from explainrt.metrics import (
     blur,
     cascading_randomization,
@@ -217,7 +217,7 @@ def test_pasted_dataset_is_deterministic_with_boxes_inside() -> None:
 
 @pytest.mark.parametrize("image_hw", [(256, 256), (300, 451), (480, 320)])
 def test_input_box_follows_the_preprocessing(image_hw: tuple[int, int]) -> None:
-    from explainrt.engine.default_model import DEFAULT_PREPROCESSING
+    from explainrt.models.default import DEFAULT_PREPROCESSING
 
     box = (image_hw[1] // 4, image_hw[0] // 3, image_hw[1] * 3 // 4, image_hw[0] * 2 // 3)
     painted = np.zeros((*image_hw, 3), np.uint8)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainrt.engine.cli import main
+from explainrt.cli import main
 
 
 def test_evaluate_pasted_data_with_the_default_model(workdir: Path, model_cache: Path,
@@ -83,8 +83,8 @@ def noise_folder(workdir: Path, small_onnx) -> Path:  # noqa: ANN001
 
 def _reference_batch(small_onnx, folder: Path):  # noqa: ANN001, ANN202
     """The small model with the CLI's default preprocessing for a 64x64 ONNX input, and the folder's images."""
-    from explainrt.engine.explainer import Explainer
-    from explainrt.engine.preprocessing import Preprocessing
+    from explainrt.explainer import Explainer
+    from explainrt.preprocessing import Preprocessing
 
     explainer = Explainer(small_onnx, preprocessing=Preprocessing((64, 64), 64 * 8 // 7, (0.485, 0.456, 0.406),
                                                                   (0.229, 0.224, 0.225)))
@@ -114,7 +114,7 @@ def test_evaluate_road_percentages_agree_with_road_curves(noise_folder: Path, sm
 
 def test_evaluate_sanity_table_agrees_with_cascading_randomization(noise_folder: Path, small_onnx,  # noqa: ANN001
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from explainrt.export.explainable import original_model
+    from explainrt.export.spec import original_model
     from explainrt.metrics.sanity import cascading_randomization, weighted_nodes
 
     status = main(["evaluate", str(noise_folder), "--model", "small.onnx", "--methods", "gradcam,eigencam",

@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 from explainrt.errors import InvalidInputError
-from explainrt.export import ExplainableSpec, TARGETS_INPUT, gradients_output, make_explainable
-from explainrt.export.explainable import RESOLVED_TARGETS_OUTPUT
+from explainrt.export import TARGETS_INPUT, ExplainableSpec, gradients_output, make_explainable
+from explainrt.export.spec import RESOLVED_TARGETS_OUTPUT
 from explainrt.export.torch_export import export_torch
 
 

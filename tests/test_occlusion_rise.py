@@ -6,15 +6,16 @@ from __future__ import annotations
 import threading
 import tracemalloc
 
-from scipy.ndimage import gaussian_filter
 import numpy as np
 import pytest
 import torch
 from captum.attr import Occlusion
+from scipy.ndimage import gaussian_filter
 
 from explainrt import kernels
-from explainrt.engine.methods.base import AttributionRequest
-from explainrt.engine.methods.perturbation import (
+from explainrt.errors import ExplanationCancelled, InvalidInputError
+from explainrt.methods.base import AttributionRequest
+from explainrt.methods.perturbation import (
     BLUR_SIGMA,
     PERTURBATION_METHODS,
     Rise,
@@ -22,7 +23,6 @@ from explainrt.engine.methods.perturbation import (
     perturbation_scores,
     reference_logits,
 )
-from explainrt.errors import ExplanationCancelled, InvalidInputError
 
 TOL = 1e-4
 

@@ -3,7 +3,6 @@ loops for occlusion windows, direct formulas), C++ and CuPy against NumPy, input
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from skimage.transform import resize
@@ -12,7 +11,6 @@ import explainrt.kernels as kernels
 from explainrt.errors import InvalidInputError
 from explainrt.kernels import _cupy
 from explainrt.kernels import _numpy as reference
-
 
 TOL = 1e-6
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainrt.engine.overlay import overlay, save_png
-from explainrt.engine.preprocessing import Preprocessing, load_image
 from explainrt.errors import ImageReadError, InvalidInputError, InvalidModelError
+from explainrt.overlay import overlay, save_png
+from explainrt.preprocessing import Preprocessing, load_image
 
 
 @pytest.fixture(scope="module")

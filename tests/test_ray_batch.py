@@ -13,16 +13,14 @@ import onnx
 import pandas as pd
 import pytest
 import ray
+from conftest import SMALL_SIZE
 from PIL import Image
 
 from explainrt import Explainer
-from explainrt.engine.batch_job import SUMMARY_COLUMNS, explain_dataset, find_source
-from explainrt.engine.default_model import write_example_images
-from explainrt.engine.preprocessing import Preprocessing
+from explainrt.batch.job import SUMMARY_COLUMNS, explain_dataset, find_source
 from explainrt.errors import BatchJobError, InvalidInputError, InvalidModelError, UnknownMethodError
-
-from conftest import SMALL_SIZE
-
+from explainrt.models.default import write_example_images
+from explainrt.preprocessing import Preprocessing
 
 SMALL_PREPROCESSING = Preprocessing(input_size=SMALL_SIZE, resize_shorter=72, mean=(0.5, 0.5, 0.5),
                                     std=(0.25, 0.25, 0.25))
@@ -132,7 +130,7 @@ def test_cli_on_parquet_joins_the_cluster(ray_cluster, small_onnx, small_model_f
     dataset = tmp_path / "data.parquet"
     table.to_parquet(dataset)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "explainrt.engine.cli", "batch", str(dataset), "--out", str(out), "--model",
+    command = [sys.executable, "-m", "explainrt.cli", "batch", str(dataset), "--out", str(out), "--model",
                str(small_model_file), "--method", "gradcam", "--input-size", "64", "64", "--mean", "0.5", "0.5",
                "0.5", "--std", "0.25", "0.25", "0.25", "--ray", ray_cluster, "--workers", "2", "--batch-size", "3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120,

@@ -71,7 +71,7 @@ def test_models_health_and_metadata(http: httpx.Client, default_explainer) -> No
                      "explainrt.activations.0", "explainrt.gradients.0"]
     assert metadata["outputs"][0]["shape"] == [-1, 1000]
     methods = {m["name"] for m in http.get("/api/methods").json()["methods"]}
-    from explainrt.engine.methods import METHODS
+    from explainrt.methods import METHODS
 
     assert methods == set(METHODS)
 
@@ -336,7 +336,7 @@ def test_serves_onnx_files_by_stem(small_onnx, small_explainer, small_batch, tmp
 
 
 def test_cli_refuses_two_models_with_one_name(small_onnx, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
-    from explainrt.engine.cli import main
+    from explainrt.cli import main
 
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

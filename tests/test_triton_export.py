@@ -11,17 +11,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import SMALL_CLASSES, SMALL_SIZE
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from explainrt.engine.cli import main
-from explainrt.engine.explainer import default_explainable_model
-from explainrt.engine.preprocessing import Preprocessing
+from explainrt.cli import main
 from explainrt.errors import InvalidInputError, InvalidModelError
-from explainrt.export.explainable import ExplainableSpec, original_model
+from explainrt.models.default import default_explainable_model
+from explainrt.export.spec import ExplainableSpec, original_model
 from explainrt.export.triton import write_triton_repository
-
-from conftest import SMALL_CLASSES, SMALL_SIZE
+from explainrt.preprocessing import Preprocessing
 
 ORT_TO_TRITON = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64"}
 

@@ -14,10 +14,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
-
-from explainrt.errors import UnsupportedOperatorError
-from explainrt.export.vjp_rules import RULES
 from gradcheck import (
     away_from,
     away_from_zero,
@@ -32,6 +28,10 @@ from gradcheck import (
     rng,
     session,
 )
+from onnx import TensorProto, helper
+
+from explainrt.errors import UnsupportedOperatorError
+from explainrt.export.rules import RULES
 
 F64, F32 = np.float64, np.float32
 I64 = np.int64

@@ -1,123 +1,42 @@
 """make_explainable: an ONNX model that also returns target-layer activations and their gradients.
 
-The rewritten model keeps every original node and output as it was and adds:
-
-- input  ``explainrt.targets``            int64 ``[N, K]``: a class index, or ``-k`` for the
-  k-th most likely class of that image;
-- output ``explainrt.resolved_targets``   int64 ``[N, K]``: the class each target resolved to;
-- output ``explainrt.activations.<i>``    ``[N, C, h, w]`` for the i-th target layer;
-- output ``explainrt.gradients.<i>``      ``[N, K, C, h, w]``: d logit[target] / d activations.
-
-What the engine needs to run the model without the original code (input name, logits, target
-layers, preprocessing) is stored as JSON in the model's metadata under ``explainrt``.
+From the target tensors to the logits it appends the reverse-mode derivative built from one VJP
+rule per operator (``explainrt.export.rules``); the names it adds and the metadata it stores
+are described in ``explainrt.export.spec``.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import itertools
-import json
 import logging
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import TensorProto, version_converter
 
 from explainrt.errors import InvalidInputError, InvalidModelError, NoSpatialLayerError, UnknownLayerError
 from explainrt.export.builder import TensorInfo, opset_version
 from explainrt.export.gradients import GradientBuilder, Node, ancestors, append_gradients
-from explainrt.export.vjp_rules import RULES
+from explainrt.export.rules import RULES
+from explainrt.export.spec import (
+    METADATA_KEY,
+    OBJECTIVES,
+    RESOLVED_TARGETS_OUTPUT,
+    TARGETS_INPUT,
+    ExplainableSpec,
+    ModelSource,
+    activations_output,
+    gradients_output,
+    load_model,
+    reference_input,
+    relu_output,
+    set_metadata,
+)
 
 log = logging.getLogger(__name__)
 
-TARGETS_INPUT = "explainrt.targets"
-RESOLVED_TARGETS_OUTPUT = "explainrt.resolved_targets"
-METADATA_KEY = "explainrt"
 MIN_OPSET = 13
-
-
-def activations_output(index: int) -> str:
-    return f"explainrt.activations.{index}"
-
-
-def gradients_output(index: int) -> str:
-    return f"explainrt.gradients.{index}"
-
-
-REFERENCE_PREFIX = "explainrt.reference."
-RELU_OUTPUT_PREFIX = "explainrt.relu."
-
-
-def reference_input(index: int) -> str:
-    """Input of a defended model: the k-th defended Relu's activations on the unperturbed image."""
-    return f"{REFERENCE_PREFIX}{index}"
-
-
-def relu_output(index: int) -> str:
-    """Output of a defended model: the k-th defended Relu's activations, to feed back as references."""
-    return f"{RELU_OUTPUT_PREFIX}{index}"
-
-
-@dataclass(frozen=True)
-class ExplainableSpec:
-    """What an explainable model says about itself (stored in its metadata)."""
-
-    image_input: str
-    logits: str
-    num_classes: int
-    target_layers: tuple[str, ...]
-    preprocessing: str | None = None  # JSON of explainrt.engine.preprocessing.Preprocessing
-    objective: str = "logit"  # what is differentiated per target: see OBJECTIVES
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_model(cls, model: onnx.ModelProto) -> ExplainableSpec:
-        props = {p.key: p.value for p in model.metadata_props}
-        if METADATA_KEY not in props:
-            raise InvalidModelError("the model is not explainable (no explainrt metadata): run make_explainable first")
-        try:
-            fields = json.loads(props[METADATA_KEY])
-            fields["target_layers"] = tuple(fields["target_layers"])
-            return cls(**fields)
-        except (ValueError, TypeError, KeyError) as error:
-            raise InvalidModelError(f"corrupt explainrt metadata in the model: {error}") from error
-
-
-ModelSource = str | os.PathLike | bytes | onnx.ModelProto
-
-
-def load_model(source: ModelSource) -> onnx.ModelProto:
-    """Read an ONNX model from a path, serialized bytes or a ModelProto (copied)."""
-    if isinstance(source, onnx.ModelProto):
-        return copy.deepcopy(source)
-    try:
-        if isinstance(source, bytes):
-            model = onnx.load_from_string(source)
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise InvalidModelError(f"model file not found: {path}")
-            model = onnx.load(str(path))
-    except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError, ValueError) as error:
-        raise InvalidModelError(f"cannot read ONNX model {source!r}: {error}") from error
-    if not model.graph.node:
-        name = "the bytes given" if isinstance(source, bytes) else repr(source)
-        raise InvalidModelError(f"{name} hold no ONNX graph (empty or corrupt model)")
-    return model
-
-
-OBJECTIVES = {
-    "logit": "the target's logit y_t",
-    "cross_entropy": "the cross-entropy loss -log softmax(y)_t (Contrast-CAM, confidence gradients)",
-}
-
 
 def make_explainable(
     model: ModelSource,
@@ -155,8 +74,8 @@ def make_explainable(
     resolved = _resolve_targets(builder, logits_name, requested)
     of, seed = _seed(builder, logits_name, resolved) if objective == "logit" else (
         logits_name, _cross_entropy_seed(builder, logits_name, resolved))
-    defended = _defended_relu_rules(builder) if defended_relus else None
-    gradients = append_gradients(builder, targets, of, seed, defended)
+    rules = {**RULES, **_defended_relu_rules(builder)} if defended_relus else RULES
+    gradients = append_gradients(builder, targets, of, seed, rules)
 
     builder.scope = "explainrt/outputs"
     builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
@@ -169,7 +88,7 @@ def make_explainable(
 
     _prune_added_nodes(proto)
     spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing, objective)
-    _set_metadata(proto, METADATA_KEY, spec.to_json())
+    set_metadata(proto, METADATA_KEY, spec.to_json())
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
@@ -351,24 +270,3 @@ def _prune_added_nodes(model: onnx.ModelProto) -> None:
         graph.initializer.remove(tensor)
 
 
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
-
-
-def original_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without what make_explainable added: plain inference, same original outputs."""
-    plain = copy.deepcopy(model)
-    graph = plain.graph
-    for field_name, prefix in (("node", "explainrt/"), ("initializer", "explainrt/"), ("input", "explainrt."), ("output", "explainrt.")):
-        items = getattr(graph, field_name)
-        kept = [item for item in items if not item.name.startswith(prefix)]
-        del items[:]
-        items.extend(kept)
-    kept_props = [p for p in plain.metadata_props if p.key != METADATA_KEY]
-    del plain.metadata_props[:]
-    plain.metadata_props.extend(kept_props)
-    return plain

@@ -2,7 +2,7 @@
 
 ``append_gradients`` walks the nodes between the tensors to differentiate (``wrt``) and the
 tensor whose cotangent is given (``of``) in reverse topological order, sums fan-in gradients and
-calls one VJP rule per node (``explainrt.export.vjp_rules.RULES``). It knows no operator by name.
+calls one VJP rule per node from the table it is given (``explainrt.export.rules.RULES``). It knows no operator by name.
 
 Layout: a gradient carries one extra leading axis, the *seed* axis: the gradient of a tensor of
 shape S is ``[K, *S]``, one slice per cotangent given for ``of``. Forward tensors broadcast
@@ -139,14 +139,14 @@ def _maybe_float(builder: GraphBuilder, name: str) -> bool:
 
 
 def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed: str,
-                     rules: Mapping[str, Callable[..., Sequence[str | None]]] | None = None) -> dict[str, str]:
+                     rules: Mapping[str, Callable[..., Sequence[str | None]]]) -> dict[str, str]:
     """Append the graph of ``seed``'s vector-Jacobian products with respect to each ``wrt``.
 
     ``seed`` has shape ``[K, *shape(of)]``; the returned tensor for ``x`` in ``wrt`` has shape
     ``[K, *shape(x)]``: its k-th slice is the gradient of ``sum(seed[k] * of)`` w.r.t. ``x``.
-    ``rules`` replace the standard rules of the operators they name (e.g. FGVis's defended Relu).
+    ``rules`` maps operator types to VJP rules (``explainrt.export.rules.RULES``, possibly with
+    some replaced, e.g. FGVis's defended Relu); the driver itself knows no operator.
     """
-    from explainrt.export.vjp_rules import RULES  # rules import this module's builder
 
     graph = builder.graph
     on_path = _path_values(graph, wrt, of, builder)
@@ -165,9 +165,9 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
             continue
         if node.proto.domain not in ("", "ai.onnx"):
             raise node.unsupported(f"custom domain {node.proto.domain!r}")
-        rule = (rules or {}).get(node.op_type) or RULES.get(node.op_type)
+        rule = rules.get(node.op_type)
         if rule is None:
-            raise node.unsupported("add a VJP rule to explainrt.export.vjp_rules")
+            raise node.unsupported("add a VJP rule to explainrt.export.rules")
         builder.scope = f"explainrt/grad/{node.name}"
         output_grads = [_total(builder, o, terms) if terms else None for o, terms in zip(node.outputs, incoming)]
         input_grads = list(rule(builder, node, output_grads))

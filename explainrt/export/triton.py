@@ -28,7 +28,8 @@ import onnx
 from onnx import TensorProto
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.explainable import METADATA_KEY, ExplainableSpec, ModelSource, load_model, make_explainable
+from explainrt.export.explainable import make_explainable
+from explainrt.export.spec import METADATA_KEY, ExplainableSpec, ModelSource, load_model
 
 log = logging.getLogger(__name__)
 

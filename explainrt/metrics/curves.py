@@ -18,8 +18,9 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from explainrt.engine.methods.base import checked_int, softmax
 from explainrt.errors import InvalidInputError
+from explainrt.methods.base import softmax
+from explainrt.validation import checked_int
 
 BLUR_KERNEL_SIZE = 11
 BLUR_SIGMA = 5.0

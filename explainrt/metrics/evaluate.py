@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from explainrt.engine.methods import get_method
-from explainrt.engine.methods.base import checked_int
 from explainrt.errors import InvalidInputError, UnknownMetricError
+from explainrt.methods import get_method
 from explainrt.metrics.curves import CausalCurves, causal_curves
 from explainrt.metrics.pointing import POINTING_TOLERANCE, energy_pointing_game, pointing_game
 from explainrt.metrics.road import DEFAULT_NOISE, DEFAULT_PERCENTAGES, road_curves
+from explainrt.validation import checked_int
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from explainrt.engine.methods.base import checked_int
-from explainrt.engine.preprocessing import Preprocessing
 from explainrt.errors import InvalidInputError
+from explainrt.preprocessing import Preprocessing
+from explainrt.validation import checked_int
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
 

@@ -21,9 +21,9 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 from tqdm.auto import tqdm
 
-from explainrt.engine.methods.base import checked_int
 from explainrt.errors import InvalidInputError
 from explainrt.metrics.curves import ScoresModel, check_maps, probabilities, saliency_ranks
+from explainrt.validation import checked_int
 
 ORDERS = ("morf", "lerf")
 DEFAULT_PERCENTAGES = (10, 20, 30, 40, 50, 60, 70, 80, 90)

@@ -27,7 +27,8 @@ from skimage.metrics import structural_similarity
 
 from explainrt import kernels
 from explainrt.errors import InvalidInputError
-from explainrt.export.explainable import ExplainableSpec, load_model, make_explainable, original_model
+from explainrt.export.explainable import make_explainable
+from explainrt.export.spec import ExplainableSpec, load_model, original_model
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -95,7 +96,7 @@ def cascading_randomization(model: Any, images: np.ndarray, method: str = "gradc
     picks n counts spread evenly over 1..L). ``targets`` as in ``Explainer.explain``; they are
     resolved on the original model and kept fixed. ``options`` go to the method.
     """
-    from explainrt.engine.explainer import Explainer
+    from explainrt.explainer import Explainer
 
     explainable = load_model(model)
     spec = ExplainableSpec.from_model(explainable)

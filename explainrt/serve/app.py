@@ -28,10 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from explainrt import __version__
-from explainrt.engine.explainer import Explainer
-from explainrt.engine.methods import METHODS, get_method
-from explainrt.engine.methods.base import check_class_range, checked_int, softmax
+from explainrt.version import __version__
 from explainrt.errors import (
     ExplainrtError,
     ExplanationCancelled,
@@ -40,11 +37,15 @@ from explainrt.errors import (
     ServerBusyError,
     UnknownModelError,
 )
-from explainrt.export.explainable import RESOLVED_TARGETS_OUTPUT, activations_output, gradients_output
+from explainrt.explainer import Explainer
+from explainrt.export.spec import RESOLVED_TARGETS_OUTPUT, activations_output, gradients_output
+from explainrt.methods import METHODS, get_method
+from explainrt.methods.base import softmax
 from explainrt.serve import codec
 from explainrt.serve.codec import Limits
 from explainrt.serve.metrics import ServerMetrics
 from explainrt.serve.models import Job, ServedModel, explain_key, layers_key, predict_key
+from explainrt.validation import check_class_range, checked_int
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from explainrt.engine.preprocessing import load_image
 from explainrt.errors import ImageReadError, InvalidInputError, RequestTooLargeError
+from explainrt.preprocessing import load_image
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 4096 * 4096

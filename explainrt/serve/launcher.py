@@ -47,7 +47,7 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
-        command = [sys.executable, "-m", "explainrt.engine.cli", "-v", "serve", "--host", self.host,
+        command = [sys.executable, "-m", "explainrt.cli", "-v", "serve", "--host", self.host,
                    "--port", str(self.port), *self.arguments]
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (closed by the child's exit)
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from explainrt.engine.explainer import Explainer
 from explainrt.errors import InvalidInputError
+from explainrt.explainer import Explainer
 from explainrt.serve.batcher import MicroBatcher
 from explainrt.serve.metrics import ServerMetrics
 

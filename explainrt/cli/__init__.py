@@ -1,0 +1,56 @@
+"""The ``explainrt`` command line: one module per subcommand, all sharing ``common``.
+
+Every error explainrt raises on purpose (``ExplainrtError``) and every OS error is reported as
+one line ``explainrt: error: <message>`` on stderr with exit status 2, without a traceback
+(``-vv`` logs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from explainrt.cli.common import EXIT_ERROR, configure_logging, parent_parsers
+from explainrt.errors import ExplainrtError
+
+log = logging.getLogger(__name__)
+
+COMMAND_MODULES: tuple[str, ...] = ("export", "explain", "methods", "check_trt", "serve", "evaluate", "batch")
+"""Modules of ``explainrt.cli`` that add subcommands: each has ``register(commands, parents)`` where
+``parents`` maps "verbose", "model" and "runtime" to the shared argument parsers; a subcommand sets
+``run`` (args -> exit status)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="explainrt",
+        description="Explain image classifiers with Grad-CAM and friends, computed inside the ONNX graph.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug, with tracebacks)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parents = parent_parsers()
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"explainrt.cli.{module}").register(commands, parents)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 bad input or usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors and --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    configure_logging(args.verbose)
+    try:
+        return args.run(args)
+    except (ExplainrtError, OSError) as error:
+        log.debug("traceback of the error below", exc_info=True)
+        print(f"explainrt: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("explainrt: interrupted", file=sys.stderr)
+        return 130

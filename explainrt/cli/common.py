@@ -1,0 +1,152 @@
+"""What the subcommands share: exit codes, the shared argument groups, argument types, logging,
+image sources, class targets and the model every command loads through ``explainrt.models``."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from explainrt.errors import ImageReadError, InvalidInputError
+from explainrt.models import PreprocessingOverrides
+from explainrt.models.loading import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+EXIT_ERROR = 2
+EXAMPLES = "examples"
+"""The IMAGE argument that stands for the three example images shipped with scikit-image."""
+TOP_K = 5
+
+
+def parent_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The argument groups subcommands share: "verbose", "model" (preprocessing) and "runtime"."""
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    model = argparse.ArgumentParser(add_help=False)
+    group = model.add_argument_group("model")
+    group.add_argument("--weights", metavar="FILE",
+                       help="state dict for a torchvision architecture (torch.save(model.state_dict(), FILE)); "
+                            "nothing is downloaded")
+    group.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"),
+                       help="model input size (default: the ONNX input's static size, else 224 224)")
+    group.add_argument("--mean", nargs=3, type=float, metavar=("R", "G", "B"),
+                       help=f"normalisation mean for pixels in [0, 1] (default: ImageNet {IMAGENET_MEAN})")
+    group.add_argument("--std", nargs=3, type=float, metavar=("R", "G", "B"),
+                       help=f"normalisation std (default: ImageNet {IMAGENET_STD})")
+    group.add_argument("--labels", metavar="FILE",
+                       help="class names, one per line (default: ImageNet names for 1000-class models)")
+
+    runtime = argparse.ArgumentParser(add_help=False)
+    group = runtime.add_argument_group("runtime")
+    group.add_argument("--model", metavar="M",
+                       help="an ONNX file (explainable or not), or a torchvision architecture name with --weights "
+                            "(default: the shipped EfficientNet-Lite0 with ImageNet weights)")
+    group.add_argument("--layer", action="append", metavar="LAYER", dest="layers",
+                       help="target layer: an ONNX tensor name, or a dotted module name for torch models; "
+                            "repeat for several (default: the model's own, else the last spatial layer)")
+    group.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (torch models only)")
+    group.add_argument("--provider", action="append", metavar="NAME", dest="providers",
+                       help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
+    group.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per runtime call")
+
+    return {"verbose": verbose, "model": model, "runtime": runtime}
+
+
+def method_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def configure_logging(verbosity: int) -> None:
+    logging.basicConfig(format="explainrt: %(levelname)s: %(name)s: %(message)s")
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.getLogger("explainrt").setLevel(level)
+
+
+def overrides(args: argparse.Namespace) -> PreprocessingOverrides:
+    """The preprocessing flags (--input-size, --mean, --std, --labels) as the load step takes them."""
+    return PreprocessingOverrides(tuple(args.input_size) if args.input_size else None,
+                                  tuple(args.mean) if args.mean else None, tuple(args.std) if args.std else None,
+                                  args.labels)
+
+
+def load_model(args: argparse.Namespace, backend: str = "onnxruntime") -> Any:
+    """The model --model names (default, torchvision architecture with --weights, ONNX file) with its
+    --layer targets and preprocessing, through the one load step."""
+    from explainrt.models import load
+
+    return load(args.model, args.layers or None, backend=backend, weights=args.weights,
+                logits=getattr(args, "logits", None), overrides=overrides(args))
+
+
+def load_explainer(args: argparse.Namespace) -> Any:
+    """An Explainer for --model on --backend and --provider."""
+    from explainrt.explainer import Explainer
+
+    return Explainer(load_model(args, args.backend), backend=args.backend, providers=args.providers)
+
+
+@dataclass(frozen=True)
+class Source:
+    stem: str
+    name: str  # as reported in the JSON: the path, or "skimage:<name>"
+    image: Any  # a path or a uint8 array
+
+
+def sources(images: Sequence[str]) -> list[Source]:
+    sources: list[Source] = []
+    for item in images:
+        if item == EXAMPLES:
+            from explainrt.models.default import example_images
+
+            sources += [Source(name, f"skimage:{name}", image) for name, image in example_images().items()]
+            continue
+        path = Path(item)
+        if not path.is_file():
+            reason = "it is not a regular file" if path.exists() else "no such file"
+            raise ImageReadError(f"cannot read image {item!r}: {reason}")
+        sources.append(Source(path.stem, str(path), path))
+    stems = [s.stem for s in sources]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise InvalidInputError(f"several images are named {', '.join(map(repr, repeated))}: their outputs would "
+                                "overwrite each other; explain them separately")
+    return sources
+
+
+def class_target(target: str | None, labels: Sequence[str] | None) -> int | None:
+    """--target as a class index: an int (negative: k-th most likely), or a label name."""
+    if target is None:
+        return None
+    try:
+        return int(target)
+    except ValueError:
+        pass
+    folded = [label.lower() for label in labels or ()]
+    if target.lower() in folded:
+        return folded.index(target.lower())
+    close = difflib.get_close_matches(target, list(labels or ()), n=3)
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    raise InvalidInputError(f"--target {target!r} is neither a class index nor a label of the model{hint}")

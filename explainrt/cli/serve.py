@@ -1,0 +1,62 @@
+"""The ``explainrt serve`` subcommand: load the models once, then serve them with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from explainrt.cli.common import positive_int
+from explainrt.serve.codec import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, Limits
+
+log = logging.getLogger(__name__)
+
+
+def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    """Add ``serve`` to the CLI's subcommands."""
+    serve = commands.add_parser(
+        "serve", parents=[parents["verbose"]], help="serve explanations over HTTP (KServe V1/V2, web page)",
+        description="Serve the models over HTTP: KServe V1 (/v1/models/NAME:predict, :explain), the Open Inference "
+                    "Protocol (/v2/models/NAME/infer), Prometheus /metrics and a web page at /. Concurrent requests "
+                    "for the same model, method and options are micro-batched into one runtime call.")
+    serve.add_argument("--model", action="append", metavar="M", dest="models",
+                       help="an ONNX file (explainable or not), served under its file stem; repeat for several "
+                            "(default: the shipped EfficientNet-Lite0, served as 'default')")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080; 0: any free port)")
+    serve.add_argument("--max-batch", type=positive_int, default=16, metavar="N",
+                       help="most images per runtime call (default: 16)")
+    serve.add_argument("--max-queue-ms", type=float, default=5.0, metavar="MS",
+                       help="longest a request waits for others to join its batch (default: 5)")
+    serve.add_argument("--max-queue", type=positive_int, default=512, metavar="N",
+                       help="images waiting per model before requests are refused with 503 (default: 512)")
+    serve.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20, metavar="MB",
+                       help=f"largest request body (default: {DEFAULT_MAX_BODY_BYTES / 2**20:g})")
+    serve.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                       help=f"largest image, in pixels (default: {DEFAULT_MAX_PIXELS})")
+    serve.add_argument("--provider", action="append", metavar="NAME", dest="providers",
+                       help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from explainrt.errors import BackendUnavailableError, InvalidInputError
+
+    try:
+        import uvicorn
+
+        from explainrt.serve.app import ServeConfig, create_app
+    except ImportError as error:
+        raise BackendUnavailableError(f"explainrt serve needs the serve extra (pip install 'explainrt[serve]'): {error}") from error
+    from explainrt.serve.models import load_models
+
+    if args.max_queue_ms < 0 or args.max_body_mb <= 0:
+        raise InvalidInputError("--max-queue-ms must be >= 0 and --max-body-mb > 0, got "
+                                f"{args.max_queue_ms} and {args.max_body_mb}")
+    explainers = load_models(args.models, args.providers)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels)
+    config = ServeConfig(args.max_batch, args.max_queue_ms / 1000, args.max_queue, limits)
+    app = create_app(explainers, config)
+    log.info("serving %s on http://%s:%d", ", ".join(explainers), args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0

@@ -1,1 +1,0 @@
-"""Engine: model loading, image handling and the explanation pipeline."""

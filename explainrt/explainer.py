@@ -1,0 +1,261 @@
+"""The public API: ``Explainer(model).explain(images, method=...) -> Explanation``.
+
+Load the model once (``explainrt.models.load``) and open its session (``explainrt.runtime``);
+per call: prepare the images, check targets and options, run the method chunk by chunk (it
+runs the model through the session), normalise the maps, assemble the Explanation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from explainrt import kernels, models, runtime
+from explainrt.errors import InvalidInputError
+from explainrt.methods import Attribution, AttributionRequest, Method, get_method
+from explainrt.models import LoadedModel
+from explainrt.overlay import concept_overlay, overlay
+from explainrt.preprocessing import Preprocessing
+from explainrt.runtime.base import Session
+from explainrt.validation import check_class_range
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str | None
+    probability: float
+
+
+@dataclass
+class Explanation:
+    """Maps [N, H, W] (in [0, 1] unless raw maps were asked for), the predictions, and what each stage cost."""
+
+    maps: np.ndarray
+    logits: np.ndarray
+    targets: np.ndarray  # [N] the class each map explains
+    method: str
+    timings: dict[str, float] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    images: np.ndarray | None = None  # uint8 [N, H, W, 3] when raw images were given
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # method-specific per-image arrays
+    normalized: bool = True  # False: raw attributions (overlays scale them first)
+
+    def top_k(self, k: int = 5) -> list[list[Prediction]]:
+        """The k most likely classes per image, with softmax probabilities."""
+        shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        order = np.argsort(-self.logits, axis=1)[:, :k]
+        return [[Prediction(int(c), self.labels[c] if self.labels else None, float(p[c])) for c in row]
+                for row, p in zip(order, probabilities)]
+
+    def overlays(self, alpha: float = 0.5) -> np.ndarray:
+        """Heatmaps blended onto the (resized, cropped) input images, uint8 [N, H, W, 3]."""
+        if self.images is None:
+            raise InvalidInputError("overlays need the raw images: explain files, PIL images or uint8 arrays")
+        if "concept_maps" in self.extras:  # DFF: one colour per concept
+            return np.stack([concept_overlay(image, concepts, alpha)
+                             for image, concepts in zip(self.images, self.extras["concept_maps"])])
+        maps = self.maps if self.normalized else kernels.normalize_minmax(self.maps)
+        return np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)])
+
+
+class Explainer:
+    """Explains a model's predictions: one runtime call per batch, any method of ``METHODS``.
+
+    ``model``: anything ``explainrt.models.load`` takes (a ``torch.nn.Module``, an ONNX path, bytes
+    or ModelProto, explainable already or not, None for the shipped EfficientNet-Lite0), or a
+    ``LoadedModel`` it returned. ``target_layers``: modules (torch) or tensor names (ONNX); None
+    picks the model's own, else the last spatial layer. ``backend``: a name of
+    ``explainrt.runtime.BACKENDS`` ("onnxruntime" with ``providers`` in priority order, validated;
+    "torch"; "tensorrt"). ``device``: "cpu", "cuda" or "cuda:N". ``backend_options``: the
+    backend's own settings, e.g. ``{"precision": "fp16"}`` for TensorRT.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        target_layers: Sequence[Any] | None = None,
+        backend: str = "onnxruntime",
+        providers: Sequence[str] | None = None,
+        preprocessing: Preprocessing | None = None,
+        input_size: tuple[int, int] | None = None,
+        device: str | None = None,
+        backend_options: dict[str, Any] | None = None,
+    ) -> None:
+        chosen = runtime.backend(backend, backend_options)  # fails before an export when the backend cannot run
+        if isinstance(model, LoadedModel):
+            loaded = model
+        else:
+            loaded = models.load(model, target_layers, backend=chosen.name, preprocessing=preprocessing,
+                                 input_size=input_size)
+        self.session: Session = chosen.open(loaded.runnable, providers, device, **(backend_options or {}))
+        self.spec = self.session.spec
+        self.preprocessing = loaded.preprocessing
+        self.backend = chosen.name
+
+    # -- inputs ------------------------------------------------------------------------------
+    def prepare(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Model input [N, C, H, W] float32 and, for raw images, the uint8 crops they came from."""
+        if _is_torch_tensor(images):
+            images = images.detach().cpu().numpy()
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+            return self._checked_batch(images), None
+        raw = [images] if _is_single_image(images) else list(images)
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            raw = list(images)
+        if not raw:
+            raise InvalidInputError("no images given")
+        preprocessed = [np.asarray(item.detach().cpu() if _is_torch_tensor(item) else item) for item in raw
+                        if _is_torch_tensor(item) or (isinstance(item, np.ndarray) and item.dtype.kind == "f")]
+        if len(preprocessed) == len(raw):  # a list of preprocessed [C, H, W] images: one batch of one size
+            sizes = sorted({item.shape for item in preprocessed})
+            if len(sizes) > 1:
+                raise InvalidInputError(f"images have mixed sizes {sizes}: give one [N, C, H, W] batch of one size")
+            return self._checked_batch(np.stack(preprocessed)), None
+        if self.preprocessing is None:
+            raise InvalidInputError("the model stores no preprocessing: pass a preprocessed float32 [N, C, H, W] batch")
+        batch, crops = self.preprocessing.prepare(raw)
+        return self._checked_batch(batch), crops
+
+    def _checked_batch(self, batch: np.ndarray) -> np.ndarray:
+        if batch.dtype != np.float32:
+            raise InvalidInputError(f"images must be float32, got {batch.dtype}")
+        if batch.ndim != 4 or batch.shape[0] == 0:
+            raise InvalidInputError(f"images must have shape [N, C, H, W] with N >= 1, got {batch.shape}")
+        expected = self.session.input_shape[1:]
+        for axis, (got, want) in enumerate(zip(batch.shape[1:], expected), start=1):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise InvalidInputError(f"images have shape {batch.shape}; the model expects [N, {', '.join(map(str, expected))}] (axis {axis})")
+        # one vectorised pass, no mask: NaN/inf propagate into the sum; a float32 overflow of huge
+        # but finite pixels is told apart by the exact check that follows only then
+        if not np.isfinite(batch.sum()) and not np.isfinite(batch).all():
+            bad = int(np.argwhere(~np.isfinite(batch))[0][0])
+            raise InvalidInputError(f"images contain NaN or inf values (image {bad})")
+        return np.ascontiguousarray(batch)
+
+    def _targets(self, targets: Any, count: int) -> np.ndarray:
+        classes = self.spec.num_classes
+        if targets is None:
+            wanted = np.full(count, -1, dtype=np.int64)
+        elif isinstance(targets, (int, np.integer)):
+            wanted = np.full(count, int(targets), dtype=np.int64)
+        else:
+            wanted = np.asarray(targets)
+            if wanted.shape != (count,) or wanted.dtype.kind not in "iu":
+                raise InvalidInputError(f"targets must be None, one int or {count} ints (one per image), got {targets!r}")
+            wanted = wanted.astype(np.int64)
+        check_class_range(wanted, classes)
+        return wanted
+
+    # -- explaining --------------------------------------------------------------------------
+    def predict(self, images: Any) -> np.ndarray:
+        """Plain logits [N, classes]."""
+        batch, _ = self.prepare(images)
+        return self.session.logits(batch)
+
+    def explain(self, images: Any, method: str = "gradcam", targets: Any = None, *, batch_size: int = 32,
+                normalize: bool = True, progress: bool | None = None, cancel: threading.Event | None = None,
+                **options: Any) -> Explanation:
+        """Maps for ``targets`` (None: the top class; -k: the k-th most likely class).
+
+        ``batch_size`` bounds the images (or perturbed copies) in one runtime call. ``normalize``
+        scales each map to [0, 1] for display; False returns the method's raw attributions.
+        ``cancel``: set the event from another thread to stop between runtime calls
+        (ExplanationCancelled; nothing partial is returned). ``options`` are the method's own.
+        """
+        chosen = get_method(method)
+        chosen.check_options(options)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        batch, crops = self.prepare(images)
+        wanted = self._targets(targets, batch.shape[0])
+        per_image = self._per_image_options(chosen, options, batch)
+        timings["preprocess"] = time.perf_counter() - start
+        parts: list[Attribution] = []
+        chunks = range(0, batch.shape[0], batch_size)
+        show = progress if progress is not None else len(chunks) >= 4
+        for first in tqdm(chunks, desc=chosen.name) if show else chunks:  # a hidden bar still costs 0.1 ms
+            stop = first + batch_size
+            chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
+            request = AttributionRequest(batch[first:stop], wanted[first:stop], self.session, int(batch_size),
+                                         normalize, chunk_options, cancel, bool(progress))
+            request.check_cancelled()
+            part = chosen.attribute(request)
+            for stage, seconds in part.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+            parts.append(part)
+        tick = time.perf_counter()
+        maps = np.concatenate([p.maps for p in parts])
+        if normalize:
+            maps = kernels.normalize_minmax(np.maximum(maps, 0) if chosen.signed else maps)
+        timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick
+        timings["total"] = time.perf_counter() - start
+        extras = {key: np.concatenate([p.extras[key] for p in parts]) for key in parts[0].extras}
+        labels = self.preprocessing.labels if self.preprocessing else None
+        return Explanation(maps, np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts]),
+                           chosen.name, timings, labels, crops, extras, normalize)
+
+
+    def explain_contrasts(self, images: Any, k: int = 3, **kwargs: Any) -> Explanation:
+        """Contrast-CAM of each image's prediction against each of the next ``k`` most likely classes,
+        in one runtime call per batch: ``extras["contrast_maps"]`` [N, k, H, W] and
+        ``extras["contrast_classes"]`` [N, k]; ``maps`` is the contrast with the runner-up."""
+        return self.explain(images, method="contrast-cam", top_k=k, **kwargs)
+
+    def _per_image_options(self, method: Method, options: dict[str, Any], batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Options given per image ([N, ...] arrays the pipeline slices per chunk), images preprocessed.
+
+        A per-image option's one value for all images (kept whole) is a scalar, a string, dict or
+        callable, or a map of the images' size [H, W] (e.g. LIME's ``segments``); anything else
+        must hold one value per image along its first axis.
+        """
+        count = batch.shape[0]
+        sliced: dict[str, np.ndarray] = {}
+        for name in method.image_options:
+            if options.get(name) is None:
+                continue
+            try:
+                prepared, _ = self.prepare(options[name])
+            except InvalidInputError as error:
+                raise InvalidInputError(f"{name}: {error}") from error
+            if prepared.shape[1:] != batch.shape[1:] or prepared.shape[0] not in (1, count):
+                raise InvalidInputError(f"{name} must be one image or one per image ({count}) of the same size as the "
+                                        f"images: got {prepared.shape[0]} of shape {prepared.shape[1:]} for images "
+                                        f"{batch.shape[1:]}")
+            sliced[name] = np.broadcast_to(prepared, batch.shape)
+        for name in method.per_image_options:
+            value = options.get(name)
+            if value is None or np.ndim(value) == 0 or np.shape(value) == batch.shape[2:]:
+                continue
+            values = np.asarray(value)
+            if values.shape[0] != count:
+                raise InvalidInputError(f"{name} must be one value or one per image ({count} images), got "
+                                        f"{values.shape[0]} (shape {values.shape}; one map for all images has the "
+                                        f"images' size {batch.shape[2:]})")
+            sliced[name] = values
+        return sliced
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _is_single_image(value: Any) -> bool:
+    from PIL import Image
+
+    if isinstance(value, (str, bytes, os.PathLike, Image.Image)):
+        return True
+    return isinstance(value, np.ndarray) and value.ndim in (2, 3)

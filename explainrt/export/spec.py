@@ -1,0 +1,144 @@
+"""What an explainable model is: the names it adds, the spec stored in its metadata, loading.
+
+An explainable model keeps every original node and output and adds:
+
+- input  ``explainrt.targets``            int64 ``[N, K]``: a class index, or ``-k`` for the
+  k-th most likely class of that image;
+- output ``explainrt.resolved_targets``   int64 ``[N, K]``: the class each target resolved to;
+- output ``explainrt.activations.<i>``    ``[N, C, h, w]`` for the i-th target layer;
+- output ``explainrt.gradients.<i>``      ``[N, K, C, h, w]``: d logit[target] / d activations.
+
+What the engine needs to run the model without the original code (input name, logits, target
+layers, preprocessing) is stored as JSON in the model's metadata under ``explainrt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from explainrt.errors import InvalidModelError
+
+TARGETS_INPUT = "explainrt.targets"
+RESOLVED_TARGETS_OUTPUT = "explainrt.resolved_targets"
+METADATA_KEY = "explainrt"
+
+
+def activations_output(index: int) -> str:
+    return f"explainrt.activations.{index}"
+
+
+def gradients_output(index: int) -> str:
+    return f"explainrt.gradients.{index}"
+
+
+REFERENCE_PREFIX = "explainrt.reference."
+RELU_OUTPUT_PREFIX = "explainrt.relu."
+
+
+def reference_input(index: int) -> str:
+    """Input of a defended model: the k-th defended Relu's activations on the unperturbed image."""
+    return f"{REFERENCE_PREFIX}{index}"
+
+
+def relu_output(index: int) -> str:
+    """Output of a defended model: the k-th defended Relu's activations, to feed back as references."""
+    return f"{RELU_OUTPUT_PREFIX}{index}"
+
+
+@dataclass(frozen=True)
+class ExplainableSpec:
+    """What an explainable model says about itself (stored in its metadata)."""
+
+    image_input: str
+    logits: str
+    num_classes: int
+    target_layers: tuple[str, ...]
+    preprocessing: str | None = None  # JSON of explainrt.preprocessing.Preprocessing
+    objective: str = "logit"  # what is differentiated per target: see OBJECTIVES
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> ExplainableSpec:
+        props = {p.key: p.value for p in model.metadata_props}
+        if METADATA_KEY not in props:
+            raise InvalidModelError("the model is not explainable (no explainrt metadata): run make_explainable first")
+        try:
+            fields = json.loads(props[METADATA_KEY])
+            fields["target_layers"] = tuple(fields["target_layers"])
+            return cls(**fields)
+        except (ValueError, TypeError, KeyError) as error:
+            raise InvalidModelError(f"corrupt explainrt metadata in the model: {error}") from error
+
+
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto
+
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """Read an ONNX model from a path, serialized bytes or a ModelProto (copied)."""
+    if isinstance(source, onnx.ModelProto):
+        return copy.deepcopy(source)
+    try:
+        if isinstance(source, bytes):
+            model = onnx.load_from_string(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise InvalidModelError(f"model file not found: {path}")
+            model = onnx.load(str(path))
+    except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError, ValueError) as error:
+        raise InvalidModelError(f"cannot read ONNX model {source!r}: {error}") from error
+    if not model.graph.node:
+        name = "the bytes given" if isinstance(source, bytes) else repr(source)
+        raise InvalidModelError(f"{name} hold no ONNX graph (empty or corrupt model)")
+    return model
+
+
+OBJECTIVES = {
+    "logit": "the target's logit y_t",
+    "cross_entropy": "the cross-entropy loss -log softmax(y)_t (Contrast-CAM, confidence gradients)",
+}
+
+
+def is_explainable(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` carries explainrt's metadata (made by make_explainable or from_torch)."""
+    return any(prop.key == METADATA_KEY for prop in model.metadata_props)
+
+
+def with_preprocessing(model: onnx.ModelProto, preprocessing: str | None) -> onnx.ModelProto:
+    """The explainable ``model`` (changed in place) with its stored preprocessing JSON replaced."""
+    spec = dataclasses.replace(ExplainableSpec.from_model(model), preprocessing=preprocessing)
+    set_metadata(model, METADATA_KEY, spec.to_json())
+    return model
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def original_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without what make_explainable added: plain inference, same original outputs."""
+    plain = copy.deepcopy(model)
+    graph = plain.graph
+    for field_name, prefix in (("node", "explainrt/"), ("initializer", "explainrt/"), ("input", "explainrt."), ("output", "explainrt.")):
+        items = getattr(graph, field_name)
+        kept = [item for item in items if not item.name.startswith(prefix)]
+        del items[:]
+        items.extend(kept)
+    kept_props = [p for p in plain.metadata_props if p.key != METADATA_KEY]
+    del plain.metadata_props[:]
+    plain.metadata_props.extend(kept_props)
+    return plain

@@ -1,0 +1,206 @@
+"""The CAM family: each method says how to weight a target layer's activation channels.
+
+A CAM method is one small function from a ``LayerContext`` (activations A [N, C, h, w],
+gradients g = d objective / dA [N, C, h, w], and the session for methods that re-run the
+model) to ``CamTerms``: the activations to weight and per-channel [N, C] or per-pixel
+[N, C, h, w] weights. ``CamMethod.attribute`` is the one pipeline they share: one runtime call,
+the weights, the fused kernel (weight, ReLU, normalise, resize) per target layer, the layer
+average. Formulas follow the papers and pytorch-grad-cam's numerics so results compare directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from explainrt import kernels
+from explainrt.errors import InvalidInputError
+from explainrt.methods.base import Attribution, AttributionRequest, Method, timed
+from explainrt.methods.perturbation import perturbation_scores
+from explainrt.runtime.base import RunResult, Session
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a method may use to weight one target layer of one batch."""
+
+    activations: np.ndarray  # [N, C, h, w]
+    gradients: np.ndarray  # [N, C, h, w]: d objective / d activations for the explained target
+    logits: np.ndarray  # [N, classes]
+    targets: np.ndarray  # [N] resolved class per image
+    images: np.ndarray  # [N, 3, H, W] model input
+    layer: int
+    session: Session
+    batch_size: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CamTerms:
+    activations: np.ndarray
+    weights: np.ndarray  # [N, C] per channel or [N, C, h, w] per pixel
+
+
+def combine_layers(per_layer: list[np.ndarray]) -> np.ndarray:
+    """Average the (ReLU'd) maps of several target layers, as pytorch-grad-cam does."""
+    return per_layer[0] if len(per_layer) == 1 else np.maximum(np.stack(per_layer), 0).mean(axis=0)
+
+
+def cam_attribution(request: AttributionRequest, result: RunResult, explained: np.ndarray,
+                    weigh: Callable[[LayerContext], CamTerms], seed: int = 0) -> Attribution:
+    """Maps from one runtime result: weigh each target layer (gradients of seed ``seed``), fuse, average."""
+    height, width = request.images.shape[2:]
+    timings: dict[str, float] = {}
+    per_layer = []
+    for layer, (acts, grads) in enumerate(zip(result.activations, result.gradients)):
+        with timed(timings, "method"):
+            terms = weigh(LayerContext(acts, grads[:, seed], result.logits, explained, request.images, layer,
+                                       request.session, request.batch_size, request.options))
+        with timed(timings, "maps"):
+            # the kernels make their inputs contiguous float32 on the arrays' own device (NumPy or CuPy)
+            per_layer.append(kernels.cam_maps(terms.activations, terms.weights, (height, width),
+                                              normalize=request.normalize))
+    return Attribution(combine_layers(per_layer), result.logits, explained, timings)
+
+
+@dataclass(frozen=True)
+class CamMethod(Method):
+    """A CAM method: channel weights from the gradients of the target's logit (or none)."""
+
+    name: str
+    weigh: Callable[[LayerContext], CamTerms]
+    uses_gradients: bool
+    summary: str
+    options: tuple[str, ...] = ()
+
+    def attribute(self, request: AttributionRequest) -> Attribution:
+        timings: dict[str, float] = {}
+        with timed(timings, "runtime"):
+            result = request.session.run(request.images, request.targets[:, None])
+        attribution = cam_attribution(request, result, result.targets[:, 0], self.weigh)
+        attribution.timings.update(timings)
+        return attribution
+
+
+def grad_cam_terms(ctx: LayerContext) -> CamTerms:
+    """Grad-CAM's terms (also Contrast-CAM's, on the gradients of its loss)."""
+    # Selvaraju et al. 2017, eq. 1: alpha_k = mean_ij dy/dA_kij
+    return CamTerms(ctx.activations, ctx.gradients.mean(axis=(2, 3)))
+
+
+def _grad_cam_pp(ctx: LayerContext) -> CamTerms:
+    # Chattopadhyay et al. 2018, eq. 19 with exponential output: alpha = g^2 / (2 g^2 + sum(A) g^3)
+    g, a = ctx.gradients, ctx.activations
+    g2 = g**2
+    g3 = g2 * g
+    sum_a = a.sum(axis=(2, 3))[:, :, None, None]
+    alpha = g2 / (2 * g2 + sum_a * g3 + 1e-6)
+    alpha = np.where(g != 0, alpha, 0)
+    return CamTerms(a, (np.maximum(g, 0) * alpha).sum(axis=(2, 3)))
+
+
+def _xgrad_cam(ctx: LayerContext) -> CamTerms:
+    # Fu et al. 2020, eq. 9: alpha_k = sum_ij (A_kij / sum A_k) dy/dA_kij
+    a = ctx.activations
+    return CamTerms(a, (ctx.gradients * a / (a.sum(axis=(2, 3))[:, :, None, None] + 1e-7)).sum(axis=(2, 3)))
+
+
+def _hires_cam(ctx: LayerContext) -> CamTerms:
+    # Draelos & Carin 2020: element-wise g * A, summed over channels
+    return CamTerms(ctx.activations, ctx.gradients)
+
+
+def _layer_cam(ctx: LayerContext) -> CamTerms:
+    # Jiang et al. 2021, eq. 4: ReLU(g) * A per location
+    return CamTerms(ctx.activations, np.maximum(ctx.gradients, 0))
+
+
+def principal_projection(stack: np.ndarray) -> np.ndarray:
+    """Per image, the projection of [C, h*w] (centred over positions) on its first right singular vector."""
+    stack = np.nan_to_num(stack)
+    projections = []
+    for item in stack:
+        rows = item.reshape(item.shape[0], -1).T
+        rows = rows - rows.mean(axis=0)
+        _, _, vt = np.linalg.svd(rows, full_matrices=True)
+        projections.append((rows @ vt[0, :]).reshape(item.shape[1:]))
+    return np.float32(projections)
+
+
+def _projection_terms(stack: np.ndarray) -> CamTerms:
+    projection = principal_projection(stack)[:, None]
+    return CamTerms(projection, np.ones(projection.shape[:2], dtype=np.float32))
+
+
+def _eigen_cam(ctx: LayerContext) -> CamTerms:
+    # Muhammad & Yeasin 2020: first principal component of the activations
+    return _projection_terms(ctx.activations)
+
+
+def _eigen_grad_cam(ctx: LayerContext) -> CamTerms:
+    # EigenCAM on gradient-weighted activations
+    return _projection_terms(ctx.gradients * ctx.activations)
+
+
+def _score_cam(ctx: LayerContext) -> CamTerms:
+    """Wang et al. 2020: each upsampled, normalised channel masks the input; softmax of the scores."""
+    n, channels = ctx.activations.shape[:2]
+    height, width = ctx.images.shape[2:]
+    request = AttributionRequest(ctx.images, ctx.targets, ctx.session, ctx.batch_size, False, ctx.options)
+    scores = np.empty((n, channels), dtype=np.float32)
+    for image in range(n):
+        batches = (kernels.channel_masks(ctx.activations[image : image + 1, start : start + ctx.batch_size],
+                                         (height, width))[0] for start in range(0, channels, ctx.batch_size))
+        scores[image] = perturbation_scores(request, image, batches, channels, ctx.targets[image : image + 1],
+                                            desc="scorecam")[:, 0]
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return CamTerms(ctx.activations, shifted / shifted.sum(axis=1, keepdims=True))
+
+
+def ablation_values(activations: np.ndarray) -> np.ndarray:
+    """Value an ablated channel takes, per image and channel: 0 after a ReLU, else far below the minimum."""
+    lowest = activations.reshape(activations.shape[0], -1).min(axis=1)
+    values = np.where(lowest == 0, 0.0, lowest - 1e7).astype(np.float32)
+    return np.repeat(values[:, None], activations.shape[1], axis=1)
+
+
+def _ablation_cam(ctx: LayerContext) -> CamTerms:
+    """Desai & Ramaswamy 2020: weight = relative drop of the target score when the channel is ablated.
+
+    Only the part of the model after the target layer is re-run, a batch of ablated copies at once.
+    """
+    a = ctx.activations
+    n, channels = a.shape[:2]
+    values = ctx.options.get("ablation_values")
+    if callable(values):  # f(activations [n, C, h, w]) -> [n, C]: per target layer and per batch of images
+        values = values(a)
+    values = ablation_values(a) if values is None else np.asarray(values, dtype=np.float32)
+    if values.shape != (n, channels):
+        raise InvalidInputError(f"ablation_values must have shape {(n, channels)}, got {values.shape}")
+    original = ctx.logits[np.arange(n), ctx.targets]
+    ablated = np.empty((n, channels), dtype=np.float32)
+    for image in range(n):
+        for start in range(0, channels, ctx.batch_size):
+            stop = min(start + ctx.batch_size, channels)
+            copies = np.repeat(a[image : image + 1], stop - start, axis=0)
+            copies[np.arange(stop - start), np.arange(start, stop)] = values[image, start:stop, None, None]
+            logits = ctx.session.head(ctx.layer, copies, ctx.images[image : image + 1])
+            ablated[image, start:stop] = logits[:, ctx.targets[image]]
+    return CamTerms(a, (original[:, None] - ablated) / original[:, None])
+
+
+CAM_METHODS: tuple[CamMethod, ...] = (
+    CamMethod("gradcam", grad_cam_terms, True, "Grad-CAM: channels weighted by mean gradient"),
+    CamMethod("gradcam++", _grad_cam_pp, True, "Grad-CAM++: positive gradients with pixel-wise alphas"),
+    CamMethod("xgradcam", _xgrad_cam, True, "XGrad-CAM: activation-normalised gradient weights"),
+    CamMethod("hirescam", _hires_cam, True, "HiResCAM: element-wise gradient x activation"),
+    CamMethod("layercam", _layer_cam, True, "LayerCAM: positive gradients x activation per location"),
+    CamMethod("eigencam", _eigen_cam, False, "Eigen-CAM: first principal component of the activations"),
+    CamMethod("eigengradcam", _eigen_grad_cam, True, "EigenGrad-CAM: principal component of gradient x activation"),
+    CamMethod("scorecam", _score_cam, False, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),
+    CamMethod("ablationcam", _ablation_cam, False, "Ablation-CAM: score drop with each channel ablated (head only)",
+              ("ablation_values",)),
+)

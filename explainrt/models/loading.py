@@ -1,0 +1,284 @@
+"""The one load step: any model argument -> a model a runtime can run, with its preprocessing.
+
+``load`` is used by the API (``Explainer``), the command line (``explain``, ``export``,
+``batch``, ``evaluate``) and the server, so a model argument means the same everywhere:
+
+- ``None`` or ``"default"``: the shipped EfficientNet-Lite0 (ImageNet weights, stored preprocessing);
+- a ``torch.nn.Module``: exported to explainable ONNX (or hooked, for ``backend="torch"``);
+  target layers are modules or dotted module names;
+- an ONNX path, serialized bytes or ``onnx.ModelProto``, explainable already or not; target
+  layers are tensor names;
+- the name of a torchvision architecture with ``weights`` (a state dict file; nothing is downloaded).
+
+Preprocessing: the one given, else the model's stored one. With ``overrides`` (the CLI flags,
+possibly all unset) a model without stored preprocessing gets torchvision's ImageNet recipe at
+its input size, and the flags replace parts of whichever applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.export.explainable import make_explainable
+from explainrt.export.spec import ExplainableSpec, is_explainable, load_model, original_model, with_preprocessing
+from explainrt.preprocessing import Preprocessing
+from explainrt.runtime.base import input_dims
+from explainrt.runtime.torch import ModuleSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+"""The name of the shipped model (EfficientNet-Lite0 with ImageNet weights)."""
+
+# torchvision's ImageNet preprocessing: Resize(256) -> CenterCrop(224) -> Normalize(mean, std).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_INPUT_SIZE = (224, 224)
+
+
+@dataclass(frozen=True)
+class PreprocessingOverrides:
+    """Parts of the preprocessing the user set (the CLI's --input-size, --mean, --std, --labels)."""
+
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    labels_file: str | None = None
+
+    def any(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for a runtime: the explainable ONNX model, or the module to hook (backend="torch")."""
+
+    explainable: onnx.ModelProto | None
+    module: ModuleSource | None
+    preprocessing: Preprocessing | None
+
+    @property
+    def runnable(self) -> onnx.ModelProto | ModuleSource:
+        return self.module if self.module is not None else self.explainable  # type: ignore[return-value]
+
+
+def load(model: Any = None, target_layers: Sequence[Any] | None = None, *, backend: str = "onnxruntime",
+         weights: str | os.PathLike | None = None, logits: str | None = None,
+         preprocessing: Preprocessing | None = None, input_size: tuple[int, int] | None = None,
+         overrides: PreprocessingOverrides | None = None) -> LoadedModel:
+    """The model ``model`` names, explainable w.r.t. ``target_layers`` (None: its own, else automatic).
+
+    ``backend="torch"`` keeps a PyTorch model as a module (hooks and autograd, no export);
+    every other backend gets explainable ONNX. ``weights`` goes with a torchvision architecture
+    name, ``logits`` (the output to explain) with an ONNX model.
+    """
+    fallback = overrides is not None  # the CLI's promise: ImageNet's recipe where the model stores none
+    overrides = overrides or PreprocessingOverrides()
+    layers = list(target_layers) if target_layers else None
+    if weights is not None and not (isinstance(model, str) and not _is_onnx_path(model) and model != DEFAULT_MODEL):
+        raise InvalidInputError("weights apply to a torchvision architecture name (such as 'resnet50'), "
+                                f"not to {_described(model)}")
+    if model is None or model == DEFAULT_MODEL:
+        return _default_model(layers, backend, preprocessing, overrides)
+    if isinstance(model, str) and not _is_onnx_path(model):
+        module, num_classes = torchvision_model(_architecture(model), weights)
+        size = overrides.input_size or input_size or DEFAULT_INPUT_SIZE
+        return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), logits, size)
+    if _is_torch_module(model):
+        size = overrides.input_size or input_size or (preprocessing.input_size if preprocessing else DEFAULT_INPUT_SIZE)
+        chosen = preprocessing or (recipe(overrides, size, None) if fallback else None)
+        return _from_module(model, layers, backend, chosen, logits, size)
+    if backend == "torch":
+        raise BackendUnavailableError("backend='torch' needs a torch.nn.Module (or a torchvision architecture "
+                                      "name), not an ONNX model")
+    return _from_onnx(load_model(model), layers, logits, preprocessing, input_size, overrides, fallback)
+
+
+def _default_model(layers: list[Any] | None, backend: str, preprocessing: Preprocessing | None,
+                   overrides: PreprocessingOverrides) -> LoadedModel:
+    from explainrt.models import default
+
+    chosen = preprocessing or default.DEFAULT_PREPROCESSING
+    if overrides.any():
+        chosen = recipe(overrides, overrides.input_size or chosen.input_size, len(chosen.labels or ()) or None, chosen)
+    if backend == "torch" or (layers and not all(isinstance(layer, str) for layer in layers)):
+        module = default.load_default_torch_model()
+        return _from_module(module, layers or [default.default_target_module(module)], backend, chosen, None,
+                            chosen.input_size)
+    proto = default.default_explainable_model()
+    if layers:  # tensor names of the explainable default model
+        proto = make_explainable(original_model(proto), layers)
+    return LoadedModel(with_preprocessing(proto, chosen.to_json()), None, chosen)
+
+
+def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocessing: Preprocessing | None,
+                 logits: str | None, input_size: tuple[int, int]) -> LoadedModel:
+    """A PyTorch model: hooked as it is (torch backend), else exported at ``input_size``."""
+    if logits is not None:
+        raise InvalidInputError("logits names an ONNX output; a PyTorch model's logits are its output")
+    targets = modules(module, layers) if layers else None
+    example = example_input(input_size)
+    stored = preprocessing.to_json() if preprocessing else None
+    if backend == "torch":
+        if not targets:
+            raise InvalidInputError("backend='torch' needs target_layers (modules or dotted module names) to hook")
+        return LoadedModel(None, ModuleSource(module, tuple(targets), example, stored), preprocessing)
+    from explainrt.export.torch_export import from_torch
+
+    return LoadedModel(from_torch(module, example, targets, preprocessing=stored), None, preprocessing)
+
+
+def _from_onnx(proto: onnx.ModelProto, layers: list[Any] | None, logits: str | None,
+               preprocessing: Preprocessing | None, input_size: tuple[int, int] | None,
+               overrides: PreprocessingOverrides, fallback: bool) -> LoadedModel:
+    stored = None
+    if is_explainable(proto):
+        stored_json = ExplainableSpec.from_model(proto).preprocessing
+        stored = Preprocessing.from_json(stored_json) if stored_json else None
+        if layers or logits:
+            proto = make_explainable(original_model(proto), layers or "auto", logits=logits)
+    else:
+        proto = make_explainable(proto, layers or "auto", logits=logits)
+    spec = ExplainableSpec.from_model(proto)
+    chosen = preprocessing or stored
+    if (chosen is None and fallback) or overrides.any():
+        dims = input_dims(proto, spec.image_input)
+        size = overrides.input_size or input_size or _static_size(dims) or (stored.input_size if stored else None)
+        if size is None:
+            log.info("the model's input size is dynamic: assuming %dx%d (set the input size)", *DEFAULT_INPUT_SIZE)
+            size = DEFAULT_INPUT_SIZE
+        chosen = recipe(overrides, size, spec.num_classes, chosen)
+    return LoadedModel(with_preprocessing(proto, chosen.to_json()) if chosen else proto, None, chosen)
+
+
+def recipe(overrides: PreprocessingOverrides, input_size: Sequence[int], num_classes: int | None,
+           stored: Preprocessing | None = None) -> Preprocessing:
+    """Preprocessing from the overrides, else from ``stored`` (a model's own), else torchvision's
+    ImageNet recipe: resize the shorter side to 8/7 of the input size, centre-crop, normalise."""
+    height, width = (int(v) for v in input_size)
+    same_size = stored is not None and stored.input_size == (height, width)
+    return Preprocessing(
+        input_size=(height, width),
+        resize_shorter=stored.resize_shorter if same_size else max(height, width) * 8 // 7,  # type: ignore[union-attr]
+        mean=tuple(overrides.mean or (stored.mean if stored else IMAGENET_MEAN)),
+        std=tuple(overrides.std or (stored.std if stored else IMAGENET_STD)),
+        labels=_labels(overrides.labels_file, num_classes, stored.labels if stored else None),
+        interpolation=stored.interpolation if stored else "bilinear",
+    )
+
+
+def _labels(labels_file: str | None, num_classes: int | None, stored: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The labels file, else the model's stored labels, else ImageNet's for 1000 classes."""
+    if labels_file is None:
+        if stored is not None or num_classes != 1000:
+            return stored
+        from explainrt.models.labels import imagenet_labels
+
+        return imagenet_labels()
+    path = Path(labels_file)
+    try:
+        labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidInputError(f"cannot read labels file {str(path)!r}: {error}") from error
+    if num_classes is not None and len(labels) != num_classes:
+        raise InvalidInputError(f"labels file {str(path)!r} has {len(labels)} names; the model has {num_classes} classes")
+    return labels
+
+
+def _static_size(dims: Sequence[Any]) -> tuple[int, int] | None:
+    spatial = list(dims[2:4])
+    if len(spatial) == 2 and all(isinstance(v, int) and v > 0 for v in spatial):
+        return spatial[0], spatial[1]
+    return None
+
+
+def example_input(input_size: Sequence[int]) -> Any:
+    """A zero batch of one 3-channel image of ``input_size``, for export and probing."""
+    import torch
+
+    return torch.zeros(1, 3, *input_size)
+
+
+def modules(model: Any, layers: Sequence[Any]) -> list[Any]:
+    """Target modules: modules of ``model`` as given, or looked up by dotted name (``layer4``, ``features.28``)."""
+    found = []
+    for layer in layers:
+        if not isinstance(layer, str):
+            found.append(layer)
+            continue
+        try:
+            found.append(model.get_submodule(layer))
+        except AttributeError:
+            known = [name for name, _ in model.named_modules() if name]
+            close = difflib.get_close_matches(layer, known, n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise UnknownLayerError(f"{type(model).__name__} has no module {layer!r}{hint}") from None
+    return found
+
+
+def torchvision_model(name: str, weights: str | os.PathLike | None) -> tuple[Any, int]:
+    """A torchvision classifier with local weights, in eval mode, and its number of classes."""
+    import torch
+    from torchvision import models
+
+    if weights is None:
+        raise InvalidInputError(f"torchvision architecture {name!r} needs --weights FILE (weights= in the API): a "
+                                "state dict saved with torch.save(model.state_dict(), FILE); explainrt downloads "
+                                "no weights")
+    path = Path(weights)
+    if not path.is_file():
+        raise InvalidModelError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
+        raise InvalidModelError(f"cannot read weights file {str(path)!r}: {error}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidModelError(f"weights file {str(path)!r} does not hold a state dict (name -> tensor)")
+    # The classifier is the last matrix of every torchvision classifier's state dict.
+    matrices = [value for value in state.values() if value.dim() == 2]
+    num_classes = int(matrices[-1].shape[0]) if matrices else 1000
+    try:
+        model = models.get_model(name, weights=None, num_classes=num_classes)
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as error:
+        first_lines = "\n".join(str(error).splitlines()[:3])
+        raise InvalidModelError(f"weights file {str(path)!r} does not fit torchvision's {name}: {first_lines}") from error
+    return model.eval(), num_classes
+
+
+def _architecture(name: str) -> str:
+    from torchvision import models
+
+    known = models.list_models(module=models)
+    if name in known:
+        return name
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise InvalidModelError(f"model {name!r} is neither an ONNX file nor a torchvision architecture{hint}")
+
+
+def _is_onnx_path(model: str) -> bool:
+    return model.lower().endswith(".onnx") or os.path.exists(model)
+
+
+def _is_torch_module(value: Any) -> bool:
+    """Whether ``value`` is a torch.nn.Module, without importing torch for anything else."""
+    return any(cls.__module__.startswith("torch.nn") and cls.__name__ == "Module" for cls in type(value).__mro__)
+
+
+def _described(model: Any) -> str:
+    if model is None or model == DEFAULT_MODEL:
+        return "the default model"
+    return f"an ONNX model ({model!r})" if isinstance(model, str) else f"a {type(model).__name__}"

@@ -1,0 +1,88 @@
+"""The Session contract: one explainable model on one backend, behind the calls methods need.
+
+- ``run(images, targets, objective)``: logits, resolved targets, activations and gradients of
+  every target layer, in one runtime call;
+- ``input_gradients(images, targets, objective)``: the same with the model input as the one
+  "layer" (Saliency, Integrated Gradients, SmoothGrad, FGVis);
+- ``defended_input_gradients(...)``: input gradients with FGVis's Relu defence;
+- ``logits(images)``: a plain forward pass (perturbation methods);
+- ``head(layer, activations, images)``: logits with the target layer's activations replaced
+  (ablation), re-running only what comes after the layer where the backend allows.
+
+The backends (``explainrt.runtime.onnxruntime``, ``.torch``, ``.tensorrt``) implement it; the
+table in ``explainrt.runtime`` opens one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from explainrt.errors import InvalidInputError, InvalidModelError
+from explainrt.export.spec import RESOLVED_TARGETS_OUTPUT, ExplainableSpec, activations_output, gradients_output
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Everything one explaining call of the model returns (host arrays)."""
+
+    logits: np.ndarray  # [N, classes]
+    targets: np.ndarray  # [N, K] resolved class indices
+    activations: list[np.ndarray]  # per target layer [N, C, h, w]
+    gradients: list[np.ndarray]  # per target layer [N, K, C, h, w]
+
+
+class Session(Protocol):
+    spec: ExplainableSpec
+    input_shape: tuple[int | str | None, ...]
+
+    def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult: ...
+
+    def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult: ...
+
+    def defended_input_gradients(self, images: np.ndarray, targets: np.ndarray, references: list[np.ndarray] | None = None,
+                                 objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]: ...
+
+    def logits(self, images: np.ndarray) -> np.ndarray: ...
+
+    def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray: ...
+
+
+def head_feeds(spec: ExplainableSpec, layer: int, activations: Any, images: Any, reads_image: bool) -> dict[str, Any]:
+    """Inputs of a head sub-graph: the replaced activations, and the images repeated to match when it reads them."""
+    feeds = {spec.target_layers[layer]: activations}
+    if reads_image:
+        feeds[spec.image_input] = np.repeat(np.asarray(images), activations.shape[0] // images.shape[0], axis=0)
+    return feeds
+
+
+def output_names(logits: str, layers: int) -> list[str]:
+    names = [logits, RESOLVED_TARGETS_OUTPUT]
+    for index in range(layers):
+        names += [activations_output(index), gradients_output(index)]
+    return names
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as (kind, index); anything else is an InvalidInputError."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def input_dims(model: onnx.ModelProto, name: str) -> list[int | str | None]:
+    value = next(v for v in model.graph.input if v.name == name)
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
+
+
+def static_dims(dims: Sequence[int | str | None]) -> list[int]:
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        raise InvalidModelError(f"defended gradients need Relu activations of a static size, got {list(dims)}")
+    return list(dims)  # type: ignore[arg-type]

@@ -1,0 +1,200 @@
+"""The ONNX Runtime backend: any execution providers, validated up front, never a silent fallback;
+with CUDAExecutionProvider first, inputs and outputs are bound on the device by IO binding."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
+from explainrt.export.spec import (
+    REFERENCE_PREFIX,
+    TARGETS_INPUT,
+    ExplainableSpec,
+    original_model,
+    reference_input,
+    relu_output,
+)
+from explainrt.export.variants import head_model, variant_kind, variant_model
+from explainrt.runtime.base import RunResult, head_feeds, input_dims, output_names, parse_device, static_dims
+
+log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+class OnnxRuntimeSession:
+    """An explainable ONNX model in ONNX Runtime, plus lazily built plain, head and variant sessions.
+
+    A variant is the same original model made explainable for another objective (a loss instead of
+    a logit) or with the model input as the target (input gradients); each is built on first use.
+    """
+
+    def __init__(self, model: onnx.ModelProto, providers: Sequence[str] | None = None, device_id: int = 0,
+                 device_outputs: bool = False) -> None:
+        """``device_id``: the CUDA device of CUDAExecutionProvider. ``device_outputs=True`` (CUDA only)
+        returns CuPy arrays that share ONNX Runtime's output buffers (DLPack) instead of host arrays."""
+        import onnxruntime as ort
+
+        self.spec = ExplainableSpec.from_model(model)
+        self.providers = _validated_providers(ort, providers)
+        self.device_id = int(device_id)
+        self.on_cuda = self.providers[0] == CUDA_PROVIDER
+        self.io_device = "cuda"  # where IO binding places buffers (the tests bind host memory through it)
+        if device_outputs and not self.on_cuda:
+            raise InvalidInputError(f"device_outputs=True needs {CUDA_PROVIDER} first in providers, got {self.providers}")
+        self.device_outputs = bool(device_outputs)
+        self._model = model
+        self._ort = ort
+        self._main = self._session(model)
+        self._plain: object | None = None
+        self._heads: dict[int, tuple[object, bool]] = {}
+        # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
+        self._variants: dict[tuple[str, bool, bool], tuple[object, list[str], list[list[int | str | None]]]] = {
+            (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers)), [])}
+        self.input_shape = tuple(input_dims(model, self.spec.image_input))
+
+    def _session(self, model: onnx.ModelProto, spinning: bool = True) -> object:
+        """An ONNX Runtime session on this session's providers. ``spinning=False`` for sessions run in
+        quick alternation (incremental stages): their idle threads would otherwise spin and starve the next."""
+        options = self._ort.SessionOptions()
+        options.log_severity_level = 3
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            provider_options = [{"device_id": str(self.device_id)} if p == CUDA_PROVIDER else {} for p in self.providers]
+            session = self._ort.InferenceSession(model.SerializeToString(), options, providers=self.providers,
+                                                 provider_options=provider_options)
+        except Exception as error:  # onnxruntime raises its own untyped exceptions
+            raise InvalidModelError(f"onnxruntime cannot load the model: {error}") from error
+        active = session.get_providers()
+        if active[0] != self.providers[0]:
+            raise BackendUnavailableError(f"onnxruntime did not enable {self.providers[0]} (active: {active})")
+        return session
+
+    def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._run_variant(images, targets, objective, of_input=False)
+
+    def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._run_variant(images, targets, objective, of_input=True)
+
+    def _variant(self, objective: str, of_input: bool, defended: bool = False) -> tuple[object, list[str], list[list[int | str | None]]]:
+        """The session of a variant (built on first use), its outputs and its reference inputs' shapes."""
+        key = (objective, of_input, defended)
+        if key not in self._variants:
+            log.info("building the %s variant of the model (objective %s)", variant_kind(of_input, defended), objective)
+            variant = variant_model(self._model, self.spec, objective, of_input, defended)
+            shapes = [input_dims(variant, reference_input(k))
+                      for k in range(sum(v.name.startswith(REFERENCE_PREFIX) for v in variant.graph.input))]
+            outputs = output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers))
+            self._variants[key] = (self._session(variant), outputs + [relu_output(k) for k in range(len(shapes))], shapes)
+        return self._variants[key]
+
+    def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
+        session, outputs, _ = self._variant(objective, of_input)
+        values = self._run(session, outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})
+        return RunResult(values[0], values[1], values[2::2], values[3::2])
+
+    def _run(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
+        """One runtime call. On CUDA, through IO binding: CUDA arrays (CuPy, torch) are bound in
+        place, host arrays copied once, outputs allocated on the device; they come back as CuPy
+        arrays (DLPack, no copy) with ``device_outputs``, else copied to the host."""
+        if not self.on_cuda:
+            return session.run(outputs, feeds)  # type: ignore[attr-defined]
+        binding = session.io_binding()  # type: ignore[attr-defined]
+        for name, value in feeds.items():
+            if hasattr(value, "__cuda_array_interface__"):
+                interface = value.__cuda_array_interface__
+                if interface.get("strides") is not None and not _is_contiguous(value):
+                    raise InvalidInputError(f"the CUDA array for {name!r} must be C-contiguous")
+                binding.bind_input(name, self.io_device, self.device_id, np.dtype(interface["typestr"]),
+                                   tuple(interface["shape"]), interface["data"][0])
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in outputs:
+            binding.bind_output(name, self.io_device, self.device_id)
+        session.run_with_iobinding(binding)  # type: ignore[attr-defined]
+        values = binding.get_outputs()
+        if self.device_outputs:
+            from explainrt.kernels._cupy import load_cupy
+
+            cupy = load_cupy()
+            return [cupy.from_dlpack(value) for value in values]
+        return [value.numpy() for value in values]
+
+    def defended_input_gradients(self, images: np.ndarray, targets: np.ndarray, references: list[np.ndarray] | None = None,
+                                 objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:
+        """Input gradients with FGVis's defence: a Relu passes the gradient only where
+        0 < activation <= reference, its activation on the unperturbed image (``references``, as an
+        earlier call on the unperturbed images returned them; None: no upper bound). Returns the
+        result and these images' Relu activations (the references for their perturbations)."""
+        session, outputs, shapes = self._variant(objective, of_input=True, defended=True)
+        if references is None:
+            references = [np.full([images.shape[0], *static_dims(shape[1:])], np.inf, dtype=images.dtype) for shape in shapes]
+        elif len(references) != len(shapes):
+            raise InvalidInputError(f"the model has {len(shapes)} defended Relus; got {len(references)} references")
+        feeds = {self.spec.image_input: images, TARGETS_INPUT: targets,
+                 **{reference_input(k): reference for k, reference in enumerate(references)}}
+        values = self._run(session, outputs, feeds)
+        return RunResult(values[0], values[1], [values[2]], [values[3]]), list(values[4:])
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The explainable model this session runs."""
+        return self._model
+
+    def submodel_runner(self, model: onnx.ModelProto) -> Callable[[np.ndarray], np.ndarray]:
+        """Run ``model``, one input to one output, derived from this one (a stage of incremental
+        inference) on the same providers and device."""
+        session = self._session(model, spinning=False)
+        source, result = model.graph.input[0].name, model.graph.output[0].name
+        return lambda values: self._run(session, [result], {source: values})[0]
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        if self._plain is None:
+            self._plain = self._session(original_model(self._model))
+        return self._run(self._plain, [self.spec.logits], {self.spec.image_input: images})[0]
+
+    def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
+        if layer not in self._heads:
+            head, reads_image = head_model(self._model, self.spec, layer)
+            self._heads[layer] = (self._session(head), reads_image)
+        session, reads_image = self._heads[layer]
+        return self._run(session, [self.spec.logits], head_feeds(self.spec, layer, activations, images, reads_image))[0]
+
+
+def _validated_providers(ort: object, providers: Sequence[str] | None) -> list[str]:
+    available = ort.get_available_providers()  # type: ignore[attr-defined]
+    wanted = list(providers) if providers else ["CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise BackendUnavailableError(
+            f"onnxruntime execution provider(s) {missing} are not available here (available: {available}); "
+            "install onnxruntime-gpu for CUDAExecutionProvider"
+        )
+    return wanted
+
+
+def _is_contiguous(array: Any) -> bool:
+    return bool(getattr(array, "flags", None) is not None and array.flags.c_contiguous) or (
+        hasattr(array, "is_contiguous") and array.is_contiguous())
+
+
+def onnxruntime_placement(providers: Sequence[str] | None, device: str | None) -> tuple[list[str] | None, int]:
+    """Providers and CUDA device id for ONNX Runtime from ``providers`` and ``device``.
+
+    ``device="cuda[:N]"`` with no providers means CUDAExecutionProvider (CPU for the operators
+    it lacks); a device that contradicts the first provider is an error, never a silent switch.
+    """
+    if device is None:
+        return (list(providers) if providers else None), 0
+    kind, index = parse_device(device)
+    if providers:
+        if (providers[0] == CUDA_PROVIDER) != (kind == "cuda"):
+            raise InvalidInputError(f"device {device!r} contradicts the first provider {providers[0]!r}")
+        return list(providers), index
+    return ([CUDA_PROVIDER, "CPUExecutionProvider"] if kind == "cuda" else ["CPUExecutionProvider"]), index

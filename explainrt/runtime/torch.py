@@ -1,0 +1,174 @@
+"""The reference backend: the original PyTorch module with hooks and autograd (CPU or CUDA).
+
+It needs no ONNX export: its spec comes from one probe forward pass, so models ONNX cannot
+express still explain."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.export.spec import OBJECTIVES, ExplainableSpec
+from explainrt.runtime.base import RunResult, parse_device
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    """What the torch backend runs: a module, its target modules, an example input to probe it with,
+    and the preprocessing JSON to report in the spec."""
+
+    module: Any
+    target_modules: tuple[Any, ...]
+    example: Any
+    preprocessing: str | None = None
+
+
+class TorchSession:
+    """The reference backend: the original PyTorch module with hooks and autograd."""
+
+    def __init__(self, module: object, target_modules: Sequence[object], spec: ExplainableSpec,
+                 device: str = "cpu") -> None:
+        """``device``: "cpu", "cuda" or "cuda:N"; the module is moved there (``module.to``, in place)."""
+        import torch
+
+        self._torch = torch
+        kind, index = parse_device(device)
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(f"backend 'torch' on {device!r} needs a PyTorch build with CUDA and a CUDA "
+                                          "device; torch.cuda.is_available() is False here")
+        self.device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+        self.module = module.eval().to(self.device)  # type: ignore[attr-defined]
+        self.targets = list(target_modules)
+        self.spec = spec
+        self.input_shape = ("N", None, None, None)
+
+    @classmethod
+    def probed(cls, source: ModuleSource, device: str = "cpu") -> TorchSession:
+        """A session whose spec (layer names, class count) comes from one forward pass of the example,
+        which also checks that every target module is a sub-module producing [N, C, h, w]."""
+        module, target_modules, example, preprocessing = (source.module, source.target_modules, source.example,
+                                                           source.preprocessing)
+        names = {id(m): name for name, m in module.named_modules()}
+        unknown = [m for m in target_modules if id(m) not in names]
+        if unknown:
+            raise UnknownLayerError(f"target layer {type(unknown[0]).__name__} is not a sub-module of the model")
+        layer_names = tuple(names[id(m)] or type(m).__name__ for m in target_modules)
+        session = cls(module, target_modules, ExplainableSpec("input", "logits", 0, layer_names, preprocessing), device)
+        with session._torch.no_grad():
+            logits, activations = session._forward(session._tensor(example))
+        if logits.ndim != 2:
+            raise InvalidModelError(f"the model must return logits [N, classes], got shape {tuple(logits.shape)}")
+        for name, acts in zip(layer_names, activations):
+            if acts is None or acts.ndim != 4:
+                shape = None if acts is None else tuple(acts.shape)
+                raise UnknownLayerError(f"target layer {name!r} must output [N, C, h, w] in the forward pass, got {shape}")
+        session.spec = dataclasses.replace(session.spec, num_classes=int(logits.shape[1]))
+        return session
+
+    def _forward(self, images: object, replace: dict[int, object] | None = None) -> tuple[object, list[object]]:
+        captured: dict[int, object] = {}
+
+        def hook(index: int):  # noqa: ANN202
+            def capture(_module, _inputs, output):  # noqa: ANN001, ANN202
+                if replace is not None and index in replace:
+                    output = replace[index]
+                captured[index] = output
+                # the model goes on with a copy: an in-place op after the layer (DenseNet's
+                # F.relu(features, inplace=True)) must not change the captured activations
+                return output.clone()
+            return capture
+
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.targets)]  # type: ignore[attr-defined]
+        try:
+            logits = self.module(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, [captured.get(i) for i in range(len(self.targets))]
+
+    def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._differentiate(images, targets, objective, of_input=False)
+
+    def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._differentiate(images, targets, objective, of_input=True)
+
+    def _differentiate(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
+        torch = self._torch
+        if objective not in OBJECTIVES:
+            raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
+        with torch.enable_grad():
+            inputs = self._tensor(images).requires_grad_(of_input)
+            logits, acts = self._forward(inputs)
+            wrt = [inputs] if of_input else acts
+            order = torch.argsort(logits.detach(), dim=1, descending=True)
+            requested = self._tensor(targets)
+            by_rank = torch.gather(order, 1, (-requested - 1).clamp(min=0))
+            resolved = torch.where(requested < 0, by_rank, requested)
+            rows = torch.arange(logits.shape[0], device=self.device)
+            scores = logits if objective == "logit" else -torch.log_softmax(logits, dim=1)
+            per_seed = [torch.autograd.grad(scores[rows, resolved[:, k]].sum(), wrt, retain_graph=True)
+                        for k in range(resolved.shape[1])]
+        gradients = [torch.stack([g[i] for g in per_seed], dim=1).cpu().numpy() for i in range(len(wrt))]
+        return RunResult(logits.detach().cpu().numpy(), resolved.cpu().numpy(), [w.detach().cpu().numpy() for w in wrt],
+                         gradients)
+
+    def _tensor(self, array: Any) -> Any:
+        """A tensor on the session's device: host arrays copied once, CUDA arrays shared by DLPack."""
+        torch = self._torch
+        if isinstance(array, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return (array if isinstance(array, torch.Tensor) else torch.from_dlpack(array)).to(self.device)
+
+    def defended_input_gradients(self, images: np.ndarray, targets: np.ndarray, references: list[np.ndarray] | None = None,
+                                 objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:
+        """As ``OnnxRuntimeSession.defended_input_gradients``; every relu the forward calls
+        (``nn.ReLU``, ``F.relu``, ``torch.relu``; ReLU6 and hardtanh from 0) is defended, in call order."""
+        torch = self._torch
+        functional = torch.nn.functional
+        relus = {torch.relu, torch.relu_, functional.relu, torch.Tensor.relu, torch.Tensor.relu_, functional.relu6}
+        recorded: list[np.ndarray] = []
+        session = self
+
+        def activation(func, args, kwargs):  # noqa: ANN001, ANN202
+            """The relu's output, out of place even for inplace=True (the graph must keep it); None if not a relu."""
+            if func in relus:
+                return torch.clamp(args[0], 0.0, 6.0) if func is functional.relu6 else torch.relu(args[0])
+            if func is functional.hardtanh:
+                bounds = {"min_val": -1.0, "max_val": 1.0, **dict(zip(("min_val", "max_val"), args[1:3])), **kwargs}
+                if bounds["min_val"] == 0:
+                    return functional.hardtanh(args[0], 0.0, bounds["max_val"])
+            return None
+
+        class DefendedRelus(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+                out = activation(func, args, kwargs or {})
+                if out is None:
+                    return func(*args, **(kwargs or {}))
+                recorded.append(out.detach().cpu().numpy().copy())
+                if references is not None and out.requires_grad:
+                    if len(recorded) > len(references):
+                        raise InvalidInputError(f"the forward calls more relus than the {len(references)} references given")
+                    passes = out.detach() <= session._tensor(references[len(recorded) - 1])
+                    out.register_hook(lambda grad: grad * passes)
+                return out
+
+        with DefendedRelus():
+            result = self._differentiate(images, targets, objective, of_input=True)
+        if references is not None and len(references) != len(recorded):
+            raise InvalidInputError(f"the forward calls {len(recorded)} relus; got {len(references)} references")
+        return result, recorded
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        with self._torch.no_grad():
+            return self.module(self._tensor(images)).cpu().numpy()  # type: ignore[operator]
+
+    def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
+        repeated = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
+        with self._torch.no_grad():
+            logits, _ = self._forward(self._tensor(repeated), {layer: self._tensor(activations)})
+        return logits.cpu().numpy()  # type: ignore[attr-defined]
