@@ -6,10 +6,10 @@ so that it also returns its target layers' activations and their gradients.
 """
 
 
-from explainrt.version import __version__
 from explainrt.explainer import Explainer, Explanation, Prediction  # noqa: E402
 from explainrt.export import make_explainable  # noqa: E402
 from explainrt.methods import METHODS  # noqa: E402
+from explainrt.version import __version__
 
 
 def __getattr__(name: str) -> object:

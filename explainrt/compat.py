@@ -8,7 +8,12 @@
 The classes are named, built and called like pytorch-grad-cam's and return the same maps (to
 float32 rounding). Differences: the model is exported to ONNX once per input size (H, W) and
 explained on ONNX Runtime; targets must be ``ClassifierOutputTarget`` (ours or
-pytorch-grad-cam's); ``reshape_transform`` and ``eigen_smooth`` are not supported and say so.
+pytorch-grad-cam's); ``eigen_smooth`` is not supported and says so. ``reshape_transform`` may be
+any function that turns a layer's tokens ``[N, T, D]`` into ``[N, D, h, w]`` after dropping
+leading (CLS, distillation, register) tokens, or channels-last ``[N, h, w, C]`` into
+``[N, C, h, w]`` (pytorch-grad-cam's ViT and Swin recipes): its effect on a probe tensor is
+recognised and the same reshape is built into the graph; any other function is refused. It may
+also be given declaratively as ``"tokens"`` or ``"nhwc"``.
 ``aug_smooth=True`` averages the same six flips and scalings as pytorch-grad-cam's default
 test-time augmentation. ``ScoreCAM.from_cam(cam)`` reuses another instance's exports.
 
@@ -31,6 +36,7 @@ import numpy as np
 
 from explainrt.errors import InvalidInputError
 from explainrt.explainer import Explainer
+from explainrt.export.layouts import Layout
 from explainrt.runtime.base import RunResult, Session
 
 __all__ = [
@@ -117,20 +123,18 @@ class BaseCAM:
         self,
         model: Any,
         target_layers: Sequence[Any],
-        reshape_transform: Callable[..., Any] | None = None,
+        reshape_transform: Callable[..., Any] | str | None = None,
         *,
         batch_size: int | None = None,
         providers: Sequence[str] | None = None,
     ) -> None:
-        if reshape_transform is not None:
-            raise InvalidInputError(
-                "reshape_transform is not supported by explainrt.compat: target layers must output "
-                "[N, C, h, w] feature maps (CNNs); explain transformers with explainrt.Explainer on a 4-D tensor"
-            )
+        if not (reshape_transform is None or callable(reshape_transform) or reshape_transform in ("tokens", "nhwc")):
+            raise InvalidInputError(f"reshape_transform must be a function, 'tokens' or 'nhwc', got {reshape_transform!r}")
         if isinstance(target_layers, (str, bytes)) or not isinstance(target_layers, Sequence) or not target_layers:
             raise InvalidInputError(f"target_layers must be a non-empty list of layers, got {target_layers!r}")
         self.model = model
         self.target_layers = list(target_layers)
+        self.reshape_transform = reshape_transform
         self.providers = list(providers) if providers else None
         if batch_size is not None:
             self.batch_size = batch_size
@@ -139,7 +143,8 @@ class BaseCAM:
     @classmethod
     def from_cam(cls, other: BaseCAM, *, batch_size: int | None = None) -> BaseCAM:
         """This method on ``other``'s model and target layers, sharing its exported models."""
-        cam = cls(other.model, other.target_layers, batch_size=batch_size, providers=other.providers)
+        cam = cls(other.model, other.target_layers, other.reshape_transform, batch_size=batch_size,
+                  providers=other.providers)
         cam._explainers = other._explainers
         return cam
 
@@ -153,7 +158,8 @@ class BaseCAM:
         """The engine for inputs of size (height, width): exported on first use, then reused."""
         key = (int(height), int(width))
         if key not in self._explainers:
-            explainer = Explainer(self.model, self.target_layers, providers=self.providers, input_size=key)
+            layouts = _transform_layouts(self.model, self.target_layers, self.reshape_transform, key)
+            explainer = Explainer(self.model, self.target_layers, providers=self.providers, input_size=key, **layouts)
             if _is_cpu_torch_module(self.model):
                 _, modified = _outputs_after_forward(self.model, self.target_layers, np.zeros((1, 3, *key), np.float32))
                 if any(modified):
@@ -225,11 +231,16 @@ class _ReadAfterForward:
         self._layers = [(index, layer) for index, (layer, changed) in enumerate(zip(layers, modified)) if changed]
 
     def run(self, images: np.ndarray, targets: np.ndarray) -> RunResult:
+        import torch
+
+        from explainrt.runtime.torch import to_maps
+
         result = self.session.run(images, targets)
         values, _ = _outputs_after_forward(self._model, [layer for _, layer in self._layers], images)
         activations = list(result.activations)
         for (index, _), value in zip(self._layers, values):
-            activations[index] = value
+            layout = Layout.from_json(self.spec.layouts[index]) if self.spec.layouts else None
+            activations[index] = to_maps(torch.from_numpy(value), layout, 1).numpy()
         return dataclasses.replace(result, activations=activations)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -273,6 +284,51 @@ def _outputs_after_forward(model: Any, layers: Sequence[Any], images: np.ndarray
             module.train(training)
     values = [np.array(seen[i][0].numpy(), dtype=np.float32) for i in range(len(layers))]
     return values, [seen[i][0]._version != seen[i][1] for i in range(len(layers))]
+
+
+def _transform_layouts(model: Any, layers: Sequence[Any], transform: Callable[..., Any] | str | None,
+                       size: tuple[int, int]) -> dict[str, Any]:
+    """The layouts (``Explainer``'s ``layer_layout``, ``token_grid``, ``prefix_tokens``) that do what
+    ``transform`` does to each target layer's output, recognised on a probe tensor of its shape."""
+    if transform is None:
+        return {}
+    if isinstance(transform, str):
+        return {"layer_layout": transform}
+    outputs, _ = _outputs_after_forward(model, layers, np.zeros((1, 3, *size), np.float32))
+    found = [_recognised(transform, shape=value.shape, index=index) for index, value in enumerate(outputs)]
+    return {"layer_layout": [f.kind for f in found],
+            "token_grid": [f.grid if f.kind == "tokens" else None for f in found],
+            "prefix_tokens": [f.prefix_tokens if f.kind == "tokens" else None for f in found]}
+
+
+def _recognised(transform: Callable[..., Any], shape: tuple[int, ...], index: int) -> Layout:
+    """The layout whose reshape equals ``transform`` on a probe of ``shape`` (two images, distinct values)."""
+    import torch
+
+    from explainrt.runtime.torch import to_maps
+
+    probe = torch.arange(2 * int(np.prod(shape[1:])), dtype=torch.float32).reshape(2, *shape[1:])
+    try:
+        result = transform(probe.clone())
+    except Exception as error:  # the user's function may fail in any way on the probe
+        raise InvalidInputError(f"reshape_transform failed on target layer {index}'s output of shape "
+                                f"{[2, *shape[1:]]}: {error}") from error
+    candidates = []
+    if len(shape) == 3 and getattr(result, "ndim", 0) == 4:
+        grid = tuple(int(v) for v in result.shape[2:])
+        prefix = shape[1] - grid[0] * grid[1]
+        if prefix >= 0:
+            candidates.append(Layout("tokens", grid, shape[2], prefix))  # type: ignore[arg-type]
+    elif len(shape) == 4:
+        candidates += [Layout("nhwc", (shape[1], shape[2]), shape[3]), Layout("nchw", (shape[2], shape[3]), shape[1])]
+    for layout in candidates:
+        expected = to_maps(probe, layout, 1)
+        if isinstance(result, torch.Tensor) and result.shape == expected.shape and torch.equal(result, expected):
+            return layout
+    raise InvalidInputError(f"reshape_transform turns target layer {index}'s output {list(shape)} into "
+                            f"{list(getattr(result, 'shape', []))} in a way explainrt cannot build into the graph: "
+                            "only dropping leading tokens and reshaping tokens [N, T, D] to [N, D, h, w], or "
+                            "channels-last [N, h, w, C] to [N, C, h, w], are recognised")
 
 
 def _images(input_tensor: Any) -> np.ndarray:

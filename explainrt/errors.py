@@ -67,3 +67,8 @@ class UnknownMetricError(InvalidInputError):
 
 class BatchJobError(ExplainrtError):
     """A dataset explanation job on Ray failed; no summary table was written."""
+
+
+class InconsistentExplanationError(ExplainrtError):
+    """A method returned maps that do not match the images (one map per image at the input size):
+    refused rather than returned, since such maps cannot be what was asked for."""

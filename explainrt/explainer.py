@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from explainrt import kernels, models, runtime
-from explainrt.errors import InvalidInputError
+from explainrt.errors import InconsistentExplanationError, InvalidInputError
 from explainrt.methods import Attribution, AttributionRequest, Method, get_method
 from explainrt.models import LoadedModel
 from explainrt.overlay import concept_overlay, overlay
@@ -79,7 +79,11 @@ class Explainer:
     picks the model's own, else the last spatial layer. ``backend``: a name of
     ``explainrt.runtime.BACKENDS`` ("onnxruntime" with ``providers`` in priority order, validated;
     "torch"; "tensorrt"). ``device``: "cpu", "cuda" or "cuda:N". ``backend_options``: the
-    backend's own settings, e.g. ``{"precision": "fp16"}`` for TensorRT.
+    backend's own settings, e.g. ``{"precision": "fp16"}`` for TensorRT. ``output`` picks the
+    logits among several outputs (ONNX output name; dict key, attribute or index of a PyTorch
+    model's output). Target layers may be ``[N, C, h, w]``, channels-last ``[N, h, w, C]`` or
+    tokens ``[N, T, D]`` (vision transformers): the layout is told from the graph, else set by
+    ``layer_layout``; ``token_grid=(h, w)`` and ``prefix_tokens=k`` override the inferred grid.
     """
 
     def __init__(
@@ -92,13 +96,19 @@ class Explainer:
         input_size: tuple[int, int] | None = None,
         device: str | None = None,
         backend_options: dict[str, Any] | None = None,
+        *,
+        output: str | int | None = None,
+        layer_layout: str | Sequence[str] | None = None,
+        token_grid: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
+        prefix_tokens: int | Sequence[int] | None = None,
     ) -> None:
         chosen = runtime.backend(backend, backend_options)  # fails before an export when the backend cannot run
         if isinstance(model, LoadedModel):
             loaded = model
         else:
-            loaded = models.load(model, target_layers, backend=chosen.name, preprocessing=preprocessing,
-                                 input_size=input_size)
+            outputs = models.Outputs(output, layer_layout, token_grid, prefix_tokens)
+            loaded = models.load(model, target_layers, backend=chosen.name, outputs=outputs,
+                                 preprocessing=preprocessing, input_size=input_size)
         self.session: Session = chosen.open(loaded.runnable, providers, device, **(backend_options or {}))
         self.spec = self.session.spec
         self.preprocessing = loaded.preprocessing
@@ -199,6 +209,10 @@ class Explainer:
             parts.append(part)
         tick = time.perf_counter()
         maps = np.concatenate([p.maps for p in parts])
+        if maps.shape != (batch.shape[0], *batch.shape[2:]):
+            raise InconsistentExplanationError(
+                f"{chosen.name} returned maps of shape {maps.shape} for {batch.shape[0]} images of size "
+                f"{batch.shape[2:]}: expected one map per image ({(batch.shape[0], *batch.shape[2:])})")
         if normalize:
             maps = kernels.normalize_minmax(np.maximum(maps, 0) if chosen.signed else maps)
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick

@@ -16,7 +16,9 @@ Precision follows the dtype of the differentiable inputs:
   relative and the difference quotient divides that by the step. The seed-weighted sums are
   formed in float64 from the float32 outputs, so only the affected outputs' rounding counts.
 
-The error measure is the one the zoo tests use: ``max |grad - reference| / max |reference|``.
+The error measure is the one the zoo tests use: ``max |grad - reference| / max |reference|``;
+``floor`` bounds that scale from below, so that a gradient which vanishes (up to the noise of the
+differences) is compared in absolute terms.
 Inputs for piecewise operators must stay farther than the step from their kinks and ties:
 ``away_from``, ``away_from_zero`` and ``distinct`` make such inputs.
 """
@@ -157,8 +159,8 @@ class Result:
     dtype: np.dtype
 
 
-def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
-    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+def relative_error(actual: np.ndarray, reference: np.ndarray, floor: float = 0.0) -> float:
+    scale = max(float(np.max(np.abs(reference))) if reference.size else 0.0, floor)
     diff = float(np.max(np.abs(actual.astype(np.float64) - reference))) if reference.size else 0.0
     return diff / scale if scale > 0 else diff
 
@@ -194,7 +196,7 @@ def gradients(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], wrt: Sequ
 def check_gradients(nodes: Sequence[onnx.NodeProto], feeds: Mapping[str, np.ndarray], output: str = "y", *,
                     wrt: Sequence[str] | None = None, constants: Mapping[str, np.ndarray] | None = None,
                     opset: int = 18, dynamic_batch: Sequence[str] = (), step: float | None = None,
-                    tolerance: float | None = None, seed: int = 0) -> Result:
+                    tolerance: float | None = None, seed: int = 0, floor: float = 0.0) -> Result:
     """Assert the appended gradient graph matches central finite differences; return the details.
 
     ``feeds`` become graph inputs; ``wrt`` (default: every floating feed) are differentiated,
@@ -217,7 +219,7 @@ def check_gradients(nodes: Sequence[onnx.NodeProto], feeds: Mapping[str, np.ndar
     for x in wrt:
         assert actual[x].shape == references[x].shape, f"gradient of {x!r}: shape {actual[x].shape}"
         assert actual[x].dtype == feeds[x].dtype, f"gradient of {x!r}: dtype {actual[x].dtype}"
-        errors[x] = relative_error(actual[x], references[x])
+        errors[x] = relative_error(actual[x], references[x], floor)
     bad = {x: e for x, e in errors.items() if not e <= tolerance}
     assert not bad, f"relative errors {bad} above {tolerance} ({dtype}, step {step})"
     return Result(actual, references, errors, dtype)

@@ -175,12 +175,13 @@ def test_preservation_mask_keeps_the_class_and_is_sparse(biased_explainers, bias
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"game": "hide"}, "unknown game 'hide'"),
+    ({"game": "hide"}, "game must be one of 'preserve', 'delete', got 'hide'"),
     ({"steps": 0}, "steps must be an integer >= 1"),
     ({"lr": 0}, "lr must be a finite number > 0"),
     ({"lambda": -1}, "lambda must be a finite number >= 0"),
     ({"defense": "yes"}, "defense must be True or False"),
-    ({"baseline": np.zeros((64, 64))}, r"\[C, H, W\] = \[3, 64, 64\]"),
+    ({"baseline": np.zeros((64, 64))}, r"baseline must be .* \[C, H, W\], got a float64 array of shape \(64, 64\)"),
+    ({"baseline": np.zeros((3, 32, 32))}, r"\[C, H, W\] = \[3, 64, 64\]"),
 ])
 def test_bad_options_are_named(biased_explainers, images, options: dict, message: str) -> None:  # noqa: ANN001
     with pytest.raises(InvalidInputError, match=message):

@@ -178,10 +178,11 @@ def test_smoothgrad_without_noise_is_captum_noise_tunnel_without_noise(biased_ex
 @pytest.mark.parametrize(("method", "options", "message"), [
     ("integrated-gradients", {"steps": 0}, "steps must be an integer >= 1"),
     ("integrated-gradients", {"steps": 2.5}, "steps must be an integer >= 1"),
-    ("integrated-gradients", {"rule": "simpson"}, "unknown rule 'simpson'"),
+    ("integrated-gradients", {"rule": "simpson"}, "rule must be one of 'riemann_trapezoid', .*, got 'simpson'"),
     ("integrated-gradients", {"rule": "riemann_trapezoid", "steps": 1}, "riemann_trapezoid needs steps >= 2"),
     ("integrated-gradients", {"baseline": np.zeros((3, 32, 32))}, r"\[C, H, W\] = \[3, 64, 64\], got shape \[3, 32, 32\]"),
-    ("integrated-gradients", {"baseline": "noise"}, "baseline must be a number, 'blur' or an array"),
+    ("integrated-gradients", {"baseline": "noise"},
+     r"baseline must be a finite number, 'blur' or a numeric array \[C, H, W\], got 'noise'"),
     ("smoothgrad", {"n_samples": 0}, "n_samples must be an integer >= 1"),
     ("smoothgrad", {"noise": -0.1}, "noise must be a finite number >= 0"),
     ("smoothgrad", {"seed": -1}, "seed must be an integer >= 0"),

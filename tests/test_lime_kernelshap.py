@@ -284,7 +284,7 @@ def test_scikit_image_segmentations(small_explainer, small_batch, segments):
                                       r"\(shape \(32, 32\); one map for all images has the images' size \(64, 64\)"),
     ({"segments": np.stack([_blocks(2, 2, 32)])}, "segments for image 0 must be int labels of shape"),
     ({"segments": np.zeros((64, 64))}, "segments must be"),
-    ({"segments": "watershed"}, "unknown segmentation 'watershed'"),
+    ({"segments": "watershed"}, r"method 'lime': segments must be 'slic', 'quickshift', a dict .* got 'watershed'"),
     ({"segments": {"algorithm": "slic", "n_segmentz": 4}}, "segments: bad parameters for 'slic'"),
     ({"n_samples": 1}, "n_samples must be an integer >= 2"),
     ({"seed": 1.5}, "seed must be an integer"),

@@ -70,10 +70,16 @@ def test_models_health_and_metadata(http: httpx.Client, default_explainer) -> No
     assert names == [spec.logits, "explainrt.maps", "explainrt.resolved_targets",
                      "explainrt.activations.0", "explainrt.gradients.0"]
     assert metadata["outputs"][0]["shape"] == [-1, 1000]
-    methods = {m["name"] for m in http.get("/api/methods").json()["methods"]}
+    methods = {m["name"]: m for m in http.get("/api/methods").json()["methods"]}
     from explainrt.methods import METHODS
 
-    assert methods == set(METHODS)
+    assert set(methods) == set(METHODS)
+    for name, method in methods.items():
+        assert method["options"] == [o.describe() for o in METHODS[name].options]
+    n_masks = methods["rise"]["options"][0]
+    assert list(n_masks)[0] == "name"
+    assert (n_masks["name"], n_masks["type"], n_masks["default"], n_masks["minimum"]) == ("n_masks", "int", 4000, 1)
+    assert methods["rise"]["options"][0]["help"] == "number of random masks"
 
 
 # -- KServe V1 -----------------------------------------------------------------------------------------
@@ -247,6 +253,9 @@ BAD_REQUESTS = {
                        400, "unknown method 'magic'"),
     "unknown option": ("/v1/models/default:explain", {"json": {"instances": [PIXEL], "parameters": {"bogus": 1}}},
                        400, "takes no option(s) bogus"),
+    "bad option value": ("/v1/models/default:explain",
+                         {"json": {"instances": [PIXEL], "parameters": {"method": "rise", "n_masks": 0}}},
+                         400, "method 'rise': n_masks must be an integer >= 1, got 0"),
     "target out of range": ("/v1/models/default:explain", {"json": {"instances": [PIXEL], "parameters": {"targets": [1000]}}},
                             400, "target class 1000 is out of range"),
     "targets count": ("/v1/models/default:explain", {"json": {"instances": [PIXEL], "parameters": {"targets": [1, 2]}}},

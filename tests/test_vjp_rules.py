@@ -8,6 +8,9 @@ does not — the ``F32`` cases below.
 
 from __future__ import annotations
 
+import io
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -491,6 +494,116 @@ def test_max_pool_ties_route_like_torch(attrs: dict[str, object]) -> None:
         (yt * torch.from_numpy(seed)).sum().backward()
         reference.append(xt.grad.numpy())
     assert relative_error(actual, np.stack(reference)) <= 1e-6
+
+
+# --- other ties: torch.autograd shares the gradient equally among tied inputs -----------------------
+# Finite differences are not valid at a tie, so these compare values with torch.autograd.
+def ties(shape: list[int], dtype: type = F64, seed: int = 0) -> np.ndarray:
+    """Values in {-1, 0, 1}: most windows, rows and element pairs hold ties."""
+    return rng(seed).integers(-1, 2, size=shape).astype(dtype)
+
+
+def torch_gradients(f: Callable[..., torch.Tensor], feeds: dict[str, np.ndarray], seeds: np.ndarray) -> dict[str, np.ndarray]:
+    """[K, *shape(x)] gradients of ``sum(seeds[k] * f(**feeds))`` w.r.t. every feed, by torch.autograd."""
+    result: dict[str, list[np.ndarray]] = {x: [] for x in feeds}
+    for seed in seeds:
+        tensors = {x: torch.from_numpy(value).requires_grad_(True) for x, value in feeds.items()}
+        (f(**tensors) * torch.from_numpy(seed)).sum().backward()
+        for x, tensor in tensors.items():
+            result[x].append(tensor.grad.numpy())  # type: ignore[union-attr]
+    return {x: np.stack(grads) for x, grads in result.items()}
+
+
+def check_ties_against_torch(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], f: Callable[..., torch.Tensor],
+                             constants: dict[str, np.ndarray] | None = None, tolerance: float = 1e-12) -> None:
+    """The appended gradient graph of ``nodes`` against torch.autograd of ``f`` (the same function)."""
+    model = forward_model(nodes, feeds, "y", constants=constants)
+    y = session(model).run(["y"], feeds)[0]
+    np.testing.assert_array_equal(f(**{x: torch.from_numpy(v) for x, v in feeds.items()}).numpy(), y)
+    seeds = rng(8).standard_normal((2, *y.shape)).astype(y.dtype)
+    actual = gradients(model, feeds, list(feeds), "y", seeds)
+    expected = torch_gradients(f, feeds, seeds)
+    errors = {x: relative_error(actual[x], expected[x]) for x in feeds}
+    assert all(e <= tolerance for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("op, a_grad, b_grad", [("Max", [0.5, 1, 0.5], [0.5, 0, 0.5]), ("Min", [0.5, 0, 0.5], [0.5, 1, 0.5])])
+def test_extremum_halves_a_tie_like_torch(op: str, a_grad: list[float], b_grad: list[float]) -> None:
+    """Max([1, 2, 3], [1, 0, 3]): torch.maximum gives a = [.5, 1, .5], b = [.5, 0, .5]."""
+    feeds = {"a": np.array([1.0, 2.0, 3.0]), "b": np.array([1.0, 0.0, 3.0])}
+    grads = gradients(forward_model([node(op, ["a", "b"])], feeds, "y"), feeds, ["a", "b"], "y", np.ones((1, 3)))
+    np.testing.assert_array_equal(grads["a"][0], a_grad)
+    np.testing.assert_array_equal(grads["b"][0], b_grad)
+
+
+@pytest.mark.parametrize("op", ["Max", "Min"])
+@pytest.mark.parametrize("shapes", [([2, 3, 4], [2, 3, 4]), ([2, 3, 4], [3, 1]), ([2, 1, 4], [3, 1])],
+                         ids=["same", "broadcast", "both-size1"])
+def test_extremum_of_two_at_ties_matches_torch(op: str, shapes: tuple[list[int], list[int]]) -> None:
+    feeds = {"a": ties(shapes[0], seed=1), "b": ties(shapes[1], seed=2)}
+    pick = torch.maximum if op == "Max" else torch.minimum
+    check_ties_against_torch([node(op, ["a", "b"])], feeds, lambda a, b: pick(a, b))
+
+
+@pytest.mark.parametrize("op", ["Max", "Min"])
+def test_extremum_of_three_shares_ties_equally(op: str) -> None:
+    """n inputs: an equal share to each input equal to the result, as torch.amax over the stacked inputs."""
+    feeds = {"a": ties([2, 3, 4], seed=1), "b": ties([3, 1], seed=2), "c": ties([4], seed=3)}
+    feeds["a"][0, 0] = 0.0  # a three-way tie
+    feeds["b"][0, 0], feeds["c"][0] = 0.0, 0.0
+    reduce = torch.amax if op == "Max" else torch.amin
+    check_ties_against_torch([node(op, ["a", "b", "c"])], feeds,
+                             lambda a, b, c: reduce(torch.stack(torch.broadcast_tensors(a, b, c)), 0))
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("axes, keepdims", [([1], 1), ([0, 2], 0), ([-1], 0), (None, 1)])
+def test_extreme_reduction_at_ties_matches_torch(op: str, axes: list[int] | None, keepdims: int) -> None:
+    x = ties([2, 3, 4])
+    x[1] = 1.0  # a constant slice: every reduction over it is one tie
+    inputs, constants = (["x", "a"], {"a": np.array(axes, I64)}) if axes is not None else (["x"], {})
+    reduce = torch.amax if op == "ReduceMax" else torch.amin
+    dims = tuple(axes) if axes is not None else (0, 1, 2)
+    check_ties_against_torch([node(op, inputs, keepdims=keepdims)], {"x": x},
+                             lambda x: reduce(x, dims, keepdim=bool(keepdims)), constants=constants)
+
+
+def test_global_max_pool_at_ties_matches_torch() -> None:
+    """GlobalMaxPool is torch.amax over the spatial axes (no float64 kernel: float32)."""
+    x = ties([2, 3, 3, 4], F32)
+    x[0, 0] = -1.0
+    check_ties_against_torch([node("GlobalMaxPool", ["x"])], {"x": x},
+                             lambda x: torch.amax(x, (2, 3), keepdim=True), tolerance=1e-6)
+
+
+def test_relu_then_maximum_with_zero_from_torch() -> None:
+    """torch.maximum(relu(x), 0) exported to ONNX ties wherever the Relu is off: there the Relu
+    output gets half the gradient, as in torch, and the input none."""
+
+    class ReluMax(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            r = torch.relu(x)
+            return torch.maximum(r, torch.zeros((), dtype=r.dtype)) * 2, r
+
+    x = rng(9).standard_normal((3, 4))
+    x[0, 0] = 0.0
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated, and 100x faster here
+        torch.onnx.export(ReluMax(), (torch.from_numpy(x),), buffer, dynamo=False, opset_version=18,
+                          input_names=["x"], output_names=["y", "r"])
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(buffer.getvalue()))
+    assert [n.op_type for n in model.graph.node if n.op_type != "Constant"] == ["Relu", "Max", "Mul"]
+    seeds = rng(10).standard_normal((2, 3, 4))
+    actual = gradients(model, {"x": x}, ["x", "r"], "y", seeds)
+    for k, seed in enumerate(seeds):
+        xt = torch.from_numpy(x).requires_grad_(True)
+        y, r = ReluMax()(xt)
+        r.retain_grad()
+        (y * torch.from_numpy(seed)).sum().backward()
+        np.testing.assert_allclose(actual["r"][k], r.grad.numpy(), rtol=1e-12, atol=0)  # type: ignore[union-attr]
+        np.testing.assert_allclose(actual["x"][k], xt.grad.numpy(), rtol=1e-12, atol=0)  # type: ignore[union-attr]
+    assert np.all(actual["r"][:, x <= 0] == seeds[:, x <= 0])  # half of 2 * seed at the ties
 
 
 # --- operators and inputs without a gradient: a clear error, never a wrong gradient -----------------

@@ -15,6 +15,7 @@ from typing import Any
 from explainrt.errors import ImageReadError, InvalidInputError
 from explainrt.models import PreprocessingOverrides
 from explainrt.models.loading import IMAGENET_MEAN, IMAGENET_STD
+from explainrt.runtime import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ def parent_parsers() -> dict[str, argparse.ArgumentParser]:
     group.add_argument("--layer", action="append", metavar="LAYER", dest="layers",
                        help="target layer: an ONNX tensor name, or a dotted module name for torch models; "
                             "repeat for several (default: the model's own, else the last spatial layer)")
-    group.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (torch models only)")
+    group.add_argument("--backend", default="onnxruntime", metavar="NAME",
+                       help=f"runtime: {', '.join(BACKENDS)} (default: onnxruntime; torch needs a PyTorch model, "
+                            "tensorrt an NVIDIA GPU and the trt extra)")
     group.add_argument("--provider", action="append", metavar="NAME", dest="providers",
                        help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
     group.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per runtime call")
@@ -95,10 +98,10 @@ def overrides(args: argparse.Namespace) -> PreprocessingOverrides:
 def load_model(args: argparse.Namespace, backend: str = "onnxruntime") -> Any:
     """The model --model names (default, torchvision architecture with --weights, ONNX file) with its
     --layer targets and preprocessing, through the one load step."""
-    from explainrt.models import load
+    from explainrt.models import Outputs, load
 
     return load(args.model, args.layers or None, backend=backend, weights=args.weights,
-                logits=getattr(args, "logits", None), overrides=overrides(args))
+                outputs=Outputs(output=getattr(args, "logits", None)), overrides=overrides(args))
 
 
 def load_explainer(args: argparse.Namespace) -> Any:

@@ -155,7 +155,7 @@ class GraphBuilder:
                 self.infos[out] = self.infos[like]
         return out_names
 
-    def constant(self, value: np.ndarray | float | int | Sequence[int], *, dtype: int) -> str:
+    def constant(self, value: np.ndarray | float | Sequence[int], *, dtype: int) -> str:
         """An initializer holding ``value`` as ONNX element type ``dtype`` (shared when equal)."""
         array = np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
         key = (array.tobytes(), dtype, array.shape)
@@ -241,7 +241,3 @@ class GraphBuilder:
 
     def concat(self, parts: Sequence[str], axis: int) -> str:
         return parts[0] if len(parts) == 1 else self.op("Concat", list(parts), axis=axis)
-
-    def add_all(self, terms: Sequence[str]) -> str:
-        """The sum of one or more same-shaped tensors."""
-        return terms[0] if len(terms) == 1 else self.op("Sum", list(terms), like=terms[0])

@@ -7,7 +7,6 @@ are described in ``explainrt.export.spec``.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -15,9 +14,10 @@ from collections.abc import Callable, Sequence
 import onnx
 from onnx import TensorProto, version_converter
 
-from explainrt.errors import InvalidInputError, InvalidModelError, NoSpatialLayerError, UnknownLayerError
-from explainrt.export.builder import TensorInfo, opset_version
-from explainrt.export.gradients import GradientBuilder, Node, ancestors, append_gradients
+from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.export import layers, layouts
+from explainrt.export.builder import opset_version
+from explainrt.export.gradients import GradientBuilder, Node, append_gradients
 from explainrt.export.rules import RULES
 from explainrt.export.spec import (
     METADATA_KEY,
@@ -45,11 +45,18 @@ def make_explainable(
     preprocessing: str | None = None,
     objective: str = "logit",
     defended_relus: bool = False,
+    layer_layout: str | Sequence[str] | None = None,
+    token_grid: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
+    prefix_tokens: int | Sequence[int | None] | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` that also outputs target-layer activations and gradients.
 
-    ``target_layers`` is ``"auto"`` (the last rank-4 tensor with spatial size > 1 on the path
-    to the logits) or a list of tensor names. ``logits`` names the class-score tensor; by
+    ``target_layers`` is ``"auto"`` (see ``explainrt.export.layers``: the last sound feature map
+    on the path to the logits, or a transformer's last-block normalisation) or a list of tensor
+    names of layout ``[N, C, h, w]``, ``[N, h, w, C]`` or tokens ``[N, T, D]``, told from the
+    graph or set by ``layer_layout`` ("nchw", "nhwc", "tokens"; one for all layers or one per
+    layer); token grids are inferred from the image size (``token_grid=(h, w)`` and
+    ``prefix_tokens=k`` set them). Activations and gradients are returned as ``[N, C, h, w]``. ``logits`` names the class-score tensor; by
     default the first graph output (or the input of a final Softmax/LogSoftmax).
     ``preprocessing`` is a Preprocessing JSON stored for the CLI and servers. ``objective``
     (see ``OBJECTIVES``) is the function of the logits whose gradient each target asks for; a
@@ -67,8 +74,11 @@ def make_explainable(
     image_input = _image_input(builder)
     logits_name = _logits(builder, logits)
     num_classes = _num_classes(builder, logits_name)
-    targets = _target_layers(builder, target_layers, logits_name)
-    log.info("explaining %s w.r.t. %s", logits_name, targets)
+    count = 1 if isinstance(target_layers, str) else len(target_layers)
+    chosen = layers.target_layers(builder, image_input, target_layers, logits_name,
+                                  layouts.requests(count, layer_layout, token_grid, prefix_tokens))
+    targets = [name for name, _ in chosen]
+    log.info("explaining %s w.r.t. %s", logits_name, ", ".join(f"{n} ({l.kind})" for n, l in chosen))
 
     requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
     resolved = _resolve_targets(builder, logits_name, requested)
@@ -79,15 +89,18 @@ def make_explainable(
 
     builder.scope = "explainrt/outputs"
     builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
-    for index, target in enumerate(targets):
-        info = builder.info(target)
-        channels_hw = list(info.shape[1:]) if info.shape else ["C", "h", "w"]
-        builder.add_output(activations_output(index), target, info.elem_type, ["N", *channels_hw])
-        per_image = builder.op("Transpose", [gradients[target]], perm=[1, 0, 2, 3, 4])
-        builder.add_output(gradients_output(index), per_image, info.elem_type, ["N", "K", *channels_hw])
+    for index, (target, layout) in enumerate(chosen):
+        elem_type = builder.info(target).elem_type
+        channels_hw = [layout.channels, *layout.grid]
+        builder.add_output(activations_output(index), layouts.to_nchw(builder, target, layout, 1), elem_type,
+                           ["N", *channels_hw])
+        as_maps = layouts.to_nchw(builder, gradients[target], layout, 2)
+        per_image = builder.op("Transpose", [as_maps], perm=[1, 0, 2, 3, 4])
+        builder.add_output(gradients_output(index), per_image, elem_type, ["N", "K", *channels_hw])
 
     _prune_added_nodes(proto)
-    spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing, objective)
+    spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing, objective,
+                           tuple(layout.to_json() for _, layout in chosen))
     set_metadata(proto, METADATA_KEY, spec.to_json())
     try:
         onnx.checker.check_model(proto)
@@ -126,7 +139,7 @@ def _logits(builder: GradientBuilder, requested: str | None) -> str:
     graph = builder.graph
     if requested is not None:
         if requested not in builder.infos:
-            raise UnknownLayerError(f"logits tensor {requested!r} not found{_suggest(requested, builder.infos)}")
+            raise UnknownLayerError(f"logits tensor {requested!r} not found{layers.suggest(requested, builder.infos)}")
         return requested
     name = graph.output[0].name
     producer = next((n for n in graph.node if name in n.output), None)
@@ -141,42 +154,6 @@ def _num_classes(builder: GradientBuilder, logits: str) -> int:
     if info.rank != 2 or not isinstance(info.shape[1], int):  # type: ignore[index]
         raise InvalidModelError(f"logits {logits!r} must have shape [N, classes], got {info.shape}")
     return info.shape[1]  # type: ignore[index, return-value]
-
-
-def _is_spatial(info: TensorInfo) -> bool:
-    if info.rank != 4 or not info.is_float:
-        return False
-    h, w = info.shape[2:]  # type: ignore[index]
-    return isinstance(h, int) and isinstance(w, int) and h * w > 1
-
-
-def _target_layers(builder: GradientBuilder, requested: str | Sequence[str], logits: str) -> list[str]:
-    if isinstance(requested, str) and requested == "auto":
-        return [_auto_target(builder, logits)]
-    names = [requested] if isinstance(requested, str) else list(requested)
-    if not names:
-        raise UnknownLayerError("target_layers is empty: give tensor names or 'auto'")
-    for name in names:
-        info = builder.infos.get(name)
-        if info is None:
-            raise UnknownLayerError(f"target layer {name!r} is not a tensor of the model{_suggest(name, builder.infos)}")
-        if info.rank != 4 or not info.is_float:
-            raise UnknownLayerError(f"target layer {name!r} must be a float tensor [N, C, h, w], got shape {info.shape}")
-    return names
-
-
-def _auto_target(builder: GradientBuilder, logits: str) -> str:
-    upstream = ancestors(builder.graph, logits)
-    candidates = [out for node in builder.graph.node for out in node.output
-                  if out in upstream and out in builder.infos and _is_spatial(builder.info(out))]
-    if not candidates:
-        raise NoSpatialLayerError(f"no rank-4 tensor with spatial size > 1 leads to {logits!r}: give target_layers")
-    return candidates[-1]
-
-
-def _suggest(name: str, known: object) -> str:
-    close = difflib.get_close_matches(name, list(known), n=3)  # type: ignore[call-overload]
-    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
 
 def _resolve_targets(b: GradientBuilder, logits: str, requested: str) -> str:
@@ -227,25 +204,27 @@ def _cross_entropy_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
     return b.op("Sub", [softmax, _one_hot_seed(b, logits, resolved)], name="explainrt/grad/seed/cross_entropy", like=logits)
 
 
-def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[str | None]]]:
+def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[object]]]:
     """Relu (and ReLU6: Clip from 0) rules that also need out <= reference to pass the gradient,
     adding each one's reference input and activation output as the reverse pass reaches it
     (Wagner et al., CVPR 2019, Sec. 3.3: the explanation may not raise an activation above the image's)."""
+    from explainrt.export.gradients import V, where
+
     count = itertools.count()
 
-    def bounded(n: Node, g: str) -> str:
+    def bounded(n: Node, g: V) -> V:
         out, index = n.outputs[0], next(count)
         info = b.info(out)
         shape = ["N", *info.shape[1:]] if info.shape else ["N", "C", "h", "w"]
         reference = b.add_input(reference_input(index), info.elem_type, shape)
         b.add_output(relu_output(index), out, info.elem_type, shape)
-        return b.op("Where", [b.op("LessOrEqual", [out, reference]), g, b.scalar_like(0.0, out)], like=g)
+        return where(n.y[0] <= V(b, reference), g, 0)
 
-    def relu(b: GradientBuilder, n: Node, g: Sequence[str | None]) -> Sequence[str | None]:
-        return (bounded(n, RULES["Relu"](b, n, g)[0]),)
+    def relu(n: Node, g: Sequence[V | None]) -> Sequence[V | None]:
+        return (bounded(n, RULES["Relu"](n, g)[0]),)
 
-    def clip(b: GradientBuilder, n: Node, g: Sequence[str | None]) -> Sequence[str | None]:
-        standard = RULES["Clip"](b, n, g)
+    def clip(n: Node, g: Sequence[V | None]) -> Sequence[V | None]:
+        standard = RULES["Clip"](n, g)
         low = b.constant_value(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] else None
         if low is None or low.size != 1 or float(low) != 0.0:
             return standard

@@ -1,12 +1,14 @@
 """One vector-Jacobian-product rule per ONNX operator, built from plain inference operators.
 
-A rule takes the builder, the forward node and the gradients of the node's outputs (``None``
-where no gradient flows) and returns one gradient per input (``None`` for inputs that take none,
-such as shapes and indices). Gradients carry a leading seed axis (see ``gradients.py``), so a
-gradient of forward tensor ``x`` has shape ``[K, *shape(x)]``; axes are therefore always given as
-negative numbers, which mean the same thing with or without the seed axis.
+A rule takes the forward node and the gradients of the node's outputs (``None`` where no gradient
+flows) and returns one gradient per input (``None``, or nothing at the end, for inputs that take
+none, such as shapes and indices). Tensors are value handles (``V``, see ``gradients.py``): their
+Python operators append ONNX nodes, so a rule reads like its math. A gradient of forward tensor
+``x`` has shape ``[K, *shape(x)]`` (the seed axis); axes are therefore always negative numbers,
+which mean the same thing with and without the seed axis.
 
-Short rules are one line in the table at the bottom; longer ones are named functions.
+Element-wise rules are one line in the table at the bottom, over ``(n, g, *inputs, *outputs)``;
+longer ones are named functions.
 """
 
 from __future__ import annotations
@@ -16,30 +18,22 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from onnx import TensorProto
 
-from explainrt.export.gradients import GradientBuilder as B
-from explainrt.export.gradients import Node
+from explainrt.export.builder import TensorInfo
+from explainrt.export.gradients import Node, Rule, V, add_n, where
 
-Grads = Sequence[str | None]
-Rule = Callable[[B, Node, Grads], Sequence[str | None]]
-
-
-# -- small expression helpers (every one appends nodes) -------------------------------------
-def mul(b: B, x: str, y: str) -> str:
-    return b.op("Mul", [x, y], like=x)
+Grads = Sequence[V | None]
 
 
-def scale(b: B, x: str, factor: float, like: str) -> str:
-    return x if factor == 1.0 else mul(b, x, b.scalar_like(factor, like))
+def elementwise(f: Callable[..., V | Grads]) -> Rule:
+    """A rule from ``f(n, g, *inputs, *outputs)``, ``g`` being the gradient of the one output."""
 
+    def rule(n: Node, g: Grads) -> Grads:
+        grads = f(n, g[0], *n.x, *n.y)
+        return (grads,) if isinstance(grads, V) else grads
 
-def where(b: B, condition: str, g: str, like: str, otherwise: str | None = None) -> str:
-    """``g`` where ``condition`` holds, else ``otherwise`` (zero by default)."""
-    return b.op("Where", [condition, g, otherwise or b.scalar_like(0.0, like)], like=g)
-
-
-def compare(b: B, op_type: str, x: str, value: float) -> str:
-    return b.op(op_type, [x, b.scalar_like(value, x)])
+    return rule
 
 
 def neg_axis(axis: int, rank: int) -> int:
@@ -47,166 +41,106 @@ def neg_axis(axis: int, rank: int) -> int:
     return axis - rank if axis >= 0 else axis
 
 
-def input_or_attr(b: B, n: Node, index: int, attr: str) -> list[int] | None:
+def input_or_attr(n: Node, index: int, attr: str) -> list[int] | None:
     """Operator arguments that moved from attributes to constant inputs across opsets."""
     if len(n.inputs) > index and n.inputs[index]:
-        value = b.constant_value(n.inputs[index])
+        value = n.b.constant_value(n.inputs[index])
         if value is None:
             raise n.unsupported(f"input {index} ({attr}) must be a constant for the gradient")
         return [int(v) for v in value.reshape(-1)]
     value = n.attr(attr)
-    return None if value is None else [int(v) for v in value]  # type: ignore[union-attr]
+    return None if value is None else [int(v) for v in value]
 
 
-def chain(derivative: Callable[[B, Node], str]) -> Rule:
-    """Rule of an element-wise unary operator: gradient times its derivative."""
-    return lambda b, n, g: (mul(b, g[0], derivative(b, n)),)
+def _grad_of(x: V, name: str) -> V:
+    """Tensor ``name``, built without handles, as a gradient of forward value ``x``."""
+    return V(x.b, name, x.info, seeded=True)
 
 
-# -- element-wise binary operators -----------------------------------------------------------
-def _binary(b: B, n: Node, ga: str | None, gb: str | None) -> tuple[str | None, str | None]:
-    out = b.shape_of(n.outputs[0])
-    a, c = n.inputs[:2]
-    return (b.unbroadcast(ga, a, out) if ga else None, b.unbroadcast(gb, c, out) if gb else None)
+def _zeros(x: V) -> V:
+    return _grad_of(x, x.b.zeros_grad(x.name))
 
 
-def _sub(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    return _binary(b, n, g[0], b.op("Neg", [g[0]], like=g[0]))
+# -- element-wise --------------------------------------------------------------------------------
+def _div(n: Node, g: V, a: V, b: V, y: V) -> Grads:
+    """d(a/b) = g/b and -g a/b^2 = -(g/b) y."""
+    ga = g / b
+    return ga.unbroadcast(a), (-ga * y).unbroadcast(b)
 
 
-def _mul(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    a, c = n.inputs[:2]
-    return _binary(b, n, mul(b, g[0], c), mul(b, g[0], a))
+def _mean(n: Node, g: Grads) -> Grads:
+    share = g[0] / len(n.x)
+    return [share.unbroadcast(x) for x in n.x]
 
 
-def _div(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    a, c = n.inputs[:2]
-    ga = b.op("Div", [g[0], c], like=g[0])
-    gc = b.op("Neg", [mul(b, ga, n.outputs[0])], like=g[0])  # -g * a / c^2 = -(g / c) * y
-    return _binary(b, n, ga, gc)
+def _extremum(n: Node, g: Grads) -> Grads:
+    """Max/Min: an equal share to each input equal to the result (torch.maximum halves a tie)."""
+    y = n.y[0]
+    hits = [x == y for x in n.x]
+    share = g[0] / add_n([hit.cast(y.dtype) for hit in hits])
+    return [where(hit, share, 0).unbroadcast(x) for x, hit in zip(n.x, hits)]
 
 
-def _variadic(b: B, n: Node, g: Grads, masks: Sequence[str | None], factor: float = 1.0) -> list[str]:
-    out = b.shape_of(n.outputs[0])
-    term = scale(b, g[0], factor, n.outputs[0])
-    return [b.unbroadcast(term if m is None else where(b, m, term, term), x, out) for x, m in zip(n.inputs, masks)]
-
-
-def _extremum(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    """Max/Min: the gradient goes to the input(s) equal to the result."""
-    return _variadic(b, n, g, [b.op("Equal", [x, n.outputs[0]]) for x in n.inputs])
-
-
-def _where_rule(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    condition, a, c = n.inputs
-    zero = b.scalar_like(0.0, g[0])
-    out = b.shape_of(n.outputs[0])
-    return (None,
-            b.unbroadcast(where(b, condition, g[0], g[0]), a, out),
-            b.unbroadcast(b.op("Where", [condition, zero, g[0]], like=g[0]), c, out))
-
-
-# -- element-wise unary derivatives ----------------------------------------------------------
-def _clip(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _clip(n: Node, g: Grads) -> Grads:
     """Pass the gradient strictly inside [min, max].
 
     The mask reads the output (min < y < max holds exactly where min < x < max) so that ONNX
     Runtime can still fuse the Conv producing x with this Clip (ReLU6).
     """
-    y = n.outputs[0]
-    bounds = [("Greater", n.inputs[1] if len(n.inputs) > 1 else ""), ("Less", n.inputs[2] if len(n.inputs) > 2 else "")]
-    masks = [b.op(op_type, [y, bound]) for op_type, bound in bounds if bound]
-    if not masks:
-        return (g[0],)
-    inside = masks[0] if len(masks) == 1 else b.op("And", masks)
-    return (where(b, inside, g[0], y),)
+    y, low, high = n.y[0], n.input(1), n.input(2)
+    inside = None if low is None else y > low
+    if high is not None:
+        inside = y < high if inside is None else inside & (y < high)
+    return (g[0] if inside is None else where(inside, g[0], 0),)
 
 
-def _hard_sigmoid(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    x, alpha = n.inputs[0], float(n.attr("alpha", 0.2))
-    z = b.op("Add", [scale(b, x, alpha, x), b.scalar_like(float(n.attr("beta", 0.5)), x)], like=x)
-    inside = b.op("And", [compare(b, "Greater", z, 0.0), compare(b, "Less", z, 1.0)])
-    return (where(b, inside, scale(b, g[0], alpha, x), x),)
+def _hard_sigmoid(n: Node, g: V, x: V, y: V) -> V:
+    alpha = float(n.attr("alpha", 0.2))  # type: ignore[arg-type]
+    z = alpha * x + float(n.attr("beta", 0.5))  # type: ignore[arg-type]
+    return where((z > 0) & (z < 1), g * alpha, 0)
 
 
-def _hard_swish(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    """y = x * clip(x/6 + 1/2, 0, 1): dy/dx = 0 below -3, 1 above 3, x/3 + 1/2 between."""
-    x = n.inputs[0]
-    ramp = b.op("Add", [scale(b, x, 1.0 / 3.0, x), b.scalar_like(0.5, x)], like=x)
-    slope = where(b, compare(b, "Greater", x, 3.0), b.scalar_like(1.0, x), x, otherwise=ramp)
-    slope = where(b, compare(b, "Less", x, -3.0), b.scalar_like(0.0, x), x, otherwise=slope)
-    return (mul(b, g[0], slope),)
-
-
-def _erf_derivative(b: B, x: str) -> str:
-    """d erf(x) / dx = 2 / sqrt(pi) * exp(-x^2)."""
-    exp = b.op("Exp", [b.op("Neg", [mul(b, x, x)], like=x)], like=x)
-    return scale(b, exp, 2.0 / math.sqrt(math.pi), x)
-
-
-def _gelu(b: B, n: Node) -> str:
-    x = n.inputs[0]
-    if n.attr("approximate", "none") == "tanh":
-        c = math.sqrt(2.0 / math.pi)
-        x2 = mul(b, x, x)
-        inner = mul(b, x, b.op("Add", [b.scalar_like(1.0, x), scale(b, x2, 0.044715, x)], like=x))
-        t = b.op("Tanh", [scale(b, inner, c, x)], like=x)
-        sech2 = b.op("Sub", [b.scalar_like(1.0, x), mul(b, t, t)], like=x)
-        d_inner = b.op("Add", [b.scalar_like(c, x), scale(b, x2, 3 * 0.044715 * c, x)], like=x)
-        half_one_plus_t = scale(b, b.op("Add", [b.scalar_like(1.0, x), t], like=x), 0.5, x)
-        return b.op("Add", [half_one_plus_t, scale(b, mul(b, mul(b, x, sech2), d_inner), 0.5, x)], like=x)
-    # exact: Phi(x) + x * phi(x)
-    cdf = scale(b, b.op("Add", [b.scalar_like(1.0, x), b.op("Erf", [scale(b, x, 1 / math.sqrt(2), x)], like=x)], like=x), 0.5, x)
-    pdf = scale(b, b.op("Exp", [scale(b, mul(b, x, x), -0.5, x)], like=x), 1 / math.sqrt(2 * math.pi), x)
-    return b.op("Add", [cdf, mul(b, x, pdf)], like=x)
-
-
-def _one_minus(b: B, x: str) -> str:
-    return b.op("Sub", [b.scalar_like(1.0, x), x], like=x)
-
-
-def _pow(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    x, p = n.inputs
-    p_minus_one = b.op("Sub", [p, b.constant(1, dtype=b.info(p).elem_type)], like=p)
-    d = mul(b, b.op("Pow", [x, p_minus_one], like=x), b.op("Cast", [p], to=b.info(x).elem_type))
-    return (b.unbroadcast(mul(b, g[0], d), x, b.shape_of(n.outputs[0])), None)
+def _gelu(n: Node, g: V, x: V, y: V) -> V:
+    if n.attr("approximate", "none") == "tanh":  # y = x/2 (1 + t), t = tanh(c (x + k x^3))
+        c, k = math.sqrt(2 / math.pi), 0.044715
+        t = (c * (x + k * x * x * x)).tanh()
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (c * (1 + 3 * k * x * x)))
+    cdf = 0.5 * (1 + (x / math.sqrt(2)).erf())  # exact: Phi(x) + x phi(x)
+    pdf = (-0.5 * x * x).exp() / math.sqrt(2 * math.pi)
+    return g * (cdf + x * pdf)
 
 
 # -- reshaping, reordering, selection ----------------------------------------------------------
-def _reshaped(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    return (b.like_input(g[0], n.inputs[0]),)
-
-
-def _transpose(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    rank = b.rank(n.inputs[0])
+def _transpose(n: Node, g: Grads) -> Grads:
+    rank = n.x[0].rank
     perm = list(n.attr("perm") or reversed(range(rank)))  # type: ignore[arg-type]
-    inverse = [perm.index(axis) for axis in range(rank)]
-    return (b.op("Transpose", [g[0]], perm=[0] + [p + 1 for p in inverse], like=n.inputs[0]),)
+    return (g[0].transpose([perm.index(axis) for axis in range(rank)]),)
 
 
-def _concat(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _concat(n: Node, g: Grads) -> Grads:
+    b, xs = n.b, n.x
     axis = int(n.attr("axis"))  # type: ignore[arg-type]
-    rank = b.rank(n.inputs[0])
+    rank = xs[0].rank
     pos = axis % rank
     sizes = b.concat([b.shape_slice(x, pos, pos + 1) for x in n.inputs], 0)
-    parts = b.op_multi("Split", [g[0], sizes], outputs=len(n.inputs), axis=neg_axis(axis, rank))
-    return parts
+    parts = b.op_multi("Split", [g[0].name, sizes], outputs=len(xs), axis=neg_axis(axis, rank))
+    return [_grad_of(x, part) for x, part in zip(xs, parts)]
 
 
-def _split(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    rank = b.rank(n.inputs[0])
-    parts = [gy if gy else b.zeros_grad(y) for y, gy in zip(n.outputs, g)]
-    return (b.concat(parts, neg_axis(int(n.attr("axis", 0)), rank)),)  # type: ignore[arg-type]
+def _split(n: Node, g: Grads) -> Grads:
+    x = n.x[0]
+    parts = [gy.name if gy is not None else n.b.zeros_grad(y) for y, gy in zip(n.outputs, g)]
+    return (_grad_of(x, n.b.concat(parts, neg_axis(int(n.attr("axis", 0)), x.rank))),)  # type: ignore[arg-type]
 
 
-def _slice(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _slice(n: Node, g: Grads) -> Grads:
     """Slices with unit steps: pad the gradient back with zeros."""
-    x = n.inputs[0]
-    shape = b.static_shape(x, "the gradient of Slice")
+    b, x = n.b, n.x[0]
+    shape = b.static_shape(n.inputs[0], "the gradient of Slice")
     rank = len(shape)
-    starts, ends = input_or_attr(b, n, 1, "starts"), input_or_attr(b, n, 2, "ends")
-    axes = input_or_attr(b, n, 3, "axes") or list(range(len(starts or [])))
-    steps = input_or_attr(b, n, 4, "steps") or [1] * len(axes)
+    starts, ends = input_or_attr(n, 1, "starts"), input_or_attr(n, 2, "ends")
+    axes = input_or_attr(n, 3, "axes") or list(range(len(starts or [])))
+    steps = input_or_attr(n, 4, "steps") or [1] * len(axes)
     if any(s != 1 for s in steps):
         raise n.unsupported("slices with steps other than 1")
     before, after = [0] * (rank + 1), [0] * (rank + 1)
@@ -216,16 +150,16 @@ def _slice(b: B, n: Node, g: Grads) -> Sequence[str | None]:
             raise n.unsupported(f"slicing along the dynamic axis {axis}")
         lo, hi, _ = slice(start, end).indices(shape[axis])
         before[axis + 1], after[axis + 1] = lo, shape[axis] - max(hi, lo)
-    return (b.op("Pad", [g[0], b.ints(before + after)], like=x),)
+    return (g[0].op("Pad", b.ints(before + after), info=x.info),)
 
 
-def _gather(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _gather(n: Node, g: Grads) -> Grads:
     """Scatter-add the gathered gradient back into a zero tensor shaped like the data."""
-    data, indices = n.inputs
+    b, (data, indices) = n.b, n.inputs
     rank = b.rank(data)
     axis = int(n.attr("axis", 0)) % rank  # type: ignore[arg-type]
     flat_grad_shape = b.concat([b.seeds, b.shape_slice(data, 0, axis), b.ints([-1]), b.shape_slice(data, axis + 1)], 0)
-    g_flat = b.op("Reshape", [g[0], flat_grad_shape], like=data)
+    g_flat = b.op("Reshape", [g[0].name, flat_grad_shape])
     flat_indices = b.op("Reshape", [indices, b.ints([-1])])
     dim = b.op("Gather", [b.shape(data), b.ints([axis])])
     wrapped = b.op("Where", [b.op("Less", [flat_indices, b.ints([0])]), b.op("Add", [flat_indices, dim]), flat_indices])
@@ -233,136 +167,134 @@ def _gather(b: B, n: Node, g: Grads) -> Sequence[str | None]:
     expanded = b.op("Expand", [placed, b.shape(g_flat)])
     if b.opset < 16:  # ScatterElements adds repeated indices' gradients only from opset 16 on
         known = b.constant_value(indices)
-        size = b.shape_of(data)[axis]
+        size = n.x[0].shape[axis]
         if known is None or not isinstance(size, int) or len(np.unique(known % size)) != known.size:
             raise n.unsupported(f"indices that may repeat need ScatterElements(reduction='add'), opset 16 (model: {b.opset})")
     reduction = {"reduction": "add"} if b.opset >= 16 else {}
-    return (b.op("ScatterElements", [b.zeros_grad(data), expanded, g_flat], axis=axis + 1, like=data, **reduction), None)
+    return (_zeros(n.x[0]).op("ScatterElements", expanded, g_flat, axis=axis + 1, **reduction), None)
+
+
+def _pad(n: Node, g: Grads) -> Grads:
+    """Constant-mode Pad: crop the gradient back (negative pads are the inverse crop)."""
+    if n.attr("mode", "constant") != "constant":
+        raise n.unsupported(f"Pad mode {n.attr('mode')!r}")
+    x = n.x[0]
+    pads = input_or_attr(n, 1, "pads")
+    rank = x.rank
+    axes = input_or_attr(n, 3, "axes") if len(n.inputs) > 3 else None
+    axes = [a % rank for a in axes] if axes else list(range(rank))
+    full = [0] * (2 * (rank + 1))
+    for j, axis in enumerate(axes):
+        full[axis + 1] = -pads[j]  # type: ignore[index]
+        full[rank + 1 + axis + 1] = -pads[len(axes) + j]  # type: ignore[index]
+    return (g[0].op("Pad", n.b.ints(full), info=x.info),)
 
 
 # -- reductions --------------------------------------------------------------------------------
-def _reduced_axes(b: B, n: Node) -> list[int]:
-    rank = b.rank(n.inputs[0])
+def _reduced_axes(n: Node) -> list[int]:
+    rank = n.x[0].rank
     if n.op_type.startswith("Global"):
         return list(range(2 - rank, 0))
-    axes = input_or_attr(b, n, 1, "axes")
+    axes = input_or_attr(n, 1, "axes")
     if not axes:
         return [] if n.attr("noop_with_empty_axes", 0) else list(range(-rank, 0))
     return sorted(neg_axis(a, rank) for a in axes)
 
 
-def _keep_dims(b: B, n: Node, t: str) -> str:
+def _keep_dims(n: Node, t: V) -> V:
     """A reduction's result (or its gradient) with the reduced axes kept as size 1."""
     keeps = n.op_type.startswith("Global") or n.attr("keepdims", 1)
-    return t if keeps else b.unsqueeze(t, _reduced_axes(b, n))
+    return t if keeps else t.unsqueeze(_reduced_axes(n))
 
 
-def _mean(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _numel(x: V) -> V:
+    """The number of elements of ``x``, as a scalar of its type."""
+    return x.op("Size", info=TensorInfo(TensorProto.INT64, ())).cast(x.dtype)
+
+
+def _reduce_mean(n: Node, g: Grads) -> Grads:
     """ReduceMean and GlobalAveragePool: spread evenly; size(y)/size(x) is 1/count."""
-    x, y = n.inputs[0], n.outputs[0]
-    dtype = b.info(x).elem_type
-    ratio = b.op("Div", [b.op("Cast", [b.op("Size", [y])], to=dtype), b.op("Cast", [b.op("Size", [x])], to=dtype)])
-    spread = b.op("Expand", [_keep_dims(b, n, g[0]), b.grad_shape(x)], like=x)
-    return (mul(b, spread, ratio), None)
+    x, y = n.x[0], n.y[0]
+    return ((_keep_dims(n, g[0]) * (_numel(y) / _numel(x))).expand_like(x),)
 
 
-def _sum(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    return (b.op("Expand", [_keep_dims(b, n, g[0]), b.grad_shape(n.inputs[0])], like=n.inputs[0]), None)
+def _reduce_sum(n: Node, g: Grads) -> Grads:
+    return (_keep_dims(n, g[0]).expand_like(n.x[0]),)
 
 
-def _extreme_reduce(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    """ReduceMax/ReduceMin/GlobalMaxPool: shared equally among the inputs equal to the result."""
-    x = n.inputs[0]
-    hits = b.op("Equal", [x, _keep_dims(b, n, n.outputs[0])])
-    count = b.reduce("ReduceSum", b.op("Cast", [hits], to=b.info(x).elem_type), _reduced_axes(b, n))
-    share = b.op("Div", [_keep_dims(b, n, g[0]), count], like=x)
-    return (where(b, hits, share, x), None)
+def _extreme_reduce(n: Node, g: Grads) -> Grads:
+    """ReduceMax/ReduceMin/GlobalMaxPool: shared equally among the inputs equal to the result (torch.amax)."""
+    x = n.x[0]
+    hits = x == _keep_dims(n, n.y[0])
+    share = _keep_dims(n, g[0]) / hits.cast(x.dtype).sum(_reduced_axes(n))
+    return (where(hits, share, 0),)
 
 
-def _softmax(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    y = n.outputs[0]
-    axis = neg_axis(int(n.attr("axis", -1)), b.rank(y))  # type: ignore[arg-type]
-    gy = mul(b, g[0], y)
-    return (b.op("Sub", [gy, mul(b, y, b.reduce("ReduceSum", gy, [axis]))], like=y),)
+def _softmax(n: Node, g: Grads) -> Grads:
+    y = n.y[0]
+    axis = neg_axis(int(n.attr("axis", -1)), y.rank)  # type: ignore[arg-type]
+    gy = g[0] * y
+    return (gy - y * gy.sum([axis]),)
 
 
-def _log_softmax(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    y = n.outputs[0]
-    axis = neg_axis(int(n.attr("axis", -1)), b.rank(y))  # type: ignore[arg-type]
-    softmax = b.op("Exp", [y], like=y)
-    return (b.op("Sub", [g[0], mul(b, softmax, b.reduce("ReduceSum", g[0], [axis]))], like=y),)
+def _log_softmax(n: Node, g: Grads) -> Grads:
+    y = n.y[0]
+    axis = neg_axis(int(n.attr("axis", -1)), y.rank)  # type: ignore[arg-type]
+    return (g[0] - y.exp() * g[0].sum([axis]),)
 
 
 # -- linear algebra ----------------------------------------------------------------------------
-def _swap_last(b: B, x: str, rank: int) -> str:
-    perm = list(range(rank))
-    perm[-2:] = perm[-1], perm[-2]
-    return b.op("Transpose", [x], perm=perm, like=x)
-
-
-def _matmul(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    a, c = n.inputs
-    ra, rc = b.rank(a), b.rank(c)
-    if ra < 2 or rc < 2:
+def _matmul(n: Node, g: Grads) -> Grads:
+    a, b = n.x
+    if a.rank < 2 or b.rank < 2:
         raise n.unsupported("MatMul with a 1-D operand")
-    out = b.shape_of(n.outputs[0])
-    ga = b.op("MatMul", [g[0], _swap_last(b, c, rc)], like=a)
-    gc = b.op("MatMul", [_swap_last(b, a, ra), g[0]], like=c)
-    return (b.unbroadcast(ga, a, out[:-2] + b.shape_of(a)[-2:]),
-            b.unbroadcast(gc, c, out[:-2] + b.shape_of(c)[-2:]))
+    return (g[0] @ b.mT).unbroadcast(a), (a.mT @ g[0]).unbroadcast(b)
 
 
-def _gemm(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _gemm(n: Node, g: Grads) -> Grads:
     """Y = alpha * A' B' + beta * C with A' = A or A^T, B' = B or B^T (2-D operands)."""
-    a, c = n.inputs[:2]
-    alpha, beta = float(n.attr("alpha", 1.0)), float(n.attr("beta", 1.0))
-    trans_a, trans_b = int(n.attr("transA", 0)), int(n.attr("transB", 0))
-    b_prime_t = c if trans_b else _swap_last(b, c, 2)
-    a_prime_t = _swap_last(b, a, 2) if not trans_a else a
-    ga = scale(b, b.op("MatMul", [g[0], b_prime_t], like=a), alpha, a)
-    gc = scale(b, b.op("MatMul", [a_prime_t, g[0]], like=c), alpha, c)
-    grads: list[str | None] = [_swap_last(b, ga, 3) if trans_a else ga, _swap_last(b, gc, 3) if trans_b else gc]
-    if len(n.inputs) > 2 and n.inputs[2]:
-        grads.append(b.unbroadcast(scale(b, g[0], beta, a), n.inputs[2], b.shape_of(n.outputs[0])))
+    a, b, c = n.x[0], n.x[1], n.input(2)
+    alpha, beta = float(n.attr("alpha", 1.0)), float(n.attr("beta", 1.0))  # type: ignore[arg-type]
+    trans_a, trans_b = int(n.attr("transA", 0)), int(n.attr("transB", 0))  # type: ignore[arg-type]
+    a_prime_t = a if trans_a else a.mT
+    b_prime_t = b if trans_b else b.mT
+    ga = g[0] @ b_prime_t * alpha
+    gb = a_prime_t @ g[0] * alpha
+    grads = [ga.mT if trans_a else ga, gb.mT if trans_b else gb]
+    if c is not None:
+        grads.append((g[0] * beta).unbroadcast(c))
     return grads
 
 
 # -- normalisation -----------------------------------------------------------------------------
-def _batch_norm(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _batch_norm(n: Node, g: Grads) -> Grads:
     """Inference-mode BatchNormalization is a per-channel affine map: g * scale / sqrt(var + eps)."""
-    if int(n.attr("training_mode", 0)):
+    if int(n.attr("training_mode", 0)):  # type: ignore[arg-type]
         raise n.unsupported("training_mode=1")
-    x, gamma, _, _, var = n.inputs[:5]
-    std = b.op("Sqrt", [b.op("Add", [var, b.scalar_like(float(n.attr("epsilon", 1e-5)), var)], like=var)], like=var)
-    factor = b.op("Div", [gamma, std], like=var)
-    per_channel = b.op("Reshape", [factor, b.ints([-1] + [1] * (b.rank(x) - 2))], like=var)
-    return (mul(b, g[0], per_channel),)
+    x, scale, var = n.x[0], n.x[1], n.x[4]
+    factor = scale / (var + float(n.attr("epsilon", 1e-5))).sqrt()  # type: ignore[arg-type]
+    return (g[0] * factor.unsqueeze(list(range(2 - x.rank, 0))),)
 
 
-def _layer_norm(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _layer_norm(n: Node, g: Grads) -> Grads:
     """dx = inv_std * (gh - mean(gh) - xhat * mean(gh * xhat)), gh = g * scale, over normalised axes."""
-    x, gamma = n.inputs[:2]
-    rank = b.rank(x)
-    first = int(n.attr("axis", -1)) % rank  # type: ignore[arg-type]
-    axes = list(range(first - rank, 0))
-    centred = b.op("Sub", [x, b.reduce("ReduceMean", x, axes)], like=x)
-    variance = b.reduce("ReduceMean", mul(b, centred, centred), axes)
-    eps = b.scalar_like(float(n.attr("epsilon", 1e-5)), x)
-    inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [variance, eps], like=x)], like=x)], like=x)
-    x_hat = mul(b, centred, inv_std)
-    gh = mul(b, g[0], gamma)
-    inner = b.op("Sub", [b.op("Sub", [gh, b.reduce("ReduceMean", gh, axes)], like=x),
-                         mul(b, x_hat, b.reduce("ReduceMean", mul(b, gh, x_hat), axes))], like=x)
-    return (mul(b, inner, inv_std),)
+    x, scale = n.x[0], n.x[1]
+    rank = x.rank
+    axes = list(range(int(n.attr("axis", -1)) % rank - rank, 0))  # type: ignore[arg-type]
+    centred = x - x.mean(axes)
+    inv_std = ((centred * centred).mean(axes) + float(n.attr("epsilon", 1e-5))).sqrt().reciprocal()  # type: ignore[arg-type]
+    x_hat = centred * inv_std
+    gh = g[0] * scale
+    return ((gh - gh.mean(axes) - x_hat * (gh * x_hat).mean(axes)) * inv_std,)
 
 
 # -- windows: convolution and pooling ----------------------------------------------------------
-def _window_geometry(b: B, n: Node, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
+def _window_geometry(n: Node, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
     """Static (input size, output size, strides, dilations, leading pads, trailing pads) of a window operator."""
     x, y = n.inputs[0], n.outputs[0]
     spatial = len(kernel)
-    in_size = list(b.static_shape(x, f"the gradient of {n.op_type}")[2:])
-    out_size = list(b.static_shape(y, f"the gradient of {n.op_type}")[2:])
+    in_size = list(n.b.static_shape(x, f"the gradient of {n.op_type}")[2:])
+    out_size = list(n.b.static_shape(y, f"the gradient of {n.op_type}")[2:])
     strides = list(n.attr("strides") or [1] * spatial)  # type: ignore[arg-type]
     dilations = list(n.attr("dilations") or [1] * spatial)  # type: ignore[arg-type]
     auto_pad = n.attr("auto_pad", "NOTSET")
@@ -382,13 +314,14 @@ def _window_geometry(b: B, n: Node, kernel: Sequence[int]) -> tuple[list[int], l
     return in_size, out_size, strides, dilations, pads, end_pads
 
 
-def _scatter_windows(b: B, n: Node, g_merged: str, weight: str, group: int, kernel: Sequence[int]) -> str:
+def _scatter_windows(n: Node, g_merged: str, weight: str, group: int, kernel: Sequence[int]) -> V:
     """ConvTranspose of window gradients, cropped (or zero-padded) back onto the input.
 
     The transposed convolution covers ``(out - 1) * stride + (k - 1) * dilation + 1`` positions
     starting at the leading pad; the input occupies ``[pad, pad + in)`` of that.
     """
-    in_size, out_size, strides, dilations, pads, _ = _window_geometry(b, n, kernel)
+    b = n.b
+    in_size, out_size, strides, dilations, pads, _ = _window_geometry(n, kernel)
     full = b.op("ConvTranspose", [g_merged, weight], strides=strides, dilations=dilations, group=group)
     covered = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out_size, strides, kernel, dilations)]
     ends = [min(p + i, c) for p, i, c in zip(pads, in_size, covered)]
@@ -397,41 +330,40 @@ def _scatter_windows(b: B, n: Node, g_merged: str, weight: str, group: int, kern
     short = [p + i - e for p, i, e in zip(pads, in_size, ends)]
     if any(short):
         cropped = b.op("Pad", [cropped, b.ints([0] * (2 + len(kernel)) + [0, 0] + short)])
-    return b.like_input(cropped, n.inputs[0])
+    return V(b, cropped).reshape_like(n.x[0])
 
 
-def _conv(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    x, w = n.inputs[:2]
-    kernel = list(n.attr("kernel_shape") or b.static_shape(w, "the gradient of Conv")[2:])  # type: ignore[arg-type]
-    merged = b.merge_seeds(g[0], n.outputs[0])
-    return (_scatter_windows(b, n, merged, w, int(n.attr("group", 1)), kernel), None, None)  # type: ignore[arg-type]
+def _conv(n: Node, g: Grads) -> Grads:
+    kernel = list(n.attr("kernel_shape") or n.b.static_shape(n.inputs[1], "the gradient of Conv")[2:])  # type: ignore[arg-type]
+    merged = n.b.merge_seeds(g[0].name, n.outputs[0])
+    return (_scatter_windows(n, merged, n.inputs[1], int(n.attr("group", 1)), kernel), None, None)  # type: ignore[arg-type]
 
 
-def _channels(b: B, n: Node) -> int:
-    return b.static_shape(n.inputs[0], f"the gradient of {n.op_type}")[1]
+def _channels(n: Node) -> int:
+    return n.b.static_shape(n.inputs[0], f"the gradient of {n.op_type}")[1]
 
 
-def _average_pool(b: B, n: Node, g: Grads) -> Sequence[str | None]:
+def _average_pool(n: Node, g: Grads) -> Grads:
     """Each output's gradient is shared by its window: divide by the window's count, scatter ones."""
     kernel = list(n.attr("kernel_shape"))  # type: ignore[arg-type]
-    in_size, out_size, strides, dilations, pads, end_pads = _window_geometry(b, n, kernel)
+    in_size, out_size, strides, dilations, pads, end_pads = _window_geometry(n, kernel)
     if any(d != 1 for d in dilations):
         raise n.unsupported("dilated AveragePool")
-    include_pad = int(n.attr("count_include_pad", 0))
+    include_pad = int(n.attr("count_include_pad", 0))  # type: ignore[arg-type]
     counts = np.ones(out_size, dtype=np.float64)
     for axis, (i, o, s, k, p, e) in enumerate(zip(in_size, out_size, strides, kernel, pads, end_pads)):
         start = np.arange(o) * s - p
         lo, hi = (-p, i + e) if include_pad else (0, i)
         valid = np.minimum(start + k, hi) - np.maximum(start, lo)
         counts = counts * valid.reshape([-1 if a == axis else 1 for a in range(len(kernel))])
-    divided = b.op("Div", [g[0], b.constant(counts, dtype=b.info(n.inputs[0]).elem_type)], like=g[0])
-    channels = _channels(b, n)
-    ones = b.constant(np.ones([channels, 1, *kernel]), dtype=b.info(n.inputs[0]).elem_type)
-    return (_scatter_windows(b, n, b.merge_seeds(divided, n.outputs[0]), ones, channels, kernel),)
+    divided = g[0] / counts
+    channels = _channels(n)
+    ones = n.b.constant(np.ones([channels, 1, *kernel]), dtype=divided.dtype)
+    return (_scatter_windows(n, n.b.merge_seeds(divided.name, n.outputs[0]), ones, channels, kernel),)
 
 
-def _max_pool(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    """Route each output's gradient to the first maximum of its window (row-major order).
+def _max_pool(n: Node, g: Grads) -> Grads:
+    """Route each output's gradient to the first maximum of its window (row-major order), as torch does.
 
     Built without MaxPool's Indices output (which TensorRT lacks): for every kernel offset,
     the strided view of the padded input is compared with the pooled output; an offset takes
@@ -440,101 +372,85 @@ def _max_pool(b: B, n: Node, g: Grads) -> Sequence[str | None]:
     """
     if len(n.outputs) > 1 and n.outputs[1]:
         raise n.unsupported("MaxPool with an Indices output")
-    x, y = n.inputs[0], n.outputs[0]
+    b, x, y = n.b, n.inputs[0], n.y[0]
     kernel = list(n.attr("kernel_shape"))  # type: ignore[arg-type]
-    in_size, out_size, strides, dilations, pads, _ = _window_geometry(b, n, kernel)
+    in_size, out_size, strides, dilations, pads, _ = _window_geometry(n, kernel)
     covered = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out_size, strides, kernel, dilations)]
     after = [max(c - p - i, 0) for c, p, i in zip(covered, pads, in_size)]
     padded = b.op("Pad", [x, b.ints([0, 0, *pads, 0, 0, *after]), b.scalar_like(-np.inf, x)], like=x)
     spatial_axes = list(range(2, 2 + len(kernel)))
     offsets = list(itertools.product(*[range(k) for k in kernel]))
-    taken: str | None = None
+    taken: V | None = None
     routed = []
     for offset in offsets:
         starts = [o * d for o, d in zip(offset, dilations)]
         ends = [s + (o - 1) * st + 1 for s, o, st in zip(starts, out_size, strides)]
-        view = b.op("Slice", [padded, b.ints(starts), b.ints(ends), b.ints(spatial_axes), b.ints(strides)])
-        equal = b.op("Equal", [view, y])
-        first = equal if taken is None else b.op("And", [equal, b.op("Not", [taken])])
-        taken = equal if taken is None else b.op("Or", [taken, equal])
-        routed.append(b.unsqueeze(where(b, first, g[0], x), [-len(kernel) - 1]))
+        view = V(b, b.op("Slice", [padded, b.ints(starts), b.ints(ends), b.ints(spatial_axes), b.ints(strides)]), y.info)
+        hit = view == y
+        first = hit if taken is None else hit & ~taken
+        taken = hit if taken is None else taken | hit
+        routed.append(where(first, g[0], 0).unsqueeze([-len(kernel) - 1]).name)
     stacked = b.concat(routed, -len(kernel) - 1)  # [K, N, C, offsets, *out]
-    channels = _channels(b, n)
+    channels = _channels(n)
     merged = b.op("Reshape", [stacked, b.ints([-1, channels * len(offsets), *out_size])])
     one_hot = np.zeros([channels, len(offsets), 1, *kernel])
     for index, offset in enumerate(offsets):
         one_hot[(slice(None), index, 0, *offset)] = 1.0
     weight = b.constant(one_hot.reshape([channels * len(offsets), 1, *kernel]), dtype=b.info(x).elem_type)
-    return (_scatter_windows(b, n, merged, weight, channels, kernel),)
-
-
-def _pad_rule(b: B, n: Node, g: Grads) -> Sequence[str | None]:
-    """Constant-mode Pad: crop the gradient back (negative pads are the inverse crop)."""
-    if n.attr("mode", "constant") != "constant":
-        raise n.unsupported(f"Pad mode {n.attr('mode')!r}")
-    pads = input_or_attr(b, n, 1, "pads")
-    rank = b.rank(n.inputs[0])
-    axes = input_or_attr(b, n, 3, "axes") if len(n.inputs) > 3 else None
-    axes = [a % rank for a in axes] if axes else list(range(rank))
-    full = [0] * (2 * (rank + 1))
-    for j, axis in enumerate(axes):
-        full[axis + 1] = -pads[j]  # type: ignore[index]
-        full[rank + 1 + axis + 1] = -pads[len(axes) + j]  # type: ignore[index]
-    return (b.op("Pad", [g[0], b.ints(full)], like=n.inputs[0]),)
+    return (_scatter_windows(n, merged, weight, channels, kernel),)
 
 
 RULES: dict[str, Rule] = {
     # identity-like
-    "Identity": lambda b, n, g: (g[0],),
-    "Dropout": lambda b, n, g: (g[0], None, None),
-    "Cast": lambda b, n, g: (b.op("Cast", [g[0]], to=b.info(n.inputs[0]).elem_type, like=n.inputs[0]),),
-    # element-wise
-    "Add": lambda b, n, g: _binary(b, n, g[0], g[0]),
-    "Sub": _sub,
-    "Mul": _mul,
-    "Div": _div,
-    "Sum": lambda b, n, g: _variadic(b, n, g, [None] * len(n.inputs)),
-    "Mean": lambda b, n, g: _variadic(b, n, g, [None] * len(n.inputs), 1.0 / len(n.inputs)),
+    "Identity": elementwise(lambda n, g, x, y: g),
+    "Dropout": lambda n, g: (g[0],),
+    "Cast": elementwise(lambda n, g, x, y: g.cast(x.dtype)),
+    # element-wise: unbroadcast sums a gradient back to its input's shape
+    "Add": elementwise(lambda n, g, a, b, y: (g.unbroadcast(a), g.unbroadcast(b))),
+    "Sub": elementwise(lambda n, g, a, b, y: (g.unbroadcast(a), (-g).unbroadcast(b))),
+    "Mul": elementwise(lambda n, g, a, b, y: ((g * b).unbroadcast(a), (g * a).unbroadcast(b))),
+    "Div": elementwise(_div),
+    "Pow": elementwise(lambda n, g, x, p, y: ((g * (p.cast(x.dtype) * x ** (p - 1))).unbroadcast(x), None)),
+    "Sum": lambda n, g: [g[0].unbroadcast(x) for x in n.x],
+    "Mean": _mean,
     "Max": _extremum,
     "Min": _extremum,
-    "Where": _where_rule,
-    "Expand": lambda b, n, g: (b.unbroadcast(g[0], n.inputs[0], b.shape_of(n.outputs[0])), None),
-    "Neg": lambda b, n, g: (b.op("Neg", [g[0]], like=g[0]),),
+    "Where": elementwise(lambda n, g, c, a, b, y: (None, where(c, g, 0).unbroadcast(a), where(c, 0, g).unbroadcast(b))),
+    "Expand": elementwise(lambda n, g, x, shape, y: g.unbroadcast(x)),
+    "Neg": elementwise(lambda n, g, x, y: -g),
     # from the output: the input is often a Conv or Add output ONNX Runtime fuses into the Relu
-    "Relu": lambda b, n, g: (where(b, compare(b, "Greater", n.outputs[0], 0.0), g[0], n.inputs[0]),),
-    "LeakyRelu": lambda b, n, g: (where(b, compare(b, "Greater", n.inputs[0], 0.0), g[0], n.inputs[0],
-                                        otherwise=scale(b, g[0], float(n.attr("alpha", 0.01)), n.inputs[0])),),
-    "PRelu": lambda b, n, g: (where(b, compare(b, "Greater", n.inputs[0], 0.0), g[0], n.inputs[0],
-                                    otherwise=mul(b, g[0], n.inputs[1])), None),
+    "Relu": elementwise(lambda n, g, x, y: where(y > 0, g, 0)),
+    "LeakyRelu": elementwise(lambda n, g, x, y: where(x > 0, g, g * float(n.attr("alpha", 0.01)))),
+    "PRelu": elementwise(lambda n, g, x, slope, y: (where(x > 0, g, g * slope), None)),
     "Clip": _clip,
-    "HardSigmoid": _hard_sigmoid,
-    "HardSwish": _hard_swish,
-    "Sigmoid": chain(lambda b, n: mul(b, n.outputs[0], _one_minus(b, n.outputs[0]))),
-    "Tanh": chain(lambda b, n: _one_minus(b, mul(b, n.outputs[0], n.outputs[0]))),
-    "Exp": chain(lambda b, n: n.outputs[0]),
-    "Log": lambda b, n, g: (b.op("Div", [g[0], n.inputs[0]], like=g[0]),),
-    "Sqrt": lambda b, n, g: (b.op("Div", [scale(b, g[0], 0.5, n.inputs[0]), n.outputs[0]], like=g[0]),),
-    "Reciprocal": chain(lambda b, n: b.op("Neg", [mul(b, n.outputs[0], n.outputs[0])], like=n.inputs[0])),
-    "Abs": chain(lambda b, n: b.op("Sign", [n.inputs[0]], like=n.inputs[0])),
-    "Softplus": chain(lambda b, n: b.op("Sigmoid", [n.inputs[0]], like=n.inputs[0])),
-    "Erf": chain(lambda b, n: _erf_derivative(b, n.inputs[0])),
-    "Gelu": chain(_gelu),
-    "Pow": _pow,
+    "HardSigmoid": elementwise(_hard_sigmoid),
+    # y = x * clip(x/6 + 1/2, 0, 1)
+    "HardSwish": elementwise(lambda n, g, x, y: g * where(x > 3, 1, where(x < -3, 0, x / 3 + 0.5))),
+    "Sigmoid": elementwise(lambda n, g, x, y: g * (y * (1 - y))),
+    "Tanh": elementwise(lambda n, g, x, y: g * (1 - y * y)),
+    "Exp": elementwise(lambda n, g, x, y: g * y),
+    "Log": elementwise(lambda n, g, x, y: g / x),
+    "Sqrt": elementwise(lambda n, g, x, y: g / (2 * y)),
+    "Reciprocal": elementwise(lambda n, g, x, y: g * -(y * y)),
+    "Abs": elementwise(lambda n, g, x, y: g * x.sign()),
+    "Softplus": elementwise(lambda n, g, x, y: g * x.sigmoid()),
+    "Erf": elementwise(lambda n, g, x, y: g * (2 / math.sqrt(math.pi) * (-x * x).exp())),
+    "Gelu": elementwise(_gelu),
     # shape and selection
-    "Reshape": lambda b, n, g: (*_reshaped(b, n, g), None),
-    "Flatten": _reshaped,
-    "Squeeze": lambda b, n, g: (*_reshaped(b, n, g), None),
-    "Unsqueeze": lambda b, n, g: (*_reshaped(b, n, g), None),
+    "Reshape": lambda n, g: (g[0].reshape_like(n.x[0]),),
+    "Flatten": lambda n, g: (g[0].reshape_like(n.x[0]),),
+    "Squeeze": lambda n, g: (g[0].reshape_like(n.x[0]),),
+    "Unsqueeze": lambda n, g: (g[0].reshape_like(n.x[0]),),
     "Transpose": _transpose,
     "Concat": _concat,
-    "Split": lambda b, n, g: (*_split(b, n, g), None),
-    "Slice": lambda b, n, g: (*_slice(b, n, g), None, None, None, None),
+    "Split": _split,
+    "Slice": _slice,
     "Gather": _gather,
-    "Pad": lambda b, n, g: (*_pad_rule(b, n, g), None, None, None),
+    "Pad": _pad,
     # reductions and pooling
-    "GlobalAveragePool": _mean,
-    "ReduceMean": _mean,
-    "ReduceSum": _sum,
+    "GlobalAveragePool": _reduce_mean,
+    "ReduceMean": _reduce_mean,
+    "ReduceSum": _reduce_sum,
     "GlobalMaxPool": _extreme_reduce,
     "ReduceMax": _extreme_reduce,
     "ReduceMin": _extreme_reduce,
@@ -546,6 +462,6 @@ RULES: dict[str, Rule] = {
     "MatMul": _matmul,
     "Gemm": _gemm,
     "Conv": _conv,
-    "BatchNormalization": lambda b, n, g: (*_batch_norm(b, n, g), None, None, None, None),
-    "LayerNormalization": lambda b, n, g: (*_layer_norm(b, n, g), None, None),
+    "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm,
 }

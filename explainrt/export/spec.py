@@ -63,6 +63,7 @@ class ExplainableSpec:
     target_layers: tuple[str, ...]
     preprocessing: str | None = None  # JSON of explainrt.preprocessing.Preprocessing
     objective: str = "logit"  # what is differentiated per target: see OBJECTIVES
+    layouts: tuple[dict, ...] = ()  # per target layer, explainrt.export.layouts.Layout as JSON (() : all NCHW)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -75,6 +76,7 @@ class ExplainableSpec:
         try:
             fields = json.loads(props[METADATA_KEY])
             fields["target_layers"] = tuple(fields["target_layers"])
+            fields["layouts"] = tuple(fields.get("layouts", ()))
             return cls(**fields)
         except (ValueError, TypeError, KeyError) as error:
             raise InvalidModelError(f"corrupt explainrt metadata in the model: {error}") from error

@@ -13,6 +13,7 @@ import io
 import logging
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import onnx
 import torch
@@ -30,10 +31,11 @@ TAP_PREFIX = "explainrt.tap."
 class _Tapped(torch.nn.Module):
     """Returns the model's output followed by each target module's output."""
 
-    def __init__(self, model: torch.nn.Module, taps: Sequence[torch.nn.Module]) -> None:
+    def __init__(self, model: torch.nn.Module, taps: Sequence[torch.nn.Module], output: str | int | None) -> None:
         super().__init__()
         self.model = model
         self.taps = list(taps)
+        self.output = output
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         captured: dict[int, torch.Tensor] = {}
@@ -55,11 +57,10 @@ class _Tapped(torch.nn.Module):
         if missing:
             raise UnknownLayerError(f"target modules {missing} were not called by the model's forward")
         for index, value in captured.items():
-            if not isinstance(value, torch.Tensor) or value.dim() != 4:
-                raise UnknownLayerError(f"target module {index} must output one tensor [N, C, h, w]")
-        if not isinstance(logits, torch.Tensor):
-            raise InvalidModelError("the model must return one logits tensor [N, classes]")
-        return (logits, *(captured[i] for i in range(len(self.taps))))
+            if not isinstance(value, torch.Tensor) or value.dim() not in (3, 4):
+                raise UnknownLayerError(f"target module {index} must output one tensor [N, C, h, w], [N, h, w, C] "
+                                        "or tokens [N, T, D]")
+        return (model_output(logits, self.output), *(captured[i] for i in range(len(self.taps))))
 
 
 def _own_error(error: BaseException | None) -> ExplainrtError | None:
@@ -76,6 +77,7 @@ def export_torch(
     example_input: torch.Tensor,
     target_modules: Sequence[torch.nn.Module],
     opset: int = 18,
+    output: str | int | None = None,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """Export ``model`` to ONNX (dynamic batch) and return it with each target module's tensor."""
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
@@ -86,7 +88,7 @@ def export_torch(
             raise UnknownLayerError(f"target layer {module!r} is not a sub-module of the model")
     # A batch of 1 would be specialised by torch.export; trace with 2 and keep the batch dynamic.
     example = example_input[:1].detach().float().repeat(2, 1, 1, 1)
-    wrapper = _Tapped(model, target_modules)
+    wrapper = _Tapped(model, target_modules, output)
     modes = {m: m.training for m in model.modules()}
     wrapper.eval()  # evaluates dropout/batch-norm as at inference; restored below
     buffer = io.BytesIO()
@@ -122,14 +124,54 @@ def from_torch(
     example_input: torch.Tensor,
     target_layers: Sequence[torch.nn.Module] | None = None,
     preprocessing: str | None = None,
+    output: str | int | None = None,
+    **layouts: Any,
 ) -> onnx.ModelProto:
     """Export a PyTorch classifier as an explainable ONNX model.
 
-    ``target_layers`` are sub-modules (e.g. ``[model.layer4]``) whose outputs are explained;
-    ``None`` picks the last spatial tensor automatically.
+    ``target_layers`` are sub-modules (e.g. ``[model.layer4]``, or a transformer block's
+    ``norm1``) whose outputs are explained; ``None`` picks one automatically. ``output`` picks
+    the logits from a model returning several outputs (see ``model_output``). ``layouts``:
+    ``layer_layout``, ``token_grid``, ``prefix_tokens`` as ``make_explainable`` takes them.
     """
     modules = list(target_layers or [])
-    proto, tensors = export_torch(model, example_input, modules)
+    proto, tensors = export_torch(model, example_input, modules, output=output)
     for module, tensor in zip(modules, tensors):
         log.info("target module %s is ONNX tensor %s", type(module).__name__, tensor)
-    return make_explainable(proto, tensors or "auto", logits=LOGITS_OUTPUT, preprocessing=preprocessing)
+    return make_explainable(proto, tensors or "auto", logits=LOGITS_OUTPUT, preprocessing=preprocessing, **layouts)
+
+
+def model_output(value: Any, output: str | int | None = None) -> torch.Tensor:
+    """The logits among a model's outputs: a tensor as it is; ``output`` (a key, attribute or index)
+    where given; else a Hugging Face ``ModelOutput``'s ``logits``, a dict's ``"out"`` (torchvision
+    segmentation) or ``"logits"``, a tuple's first element."""
+    if output is not None:
+        try:
+            chosen = value[output] if isinstance(value, (dict, tuple, list)) or isinstance(output, int) else (
+                getattr(value, output) if hasattr(value, output) else value[output])
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise InvalidModelError(f"the model's output has no {output!r} ({_described(value)})") from None
+    elif isinstance(value, torch.Tensor):
+        chosen = value
+    elif hasattr(value, "logits") and isinstance(value.logits, torch.Tensor):
+        chosen = value.logits
+    elif isinstance(value, dict):
+        key = next((k for k in ("out", "logits") if k in value), None)
+        if key is None:
+            raise InvalidModelError(f"the model returns {_described(value)}: choose one with output=")
+        chosen = value[key]
+    elif isinstance(value, (tuple, list)) and value:
+        chosen = value[0]
+    else:
+        raise InvalidModelError(f"the model returns {_described(value)}, not a logits tensor")
+    if not isinstance(chosen, torch.Tensor):
+        raise InvalidModelError(f"the model's output {output!r} is a {type(chosen).__name__}, not a tensor")
+    return chosen
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"a dict with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"

@@ -29,7 +29,7 @@ from onnx import TensorProto
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.explainable import make_explainable
-from explainrt.export.spec import METADATA_KEY, ExplainableSpec, ModelSource, load_model
+from explainrt.export.spec import METADATA_KEY, ExplainableSpec, ModelSource, is_explainable, load_model
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def write_triton_repository(
     target = check_triton_target(directory, name, max_batch_size, preferred_batch_sizes, max_queue_delay_us,
                                  instance_count, instance_kind, force)
     proto = load_model(model)
-    if not any(p.key == METADATA_KEY for p in proto.metadata_props):
+    if not is_explainable(proto):
         log.info("the model is not explainable yet: making it explainable (auto target layer)")
         proto = make_explainable(proto)
     config = triton_config(proto, name, max_batch_size, preferred_batch_sizes, max_queue_delay_us,

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import onnx
 
+from explainrt.export.builder import GraphBuilder
 from explainrt.export.explainable import make_explainable
 from explainrt.export.gradients import ancestors
+from explainrt.export.layouts import Layout
 from explainrt.export.spec import ExplainableSpec, original_model
+
+HEAD_INPUT_PREFIX = "explainrt.head."
 
 
 def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str, of_input: bool,
@@ -18,8 +22,12 @@ def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str,
     if (objective, of_input, defended) == (spec.objective, False, False):
         return model
     layers = [spec.image_input] if of_input else list(spec.target_layers)
+    stored = {} if of_input or not spec.layouts else {
+        "layer_layout": [layout["kind"] for layout in spec.layouts],
+        "token_grid": [tuple(layout["grid"]) if layout["kind"] == "tokens" else None for layout in spec.layouts],
+        "prefix_tokens": [layout["prefix_tokens"] if layout["kind"] == "tokens" else None for layout in spec.layouts]}
     return make_explainable(original_model(model), layers, logits=spec.logits, objective=objective,
-                            defended_relus=defended)
+                            defended_relus=defended, **stored)
 
 
 def variant_kind(of_input: bool, defended: bool) -> str:
@@ -34,6 +42,73 @@ def head_model(model: onnx.ModelProto, spec: ExplainableSpec, layer: int) -> tup
     """
     plain = original_model(model)
     tensor = spec.target_layers[layer]
-    reads_image = spec.image_input in ancestors(plain.graph, spec.logits, stop=tensor)
-    inputs = [tensor, spec.image_input] if reads_image else [tensor]
+    layout = Layout.from_json(spec.layouts[layer]) if spec.layouts else None
+    if layout is None or layout.kind == "nchw":
+        reads_image = spec.image_input in ancestors(plain.graph, spec.logits, stop=tensor)
+        inputs = [tensor, spec.image_input] if reads_image else [tensor]
+        return onnx.utils.Extractor(plain).extract_model(inputs, [spec.logits]), reads_image
+    return _head_from_maps(plain, spec, layer, layout)
+
+
+def head_input(spec: ExplainableSpec, layer: int) -> str:
+    """The input of ``head_model(..., layer)`` that takes the layer's activations as [N, C, h, w]."""
+    if not spec.layouts or spec.layouts[layer]["kind"] == "nchw":
+        return spec.target_layers[layer]
+    return f"{HEAD_INPUT_PREFIX}{layer}"
+
+
+def _head_from_maps(plain: onnx.ModelProto, spec: ExplainableSpec, layer: int,
+                    layout: Layout) -> tuple[onnx.ModelProto, bool]:
+    """A head for a channels-last or token layer: it takes [N, C, h, w] and lays it out as the layer
+    was. Prefix tokens (CLS, ...) are not in the maps: they are computed from the image by the model
+    itself and kept, so the head runs the whole model with the layer's grid part replaced."""
+    tensor = spec.target_layers[layer]
+    b = GraphBuilder(plain)
+    b.scope = f"explainrt/head/{layer}"
+    source = b.add_input(head_input(spec, layer), b.info(tensor).elem_type, ["N", layout.channels, *layout.grid])
+    channels_last = b.op("Transpose", [source], perm=[0, 2, 3, 1])
+    if layout.kind == "nhwc":
+        replaced = channels_last
+    else:
+        tokens = b.op("Reshape", [channels_last, b.ints([0, layout.grid[0] * layout.grid[1], layout.channels])])
+        if layout.prefix_tokens:
+            prefix = b.op("Slice", [tensor, b.ints([0]), b.ints([layout.prefix_tokens]), b.ints([1])])
+            tokens = b.op("Concat", [prefix, tokens], axis=1)
+        replaced = tokens
+    for node in plain.graph.node:
+        if node.name.startswith(b.scope):
+            continue
+        for index, value in enumerate(node.input):
+            if value == tensor:
+                node.input[index] = replaced
+    _sort_topologically(plain.graph)
+    reads_image = layout.prefix_tokens > 0 or spec.image_input in ancestors(plain.graph, spec.logits, stop=replaced)
+    inputs = [head_input(spec, layer)] + ([spec.image_input] if reads_image else [])
     return onnx.utils.Extractor(plain).extract_model(inputs, [spec.logits]), reads_image
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph``'s nodes so that each comes after the producers of its inputs (appended nodes move up)."""
+    producers = {out: index for index, node in enumerate(graph.node) for out in node.output}
+    order: list[int] = []
+    placed: set[int] = set()
+
+    def place(index: int) -> None:
+        stack = [(index, False)]
+        while stack:
+            current, ready = stack.pop()
+            if current in placed:
+                continue
+            if ready:
+                placed.add(current)
+                order.append(current)
+                continue
+            stack.append((current, True))
+            stack += [(producers[i], False) for i in graph.node[current].input if i in producers
+                      and producers[i] not in placed]
+
+    for index in range(len(graph.node)):
+        place(index)
+    nodes = [graph.node[index] for index in order]
+    del graph.node[:]
+    graph.node.extend(nodes)

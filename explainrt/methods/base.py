@@ -1,9 +1,10 @@
-"""What every explanation method is: a name, its options, and ``attribute(request) -> Attribution``.
+"""What every explanation method is: a name, its declared options, and ``attribute(request) -> Attribution``.
 
-The pipeline (``explainrt.explainer``) validates images, targets and option names, cuts
-the images into chunks, calls ``attribute`` once per chunk, and normalises the raw maps for
-display. A method says only how it weights (CAM family) or perturbs (occlusion, RISE, ...) and
-runs the model through the request's session, never on its own.
+The pipeline (``explainrt.explainer``) validates images, targets and options
+(``Method.check_options``), cuts the images into chunks, calls ``attribute`` once per chunk, and
+normalises the raw maps for display. A method says only how it weights (CAM family) or perturbs
+(occlusion, RISE, ...) and runs the model through the request's session, never on its own; it
+reads its options, validated and complete, from ``request.options[name]``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from explainrt.errors import ExplanationCancelled, InvalidInputError
+from explainrt.methods.options import Option
 from explainrt.runtime.base import Session
-from explainrt.validation import checked_int
 
 
 @dataclass(frozen=True)
@@ -54,25 +55,58 @@ class Attribution:
 
 
 class Method(ABC):
-    """An explanation method. Subclasses set the class attributes and implement ``attribute``."""
+    """An explanation method. Subclasses set the class attributes and implement ``compute``."""
 
     name: str
     summary: str
-    options: tuple[str, ...] = ()
+    options: tuple[Option, ...] = ()
     signed: bool = False  # raw maps may be negative; normalised display shows the positive evidence
-    per_image_options: tuple[str, ...] = ()  # may be one value per image: the pipeline slices them per chunk
-    image_options: tuple[str, ...] = ()  # images (one, or one per image): the pipeline preprocesses them
+
+    @property
+    def per_image_options(self) -> tuple[str, ...]:
+        """Options that may be one value per image: the pipeline slices them per chunk."""
+        return tuple(option.name for option in self.options if option.per_image)
+
+    @property
+    def image_options(self) -> tuple[str, ...]:
+        """Options that are images (one, or one per image): the pipeline preprocesses them."""
+        return tuple(option.name for option in self.options if option.image)
+
+    def attribute(self, request: AttributionRequest) -> Attribution:
+        """Raw attribution maps [n, H, W] for the request's images and targets.
+
+        The request's options are checked and completed first (``check_options`` returns checked
+        values unchanged), so a request built with only some options, or none, works too.
+        """
+        return self.compute(replace(request, options=self.check_options(request.options)))
 
     @abstractmethod
-    def attribute(self, request: AttributionRequest) -> Attribution:
-        """Raw attribution maps [n, H, W] for the request's images and targets."""
+    def compute(self, request: AttributionRequest) -> Attribution:
+        """Raw attribution maps [n, H, W]; ``request.options`` holds every declared option, validated."""
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        """Reject option names the method does not take (values are checked by the method)."""
-        unknown = set(options) - set(self.options)
+    def option(self, name: str) -> Option:
+        """The declared option ``name``; InvalidInputError naming the ones the method takes if there is none."""
+        for option in self.options:
+            if option.name == name:
+                return option
+        raise self._unknown([name])
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Every declared option, the given ones validated (``Option.parse``), the others at their defaults.
+
+        Raises InvalidInputError for option names the method does not take and for values its
+        declarations do not allow; checks that need the model or the images come in ``compute``.
+        """
+        unknown = sorted(set(options) - {option.name for option in self.options})
         if unknown:
-            takes = f"it takes {', '.join(self.options)}" if self.options else "it takes none"
-            raise InvalidInputError(f"method {self.name!r} takes no option(s) {', '.join(sorted(unknown))}; {takes}")
+            raise self._unknown(unknown)
+        return {option.name: option.parse(options[option.name], self.name) if option.name in options
+                else option.default for option in self.options}
+
+    def _unknown(self, names: list[str]) -> InvalidInputError:
+        names_taken = ", ".join(option.name for option in self.options)
+        takes = f"it takes {names_taken}" if self.options else "it takes none"
+        return InvalidInputError(f"method {self.name!r} takes no option(s) {', '.join(names)}; {takes}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -95,30 +129,6 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
     return gaussian_filter(images, sigma=(0,) * (images.ndim - 2) + (sigma, sigma), mode="nearest").astype(np.float32)
-
-
-def int_option(options: dict[str, Any], name: str, default: int | None, lowest: int = 1,
-               highest: int | None = None) -> int | None:
-    """An integer method option (``default`` when absent; None stays None)."""
-    value = options.get(name, default)
-    return None if value is None else checked_int(name, value, lowest, highest)
-
-
-def number_option(options: dict[str, Any], name: str, default: float, *, allow_zero: bool) -> float:
-    """A finite number option > 0 (>= 0 with ``allow_zero``)."""
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
-            value >= 0 if allow_zero else value > 0) or not np.isfinite(value):
-        raise InvalidInputError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
-
-
-def flag_option(options: dict[str, Any], name: str, default: bool) -> bool:
-    """A True/False method option."""
-    value = options.get(name, default)
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ import numpy as np
 from explainrt import kernels
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import Attribution, AttributionRequest, Method, timed
+from explainrt.methods.options import Array, Function, OneOf, Option
 from explainrt.methods.perturbation import perturbation_scores
 from explainrt.runtime.base import RunResult, Session
 
@@ -74,9 +75,9 @@ class CamMethod(Method):
     weigh: Callable[[LayerContext], CamTerms]
     uses_gradients: bool
     summary: str
-    options: tuple[str, ...] = ()
+    options: tuple[Option, ...] = ()
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
+    def compute(self, request: AttributionRequest) -> Attribution:
         timings: dict[str, float] = {}
         with timed(timings, "runtime"):
             result = request.session.run(request.images, request.targets[:, None])
@@ -174,7 +175,7 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
     """
     a = ctx.activations
     n, channels = a.shape[:2]
-    values = ctx.options.get("ablation_values")
+    values = ctx.options["ablation_values"]
     if callable(values):  # f(activations [n, C, h, w]) -> [n, C]: per target layer and per batch of images
         values = values(a)
     values = ablation_values(a) if values is None else np.asarray(values, dtype=np.float32)
@@ -192,6 +193,11 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
     return CamTerms(a, (original[:, None] - ablated) / original[:, None])
 
 
+ABLATION_VALUES = Option(
+    "ablation_values", OneOf((Array("[n, C]", (2,)), Function("(activations [n, C, h, w]) -> [n, C]"))), None,
+    "value of each ablated channel per image, or a function of each target layer's activations "
+    "(None: 0 after a ReLU, else far below the layer's minimum)")
+
 CAM_METHODS: tuple[CamMethod, ...] = (
     CamMethod("gradcam", grad_cam_terms, True, "Grad-CAM: channels weighted by mean gradient"),
     CamMethod("gradcam++", _grad_cam_pp, True, "Grad-CAM++: positive gradients with pixel-wise alphas"),
@@ -202,5 +208,5 @@ CAM_METHODS: tuple[CamMethod, ...] = (
     CamMethod("eigengradcam", _eigen_grad_cam, True, "EigenGrad-CAM: principal component of gradient x activation"),
     CamMethod("scorecam", _score_cam, False, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),
     CamMethod("ablationcam", _ablation_cam, False, "Ablation-CAM: score drop with each channel ablated (head only)",
-              ("ablation_values",)),
+              (ABLATION_VALUES,)),
 )

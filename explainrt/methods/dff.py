@@ -14,7 +14,8 @@ import numpy as np
 
 from explainrt import kernels
 from explainrt.errors import InvalidInputError
-from explainrt.methods.base import Attribution, AttributionRequest, Method, int_option, resolve_targets, softmax, timed
+from explainrt.methods.base import Attribution, AttributionRequest, Method, resolve_targets, softmax, timed
+from explainrt.methods.options import Integer, Option
 
 TOP_CLASSES = 3
 """Classes listed per concept in ``extras["concept_classes"]``."""
@@ -37,21 +38,22 @@ class DeepFeatureFactorization(Method):
     """DFF: NMF concepts of the target layer, each with its heatmap and the classes it scores."""
 
     name = "dff"
-    summary = "Deep Feature Factorization: NMF concepts of the target layer, each scored by the head"
-    options = ("n_concepts",)
+    summary = ("Deep Feature Factorization: NMF concepts of the target layer, each scored by the head "
+               "(concept maps, classes and scores in extras)")
+    options = (Option("n_concepts", Integer(1), 5, "number of NMF concepts (at most the target layer's channels)"),)
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
-        n_concepts = int_option(request.options, "n_concepts", 5)
+    def compute(self, request: AttributionRequest) -> Attribution:
+        n_concepts = request.options["n_concepts"]
         n = request.images.shape[0]
         timings: dict[str, float] = {}
         with timed(timings, "runtime"):
             result = request.session.run(request.images, np.full((n, 1), -1, dtype=np.int64))
         layer = len(result.activations) - 1  # the deepest target layer: the one next to the head
         activations = result.activations[layer]
-        if int(n_concepts) > activations.shape[1]:
+        if n_concepts > activations.shape[1]:
             raise InvalidInputError(f"n_concepts ({n_concepts}) exceeds the target layer's {activations.shape[1]} channels")
         with timed(timings, "method"):
-            concepts, heatmaps = factorize(activations, int(n_concepts))
+            concepts, heatmaps = factorize(activations, n_concepts)
         with timed(timings, "runtime"):
             filled = np.ascontiguousarray(np.broadcast_to(concepts[:, :, None, None], (n_concepts, *activations.shape[1:])))
             concept_logits = request.session.head(layer, filled, request.images[:1])

@@ -28,22 +28,14 @@ the class flipped, or held under a mask).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from explainrt.errors import InvalidInputError
-from explainrt.methods.base import (
-    Attribution,
-    AttributionRequest,
-    Method,
-    flag_option,
-    int_option,
-    number_option,
-    resolve_targets,
-    timed,
-)
-from explainrt.methods.gradients import baselines
+from explainrt.methods.base import Attribution, AttributionRequest, Method, resolve_targets, timed
+from explainrt.methods.gradients import IMAGE_BASELINE, baselines
+from explainrt.methods.options import Choice, Flag, Integer, Number, Option
 from explainrt.runtime.base import RunResult
 
 log = logging.getLogger(__name__)
@@ -57,24 +49,40 @@ DEFAULT_LR = {"preserve": 0.1, "delete": 1.0}
 OBJECTIVE = "cross_entropy"  # -log softmax: its negated gradient is that of the score S_c
 
 
+def _by_game(defaults: dict[str, float]) -> str:
+    """A default per game, for the option's help: "None: 0.1 to preserve, 0 to delete"."""
+    return "None: " + ", ".join(f"{value:g} to {game}" for game, value in defaults.items())
+
+
 class FGVis(Method):
     """FGVis preservation and deletion masks, optimised on the runtime's (defended) input gradients."""
 
     name = "fgvis"
     summary = "FGVis (Wagner et al.): optimised preservation / deletion masks with the adversarial-evidence defence"
-    options = ("game", "lambda", "steps", "lr", "baseline", "defense")
+    options = (
+        Option("game", Choice(GAMES), "preserve", "keep the smallest evidence for the class, or delete it until "
+               "the class flips"),
+        Option("lambda", Number(at_least=0), None, f"sparsity weight ({_by_game(DEFAULT_LAMBDA)})"),
+        Option("steps", Integer(1), 200, "gradient steps at most"),
+        Option("lr", Number(above=0), None, f"step size of the mask ({_by_game(DEFAULT_LR)})"),
+        Option("baseline", IMAGE_BASELINE, 0.0, "what masked-out pixels show"),
+        Option("defense", Flag(), True, "the defence against adversarial evidence (gradients only where "
+               "0 < activation <= the image's)"),
+    )
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The checked options, with ``lambda`` and ``lr`` left at None set to the chosen game's defaults."""
+        checked = super().check_options(options)
+        for name, by_game in (("lambda", DEFAULT_LAMBDA), ("lr", DEFAULT_LR)):
+            if checked[name] is None:
+                checked[name] = by_game[checked["game"]]
+        return checked
+
+    def compute(self, request: AttributionRequest) -> Attribution:
         options = request.options
-        game = options.get("game", "preserve")
-        if game not in GAMES:
-            raise InvalidInputError(f"unknown game {game!r}; choose one of {', '.join(GAMES)}")
-        sparsity = number_option(options, "lambda", DEFAULT_LAMBDA[game], allow_zero=True)
-        steps = int_option(options, "steps", 200)
-        lr = number_option(options, "lr", DEFAULT_LR[game], allow_zero=False)
-        defense = flag_option(options, "defense", True)
+        game, sparsity, steps, lr, defense = (options[name] for name in ("game", "lambda", "steps", "lr", "defense"))
         images = request.images
-        base = baselines(options.get("baseline", 0.0), images)
+        base = baselines(options["baseline"], images)
         delta = images - base
         n, timings = images.shape[0], {"runtime": 0.0}
 

@@ -19,23 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from explainrt.errors import InvalidInputError
-from explainrt.methods.base import (
-    Attribution,
-    AttributionRequest,
-    Method,
-    flag_option,
-    gaussian_blur,
-    int_option,
-    number_option,
-    resolve_targets,
-    timed,
-)
+from explainrt.methods.base import Attribution, AttributionRequest, Method, gaussian_blur, resolve_targets, timed
+from explainrt.methods.options import Array, Choice, Flag, Integer, Number, OneOf, Option
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +34,25 @@ BLUR_SIGMA = 0.05
 """The "blur" baseline: a Gaussian blur of std BLUR_SIGMA * max(H, W) pixels (Sturmfels et al., 2020)."""
 
 
-def baselines(value: Any, images: np.ndarray) -> np.ndarray:
-    """The baseline of each image [n, C, H, W]: a number, "blur" or an array [C, H, W]."""
-    if isinstance(value, str):
-        if value != "blur":
-            raise InvalidInputError(f"baseline must be a number, 'blur' or an array [C, H, W], got {value!r}")
+IMAGE_BASELINE = OneOf((Number(), Choice(("blur",)), Array("[C, H, W]", (3,))))
+"""A reference image: a number (every pixel), "blur" (the image blurred) or an array [C, H, W]."""
+
+
+def baselines(value: float | str | np.ndarray, images: np.ndarray) -> np.ndarray:
+    """The baseline of each image [n, C, H, W] from an ``IMAGE_BASELINE`` value: a number, "blur" or [C, H, W]."""
+    if isinstance(value, str):  # "blur"
         return gaussian_blur(images, BLUR_SIGMA * max(images.shape[2:]))
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+    if np.ndim(value) == 0:
         return np.full_like(images, float(value))
-    array = np.asarray(value)
-    if array.shape != images.shape[1:] or array.dtype.kind not in "iuf":
+    if value.shape != images.shape[1:]:
         expected = f"[C, H, W] = [{', '.join(map(str, images.shape[1:]))}]"
         raise InvalidInputError(f"baseline must be a number, 'blur' or an array of shape {expected}, "
-                                f"got {'shape ' + str(list(array.shape)) if array.dtype.kind in 'iuf' else repr(value)}")
-    return np.broadcast_to(array.astype(np.float32), images.shape).copy()
+                                f"got shape {list(value.shape)}")
+    return np.broadcast_to(value.astype(np.float32), images.shape).copy()
 
 
 def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Points a in [0, 1] and weights of Captum's integral approximation ``rule`` with ``steps`` points."""
-    if rule not in RULES:
-        raise InvalidInputError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    """Points a in [0, 1] and weights of Captum's integral approximation ``rule`` (of RULES), ``steps`` points."""
     if rule == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         return 0.5 * (nodes + 1), 0.5 * weights
@@ -117,11 +106,13 @@ class Saliency(Method):
 
     name = "saliency"
     summary = "Saliency (Simonyan et al.): max over channels of |d logit / d input|"
-    options = ("abs", "multiply_by_input")
+    options = (
+        Option("abs", Flag(), True, "max over channels of |gradient| (False: the signed sum over channels)"),
+        Option("multiply_by_input", Flag(), False, "gradient x input instead of the gradient"),
+    )
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
-        absolute = flag_option(request.options, "abs", True)
-        by_input = flag_option(request.options, "multiply_by_input", False)
+    def compute(self, request: AttributionRequest) -> Attribution:
+        absolute, by_input = request.options["abs"], request.options["multiply_by_input"]
         timings: dict[str, float] = {}
         with timed(timings, "runtime"):
             result = request.session.input_gradients(request.images, request.targets[:, None])
@@ -137,14 +128,18 @@ class IntegratedGradients(Method):
 
     name = "integrated-gradients"
     summary = "Integrated Gradients (Sundararajan et al.): path integral of input gradients from a baseline"
-    options = ("baseline", "steps", "rule")
+    options = (
+        Option("baseline", IMAGE_BASELINE, 0.0, "the reference input x' the path starts from"),
+        Option("steps", Integer(1), 50, "points of the path integral (riemann_trapezoid: at least 2)"),
+        Option("rule", Choice(RULES), "gausslegendre", "Captum's quadrature rule"),
+    )
     signed = True
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
-        steps = int_option(request.options, "steps", 50)
-        alphas, weights = quadrature(request.options.get("rule", "gausslegendre"), steps)
+    def compute(self, request: AttributionRequest) -> Attribution:
+        steps = request.options["steps"]
+        alphas, weights = quadrature(request.options["rule"], steps)
         images = request.images
-        base = baselines(request.options.get("baseline", 0.0), images)
+        base = baselines(request.options["baseline"], images)
         n, timings = images.shape[0], {}
         end_logits = _logits(request, np.concatenate([images, base]), timings)
         logits, base_logits = end_logits[:n], end_logits[n:]
@@ -167,13 +162,16 @@ class SmoothGrad(Method):
 
     name = "smoothgrad"
     summary = "SmoothGrad (Smilkov et al.): input gradients averaged over noisy copies of the image"
-    options = ("n_samples", "noise", "seed", "squared")
+    options = (
+        Option("n_samples", Integer(1), 25, "noisy copies per image"),
+        Option("noise", Number(at_least=0), 0.15, "noise std as a fraction of the image's value range"),
+        Option("seed", Integer(0), 0, "seed of the noise"),
+        Option("squared", Flag(), False, "average the squared gradients (SmoothGrad-Squared)"),
+    )
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
-        samples = int_option(request.options, "n_samples", 25)
-        noise = number_option(request.options, "noise", 0.15, allow_zero=True)
-        seed = int_option(request.options, "seed", 0, lowest=0)
-        squared = flag_option(request.options, "squared", False)
+    def compute(self, request: AttributionRequest) -> Attribution:
+        options = request.options
+        samples, noise, seed, squared = options["n_samples"], options["noise"], options["seed"], options["squared"]
         images, timings = request.images, {}
         logits = _logits(request, images, timings)
         targets = resolve_targets(request.targets, logits)

@@ -7,7 +7,7 @@ checks for cancellation between calls and shows a progress bar. Score-CAM, LIME 
 use the same runner. Stable API (other method modules build on it):
 
 - ``perturbation_budget(request, mask_channels=1) -> int``: perturbed copies per runtime call,
-  ``request.batch_size`` capped by the options ``max_batch`` and ``memory_mb``.
+  ``request.batch_size`` capped by the options ``max_batch`` and ``memory_mb`` (``BUDGET_OPTIONS``).
 - ``reference_logits(request) -> (logits [n, classes], targets [n])``: unperturbed logits of the
   chunk and its requested targets resolved (-k = k-th largest logit).
 - ``iter_perturbation_scores(request, index, batches, total, targets, baseline=0.0, *,
@@ -21,24 +21,23 @@ Methods here:
 - Occlusion (Zeiler & Fergus 2014, Captum's ``Occlusion``): a window slides with a stride over
   (C,) H, W; a pixel's attribution is f(x) - f(x with the window at the baseline), averaged over
   every window that covers it. Maps are the mean over channels (any channel's map when the
-  window spans all channels), signed. Options: ``window`` (h, w) or (c, h, w), default (16, 16);
-  ``stride``, default the window; ``baseline`` a number (default 0) or "blur".
+  window spans all channels), signed.
 - RISE (Petsiuk et al. 2018): saliency = sum_i P(target | x * M_i) M_i / (N p) over N random
   masks (``kernels.rise_masks``), accumulated batch by batch as a GEMM, so memory does not grow
-  with N. Options: ``n_masks`` (default 4000), ``grid`` (7), ``p`` (0.5), ``seed`` (0).
+  with N.
 
-Both also take ``max_batch`` and ``memory_mb`` (see ``perturbation_budget``). Occlusion also takes
-``incremental``: "auto" (default) runs the windows by exact incremental inference
-(``explainrt.runtime.incremental``, Krypton-style: only the box a window reaches is recomputed,
-stage by stage) when the backend can run sub-models and the plan saves at least 15 % of the work;
-True requires it (an error says why it cannot), False always runs full forward passes.
+Their options, with defaults, are declared in ``Occlusion.options`` and ``Rise.options``; both
+take ``BUDGET_OPTIONS`` (see ``perturbation_budget``). Occlusion's ``incremental``: "auto" runs
+the windows by exact incremental inference (``explainrt.runtime.incremental``, Krypton-style:
+only the box a window reaches is recomputed, stage by stage) when the backend can run
+sub-models and the plan saves at least 15 % of the work; True requires it (an error says why it
+cannot), False always runs full forward passes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -50,14 +49,18 @@ from explainrt.methods.base import (
     AttributionRequest,
     Method,
     gaussian_blur,
-    int_option,
     resolve_targets,
     softmax,
     timed,
 )
+from explainrt.methods.options import Choice, Integer, Number, OneOf, Option, Size
 from explainrt.runtime.incremental import incremental_forward
 
-BUDGET_OPTIONS = ("max_batch", "memory_mb")
+BUDGET_OPTIONS = (
+    Option("max_batch", Integer(1), None, "perturbed copies per runtime call at most (None: batch_size)"),
+    Option("memory_mb", Number(above=0), None, "host memory of one batch of perturbed copies and masks at most, "
+           "in MB (None: no bound)"),
+)
 """Options every perturbation method takes to bound its runtime batches."""
 
 BLUR_SIGMA = 10.0
@@ -68,17 +71,14 @@ def perturbation_budget(request: AttributionRequest, mask_channels: int = 1) -> 
     """Perturbed copies per runtime call: ``batch_size``, at most ``max_batch``, within ``memory_mb``.
 
     ``memory_mb`` bounds the host memory of one batch of perturbed inputs and their masks
-    (``mask_channels`` planes per copy); the runtime's own activation memory is not counted.
+    (``mask_channels`` planes per copy); the runtime's own activation memory is not counted. Both
+    options are validated values, absent for methods that do not take them (Score-CAM).
     """
     budget = request.batch_size
-    max_batch = int_option(request.options, "max_batch", None)
+    max_batch, memory_mb = request.options.get("max_batch"), request.options.get("memory_mb")
     if max_batch is not None:
         budget = min(budget, max_batch)
-    memory_mb = request.options.get("memory_mb")
     if memory_mb is not None:
-        if isinstance(memory_mb, bool) or not isinstance(memory_mb, (int, float, np.integer, np.floating)) \
-                or not memory_mb > 0:
-            raise InvalidInputError(f"memory_mb must be a number > 0, got {memory_mb!r}")
         channels, height, width = request.images.shape[1:]
         per_copy = (channels + mask_channels) * height * width * 4
         fits = int(memory_mb * 2**20 // per_copy)
@@ -161,14 +161,9 @@ def method_timings(timings: dict[str, float], started: float) -> dict[str, float
 # --- Occlusion ---------------------------------------------------------------------------------
 
 
-def _occlusion_baseline(value: Any, image: np.ndarray) -> float | np.ndarray:
+def _occlusion_baseline(value: float | str, image: np.ndarray) -> float | np.ndarray:
     """The occluding value: a number, or "blur" (the image blurred with std BLUR_SIGMA pixels)."""
-    if isinstance(value, str) and value == "blur":
-        return gaussian_blur(image, BLUR_SIGMA)
-    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not is_number or not np.isfinite(value):
-        raise InvalidInputError(f"baseline must be a finite number or 'blur', got {value!r}")
-    return float(value)
+    return gaussian_blur(image, BLUR_SIGMA) if value == "blur" else value
 
 
 def _occlusion_batches(shape: tuple[int, int, int], grid: kernels.OcclusionGrid, budget: int) -> Iterator[np.ndarray]:
@@ -183,15 +178,22 @@ class Occlusion(Method):
 
     name = "occlusion"
     summary = "Occlusion: output drop when a sliding window is replaced by a baseline (Captum's definition)"
-    options = ("window", "stride", "baseline", "incremental", *BUDGET_OPTIONS)
+    options = (
+        Option("window", Size(), (16, 16), "occluded window: (h, w) over all channels, or (c, h, w)"),
+        Option("stride", Size(), None, "step between windows, at most the window (None: the window)"),
+        Option("baseline", OneOf((Number(), Choice(("blur",)))), 0.0, "what the window shows: a number, or the "
+               f"image blurred with std {BLUR_SIGMA:g} pixels"),
+        Option("incremental", Choice(("auto", True, False)), "auto", "exact incremental inference: when it saves "
+               "work, required, or never"),
+        *BUDGET_OPTIONS,
+    )
     signed = True
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
+    def compute(self, request: AttributionRequest) -> Attribution:
         started, timings = time.perf_counter(), {}
         channels, height, width = request.images.shape[1:]
-        window = request.options.get("window", (16, 16))
-        grid = kernels.occlusion_grid((channels, height, width), window, request.options.get("stride", window))
-        incremental = _incremental_mode(request.options.get("incremental", "auto"))
+        window, stride, incremental = (request.options[name] for name in ("window", "stride", "incremental"))
+        grid = kernels.occlusion_grid((channels, height, width), window, window if stride is None else stride)
         spans_channels = grid.window[0] == channels
         if spans_channels:  # one mask plane per copy serves every channel
             grid = grid._replace(window=(1, *grid.window[1:]), stride=(1, *grid.stride[1:]))
@@ -200,7 +202,7 @@ class Occlusion(Method):
         budget = perturbation_budget(request, shape[0])
         maps = np.empty((request.images.shape[0], height, width), dtype=np.float32)
         for index in range(request.images.shape[0]):
-            baseline = _occlusion_baseline(request.options.get("baseline", 0.0), request.images[index])
+            baseline = _occlusion_baseline(request.options["baseline"], request.images[index])
             reference = logits[index, targets[index]]
             forward = None
             if incremental is not False:
@@ -218,15 +220,6 @@ class Occlusion(Method):
         return Attribution(maps, logits, targets, method_timings(timings, started))
 
 
-def _incremental_mode(value: Any) -> bool | str:
-    """The ``incremental`` option: "auto" (when it saves work), True (required) or False (never)."""
-    if isinstance(value, str) and value == "auto":
-        return value
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise InvalidInputError(f"incremental must be 'auto', True or False, got {value!r}")
-
-
 # --- RISE --------------------------------------------------------------------------------------
 
 
@@ -235,16 +228,18 @@ class Rise(Method):
 
     name = "rise"
     summary = "RISE: masks weighted by the target probability of the masked image (random, batched, flat memory)"
-    options = ("n_masks", "grid", "p", "seed", *BUDGET_OPTIONS)
+    options = (
+        Option("n_masks", Integer(1), 4000, "number of random masks"),
+        Option("grid", Integer(1), 7, "cells per side of each mask's grid"),
+        Option("p", Number(above=0, below=1), 0.5, "probability of keeping a cell"),
+        Option("seed", Integer(0, 2**64 - 1), 0, "seed of the masks"),
+        *BUDGET_OPTIONS,
+    )
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
+    def compute(self, request: AttributionRequest) -> Attribution:
         started, timings = time.perf_counter(), {}
-        n_masks = int_option(request.options, "n_masks", 4000)
-        grid = int_option(request.options, "grid", 7)
-        seed = int_option(request.options, "seed", 0, lowest=0)
-        p = request.options.get("p", 0.5)
+        n_masks, grid, p, seed = (request.options[name] for name in ("n_masks", "grid", "p", "seed"))
         height, width = request.images.shape[2:]
-        kernels.rise_masks(seed, 0, 0, grid, p, (height, width))  # validates p and the sizes up front
         logits, targets = reference_logits(request, timings)
         budget = perturbation_budget(request)
         maps = np.empty((request.images.shape[0], height, width), dtype=np.float32)

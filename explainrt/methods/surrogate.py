@@ -40,7 +40,8 @@ import numpy as np
 
 from explainrt import kernels
 from explainrt.errors import InvalidInputError
-from explainrt.methods.base import Attribution, AttributionRequest, Method, int_option, number_option
+from explainrt.methods.base import Attribution, AttributionRequest, Method
+from explainrt.methods.options import Array, Choice, Function, Integer, Number, OneOf, Option, Parameters, Rejected
 from explainrt.methods.perturbation import (
     BUDGET_OPTIONS,
     method_timings,
@@ -69,14 +70,11 @@ def _display_image(image: np.ndarray) -> np.ndarray:
 
 
 def _skimage_segmenter(spec: str | dict[str, Any], seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A function image [H, W, 3] in [0, 1] -> labels, from "slic" | "quickshift" or {"algorithm": ..., params}."""
+    """A function image [H, W, 3] in [0, 1] -> labels, from "slic" | "quickshift" | {"algorithm": ..., params}."""
     from skimage import segmentation
 
     params = dict(spec) if isinstance(spec, dict) else {"algorithm": spec}
-    algorithm = params.pop("algorithm", None)
-    if algorithm not in SEGMENTATION_DEFAULTS:
-        raise InvalidInputError(f"segments: unknown segmentation {algorithm!r}; use one of "
-                                f"{', '.join(map(repr, SEGMENTATION_DEFAULTS))}, a callable or an int label array")
+    algorithm = params.pop("algorithm")
     params = {**SEGMENTATION_DEFAULTS[algorithm], **params}
     if algorithm == "slic":
         params.setdefault("start_label", 0)
@@ -94,8 +92,23 @@ def _skimage_segmenter(spec: str | dict[str, Any], seed: int) -> Callable[[np.nd
     return segment
 
 
+def _check_segmentation(params: dict[str, Any]) -> None:
+    """Reject a segmentation dict whose "algorithm" is not one of SEGMENTATION_DEFAULTS."""
+    if params.get("algorithm") not in SEGMENTATION_DEFAULTS:
+        raise Rejected(f"unknown segmentation {params.get('algorithm')!r}")
+
+
+SEGMENTS = OneOf((
+    Choice(tuple(SEGMENTATION_DEFAULTS)),
+    Parameters("a dict {\"algorithm\": name, **scikit-image parameters}", _check_segmentation),
+    Array("[H, W] (shared) or [N, H, W] (one per image)", (2, 3), integer=True),
+    Function("(image [H, W, 3] in [0, 1]) -> labels [H, W]"),
+))
+"""The ``segments`` option: a scikit-image segmentation (a name, or a dict with its parameters), labels or a function."""
+
+
 def segment_images(images: np.ndarray, segments: Any, seed: int) -> np.ndarray:
-    """Superpixel labels [n, H, W] int32 numbered 0..S-1 per image, from any accepted ``segments`` value.
+    """Superpixel labels [n, H, W] int32 numbered 0..S-1 per image, from a ``SEGMENTS`` value (checked).
 
     ``segments``: "slic" | "quickshift" | {"algorithm": name, **scikit-image parameters} |
     a callable (image [H, W, 3] float in [0, 1] -> [H, W] int) | int labels [H, W] (shared) or
@@ -107,9 +120,6 @@ def segment_images(images: np.ndarray, segments: Any, seed: int) -> np.ndarray:
         labels = [np.asarray(segment(_display_image(image))) for image in images]
     else:
         given = np.asarray(segments)
-        if given.dtype.kind not in "iu" or given.ndim not in (2, 3):
-            raise InvalidInputError(f"segments must be 'slic', 'quickshift', a dict, a callable or int labels "
-                                    f"[H, W] / [N, H, W]; got {given.dtype} array of shape {given.shape}")
         if given.ndim == 3 and given.shape[0] != n:
             raise InvalidInputError(f"segments has {given.shape[0]} label maps for {n} images: give one [H, W] map, "
                                     f"one per image, or a segmentation name")
@@ -270,15 +280,17 @@ def shapley_regression(coalitions: Coalitions, values: np.ndarray, full_value: f
 # -- the methods ------------------------------------------------------------------------------
 OUTPUTS = ("probability", "logit")
 
-
-def _baseline_option(options: dict[str, Any]) -> str | float:
-    """What an off superpixel shows: "mean" (its mean colour, lime's default) or a number (model-input units)."""
-    value = options.get("baseline", "mean")
-    if isinstance(value, str) and value == "mean":
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
-        raise InvalidInputError(f"baseline must be 'mean' or a finite number (model-input units), got {value!r}")
-    return float(value)
+SURROGATE_OPTIONS = (
+    Option("segments", SEGMENTS, "slic", "the superpixels", per_image=True),
+    Option("seed", Integer(0, 2**32 - 1), 0, "seed of the sampled on/off vectors"),
+    Option("baseline", OneOf((Choice(("mean",)), Number())), "mean", "what an off superpixel shows: its mean "
+           "colour, or a number in model-input units"),
+    Option("num_features", Integer(1), None, "paint only the k superpixels of largest |weight| (None: all; "
+           f"top_superpixels lists {TOP_SUPERPIXELS})"),
+    Option("output", Choice(OUTPUTS), "probability", "the score explained: softmax probability or logit"),
+    *BUDGET_OPTIONS,
+)
+"""Options LIME and KernelSHAP share (each declares its own ``n_samples``)."""
 
 
 def _mask_batches(labels: np.ndarray, samples: np.ndarray, budget: int):
@@ -309,38 +321,25 @@ class SuperpixelSurrogate(Method):
     """
 
     signed = True
-    per_image_options = ("segments",)  # [N, H, W] labels are sliced per chunk; one [H, W] map or a name is shared
-    common_options = ("n_samples", "segments", "seed", "baseline", "num_features", "output", *BUDGET_OPTIONS)
-    default_samples: int | None = 1000
-
-    def fit_settings(self, options: dict[str, Any]) -> dict[str, float]:
-        """The method's own fitting options, validated before any model call."""
-        return {}
 
     @abstractmethod
     def samples(self, count: int, n_samples: int | None, seed: int) -> Any:
         """The sampling plan for ``count`` superpixels: [m, S] 0/1 on/off vectors, or an object holding them."""
 
     @abstractmethod
-    def fit(self, plan: Any, scores: np.ndarray, settings: dict[str, float]) -> SurrogateFit:
+    def fit(self, plan: Any, scores: np.ndarray, options: dict[str, Any]) -> SurrogateFit:
         """The superpixel weights from the scores [m] of the plan's on/off vectors (``on_off(plan)``)."""
 
     def on_off(self, plan: Any) -> np.ndarray:
         """The on/off vectors [m, S] to score, in the order ``fit`` reads their scores."""
         return plan
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
+    def compute(self, request: AttributionRequest) -> Attribution:
         options = request.options
-        n_samples = int_option(options, "n_samples", self.default_samples, lowest=2)
-        seed = int_option(options, "seed", 0, lowest=0, highest=2**32 - 1)
-        num_features = int_option(options, "num_features", None)
-        output = options.get("output", "probability")
-        if output not in OUTPUTS:
-            raise InvalidInputError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
-        baseline = _baseline_option(options)
-        settings = self.fit_settings(options)
+        n_samples, seed, num_features, output, baseline = (
+            options[name] for name in ("n_samples", "seed", "num_features", "output", "baseline"))
         tick = time.perf_counter()
-        labels = segment_images(request.images, options.get("segments", "slic"), seed)
+        labels = segment_images(request.images, options["segments"], seed)
         timings = {"segmentation": time.perf_counter() - tick}
         tick = time.perf_counter()
         logits, targets = reference_logits(request, timings)
@@ -358,7 +357,7 @@ class SuperpixelSurrogate(Method):
             scores = perturbation_scores(request, index, _mask_batches(labels[index], on_off, budget), len(on_off),
                                          targets[index : index + 1], off, probabilities=output == "probability",
                                          desc=self.name, timings=timings)[:, 0]
-            result = self.fit(plan, scores.astype(np.float64), settings)
+            result = self.fit(plan, scores.astype(np.float64), options)
             weights[index] = result.weights[labels[index]]
             top[index] = _top_superpixels(result.weights, top.shape[1])
             painted = result.weights
@@ -379,17 +378,18 @@ class Lime(SuperpixelSurrogate):
 
     name = "lime"
     summary = "LIME: weighted ridge regression of the score on random superpixel on/off samples (lime's definition)"
-    options = (*SuperpixelSurrogate.common_options, "kernel_width", "alpha")
-
-    def fit_settings(self, options: dict[str, Any]) -> dict[str, float]:
-        return {"kernel_width": number_option(options, "kernel_width", 0.25, allow_zero=False),
-                "alpha": number_option(options, "alpha", 1.0, allow_zero=True)}
+    options = (
+        Option("n_samples", Integer(2), 1000, "perturbed samples per image (the first has every superpixel on)"),
+        *SURROGATE_OPTIONS,
+        Option("kernel_width", Number(above=0), 0.25, "width of the exponential kernel on the cosine distance"),
+        Option("alpha", Number(at_least=0), 1.0, "ridge regularisation"),
+    )
 
     def samples(self, count: int, n_samples: int | None, seed: int) -> np.ndarray:
         return lime_samples(count, n_samples, seed)
 
-    def fit(self, plan: np.ndarray, scores: np.ndarray, settings: dict[str, float]) -> SurrogateFit:
-        model = weighted_ridge(plan, scores, lime_kernel(plan, settings["kernel_width"]), settings["alpha"])
+    def fit(self, plan: np.ndarray, scores: np.ndarray, options: dict[str, Any]) -> SurrogateFit:
+        model = weighted_ridge(plan, scores, lime_kernel(plan, options["kernel_width"]), options["alpha"])
         return SurrogateFit(model.coefficients, {"intercept": model.intercept, "r2": model.r2})
 
 
@@ -398,8 +398,8 @@ class KernelShap(SuperpixelSurrogate):
 
     name = "kernelshap"
     summary = "KernelSHAP: Shapley values of superpixels by Shapley-kernel regression (shap's KernelExplainer)"
-    options = SuperpixelSurrogate.common_options
-    default_samples = None  # shap's "auto": 2 S + 2048
+    options = (Option("n_samples", Integer(2), None, "coalitions per image (None: shap's auto, 2 S + 2048 for "
+                      "S superpixels)"), *SURROGATE_OPTIONS)
 
     def samples(self, count: int, n_samples: int | None, seed: int) -> Coalitions:
         return shapley_coalitions(count, n_samples or 2 * count + 2048, np.random.default_rng(seed))
@@ -409,7 +409,7 @@ class KernelShap(SuperpixelSurrogate):
         count = plan.members.shape[1]
         return np.concatenate([np.zeros((1, count)), np.ones((1, count)), plan.members])
 
-    def fit(self, plan: Coalitions, scores: np.ndarray, settings: dict[str, float]) -> SurrogateFit:
+    def fit(self, plan: Coalitions, scores: np.ndarray, options: dict[str, Any]) -> SurrogateFit:
         null_value, full_value = scores[0], scores[1]
         phi = shapley_regression(plan, scores[2:], full_value, null_value)
         return SurrogateFit(phi, {"base_value": null_value, "full_value": full_value})

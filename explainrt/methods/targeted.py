@@ -32,8 +32,12 @@ from explainrt.methods.base import (
     timed,
 )
 from explainrt.methods.cam import CamMethod, CamTerms, LayerContext, cam_attribution, combine_layers, grad_cam_terms
+from explainrt.methods.options import ClassIndex, Images, Integer, Option
 from explainrt.runtime.base import RunResult
 from explainrt.validation import check_class_range, checked_int
+
+RUNNER_UP = -2
+"""The class a contrast or counter class defaults to: the second most likely."""
 
 TOP_PAIRS = ((0, 1), (0, 2), (1, 2))
 """The class pairs among the top 3 whose insecurity the deliberative explanation shows."""
@@ -43,13 +47,11 @@ def _counterfactual_cam(ctx: LayerContext) -> CamTerms:
     return CamTerms(ctx.activations, -ctx.gradients.mean(axis=(2, 3)))
 
 
-def _class_option(value: Any, name: str, count: int, classes: int) -> np.ndarray:
-    """A class option (one int, or one per image; -k = k-th most likely) as int64 [count]."""
-    values = np.broadcast_to(np.asarray(value), (count,)) if np.ndim(value) == 0 else np.asarray(value)
-    if values.dtype.kind not in "iu":
-        raise InvalidInputError(f"{name} must be a class index (or -k for the k-th most likely), got {value!r}")
+def _classes(value: int | np.ndarray | None, name: str, count: int, classes: int) -> np.ndarray:
+    """A validated class option (one int or one per image; None: RUNNER_UP) as int64 [count], in range."""
+    values = np.broadcast_to(np.asarray(RUNNER_UP if value is None else value, dtype=np.int64), (count,))
     check_class_range(values, classes, name)
-    return values.astype(np.int64)
+    return values
 
 
 def _timed_run(request: AttributionRequest, timings: dict[str, float], images: np.ndarray, targets: np.ndarray,
@@ -63,18 +65,27 @@ class ContrastCam(Method):
 
     name = "contrast-cam"
     summary = "Contrast-CAM: why P rather than Q (gradient of the cross-entropy of contrast class Q)"
-    options = ("contrast", "top_k")
-    per_image_options = ("contrast",)
+    options = (
+        Option("contrast", ClassIndex(), None,
+               f"the contrast class Q, or one per image (None: {RUNNER_UP}, the runner-up)", per_image=True),
+        Option("top_k", Integer(1), None, "contrast with each of the next k classes instead (maps in extras)"),
+    )
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The checked options; contrast and top_k exclude each other."""
+        checked = super().check_options(options)
+        if checked["top_k"] is not None and checked["contrast"] is not None:
+            raise InvalidInputError("method 'contrast-cam': give contrast (the class Q per image) or top_k "
+                                    "(the next k classes), not both")
+        return checked
+
+    def compute(self, request: AttributionRequest) -> Attribution:
         n, classes = request.images.shape[0], request.session.spec.num_classes
-        top_k, contrast = request.options.get("top_k"), request.options.get("contrast")
-        if top_k is not None and contrast is not None:
-            raise InvalidInputError("give contrast (the class Q per image) or top_k (the next k classes), not both")
+        top_k = request.options["top_k"]
         if top_k is not None:
             contrasts = np.tile(-np.arange(2, checked_int("top_k", top_k, 1, classes - 1) + 2, dtype=np.int64), (n, 1))
         else:
-            contrasts = _class_option(-2 if contrast is None else contrast, "contrast", n, classes)[:, None]
+            contrasts = _classes(request.options["contrast"], "contrast", n, classes)[:, None]
         timings: dict[str, float] = {}
         result = _timed_run(request, timings, request.images, contrasts, "cross_entropy")
         predicted = result.logits.argmax(axis=1)
@@ -134,9 +145,9 @@ class GaloreDeliberative(Method):
     """Where the model hesitates between two of its top 3 classes (deliberative insecurities)."""
 
     name = "galore-deliberative"
-    summary = "Galore deliberative: insecurity a_a * a_b * d for class pairs among the top 3"
+    summary = "Galore deliberative: insecurity a_a * a_b * d for class pairs among the top 3 (all pairs in extras)"
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
+    def compute(self, request: AttributionRequest) -> Attribution:
         n, classes = request.images.shape[0], request.session.spec.num_classes
         if classes < 3:
             raise InvalidInputError(f"galore-deliberative needs at least 3 classes, the model has {classes}")
@@ -159,14 +170,16 @@ class GaloreCounterfactual(Method):
 
     name = "galore-counterfactual"
     summary = "Galore counterfactual: discriminant map a(s) * (1 - a_counter) * a_class vs a counter class"
-    options = ("counter_class", "counter_image")
-    per_image_options = ("counter_class",)
-    image_options = ("counter_image",)
+    options = (
+        Option("counter_class", ClassIndex(), None, f"the counter class, or one per image (None: {RUNNER_UP}, the runner-up)",
+               per_image=True),
+        Option("counter_image", Images(), None, "an example of the counter class, or one per image: adds the "
+               "reverse map D(x_c, y_c, y*) to extras", image=True),
+    )
 
-    def attribute(self, request: AttributionRequest) -> Attribution:
+    def compute(self, request: AttributionRequest) -> Attribution:
         n, classes = request.images.shape[0], request.session.spec.num_classes
-        counter = request.options.get("counter_class")
-        counters = _class_option(-2 if counter is None else counter, "counter_class", n, classes)
+        counters = _classes(request.options["counter_class"], "counter_class", n, classes)
         timings: dict[str, float] = {}
         pair = _timed_run(request, timings, request.images, np.stack([request.targets, counters], axis=1))
         if (pair.targets[:, 0] == pair.targets[:, 1]).any():
@@ -175,7 +188,7 @@ class GaloreCounterfactual(Method):
                                     "choose another counter_class")
         maps = self._discriminant(request, timings, request.images, pair)
         extras: dict[str, np.ndarray] = {"counter_classes": pair.targets[:, 1]}
-        counter_image = request.options.get("counter_image")
+        counter_image = request.options["counter_image"]
         if counter_image is not None:
             reverse = _timed_run(request, timings, counter_image, pair.targets[:, ::-1].copy())
             extras["counter_maps"] = self._discriminant(request, timings, counter_image, reverse)

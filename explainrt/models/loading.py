@@ -29,6 +29,7 @@ from typing import Any
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.export import layouts
 from explainrt.export.explainable import make_explainable
 from explainrt.export.spec import ExplainableSpec, is_explainable, load_model, original_model, with_preprocessing
 from explainrt.preprocessing import Preprocessing
@@ -60,6 +61,28 @@ class PreprocessingOverrides:
 
 
 @dataclass(frozen=True)
+class Outputs:
+    """What of the model is explained: which output holds the logits, and how target layers are laid out.
+
+    ``output``: an ONNX output name, or for a PyTorch model a dict key, attribute or tuple index
+    (default: the first output; a Hugging Face ModelOutput's ``logits``; a dict's ``"out"``).
+    ``layer_layout`` ("nchw", "nhwc", "tokens"), ``token_grid`` and ``prefix_tokens``: see
+    ``explainrt.export.layouts`` (None: told from the graph and the sizes).
+    """
+
+    output: str | int | None = None
+    layer_layout: str | Sequence[str] | None = None
+    token_grid: Any = None
+    prefix_tokens: int | Sequence[int] | None = None
+
+    def given(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
+
+    def layouts(self) -> dict[str, Any]:
+        return {"layer_layout": self.layer_layout, "token_grid": self.token_grid, "prefix_tokens": self.prefix_tokens}
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A model ready for a runtime: the explainable ONNX model, or the module to hook (backend="torch")."""
 
@@ -73,15 +96,16 @@ class LoadedModel:
 
 
 def load(model: Any = None, target_layers: Sequence[Any] | None = None, *, backend: str = "onnxruntime",
-         weights: str | os.PathLike | None = None, logits: str | None = None,
+         weights: str | os.PathLike | None = None, outputs: Outputs | None = None,
          preprocessing: Preprocessing | None = None, input_size: tuple[int, int] | None = None,
          overrides: PreprocessingOverrides | None = None) -> LoadedModel:
     """The model ``model`` names, explainable w.r.t. ``target_layers`` (None: its own, else automatic).
 
     ``backend="torch"`` keeps a PyTorch model as a module (hooks and autograd, no export);
     every other backend gets explainable ONNX. ``weights`` goes with a torchvision architecture
-    name, ``logits`` (the output to explain) with an ONNX model.
+    name; ``outputs`` says which output and how the target layers are laid out.
     """
+    outputs = outputs or Outputs()
     fallback = overrides is not None  # the CLI's promise: ImageNet's recipe where the model stores none
     overrides = overrides or PreprocessingOverrides()
     layers = list(target_layers) if target_layers else None
@@ -93,15 +117,15 @@ def load(model: Any = None, target_layers: Sequence[Any] | None = None, *, backe
     if isinstance(model, str) and not _is_onnx_path(model):
         module, num_classes = torchvision_model(_architecture(model), weights)
         size = overrides.input_size or input_size or DEFAULT_INPUT_SIZE
-        return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), logits, size)
+        return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs, size)
     if _is_torch_module(model):
         size = overrides.input_size or input_size or (preprocessing.input_size if preprocessing else DEFAULT_INPUT_SIZE)
         chosen = preprocessing or (recipe(overrides, size, None) if fallback else None)
-        return _from_module(model, layers, backend, chosen, logits, size)
+        return _from_module(model, layers, backend, chosen, outputs, size)
     if backend == "torch":
         raise BackendUnavailableError("backend='torch' needs a torch.nn.Module (or a torchvision architecture "
                                       "name), not an ONNX model")
-    return _from_onnx(load_model(model), layers, logits, preprocessing, input_size, overrides, fallback)
+    return _from_onnx(load_model(model), layers, outputs, preprocessing, input_size, overrides, fallback)
 
 
 def _default_model(layers: list[Any] | None, backend: str, preprocessing: Preprocessing | None,
@@ -122,33 +146,35 @@ def _default_model(layers: list[Any] | None, backend: str, preprocessing: Prepro
 
 
 def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocessing: Preprocessing | None,
-                 logits: str | None, input_size: tuple[int, int]) -> LoadedModel:
+                 outputs: Outputs, input_size: tuple[int, int]) -> LoadedModel:
     """A PyTorch model: hooked as it is (torch backend), else exported at ``input_size``."""
-    if logits is not None:
-        raise InvalidInputError("logits names an ONNX output; a PyTorch model's logits are its output")
     targets = modules(module, layers) if layers else None
     example = example_input(input_size)
     stored = preprocessing.to_json() if preprocessing else None
     if backend == "torch":
         if not targets:
             raise InvalidInputError("backend='torch' needs target_layers (modules or dotted module names) to hook")
-        return LoadedModel(None, ModuleSource(module, tuple(targets), example, stored), preprocessing)
+        requests = tuple(layouts.requests(len(targets), **outputs.layouts()))
+        return LoadedModel(None, ModuleSource(module, tuple(targets), example, stored, outputs.output, requests),
+                           preprocessing)
     from explainrt.export.torch_export import from_torch
 
-    return LoadedModel(from_torch(module, example, targets, preprocessing=stored), None, preprocessing)
+    proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output, **outputs.layouts())
+    return LoadedModel(proto, None, preprocessing)
 
 
-def _from_onnx(proto: onnx.ModelProto, layers: list[Any] | None, logits: str | None,
+def _from_onnx(proto: onnx.ModelProto, layers: list[Any] | None, outputs: Outputs,
                preprocessing: Preprocessing | None, input_size: tuple[int, int] | None,
                overrides: PreprocessingOverrides, fallback: bool) -> LoadedModel:
     stored = None
     if is_explainable(proto):
         stored_json = ExplainableSpec.from_model(proto).preprocessing
         stored = Preprocessing.from_json(stored_json) if stored_json else None
-        if layers or logits:
-            proto = make_explainable(original_model(proto), layers or "auto", logits=logits)
+        if layers or outputs.given():
+            proto = make_explainable(original_model(proto), layers or "auto", logits=_onnx_output(outputs.output),
+                                     **outputs.layouts())
     else:
-        proto = make_explainable(proto, layers or "auto", logits=logits)
+        proto = make_explainable(proto, layers or "auto", logits=_onnx_output(outputs.output), **outputs.layouts())
     spec = ExplainableSpec.from_model(proto)
     chosen = preprocessing or stored
     if (chosen is None and fallback) or overrides.any():
@@ -159,6 +185,12 @@ def _from_onnx(proto: onnx.ModelProto, layers: list[Any] | None, logits: str | N
             size = DEFAULT_INPUT_SIZE
         chosen = recipe(overrides, size, spec.num_classes, chosen)
     return LoadedModel(with_preprocessing(proto, chosen.to_json()) if chosen else proto, None, chosen)
+
+
+def _onnx_output(output: str | int | None) -> str | None:
+    if output is not None and not isinstance(output, str):
+        raise InvalidInputError(f"output names an ONNX output by its name, got {output!r}")
+    return output
 
 
 def recipe(overrides: PreprocessingOverrides, input_size: Sequence[int], num_classes: int | None,

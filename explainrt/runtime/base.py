@@ -24,6 +24,7 @@ import onnx
 
 from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export.spec import RESOLVED_TARGETS_OUTPUT, ExplainableSpec, activations_output, gradients_output
+from explainrt.export.variants import head_input
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Session(Protocol):
 
 def head_feeds(spec: ExplainableSpec, layer: int, activations: Any, images: Any, reads_image: bool) -> dict[str, Any]:
     """Inputs of a head sub-graph: the replaced activations, and the images repeated to match when it reads them."""
-    feeds = {spec.target_layers[layer]: activations}
+    feeds = {head_input(spec, layer): activations}
     if reads_image:
         feeds[spec.image_input] = np.repeat(np.asarray(images), activations.shape[0] // images.shape[0], axis=0)
     return feeds

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.export.layouts import Layout, LayoutRequest, shape_layout
 from explainrt.export.spec import OBJECTIVES, ExplainableSpec
 from explainrt.runtime.base import RunResult, parse_device
 
@@ -26,13 +27,15 @@ class ModuleSource:
     target_modules: tuple[Any, ...]
     example: Any
     preprocessing: str | None = None
+    output: str | int | None = None  # which of the model's outputs holds the logits (see model_output)
+    layouts: tuple[LayoutRequest, ...] = ()  # per target module; () : infer every layout
 
 
 class TorchSession:
     """The reference backend: the original PyTorch module with hooks and autograd."""
 
     def __init__(self, module: object, target_modules: Sequence[object], spec: ExplainableSpec,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", output: str | int | None = None) -> None:
         """``device``: "cpu", "cuda" or "cuda:N"; the module is moved there (``module.to``, in place)."""
         import torch
 
@@ -44,6 +47,8 @@ class TorchSession:
         self.device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
         self.module = module.eval().to(self.device)  # type: ignore[attr-defined]
         self.targets = list(target_modules)
+        self.output = output
+        self.layouts = [Layout.from_json(fields) for fields in spec.layouts]
         self.spec = spec
         self.input_shape = ("N", None, None, None)
 
@@ -51,23 +56,28 @@ class TorchSession:
     def probed(cls, source: ModuleSource, device: str = "cpu") -> TorchSession:
         """A session whose spec (layer names, class count) comes from one forward pass of the example,
         which also checks that every target module is a sub-module producing [N, C, h, w]."""
-        module, target_modules, example, preprocessing = (source.module, source.target_modules, source.example,
-                                                           source.preprocessing)
+        module, target_modules, example = source.module, source.target_modules, source.example
         names = {id(m): name for name, m in module.named_modules()}
         unknown = [m for m in target_modules if id(m) not in names]
         if unknown:
             raise UnknownLayerError(f"target layer {type(unknown[0]).__name__} is not a sub-module of the model")
         layer_names = tuple(names[id(m)] or type(m).__name__ for m in target_modules)
-        session = cls(module, target_modules, ExplainableSpec("input", "logits", 0, layer_names, preprocessing), device)
+        spec = ExplainableSpec("input", "logits", 0, layer_names, source.preprocessing)
+        session = cls(module, target_modules, spec, device, source.output)
         with session._torch.no_grad():
             logits, activations = session._forward(session._tensor(example))
         if logits.ndim != 2:
             raise InvalidModelError(f"the model must return logits [N, classes], got shape {tuple(logits.shape)}")
-        for name, acts in zip(layer_names, activations):
-            if acts is None or acts.ndim != 4:
-                shape = None if acts is None else tuple(acts.shape)
-                raise UnknownLayerError(f"target layer {name!r} must output [N, C, h, w] in the forward pass, got {shape}")
-        session.spec = dataclasses.replace(session.spec, num_classes=int(logits.shape[1]))
+        requests = source.layouts or (LayoutRequest(),) * len(layer_names)
+        layouts = []
+        for name, acts, request in zip(layer_names, activations, requests, strict=True):
+            if acts is None or not hasattr(acts, "shape"):
+                raise UnknownLayerError(f"target layer {name!r} must output one tensor [N, C, h, w], [N, h, w, C] or "
+                                        f"tokens [N, T, D] in the forward pass, got {type(acts).__name__}")
+            layouts.append(shape_layout(name, tuple(acts.shape), tuple(example.shape[2:]), set(), request))
+        session.layouts = layouts
+        session.spec = dataclasses.replace(spec, num_classes=int(logits.shape[1]),
+                                           layouts=tuple(layout.to_json() for layout in layouts))
         return session
 
     def _forward(self, images: object, replace: dict[int, object] | None = None) -> tuple[object, list[object]]:
@@ -76,7 +86,7 @@ class TorchSession:
         def hook(index: int):  # noqa: ANN202
             def capture(_module, _inputs, output):  # noqa: ANN001, ANN202
                 if replace is not None and index in replace:
-                    output = replace[index]
+                    output = from_maps(replace[index], output, self.layouts[index])
                 captured[index] = output
                 # the model goes on with a copy: an in-place op after the layer (DenseNet's
                 # F.relu(features, inplace=True)) must not change the captured activations
@@ -85,7 +95,7 @@ class TorchSession:
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.targets)]  # type: ignore[attr-defined]
         try:
-            logits = self.module(images)
+            logits = self._logits_of(self.module(images))  # type: ignore[operator]
         finally:
             for handle in handles:
                 handle.remove()
@@ -113,9 +123,11 @@ class TorchSession:
             scores = logits if objective == "logit" else -torch.log_softmax(logits, dim=1)
             per_seed = [torch.autograd.grad(scores[rows, resolved[:, k]].sum(), wrt, retain_graph=True)
                         for k in range(resolved.shape[1])]
-        gradients = [torch.stack([g[i] for g in per_seed], dim=1).cpu().numpy() for i in range(len(wrt))]
-        return RunResult(logits.detach().cpu().numpy(), resolved.cpu().numpy(), [w.detach().cpu().numpy() for w in wrt],
-                         gradients)
+        layouts = [None] if of_input else self.layouts
+        gradients = [to_maps(torch.stack([g[i] for g in per_seed], dim=1), layout, 2).cpu().numpy()
+                     for i, layout in enumerate(layouts)]
+        activations = [to_maps(w.detach(), layout, 1).cpu().numpy() for w, layout in zip(wrt, layouts)]
+        return RunResult(logits.detach().cpu().numpy(), resolved.cpu().numpy(), activations, gradients)
 
     def _tensor(self, array: Any) -> Any:
         """A tensor on the session's device: host arrays copied once, CUDA arrays shared by DLPack."""
@@ -165,10 +177,40 @@ class TorchSession:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         with self._torch.no_grad():
-            return self.module(self._tensor(images)).cpu().numpy()  # type: ignore[operator]
+            return self._logits_of(self.module(self._tensor(images))).cpu().numpy()  # type: ignore[operator]
+
+    def _logits_of(self, value: Any) -> Any:
+        from explainrt.export.torch_export import model_output  # imports torch: only once a module runs
+
+        return model_output(value, self.output)
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         repeated = np.repeat(images, activations.shape[0] // images.shape[0], axis=0)
         with self._torch.no_grad():
             logits, _ = self._forward(self._tensor(repeated), {layer: self._tensor(activations)})
         return logits.cpu().numpy()  # type: ignore[attr-defined]
+
+
+def to_maps(x: Any, layout: Layout | None, leading: int) -> Any:
+    """A target's tensor ([*lead, N, ...], ``leading`` axes up to N) as [*lead, N, C, h, w]: the
+    torch twin of ``explainrt.export.layouts.to_nchw`` (None: the model input, kept as it is)."""
+    if layout is None or layout.kind == "nchw":
+        return x
+    if layout.kind == "tokens":
+        x = x[(slice(None),) * leading + (slice(layout.prefix_tokens, None),)]
+        x = x.reshape(*x.shape[:leading], *layout.grid, layout.channels)
+    return x.movedim(-1, leading)
+
+
+def from_maps(maps: Any, original: Any, layout: Layout) -> Any:
+    """The inverse of ``to_maps`` for a replaced activation [N, C, h, w]; prefix tokens come from ``original``."""
+    if layout.kind == "nchw":
+        return maps
+    channels_last = maps.movedim(1, -1)
+    if layout.kind == "nhwc":
+        return channels_last
+    tokens = channels_last.reshape(maps.shape[0], -1, layout.channels)
+    prefix = original[:, :layout.prefix_tokens].expand(maps.shape[0], -1, -1)
+    import torch
+
+    return torch.cat([prefix, tokens], dim=1)

@@ -5,7 +5,8 @@
 - V2: ``POST /v2/models/{name}/infer`` (explanations as extra outputs named like the explainable
   model's: ``explainrt.maps``, ``explainrt.resolved_targets``, ``explainrt.activations.<i>``,
   ``explainrt.gradients.<i>``), ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{name}``;
-- ``/metrics`` (Prometheus), ``/`` (the page) and ``/api/methods`` (the registered methods).
+- ``/metrics`` (Prometheus), ``/`` (the page) and ``/api/methods`` (the registered methods, each
+  option with its type, default, allowed values and help: ``Option.describe``).
 
 Every error is JSON ``{"error": message, "type": class}`` with a 4xx status for the client's
 mistakes (413 over a limit, 404 unknown model, 503 queue full) and the server keeps serving.
@@ -28,7 +29,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from explainrt.version import __version__
 from explainrt.errors import (
     ExplainrtError,
     ExplanationCancelled,
@@ -46,6 +46,7 @@ from explainrt.serve.codec import Limits
 from explainrt.serve.metrics import ServerMetrics
 from explainrt.serve.models import Job, ServedModel, explain_key, layers_key, predict_key
 from explainrt.validation import check_class_range, checked_int
+from explainrt.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
 
     @app.get("/api/methods")
     async def methods() -> dict[str, Any]:
-        return {"methods": [{"name": m.name, "summary": m.summary, "options": list(m.options)} for m in METHODS.values()]}
+        return {"methods": [{"name": m.name, "summary": m.summary, "options": [o.describe() for o in m.options]}
+                            for m in METHODS.values()]}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -251,7 +253,11 @@ def _parameters(body: Any) -> dict[str, Any]:
 
 
 def _method_parameters(parameters: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
-    """The method (checked against the registry), its options, and ``normalize``."""
+    """The method (checked against the registry), its options (checked against its declarations), and ``normalize``.
+
+    The options are returned as given (JSON values, which key the batcher's jobs); the pipeline
+    validates them again into the values the method reads.
+    """
     name = parameters.get("method", "gradcam")
     if not isinstance(name, str):
         raise InvalidInputError(f"parameter method must be a method name, got {name!r}")
