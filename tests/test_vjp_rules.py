@@ -3,7 +3,8 @@
 One table of cases, each naming the rule it covers; ``test_every_rule_has_a_case`` fails when a
 rule is added to ``RULES`` without one. float64 where ONNX Runtime's CPU provider has float64
 kernels for the operator and its gradient graph, float32 (larger step, looser tolerance) where it
-does not — the ``F32`` cases below.
+does not — the ``F32`` cases below. At ties (Max, Min, the max reductions and pooling), where
+finite differences do not apply, gradients are compared with torch.autograd's values.
 """
 
 from __future__ import annotations

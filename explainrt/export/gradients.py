@@ -28,6 +28,7 @@ from explainrt.export.builder import Dim, GraphBuilder, TensorInfo
 Shape = tuple[Dim, ...] | None
 
 
+# -- value handles ---------------------------------------------------------------------------------
 class V:
     """A handle on one tensor of the graph being built: its Python operators append ONNX nodes.
 
@@ -134,9 +135,6 @@ class V:
     def __le__(self, other: Operand) -> V:
         return self._binary("LessOrEqual", other, dtype=TensorProto.BOOL)
 
-    def __ge__(self, other: Operand) -> V:
-        return self._binary("GreaterOrEqual", other, dtype=TensorProto.BOOL)
-
     __hash__ = None  # type: ignore[assignment]  # == builds a node
 
     def __and__(self, other: V) -> V:
@@ -182,6 +180,8 @@ class V:
 
     def _reduce(self, op_type: str, axes: Sequence[int], keepdims: bool) -> V:
         axes = _from_end(axes)
+        if not axes:  # ONNX would read no axes as all of them
+            return self
         shape = self.info.shape
         if shape is not None:
             picked = {len(shape) + a for a in axes}
@@ -223,9 +223,11 @@ class V:
         lead = list(range(-len(shape), -len(x_shape)))
         ones = [i - len(x_shape) for i, (dim_x, dim) in enumerate(zip(x_shape, shape[len(lead):]))
                 if dim_x == 1 and dim != 1]
-        summed = self.sum(lead + ones) if lead or ones else self
-        name = self.b.squeeze(summed.name, lead) if lead else summed.name
-        return _wrap(self.b, name, TensorInfo(self.dtype, x_shape), self.seeded)
+        info = TensorInfo(self.dtype, x_shape)
+        if not lead and not ones:
+            return V(self.b, self.name, info, self.seeded)
+        summed = self.sum(lead + ones)
+        return _wrap(self.b, self.b.squeeze(summed.name, lead) if lead else summed.name, info, self.seeded)
 
     def reshape_like(self, x: V) -> V:
         """This gradient (or a seed-merged one, ``[K*N, ...]``) reshaped to ``[K, *shape(x)]``."""
@@ -299,6 +301,7 @@ def _is_one(value: object) -> bool:
     return isinstance(value, int | float) and value == 1
 
 
+# -- what rules see --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Node:
     """A read-only view of one forward node, as rules see it: names, attributes and value handles."""
@@ -376,6 +379,7 @@ class GradientBuilder(GraphBuilder):
         return self.op("Reshape", [g, self.concat([self.ints([-1]), self.shape_slice(g, 2)], 0)], like=y)
 
 
+# -- the driver ------------------------------------------------------------------------------------
 def ancestors(graph: onnx.GraphProto, of: str, stop: str | None = None) -> set[str]:
     """Every tensor ``of`` depends on, itself included; ``stop`` is reached but not looked past."""
     producers = {out: node for node in graph.node for out in node.output}

@@ -49,7 +49,7 @@ def input_or_attr(n: Node, index: int, attr: str) -> list[int] | None:
             raise n.unsupported(f"input {index} ({attr}) must be a constant for the gradient")
         return [int(v) for v in value.reshape(-1)]
     value = n.attr(attr)
-    return None if value is None else [int(v) for v in value]
+    return None if value is None else [int(v) for v in value]  # type: ignore[union-attr]
 
 
 def _grad_of(x: V, name: str) -> V:
@@ -58,6 +58,7 @@ def _grad_of(x: V, name: str) -> V:
 
 
 def _zeros(x: V) -> V:
+    """A zero gradient for forward value ``x``."""
     return _grad_of(x, x.b.zeros_grad(x.name))
 
 
@@ -111,6 +112,10 @@ def _gelu(n: Node, g: V, x: V, y: V) -> V:
 
 
 # -- reshaping, reordering, selection ----------------------------------------------------------
+def _reshaped(n: Node, g: Grads) -> Grads:
+    return (g[0].reshape_like(n.x[0]),)
+
+
 def _transpose(n: Node, g: Grads) -> Grads:
     rank = n.x[0].rank
     perm = list(n.attr("perm") or reversed(range(rank)))  # type: ignore[arg-type]
@@ -258,8 +263,8 @@ def _gemm(n: Node, g: Grads) -> Grads:
     trans_a, trans_b = int(n.attr("transA", 0)), int(n.attr("transB", 0))  # type: ignore[arg-type]
     a_prime_t = a if trans_a else a.mT
     b_prime_t = b if trans_b else b.mT
-    ga = g[0] @ b_prime_t * alpha
-    gb = a_prime_t @ g[0] * alpha
+    ga = g[0] @ b_prime_t * alpha  # gradient of A'
+    gb = a_prime_t @ g[0] * alpha  # gradient of B'
     grads = [ga.mT if trans_a else ga, gb.mT if trans_b else gb]
     if c is not None:
         grads.append((g[0] * beta).unbroadcast(c))
@@ -437,10 +442,10 @@ RULES: dict[str, Rule] = {
     "Erf": elementwise(lambda n, g, x, y: g * (2 / math.sqrt(math.pi) * (-x * x).exp())),
     "Gelu": elementwise(_gelu),
     # shape and selection
-    "Reshape": lambda n, g: (g[0].reshape_like(n.x[0]),),
-    "Flatten": lambda n, g: (g[0].reshape_like(n.x[0]),),
-    "Squeeze": lambda n, g: (g[0].reshape_like(n.x[0]),),
-    "Unsqueeze": lambda n, g: (g[0].reshape_like(n.x[0]),),
+    "Reshape": _reshaped,
+    "Flatten": _reshaped,
+    "Squeeze": _reshaped,
+    "Unsqueeze": _reshaped,
     "Transpose": _transpose,
     "Concat": _concat,
     "Split": _split,
