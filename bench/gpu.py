@@ -163,7 +163,7 @@ def rise_lines(model: Model, settings: Settings, runs: int, warmup: int, seed: i
     method = METHODS.get("rise")
     note = f"method 'rise' is not registered in this build: only the raw throughput of {masks} images is measured"
     if method is not None:
-        count_option = next((o for o in method.options if "mask" in o or o in ("n", "samples", "n_samples")), None)
+        count_option = next((o.name for o in method.options if "mask" in o.name or o.name in ("n", "samples", "n_samples")), None)
         ours = copy.deepcopy(model.module)
         explainer = Explainer(ours, [ours.get_submodule(model.target_name)], backend="torch", device=settings.device,
                               input_size=(settings.size,) * 2)

@@ -185,7 +185,7 @@ class Explainer:
         (ExplanationCancelled; nothing partial is returned). ``options`` are the method's own.
         """
         chosen = get_method(method)
-        chosen.check_options(options)
+        options = chosen.check_options(options)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         timings: dict[str, float] = {}

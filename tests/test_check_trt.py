@@ -19,7 +19,7 @@ from explainrt import from_torch
 from explainrt.cli import main
 from explainrt.export import ExplainableSpec, make_explainable
 from explainrt.export.spec import original_model
-from explainrt.export.trt_support import OperatorTable, check_tensorrt_support, operator_table
+from explainrt.deploy.trt_support import OperatorTable, check_tensorrt_support, operator_table
 
 FLOAT = TensorProto.FLOAT
 

@@ -199,7 +199,8 @@ def test_torch_module_never_called() -> None:
 def test_metadata_round_trip() -> None:
     model = make_explainable(_model(), ["conv", "features"], logits="logits", preprocessing='{"size": 8}')
     spec = ExplainableSpec.from_model(model)
-    assert spec == ExplainableSpec("image", "logits", 5, ("conv", "features"), '{"size": 8}')
+    layout = {"kind": "nchw", "grid": [8, 8], "channels": 4, "prefix_tokens": 0}
+    assert spec == ExplainableSpec("image", "logits", 5, ("conv", "features"), '{"size": 8}', "logit", (layout, layout))
     again = ExplainableSpec.from_model(onnx.load_from_string(model.SerializeToString()))
     assert again == spec
     assert ExplainableSpec(**{**spec.__dict__}).to_json() == spec.to_json()

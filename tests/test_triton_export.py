@@ -19,7 +19,7 @@ from explainrt.cli import main
 from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.models.default import default_explainable_model
 from explainrt.export.spec import ExplainableSpec, original_model
-from explainrt.export.triton import write_triton_repository
+from explainrt.deploy.triton import write_triton_repository
 from explainrt.preprocessing import Preprocessing
 
 ORT_TO_TRITON = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from explainrt.cli.common import class_target, load_model, method_option, positive_int
+from explainrt.cli.common import class_target, load_model, method_option, method_options, positive_int
 
 EXIT_SOME_FAILED = 1
 
@@ -26,7 +26,8 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                             "(default: the shipped EfficientNet-Lite0 with ImageNet weights)")
     batch.add_argument("--method", default="gradcam", help="explanation method (see `explainrt methods`)")
     batch.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", dest="options", type=method_option,
-                       help="a method option; VALUE is JSON, else a string (repeat for several)")
+                       help="a method option, parsed by the option's declared type (JSON also works); "
+                            "`explainrt methods NAME` lists a method's options")
     batch.add_argument("--raw", action="store_true", help="write raw attribution maps instead of maps scaled to [0, 1]")
     batch.add_argument("--target", metavar="CLASS",
                        help="class to explain for every image: an index, -k for the k-th most likely, or a label "
@@ -54,8 +55,7 @@ def _batch(args: argparse.Namespace) -> int:
     from explainrt.methods import get_method
 
     chosen = get_method(args.method)  # fail fast, before loading the model or starting Ray
-    options = dict(args.options or [])
-    chosen.check_options(options)
+    options = method_options(chosen, args.options)
     model, preprocessing = _model_and_preprocessing(args)
     target = class_target(args.target, preprocessing.labels)
     result = explain_dataset(

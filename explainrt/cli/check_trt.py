@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
+from explainrt.deploy.trt_support import Finding, check_tensorrt_support, operator_table
 from explainrt.export.spec import load_model
-from explainrt.export.trt_support import Finding, check_tensorrt_support, operator_table
 
 EXIT_FINDINGS = 1
 EXPLAINRT_PREFIX = "explainrt/"

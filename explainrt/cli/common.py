@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,14 +61,21 @@ def parent_parsers() -> dict[str, argparse.ArgumentParser]:
     return {"verbose": verbose, "model": model, "runtime": runtime}
 
 
-def method_option(text: str) -> tuple[str, Any]:
+def method_option(text: str) -> tuple[str, str]:
+    """``-O KEY=VALUE`` as (key, text); the text is parsed by the method's declaration of KEY."""
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
+    return key, value
+
+
+def method_options(method: Any, pairs: Sequence[tuple[str, str]] | None) -> dict[str, Any]:
+    """The -O options parsed by ``method``'s typed declarations (an unknown name or bad value is an error)."""
+    from explainrt.methods import parse_text_options
+
+    options = parse_text_options(method, pairs or [])
+    method.check_options(options)
+    return options
 
 
 def positive_int(text: str) -> int:

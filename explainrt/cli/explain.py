@@ -24,6 +24,7 @@ from explainrt.cli.common import (
     class_target,
     load_explainer,
     method_option,
+    method_options,
     parent_parsers,
     sources,
 )
@@ -44,8 +45,8 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                               "and astronaut")
     explain.add_argument("--method", default="gradcam", help="explanation method (see `explainrt methods`)")
     explain.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", dest="options", type=method_option,
-                         help="a method option, e.g. -O window=[16,16] -O n_masks=2000; VALUE is JSON, else a string "
-                              "(repeat for several)")
+                         help="a method option, e.g. -O window=16,16 -O n_masks=2000, parsed by the option's declared "
+                              "type (JSON also works); `explainrt methods NAME` lists a method's options")
     explain.add_argument("--raw", action="store_true",
                          help="write raw attribution maps (.npy) instead of maps scaled to [0, 1]")
     explain.add_argument("--target", metavar="CLASS",
@@ -130,15 +131,14 @@ def run_explain(args: argparse.Namespace) -> int:
 
     chosen = get_method(args.method)  # fail fast, before loading the model
     method = chosen.name
-    options = dict(args.options or [])
-    chosen.check_options(options)
+    options = method_options(chosen, args.options)
     images = sources(args.images)
     explainer = load_explainer(args)
     target = class_target(args.target, explainer.preprocessing.labels)
     start = time.perf_counter()
     results = _compute(explainer, images, method, target, args.batch_size, options, not args.raw)
     header = {"explainrt": __version__, "model": args.model or "default (EfficientNet-Lite0, ImageNet)",
-              "method": method, "options": options, "raw_maps": bool(args.raw), "backend": args.backend,
+              "method": method, "options": dict(args.options or []), "raw_maps": bool(args.raw), "backend": args.backend,
               "timings_unit": "seconds",
               "total_seconds": time.perf_counter() - start}
     summary = _write_results(Path(args.out), results, header, method)

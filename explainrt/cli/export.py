@@ -56,7 +56,7 @@ def _export(args: argparse.Namespace) -> int:
     triton_settings = (args.triton_name or Path(args.model).stem, args.max_batch_size, args.preferred_batch_sizes,
                        args.max_queue_delay_us, args.instances, args.instance_kind, args.force)
     if args.triton is not None:
-        from explainrt.export.triton import check_triton_target
+        from explainrt.deploy.triton import check_triton_target
 
         check_triton_target(args.triton, *triton_settings)  # before the (slow) export
     proto = load_model(args).explainable
@@ -68,7 +68,7 @@ def _export(args: argparse.Namespace) -> int:
         write_atomic(output, proto.SerializeToString())
         print(f"wrote {output}: {explains}")
     if args.triton is not None:
-        from explainrt.export.triton import write_triton_repository
+        from explainrt.deploy.triton import write_triton_repository
 
         folder = write_triton_repository(proto, args.triton, *triton_settings)
         print(f"wrote Triton model {folder.name!r} to {folder} (config.pbtxt, 1/model.onnx): {explains}")

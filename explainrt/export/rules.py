@@ -139,9 +139,12 @@ def _split(n: Node, g: Grads) -> Grads:
 
 
 def _slice(n: Node, g: Grads) -> Grads:
-    """Slices with unit steps: pad the gradient back with zeros."""
+    """Slices with unit steps: pad the gradient back with zeros. Only the sliced axes need a static
+    size (a slice from a start to the end of an axis needs none)."""
     b, x = n.b, n.x[0]
-    shape = b.static_shape(n.inputs[0], "the gradient of Slice")
+    shape = b.info(n.inputs[0]).shape
+    if shape is None:
+        raise n.unsupported(f"the rank of {n.inputs[0]!r} is unknown")
     rank = len(shape)
     starts, ends = input_or_attr(n, 1, "starts"), input_or_attr(n, 2, "ends")
     axes = input_or_attr(n, 3, "axes") or list(range(len(starts or [])))
@@ -152,7 +155,10 @@ def _slice(n: Node, g: Grads) -> Grads:
     for axis, start, end in zip(axes, starts or [], ends or []):
         axis %= rank
         if not isinstance(shape[axis], int):
-            raise n.unsupported(f"slicing along the dynamic axis {axis}")
+            if start < 0 or end < 2**31 - 1:
+                raise n.unsupported(f"slicing along the dynamic axis {axis} other than from a start to its end")
+            before[axis + 1] = start
+            continue
         lo, hi, _ = slice(start, end).indices(shape[axis])
         before[axis + 1], after[axis + 1] = lo, shape[axis] - max(hi, lo)
     return (g[0].op("Pad", b.ints(before + after), info=x.info),)

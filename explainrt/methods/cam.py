@@ -73,7 +73,6 @@ class CamMethod(Method):
 
     name: str
     weigh: Callable[[LayerContext], CamTerms]
-    uses_gradients: bool
     summary: str
     options: tuple[Option, ...] = ()
 
@@ -199,14 +198,14 @@ ABLATION_VALUES = Option(
     "(None: 0 after a ReLU, else far below the layer's minimum)")
 
 CAM_METHODS: tuple[CamMethod, ...] = (
-    CamMethod("gradcam", grad_cam_terms, True, "Grad-CAM: channels weighted by mean gradient"),
-    CamMethod("gradcam++", _grad_cam_pp, True, "Grad-CAM++: positive gradients with pixel-wise alphas"),
-    CamMethod("xgradcam", _xgrad_cam, True, "XGrad-CAM: activation-normalised gradient weights"),
-    CamMethod("hirescam", _hires_cam, True, "HiResCAM: element-wise gradient x activation"),
-    CamMethod("layercam", _layer_cam, True, "LayerCAM: positive gradients x activation per location"),
-    CamMethod("eigencam", _eigen_cam, False, "Eigen-CAM: first principal component of the activations"),
-    CamMethod("eigengradcam", _eigen_grad_cam, True, "EigenGrad-CAM: principal component of gradient x activation"),
-    CamMethod("scorecam", _score_cam, False, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),
-    CamMethod("ablationcam", _ablation_cam, False, "Ablation-CAM: score drop with each channel ablated (head only)",
+    CamMethod("gradcam", grad_cam_terms, "Grad-CAM: channels weighted by mean gradient"),
+    CamMethod("gradcam++", _grad_cam_pp, "Grad-CAM++: positive gradients with pixel-wise alphas"),
+    CamMethod("xgradcam", _xgrad_cam, "XGrad-CAM: activation-normalised gradient weights"),
+    CamMethod("hirescam", _hires_cam, "HiResCAM: element-wise gradient x activation"),
+    CamMethod("layercam", _layer_cam, "LayerCAM: positive gradients x activation per location"),
+    CamMethod("eigencam", _eigen_cam, "Eigen-CAM: first principal component of the activations"),
+    CamMethod("eigengradcam", _eigen_grad_cam, "EigenGrad-CAM: principal component of gradient x activation"),
+    CamMethod("scorecam", _score_cam, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),
+    CamMethod("ablationcam", _ablation_cam, "Ablation-CAM: score drop with each channel ablated (head only)",
               (ABLATION_VALUES,)),
 )

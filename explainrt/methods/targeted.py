@@ -209,7 +209,7 @@ class GaloreCounterfactual(Method):
 
 
 TARGETED_METHODS: tuple[Method, ...] = (
-    CamMethod("counterfactual-cam", _counterfactual_cam, True,
+    CamMethod("counterfactual-cam", _counterfactual_cam,
               "Counterfactual-CAM: Grad-CAM of the negated gradients (what if this region were absent)"),
     ContrastCam(),
     GaloreDeliberative(),

@@ -69,16 +69,46 @@ class TorchSession:
         if logits.ndim != 2:
             raise InvalidModelError(f"the model must return logits [N, classes], got shape {tuple(logits.shape)}")
         requests = source.layouts or (LayoutRequest(),) * len(layer_names)
+        votes = session._layout_votes(session._tensor(example))
         layouts = []
-        for name, acts, request in zip(layer_names, activations, requests, strict=True):
+        for name, acts, request, vote in zip(layer_names, activations, requests, votes, strict=True):
             if acts is None or not hasattr(acts, "shape"):
                 raise UnknownLayerError(f"target layer {name!r} must output one tensor [N, C, h, w], [N, h, w, C] or "
                                         f"tokens [N, T, D] in the forward pass, got {type(acts).__name__}")
-            layouts.append(shape_layout(name, tuple(acts.shape), tuple(example.shape[2:]), set(), request))
+            layouts.append(shape_layout(name, tuple(acts.shape), tuple(example.shape[2:]), vote, request))
         session.layouts = layouts
         session.spec = dataclasses.replace(spec, num_classes=int(logits.shape[1]),
                                            layouts=tuple(layout.to_json() for layout in layouts))
         return session
+
+    def _layout_votes(self, images: Any) -> list[set[str]]:
+        """What each target module implies about its output's layout (PyTorch's twin of the graph's votes):
+        its own type (a LayerNorm: channels-last; a convolution, batch norm or pooling: NCHW), else,
+        for element-wise modules, the type of the module whose output it took."""
+        nn = self._torch.nn
+        made_by: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (module, tensor), the tensor kept alive
+        inputs: dict[int, int] = {}
+
+        def record(module: Any, args: Any, output: Any) -> None:
+            if isinstance(output, self._torch.Tensor):
+                made_by[id(output)] = (module, output)
+            if id(module) in targets and args and isinstance(args[0], self._torch.Tensor):
+                inputs[id(module)] = id(args[0])
+
+        targets = {id(m) for m in self.targets}
+        handles = [m.register_forward_hook(record) for m in self.module.modules()]  # type: ignore[attr-defined]
+        try:
+            with self._torch.no_grad():
+                self.module(images)  # type: ignore[operator]
+        finally:
+            for handle in handles:
+                handle.remove()
+        votes = []
+        for target in self.targets:
+            vote = _module_vote(nn, target)
+            producer = made_by.get(inputs.get(id(target), -1), (None, None))[0]
+            votes.append({vote} if vote else {_module_vote(nn, producer)} - {None} if producer is not None else set())
+        return votes
 
     def _forward(self, images: object, replace: dict[int, object] | None = None) -> tuple[object, list[object]]:
         captured: dict[int, object] = {}
@@ -214,3 +244,16 @@ def from_maps(maps: Any, original: Any, layout: Layout) -> Any:
     import torch
 
     return torch.cat([prefix, tokens], dim=1)
+
+
+def _module_vote(nn: Any, module: Any) -> str | None:
+    """The layout a module's output has by its type: LayerNorm over one axis normalises channels-last
+    maps; convolutions, batch norms and pooling produce NCHW; a Sequential has its last module's."""
+    if isinstance(module, nn.Sequential) and len(module):
+        return _module_vote(nn, module[-1])
+    if isinstance(module, nn.LayerNorm):
+        return "nhwc" if len(module.normalized_shape) == 1 else None
+    nchw = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.pooling._MaxPoolNd,
+            nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.GroupNorm,
+            nn.modules.instancenorm._InstanceNorm)
+    return "nchw" if isinstance(module, nchw) else None

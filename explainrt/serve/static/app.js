@@ -31,7 +31,8 @@ async function init() {
     label.append(box, method.name);
     if (method.options.length) {
       const options = Object.assign(document.createElement("input"), {
-        className: "options", placeholder: method.options.join(", "), title: `options (JSON): ${method.options.join(", ")}`,
+        className: "options", placeholder: method.options.map((o) => o.name).join(", "),
+        title: `options (JSON): ${method.options.map((o) => `${o.name} (default ${JSON.stringify(o.default)}): ${o.help}`).join("; ")}`,
         value: DEFAULT_OPTIONS[method.name] ? JSON.stringify(DEFAULT_OPTIONS[method.name]) : "",
       });
       options.dataset.method = method.name;

@@ -66,7 +66,7 @@ class OperatorTable:
 @functools.cache
 def operator_table() -> OperatorTable:
     """The shipped table (read once)."""
-    text = resources.files("explainrt.export").joinpath("data").joinpath(TABLE_FILE).read_text(encoding="utf-8")
+    text = resources.files("explainrt.deploy").joinpath("data").joinpath(TABLE_FILE).read_text(encoding="utf-8")
     return OperatorTable.from_json(text)
 
 
