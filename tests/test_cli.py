@@ -303,3 +303,62 @@ def test_export_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path, weigh
     corrupt.write_bytes(b"\x00\x01garbage")
     code, _, err = run(capsys, "export", corrupt, "-o", output)
     assert_failed(code, out, err, "corrupt.onnx")
+
+
+def test_method_options_are_parsed_by_their_declared_types(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                          photo: Path) -> None:
+    code, _, err = run(capsys, "explain", photo, "--method", "occlusion", "-O", "window=56,56", "-O", "stride=[56,56]",
+                       "-O", "incremental=false", "--raw", "--out", tmp_path)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "explanations.json").read_text())
+    assert summary["options"] == {"window": [56, 56], "stride": [56, 56], "incremental": False}
+    raw = np.load(tmp_path / "cup.occlusion.npy")
+    assert len(np.unique(raw)) > 1 and np.allclose(raw[:56, :56], raw[0, 0])  # one value per 56 x 56 window
+    code, _, err = run(capsys, "explain", photo, "--method", "rise", "-O", "p=1.5", "--out", tmp_path / "bad")
+    assert code == 2 and "method 'rise': p must be a finite number in (0, 1), got 1.5" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_methods_name_lists_the_options_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "methods", "rise")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"rise: {METHODS['rise'].summary}"
+    assert [line.split()[0] for line in lines[1:]] == [option.name for option in METHODS["rise"].options]
+    assert "Default 4000" in lines[1] and "Default 0.5" in out
+    code, _, err = run(capsys, "methods", "gradcam+++")
+    assert code == 2 and "unknown method 'gradcam+++'" in err
+
+
+def test_a_failure_while_writing_leaves_the_folder_as_it_was(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "explain", "examples", "--out", out)
+    assert code == 0, err
+    before = {name: (out / name).read_bytes() for name in files_in(out)}
+    import explainrt.overlay
+
+    written = []
+
+    def save_then_fail(path: Path, image: np.ndarray) -> Path:
+        if written:  # the second image's overlay: a full disk
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        return real(path, image)
+
+    real = explainrt.overlay.save_png
+    monkeypatch.setattr(explainrt.overlay, "save_png", save_then_fail)
+    code, _, err = run(capsys, "explain", "examples", "--method", "layercam", "--out", out)
+    assert code == 2 and "No space left on device" in err
+    assert {name: (out / name).read_bytes() for name in files_in(out)} == before
+    assert files_in(tmp_path) == ["out"]  # no staging folder left behind
+
+
+def test_reusing_out_replaces_the_earlier_set_and_keeps_other_files(capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path, photo: Path) -> None:
+    out = tmp_path / "out"
+    assert run(capsys, "explain", "examples", "--out", out)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    assert run(capsys, "explain", photo, "--method", "layercam", "--out", out)[0] == 0
+    assert files_in(out) == ["cup.layercam.npy", "cup.layercam.png", "explanations.json", "notes.txt"]
+    assert json.loads((out / "explanations.json").read_text())["method"] == "layercam"

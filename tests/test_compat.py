@@ -180,8 +180,12 @@ def test_unsupported_targets_and_options_are_clear_errors(resnet50: Zoo) -> None
         cam(input_tensor=images, targets=None, eigen_smooth=True)
     with pytest.raises(InvalidInputError, match="4-D"):
         cam(input_tensor=images[0], targets=None)
-    with pytest.raises(InvalidInputError, match="reshape_transform"):
-        compat.GradCAM(model=resnet50.model, target_layers=resnet50.layers, reshape_transform=lambda t: t)
+    with pytest.raises(InvalidInputError, match="reshape_transform must be a function, 'tokens' or 'nhwc'"):
+        compat.GradCAM(model=resnet50.model, target_layers=resnet50.layers, reshape_transform="hwc")
+    swapped = compat.GradCAM(model=resnet50.model, target_layers=resnet50.layers,
+                             reshape_transform=lambda t: t.transpose(2, 3))  # not a layout: refused when first run
+    with pytest.raises(InvalidInputError, match="reshape_transform turns target layer 0's output"):
+        swapped(input_tensor=images, targets=None)
     with pytest.raises(InvalidInputError, match="target_layers"):
         compat.ScoreCAM(model=resnet50.model, target_layers=[])
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -353,3 +355,41 @@ def test_cli_refuses_two_models_with_one_name(small_onnx, tmp_path: Path, capsys
     status = main(["serve", "--model", str(tmp_path / "a" / "net.onnx"), "--model", str(tmp_path / "b" / "net.onnx")])
     assert status == 2
     assert "two --model files are named 'net'" in capsys.readouterr().err
+
+
+def test_serve_start_up_errors_are_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from explainrt.cli import main
+
+    assert main(["serve", "--port", "99999"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("explainrt: error: --port must be a TCP port in 0..65535") and "Traceback" not in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"explainrt: error: cannot listen on 127.0.0.1:{port}:") and "Traceback" not in err
+
+
+def test_serve_says_where_it_listens_and_when_it_is_ready(small_onnx, tmp_path: Path) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    model = tmp_path / "small.onnx"
+    onnx.save(small_onnx, model)
+    server = subprocess.Popen([sys.executable, "-m", "explainrt.cli", "serve", "--port", "0", "--model", str(model)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        serving = server.stdout.readline()
+        ready = server.stdout.readline()
+        match = re.match(r"explainrt: serving small on (http://127\.0\.0\.1:(\d+)/) ", serving)
+        assert match, serving
+        assert ready.strip() == f"explainrt: ready at {match[1]}"
+        assert int(match[2]) > 0
+        assert httpx.get(f"{match[1]}v2/health/ready", timeout=30).json() == {"ready": True}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,6 @@ from explainrt.cli.common import (
     parent_parsers,
     sources,
 )
-from explainrt.files import write_atomic
 from explainrt.methods.base import softmax
 
 
@@ -104,25 +106,53 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: int | N
     return results
 
 
+SUMMARY = "explanations.json"
+
+
 def _write_results(out: Path, results: list[_Result], header: dict[str, Any], method: str) -> Path:
+    """Write every file into a staging folder beside ``out``, then move the set into ``out``: a failure
+    while writing (a full disk, a read-only folder) leaves ``out`` as it was, and the files of an
+    earlier run in ``out`` (those its explanations.json lists) are replaced as one set."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        names = _write_set(staging, results, header, method)
+        out.mkdir(exist_ok=True)
+        stale = set(_previous_set(out)) - set(names)
+        for name in names:  # the summary last: it names the set that is complete
+            os.replace(staging / name, out / name)
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / SUMMARY
+
+
+def _write_set(folder: Path, results: list[_Result], header: dict[str, Any], method: str) -> list[str]:
+    """Every output file in ``folder``; their names, the summary last."""
     from explainrt.overlay import save_png
 
-    out.mkdir(parents=True, exist_ok=True)
     records = []
     for result in results:
-        png = out / f"{result.source.stem}.{method}.png"
-        npy = out / f"{result.source.stem}.{method}.npy"
-        save_png(png, result.overlay)
-        write_atomic(npy, lambda handle, saliency=result.saliency: np.save(handle, saliency))
-        written = {"overlay": png.name, "map": npy.name}
+        written = {"overlay": f"{result.source.stem}.{method}.png", "map": f"{result.source.stem}.{method}.npy"}
+        save_png(folder / written["overlay"], result.overlay)
+        np.save(folder / written["map"], result.saliency)
         if result.extras:  # method-specific arrays (contrast maps, concepts, ...)
-            npz = out / f"{result.source.stem}.{method}.extras.npz"
-            write_atomic(npz, lambda handle, extras=result.extras: np.savez_compressed(handle, **extras))
-            written["extras"] = npz.name
+            written["extras"] = f"{result.source.stem}.{method}.extras.npz"
+            np.savez_compressed(folder / written["extras"], **result.extras)
         records.append({**result.record, **written})
-    summary = out / "explanations.json"
-    write_atomic(summary, (json.dumps({**header, "images": records}, indent=2) + "\n").encode())
-    return summary
+    (folder / SUMMARY).write_text(json.dumps({**header, "images": records}, indent=2) + "\n", encoding="utf-8")
+    return [name for record in records for key in ("overlay", "map", "extras") if (name := record.get(key))] + [SUMMARY]
+
+
+def _previous_set(out: Path) -> list[str]:
+    """The files an earlier ``explain`` wrote to ``out``, as its explanations.json lists them (none if unreadable)."""
+    try:
+        records = json.loads((out / SUMMARY).read_text(encoding="utf-8"))["images"]
+        return [record[key] for record in records for key in ("overlay", "map", "extras")
+                if isinstance(record.get(key), str) and Path(record[key]).name == record[key] != ".."]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -138,7 +168,7 @@ def run_explain(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     results = _compute(explainer, images, method, target, args.batch_size, options, not args.raw)
     header = {"explainrt": __version__, "model": args.model or "default (EfficientNet-Lite0, ImageNet)",
-              "method": method, "options": dict(args.options or []), "raw_maps": bool(args.raw), "backend": args.backend,
+              "method": method, "options": _recorded(options, args.options), "raw_maps": bool(args.raw), "backend": args.backend,
               "timings_unit": "seconds",
               "total_seconds": time.perf_counter() - start}
     summary = _write_results(Path(args.out), results, header, method)
@@ -155,6 +185,19 @@ def run_explain(args: argparse.Namespace) -> int:
 
 def _label(label: str | None) -> str:
     return f"({label}) " if label else ""
+
+
+def _recorded(options: dict[str, Any], texts: list[tuple[str, str]] | None) -> dict[str, Any]:
+    """The options as explanations.json records them: parsed values, or the given text for arrays."""
+    given = dict(texts or [])
+    recorded = {}
+    for name, value in options.items():
+        try:
+            json.dumps(value)
+            recorded[name] = value
+        except TypeError:
+            recorded[name] = given[name]
+    return recorded
 
 
 def _demo(args: argparse.Namespace) -> int:

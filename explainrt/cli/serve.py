@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from typing import Any
 
 from explainrt.cli.common import positive_int
@@ -50,13 +51,51 @@ def _serve(args: argparse.Namespace) -> int:
         raise BackendUnavailableError(f"explainrt serve needs the serve extra (pip install 'explainrt[serve]'): {error}") from error
     from explainrt.serve.models import load_models
 
+    if not 0 <= args.port <= 65535:
+        raise InvalidInputError(f"--port must be a TCP port in 0..65535 (0: any free port), got {args.port}")
     if args.max_queue_ms < 0 or args.max_body_mb <= 0:
         raise InvalidInputError("--max-queue-ms must be >= 0 and --max-body-mb > 0, got "
                                 f"{args.max_queue_ms} and {args.max_body_mb}")
+    listener = _listen(args.host, args.port)  # before loading models: a taken port fails in a second
     explainers = load_models(args.models, args.providers)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels)
     config = ServeConfig(args.max_batch, args.max_queue_ms / 1000, args.max_queue, limits)
     app = create_app(explainers, config)
-    log.info("serving %s on http://%s:%d", ", ".join(explainers), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    host, port = listener.getsockname()[:2]
+    url = f"http://{host}:{port}/"
+    print(f"explainrt: serving {', '.join(explainers)} on {url} (KServe V1 /v1, Open Inference Protocol /v2, "
+          "web page /)", flush=True)
+    verbose = getattr(args, "verbose", 0) > 0
+    server_config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose)
+    _announcing_server(server_config, url).run(sockets=[listener])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket, or an InvalidInputError saying why not (port taken, bad address)."""
+    from explainrt.errors import InvalidInputError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
+    except (OSError, OverflowError) as error:
+        listener.close()
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise InvalidInputError(f"cannot listen on {host}:{port}: {reason}") from None
+    return listener
+
+
+def _announcing_server(config: Any, url: str) -> Any:
+    """uvicorn's server, printing one "ready" line once it accepts requests."""
+    import uvicorn
+
+    class Announcing(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                print(f"explainrt: ready at {url}", flush=True)
+
+    return Announcing(config)

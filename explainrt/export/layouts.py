@@ -23,7 +23,7 @@ LAYOUTS = ("nchw", "nhwc", "tokens")
 MAX_PREFIX_TOKENS = 8
 """Most prefix tokens looked for when inferring a token grid (CLS, distillation, up to 6 registers)."""
 
-_NCHW_CONSUMERS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+_NCHW_OPERATORS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                    "BatchNormalization", "InstanceNormalization", "LpPool", "Resize", "Upsample"}
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Clip", "Sigmoid", "HardSwish", "HardSigmoid", "Gelu", "Erf",
                 "Identity", "Dropout", "LeakyRelu", "Tanh", "Neg", "Cast"}
@@ -179,14 +179,14 @@ def graph_votes(graph: onnx.GraphProto, tensor: str, depth: int = 4) -> set[str]
         following = []
         for value in frontier:
             for node in consumers.get(value, []):
-                vote = _consumer_vote(node)
+                vote = _vote(node, consumes=True)
                 if vote:
                     votes.add(vote)
                 elif node.op_type in _ELEMENTWISE:
                     following += [o for o in node.output if o not in seen]
             producer = producers.get(value)
             if producer is not None:
-                vote = _producer_vote(producer)
+                vote = _vote(producer, consumes=False)
                 if vote:
                     votes.add(vote)
                 elif producer.op_type in _ELEMENTWISE:
@@ -204,23 +204,19 @@ def _axis(node: onnx.NodeProto, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), default)
 
 
-def _consumer_vote(node: onnx.NodeProto) -> str | None:
-    if node.op_type in _NCHW_CONSUMERS:
+_TRANSPOSED_TO = {(0, 3, 1, 2): "nchw", (0, 2, 3, 1): "nhwc"}
+"""Transpose permutations that change the layout, and the layout of their output."""
+
+
+def _vote(node: onnx.NodeProto, consumes: bool) -> str | None:
+    """The layout ``node`` implies for the tensor it consumes (``consumes``) or produces."""
+    if node.op_type in _NCHW_OPERATORS and (consumes or node.op_type not in ("Resize", "Upsample")):
         return "nchw"
     if node.op_type == "LayerNormalization":
         return "nhwc" if _axis(node, -1) in (-1, 3) else None
     if node.op_type == "Transpose":
-        return {(0, 3, 1, 2): "nhwc", (0, 2, 3, 1): "nchw"}.get(tuple(_perm(node)))
-    return None
-
-
-def _producer_vote(node: onnx.NodeProto) -> str | None:
-    if node.op_type in _NCHW_CONSUMERS - {"Resize", "Upsample"}:
-        return "nchw"
-    if node.op_type == "LayerNormalization":
-        return "nhwc" if _axis(node, -1) in (-1, 3) else None
-    if node.op_type == "Transpose":
-        return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(_perm(node)))
+        made = _TRANSPOSED_TO.get(tuple(_perm(node)))
+        return {"nchw": "nhwc", "nhwc": "nchw"}.get(made) if consumes else made  # type: ignore[arg-type]
     return None
 
 

@@ -114,6 +114,11 @@ def export_torch(
     proto = onnx.load_from_string(buffer.getvalue())
     taps = [o.name for o in proto.graph.output[1:]]
     kept = [o for o in proto.graph.output if o.name not in taps]
+    # The exporter's shapes of the taps (batch axis "N" included) stay as value_info: ONNX shape
+    # inference cannot always carry the batch symbol through a computed Reshape (MaxViT's window
+    # un-partitioning), and a target layer must show the image batch on axis 0.
+    known = {v.name for v in proto.graph.value_info}
+    proto.graph.value_info.extend(o for o in proto.graph.output[1:] if o.name not in known)
     del proto.graph.output[:]
     proto.graph.output.extend(kept)
     return proto, taps
