@@ -54,8 +54,11 @@ class LoadResult:
         return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
 
     def memory_window(self) -> tuple[float, float]:
-        """Mean RSS (bytes) over the first and over the last MEMORY_WINDOW completed requests."""
-        window = min(MEMORY_WINDOW, len(self.rss))
+        """Mean RSS (bytes) over the first and over the last MEMORY_WINDOW completed requests; with fewer
+        than twice that many, over the first and the second half, so the two windows never overlap."""
+        if len(self.rss) < 2:
+            raise ValueError(f"comparing memory needs at least 2 samples, got {len(self.rss)}")
+        window = min(MEMORY_WINDOW, len(self.rss) // 2)
         return statistics.fmean(self.rss[:window]), statistics.fmean(self.rss[-window:])
 
     @property

@@ -68,5 +68,7 @@ def test_module_targets_by_dotted_name_with_suggestions(small_resnet) -> None:  
     assert ExplainableSpec.from_model(by_name.explainable).layouts == ExplainableSpec.from_model(
         by_module.explainable).layouts
     assert isinstance(by_name.explainable, onnx.ModelProto)
-    with pytest.raises(UnknownLayerError, match="has no module 'layer5' \\(did you mean 'layer4'"):
+    with pytest.raises(UnknownLayerError, match="the model has no module 'layer5': did you mean 'layer4'"):
         load(small_resnet, ["layer5"], input_size=(64, 64))
+    with pytest.raises(UnknownLayerError, match="no module 'nonexistent': its top-level modules are 'conv1', 'bn1'"):
+        load(small_resnet, ["nonexistent"], input_size=(64, 64))

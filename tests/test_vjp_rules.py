@@ -326,6 +326,22 @@ def _linear_algebra() -> list[Case]:
         case("MatMul", "dynamic-batch", ["a", "w"], {"a": n64([2, 3, 4])}, constants={"w": n64([4, 2], 1)},
              dynamic_batch=("a",)),
     ]
+    einsum = {  # variant: (equation, operand shapes); the first two are what torchvision's MaxViT exports
+        "attention-scores": ("B G H I D, B G H J D -> B G H I J", [[2, 1, 2, 3, 4], [2, 1, 2, 5, 4]]),
+        "attention-values": ("bghij,bghjd->bghid", [[2, 1, 2, 3, 5], [2, 1, 2, 5, 4]]),
+        "implicit-output": ("ij,jk", [[3, 4], [4, 5]]),
+        "transposed-output": ("ij,jk->ki", [[3, 4], [4, 5]]),
+        "outer-product": ("i,j->ij", [[3], [4]]),
+        "three-operands": ("ij,jk,kl->il", [[2, 3], [3, 4], [4, 2]]),
+        "one-operand-transpose": ("abc->cab", [[2, 3, 4]]),
+        "ellipsis-broadcast": ("...ij,...jk->...ik", [[2, 1, 3, 4], [1, 3, 4, 5]]),
+    }
+    for variant, (equation, shapes) in einsum.items():
+        names = [f"x{i}" for i in range(len(shapes))]
+        cases.append(case("Einsum", variant, names, {name: n64(shape, i) for i, (name, shape) in
+                                                     enumerate(zip(names, shapes))}, attrs={"equation": equation}))
+    cases.append(case("Einsum", "constant-operand-dynamic-batch", ["a", "w"], {"a": n64([2, 3, 4])},
+                      constants={"w": n64([4, 5], 1)}, attrs={"equation": "nij,jk->nik"}, dynamic_batch=("a",)))
     gemm_bias = {"none": None, "vector": [5], "row": [1, 5], "column": [3, 1], "full": [3, 5], "scalar": []}
     for trans_a in (0, 1):
         for trans_b in (0, 1):
@@ -664,6 +680,14 @@ def test_slice_with_step_is_unsupported() -> None:
     error = _error_for([sl], {"x": n64([4, 6])}, ["x"], constants={
         "st": np.array([0], I64), "en": np.array([6], I64), "ax": np.array([1], I64), "sp": np.array([2], I64)})
     assert error.op_type == "Slice" and "steps" in str(error)
+
+
+@pytest.mark.parametrize("equation, shapes", [("ii->i", [[3, 3]]), ("ij,jk->i", [[2, 3], [3, 4]])])
+def test_einsum_with_a_diagonal_or_a_subscript_summed_alone_is_unsupported(equation: str, shapes: list[list[int]]) -> None:
+    einsum = helper.make_node("Einsum", [f"x{i}" for i in range(len(shapes))], ["y"], name="odd_einsum",
+                              equation=equation)
+    error = _error_for([einsum], {f"x{i}": n64(shape, i) for i, shape in enumerate(shapes)}, ["x0"])
+    assert error.node_name == "odd_einsum" and "repeats a subscript or sums one alone" in str(error)
 
 
 def test_custom_domain_is_unsupported() -> None:

@@ -277,6 +277,63 @@ def _gemm(n: Node, g: Grads) -> Grads:
     return grads
 
 
+def _einsum_terms(n: Node) -> tuple[list[str], str]:
+    """The operands' subscripts and the output's (the implicit output spelt out), each "..." as one "."."""
+    equation = str(n.attr("equation")).replace(" ", "").replace("...", ".")
+    inputs, arrow, output = equation.partition("->")
+    terms = inputs.split(",")
+    if not arrow:  # implicit: the ellipsis, then the letters that occur once, in alphabetical order
+        letters = [c for c in inputs if c.isalpha()]
+        output = ("." if "." in inputs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return terms, output
+
+
+def _einsum(n: Node, g: Grads) -> Grads:
+    """The gradient of each operand is the einsum of the output's gradient with the other operands,
+    to that operand's subscripts (a matrix product's rule, for any contraction); broadcast ellipsis
+    axes are summed back. A subscript repeated within one operand (a diagonal) or summed within a
+    single operand has no such form: refused."""
+    terms, output = _einsum_terms(n)
+    letters = set("".join(terms) + output)
+    seed = next(c for c in "kzyxwvutsrqponmlKZYXWVUTSRQPONML" if c not in letters)
+    grads: list[V | None] = []
+    for index, (term, x) in enumerate(zip(terms, n.x)):
+        others = [t for j, t in enumerate(terms) if j != index]
+        alone = [c for c in term if c.isalpha() and c not in output and not any(c in t for t in others)]
+        if len(set(term)) != len(term) or alone:
+            raise n.unsupported(f"equation {n.attr('equation')!r}: operand {index} repeats a subscript or sums one "
+                                "alone")
+        equation = ",".join([seed + output, *others]) + "->" + seed + term
+        rest = [v for j, v in enumerate(n.x) if j != index]
+        shape = _einsum_shape(term, [output, *others], [n.y[0].shape, *(v.shape for v in rest)])  # type: ignore[union-attr]
+        grad = g[0].op("Einsum", *rest, info=TensorInfo(x.dtype, shape), equation=equation.replace(".", "..."))  # type: ignore[arg-type]
+        grads.append(grad.unbroadcast(x))
+    return grads
+
+
+def _einsum_shape(term: str, terms: Sequence[str], shapes: Sequence[Sequence[object]]) -> tuple[object, ...]:
+    """The shape of subscripts ``term`` from operands ``terms`` of ``shapes``: each letter's size, the
+    ellipsis as the broadcast of the operands' ellipsis axes."""
+    sizes: dict[str, object] = {}
+    ellipses: list[list[object]] = []
+    for t, shape in zip(terms, shapes):
+        dot = t.find(".")
+        if dot < 0:
+            sizes.update(zip(t, shape))
+            continue
+        width = len(shape) - (len(t) - 1)
+        sizes.update(zip(t[:dot], shape[:dot]))
+        sizes.update(zip(t[dot + 1:], shape[dot + width:]))
+        ellipses.append(list(shape[dot:dot + width]))
+    rank = max((len(e) for e in ellipses), default=0)
+    broadcast = []
+    for axis in range(rank):
+        dims = [e[axis - rank + len(e)] for e in ellipses if axis - rank + len(e) >= 0]
+        known = [d for d in dims if d != 1]
+        broadcast.append(next((d for d in known if isinstance(d, int)), known[0] if known else 1))
+    return tuple(d for c in term for d in (broadcast if c == "." else [sizes[c]]))
+
+
 # -- normalisation -----------------------------------------------------------------------------
 def _batch_norm(n: Node, g: Grads) -> Grads:
     """Inference-mode BatchNormalization is a per-channel affine map: g * scale / sqrt(var + eps)."""
@@ -471,6 +528,7 @@ RULES: dict[str, Rule] = {
     "LogSoftmax": _log_softmax,
     # linear algebra and normalisation
     "MatMul": _matmul,
+    "Einsum": _einsum,
     "Gemm": _gemm,
     "Conv": _conv,
     "BatchNormalization": _batch_norm,

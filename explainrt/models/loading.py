@@ -253,8 +253,10 @@ def modules(model: Any, layers: Sequence[Any]) -> list[Any]:
         except AttributeError:
             known = [name for name, _ in model.named_modules() if name]
             close = difflib.get_close_matches(layer, known, n=3)
-            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise UnknownLayerError(f"{type(model).__name__} has no module {layer!r}{hint}") from None
+            top = [name for name, _ in model.named_children()]
+            hint = (f"did you mean {', '.join(map(repr, close))}?" if close else
+                    f"its top-level modules are {', '.join(map(repr, top[:12]))}{', ...' if len(top) > 12 else ''}")
+            raise UnknownLayerError(f"the model has no module {layer!r}: {hint}") from None
     return found
 
 
