@@ -61,6 +61,7 @@ from explainrt.explainer import Explainer  # noqa: E402
 from explainrt.export.torch_export import export_torch  # noqa: E402
 
 log = logging.getLogger("bench.latency")
+DEFAULT_OUT = Path(__file__).parent / "results" / "latency.md"
 
 SIZE = 224
 PLAIN = "ort plain"
@@ -226,6 +227,72 @@ def bench_model(key: str, batches: list[int], runs: int, warmup: int, pause_s: f
     return cases
 
 
+# -- where the time goes: ONNX Runtime's profile of the explainable model ---------------------------
+@dataclass
+class Profile:
+    """Per-node time of the explainable model in ONNX Runtime (median over runs of the summed node times)."""
+
+    model: str
+    batch: int
+    forward_ms: float  # the model's own nodes (as ORT fused them)
+    gradient_ms: float  # nodes explainrt added (named explainrt/...)
+    top: list[tuple[str, float]]  # the costliest added nodes, grouped by the forward operator they differentiate
+
+
+def profile_case(model: Model, batch: int, runs: int, seed: int) -> Profile:
+    """Profile ``runs`` calls of the explainable model, with explainrt's session options plus profiling."""
+    import json
+    import os
+    import tempfile
+
+    from explainrt.export.torch_export import from_torch
+
+    proto = from_torch(model.module, torch.zeros(1, 3, SIZE, SIZE), [model.target])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="explainrt-profile-"), "ort")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed + batch)).numpy()
+    feeds = {session.get_inputs()[0].name: x, "explainrt.targets": np.full((batch, 1), -1, dtype=np.int64)}
+    for _ in range(runs + 2):
+        session.run(None, feeds)
+    with open(session.end_profiling()) as handle:
+        events = [e for e in json.load(handle) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run: dict[str, list[float]] = {"forward": [], "gradient": []}
+    groups: dict[str, list[float]] = {}
+    # a run's node events follow each other; split them into runs by counting the model's first node
+    names = [e["name"][: -len("_kernel_time")] for e in events]
+    first = names[0] if names else ""
+    starts = [i for i, n in enumerate(names) if n == first]
+    for index, start in enumerate(starts[2:], start=2):  # the first two runs warm up
+        stop = starts[index + 1] if index + 1 < len(starts) else len(events)
+        totals = {"forward": 0.0, "gradient": 0.0}
+        run_groups: dict[str, float] = {}
+        for event, name in zip(events[start:stop], names[start:stop]):
+            added = name.startswith("explainrt/")
+            totals["gradient" if added else "forward"] += event["dur"] / 1e3
+            if added:
+                parts = name.split("/")
+                key = f"{event['args'].get('op_name', '?')} for {parts[2] if len(parts) > 3 else parts[1]}"
+                run_groups[key] = run_groups.get(key, 0.0) + event["dur"] / 1e3
+        for part, value in totals.items():
+            per_run[part].append(value)
+        for key, value in run_groups.items():
+            groups.setdefault(key, []).append(value)
+    top = sorted(((k, float(np.median(v))) for k, v in groups.items()), key=lambda kv: -kv[1])[:6]
+    return Profile(model.key, batch, float(np.median(per_run["forward"])), float(np.median(per_run["gradient"])), top)
+
+
+def profile_table(profiles: list[Profile]) -> list[str]:
+    rows = [[p.model, p.batch, f"{p.forward_ms:.1f}", f"{p.gradient_ms:.1f}",
+             f"{p.gradient_ms / max(p.forward_ms, 1e-9):.1%}",
+             "; ".join(f"{name} {ms:.2f}" for name, ms in p.top)] for p in profiles]
+    return markdown_table(["model", "batch", "forward nodes ms", "added nodes ms", "added / forward",
+                           "costliest added nodes (op for forward node: ms)"], rows,
+                          [False, True, True, True, True, False])
+
+
 # -- report -------------------------------------------------------------------------------------
 def results_table(cases: list[Case]) -> list[str]:
     rows = []
@@ -272,7 +339,8 @@ def kernel_backend() -> str:
     return "cpp" if "cpp" in kernels.available_backends() else "numpy"
 
 
-def report(cases: list[Case], args: argparse.Namespace, threads: int, load: tuple[str, str]) -> tuple[list[str], list[str]]:
+def report(cases: list[Case], args: argparse.Namespace, threads: int, load: tuple[str, str],
+           profiles: list[Profile] | None = None) -> tuple[list[str], list[str]]:
     titles = sorted({f"`{c.model.key}` = {c.model.title}, target layer `{c.model.target_name}` ({c.model.layout}), "
                      f"target <= {c.model.target_ratio:.2f}x plain ORT" for c in cases})
     notes = [
@@ -306,8 +374,23 @@ def report(cases: list[Case], args: argparse.Namespace, threads: int, load: tupl
         "",
         *verdicts(cases),
         "",
+    ]
+    if profiles:
+        lines += [
+            "## Where the explainable model's time goes (ONNX Runtime profile, median per call)",
+            "",
+            "Sum of node kernel times (no scheduling or copies) over the model's own nodes, as ONNX Runtime "
+            "fused them, and over the nodes explainrt added (named `explainrt/...`: the targets, the seed, "
+            "the gradient graph, the outputs); the added nodes grouped by operator and the forward node "
+            "they differentiate. Profiling runs after the timed rounds, separately.",
+            "",
+            *profile_table(profiles),
+            "",
+        ]
+    lines += [
         f"Command: `python bench/latency.py --runs {args.runs} --warmup {args.warmup} --models {args.models} "
-        f"--batches {args.batches} --pause-ms {args.pause_ms:g}`",
+        f"--batches {args.batches} --pause-ms {args.pause_ms:g}{' --profile' if profiles else ''}"
+        f"{' --out ' + str(args.out) if args.out != DEFAULT_OUT else ''}`",
     ]
     return lines, table
 
@@ -320,7 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--pause-ms", type=float, default=20.0, help="untimed sleep before each call")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.md")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile the explainable model in ONNX Runtime (forward vs added nodes)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be >= 1 and --warmup >= 0")
@@ -339,7 +424,12 @@ def main(argv: list[str] | None = None) -> None:
         cases += bench_model(key.strip(), batches, args.runs, args.warmup, args.pause_ms / 1e3, args.seed)
     end_load = load_average()
     log.info("load average at end: %s", end_load)
-    lines, table = report(cases, args, threads, (start_load, end_load))
+    profiles = []
+    if args.profile:
+        for case in cases:
+            log.info("%s, batch %d: ONNX Runtime profile", case.model.key, case.batch)
+            profiles.append(profile_case(case.model, case.batch, max(args.runs // 2, 5), args.seed))
+    lines, table = report(cases, args, threads, (start_load, end_load), profiles)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     log.info("wrote %s", args.out)

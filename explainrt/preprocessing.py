@@ -74,7 +74,8 @@ def _open_and_decode(file: Path | io.BytesIO, name: str, max_pixels: int) -> np.
     try:
         image = Image.open(file)
     except _DECODE_ERRORS as exc:
-        raise ImageReadError(f"cannot read image {name}: {exc}") from exc
+        reason = str(exc).replace(repr(file), "the data")  # PIL names an in-memory file by its object repr
+        raise ImageReadError(f"cannot read image {name}: {reason}") from exc
     with image:
         return _decode(image, name, max_pixels)
 

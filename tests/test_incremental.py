@@ -206,7 +206,7 @@ def test_incremental_needs_a_local_front(small_batch) -> None:
 
 @pytest.mark.parametrize("value", ["yes", 1, None, [True]])
 def test_bad_incremental_option_is_named(small_explainer, small_batch, value) -> None:
-    with pytest.raises(InvalidInputError, match="incremental must be 'auto', True or False"):
+    with pytest.raises(InvalidInputError, match="method 'occlusion': incremental must be one of 'auto', True, False, got"):
         small_explainer.explain(small_batch[:1], method="occlusion", incremental=value)
 
 

@@ -393,3 +393,12 @@ def test_serve_says_where_it_listens_and_when_it_is_ready(small_onnx, tmp_path: 
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_a_get_on_a_verb_says_to_post_and_bad_base64_names_no_object(http: httpx.Client) -> None:
+    response = http.get("/v1/models/default:explain")
+    assert response.status_code == 405
+    assert "'explain' takes a POST" in response.json()["error"]
+    response = http.post("/v1/models/default:predict", json={"instances": [{"image": {"b64": "bm90IGFuIGltYWdl"}}]})
+    assert response.status_code == 400
+    assert "BytesIO" not in response.json()["error"] and "the data" in response.json()["error"]

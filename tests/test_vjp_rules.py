@@ -286,7 +286,7 @@ def _gather_pad() -> list[Case]:
 def _reductions() -> list[Case]:
     cases = []
     x = n64([2, 3, 4])
-    for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
+    for op in ("ReduceMean", "ReduceSum", "ReduceL2", "ReduceMax", "ReduceMin"):
         value = distinct([2, 3, 4]) if op in ("ReduceMax", "ReduceMin") else x
         for keepdims in (0, 1):
             for axes in ([1], [0, 2], [-1, 0]):
@@ -680,6 +680,17 @@ def test_slice_with_step_is_unsupported() -> None:
     error = _error_for([sl], {"x": n64([4, 6])}, ["x"], constants={
         "st": np.array([0], I64), "en": np.array([6], I64), "ax": np.array([1], I64), "sp": np.array([2], I64)})
     assert error.op_type == "Slice" and "steps" in str(error)
+
+
+def test_reduce_l2_of_zeros_has_torchs_zero_gradient() -> None:
+    """sqrt(sum x^2) at x = 0: torch.linalg.vector_norm's gradient is 0 there, not NaN."""
+    value = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 2.0]])
+    reduce = helper.make_node("ReduceL2", ["x", "a"], ["y"], name="norm", keepdims=0)
+    model = forward_model([reduce], {"x": value}, "y", constants={"a": np.array([1], I64)})
+    ours = gradients(model, {"x": value}, ["x"], "y", np.ones((1, 2)))["x"][0]
+    x = torch.tensor(value, requires_grad=True)
+    torch.linalg.vector_norm(x, dim=1).sum().backward()
+    np.testing.assert_allclose(ours, x.grad.numpy(), atol=1e-12)
 
 
 @pytest.mark.parametrize("equation, shapes", [("ii->i", [[3, 3]]), ("ij,jk->i", [[2, 3], [3, 4]])])

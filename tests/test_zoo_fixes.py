@@ -4,6 +4,11 @@
   un-partitioning's Reshape, so its last block looked like no sound target layer; the exporter's
   own shapes of the target modules are now kept. Its attention is written as ``torch.einsum``:
   a layer before the last block needs the Einsum gradient.
+- A window-partitioned tensor ``[N, windows, pixels, C]`` can have the shape of a channels-last
+  map (``[N, 4, 4, C]``: 4 windows of 4 pixels); the automatic layer took MaxViT's attention norm
+  for one, a silently wrong map. Axes are now labelled with the image axes they come from
+  (``explainrt.export.axes``), and a grid whose axes are not the image's rows and columns is no
+  target layer.
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ import numpy as np
 import pytest
 import torch
 from pytorch_grad_cam import GradCAM as ReferenceGradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as ReferenceTarget
+from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputTarget as ReferenceTarget,
+)
 
 from explainrt import Explainer, make_explainable
+from explainrt.errors import UnknownLayerError
+from explainrt.export import axes
 from explainrt.export.spec import ExplainableSpec
 from explainrt.export.torch_export import export_torch
 
@@ -55,3 +64,36 @@ def test_maxvit_grad_cam_equals_pytorch_grad_cam(maxvit: torch.nn.Module, block:
     assert reference.std() > 0.05
     maps = Explainer(maxvit, [layer], input_size=(32, 32)).explain(images, targets=[1, 7]).maps
     np.testing.assert_allclose(maps, reference, atol=1e-4)
+
+
+def test_a_window_partition_shaped_like_a_feature_map_is_no_target_layer(maxvit: torch.nn.Module) -> None:
+    """MaxViT's window-attention norm sees [N, 4 windows, 4 pixels, 32]: the shape of a 4x4 channels-last map."""
+    norm = maxvit.blocks[-1].layers[0].layers.window_attention.attn_layer[0]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    plain, taps = export_torch(maxvit, images, [norm, maxvit.blocks[-1]])
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in plain.graph.value_info}
+    assert shapes[taps[0]] == ["N", 4, 4, 32]
+    with pytest.raises(UnknownLayerError, match="not the image's rows and columns \\(rows from H/W, columns from H/W"):
+        make_explainable(plain, [taps[0]])
+    automatic = ExplainableSpec.from_model(make_explainable(plain, "auto"))
+    assert automatic.target_layers == (taps[1],)
+
+
+def _atoms(labels: axes.Labels) -> list[list[tuple[str, int | None]]]:
+    return [[(atom.origin, atom.size) for atom in label] for label in labels]
+
+
+def test_axis_labels_follow_reshapes_and_transposes() -> None:
+    image = (axes.fresh("N", None), axes.fresh("", 16), axes.fresh("H", 8), axes.fresh("W", 8))
+    windows = axes.reshaped(image, ("N", 16, 4, 2, 4, 2))  # rows and columns split into (window, pixel)
+    assert windows is not None
+    assert _atoms(windows) == [[("N", None)], [("", 16)], [("H", 4)], [("H", 2)], [("W", 4)], [("W", 2)]]
+    partitioned = axes.reshaped(tuple(windows[p] for p in (0, 2, 4, 3, 5, 1)), ("N", 16, 4, 16))
+    assert partitioned is not None and [axes.origin_of(label) for label in partitioned] == ["N", None, None, ""]
+    back = axes.reshaped(tuple(partitioned[p] for p in (0, 3, 1, 2)), ("N", 16, 4, 4, 2, 2))
+    assert back is not None
+    restored = axes.reshaped(tuple(back[p] for p in (0, 1, 2, 4, 3, 5)), ("N", 16, 8, 8))
+    assert restored == image  # the parts of each axis, back in order, are that axis again
+    folded = axes.reshaped(tuple(windows[p] for p in (0, 2, 4, 3, 5, 1)), ("M", 4, 16))  # windows into the batch
+    assert folded is not None and _atoms(folded)[0] == [("N", None), ("H", 4), ("W", 4)]
+    assert axes.reshaped(image, ("N", 16, 3, 0)) is None  # sizes that do not line up: unknown, not guessed

@@ -8,6 +8,7 @@ one line ``explainrt: error: <message>`` on stderr with exit status 2, without a
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parents = parent_parsers()
     for module in COMMAND_MODULES:
         importlib.import_module(f"explainrt.cli.{module}").register(commands, parents)
+    for command in commands.choices.values():  # unknown arguments are reported with the subcommand's usage
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -41,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 bad input or usage)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            _unknown_arguments(args.command_parser, unknown)
     except SystemExit as exit_:  # usage errors and --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
     configure_logging(args.verbose)
@@ -54,3 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("explainrt: interrupted", file=sys.stderr)
         return 130
+
+
+def _unknown_arguments(command: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Exit with the subcommand's usage, naming the arguments it does not take and the closest it does."""
+    known = [option for action in command._actions for option in action.option_strings]
+    close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=2)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")

@@ -124,9 +124,28 @@ class Source:
     image: Any  # a path or a uint8 array
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_paths(items: Sequence[str]) -> list[str]:
+    """IMAGE arguments with every folder replaced by the image files in it (sorted)."""
+    paths: list[str] = []
+    for item in items:
+        folder = Path(item)
+        if item == EXAMPLES or not folder.is_dir():
+            paths.append(item)
+            continue
+        found = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise ImageReadError(f"folder {item!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+        paths += found
+    return paths
+
+
 def sources(images: Sequence[str]) -> list[Source]:
+    """The images to explain: files, folders of images (sorted), and the word ``examples``."""
     sources: list[Source] = []
-    for item in images:
+    for item in image_paths(images):
         if item == EXAMPLES:
             from explainrt.models.default import example_images
 

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 
 from explainrt.cli.common import EXAMPLES, load_explainer, positive_int, sources
-from explainrt.errors import ImageReadError, InvalidInputError
+from explainrt.errors import InvalidInputError
 from explainrt.files import write_atomic
 
 PASTED = "pasted"
 IMAGENET_CLASSES = 1000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -78,21 +77,6 @@ def _road_percentages(text: str) -> tuple[float, ...]:
     return values
 
 
-def _image_paths(items: list[str]) -> list[str]:
-    """IMAGE arguments with every folder replaced by the image files in it (sorted)."""
-    paths: list[str] = []
-    for item in items:
-        folder = Path(item)
-        if not folder.is_dir():
-            paths.append(item)
-            continue
-        found = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise ImageReadError(f"folder {item!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-        paths += found
-    return paths
-
-
 def run(args: argparse.Namespace) -> int:
     from explainrt.metrics.evaluate import BOX_METRICS, check_methods, check_metrics, evaluate, object_targets
     from explainrt.metrics.pasted import input_box, pasted_dataset
@@ -113,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--sanity re-draws the ONNX model's weights and runs them on ONNX Runtime: it "
                                 f"needs --backend onnxruntime, not {args.backend!r}")
     samples = pasted_dataset(args.count, seed=args.seed) if args.data else None
-    files = None if samples else sources(_image_paths(args.images))
+    files = None if samples else sources(args.images)
     explainer = load_explainer(args)
     start = time.perf_counter()
     header: dict[str, Any] = {"explainrt": __version__, "model": args.model or "default (EfficientNet-Lite0, ImageNet)",

@@ -43,8 +43,8 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                     "explanations.json (top-5 predictions, explained class, timings) to --out. Nothing is written "
                     "unless every image is explained.")
     explain.add_argument("images", nargs="+", metavar="IMAGE",
-                         help=f"image files; the word {EXAMPLES!r} stands for the example images chelsea, coffee "
-                              "and astronaut")
+                         help=f"image files or folders of images; the word {EXAMPLES!r} stands for the example images "
+                              "chelsea, coffee and astronaut")
     explain.add_argument("--method", default="gradcam", help="explanation method (see `explainrt methods`)")
     explain.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", dest="options", type=method_option,
                          help="a method option, e.g. -O window=16,16 -O n_masks=2000, parsed by the option's declared "

@@ -10,11 +10,12 @@ path to the logits. When nothing sound exists, the error lists the closest candi
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import onnx
 
 from explainrt.errors import NoSpatialLayerError, UnknownLayerError
+from explainrt.export.axes import Labels, axis_labels
 from explainrt.export.builder import Dim, GraphBuilder
 from explainrt.export.gradients import ancestors
 from explainrt.export.layouts import Layout, LayoutRequest, layout_of
@@ -25,12 +26,13 @@ def target_layers(b: GraphBuilder, image: str, requested: str | Sequence[str], l
     """(tensor name, layout) per target layer: those ``requested`` by name, or ``"auto"``."""
     image_shape = b.info(image).shape or (None, None, None, None)
     size, batch = (image_shape[2], image_shape[3]), image_shape[0]
+    labels = axis_labels(b.graph, b.infos, image)
     if isinstance(requested, str) and requested == "auto":
         request = (requests or [LayoutRequest()])[0]
         if request != LayoutRequest():
-            name, _ = _automatic(b, logits, size, batch)
-            return [(name, layout_of(b.graph, name, b.info(name), size, batch, request))]
-        return [_automatic(b, logits, size, batch)]
+            name, _ = _automatic(b, logits, size, batch, labels)
+            return [(name, layout_of(b.graph, name, b.info(name), size, batch, request, labels))]
+        return [_automatic(b, logits, size, batch, labels)]
     names = [requested] if isinstance(requested, str) else list(requested)
     if not names:
         raise UnknownLayerError("target_layers is empty: give tensor names or 'auto'")
@@ -39,11 +41,12 @@ def target_layers(b: GraphBuilder, image: str, requested: str | Sequence[str], l
     for name, request in zip(names, requests, strict=True):
         if name not in b.infos:
             raise UnknownLayerError(f"target layer {name!r} is not a tensor of the model{suggest(name, b.infos)}")
-        chosen.append((name, layout_of(b.graph, name, b.info(name), size, batch, request)))
+        chosen.append((name, layout_of(b.graph, name, b.info(name), size, batch, request, labels)))
     return chosen
 
 
-def _automatic(b: GraphBuilder, logits: str, size: tuple[Dim, Dim], batch: Dim) -> tuple[str, Layout]:
+def _automatic(b: GraphBuilder, logits: str, size: tuple[Dim, Dim], batch: Dim,
+               labels: Mapping[str, Labels]) -> tuple[str, Layout]:
     graph = b.graph
     upstream = ancestors(graph, logits)
     internal = _attention_internals(graph)
@@ -58,9 +61,10 @@ def _automatic(b: GraphBuilder, logits: str, size: tuple[Dim, Dim], batch: Dim) 
                 rejected.append(f"{name!r} {list(info.shape or ())} (inside an attention)")
                 continue
             try:
-                layout = layout_of(graph, name, info, size, batch, LayoutRequest())
-            except UnknownLayerError:
-                rejected.append(f"{name!r} {list(info.shape or ())}")
+                layout = layout_of(graph, name, info, size, batch, LayoutRequest(), labels)
+            except UnknownLayerError as error:
+                why = " (grid axes not the image's rows and columns)" if "not the image's rows" in str(error) else ""
+                rejected.append(f"{name!r} {list(info.shape or ())}{why}")
                 continue
             if layout.grid[0] * layout.grid[1] <= 1:
                 rejected.append(f"{name!r} {list(info.shape or ())} (a pooled 1 x 1 map)")

@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 
 from explainrt.errors import UnknownLayerError
+from explainrt.export import axes
 from explainrt.export.builder import Dim, GraphBuilder, TensorInfo
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
@@ -221,8 +222,9 @@ def _vote(node: onnx.NodeProto, consumes: bool) -> str | None:
 
 
 def layout_of(graph: onnx.GraphProto, name: str, info: TensorInfo, image: tuple[Dim, Dim], batch: Dim,
-              request: LayoutRequest) -> Layout:
-    """The layout of target tensor ``name``, or UnknownLayerError saying why it is no target layer."""
+              request: LayoutRequest, labels: Mapping[str, axes.Labels] | None = None) -> Layout:
+    """The layout of target tensor ``name``, or UnknownLayerError saying why it is no target layer.
+    ``labels`` (``axes.axis_labels``): where known, a grid's axes must be the image's rows and columns."""
     shape = info.shape
     if shape is None or not info.is_float or len(shape) not in (3, 4):
         raise UnknownLayerError(f"target layer {name!r} must be a float tensor [N, C, h, w], [N, h, w, C] or "
@@ -230,7 +232,18 @@ def layout_of(graph: onnx.GraphProto, name: str, info: TensorInfo, image: tuple[
     if not _is_batch(shape[0], batch):
         raise UnknownLayerError(f"target layer {name!r} of shape {list(shape)} does not have the image batch on axis 0")
     votes = graph_votes(graph, name) if len(shape) == 4 and request.layout is None else set()
-    return shape_layout(name, shape, image, votes, request)
+    layout = shape_layout(name, shape, image, votes, request)
+    known = (labels or {}).get(name)
+    if layout.kind in ("nchw", "nhwc") and known is not None:
+        rows, columns = (known[2], known[3]) if layout.kind == "nchw" else (known[1], known[2])
+        mixed = [f"{what} from {'/'.join(sorted({a.origin or 'channels' for a in label}))}"
+                 for what, label, origin in (("rows", rows, "H"), ("columns", columns, "W"))
+                 if any(atom.origin != origin for atom in label)]
+        if mixed:
+            raise UnknownLayerError(f"target layer {name!r} of shape {list(shape)} read as {layout.kind}: its grid "
+                                    f"axes are not the image's rows and columns ({', '.join(mixed)}; a window "
+                                    "partition?): its maps would be wrong")
+    return layout
 
 
 def shape_layout(name: str, shape: Sequence[Dim], image: tuple[Dim, Dim], votes: set[str],

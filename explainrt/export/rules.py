@@ -233,6 +233,13 @@ def _reduce_sum(n: Node, g: Grads) -> Grads:
     return (_keep_dims(n, g[0]).expand_like(n.x[0]),)
 
 
+def _reduce_l2(n: Node, g: Grads) -> Grads:
+    """y = sqrt(sum x^2): dx = g x / y (F.normalize's norm; where y = 0 torch's gradient is 0, and so is this)."""
+    x = n.x[0]
+    y = _keep_dims(n, n.y[0])
+    return (where(y > 0, _keep_dims(n, g[0]) * x / y, 0),)
+
+
 def _extreme_reduce(n: Node, g: Grads) -> Grads:
     """ReduceMax/ReduceMin/GlobalMaxPool: shared equally among the inputs equal to the result (torch.amax)."""
     x = n.x[0]
@@ -519,6 +526,7 @@ RULES: dict[str, Rule] = {
     "GlobalAveragePool": _reduce_mean,
     "ReduceMean": _reduce_mean,
     "ReduceSum": _reduce_sum,
+    "ReduceL2": _reduce_l2,
     "GlobalMaxPool": _extreme_reduce,
     "ReduceMax": _extreme_reduce,
     "ReduceMin": _extreme_reduce,

@@ -134,6 +134,12 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
     async def v1_models() -> dict[str, Any]:
         return {"models": list(models)}
 
+    @app.get("/v1/models/{name}:{verb}")
+    async def v1_verb_needs_post(name: str, verb: str) -> JSONResponse:
+        served(name)
+        return _error(405, f"{verb!r} takes a POST with a JSON body, e.g. "
+                           f'{{"instances": [{{"image": {{"b64": "..."}}}}]}}, not a GET', "MethodNotAllowed")
+
     @app.get("/v1/models/{name}")
     async def v1_model(name: str) -> dict[str, Any]:
         return {"name": served(name).name, "ready": True}
