@@ -112,11 +112,13 @@ def decode_b64_image(text: str, limits: Limits) -> np.ndarray:
         raise InvalidInputError(f"image.b64 is not valid base64: {error}") from None
     if not data:
         raise ImageReadError("image.b64 is empty")
+    buffer = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(buffer) as probe:
             width, height = probe.size
     except Exception as error:  # PIL raises many types for unreadable data; load_image names them too
-        raise ImageReadError(f"image.b64 is not a readable PNG or JPEG image: {error}") from None
+        reason = str(error).replace(repr(buffer), "the data")  # PIL names an in-memory file by its object repr
+        raise ImageReadError(f"image.b64 is not a readable PNG or JPEG image: {reason}") from None
     check_pixels(height, width, limits)
     return load_image(data, max_pixels=limits.max_pixels)
 
