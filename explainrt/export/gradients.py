@@ -29,6 +29,15 @@ Shape = tuple[Dim, ...] | None
 
 
 # -- value handles ---------------------------------------------------------------------------------
+def _elementwise(op_type: str) -> Callable[[V], V]:
+    """A method of V applying the element-wise ONNX operator ``op_type`` (``x.exp()``, ``x.sqrt()``, ...)."""
+    def apply(self: V) -> V:
+        return self._unary(op_type)
+
+    apply.__name__ = op_type.lower()
+    return apply
+
+
 class V:
     """A handle on one tensor of the graph being built: its Python operators append ONNX nodes.
 
@@ -147,26 +156,8 @@ class V:
         return self._unary("Not")
 
     # -- element-wise functions ------------------------------------------------------------------
-    def exp(self) -> V:
-        return self._unary("Exp")
-
-    def sqrt(self) -> V:
-        return self._unary("Sqrt")
-
-    def reciprocal(self) -> V:
-        return self._unary("Reciprocal")
-
-    def tanh(self) -> V:
-        return self._unary("Tanh")
-
-    def sigmoid(self) -> V:
-        return self._unary("Sigmoid")
-
-    def erf(self) -> V:
-        return self._unary("Erf")
-
-    def sign(self) -> V:
-        return self._unary("Sign")
+    exp, sqrt, reciprocal = _elementwise("Exp"), _elementwise("Sqrt"), _elementwise("Reciprocal")
+    tanh, sigmoid, erf, sign = _elementwise("Tanh"), _elementwise("Sigmoid"), _elementwise("Erf"), _elementwise("Sign")
 
     def cast(self, dtype: int) -> V:
         return _apply("Cast", [self], TensorInfo(dtype, self.info.shape), to=dtype)

@@ -224,7 +224,8 @@ def _vote(node: onnx.NodeProto, consumes: bool) -> str | None:
 def layout_of(graph: onnx.GraphProto, name: str, info: TensorInfo, image: tuple[Dim, Dim], batch: Dim,
               request: LayoutRequest, labels: Mapping[str, axes.Labels] | None = None) -> Layout:
     """The layout of target tensor ``name``, or UnknownLayerError saying why it is no target layer.
-    ``labels`` (``axes.axis_labels``): where known, a grid's axes must be the image's rows and columns."""
+    ``labels`` (``axes.axis_labels``): where known, an inferred grid's axes must be the image's rows and
+    columns (a ``layer_layout`` given by the user is taken as said)."""
     shape = info.shape
     if shape is None or not info.is_float or len(shape) not in (3, 4):
         raise UnknownLayerError(f"target layer {name!r} must be a float tensor [N, C, h, w], [N, h, w, C] or "
@@ -234,7 +235,7 @@ def layout_of(graph: onnx.GraphProto, name: str, info: TensorInfo, image: tuple[
     votes = graph_votes(graph, name) if len(shape) == 4 and request.layout is None else set()
     layout = shape_layout(name, shape, image, votes, request)
     known = (labels or {}).get(name)
-    if layout.kind in ("nchw", "nhwc") and known is not None:
+    if layout.kind in ("nchw", "nhwc") and known is not None and request.layout is None:
         rows, columns = (known[2], known[3]) if layout.kind == "nchw" else (known[1], known[2])
         mixed = [f"{what} from {'/'.join(sorted({a.origin or 'channels' for a in label}))}"
                  for what, label, origin in (("rows", rows, "H"), ("columns", columns, "W"))
@@ -242,7 +243,7 @@ def layout_of(graph: onnx.GraphProto, name: str, info: TensorInfo, image: tuple[
         if mixed:
             raise UnknownLayerError(f"target layer {name!r} of shape {list(shape)} read as {layout.kind}: its grid "
                                     f"axes are not the image's rows and columns ({', '.join(mixed)}; a window "
-                                    "partition?): its maps would be wrong")
+                                    "partition?): its maps would be wrong (layer_layout= overrides this)")
     return layout
 
 

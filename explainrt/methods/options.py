@@ -54,14 +54,19 @@ class Kind(ABC):
 
     def from_text(self, text: str) -> Any:
         """The value command-line ``text`` stands for (checked afterwards), or Rejected; JSON by default."""
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise Rejected() from None
+        return converted(json.loads, text)
 
     def limits(self) -> dict[str, Any]:
         """Bounds or choices as JSON for the server's listing (none by default)."""
         return {}
+
+
+def converted(convert: Callable[[str], Any], text: str) -> Any:
+    """``convert(text)``, or Rejected where the text is not of that form."""
+    try:
+        return convert(text)
+    except (ValueError, KeyError):
+        raise Rejected() from None
 
 
 def _is_integer(value: Any) -> bool:
@@ -105,10 +110,7 @@ class Integer(Kind):
         return int(value)
 
     def from_text(self, text: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise Rejected() from None
+        return converted(int, text)
 
     def limits(self) -> dict[str, Any]:
         return {"minimum": self.low} if self.high is None else {"minimum": self.low, "maximum": self.high}
@@ -147,10 +149,7 @@ class Number(Kind):
         return float(value)
 
     def from_text(self, text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise Rejected() from None
+        return converted(float, text)
 
     def limits(self) -> dict[str, Any]:
         limits: dict[str, Any] = {}
@@ -177,10 +176,7 @@ class Flag(Kind):
         return bool(value)
 
     def from_text(self, text: str) -> bool:
-        try:
-            return {"true": True, "false": False}[text.strip().lower()]
-        except KeyError:
-            raise Rejected() from None
+        return converted({"true": True, "false": False}.__getitem__, text.strip().lower())
 
 
 @dataclass(frozen=True)
