@@ -74,6 +74,16 @@ def _split(atom: Atom, major: int) -> tuple[Atom, Atom]:
     return (Atom(atom.origin, major, atom, 0, 2), Atom(atom.origin, atom.size // major, atom, 1, 2))
 
 
+def _joined(major: Atom, minor: Atom) -> Atom:
+    """Two neighbouring atoms as one: their parent where they are all of it, else a new atom of their
+    common origin ("" where they mix origins)."""
+    whole = _collapse((major, minor))
+    if len(whole) == 1:
+        return whole[0]
+    origins = {major.origin, minor.origin}
+    return Atom(origins.pop() if len(origins) == 1 else "", major.size * minor.size)  # type: ignore[operator]
+
+
 def reshaped(labels: Labels, shape: Sequence[Dim]) -> Labels | None:
     """Labels of a tensor reshaped to ``shape``: atoms are regrouped (split where a size needs it) in
     order; None where the sizes do not line up or more than one axis is dynamic."""
@@ -108,6 +118,8 @@ def reshaped(labels: Labels, shape: Sequence[Dim]) -> Labels | None:
                     major, flat[0] = _split(atom, need)
                     taken.append(major)
                     need = 1
+                elif len(flat) > 1 and flat[1].size is not None:  # regrouped differently: (8, 7) -> (7, 8)
+                    flat[0:2] = [_joined(atom, flat[1])]
                 else:
                     return None
         out.append(_collapse(tuple(taken)))
@@ -201,9 +213,10 @@ def _propagate(node: onnx.NodeProto, labels: Mapping[str, Labels], infos: Mappin
     if op == "Transpose":
         perm = _attr(node, "perm") or list(reversed(range(len(first))))
         return [tuple(first[p] for p in perm)]  # type: ignore[union-attr]
-    if op in _WINDOWS:
-        out = _shape(infos, node.output[0])
-        spatial = [fresh(origin_of(first[a]) or "", out[a]) for a in range(2, len(out))]
+    if op in _WINDOWS:  # an axis of unchanged size keeps its indexing (a 1x1 or same-padded window)
+        out, source = _shape(infos, node.output[0]), _shape(infos, node.input[0])
+        spatial = [first[a] if out[a] == source[a] else fresh(origin_of(first[a]) or "", out[a])
+                   for a in range(2, len(out))]
         return [(first[0], fresh("", out[1]), *spatial)]
     if op in ("GlobalAveragePool", "GlobalMaxPool"):
         return [(first[0], first[1], *[() for _ in first[2:]])]
@@ -218,6 +231,8 @@ def _propagate(node: onnx.NodeProto, labels: Mapping[str, Labels], infos: Mappin
         return _concatenated(node, labels, infos)
     if op == "MatMul":
         return _matmul(node, labels, infos, constants)
+    if op == "Einsum":
+        return _einsum(node, labels)
     if op == "Gemm":
         a = labels.get(node.input[0])
         if a is None or len(a) != 2:
@@ -234,6 +249,24 @@ def _propagate(node: onnx.NodeProto, labels: Mapping[str, Labels], infos: Mappin
         return [tuple(first[a - lead] if a >= lead and source[a - lead] == d else fresh("", d)
                       for a, d in enumerate(out))]
     return None
+
+
+def _einsum(node: onnx.NodeProto, labels: Mapping[str, Labels]) -> list[Labels | None] | None:
+    """Each output subscript takes its axis from an operand that has it (an explicit output, no ellipsis)."""
+    value = _attr(node, "equation", b"")
+    equation = (value.decode() if isinstance(value, bytes) else str(value)).replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    if not arrow or "." in equation:
+        return None
+    found: dict[str, Label] = {}
+    for term, name in zip(inputs.split(","), node.input):
+        known = labels.get(name)
+        if known is not None and len(known) == len(term):
+            for letter, label in zip(term, known):
+                found.setdefault(letter, label)
+    if not all(letter in found for letter in output):
+        return None
+    return [tuple(found[letter] for letter in output)]
 
 
 def _resized(label: Labels, source: Sequence[Dim], out: Sequence[Dim]) -> Labels:
