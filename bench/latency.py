@@ -90,7 +90,7 @@ class Model:
 
 # key: (torchvision builder, target layer path, its layout)
 TRANSFORMERS = {
-    "vit_b_16": ("vit_b_16", "encoder.layers.11.ln_1", "tokens"),
+    "vit_b_16": ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", "tokens"),
     "swin_t": ("swin_t", "features.7.1.norm1", "nhwc"),
     "convnext_tiny": ("convnext_tiny", "features.7", "nchw"),
 }
@@ -234,42 +234,54 @@ class Profile:
 
     model: str
     batch: int
-    forward_ms: float  # the model's own nodes (as ORT fused them)
+    plain_ms: float  # the plain exported model's nodes
+    forward_ms: float  # the explainable model's own nodes (as ORT fused them)
     gradient_ms: float  # nodes explainrt added (named explainrt/...)
     top: list[tuple[str, float]]  # the costliest added nodes, grouped by the forward operator they differentiate
 
 
-def profile_case(model: Model, batch: int, runs: int, seed: int) -> Profile:
-    """Profile ``runs`` calls of the explainable model, with explainrt's session options plus profiling."""
+def _node_events(proto: object, feeds: dict[str, np.ndarray], runs: int) -> list[dict]:
+    """ONNX Runtime's per-node kernel events of ``runs + 2`` calls (explainrt's session options plus profiling)."""
     import json
     import os
     import tempfile
 
-    from explainrt.export.torch_export import from_torch
-
-    proto = from_torch(model.module, torch.zeros(1, 3, SIZE, SIZE), [model.target])
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="explainrt-profile-"), "ort")
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed + batch)).numpy()
-    feeds = {session.get_inputs()[0].name: x, "explainrt.targets": np.full((batch, 1), -1, dtype=np.int64)}
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
     for _ in range(runs + 2):
         session.run(None, feeds)
     with open(session.end_profiling()) as handle:
-        events = [e for e in json.load(handle) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        return [e for e in json.load(handle) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def _per_run(events: list[dict]) -> list[list[dict]]:
+    """Node events split into runs (each starts with the model's first node), the first two (warm-up) dropped."""
+    names = [e["name"] for e in events]
+    starts = [i for i, name in enumerate(names) if names and name == names[0]]
+    return [events[start:stop] for start, stop in zip(starts[2:], [*starts[3:], len(events)])]
+
+
+def profile_case(model: Model, batch: int, runs: int, seed: int) -> Profile:
+    """Profile ``runs`` calls of the plain and of the explainable model."""
+    from explainrt.export.explainable import make_explainable
+    from explainrt.export.torch_export import LOGITS_OUTPUT
+
+    plain, taps = export_torch(model.module, torch.zeros(1, 3, SIZE, SIZE), [model.target])
+    proto = make_explainable(plain, taps, logits=LOGITS_OUTPUT)
+    x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed + batch)).numpy()
+    plain_runs = _per_run(_node_events(plain, {"input": x}, runs))
+    plain_ms = float(np.median([sum(e["dur"] for e in run) / 1e3 for run in plain_runs]))
+    events = _node_events(proto, {"input": x, "explainrt.targets": np.full((batch, 1), -1, dtype=np.int64)}, runs)
     per_run: dict[str, list[float]] = {"forward": [], "gradient": []}
     groups: dict[str, list[float]] = {}
-    # a run's node events follow each other; split them into runs by counting the model's first node
-    names = [e["name"][: -len("_kernel_time")] for e in events]
-    first = names[0] if names else ""
-    starts = [i for i, n in enumerate(names) if n == first]
-    for index, start in enumerate(starts[2:], start=2):  # the first two runs warm up
-        stop = starts[index + 1] if index + 1 < len(starts) else len(events)
+    for run in _per_run(events):
         totals = {"forward": 0.0, "gradient": 0.0}
         run_groups: dict[str, float] = {}
-        for event, name in zip(events[start:stop], names[start:stop]):
+        for event in run:
+            name = event["name"][: -len("_kernel_time")]
             added = name.startswith("explainrt/")
             totals["gradient" if added else "forward"] += event["dur"] / 1e3
             if added:
@@ -281,16 +293,17 @@ def profile_case(model: Model, batch: int, runs: int, seed: int) -> Profile:
         for key, value in run_groups.items():
             groups.setdefault(key, []).append(value)
     top = sorted(((k, float(np.median(v))) for k, v in groups.items()), key=lambda kv: -kv[1])[:6]
-    return Profile(model.key, batch, float(np.median(per_run["forward"])), float(np.median(per_run["gradient"])), top)
+    return Profile(model.key, batch, plain_ms, float(np.median(per_run["forward"])),
+                   float(np.median(per_run["gradient"])), top)
 
 
 def profile_table(profiles: list[Profile]) -> list[str]:
-    rows = [[p.model, p.batch, f"{p.forward_ms:.1f}", f"{p.gradient_ms:.1f}",
-             f"{p.gradient_ms / max(p.forward_ms, 1e-9):.1%}",
+    rows = [[p.model, p.batch, f"{p.plain_ms:.1f}", f"{p.forward_ms:.1f}", f"{p.gradient_ms:.1f}",
+             f"{(p.forward_ms + p.gradient_ms) / max(p.plain_ms, 1e-9):.2f}x",
              "; ".join(f"{name} {ms:.2f}" for name, ms in p.top)] for p in profiles]
-    return markdown_table(["model", "batch", "forward nodes ms", "added nodes ms", "added / forward",
-                           "costliest added nodes (op for forward node: ms)"], rows,
-                          [False, True, True, True, True, False])
+    return markdown_table(["model", "batch", "plain model nodes ms", "its own nodes ms", "added nodes ms",
+                           "explainable / plain", "costliest added nodes (op for forward node: ms)"], rows,
+                          [False, True, True, True, True, True, False])
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -379,10 +392,11 @@ def report(cases: list[Case], args: argparse.Namespace, threads: int, load: tupl
         lines += [
             "## Where the explainable model's time goes (ONNX Runtime profile, median per call)",
             "",
-            "Sum of node kernel times (no scheduling or copies) over the model's own nodes, as ONNX Runtime "
-            "fused them, and over the nodes explainrt added (named `explainrt/...`: the targets, the seed, "
-            "the gradient graph, the outputs); the added nodes grouped by operator and the forward node "
-            "they differentiate. Profiling runs after the timed rounds, separately.",
+            "Sum of node kernel times (no scheduling or copies): of the plain exported model; of the "
+            "explainable model's own nodes, as ONNX Runtime fused them; of the nodes explainrt added (named "
+            "`explainrt/...`: the targets, the seed, the gradient graph, the outputs), the costliest grouped by "
+            "operator and the forward node they differentiate. Profiling runs after the timed rounds, "
+            "separately.",
             "",
             *profile_table(profiles),
             "",

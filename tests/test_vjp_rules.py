@@ -270,6 +270,13 @@ def _gather_pad() -> list[Case]:
              attrs={"axis": -1}),
         case("Gather", "distinct-opset13", ["x", "i"], {"x": data}, constants={"i": np.array([2, -1, 0], I64)}, opset=13),
         case("Gather", "runtime-indices", ["x", "i"], {"x": data, "i": np.array([3, 3, 0], I64)}),
+        # constant runs: padded, not scattered (q, k, v = qkv[0], qkv[1], qkv[2]; a CLS token)
+        case("Gather", "qkv-select", ["x", "i"], {"x": n64([3, 2, 4, 5])}, constants={"i": np.array(1, I64)}),
+        case("Gather", "first-token", ["x", "i"], {"x": n64([2, 5, 3])}, constants={"i": np.array(0, I64)},
+             attrs={"axis": 1}, dynamic_batch=("x",)),
+        case("Gather", "consecutive-run", ["x", "i"], {"x": n64([2, 6, 3])}, constants={"i": np.array([2, 3, 4], I64)},
+             attrs={"axis": 1}),
+        case("Gather", "wrapping-run", ["x", "i"], {"x": n64([5, 3])}, constants={"i": np.array([-2, -1], I64)}),
     ]
     x = n64([2, 3, 4])
     cases += [

@@ -165,10 +165,15 @@ def _slice(n: Node, g: Grads) -> Grads:
 
 
 def _gather(n: Node, g: Grads) -> Grads:
-    """Scatter-add the gathered gradient back into a zero tensor shaped like the data."""
+    """Scatter-add the gathered gradient back into a zero tensor shaped like the data; a constant index
+    or run of consecutive indices (a transformer's q, k, v = qkv[0], qkv[1], qkv[2]; its CLS token) pads
+    the gradient with zeros instead, which costs a copy where ScatterElements costs many."""
     b, (data, indices) = n.b, n.inputs
     rank = b.rank(data)
     axis = int(n.attr("axis", 0)) % rank  # type: ignore[arg-type]
+    padded = _gather_as_pad(n, g[0], axis)
+    if padded is not None:
+        return (padded, None)
     flat_grad_shape = b.concat([b.seeds, b.shape_slice(data, 0, axis), b.ints([-1]), b.shape_slice(data, axis + 1)], 0)
     g_flat = b.op("Reshape", [g[0].name, flat_grad_shape])
     flat_indices = b.op("Reshape", [indices, b.ints([-1])])
@@ -183,6 +188,24 @@ def _gather(n: Node, g: Grads) -> Grads:
             raise n.unsupported(f"indices that may repeat need ScatterElements(reduction='add'), opset 16 (model: {b.opset})")
     reduction = {"reduction": "add"} if b.opset >= 16 else {}
     return (_zeros(n.x[0]).op("ScatterElements", expanded, g_flat, axis=axis + 1, **reduction), None)
+
+
+def _gather_as_pad(n: Node, g: V, axis: int) -> V | None:
+    """The gradient of a Gather whose indices are one constant or consecutive constants: g (the taken
+    axis restored where the index was a scalar) padded with zeros along ``axis``; None otherwise."""
+    known = n.b.constant_value(n.inputs[1])
+    x = n.x[0]
+    size = x.shape[axis]
+    if known is None or known.ndim > 1 or known.size == 0 or not isinstance(size, int):
+        return None
+    first = int(known.reshape(-1)[0]) % size
+    if known.ndim == 1 and not np.array_equal(known % size, np.arange(first, first + known.size)):
+        return None
+    if known.ndim == 0:
+        g = g.unsqueeze([axis - x.rank])
+    before, after = [0] * (x.rank + 1), [0] * (x.rank + 1)
+    before[axis + 1], after[axis + 1] = first, size - first - int(known.size)
+    return g.op("Pad", n.b.ints(before + after), info=x.info)
 
 
 def _pad(n: Node, g: Grads) -> Grads:
