@@ -161,7 +161,9 @@ class GraphBuilder:
         key = (array.tobytes(), dtype, array.shape)
         if key not in self._constants:
             name = self.fresh(f"explainrt/const/{array.dtype}{list(array.shape)}")
-            self.graph.initializer.append(numpy_helper.from_array(array, name))
+            tensor = numpy_helper.from_array(array, name)
+            self.graph.initializer.append(tensor)
+            self._constant_protos[name] = tensor
             self.infos[name] = TensorInfo(dtype, array.shape)
             self._constants[key] = name
         return self._constants[key]

@@ -33,6 +33,7 @@ from explainrt.export.spec import (
     relu_output,
     set_metadata,
 )
+from explainrt.export.zero_blocks import compute_on_blocks
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def make_explainable(
         logits_name, _cross_entropy_seed(builder, logits_name, resolved))
     rules = {**RULES, **_defended_relu_rules(builder)} if defended_relus else RULES
     gradients = append_gradients(builder, targets, of, seed, rules)
+    compute_on_blocks(builder, seed)
 
     builder.scope = "explainrt/outputs"
     builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
