@@ -31,6 +31,7 @@ from gradcheck import (
     relative_error,
     rng,
     session,
+    torch_gradients,
 )
 from onnx import TensorProto, helper
 
@@ -609,17 +610,6 @@ def test_max_pool_ties_route_like_torch(attrs: dict[str, object]) -> None:
 def ties(shape: list[int], dtype: type = F64, seed: int = 0) -> np.ndarray:
     """Values in {-1, 0, 1}: most windows, rows and element pairs hold ties."""
     return rng(seed).integers(-1, 2, size=shape).astype(dtype)
-
-
-def torch_gradients(f: Callable[..., torch.Tensor], feeds: dict[str, np.ndarray], seeds: np.ndarray) -> dict[str, np.ndarray]:
-    """[K, *shape(x)] gradients of ``sum(seeds[k] * f(**feeds))`` w.r.t. every feed, by torch.autograd."""
-    result: dict[str, list[np.ndarray]] = {x: [] for x in feeds}
-    for seed in seeds:
-        tensors = {x: torch.from_numpy(value).requires_grad_(True) for x, value in feeds.items()}
-        (f(**tensors) * torch.from_numpy(seed)).sum().backward()
-        for x, tensor in tensors.items():
-            result[x].append(tensor.grad.numpy())  # type: ignore[union-attr]
-    return {x: np.stack(grads) for x, grads in result.items()}
 
 
 def check_ties_against_torch(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], f: Callable[..., torch.Tensor],

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from onnx import TensorProto
 
-from explainrt.export.builder import TensorInfo
+from explainrt.export.builder import Dim, TensorInfo
 from explainrt.export.gradients import Node, Rule, V, add_n, blocks_path, through_integers, where
 
 Grads = Sequence[V | None]
@@ -405,18 +405,14 @@ def _instance_norm(n: Node, g: Grads) -> Grads:
 
 
 def _group_norm(n: Node, g: Grads) -> Grads:
-    """Standardised per image over each group of channels (with their spatial axes), then scaled
-    per channel (opset 21; scale [C]) or per group (opset 18; scale [num_groups])."""
+    """GroupNormalization (opset 21; opset 18's per-group scale is deprecated): standardised per image
+    over each group of channels with their spatial axes, then scaled per channel."""
     b, x, scale = n.b, n.x[0], n.x[1]
     groups = int(n.attr("num_groups"))  # type: ignore[arg-type]
-    channels = _channels(n)
     per_group = TensorInfo(x.dtype, (x.shape[0], groups, None))
     grouped_x = x.op("Reshape", b.ints([0, groups, -1]), info=per_group)
-    if scale.shape[0] == channels:
-        grouped_g = (g[0] * scale.unsqueeze(list(range(2 - x.rank, 0)))).op("Reshape", b.ints([0, 0, groups, -1]),
-                                                                            info=per_group)
-    else:
-        grouped_g = g[0].op("Reshape", b.ints([0, 0, groups, -1]), info=per_group) * scale.unsqueeze([-1])
+    gh = g[0] * scale.unsqueeze(list(range(2 - x.rank, 0)))
+    grouped_g = gh.op("Reshape", b.ints([0, 0, groups, -1]), info=per_group)
     return (_standardised(grouped_x, grouped_g, [-1], float(n.attr("epsilon", 1e-5))).reshape_like(x),  # type: ignore[arg-type]
             None, None)
 
@@ -507,6 +503,69 @@ def _resize_scales(n: Node, rank: int) -> list[float] | None:
     return scales
 
 
+SizeElement = int | tuple[str, int]
+"""One element of a shape computed in the graph: a number, or (tensor, axis): that tensor's size along axis."""
+
+
+def shape_elements(n: Node, name: str) -> list[SizeElement] | None:
+    """The elements of the 1-D integer tensor ``name`` where it is assembled from constants and
+    tensors' shapes (Shape, Gather, Slice, Concat, Cast, Squeeze, Unsqueeze: F.interpolate's
+    ``size=x.shape[-2:]``); None where it is computed otherwise."""
+    b = n.b
+    value = b.constant_value(name)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    node = next((m for m in b.graph.node if name in m.output), None)
+    if node is None:
+        return None
+    attrs = Node.of(node, b)
+    if node.op_type == "Shape":
+        axes = list(range(b.rank(node.input[0])))[slice(attrs.attr("start", 0), attrs.attr("end"))]  # type: ignore[misc]
+        shape = b.info(node.input[0]).shape or ()
+        return [shape[a] if isinstance(shape[a], int) else (node.input[0], a) for a in axes]
+    parts = [shape_elements(n, i) for i in node.input[:1 if node.op_type != "Concat" else None]]
+    if any(p is None for p in parts):
+        return None
+    if node.op_type == "Concat":
+        return [e for p in parts for e in p]  # type: ignore[union-attr]
+    if node.op_type in ("Cast", "Squeeze", "Unsqueeze", "Identity"):
+        return parts[0]
+    if node.op_type == "Gather":
+        indices = b.constant_value(node.input[1])
+        return None if indices is None else [parts[0][int(i)] for i in indices.reshape(-1)]  # type: ignore[index]
+    if node.op_type == "Slice" and len(node.input) >= 3:
+        bounds = [b.constant_value(i) if i else None for i in node.input[1:]]
+        if any(v is None for v in bounds[:2]) or any(v is None for v, i in zip(bounds[2:], node.input[3:]) if i):
+            return None
+        step = int(bounds[3][0]) if len(bounds) > 3 and bounds[3] is not None else 1  # type: ignore[index]
+        return parts[0][int(bounds[0][0]):int(bounds[1][0]):step]  # type: ignore[index]
+    return None
+
+
+def _resize_sizes(n: Node, rank: int) -> list[SizeElement | None] | None:
+    """Resize's sizes per axis where the graph spells them (None for an axis ``axes`` leaves out, or all None)."""
+    elements = shape_elements(n, n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] else None
+    if elements is None:
+        return None
+    axes = [int(a) % rank for a in n.attr("axes") or range(rank)]  # type: ignore[attr-defined]
+    sizes: list[SizeElement | None] = [None] * rank
+    for axis, size in zip(axes, elements):
+        sizes[axis] = size
+    return sizes
+
+
+def _same_size(n: Node, size: SizeElement | Dim | None, x: str, axis: int, size_in: Dim) -> bool:
+    """Whether resized size ``size`` is certainly ``x``'s size along ``axis`` (``size_in``)."""
+    if size is None:  # an axis Resize's axes leave out
+        return True
+    if isinstance(size, tuple):
+        tensor, along = size
+        shape = n.b.info(tensor).shape or ()
+        return along == axis and (tensor == x or (len(shape) > along and shape[along] == size_in
+                                                  and size_in is not None))
+    return size == size_in and size is not None
+
+
 def _along(g: V, matrix: np.ndarray, axis: int) -> V:
     """``g`` times ``matrix`` [O, I] contracted over its axis ``axis`` (negative, of length O)."""
     weights = V(g.b, g.b.constant(matrix, dtype=g.dtype))
@@ -541,11 +600,14 @@ def _resize(n: Node, g: Grads) -> Grads:
         raise n.unsupported("the input and output shapes are unknown")
     rank = len(in_shape)
     scales = _resize_scales(n, rank)
+    sizes = _resize_sizes(n, rank) if scales is None else None
     grad = g[0]
     for axis, (size_in, size_out) in enumerate(zip(in_shape, out_shape)):
         scale = scales[axis] if scales is not None else None
-        if scale == 1.0 or (scale is None and size_in == size_out):
+        wanted = sizes[axis] if sizes is not None else size_out
+        if scale == 1.0 or _same_size(n, wanted, x.name, axis, size_in):
             continue
+        size_out = wanted if isinstance(wanted, int) else size_out
         if not isinstance(size_in, int) or not isinstance(size_out, int):
             raise n.unsupported(f"axis {axis} resized from {size_in} to {size_out}: the gradient needs static sizes "
                                 "(export the model at a fixed image size)")
