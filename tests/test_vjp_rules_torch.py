@@ -82,18 +82,18 @@ def resize_attributes(model: onnx.ModelProto) -> dict[str, object]:
 
 # --- Resize: F.interpolate ---------------------------------------------------------------------------
 INTERPOLATE = {  # id: (F.interpolate arguments, what torch exports: (mode, coordinate_transformation_mode))
-    "nearest-scale2": (dict(scale_factor=2, mode="nearest"), (b"nearest", b"asymmetric")),
-    "nearest-size-up": (dict(size=(7, 9), mode="nearest"), (b"nearest", b"asymmetric")),
-    "nearest-size-down": (dict(size=(3, 2), mode="nearest"), (b"nearest", b"asymmetric")),
-    "bilinear-scale2": (dict(scale_factor=2, mode="bilinear", align_corners=False), (b"linear", b"half_pixel")),
-    "bilinear-size-down": (dict(size=(3, 7), mode="bilinear", align_corners=False), (b"linear", b"half_pixel")),
-    "bilinear-align_corners-scale2": (dict(scale_factor=2, mode="bilinear", align_corners=True),
+    "nearest-scale2": ({"scale_factor": 2, "mode": "nearest"}, (b"nearest", b"asymmetric")),
+    "nearest-size-up": ({"size": (7, 9), "mode": "nearest"}, (b"nearest", b"asymmetric")),
+    "nearest-size-down": ({"size": (3, 2), "mode": "nearest"}, (b"nearest", b"asymmetric")),
+    "bilinear-scale2": ({"scale_factor": 2, "mode": "bilinear", "align_corners": False}, (b"linear", b"half_pixel")),
+    "bilinear-size-down": ({"size": (3, 7), "mode": "bilinear", "align_corners": False}, (b"linear", b"half_pixel")),
+    "bilinear-align_corners-scale2": ({"scale_factor": 2, "mode": "bilinear", "align_corners": True},
                                       (b"linear", b"align_corners")),
-    "bilinear-align_corners-size": (dict(size=(3, 7), mode="bilinear", align_corners=True),
+    "bilinear-align_corners-size": ({"size": (3, 7), "mode": "bilinear", "align_corners": True},
                                     (b"linear", b"align_corners")),
-    "bicubic-scale2": (dict(scale_factor=2, mode="bicubic", align_corners=False), (b"cubic", b"half_pixel")),
-    "bicubic-size-down": (dict(size=(3, 3), mode="bicubic", align_corners=False), (b"cubic", b"half_pixel")),
-    "bicubic-align_corners-size": (dict(size=(7, 9), mode="bicubic", align_corners=True),
+    "bicubic-scale2": ({"scale_factor": 2, "mode": "bicubic", "align_corners": False}, (b"cubic", b"half_pixel")),
+    "bicubic-size-down": ({"size": (3, 3), "mode": "bicubic", "align_corners": False}, (b"cubic", b"half_pixel")),
+    "bicubic-align_corners-size": ({"size": (7, 9), "mode": "bicubic", "align_corners": True},
                                    (b"cubic", b"align_corners")),
 }
 
@@ -290,3 +290,146 @@ def test_upsample_of_opset9_through_make_explainable(mode: str) -> None:
     np.testing.assert_allclose(logits.detach().numpy(), original, rtol=1e-4, atol=1e-5)
     logits.gather(1, torch.from_numpy(targets)).sum().backward()
     assert relative_error(outputs[1][:, 0], features.grad.numpy()) <= 1e-5  # type: ignore[union-attr]
+
+
+# --- int8 QDQ models: the straight-through estimator ------------------------------------------------------
+class SmallConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, stride=2)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, onnx.ModelProto]:
+    """A float model and its int8 versions by onnxruntime.quantization.quantize_static (per-channel weights)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.images = iter([{"x": normal([1, 3, 8, 8], F32, seed)} for seed in range(8)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.images, None)
+
+    folder = tmp_path_factory.mktemp("quantized")
+    float_model = export(_seeded(SmallConvNet(), 6).eval(), normal([2, 3, 8, 8], F32), False, opset=13)
+    onnx.save(float_model, folder / "float.onnx")
+    models = {"float": float_model}
+    for name, form in (("qdq", QuantFormat.QDQ), ("qoperator", QuantFormat.QOperator)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(folder / "float.onnx", folder / f"{name}.onnx", Images(), quant_format=form, per_channel=True)
+        models[name] = onnx.shape_inference.infer_shapes(onnx.load(folder / f"{name}.onnx"), data_prop=True)
+    return models
+
+
+INT_RANGES = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
+
+
+def straight_through_in_torch(model: onnx.ModelProto, x: torch.Tensor) -> torch.Tensor:
+    """The QDQ model evaluated by torch, each QuantizeLinear with the clipped straight-through estimator
+    (rounding's gradient taken as 1, clipping's as it is): quantization-aware training's convention."""
+    values = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+    values[model.graph.input[0].name] = x
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        args = [values[name] for name in node.input if name]
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            value, scale, zero = args[0], args[1], args[2].float()
+            if scale.dim() == 1 and value.dim() > 1:  # per axis
+                shape = [-1 if axis == attrs.get("axis", 1) % value.dim() else 1 for axis in range(value.dim())]
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            if node.op_type == "QuantizeLinear":
+                clipped = (value / scale + zero).clamp(*INT_RANGES[args[2].dtype])
+                out = clipped + (torch.round(clipped) - clipped).detach()
+            else:
+                out = (value.float() - zero) * scale
+        elif node.op_type == "Conv":
+            out = F.conv2d(args[0], args[1], args[2], stride=attrs["strides"], padding=attrs["pads"][:2],
+                           dilation=attrs["dilations"], groups=attrs["group"])
+        elif node.op_type == "ReduceMean":
+            out = args[0].mean(dim=tuple(attrs["axes"]), keepdim=bool(attrs.get("keepdims", 1)))
+        elif node.op_type == "Gemm":
+            out = args[0] @ (args[1].T if attrs.get("transB") else args[1]) + args[2]
+        else:
+            raise AssertionError(f"no torch evaluation of {node.op_type}")
+        values[node.output[0]] = out
+    return values[model.graph.output[0].name]
+
+
+def test_qdq_model_gradient_is_the_straight_through_estimator(quantized: dict[str, onnx.ModelProto]) -> None:
+    """quantize_static's QDQ model (int8 activations, per-channel int8 weights): the gradient w.r.t. the
+    image equals torch's straight-through estimator of the same graph, and is close to the float model's."""
+    model, float_model = quantized["qdq"], quantized["float"]
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    x = np.concatenate([normal([1, 3, 8, 8], F32, seed) for seed in (0, 1)])  # calibration images: none clipped
+    y = session(model).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(straight_through_in_torch(model, torch.from_numpy(x)).detach().numpy(), y, atol=1e-5)
+    seeds = rng(8).standard_normal((2, *y.shape)).astype(F32)
+    ours = gradients(model, {"x": x}, ["x"], "y", seeds)["x"]
+    reference = torch_gradients(lambda x: straight_through_in_torch(model, x), {"x": x}, seeds)["x"]
+    assert relative_error(ours, reference) <= 1e-5
+    float_gradient = gradients(float_model, {"x": x}, ["x"], "y", seeds)["x"]
+    assert np.corrcoef(ours.reshape(-1), float_gradient.reshape(-1))[0, 1] > 0.999  # measured: 0.99998
+    assert 1e-4 < relative_error(ours, float_gradient) < 0.03  # close (measured: 0.006), not equal
+
+
+@pytest.mark.parametrize("zero_type, axis", [(np.uint8, 1), (np.int8, -1), (np.int8, None)],
+                         ids=["uint8-per-axis", "int8-per-last-axis", "int8-per-tensor"])
+def test_quantize_dequantize_passes_gradient_inside_the_range(zero_type: type, axis: int | None) -> None:
+    """Q -> DQ: g where scale (qmin - zero) <= x <= scale (qmax - zero), 0 outside (clipped)."""
+    x = normal([2, 3, 4], F32) * 3
+    size = 1 if axis is None else x.shape[axis]
+    scale = np.linspace(0.01, 0.03, size).astype(F32)
+    zero = np.arange(size).astype(zero_type) * (40 if zero_type == np.uint8 else 30) + (100 if zero_type == np.uint8
+                                                                                         else -20)
+    attrs = {} if axis is None else {"axis": axis}
+    if axis is None:
+        scale, zero = scale.reshape(()), zero.reshape(())
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)]
+    model = forward_model(nodes, {"x": x}, "y", constants={"s": scale, "z": zero})
+    seeds = rng(8).standard_normal((2, *x.shape)).astype(F32)
+    ours = gradients(model, {"x": x}, ["x"], "y", seeds)["x"]
+    low, high = np.iinfo(zero_type).min, np.iinfo(zero_type).max
+    shape = [-1 if a == (axis or 0) % x.ndim else 1 for a in range(x.ndim)] if axis is not None else []
+    s, z = scale.reshape(shape).astype(np.float64), zero.reshape(shape).astype(np.float64)
+    inside = (x >= s * (low - z)) & (x <= s * (high - z))
+    assert 0 < inside.mean() < 1  # both sides of the range are exercised
+    np.testing.assert_allclose(ours, np.where(inside, seeds, 0), rtol=1e-6, atol=1e-7)
+
+
+# --- refusals: a clear error naming the operator and what to do instead ---------------------------------
+def test_qoperator_model_is_refused_with_the_qdq_hint(quantized: dict[str, onnx.ModelProto]) -> None:
+    with pytest.raises(UnsupportedOperatorError, match=r"QLinearConv.*QDQ.*quant_format=QuantFormat\.QDQ"):
+        gradient_model(quantized["qoperator"], ["x"], "y")
+
+
+def _post_processed(post: list[onnx.NodeProto], output: str) -> onnx.ModelProto:
+    """A head ("scores" [1, 1, 6] = sigmoid(logits), boxes [1, 6, 4]) followed by ``post``."""
+    head = [helper.make_node("Sigmoid", ["logits"], ["scores"])]
+    feeds = {"logits": normal([1, 1, 6], F32), "boxes": np.sort(normal([1, 6, 4], F32, 1), axis=-1)}
+    return forward_model(head + post, feeds, output)
+
+
+@pytest.mark.parametrize("post, output", [
+    ([helper.make_node("NonMaxSuppression", ["boxes", "scores", "k", "iou"], ["kept"], name="nms"),
+      helper.make_node("Gather", ["kept", "two"], ["index"], axis=1),
+      helper.make_node("Reshape", ["scores", "flat"], ["flat_scores"]),
+      helper.make_node("Gather", ["flat_scores", "index"], ["y"])], "y"),
+    ([helper.make_node("TopK", ["scores", "k"], ["y", "indices"], name="top")], "y"),
+], ids=["non-maximum-suppression", "top-k"])
+def test_detection_post_processing_is_refused(post: list[onnx.NodeProto], output: str) -> None:
+    """The gradient of a post-NMS output: refused, naming the operator and saying to explain the raw
+    head output; NonMaxSuppression is found though only integer indices leave it."""
+    for value, name in ((np.array([3], np.int64), "k"), (np.array([0.5], F32), "iou"), (np.array(2, np.int64), "two"),
+                        (np.array([-1], np.int64), "flat")):
+        post.insert(0, helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name)))
+    model = _post_processed(post, output)
+    with pytest.raises(UnsupportedOperatorError, match=r"(NonMaxSuppression|TopK).*raw head output"):
+        gradient_model(model, ["logits"], output)
