@@ -331,9 +331,11 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, onnx.ModelP
 INT_RANGES = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
 
 
-def straight_through_in_torch(model: onnx.ModelProto, x: torch.Tensor) -> torch.Tensor:
+def straight_through_in_torch(model: onnx.ModelProto, x: torch.Tensor,
+                              tap: tuple[str, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """The QDQ model evaluated by torch, each QuantizeLinear with the clipped straight-through estimator
-    (rounding's gradient taken as 1, clipping's as it is): quantization-aware training's convention."""
+    (rounding's gradient taken as 1, clipping's as it is): quantization-aware training's convention.
+    ``tap`` = (tensor name, dict): that tensor is kept in the dict, retaining its gradient."""
     values = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
     values[model.graph.input[0].name] = x
     for node in model.graph.node:
@@ -358,6 +360,9 @@ def straight_through_in_torch(model: onnx.ModelProto, x: torch.Tensor) -> torch.
             out = args[0] @ (args[1].T if attrs.get("transB") else args[1]) + args[2]
         else:
             raise AssertionError(f"no torch evaluation of {node.op_type}")
+        if tap is not None and node.output[0] == tap[0]:
+            out.retain_grad()
+            tap[1][tap[0]] = out
         values[node.output[0]] = out
     return values[model.graph.output[0].name]
 
@@ -406,8 +411,27 @@ def test_quantize_dequantize_passes_gradient_inside_the_range(zero_type: type, a
 
 # --- refusals: a clear error naming the operator and what to do instead ---------------------------------
 def test_qoperator_model_is_refused_with_the_qdq_hint(quantized: dict[str, onnx.ModelProto]) -> None:
+    """By the gradient driver (QLinearConv reached through uint8 tensors) and by make_explainable, whose
+    layer search would find no float layer."""
     with pytest.raises(UnsupportedOperatorError, match=r"QLinearConv.*QDQ.*quant_format=QuantFormat\.QDQ"):
         gradient_model(quantized["qoperator"], ["x"], "y")
+    with pytest.raises(UnsupportedOperatorError, match=r"'Q(LinearConv|Gemm)'.*quant_format=QuantFormat\.QDQ"):
+        make_explainable(quantized["qoperator"], logits="y")
+
+
+def test_qdq_model_through_make_explainable(quantized: dict[str, onnx.ModelProto]) -> None:
+    """The automatic layer of the QDQ model and its gradient: the straight-through estimator in torch."""
+    model = quantized["qdq"]
+    explained = make_explainable(model, logits="y")
+    x = np.concatenate([normal([1, 3, 8, 8], F32, seed) for seed in (2, 3)])
+    targets = np.array([[1], [4]], np.int64)
+    ours = ort.InferenceSession(explained.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [gradients_output(0)], {"x": x, TARGETS_INPUT: targets})[0][:, 0]
+    (layer,) = [v for v in model.graph.node if v.op_type == "Conv"][1].output  # the last feature map
+    captured: dict[str, torch.Tensor] = {}
+    logits = straight_through_in_torch(model, torch.from_numpy(x).requires_grad_(True), tap=(layer, captured))
+    logits.gather(1, torch.from_numpy(targets)).sum().backward()
+    assert relative_error(ours, captured[layer].grad.numpy()) <= 1e-5  # type: ignore[union-attr]
 
 
 def _post_processed(post: list[onnx.NodeProto], output: str) -> onnx.ModelProto:

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 import onnx
 from onnx import TensorProto, version_converter
 
-from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError, UnsupportedOperatorError
 from explainrt.export import layers, layouts
 from explainrt.export.builder import opset_version
-from explainrt.export.gradients import GradientBuilder, Node, append_gradients
-from explainrt.export.rules import RULES
+from explainrt.export.gradients import GradientBuilder, Node, ancestors, append_gradients
+from explainrt.export.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.export.spec import (
     METADATA_KEY,
     OBJECTIVES,
@@ -73,6 +73,7 @@ def make_explainable(
     builder = GradientBuilder(proto)
     image_input = _image_input(builder)
     logits_name = _logits(builder, logits)
+    _refuse_qoperator(builder, logits_name)
     num_classes = _num_classes(builder, logits_name)
     count = 1 if isinstance(target_layers, str) else len(target_layers)
     chosen = layers.target_layers(builder, image_input, target_layers, logits_name,
@@ -176,6 +177,15 @@ def _logits(builder: GradientBuilder, requested: str | None) -> str:
         log.info("the model ends in %s: explaining its input %s", producer.op_type, producer.input[0])
         return producer.input[0]
     return name
+
+
+def _refuse_qoperator(builder: GradientBuilder, logits: str) -> None:
+    """A QOperator-format model (integer operators throughout) has no float path for the layer search
+    to find: say so, and what to do, before the search reports no layer."""
+    upstream = ancestors(builder.graph, logits)
+    node = next((n for n in builder.graph.node if n.op_type in QOPERATOR_OPS and n.output[0] in upstream), None)
+    if node is not None:
+        raise UnsupportedOperatorError(node.op_type, node.name or node.output[0], QOPERATOR_HINT)
 
 
 def _num_classes(builder: GradientBuilder, logits: str) -> int:

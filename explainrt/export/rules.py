@@ -842,16 +842,17 @@ def refused(reason: str) -> Rule:
     return blocks_path(rule)
 
 
-_QOPERATOR = ("a quantized operator of the QOperator format has no gradient: quantize the model in the QDQ format "
-              "instead (onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QDQ)), whose "
-              "QuantizeLinear/DequantizeLinear pairs take the straight-through gradient")
+QOPERATOR_HINT = ("a quantized operator of the QOperator format has no gradient: quantize the model in the QDQ "
+                  "format instead (onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QDQ)), "
+                  "whose QuantizeLinear/DequantizeLinear pairs take the straight-through gradient")
+QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul",
+                 "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+                 "QLinearSoftmax", "QLinearReduceMean", "QGemm", "QAttention", "DynamicQuantizeLinear")
+"""Operators of onnxruntime.quantization's QOperator format (integer in, integer out)."""
 _POST_PROCESSING = ("detection post-processing (non-maximum suppression, top-k selection) has no useful gradient: "
                     "explain the raw head output before it (pass its tensor name as output=/logits=)")
 REFUSED: dict[str, str] = {
-    **{op: _QOPERATOR for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd",
-                                  "QLinearMul", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
-                                  "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean",
-                                  "QGemm", "QAttention", "DynamicQuantizeLinear")},
+    **dict.fromkeys(QOPERATOR_OPS, QOPERATOR_HINT),
     "NonMaxSuppression": _POST_PROCESSING,
     "TopK": _POST_PROCESSING,
 }
