@@ -432,6 +432,11 @@ def _resampling() -> list[Case]:
     cases += [
         case("Resize", "axes-sizes", ["x", "", "", "z"], {"x": x}, attrs={"mode": "linear", "axes": [-1, 2]},
              constants={"z": np.array([8, 3], I64)}),
+        # floor(4 * 1.2) = 4, floor(5 * 1.1) = 5: ONNX Runtime copies; one axis resized: the other's scale counts
+        case("Resize", "scales-keeping-every-size", ["x", "", "s"], {"x": x}, attrs={"mode": "linear"},
+             constants={"s": np.array([1, 1, 1.2, 1.1], F32)}, dynamic_batch=("x",)),
+        case("Resize", "scale-keeping-one-size", ["x", "", "s"], {"x": x}, attrs={"mode": "cubic"},
+             constants={"s": np.array([1, 1, 1.2, 2], F32)}),
         case("Resize", "dynamic-batch", ["x", "", "s"], {"x": x}, attrs={"mode": "linear"}, constants=scales,
              dynamic_batch=("x",)),
         case("Tile", "repeats", ["x", "r"], {"x": n64([2, 3, 2])}, constants={"r": np.array([1, 2, 3], I64)}),
@@ -733,6 +738,22 @@ def test_resize_to_a_size_known_only_at_run_time_is_unsupported() -> None:
     model.graph.output.extend(v for v in model.graph.value_info if v.name == "y")
     with pytest.raises(UnsupportedOperatorError, match="to_size.*static sizes"):
         gradient_model(model, ["x"], "y")
+
+
+@pytest.mark.parametrize("attrs, expected", [
+    ({"coordinate_transformation_mode": "tf_crop_and_resize"}, "tf_crop_and_resize"),
+    ({"keep_aspect_ratio_policy": "not_larger"}, "keep_aspect_ratio_policy"),
+], ids=["tf_crop_and_resize", "keep-aspect-ratio"])
+def test_resize_variants_without_a_rule_are_unsupported(attrs: dict[str, str], expected: str) -> None:
+    resize = helper.make_node("Resize", ["x", "", "", "z"], ["y"], name="odd_resize", mode="linear", **attrs)
+    error = _error_for([resize], {"x": n32([1, 2, 3, 3])}, ["x"], constants={"z": np.array([1, 2, 6, 5], I64)})
+    assert error.node_name == "odd_resize" and expected in str(error)
+
+
+def test_conv_transpose_with_auto_pad_same_is_unsupported() -> None:
+    conv = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="same_deconv", auto_pad="SAME_UPPER", strides=[2, 2])
+    error = _error_for([conv], {"x": n32([1, 2, 3, 3])}, ["x"], constants={"w": n32([2, 3, 3, 3], 1)})
+    assert error.node_name == "same_deconv" and "auto_pad" in str(error)
 
 
 def test_resize_of_opset10_is_unsupported() -> None:

@@ -601,13 +601,17 @@ def _resize(n: Node, g: Grads) -> Grads:
     rank = len(in_shape)
     scales = _resize_scales(n, rank)
     sizes = _resize_sizes(n, rank) if scales is None else None
+    wanted = [sizes[axis] if sizes is not None else size for axis, size in enumerate(out_shape)]
+    kept = [(scales is not None and scales[axis] == 1.0) or _same_size(n, wanted[axis], x.name, axis, in_shape[axis])
+            for axis in range(rank)]
+    if all(kept):  # ONNX Runtime copies a Resize that keeps every size, whatever its scales say
+        return (g[0],)
     grad = g[0]
     for axis, (size_in, size_out) in enumerate(zip(in_shape, out_shape)):
         scale = scales[axis] if scales is not None else None
-        wanted = sizes[axis] if sizes is not None else size_out
-        if scale == 1.0 or _same_size(n, wanted, x.name, axis, size_in):
+        if scale == 1.0 or (scale is None and kept[axis]):
             continue
-        size_out = wanted if isinstance(wanted, int) else size_out
+        size_out = wanted[axis] if isinstance(wanted[axis], int) else size_out
         if not isinstance(size_in, int) or not isinstance(size_out, int):
             raise n.unsupported(f"axis {axis} resized from {size_in} to {size_out}: the gradient needs static sizes "
                                 "(export the model at a fixed image size)")
