@@ -273,10 +273,10 @@ def test_upsample_of_opset9_through_make_explainable(mode: str) -> None:
     outputs = ort.InferenceSession(explained.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         ["logits", gradients_output(0)], {"image": image, TARGETS_INPUT: targets})
     np.testing.assert_allclose(outputs[0], original, rtol=1e-6)
-    assert mode in str(resize_attributes(explained)["mode"]) and resize_attributes(explained)[
-        "coordinate_transformation_mode"] == b"asymmetric"
+    attrs = resize_attributes(explained)
+    assert attrs["mode"] == mode.encode() and attrs["coordinate_transformation_mode"] == b"asymmetric"
 
-    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t)) for t in model.graph.initializer}
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
     features = torch.relu(F.conv2d(torch.from_numpy(image), weights["w1"], padding=1)).requires_grad_(True)
     if mode == "nearest":
         up = F.interpolate(features, scale_factor=2, mode="nearest")
