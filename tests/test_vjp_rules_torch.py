@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from gradcheck import forward_model, gradient_model, gradients, normal, relative_error, rng, session, torch_gradients
 from onnx import TensorProto, helper, numpy_helper
 
-from explainrt.errors import UnsupportedOperatorError
+from explainrt.errors import InvalidModelError, UnsupportedOperatorError
 from explainrt.export.explainable import make_explainable
 from explainrt.export.spec import TARGETS_INPUT, gradients_output
 from explainrt.export.torch_export import from_torch
@@ -237,26 +237,54 @@ def test_sizes_from_the_input_shape_through_make_explainable() -> None:
 
 
 # --- Upsample of old opsets: upgraded to Resize by make_explainable ---------------------------------------
-def _upsample_classifier(mode: str) -> onnx.ModelProto:
-    """An opset-9 classifier: Conv -> Relu ("features") -> Upsample x2 -> Conv -> GlobalAveragePool -> Gemm."""
+def _upsample_classifier(mode: str, op: str = "Upsample", opset: int = 9,
+                         scales: tuple[float, ...] = (1, 1, 2, 2)) -> onnx.ModelProto:
+    """An old-opset classifier: Conv -> Relu ("features") -> Upsample (or Resize-10) -> Conv ->
+    GlobalAveragePool -> Gemm."""
     nodes = [
         helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["features"]),
-        helper.make_node("Upsample", ["features", "scales"], ["up"], mode=mode),
+        helper.make_node(op, ["features", "scales"], ["up"], mode=mode),
         helper.make_node("Conv", ["up", "w2"], ["c2"], strides=[2, 2]),
         helper.make_node("GlobalAveragePool", ["c2"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
         helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], transB=1),
     ]
     weights = {"w1": normal([4, 3, 3, 3], F32, 1), "w2": normal([4, 4, 3, 3], F32, 2), "w3": normal([5, 4], F32, 3), "b3": normal([5], F32, 5),
-               "scales": np.array([1, 1, 2, 2], F32)}
+               "scales": np.array(scales, F32)}
     graph = helper.make_graph(nodes, "upsampler", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
                                                                                   ["N", 3, 6, 6])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
                               [numpy_helper.from_array(v, k) for k, v in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7
     return model
+
+
+@pytest.mark.parametrize("op, opset, mode, scales", [
+    ("Upsample", 9, "nearest", (1, 1, 3, 1.2)), ("Upsample", 9, "linear", (1, 1, 1.5, 2.5)),
+    ("Resize", 10, "nearest", (1, 1, 1.2, 1.7)), ("Resize", 10, "nearest", (1, 1, 0.6, 0.8)),
+    ("Resize", 10, "linear", (1, 1, 0.7, 1.5)),
+], ids=["upsample9-nearest", "upsample9-linear", "resize10-nearest-up", "resize10-nearest-down", "resize10-linear"])
+def test_old_resizes_keep_their_coordinates_through_the_upgrade(op: str, opset: int, mode: str,
+                                                                 scales: tuple[float, ...]) -> None:
+    """The version converter's Resize would read half_pixel coordinates (and round_prefer_floor): without
+    make_explainable's attributes these upgrades change the logits by O(1)."""
+    model = _upsample_classifier(mode, op, opset, scales)
+    image = normal([2, 3, 6, 6], F32, 4)
+    original = session(model).run(["logits"], {"image": image})[0]
+    explained = make_explainable(model, target_layers=["features"], logits="logits")
+    upgraded = ort.InferenceSession(explained.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"image": image, TARGETS_INPUT: np.zeros((2, 1), np.int64)})[0]
+    np.testing.assert_allclose(upgraded, original, rtol=1e-5, atol=1e-6)
+
+
+def test_old_nearest_resize_scaling_up_and_down_is_refused() -> None:
+    """Resize-10's nearest rounds down along axes scaled up and up along axes scaled down: no one
+    nearest_mode of opset 11 says both."""
+    with pytest.raises(InvalidModelError, match="scales some axes up and others down"):
+        make_explainable(_upsample_classifier("nearest", "Resize", 10, (1, 1, 2, 0.5)), target_layers=["features"],
+                         logits="logits")
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
