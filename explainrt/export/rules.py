@@ -832,7 +832,8 @@ def _dequantize_linear(n: Node, g: Grads) -> Grads:
     """x = (q - zero) * scale: the integer input gets g * scale (see ``_quantize_linear``)."""
     q = n.x[0]
     scale, _ = _quantization(n, q)
-    return (_grad_of(V(n.b, q.name, TensorInfo(scale.dtype, q.info.shape)), (g[0] * scale).name), None, None)
+    gq = g[0] * scale  # a float gradient of the integer input
+    return (V(n.b, gq.name, TensorInfo(scale.dtype, q.info.shape), seeded=True), None, None)
 
 
 def refused(reason: str) -> Rule:
