@@ -133,7 +133,7 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
 def _keep_asymmetric_resizes(model: onnx.ModelProto) -> None:
     """Upsample and Resize before opset 11 map output pixel x to input x / scale (nearest: its floor,
     or its ceiling along axes scaled down, as ONNX Runtime does); the version converter turns them
-    into Resize nodes that read as half_pixel and round_prefer_floor, another image. Say it."""
+    into Resize nodes that read as half_pixel and round_prefer_floor, another image: spell them out."""
     constants = {t.name: t for t in model.graph.initializer}
     constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
