@@ -25,12 +25,13 @@ Inputs for piecewise operators must stay farther than the step from their kinks 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import helper, numpy_helper
 
 from explainrt.export.gradients import GradientBuilder, append_gradients
@@ -231,3 +232,14 @@ def check_op(op_type: str, inputs: Sequence[str], feeds: Mapping[str, np.ndarray
     """``check_gradients`` for a graph of one ``op_type`` node (``""`` in ``inputs`` skips an input)."""
     node = helper.make_node(op_type, list(inputs), list(outputs), name=f"{op_type}_under_test", **(attrs or {}))
     return check_gradients([node], feeds, output, **options)  # type: ignore[arg-type]
+
+
+def torch_gradients(f: Callable[..., torch.Tensor], feeds: dict[str, np.ndarray], seeds: np.ndarray) -> dict[str, np.ndarray]:
+    """[K, *shape(x)] gradients of ``sum(seeds[k] * f(**feeds))`` w.r.t. every feed, by torch.autograd."""
+    result: dict[str, list[np.ndarray]] = {x: [] for x in feeds}
+    for seed in seeds:
+        tensors = {x: torch.from_numpy(value).requires_grad_(True) for x, value in feeds.items()}
+        (f(**tensors) * torch.from_numpy(seed)).sum().backward()
+        for x, tensor in tensors.items():
+            result[x].append(tensor.grad.numpy())  # type: ignore[union-attr]
+    return {x: np.stack(grads) for x, grads in result.items()}

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 import onnx
 from onnx import TensorProto, version_converter
 
-from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError, UnsupportedOperatorError
 from explainrt.export import layers, layouts
 from explainrt.export.builder import opset_version
-from explainrt.export.gradients import GradientBuilder, Node, append_gradients
-from explainrt.export.rules import RULES
+from explainrt.export.gradients import GradientBuilder, Node, ancestors, append_gradients
+from explainrt.export.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.export.spec import (
     METADATA_KEY,
     OBJECTIVES,
@@ -74,6 +74,7 @@ def make_explainable(
     builder = GradientBuilder(proto)
     image_input = _image_input(builder)
     logits_name = _logits(builder, logits)
+    _refuse_qoperator(builder, logits_name)
     num_classes = _num_classes(builder, logits_name)
     count = 1 if isinstance(target_layers, str) else len(target_layers)
     chosen = layers.target_layers(builder, image_input, target_layers, logits_name,
@@ -118,14 +119,43 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     except onnx.checker.ValidationError as error:
         raise InvalidModelError(f"invalid ONNX model: {error}") from error
     if opset_version(model) < MIN_OPSET:
+        before = opset_version(model)
         try:
             model = version_converter.convert_version(model, MIN_OPSET)
         except Exception as error:  # the converter raises bare RuntimeErrors of many kinds
             raise InvalidModelError(f"cannot upgrade the model to opset {MIN_OPSET}: {error}") from error
+        if before < 11:
+            _keep_asymmetric_resizes(model)
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as error:
         raise InvalidModelError(f"ONNX shape inference failed on the model: {error}") from error
+
+
+def _keep_asymmetric_resizes(model: onnx.ModelProto) -> None:
+    """Upsample and Resize before opset 11 map output pixel x to input x / scale (nearest: its floor,
+    or its ceiling along axes scaled down, as ONNX Runtime does); the version converter turns them
+    into Resize nodes that read as half_pixel and round_prefer_floor, another image: spell them out."""
+    constants = {t.name: t for t in model.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    for node in model.graph.node:
+        if node.op_type != "Resize" or any(a.name == "coordinate_transformation_mode" for a in node.attribute):
+            continue
+        node.attribute.append(onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        mode = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"nearest")
+        if mode != b"nearest":
+            continue
+        scales = constants.get(node.input[2]) if len(node.input) > 2 else None
+        if scales is None:
+            raise InvalidModelError(f"Resize/Upsample {node.name!r} of the old opset has scales computed at run time: "
+                                    "its nearest rounding cannot be carried to opset 11+; export with opset >= 11")
+        resized = [float(v) for v in onnx.numpy_helper.to_array(scales).reshape(-1) if v != 1]
+        if any(v < 1 for v in resized) and any(v > 1 for v in resized):
+            raise InvalidModelError(f"Resize {node.name!r} of the old opset scales some axes up and others down: its "
+                                    "nearest rounding cannot be carried to opset 11+; export with opset >= 11")
+        rounding = "ceil" if any(v < 1 for v in resized) else "floor"
+        node.attribute.append(onnx.helper.make_attribute("nearest_mode", rounding))
 
 
 def _image_input(builder: GradientBuilder) -> str:
@@ -149,6 +179,15 @@ def _logits(builder: GradientBuilder, requested: str | None) -> str:
         log.info("the model ends in %s: explaining its input %s", producer.op_type, producer.input[0])
         return producer.input[0]
     return name
+
+
+def _refuse_qoperator(builder: GradientBuilder, logits: str) -> None:
+    """A QOperator-format model (integer operators throughout) has no float path for the layer search
+    to find: say so, and what to do, before the search reports no layer."""
+    upstream = ancestors(builder.graph, logits)
+    node = next((n for n in builder.graph.node if n.op_type in QOPERATOR_OPS and n.output[0] in upstream), None)
+    if node is not None:
+        raise UnsupportedOperatorError(node.op_type, node.name or node.output[0], QOPERATOR_HINT)
 
 
 def _num_classes(builder: GradientBuilder, logits: str) -> int:

@@ -348,6 +348,20 @@ Rule = Callable[[Node, Sequence[V | None]], Sequence[V | None]]
 """A VJP rule: the node and its outputs' gradients (None where none flows) -> one gradient per input."""
 
 
+def through_integers(rule: Rule) -> Rule:
+    """Mark ``rule`` as giving its operator's integer outputs a gradient (QuantizeLinear's
+    straight-through estimator): they stay on the path, which integer tensors otherwise leave."""
+    rule.through_integers = True  # type: ignore[attr-defined]
+    return rule
+
+
+def blocks_path(rule: Rule) -> Rule:
+    """Mark ``rule`` (one that raises) to be run on every node between ``wrt`` and ``of``, even one
+    reached only through integer tensors, which otherwise cut a node off the path silently."""
+    rule.blocks_path = True  # type: ignore[attr-defined]
+    return rule
+
+
 class GradientBuilder(GraphBuilder):
     """GraphBuilder plus what gradients share: the seed axis and shapes with it."""
 
@@ -386,13 +400,23 @@ def ancestors(graph: onnx.GraphProto, of: str, stop: str | None = None) -> set[s
     return found
 
 
-def _path_values(graph: onnx.GraphProto, wrt: Sequence[str], of: str, builder: GraphBuilder) -> set[str]:
-    """Float tensors that depend on some ``wrt`` tensor and that ``of`` depends on."""
-    descendants = set(wrt)
+def _path_values(graph: onnx.GraphProto, wrt: Sequence[str], of: str, builder: GraphBuilder,
+                 rules: Mapping[str, Rule]) -> set[str]:
+    """Float tensors (and the integer outputs of rules marked ``through_integers``) that depend on
+    some ``wrt`` tensor and that ``of`` depends on. A node marked ``blocks_path`` anywhere between
+    them, through tensors of any type, has its rule run here (to raise its explanation)."""
+    descendants, reached = set(wrt), set(wrt)
+    upstream = ancestors(graph, of)
     for node in graph.node:
+        if any(i in reached for i in node.input):
+            reached.update(o for o in node.output if o)
+            rule = rules.get(node.op_type)
+            if getattr(rule, "blocks_path", False) and any(o in upstream for o in node.output):
+                rule(Node.of(node, builder), [])  # type: ignore[misc]
         if any(i in descendants for i in node.input):
-            descendants.update(o for o in node.output if o and _maybe_float(builder, o))
-    return descendants & ancestors(graph, of)
+            carries = getattr(rules.get(node.op_type), "through_integers", False)
+            descendants.update(o for o in node.output if o and (carries or _maybe_float(builder, o)))
+    return descendants & upstream
 
 
 def _maybe_float(builder: GraphBuilder, name: str) -> bool:
@@ -412,7 +436,7 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
     """
 
     graph = builder.graph
-    on_path = _path_values(graph, wrt, of, builder)
+    on_path = _path_values(graph, wrt, of, builder, rules)
     unreached = [x for x in wrt if x not in on_path]
     if unreached:
         raise InvalidModelError(f"{of!r} does not depend on {unreached}: no gradient flows there")

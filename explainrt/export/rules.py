@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from onnx import TensorProto
 
-from explainrt.export.builder import TensorInfo
-from explainrt.export.gradients import Node, Rule, V, add_n, where
+from explainrt.export.builder import Dim, TensorInfo
+from explainrt.export.gradients import Node, Rule, V, add_n, blocks_path, through_integers, where
 
 Grads = Sequence[V | None]
 
@@ -263,6 +263,11 @@ def _reduce_l2(n: Node, g: Grads) -> Grads:
     return (where(y > 0, _keep_dims(n, g[0]) * x / y, 0),)
 
 
+def _reduce_l1(n: Node, g: Grads) -> Grads:
+    """y = sum |x|: dx = g sign(x) (F.normalize(p=1)'s norm; 0 at x = 0, as torch)."""
+    return (_keep_dims(n, g[0]) * n.x[0].sign(),)
+
+
 def _extreme_reduce(n: Node, g: Grads) -> Grads:
     """ReduceMax/ReduceMin/GlobalMaxPool: shared equally among the inputs equal to the result (torch.amax)."""
     x = n.x[0]
@@ -374,16 +379,281 @@ def _batch_norm(n: Node, g: Grads) -> Grads:
     return (g[0] * factor.unsqueeze(list(range(2 - x.rank, 0))),)
 
 
+def _standardised(x: V, gh: V, axes: Sequence[int], epsilon: float) -> V:
+    """The gradient through x_hat = (x - mean) / sqrt(var + eps) over ``axes``, given gh = dL/dx_hat:
+    inv_std * (gh - mean(gh) - x_hat * mean(gh * x_hat))."""
+    centred = x - x.mean(axes)
+    inv_std = ((centred * centred).mean(axes) + epsilon).sqrt().reciprocal()
+    x_hat = centred * inv_std
+    return (gh - gh.mean(axes) - x_hat * (gh * x_hat).mean(axes)) * inv_std
+
+
 def _layer_norm(n: Node, g: Grads) -> Grads:
-    """dx = inv_std * (gh - mean(gh) - xhat * mean(gh * xhat)), gh = g * scale, over normalised axes."""
+    """Standardised over the axes from ``axis`` on, then scaled: gh = g * scale."""
     x, scale = n.x[0], n.x[1]
     rank = x.rank
     axes = list(range(int(n.attr("axis", -1)) % rank - rank, 0))  # type: ignore[arg-type]
-    centred = x - x.mean(axes)
-    inv_std = ((centred * centred).mean(axes) + float(n.attr("epsilon", 1e-5))).sqrt().reciprocal()  # type: ignore[arg-type]
-    x_hat = centred * inv_std
-    gh = g[0] * scale
-    return ((gh - gh.mean(axes) - x_hat * (gh * x_hat).mean(axes)) * inv_std,)
+    return (_standardised(x, g[0] * scale, axes, float(n.attr("epsilon", 1e-5))),)  # type: ignore[arg-type]
+
+
+def _instance_norm(n: Node, g: Grads) -> Grads:
+    """Standardised per image and channel over the spatial axes, then scaled per channel."""
+    x, scale = n.x[0], n.x[1]
+    spatial = list(range(2 - x.rank, 0))
+    gh = g[0] * scale.unsqueeze(spatial)
+    return (_standardised(x, gh, spatial, float(n.attr("epsilon", 1e-5))), None, None)  # type: ignore[arg-type]
+
+
+def _group_norm(n: Node, g: Grads) -> Grads:
+    """GroupNormalization (opset 21; opset 18's per-group scale is deprecated): standardised per image
+    over each group of channels with their spatial axes, then scaled per channel."""
+    b, x, scale = n.b, n.x[0], n.x[1]
+    groups = int(n.attr("num_groups"))  # type: ignore[arg-type]
+    per_group = TensorInfo(x.dtype, (x.shape[0], groups, None))
+    grouped_x = x.op("Reshape", b.ints([0, groups, -1]), info=per_group)
+    gh = g[0] * scale.unsqueeze(list(range(2 - x.rank, 0)))
+    grouped_g = gh.op("Reshape", b.ints([0, 0, groups, -1]), info=per_group)
+    return (_standardised(grouped_x, grouped_g, [-1], float(n.attr("epsilon", 1e-5))).reshape_like(x),  # type: ignore[arg-type]
+            None, None)
+
+
+def _lp_normalization(n: Node, g: Grads) -> Grads:
+    """y = x / ||x||_p along ``axis`` (p = 1 or 2): dx = (g - d||x|| * sum(g y)) / ||x||, with
+    d||x|| = y for p = 2 and sign(x) for p = 1; 0 where the norm is 0."""
+    x, y = n.x[0], n.y[0]
+    axis = neg_axis(int(n.attr("axis", -1)), x.rank)  # type: ignore[arg-type]
+    p = int(n.attr("p", 2))  # type: ignore[arg-type]
+    if p not in (1, 2):
+        raise n.unsupported(f"p={p}")
+    slope = y if p == 2 else x.sign()
+    norm = (x * slope).sum([axis]) if p == 1 else (x * x).sum([axis]).sqrt()
+    return (where(norm > 0, (g[0] - slope * (g[0] * y).sum([axis])) / norm, 0),)
+
+
+# -- resampling and rearranging ----------------------------------------------------------------
+_COORDINATES: dict[str, Callable[[np.ndarray, int, int, float], np.ndarray]] = {
+    # Resize's coordinate_transformation_mode: output positions -> input coordinates, given the
+    # input and output lengths and the axis's scale (ONNX Resize; tf_crop_and_resize is not here)
+    "half_pixel": lambda x, i, o, s: (x + 0.5) / s - 0.5,
+    "pytorch_half_pixel": lambda x, i, o, s: (x + 0.5) / s - 0.5 if o > 1 else np.full_like(x, -0.5),
+    "align_corners": lambda x, i, o, s: x * (i - 1) / (o - 1) if o > 1 else np.zeros_like(x),
+    "asymmetric": lambda x, i, o, s: x / s,
+    "half_pixel_symmetric": lambda x, i, o, s: i / 2 * (1 - o / (s * i)) + (x + 0.5) / s - 0.5,
+}
+_NEAREST: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "round_prefer_floor": lambda x: np.ceil(x - 0.5),
+    "round_prefer_ceil": lambda x: np.floor(x + 0.5),
+    "floor": np.floor,
+    "ceil": np.ceil,
+}
+
+
+def _cubic(t: np.ndarray, a: float) -> np.ndarray:
+    """The cubic convolution kernel (Keys) with coefficient ``a`` at distances ``t``."""
+    t = np.abs(t)
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+
+def resize_weights(n_in: int, n_out: int, scale: float, mode: str, coordinates: str, nearest_mode: str = "floor",
+                   cubic_a: float = -0.75, exclude_outside: bool = False, antialias: bool = False) -> np.ndarray:
+    """The [n_out, n_in] matrix of ONNX Resize along one axis: output = matrix @ input.
+
+    Follows the ONNX specification: taps outside the input repeat the edge, or are dropped and
+    the rest renormalised (``exclude_outside``); ``antialias`` widens the linear or cubic filter
+    by 1/scale when downsampling.
+    """
+    x = _COORDINATES[coordinates](np.arange(n_out, dtype=np.float64), n_in, n_out, scale)
+    if mode == "nearest":
+        taps, weights = _NEAREST[nearest_mode](x)[:, None], np.ones((n_out, 1))
+    else:
+        stretch = min(scale, 1.0) if antialias else 1.0
+        support = 1 if mode == "linear" else 2
+        start = int(np.floor(-support / stretch)) + 1
+        offsets = np.arange(start, 2 - start)
+        base = np.floor(x)[:, None]
+        distance = (offsets[None, :] - (x[:, None] - base)) * stretch
+        weights = np.clip(1 - np.abs(distance), 0, 1) if mode == "linear" else _cubic(distance, cubic_a)
+        weights = weights / weights.sum(axis=1, keepdims=True)
+        taps = base + offsets[None, :]
+        if exclude_outside:
+            weights = np.where((taps >= 0) & (taps < n_in), weights, 0.0)
+            weights = weights / weights.sum(axis=1, keepdims=True)
+    matrix = np.zeros((n_out, n_in))
+    rows = np.broadcast_to(np.arange(n_out)[:, None], taps.shape)
+    np.add.at(matrix, (rows, np.clip(taps, 0, n_in - 1).astype(np.int64)), weights)
+    return matrix
+
+
+def _resize_scales(n: Node, rank: int) -> list[float] | None:
+    """Resize's constant scales per axis (1 where ``axes`` leaves an axis out); None when sizes are given."""
+    name = n.inputs[2] if len(n.inputs) > 2 else ""
+    if not name:
+        return None
+    value = n.b.constant_value(name)
+    if value is None:
+        raise n.unsupported("scales computed at run time: export with constant scale factors or sizes")
+    if value.size == 0:
+        return None
+    axes = [int(a) % rank for a in n.attr("axes") or range(rank)]  # type: ignore[attr-defined]
+    scales = [1.0] * rank
+    for axis, scale in zip(axes, value.reshape(-1)):
+        scales[axis] = float(scale)
+    return scales
+
+
+SizeElement = int | tuple[str, int]
+"""One element of a shape computed in the graph: a number, or (tensor, axis): that tensor's size along axis."""
+
+
+def shape_elements(n: Node, name: str) -> list[SizeElement] | None:
+    """The elements of the 1-D integer tensor ``name`` where it is assembled from constants and
+    tensors' shapes (Shape, Gather, Slice, Concat, Cast, Squeeze, Unsqueeze: F.interpolate's
+    ``size=x.shape[-2:]``); None where it is computed otherwise."""
+    b = n.b
+    value = b.constant_value(name)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    node = next((m for m in b.graph.node if name in m.output), None)
+    if node is None:
+        return None
+    attrs = Node.of(node, b)
+    if node.op_type == "Shape":
+        axes = list(range(b.rank(node.input[0])))[slice(attrs.attr("start", 0), attrs.attr("end"))]  # type: ignore[misc]
+        shape = b.info(node.input[0]).shape or ()
+        return [shape[a] if isinstance(shape[a], int) else (node.input[0], a) for a in axes]
+    parts = [shape_elements(n, i) for i in node.input[:1 if node.op_type != "Concat" else None]]
+    if any(p is None for p in parts):
+        return None
+    if node.op_type == "Concat":
+        return [e for p in parts for e in p]  # type: ignore[union-attr]
+    if node.op_type in ("Cast", "Squeeze", "Unsqueeze", "Identity"):
+        return parts[0]
+    if node.op_type == "Gather":
+        indices = b.constant_value(node.input[1])
+        return None if indices is None else [parts[0][int(i)] for i in indices.reshape(-1)]  # type: ignore[index]
+    if node.op_type == "Slice" and len(node.input) >= 3:
+        bounds = [b.constant_value(i) if i else None for i in node.input[1:]]
+        if any(v is None for v in bounds[:2]) or any(v is None for v, i in zip(bounds[2:], node.input[3:]) if i):
+            return None
+        step = int(bounds[3][0]) if len(bounds) > 3 and bounds[3] is not None else 1  # type: ignore[index]
+        return parts[0][int(bounds[0][0]):int(bounds[1][0]):step]  # type: ignore[index]
+    return None
+
+
+def _resize_sizes(n: Node, rank: int) -> list[SizeElement | None] | None:
+    """Resize's sizes per axis where the graph spells them (None for an axis ``axes`` leaves out, or all None)."""
+    elements = shape_elements(n, n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] else None
+    if elements is None:
+        return None
+    axes = [int(a) % rank for a in n.attr("axes") or range(rank)]  # type: ignore[attr-defined]
+    sizes: list[SizeElement | None] = [None] * rank
+    for axis, size in zip(axes, elements):
+        sizes[axis] = size
+    return sizes
+
+
+def _same_size(n: Node, size: SizeElement | Dim | None, x: str, axis: int, size_in: Dim) -> bool:
+    """Whether resized size ``size`` is certainly ``x``'s size along ``axis`` (``size_in``)."""
+    if size is None:  # an axis Resize's axes leave out
+        return True
+    if isinstance(size, tuple):
+        tensor, along = size
+        shape = n.b.info(tensor).shape or ()
+        return along == axis and (tensor == x or (len(shape) > along and shape[along] == size_in
+                                                  and size_in is not None))
+    return size == size_in and size is not None
+
+
+def _along(g: V, matrix: np.ndarray, axis: int) -> V:
+    """``g`` times ``matrix`` [O, I] contracted over its axis ``axis`` (negative, of length O)."""
+    weights = V(g.b, g.b.constant(matrix, dtype=g.dtype))
+    if axis == -1:
+        return g @ weights
+    if axis == -2:
+        return weights.mT @ g
+    perm = list(range(g.rank))
+    perm[axis], perm[-1] = perm[-1], perm[axis]
+    return (g.transpose(perm) @ weights).transpose(perm)
+
+
+def _resize(n: Node, g: Grads) -> Grads:
+    """Resize is linear and separable: along each resized axis the output is a
+    constant matrix [out, in] (``resize_weights``) times the input, so the gradient is the
+    transposed matrices applied to g, one MatMul per resized axis. Needs static sizes on the
+    resized axes (an export at a fixed image size)."""
+    x, y = n.x[0], n.y[0]
+    if n.b.opset < 11:  # Resize-10 rounds nearest pixels as no later attribute says
+        raise n.unsupported(f"Resize of opset {n.b.opset}: upgrade the model to opset 11 or later "
+                            "(make_explainable does, keeping its coordinates)")
+    mode = str(n.attr("mode", "nearest"))
+    coordinates = str(n.attr("coordinate_transformation_mode", "half_pixel"))
+    if coordinates not in _COORDINATES:
+        raise n.unsupported(f"coordinate_transformation_mode {coordinates!r}")
+    if mode not in ("nearest", "linear", "cubic"):
+        raise n.unsupported(f"mode {mode!r}")
+    if n.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise n.unsupported(f"keep_aspect_ratio_policy {n.attr('keep_aspect_ratio_policy')!r}")
+    in_shape, out_shape = x.info.shape, y.info.shape
+    if in_shape is None or out_shape is None:
+        raise n.unsupported("the input and output shapes are unknown")
+    rank = len(in_shape)
+    scales = _resize_scales(n, rank)
+    sizes = _resize_sizes(n, rank) if scales is None else None
+    wanted = [sizes[axis] if sizes is not None else size for axis, size in enumerate(out_shape)]
+    kept = [(scales is not None and scales[axis] == 1.0) or _same_size(n, wanted[axis], x.name, axis, in_shape[axis])
+            for axis in range(rank)]
+    if all(kept):  # ONNX Runtime copies a Resize that keeps every size, whatever its scales say
+        return (g[0],)
+    grad = g[0]
+    for axis, (size_in, size_out) in enumerate(zip(in_shape, out_shape)):
+        scale = scales[axis] if scales is not None else None
+        if scale == 1.0 or (scale is None and kept[axis]):
+            continue
+        size_out = wanted[axis] if isinstance(wanted[axis], int) else size_out
+        if not isinstance(size_in, int) or not isinstance(size_out, int):
+            raise n.unsupported(f"axis {axis} resized from {size_in} to {size_out}: the gradient needs static sizes "
+                                "(export the model at a fixed image size)")
+        matrix = resize_weights(size_in, size_out, size_out / size_in if scale is None else scale, mode, coordinates,
+                                str(n.attr("nearest_mode", "round_prefer_floor")),
+                                float(n.attr("cubic_coeff_a", -0.75)),  # type: ignore[arg-type]
+                                bool(n.attr("exclude_outside", 0)), bool(n.attr("antialias", 0)))
+        grad = _along(grad, matrix, axis - rank)
+    return (_grad_of(x, grad.name),)
+
+
+def _tile(n: Node, g: Grads) -> Grads:
+    """g viewed as [K, r0, d0, r1, d1, ...] (r: the constant repeats, d: the input's sizes), summed over the r axes."""
+    b, x = n.b, n.x[0]
+    repeats = input_or_attr(n, 1, "repeats")
+    rank = x.rank
+    dims = [b.seeds]
+    for axis, times in enumerate(repeats or []):
+        dims += [b.ints([times]), b.shape_slice(n.inputs[0], axis, axis + 1)]
+    split = g[0].op("Reshape", b.concat(dims, 0), info=TensorInfo(x.dtype, None))
+    return (_grad_of(x, split.sum([2 * axis - 2 * rank for axis in range(rank)], keepdims=False).name), None)
+
+
+def _depth_to_space(n: Node, g: Grads) -> Grads:
+    """A permutation of elements: its gradient is the inverse permutation (SpaceToDepth for mode DCR)."""
+    b, x = n.b, n.x[0]
+    block = int(n.attr("blocksize"))  # type: ignore[arg-type]
+    merged = b.merge_seeds(g[0].name, n.outputs[0])
+    if n.attr("mode", "DCR") == "DCR":
+        back = b.op("SpaceToDepth", [merged], blocksize=block)
+    else:  # CRD: channel c * block^2 + i * block + j went to pixel (h * block + i, w * block + j) of channel c
+        _, channels, height, width = b.static_shape(n.outputs[0], "the gradient of DepthToSpace")
+        split = b.op("Reshape", [merged, b.ints([-1, channels, height // block, block, width // block, block])])  # type: ignore[operator]
+        back = b.op("Transpose", [split], perm=[0, 1, 3, 5, 2, 4])
+    return (V(b, back).reshape_like(x),)
+
+
+def _space_to_depth(n: Node, g: Grads) -> Grads:
+    """The inverse permutation: DepthToSpace in mode DCR."""
+    b = n.b
+    back = b.op("DepthToSpace", [b.merge_seeds(g[0].name, n.outputs[0])], blocksize=n.attr("blocksize"), mode="DCR")
+    return (V(b, back).reshape_like(n.x[0]),)
 
 
 # -- windows: convolution and pooling ----------------------------------------------------------
@@ -435,6 +705,25 @@ def _conv(n: Node, g: Grads) -> Grads:
     kernel = list(n.attr("kernel_shape") or n.b.static_shape(n.inputs[1], "the gradient of Conv")[2:])  # type: ignore[arg-type]
     merged = n.b.merge_seeds(g[0].name, n.outputs[0])
     return (_scatter_windows(n, merged, n.inputs[1], int(n.attr("group", 1)), kernel), None, None)  # type: ignore[arg-type]
+
+
+def _conv_transpose(n: Node, g: Grads) -> Grads:
+    """ConvTranspose scatters each input pixel through the kernel; its gradient gathers g back
+    through the same kernel: a Conv with the same weights, strides, dilations, groups and pads
+    (the weight layout [C_in, C_out / group, k...] is the Conv's from g's channels to x's). The
+    Conv's output has the input's size: floor(((in - 1) * stride + output_padding) / stride) + 1,
+    output_padding < stride (ONNX Runtime refuses larger ones)."""
+    b, x = n.b, n.inputs[0]
+    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or n.attr("output_shape"):
+        raise n.unsupported("auto_pad SAME_* or output_shape: export with explicit pads")
+    spatial = b.rank(x) - 2
+    strides = list(n.attr("strides") or [1] * spatial)  # type: ignore[arg-type]
+    dilations = list(n.attr("dilations") or [1] * spatial)  # type: ignore[arg-type]
+    pads = list(n.attr("pads") or [0] * 2 * spatial) if n.attr("auto_pad", "NOTSET") == "NOTSET" else [0] * 2 * spatial  # type: ignore[arg-type]
+    merged = b.merge_seeds(g[0].name, n.outputs[0])
+    back = b.op("Conv", [merged, n.inputs[1]], strides=strides, dilations=dilations, pads=pads,
+                group=int(n.attr("group", 1)))  # type: ignore[arg-type]
+    return (V(b, back).reshape_like(n.x[0]), None, None)
 
 
 def _channels(n: Node) -> int:
@@ -498,6 +787,83 @@ def _max_pool(n: Node, g: Grads) -> Grads:
     return (_scatter_windows(n, merged, weight, channels, kernel),)
 
 
+# -- quantization: the straight-through estimator ----------------------------------------------
+_INTEGER_RANGES = {
+    TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767),
+    TensorProto.UINT16: (0, 65535), TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15),
+}
+
+
+def _quantization(n: Node, x: V) -> tuple[V, V]:
+    """The node's scale and zero point as values of ``x``'s float type, shaped to broadcast
+    against ``x`` (a per-axis scale [C] gets trailing size-1 axes after ``axis``)."""
+    if int(n.attr("block_size", 0)):  # type: ignore[arg-type]
+        raise n.unsupported("blocked quantization (block_size)")
+    scale, zero = n.x[1], n.input(2)
+    float_type = scale.dtype
+    zero = V(n.b, n.b.scalar_like(0.0, n.inputs[1])) if zero is None else zero.cast(float_type)
+    if scale.rank == 1 and x.rank > 1:
+        trailing = list(range(neg_axis(int(n.attr("axis", 1)), x.rank) + 1, 0))  # type: ignore[arg-type]
+        scale, zero = scale.unsqueeze(trailing), zero.unsqueeze(trailing) if zero.rank == 1 else zero
+    return scale, zero
+
+
+def _quantize_linear(n: Node, g: Grads) -> Grads:
+    """QuantizeLinear, q = clip(round(x / scale) + zero, qmin, qmax), by the straight-through
+    estimator of quantization-aware training: rounding counts as the identity, clipping does not.
+
+    Convention (``_dequantize_linear`` holds the other half): the gradient of the integer output
+    is in units of the float value per integer step, so Quantize passes ``g / scale`` to ``x``
+    inside the representable range [scale (qmin - zero), scale (qmax - zero)] and 0 outside, and
+    Dequantize passes ``g * scale`` back to its integer input. A Quantize -> Dequantize pair with
+    one scale is then the clipped straight-through estimator: g inside the range, 0 outside.
+    """
+    x, q = n.x[0], n.y[0]
+    if q.dtype not in _INTEGER_RANGES:
+        raise n.unsupported(f"quantization to element type {TensorProto.DataType.Name(q.dtype)}")
+    scale, zero = _quantization(n, x)
+    low, high = _INTEGER_RANGES[q.dtype]
+    inside = ((low - zero) * scale <= x) & (x <= (high - zero) * scale)
+    gq = V(n.b, g[0].name, TensorInfo(x.dtype, q.info.shape), seeded=True)  # the integer output's float gradient
+    return (where(inside, gq / scale, 0), None, None)
+
+
+def _dequantize_linear(n: Node, g: Grads) -> Grads:
+    """x = (q - zero) * scale: the integer input gets g * scale (see ``_quantize_linear``)."""
+    q = n.x[0]
+    scale, _ = _quantization(n, q)
+    gq = g[0] * scale  # a float gradient of the integer input
+    return (V(n.b, gq.name, TensorInfo(scale.dtype, q.info.shape), seeded=True), None, None)
+
+
+def refused(reason: str) -> Rule:
+    """A rule for an operator the gradient must not cross: it raises ``reason``. Marked to be run on
+    every node between the explained layer and the output, even one reached only through integer
+    tensors (NonMaxSuppression's indices, QLinearConv's uint8 values)."""
+
+    def rule(n: Node, g: Grads) -> Grads:
+        raise n.unsupported(reason)
+
+    return blocks_path(rule)
+
+
+QOPERATOR_HINT = ("a quantized operator of the QOperator format has no gradient: quantize the model in the QDQ "
+                  "format instead (onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QDQ)), "
+                  "whose QuantizeLinear/DequantizeLinear pairs take the straight-through gradient")
+QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul",
+                 "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+                 "QLinearSoftmax", "QLinearReduceMean", "QGemm", "QAttention", "DynamicQuantizeLinear")
+"""Operators of onnxruntime.quantization's QOperator format (integer in, integer out)."""
+_POST_PROCESSING = ("detection post-processing (non-maximum suppression, top-k selection) has no useful gradient: "
+                    "explain the raw head output before it (pass its tensor name as output=/logits=)")
+REFUSED: dict[str, str] = {
+    **dict.fromkeys(QOPERATOR_OPS, QOPERATOR_HINT),
+    "NonMaxSuppression": _POST_PROCESSING,
+    "TopK": _POST_PROCESSING,
+}
+"""Operators refused with a hint (``refused``): no gradient, and what to do instead."""
+
+
 RULES: dict[str, Rule] = {
     # identity-like
     "Identity": elementwise(lambda n, g, x, y: g),
@@ -550,6 +916,7 @@ RULES: dict[str, Rule] = {
     "ReduceMean": _reduce_mean,
     "ReduceSum": _reduce_sum,
     "ReduceL2": _reduce_l2,
+    "ReduceL1": _reduce_l1,
     "GlobalMaxPool": _extreme_reduce,
     "ReduceMax": _extreme_reduce,
     "ReduceMin": _extreme_reduce,
@@ -564,4 +931,17 @@ RULES: dict[str, Rule] = {
     "Conv": _conv,
     "BatchNormalization": _batch_norm,
     "LayerNormalization": _layer_norm,
+    "InstanceNormalization": _instance_norm,
+    "GroupNormalization": _group_norm,
+    "LpNormalization": _lp_normalization,
+    "ConvTranspose": _conv_transpose,
+    # resampling and rearranging
+    "Resize": _resize,
+    "Tile": _tile,
+    "DepthToSpace": _depth_to_space,
+    "SpaceToDepth": _space_to_depth,
+    # quantization (QDQ format)
+    "QuantizeLinear": through_integers(_quantize_linear),
+    "DequantizeLinear": _dequantize_linear,
+    **{op: refused(reason) for op, reason in REFUSED.items()},
 }
