@@ -14,15 +14,15 @@ from explainrt.export.torch_export import from_torch
 
 
 class ClsTokenNet(nn.Module):
-    """Patches -> tokens with a CLS token -> a token-mixing layer (MLP-Mixer's, so every token reaches the
-    CLS token) -> a pre-norm MLP block -> final LayerNorm -> head on token 0."""
+    """Patches -> tokens with a CLS token -> one-head self-attention (q, k, v taken from one projection, as
+    ViTs do) -> a pre-norm MLP block -> final LayerNorm -> head on token 0."""
 
     def __init__(self) -> None:
         super().__init__()
         self.patches = nn.Conv2d(3, 16, kernel_size=4, stride=4)
         self.cls = nn.Parameter(torch.randn(1, 1, 16))
         self.norm1 = nn.LayerNorm(16)
-        self.mix = nn.Linear(17, 17)
+        self.qkv = nn.Linear(16, 48)
         self.norm2 = nn.LayerNorm(16)
         self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
         self.norm = nn.LayerNorm(16)
@@ -31,7 +31,9 @@ class ClsTokenNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patches(x).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1)
-        tokens = tokens + self.mix(self.norm1(tokens).transpose(1, 2)).transpose(1, 2)
+        qkv = self.qkv(self.norm1(tokens)).reshape(len(x), -1, 3, 16).permute(2, 0, 1, 3)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        tokens = tokens + torch.softmax(q @ k.transpose(1, 2) / 4, dim=-1) @ v
         tokens = tokens + self.mlp(self.norm2(tokens))
         return self.head(self.norm(tokens)[:, 0])
 
@@ -52,6 +54,7 @@ def test_cls_token_gradient_runs_on_the_block_and_matches_torch(net: ClsTokenNet
     proto = from_torch(net, torch.zeros(1, 3, 16, 16), [net.norm1])
     lifted = [n for n in proto.graph.node if "/block/" in n.name]
     assert {"MatMul", "Mul", "ReduceMean", "Sum"} <= {n.op_type for n in lifted}, "nothing ran on the block"
+    assert any(n.op_type == "Concat" and n.name.endswith("/concat") for n in proto.graph.node), "q, k, v not tiled"
 
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     targets = np.array([[1, 4], [-1, 0]], dtype=np.int64)

@@ -62,6 +62,12 @@ def compute_on_blocks(b: GradientBuilder, seed: str) -> None:
                 blocks[node.output[0]] = block
         elif node.name.startswith("explainrt/grad") and any(i in blocks for i in node.input):
             b.scope = f"{node.name}/block"
+            tiles = _tiling(node, blocks)
+            if tiles is not None:
+                axis, inners = tiles
+                b.graph.node.append(onnx.helper.make_node("Concat", inners, [node.output[0]], axis=axis,
+                                                          name=b.fresh(f"{node.name}/concat")))
+                continue
             lifted = _lift(b, node, blocks, seeded)
             if lifted is not None:
                 b.graph.node.append(onnx.helper.make_node(
@@ -70,6 +76,24 @@ def compute_on_blocks(b: GradientBuilder, seed: str) -> None:
                 blocks[node.output[0]] = lifted
                 continue
         b.graph.node.append(node)
+
+
+def _tiling(node: onnx.NodeProto, blocks: dict[str, Block]) -> tuple[int, list[str]] | None:
+    """A sum of blocks that tile one axis (q, k, v = qkv[0], qkv[1], qkv[2] summed back): their concatenation."""
+    if node.op_type not in ("Sum", "Add") or not all(i in blocks for i in node.input) or len(node.input) < 2:
+        return None
+    parts = sorted((blocks[i] for i in node.input), key=lambda block: block.begins)
+    axes = {tuple(p.padded_axes) for p in parts}
+    if len(axes) != 1 or len(next(iter(axes))) != 1 or len({p.sizes for p in parts}) != 1:
+        return None
+    axis = next(iter(axes))[0]
+    size = parts[0].sizes[axis]
+    covered = 0
+    for part in parts:
+        if part.begins[axis] != covered:
+            return None
+        covered = size - part.ends[axis]  # type: ignore[operator]
+    return (axis, [p.inner for p in parts]) if covered == size else None
 
 
 def _is_zero_pad(b: GradientBuilder, node: onnx.NodeProto) -> bool:
