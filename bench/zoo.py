@@ -583,7 +583,7 @@ FINDINGS = [
     "window un-partitioning Reshape (`['unk__164', 512, 7, 7]`), so `blocks[-1]` was refused; `export_torch` "
     "now keeps the exporter's own shapes of the target modules (`explainrt/export/torch_export.py`). "
     "`tests/test_zoo_fixes.py::test_maxvit_last_block_keeps_its_batch_axis`.",
-    "- **Einsum had no VJP rule** (MaxViT's attention, `torch.einsum`). Rule in `explainrt/export/rules.py`: "
+    "- **Einsum had no VJP rule** (MaxViT's attention, `torch.einsum`). Rule in `explainrt/autodiff/rules.py`: "
     "each operand's gradient is the einsum of the output's gradient with the other operands; a repeated "
     "subscript (diagonal) or one summed within a single operand is refused by name. 9 finite-difference cases "
     "in `tests/test_vjp_rules.py` (attention scores and values as torchvision exports them, implicit output, "

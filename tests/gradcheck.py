@@ -34,8 +34,8 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
-from explainrt.export.gradients import GradientBuilder, append_gradients
-from explainrt.export.rules import RULES
+from explainrt.autodiff.gradients import GradientBuilder, append_gradients
+from explainrt.autodiff.rules import RULES
 
 SEEDS = 2  # K: cotangents per check
 SEED_INPUT = "gradcheck.seed"

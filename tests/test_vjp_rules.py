@@ -36,7 +36,7 @@ from gradcheck import (
 from onnx import TensorProto, helper
 
 from explainrt.errors import UnsupportedOperatorError
-from explainrt.export.rules import REFUSED, RULES
+from explainrt.autodiff.rules import REFUSED, RULES
 
 F64, F32 = np.float64, np.float32
 I64 = np.int64

@@ -1,4 +1,4 @@
-"""The zero-block rewrite (explainrt.export.zero_blocks): a CLS-token classifier's gradient graph runs
+"""The zero-block rewrite (explainrt.autodiff.zero_blocks): a CLS-token classifier's gradient graph runs
 its row-wise operators on the one non-zero token, and the gradients stay exactly those of torch."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import helper, numpy_helper
 
-from explainrt.export.builder import Dim, TensorInfo
+from explainrt.autodiff.builder import Dim, TensorInfo
 
 _ids = itertools.count()
 

@@ -1,7 +1,7 @@
 """make_explainable: an ONNX model that also returns target-layer activations and their gradients.
 
 From the target tensors to the logits it appends the reverse-mode derivative built from one VJP
-rule per operator (``explainrt.export.rules``); the names it adds and the metadata it stores
+rule per operator (``explainrt.autodiff.rules``); the names it adds and the metadata it stores
 are described in ``explainrt.export.spec``.
 """
 
@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 import onnx
 from onnx import TensorProto, version_converter
 
+from explainrt.autodiff.builder import opset_version
+from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
+from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
+from explainrt.autodiff.zero_blocks import compute_on_blocks
 from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError, UnsupportedOperatorError
 from explainrt.export import layers, layouts
-from explainrt.export.builder import opset_version
-from explainrt.export.gradients import GradientBuilder, Node, ancestors, append_gradients
-from explainrt.export.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.export.spec import (
     METADATA_KEY,
     OBJECTIVES,
@@ -33,7 +34,6 @@ from explainrt.export.spec import (
     relu_output,
     set_metadata,
 )
-from explainrt.export.zero_blocks import compute_on_blocks
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence
     """Relu (and ReLU6: Clip from 0) rules that also need out <= reference to pass the gradient,
     adding each one's reference input and activation output as the reverse pass reaches it
     (Wagner et al., CVPR 2019, Sec. 3.3: the explanation may not raise an activation above the image's)."""
-    from explainrt.export.gradients import V, where
+    from explainrt.autodiff.gradients import V, where
 
     count = itertools.count()
 

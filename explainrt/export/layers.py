@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
+from explainrt.autodiff.builder import Dim, GraphBuilder
+from explainrt.autodiff.gradients import ancestors
 from explainrt.errors import NoSpatialLayerError, UnknownLayerError
 from explainrt.export.axes import Labels, axis_labels
-from explainrt.export.builder import Dim, GraphBuilder
-from explainrt.export.gradients import ancestors
 from explainrt.export.layouts import Layout, LayoutRequest, layout_of
 
 

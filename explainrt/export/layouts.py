@@ -16,9 +16,9 @@ from typing import Any
 
 import onnx
 
+from explainrt.autodiff.builder import Dim, GraphBuilder, TensorInfo
 from explainrt.errors import UnknownLayerError
 from explainrt.export import axes
-from explainrt.export.builder import Dim, GraphBuilder, TensorInfo
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
 MAX_PREFIX_TOKENS = 8

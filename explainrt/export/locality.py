@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from explainrt.autodiff.builder import TensorInfo, tensor_infos
 from explainrt.errors import InvalidModelError
-from explainrt.export.builder import TensorInfo, tensor_infos
 
 UNARY_OPS = frozenset({
     "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Celu",

@@ -39,8 +39,8 @@ class _Tapped(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         captured: dict[int, torch.Tensor] = {}
-        def tap(index: int):  # noqa: ANN202
-            def hook(_module, _inputs, out):  # noqa: ANN001, ANN202
+        def tap(index: int):
+            def hook(_module, _inputs, out):
                 captured[index] = out
                 # The model goes on with a copy, so in-place ops after the module (densenet's
                 # F.relu(features, inplace=True)) cannot change what the tap reports.

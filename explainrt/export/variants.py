@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import onnx
 
-from explainrt.export.builder import GraphBuilder
+from explainrt.autodiff.builder import GraphBuilder
+from explainrt.autodiff.gradients import ancestors
 from explainrt.export.explainable import make_explainable
-from explainrt.export.gradients import ancestors
 from explainrt.export.layouts import Layout
 from explainrt.export.spec import ExplainableSpec, original_model
 

@@ -2,7 +2,7 @@
 
 ``append_gradients`` walks the nodes between the tensors to differentiate (``wrt``) and the
 tensor whose cotangent is given (``of``) in reverse topological order, sums fan-in gradients and
-calls one VJP rule per node from the table it is given (``explainrt.export.rules.RULES``). It knows no operator by name.
+calls one VJP rule per node from the table it is given (``explainrt.autodiff.rules.RULES``). It knows no operator by name.
 
 Layout: a gradient carries one extra leading axis, the *seed* axis: the gradient of a tensor of
 shape S is ``[K, *S]``, one slice per cotangent given for ``of``. Forward tensors broadcast
@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from explainrt.autodiff.builder import Dim, GraphBuilder, TensorInfo
 from explainrt.errors import InvalidModelError, UnsupportedOperatorError
-from explainrt.export.builder import Dim, GraphBuilder, TensorInfo
 
 Shape = tuple[Dim, ...] | None
 
@@ -431,7 +431,7 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
 
     ``seed`` has shape ``[K, *shape(of)]``; the returned tensor for ``x`` in ``wrt`` has shape
     ``[K, *shape(x)]``: its k-th slice is the gradient of ``sum(seed[k] * of)`` w.r.t. ``x``.
-    ``rules`` maps operator types to VJP rules (``explainrt.export.rules.RULES``, possibly with
+    ``rules`` maps operator types to VJP rules (``explainrt.autodiff.rules.RULES``, possibly with
     some replaced, e.g. FGVis's defended Relu); the driver itself knows no operator.
     """
 
@@ -454,7 +454,7 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
             raise node.unsupported(f"custom domain {node.proto.domain!r}")
         rule = rules.get(node.op_type)
         if rule is None:
-            raise node.unsupported("add a VJP rule to explainrt.export.rules")
+            raise node.unsupported("add a VJP rule to explainrt.autodiff.rules")
         builder.scope = f"explainrt/grad/{node.name}"
         output_grads = [V(builder, _total(builder, o, terms), builder.info(o), seeded=True) if terms else None
                         for o, terms in zip(node.outputs, incoming)]

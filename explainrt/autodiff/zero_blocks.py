@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from explainrt.export.gradients import GradientBuilder
+from explainrt.autodiff.gradients import GradientBuilder
 
 _END = int(np.iinfo(np.int64).max)
 

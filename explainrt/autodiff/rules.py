@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from onnx import TensorProto
 
-from explainrt.export.builder import Dim, TensorInfo
-from explainrt.export.gradients import Node, Rule, V, add_n, blocks_path, through_integers, where
+from explainrt.autodiff.builder import Dim, TensorInfo
+from explainrt.autodiff.gradients import Node, Rule, V, add_n, blocks_path, through_integers, where
 
 Grads = Sequence[V | None]
 
