@@ -219,6 +219,9 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         body = await body_of(request)
         tensors = await run_in_threadpool(codec.decode_v2_inputs, body, config.limits)
         images, raw, targets = _v2_images(model, tensors)
+        if len(images) > config.limits.max_instances:
+            raise RequestTooLargeError(f"{len(images)} images exceed the limit of {config.limits.max_instances} per "
+                                       "request (--max-images)")
         parameters = _parameters(body)
         wanted = _v2_outputs(model, body, "method" in parameters)
         arrays: dict[str, np.ndarray] = {}
