@@ -57,6 +57,10 @@ class UnknownModelError(InvalidInputError):
     """A request names a model the server does not serve."""
 
 
+class OutputWriteError(ExplainrtError):
+    """The command line cannot write its output files (a read-only or full disk); it wrote none of them."""
+
+
 class ClientGoneError(ExplanationCancelled):
     """A server request's client disconnected before its answer was ready; its work was dropped."""
 
