@@ -100,6 +100,21 @@ class OnnxRuntimeSession:
         return RunResult(values[0], values[1], values[2::2], values[3::2])
 
     def _run(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
+        """Run ``session``: in chunks of the model's static batch where it has one (the last chunk padded
+        with copies of its last image, the padding dropped); float outputs of another precision (an fp16
+        model's) as float32, which is what the methods compute in."""
+        batch = self.input_shape[0] if isinstance(self.input_shape[0], int) and self.input_shape[0] > 0 else None
+        count = next(iter(feeds.values())).shape[0]
+        if batch is None or count == batch:
+            values = self._run_once(session, outputs, feeds)
+        else:
+            parts = [self._run_once(session, outputs, {name: _padded(value[start:start + batch], batch)
+                                                      for name, value in feeds.items()})
+                     for start in range(0, count, batch)]
+            values = [_concatenated([part[i] for part in parts])[:count] for i in range(len(outputs))]
+        return [_as_float32(value) for value in values]
+
+    def _run_once(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
         """One runtime call. On CUDA, through IO binding: CUDA arrays (CuPy, torch) are bound in
         place, host arrays copied once, outputs allocated on the device; they come back as CuPy
         arrays (DLPack, no copy) with ``device_outputs``, else copied to the host."""
@@ -165,6 +180,35 @@ class OnnxRuntimeSession:
             self._heads[layer] = (self._session(head), reads_image)
         session, reads_image = self._heads[layer]
         return self._run(session, [self.spec.logits], head_feeds(self.spec, layer, activations, images, reads_image))[0]
+
+
+def _padded(values: Any, size: int) -> Any:
+    """``values`` (axis 0 at most ``size``) padded to ``size`` along axis 0 with copies of its last entry."""
+    missing = size - values.shape[0]
+    if missing == 0:
+        return values
+    module = _array_module(values)
+    return module.concatenate([values, module.repeat(values[-1:], missing, axis=0)])
+
+
+def _concatenated(values: list[Any]) -> Any:
+    return _array_module(values[0]).concatenate(values)
+
+
+def _array_module(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return np
+    from explainrt.kernels._cupy import load_cupy
+
+    return load_cupy()
+
+
+def _as_float32(value: Any) -> Any:
+    """Float outputs of another precision as float32; everything else as it is."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and np.dtype(dtype).kind == "f" and np.dtype(dtype) != np.float32:
+        return value.astype(np.float32)
+    return value
 
 
 def _validated_providers(ort: object, providers: Sequence[str] | None) -> list[str]:
