@@ -103,15 +103,18 @@ def adapt(model: onnx.ModelProto, layout: str | None = None) -> InputForm:
     (what consumes the input) and the sizes (which axis has a channel count), refusing to guess."""
     if layout is not None and layout not in INPUT_LAYOUTS:
         raise InvalidInputError(f"input_layout must be one of {INPUT_LAYOUTS}, got {layout!r}")
-    stored = next((p for p in model.metadata_props if p.key == INPUT_FORM_KEY), None)
-    if stored is not None:  # adapted before (the original of an explainable model): the input is float32 NCHW
-        form = InputForm.from_json(stored.value)
-        if layout is not None and layout != form.layout:
-            raise InvalidInputError(f"input_layout={layout!r}, but the model's input was read as {form.describe()}")
-        return form
     value = image_input(model)
     elem_type = value.type.tensor_type.elem_type
     dims = _dims(value)
+    stored = next((p for p in model.metadata_props if p.key == INPUT_FORM_KEY), None)
+    if stored is not None:
+        form = InputForm.from_json(stored.value)
+        if elem_type == TensorProto.FLOAT and dims == form.nchw:  # adapted before: the adapter is in the graph
+            if layout is not None and layout != form.layout:
+                raise InvalidInputError(f"input_layout={layout!r}, but the model's input was read as "
+                                        f"{form.describe()}")
+            return form
+        model.metadata_props.remove(stored)  # the model was changed since (e.g. converted to fp16)
     form = InputForm(layout or _told_layout(model.graph, value.name, dims), _numpy_name(elem_type), dims)
     if form.layout != "nchw" or elem_type != TensorProto.FLOAT:
         _insert_adapter(model, value, form, elem_type)
