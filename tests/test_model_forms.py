@@ -220,6 +220,8 @@ def test_uint8_model_takes_pixels_unchanged(tmp_path: Path) -> None:
 
     as_files = explainer.explain([Image.fromarray(p) for p in pixels])  # resized to 32 x 32: unchanged
     np.testing.assert_allclose(as_files.maps, explained.maps, atol=1e-6)
+    with pytest.raises(InvalidInputError, match=r"takes uint8 \[N, 32, 32, 3\] \(channels-last\) pixels"):
+        explainer.explain(pixels, method="saliency")
 
 
 def test_mismatched_forms_are_clear_errors(tmp_path: Path) -> None:

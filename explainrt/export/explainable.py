@@ -97,6 +97,10 @@ def make_explainable(
         logits_name, _cross_entropy_seed(builder, logits_name, resolved))
     rules = {**RULES, **_defended_relu_rules(builder)} if defended_relus else RULES
     gradients = append_gradients(builder, targets, of, seed, rules)
+    blocked = [target for target in targets if target not in gradients]
+    if blocked:
+        raise InvalidModelError(f"no gradient reaches {blocked} from {logits_name!r}: every path from there passes "
+                                f"integer tensors ({form.describe()} image input)")
     compute_on_blocks(builder, seed)
 
     builder.scope = "explainrt/outputs"

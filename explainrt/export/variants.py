@@ -8,7 +8,9 @@ import onnx
 
 from explainrt.autodiff.builder import GraphBuilder
 from explainrt.autodiff.gradients import ancestors
+from explainrt.errors import InvalidInputError
 from explainrt.export.explainable import make_explainable
+from explainrt.export.inputs import input_form
 from explainrt.export.layouts import Layout
 from explainrt.export.spec import ExplainableSpec, original_model
 
@@ -21,6 +23,10 @@ def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str,
     optional): ``model`` itself when it is that one, else the original model made explainable again."""
     if (objective, of_input, defended) == (spec.objective, False, False):
         return model
+    form = input_form(model)
+    if of_input and form.is_integer:
+        raise InvalidInputError(f"gradients with respect to the image need a float image input; the model takes "
+                                f"{form.describe()} pixels, which have none: use a CAM or perturbation method")
     layers = [spec.image_input] if of_input else list(spec.target_layers)
     stored = {} if of_input or not spec.layouts else {
         "layer_layout": [layout["kind"] for layout in spec.layouts],
