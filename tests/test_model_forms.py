@@ -74,6 +74,8 @@ def test_fp16_default_model_maps_match_fp32(default_fp32, keep_io_types: bool) -
     np.testing.assert_array_equal(explained.targets, reference.targets)
     assert min(_correlations(explained.maps, reference.maps)) >= 0.99
     assert explained.maps.dtype == np.float32 and explained.logits.dtype == np.float32
+    for method in ("ablationcam", "fgvis"):  # feeds of the model's own activations and references, in fp16
+        assert explainer.explain(images[:1], method=method, targets=reference.targets[:1]).maps.shape == (1, 224, 224)
     batch, _ = explainer.prepare(images)  # preprocessed batches in either precision give the same maps
     as_half = explainer.explain(batch.astype(np.float16), targets=reference.targets).maps
     np.testing.assert_allclose(as_half, explainer.explain(batch, targets=reference.targets).maps, atol=2e-3)

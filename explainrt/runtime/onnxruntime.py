@@ -53,6 +53,7 @@ class OnnxRuntimeSession:
         self._main = self._session(model)
         self._plain: object | None = None
         self._heads: dict[int, tuple[object, bool]] = {}
+        self._input_types: dict[object, dict[str, np.dtype]] = {}
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
         self._variants: dict[tuple[str, bool, bool], tuple[object, list[str], list[list[int | str | None]]]] = {
             (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers)), [])}
@@ -103,6 +104,7 @@ class OnnxRuntimeSession:
         """Run ``session``: in chunks of the model's static batch where it has one (the last chunk padded
         with copies of its last image, the padding dropped); float outputs of another precision (an fp16
         model's) as float32, which is what the methods compute in."""
+        feeds = self._typed(session, feeds)
         batch = self.input_shape[0] if isinstance(self.input_shape[0], int) and self.input_shape[0] > 0 else None
         count = next(iter(feeds.values())).shape[0]
         if batch is None or count == batch:
@@ -113,6 +115,16 @@ class OnnxRuntimeSession:
                      for start in range(0, count, batch)]
             values = [_concatenated([part[i] for part in parts])[:count] for i in range(len(outputs))]
         return [_as_float32(value) for value in values]
+
+    def _typed(self, session: object, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Float feeds in the float type the session's input has (an fp16 model's activations, references)."""
+        if session not in self._input_types:
+            self._input_types[session] = {i.name: _FLOAT_INPUTS[i.type] for i in session.get_inputs()  # type: ignore[attr-defined]
+                                          if i.type in _FLOAT_INPUTS}
+        wanted = self._input_types[session]
+        return {name: value.astype(wanted[name]) if name in wanted and hasattr(value, "astype")
+                and np.dtype(value.dtype).kind == "f" and np.dtype(value.dtype) != wanted[name] else value
+                for name, value in feeds.items()}
 
     def _run_once(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
         """One runtime call. On CUDA, through IO binding: CUDA arrays (CuPy, torch) are bound in
@@ -180,6 +192,10 @@ class OnnxRuntimeSession:
             self._heads[layer] = (self._session(head), reads_image)
         session, reads_image = self._heads[layer]
         return self._run(session, [self.spec.logits], head_feeds(self.spec, layer, activations, images, reads_image))[0]
+
+
+_FLOAT_INPUTS = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+                 "tensor(double)": np.dtype(np.float64)}
 
 
 def _padded(values: Any, size: int) -> Any:
