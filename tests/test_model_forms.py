@@ -74,11 +74,23 @@ def test_fp16_default_model_maps_match_fp32(default_fp32, keep_io_types: bool) -
     np.testing.assert_array_equal(explained.targets, reference.targets)
     assert min(_correlations(explained.maps, reference.maps)) >= 0.99
     assert explained.maps.dtype == np.float32 and explained.logits.dtype == np.float32
-    for method in ("ablationcam", "fgvis"):  # feeds of the model's own activations and references, in fp16
-        assert explainer.explain(images[:1], method=method, targets=reference.targets[:1]).maps.shape == (1, 224, 224)
     batch, _ = explainer.prepare(images)  # preprocessed batches in either precision give the same maps
     as_half = explainer.explain(batch.astype(np.float16), targets=reference.targets).maps
     np.testing.assert_allclose(as_half, explainer.explain(batch, targets=reference.targets).maps, atol=2e-3)
+
+
+def test_fp16_model_runs_every_method_close_to_fp32(tmp_path: Path) -> None:
+    """Methods that feed the model's own tensors back (ablation heads, FGVis's references) feed them in fp16."""
+    from onnxconverter_common import float16
+
+    path = _export(_net(), torch.zeros(1, 3, 32, 32), tmp_path / "fp32.onnx", {0: "N"})
+    fp32, fp16 = Explainer(path), Explainer(float16.convert_float_to_float16(onnx.load(path)))
+    images = _images((2, 3, 32, 32))
+    # FGVis optimises a mask over many steps, so fp16 rounding adds up: measured 0.91
+    for method, bound in (("gradcam", 0.99), ("ablationcam", 0.99), ("dff", 0.99), ("saliency", 0.99), ("fgvis", 0.85)):
+        half = fp16.explain(images.astype(np.float16), method=method, targets=[1, 2]).maps
+        full = fp32.explain(images, method=method, targets=[1, 2]).maps
+        assert min(_correlations(half, full)) >= bound, method
 
 
 def test_int8_qdq_default_model_maps_match_fp32(default_fp32, tmp_path: Path) -> None:  # noqa: ANN001
