@@ -166,19 +166,22 @@ class Explainer:
     def _checked_batch(self, batch: np.ndarray, layout: str | None = None) -> np.ndarray:
         """``batch`` (in ``layout``, default the model's own) as float32 [N, C, H, W], checked against the model's form."""
         form = self.input_form
-        expected = f"the model takes {form.describe()}" + (" (cast to its type)" if form.dtype != "float32" else "")
-        if batch.dtype.kind != "f" and not (form.is_integer and batch.dtype == np.dtype(form.dtype)):
-            raise InvalidInputError(f"images must be floats, got {batch.dtype} {list(batch.shape)}: {expected}")
+        layout = layout or form.layout
+        accepted = sorted({"float32", form.dtype})
+        if batch.dtype.name not in accepted:
+            raise InvalidInputError(f"images must be {' or '.join(accepted)}, got {batch.dtype}: the model takes "
+                                    f"{form.describe()}")
         if batch.ndim != 4 or batch.shape[0] == 0:
-            raise InvalidInputError(f"images must be a batch of rank 4 with N >= 1, got shape {list(batch.shape)}: "
-                                    f"{expected}")
+            axes = "[N, H, W, C]" if layout == "nhwc" else "[N, C, H, W]"
+            raise InvalidInputError(f"images must have shape {axes} with N >= 1, got {batch.shape}: the model takes "
+                                    f"{form.describe()}")
         given = batch.shape
-        if (layout or form.layout) == "nhwc":
+        if layout == "nhwc":
             batch = batch.transpose(0, 3, 1, 2)
         for axis, (got, want) in enumerate(zip(batch.shape[1:], form.nchw[1:])):
             if isinstance(want, int) and want > 0 and got != want:
-                raise InvalidInputError(f"images have shape {list(given)}; {expected} ({'CHW'[axis]} must be {want}, "
-                                        f"got {got})")
+                raise InvalidInputError(f"images have shape {given}; the model expects {form.describe()} "
+                                        f"({'CHW'[axis]} must be {want}, got {got})")
         batch = batch.astype(np.float32, copy=False)
         # one vectorised pass, no mask: NaN/inf propagate into the sum; a float32 overflow of huge
         # but finite pixels is told apart by the exact check that follows only then

@@ -152,7 +152,7 @@ def test_module_that_fixes_its_size_keeps_the_example_size_and_says_so() -> None
     net = Flattening().eval()
     explainer = Explainer(net, target_layers=[net.act], input_size=(16, 16))
     assert explainer.explain(_images((1, 3, 16, 16))).maps.shape == (1, 16, 16)
-    with pytest.raises(InvalidInputError, match=r"expects|takes float32 \[N, 3, 16, 16\]"):
+    with pytest.raises(InvalidInputError, match=r"expects \[N, 3, 16, 16\] float32 \(H must be 16, got 20\)"):
         explainer.explain(_images((1, 3, 20, 20)))
 
 
@@ -193,7 +193,7 @@ def test_channels_last_model_maps_equal_the_nchw_models(tmp_path: Path) -> None:
         assert explained.maps.shape == (2, 32, 32)
         np.testing.assert_allclose(explained.maps, reference.maps, atol=1e-5)
         np.testing.assert_allclose(explained.logits, reference.logits, atol=1e-5)
-    with pytest.raises(InvalidInputError, match=r"takes float32 \[N, 32, 32, 3\] \(channels-last\)"):
+    with pytest.raises(InvalidInputError, match=r"expects \[N, 32, 32, 3\] float32 \(channels-last\)"):
         explainer.explain(images)  # NCHW images for a channels-last model
 
 
@@ -234,7 +234,7 @@ def test_uint8_model_takes_pixels_unchanged(tmp_path: Path) -> None:
 
     as_files = explainer.explain([Image.fromarray(p) for p in pixels])  # resized to 32 x 32: unchanged
     np.testing.assert_allclose(as_files.maps, explained.maps, atol=1e-6)
-    with pytest.raises(InvalidInputError, match=r"takes uint8 \[N, 32, 32, 3\] \(channels-last\) pixels"):
+    with pytest.raises(InvalidInputError, match=r"takes \[N, 32, 32, 3\] uint8 \(channels-last\) pixels"):
         explainer.explain(pixels, method="saliency")
 
 
@@ -244,13 +244,13 @@ def test_mismatched_forms_are_clear_errors(tmp_path: Path) -> None:
     cases = [
         (_images((1, 1, 32, 32)), r"C must be 3, got 1"),
         (_images((1, 3, 30, 32)), r"H must be 32, got 30"),
-        (_images((3, 32, 32)), r"rank 4"),
-        (np.zeros((1, 3, 32, 32), dtype=np.int64), r"images must be floats, got int64"),
+        (_images((3, 32, 32)), r"must have shape \[N, C, H, W\] with N >= 1, got \(3, 32, 32\)"),
+        (np.zeros((1, 3, 32, 32), dtype=np.int64), r"images must be float32, got int64"),
     ]
     for images, message in cases:
         with pytest.raises(InvalidInputError, match=message) as error:
             static.explain(images)
-        assert "the model takes float32 [N, 3, 32, 32]" in str(error.value)
+        assert "[N, 3, 32, 32] float32" in str(error.value)
     with pytest.raises(InvalidInputError, match="input_layout must be one of"):
         Explainer(_export(net, torch.zeros(1, 3, 32, 32), tmp_path / "again.onnx"), input_layout="chw")
 

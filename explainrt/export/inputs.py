@@ -59,10 +59,10 @@ class InputForm:
         return np.dtype(self.dtype).kind in "iu"
 
     def describe(self) -> str:
-        """E.g. ``float16 [N, 224, 224, 3] (channels-last)``."""
+        """E.g. ``[N, 224, 224, 3] float16 (channels-last)``."""
         names = ("N", "H", "W", "C") if self.layout == "nhwc" else ("N", "C", "H", "W")
         shown = [str(d) if isinstance(d, int) and d > 0 else name for d, name in zip(self.dims, names)]
-        return f"{self.dtype} [{', '.join(shown)}]" + (" (channels-last)" if self.layout == "nhwc" else "")
+        return f"[{', '.join(shown)}] {self.dtype}" + (" (channels-last)" if self.layout == "nhwc" else "")
 
     def to_json(self) -> str:
         return json.dumps({"layout": self.layout, "dtype": self.dtype, "dims": list(self.dims)})
