@@ -128,6 +128,12 @@ def test_dynamic_size_onnx_finds_its_layer_and_serves_every_size(tmp_path: Path)
         explained = explainer.explain(images)
         assert explained.maps.shape == (shape[0], *shape[2:])
         np.testing.assert_allclose(explained.maps, _pgc(net, net[3], images, explained.targets), atol=1e-4)
+    for size in ((24, 28), (20, 20)):  # gradients down to the image: a variant per size, as a static export's
+        images = _images((2, 3, *size))
+        static = Explainer(_export(net, torch.zeros(1, 3, *size), tmp_path / f"{size}.onnx", {0: "N"}))
+        for method in ("saliency", "integrated-gradients"):
+            np.testing.assert_allclose(explainer.explain(images, method=method, targets=[0, 4]).maps,
+                                       static.explain(images, method=method, targets=[0, 4]).maps, atol=1e-5)
 
 
 def test_module_is_exported_for_any_size_and_its_channels(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ class OnnxRuntimeSession:
         self._heads: dict[int, tuple[object, bool]] = {}
         self._input_types: dict[object, dict[str, np.dtype]] = {}
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
-        self._variants: dict[tuple[str, bool, bool], tuple[object, list[str], list[list[int | str | None]]]] = {
+        self._variants: dict[tuple[Any, ...], tuple[object, list[str], list[list[int | str | None]]]] = {
             (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers)), [])}
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
 
@@ -83,12 +83,16 @@ class OnnxRuntimeSession:
     def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
         return self._run_variant(images, targets, objective, of_input=True)
 
-    def _variant(self, objective: str, of_input: bool, defended: bool = False) -> tuple[object, list[str], list[list[int | str | None]]]:
+    def _variant(self, objective: str, of_input: bool, defended: bool = False,
+                 images: Any = None) -> tuple[object, list[str], list[list[int | str | None]]]:
         """The session of a variant (built on first use), its outputs and its reference inputs' shapes."""
-        key = (objective, of_input, defended)
+        # gradients down to an image of dynamic size: one variant per size (a strided Conv's needs static shapes)
+        size = (tuple(int(v) for v in images.shape[2:4]) if of_input and images is not None
+                and not all(isinstance(v, int) and v > 0 for v in self.input_shape[2:4]) else None)
+        key = (objective, of_input, defended) if size is None else (objective, of_input, defended, size)
         if key not in self._variants:
             log.info("building the %s variant of the model (objective %s)", variant_kind(of_input, defended), objective)
-            variant = variant_model(self._model, self.spec, objective, of_input, defended)
+            variant = variant_model(self._model, self.spec, objective, of_input, defended, size)  # type: ignore[arg-type]
             shapes = [input_dims(variant, reference_input(k))
                       for k in range(sum(v.name.startswith(REFERENCE_PREFIX) for v in variant.graph.input))]
             outputs = output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers))
@@ -96,7 +100,7 @@ class OnnxRuntimeSession:
         return self._variants[key]
 
     def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
-        session, outputs, _ = self._variant(objective, of_input)
+        session, outputs, _ = self._variant(objective, of_input, images=images)
         values = self._run(session, outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})
         return RunResult(values[0], values[1], values[2::2], values[3::2])
 
@@ -159,7 +163,7 @@ class OnnxRuntimeSession:
         0 < activation <= reference, its activation on the unperturbed image (``references``, as an
         earlier call on the unperturbed images returned them; None: no upper bound). Returns the
         result and these images' Relu activations (the references for their perturbations)."""
-        session, outputs, shapes = self._variant(objective, of_input=True, defended=True)
+        session, outputs, shapes = self._variant(objective, of_input=True, defended=True, images=images)
         if references is None:
             references = [np.full([images.shape[0], *static_dims(shape[1:])], np.inf, dtype=images.dtype) for shape in shapes]
         elif len(references) != len(shapes):
