@@ -312,7 +312,6 @@ def test_bad_input_gets_a_4xx_naming_the_problem(server: ServerProcess, http: ht
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert phrase in response.json()["error"]
-    assert response.elapsed.total_seconds() < 10
     # ... and the server keeps serving
     assert http.get("/v2/health/live").status_code == 200
     assert server.alive()
