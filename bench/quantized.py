@@ -20,7 +20,8 @@ before every call (``bench.common.interleaved``):
 - ``explainrt runtime``: only its one runtime call, ``explainer.session.run``.
 
 The ratio is Grad-CAM over plain inference of the same form. The maps' correlation with the fp32
-model's (for the fp32 model's top classes) is reported too. Progress goes to stderr; the report to ``--out``, the table to stdout.
+model's (for the fp32 model's top classes) is reported too. Progress goes to stderr; the report to
+``--out``, the table to stdout.
 """
 
 from __future__ import annotations
@@ -126,10 +127,10 @@ def report(cases: list[Case], runs: int, pause: float) -> list[str]:
     rows = [[c.form, c.batch, f"{c.stats[PLAIN].median_ms:.2f}", f"{c.stats[GRADCAM].median_ms:.2f}",
              f"{c.stats[RUNTIME].median_ms:.2f}", f"{c.stats[GRADCAM].median_ms / c.stats[PLAIN].median_ms:.2f}x",
              f"{c.stats[PLAIN].median_ms / fp32_plain[c.batch]:.2f}x", f"{c.correlation:.4f}"] for c in cases]
-    notes = [f"Model: EfficientNet-Lite0 (explainrt default, ImageNet weights), 224x224; {runs} timed rounds, "
-             f"interleaved, {pause * 1e3:.0f} ms pause before each call",
-             "int8: quantize_static, QDQ, int8 activations, per-channel int8 weights, 6 calibration images; "
-             "fp16: convert_float_to_float16 (fp16 input and output)",
+    notes = [(f"Model: EfficientNet-Lite0 (explainrt default, ImageNet weights), 224x224; {runs} timed rounds, "
+              f"interleaved, {pause * 1e3:.0f} ms pause before each call"),
+             ("int8: quantize_static, QDQ, int8 activations, per-channel int8 weights, 6 calibration images; "
+              "fp16: convert_float_to_float16 (fp16 input and output)"),
              f"Load average at the end: {load_average()}; threads: {thread_environment()}"]
     lines = header_lines("Grad-CAM on fp16 and int8 models vs plain inference (CPU)",
                          ("explainrt", "onnxruntime", "onnx", "onnxconverter-common", "numpy"), notes)
