@@ -1,8 +1,7 @@
 """Shared fixtures: a private model cache, the default Explainer and a small random ResNet-18.
 
-The cache variable is set when this file is imported, before any test can export the default
-model, so test runs never write to ~/.cache/explainrt; the export (about 10 s) happens once per
-session and every later ``Explainer()`` in the session (the CLI's too) reads it from the cache.
+The cache variable is set when this file is imported, before any test can export or build
+anything, so test runs never write to ~/.cache/explainrt.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def model_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def default_explainer(model_cache: Path):  # noqa: ANN201
-    """The shipped EfficientNet-Lite0 on ONNX Runtime (exported into the session cache once)."""
+    """The shipped EfficientNet-Lite0 (explainrt/data/efficientnet_lite0.onnx) on ONNX Runtime."""
     from explainrt import Explainer
 
     return Explainer()
@@ -45,7 +44,7 @@ def default_explainer(model_cache: Path):  # noqa: ANN201
 
 @pytest.fixture(scope="session")
 def example_images() -> dict[str, np.ndarray]:
-    """chelsea, coffee and astronaut from scikit-image, uint8 RGB."""
+    """chelsea, coffee and astronaut (scikit-image's photos, shipped with explainrt), uint8 RGB."""
     from explainrt.models.default import example_images
 
     return example_images()
