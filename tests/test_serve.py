@@ -40,7 +40,7 @@ def decode_png(text: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The server with the default model (exported into the test session's EXPLAINRT_CACHE)."""
+    """The server with the default model (the shipped ONNX file)."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with ServerProcess(SERVER_ARGUMENTS, env=dict(os.environ), log_path=log) as process:
         yield process
