@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from explainrt import Explainer, __version__
 from explainrt.export.torch_export import from_torch, torch
@@ -34,7 +35,10 @@ from explainrt.models.default import (
     EXAMPLE_NAMES,
     example_images,
 )
-from explainrt.models.default_torch import default_target_module, load_default_torch_model
+from explainrt.models.default_torch import (
+    default_target_module,
+    load_default_torch_model,
+)
 
 log = logging.getLogger("make_default_model")
 
@@ -96,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         from skimage import data
 
         (DATA / "examples").mkdir(parents=True, exist_ok=True)
-        from PIL import Image
-
         for name in EXAMPLE_NAMES:
             Image.fromarray(getattr(data, name)()).save(DATA / "examples" / f"{name}.webp", lossless=True,
                                                         quality=100, method=6)
