@@ -23,6 +23,9 @@ EXTRAS = {
 }
 """The extra that installs each optional top-level package (``metrics`` also installs scipy and scikit-image)."""
 
+DISTRIBUTIONS = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
+"""Top-level modules whose pip package has another name."""
+
 
 def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
     """``importlib.import_module(module)``, or MissingDependencyError saying that ``purpose`` needs it
@@ -31,6 +34,7 @@ def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         top = module.split(".")[0]
+        package = DISTRIBUTIONS.get(top, top)
         chosen = extra or EXTRAS.get(top)
-        hint = f"pip install 'explainrt[{chosen}]'" if chosen else f"pip install {top}"
-        raise MissingDependencyError(f"{purpose} needs {top}, which is not installed ({error}): {hint}") from error
+        hint = f"pip install 'explainrt[{chosen}]'" if chosen else f"pip install {package}"
+        raise MissingDependencyError(f"{purpose} needs {package}, which is not installed ({error}): {hint}") from error

@@ -153,6 +153,13 @@ def test_require_names_the_extra_of_a_missing_package() -> None:
         require("explainrt_no_such_package", "a feature")
 
 
+def test_missing_scikit_image_is_named_by_its_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.delitem(sys.modules, "skimage.segmentation", raising=False)
+    with pytest.raises(MissingDependencyError, match=r"LIME needs scikit-image.*pip install 'explainrt\[methods\]'"):
+        require("skimage.segmentation", "LIME")
+
+
 def test_example_images_are_scikit_images(example_images: dict[str, np.ndarray]) -> None:
     """The shipped WebP files hold scikit-image's photos pixel for pixel (lossless)."""
     data = pytest.importorskip("skimage.data")
