@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from explainrt import kernels, models, runtime
 from explainrt.errors import InconsistentExplanationError, InvalidInputError
@@ -24,6 +23,7 @@ from explainrt.methods import Attribution, AttributionRequest, Method, get_metho
 from explainrt.models import LoadedModel
 from explainrt.overlay import concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
+from explainrt.progress import track
 from explainrt.runtime.base import Session
 from explainrt.validation import check_class_range
 
@@ -181,7 +181,9 @@ class Explainer:
 
         ``batch_size`` bounds the images (or perturbed copies) in one runtime call. ``normalize``
         scales each map to [0, 1] for display; False returns the method's raw attributions.
-        ``cancel``: set the event from another thread to stop between runtime calls
+        ``progress``: False shows nothing; otherwise a bar over the batches when there are several,
+        and the method's own over its perturbed batches or steps (``explainrt.progress``: a bar on a
+        terminal, log lines otherwise). ``cancel``: set the event from another thread to stop between runtime calls
         (ExplanationCancelled; nothing partial is returned). ``options`` are the method's own.
         """
         chosen = get_method(method)
@@ -196,12 +198,12 @@ class Explainer:
         timings["preprocess"] = time.perf_counter() - start
         parts: list[Attribution] = []
         chunks = range(0, batch.shape[0], batch_size)
-        show = progress if progress is not None else len(chunks) >= 4
-        for first in tqdm(chunks, desc=chosen.name) if show else chunks:  # a hidden bar still costs 0.1 ms
+        shown = progress is not False
+        for first in track(chunks, chosen.name, unit="batch", enabled=shown and len(chunks) > 1):
             stop = first + batch_size
             chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
             request = AttributionRequest(batch[first:stop], wanted[first:stop], self.session, int(batch_size),
-                                         normalize, chunk_options, cancel, bool(progress))
+                                         normalize, chunk_options, cancel, shown)
             request.check_cancelled()
             part = chosen.attribute(request)
             for stage, seconds in part.timings.items():

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="explainrt",
         description="Explain image classifiers with Grad-CAM and friends, computed inside the ONNX graph.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug, with tracebacks)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress as lines when the output is not a terminal (-vv: debug, with tracebacks)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="show no progress bars or progress lines")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = parent_parsers()
     for module in COMMAND_MODULES:
@@ -49,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _unknown_arguments(args.command_parser, unknown)
     except SystemExit as exit_:  # usage errors and --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, args.quiet)
     try:
         return args.run(args)
     except (ExplainrtError, OSError) as error:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from explainrt.cli.common import (
     EXAMPLES,
@@ -32,6 +31,7 @@ from explainrt.cli.common import (
     sources,
 )
 from explainrt.methods.base import softmax
+from explainrt.progress import progress
 
 
 def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -80,14 +80,14 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: int | N
     from explainrt.preprocessing import load_image
 
     results: list[_Result] = []
-    with tqdm(total=len(sources), unit="image", desc=method, disable=True if len(sources) < 4 else None) as bar:
+    with progress(len(sources), method, unit="image", enabled=len(sources) > 1) as bar:
         for first in range(0, len(sources), batch_size):
             chunk = sources[first : first + batch_size]
             tick = time.perf_counter()
             pixels = [load_image(source.image) for source in chunk]
             read = time.perf_counter() - tick
             explanation = explainer.explain(pixels, method=method, targets=target, batch_size=batch_size,
-                                            normalize=normalize, progress=False, **options)
+                                            normalize=normalize, progress=True, **options)
             overlays = explanation.overlays()
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
             probabilities = softmax(explanation.logits)

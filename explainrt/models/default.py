@@ -25,6 +25,7 @@ from explainrt.files import cache_dir, write_atomic
 from explainrt.models.labels import imagenet_labels
 from explainrt.overlay import save_png
 from explainrt.preprocessing import Preprocessing, load_image
+from explainrt.progress import note
 from explainrt.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def default_explainable_model() -> onnx.ModelProto:
         except InvalidModelError:
             logger.warning("cached default model %s is corrupt: exporting it again", path)
     module = load_default_torch_model()
-    logger.info("exporting the default model to %s (first use)", path)
+    note(f"preparing the default model on first use (about 15 s; cached in {path.parent})")
     example = torch.zeros(1, 3, *DEFAULT_PREPROCESSING.input_size)
     proto = from_torch(module, example, [default_target_module(module)], preprocessing=DEFAULT_PREPROCESSING.to_json())
     path.parent.mkdir(parents=True, exist_ok=True)
