@@ -325,7 +325,7 @@ def test_methods_name_lists_the_options_with_defaults(capsys: pytest.CaptureFixt
     lines = out.splitlines()
     assert lines[0] == f"rise: {METHODS['rise'].summary}"
     assert [line.split()[0] for line in lines[1:]] == [option.name for option in METHODS["rise"].options]
-    assert "Default 4000" in lines[1] and "Default 0.5" in out
+    assert "Default 500" in lines[1] and "Default 0.5" in out
     code, _, err = run(capsys, "methods", "gradcam+++")
     assert code == 2 and "unknown method 'gradcam+++'" in err
 

@@ -80,7 +80,7 @@ def test_models_health_and_metadata(http: httpx.Client, default_explainer) -> No
         assert method["options"] == [o.describe() for o in METHODS[name].options]
     n_masks = methods["rise"]["options"][0]
     assert list(n_masks)[0] == "name"
-    assert (n_masks["name"], n_masks["type"], n_masks["default"], n_masks["minimum"]) == ("n_masks", "int", 4000, 1)
+    assert (n_masks["name"], n_masks["type"], n_masks["default"], n_masks["minimum"]) == ("n_masks", "int", 500, 1)
     assert methods["rise"]["options"][0]["help"] == "number of random masks"
 
 

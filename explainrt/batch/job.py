@@ -370,7 +370,7 @@ class ExplainWorker:
         from explainrt.methods.base import softmax
         from explainrt.overlay import save_png
 
-        overlays = explanation.overlays()
+        overlays = explanation.overlays(captions=True)
         probabilities = softmax(explanation.logits)
         labels = explanation.labels
         for position, index in enumerate(good):

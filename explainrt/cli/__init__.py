@@ -39,7 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"explainrt.cli.{module}").register(commands, parents)
     for command in commands.choices.values():  # unknown arguments are reported with the subcommand's usage
         command.set_defaults(command_parser=command)
+        command.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default: "(default: X)" is added where the text does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0
+                or not action.option_strings or text == argparse.SUPPRESS):
+            return action.help
+        return f"{text} (default: %(default)s)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

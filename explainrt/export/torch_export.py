@@ -20,12 +20,12 @@ import torch
 
 from explainrt.errors import ExplainrtError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.explainable import make_explainable
+from explainrt.export.spec import TAP_PREFIX
 
 log = logging.getLogger(__name__)
 
 IMAGE_INPUT = "input"
 LOGITS_OUTPUT = "logits"
-TAP_PREFIX = "explainrt.tap."
 
 
 class _Tapped(torch.nn.Module):
