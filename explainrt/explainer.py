@@ -216,7 +216,7 @@ class Explainer:
         parts: list[Attribution] = []
         chunks = range(0, batch.shape[0], batch_size)
         shown = progress is not False
-        for first in track(chunks, chosen.name, unit="batch", enabled=shown and len(chunks) > 1):
+        for first in track(chunks, chosen.name, unit="batches", enabled=shown and len(chunks) > 1):
             stop = first + batch_size
             chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
             request = AttributionRequest(batch[first:stop], wanted[first:stop], self.session, int(batch_size),

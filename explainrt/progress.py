@@ -47,7 +47,7 @@ class Progress:
     seconds, and at the end; nothing when disabled or quiet.
     """
 
-    def __init__(self, total: int | None, desc: str, unit: str = "it", enabled: bool = True, leave: bool = True) -> None:
+    def __init__(self, total: int | None, desc: str, unit: str = "steps", enabled: bool = True, leave: bool = True) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.done = 0
         self._bar: Any = None
@@ -89,12 +89,12 @@ class Progress:
         self.close()
 
 
-def progress(total: int | None, desc: str, unit: str = "it", enabled: bool = True, leave: bool = True) -> Progress:
+def progress(total: int | None, desc: str, unit: str = "steps", enabled: bool = True, leave: bool = True) -> Progress:
     """A ``Progress`` of ``total`` steps named ``desc`` (``enabled=False``: shows nothing)."""
     return Progress(total, desc, unit, enabled, leave)
 
 
-def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it", enabled: bool = True,
+def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "steps", enabled: bool = True,
           leave: bool = True) -> Iterator[T]:
     """``items``, one progress step each (``total`` defaults to ``len(items)`` where it has one)."""
     if total is None and hasattr(items, "__len__"):

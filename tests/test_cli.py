@@ -245,6 +245,7 @@ def test_export_torchvision_architecture_then_explain(capsys: pytest.CaptureFixt
                             "--input-size", "64", "64", "-o", exported)
     assert code == 0, err
     assert str(exported) in stdout
+    assert "w.r.t. 'layer4'" in stdout and "explainrt.tap" not in stdout  # the user's module name, not the tap
     spec = ExplainableSpec.from_model(onnx.load(exported))
     assert spec.num_classes == SMALL_CLASSES and len(spec.target_layers) == 1
     preprocessing = Explainer(exported).preprocessing

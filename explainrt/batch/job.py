@@ -278,7 +278,7 @@ def _run(ray: Any, dataset: DatasetSource, blob: bytes, preprocessing: Preproces
         },
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     rows = []
-    with progress_of(dataset.count, f"{method} on Ray", unit="image", enabled=progress is not False) as bar:
+    with progress_of(dataset.count, f"{method} on Ray", unit="images", enabled=progress is not False) as bar:
         for batch in explained.iter_batches(batch_size=None, batch_format="pandas"):
             rows.append(batch)
             bar.update(len(batch))

@@ -85,7 +85,7 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: int | N
     from explainrt.preprocessing import load_image
 
     results: list[_Result] = []
-    with progress(len(sources), method, unit="image", enabled=len(sources) > 1) as bar:
+    with progress(len(sources), method, unit="images", enabled=len(sources) > 1) as bar:
         for first in range(0, len(sources), batch_size):
             chunk = sources[first : first + batch_size]
             tick = time.perf_counter()

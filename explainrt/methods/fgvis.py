@@ -108,7 +108,7 @@ class FGVis(Method):
         taken = np.full(n, steps, dtype=np.int64)
         reached = np.zeros(n, dtype=bool)
         active = np.arange(n)
-        for step in track(range(steps + 1), f"fgvis {game}", unit="step", enabled=request.progress, leave=False):
+        for step in track(range(steps + 1), f"fgvis {game}", unit="steps", enabled=request.progress, leave=False):
             request.check_cancelled()
             perturbed = base[active] + mask[active] * delta[active]
             result, _ = gradients(perturbed, targets[active], [r[active] for r in references] if defense else None)

@@ -77,7 +77,7 @@ def weighted_gradients(request: AttributionRequest, targets: np.ndarray, count: 
     n = request.images.shape[0]
     total = np.zeros(request.images.shape, dtype=np.float64)
     starts = range(0, n * count, request.batch_size)
-    for start in track(starts, "input gradients", unit="batch", enabled=request.progress and len(starts) > 1,
+    for start in track(starts, "input gradients", unit="batches", enabled=request.progress and len(starts) > 1,
                        leave=False):
         request.check_cancelled()
         image_of, point_of = np.divmod(np.arange(start, min(start + request.batch_size, n * count)), count)

@@ -126,7 +126,7 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
     columns = np.asarray(targets, dtype=np.int64).reshape(-1)
     runtime = {} if timings is None else timings
     seen = 0
-    with progress(total, f"{desc} (image {index})", unit="copy", enabled=request.progress, leave=False) as bar:
+    with progress(total, f"{desc} (image {index})", unit="copies", enabled=request.progress, leave=False) as bar:
         for masks in batches:
             scores = np.empty((masks.shape[0], columns.size), dtype=np.float32)
             budget = perturbation_budget(request, masks.shape[1] if masks.ndim == 4 else 1)

@@ -107,7 +107,7 @@ def causal_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, targ
 
     pairs = [(image, step) for image in range(count) for step in range(steps + 1)]
     scores = np.empty(len(pairs))
-    for first in track(range(0, len(pairs), batch_size), mode, unit="batch", enabled=progress, leave=False):
+    for first in track(range(0, len(pairs), batch_size), mode, unit="batches", enabled=progress, leave=False):
         chunk = pairs[first : first + batch_size]
         which = np.array([image for image, _ in chunk])
         replaced = ranks[which] < changed[[step for _, step in chunk]][:, None, None]

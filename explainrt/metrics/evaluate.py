@@ -3,7 +3,7 @@
 ``evaluate(explainer, images, methods, metrics)`` explains the images once per method (maps
 scaled to [0, 1], as shown to users) and scores the maps with each metric; ``Evaluation`` holds
 the per-image values, the table of means (method x metric) as markdown or JSON, and the mean
-deletion / insertion curves for ``plot_curves``.
+deletion / insertion (and ROAD) curves for ``plot_curves``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def evaluate(explainer: Any, images: Any, methods: Sequence[str], metrics: Seque
     all_scores: dict[str, dict[str, np.ndarray]] = {}
     all_curves: dict[str, dict[str, CausalCurves]] = {}
     model = explainer.session
-    with progress_of(len(methods) * (1 + len(metrics)), "evaluate", unit="step", enabled=progress) as overall:
+    with progress_of(len(methods) * (1 + len(metrics)), "evaluate", unit="steps", enabled=progress) as overall:
         for method in methods:
             explanation = explainer.explain(batch, method, targets, batch_size=batch_size, progress=progress,
                                             **(options or {}).get(method, {}))
@@ -143,8 +143,12 @@ def evaluate(explainer: Any, images: Any, methods: Sequence[str], metrics: Seque
                     scores[metric] = energy_pointing_game(maps, boxes)
                 else:
                     for order in ("morf", "lerf"):
-                        scores[f"road-{order}"] = road_curves(model, batch, maps, explained, order, road_percentages,
-                                                              road_noise, seed, batch_size, progress).mean
+                        road = road_curves(model, batch, maps, explained, order, road_percentages, road_noise, seed,
+                                           batch_size, progress)
+                        scores[f"road-{order}"] = road.mean
+                        curves[f"road-{order}"] = CausalCurves(  # from the unchanged image (0 %) on, for the plot
+                            f"road-{order}", np.concatenate([[0.0], road.percentages / 100]),
+                            np.concatenate([road.original[:, None], road.scores], axis=1), road.mean)
                 overall.update()
             all_scores[method], all_curves[method] = scores, curves
     return Evaluation(methods, columns, explained, all_scores, all_curves)

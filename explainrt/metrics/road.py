@@ -122,7 +122,7 @@ def road_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, target
     check_maps(images, maps, targets)
     pairs = [(image, index) for image in range(images.shape[0]) for index in range(values.size)]
     scores = np.empty(len(pairs))
-    for first in track(range(0, len(pairs), batch_size), f"ROAD {order}", unit="batch", enabled=progress,
+    for first in track(range(0, len(pairs), batch_size), f"ROAD {order}", unit="batches", enabled=progress,
                        leave=False):
         chunk = pairs[first : first + batch_size]
         batch = np.stack([noisy_linear_impute(images[i], ~removed_pixels(maps[i], order, values[j]), noise,
