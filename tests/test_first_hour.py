@@ -223,3 +223,13 @@ def test_evaluate_road_alone_writes_curves(workdir: Path, small_onnx, capsys: py
     assert np.isclose(np.mean(morf["mean"][1:]), summary["table"]["gradcam"]["road-morf"])
     with Image.open(workdir / "eval" / "curves.png") as plot:
         assert plot.format == "PNG" and plot.width > 400
+
+
+def test_serve_with_a_bad_model_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    for model, message in ((tmp_path / "missing.onnx", "missing.onnx"), (broken, "broken.onnx")):
+        assert main(["serve", "--port", "0", "--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("explainrt: error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
