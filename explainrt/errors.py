@@ -88,3 +88,7 @@ class BatchJobError(ExplainrtError):
 class InconsistentExplanationError(ExplainrtError):
     """A method returned maps that do not match the images (one map per image at the input size):
     refused rather than returned, since such maps cannot be what was asked for."""
+
+
+class MissingDependencyError(ExplainrtError, ImportError):
+    """A feature needs a package the core install leaves out; the message names the extra that installs it."""

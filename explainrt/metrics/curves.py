@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy import ndimage
-from tqdm.auto import tqdm
 
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import softmax
+from explainrt.optional import require
+from explainrt.progress import track
 from explainrt.validation import checked_int
 
 BLUR_KERNEL_SIZE = 11
@@ -50,6 +50,7 @@ def trapezoid_auc(scores: np.ndarray, fractions: np.ndarray) -> np.ndarray:
 
 def blur(images: np.ndarray) -> np.ndarray:
     """RISE's insertion start: each channel convolved with an 11 x 11 Gaussian (sigma 5), zero padding."""
+    ndimage = require("scipy.ndimage", "the insertion metric's blurred start", "metrics")
     delta = np.zeros((BLUR_KERNEL_SIZE, BLUR_KERNEL_SIZE))
     delta[BLUR_KERNEL_SIZE // 2, BLUR_KERNEL_SIZE // 2] = 1.0
     kernel = ndimage.gaussian_filter(delta, BLUR_SIGMA)[None, None]
@@ -107,7 +108,7 @@ def causal_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, targ
 
     pairs = [(image, step) for image in range(count) for step in range(steps + 1)]
     scores = np.empty(len(pairs))
-    for first in tqdm(range(0, len(pairs), batch_size), desc=mode, disable=not progress):
+    for first in track(range(0, len(pairs), batch_size), mode, unit="batches", enabled=progress, leave=False):
         chunk = pairs[first : first + batch_size]
         which = np.array([image for image, _ in chunk])
         replaced = ranks[which] < changed[[step for _, step in chunk]][:, None, None]

@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import spsolve
-from tqdm.auto import tqdm
 
 from explainrt.errors import InvalidInputError
 from explainrt.metrics.curves import ScoresModel, check_maps, probabilities, saliency_ranks
+from explainrt.optional import require
+from explainrt.progress import track
 from explainrt.validation import checked_int
 
 ORDERS = ("morf", "lerf")
@@ -80,8 +79,10 @@ def noisy_linear_impute(image: np.ndarray, keep: np.ndarray, noise: float = DEFA
     eq_rows = np.concatenate([e[0] for e in entries] + [np.arange(missing.size)])
     eq_cols = np.concatenate([e[1] for e in entries] + [np.arange(missing.size)])
     values = np.concatenate([np.full(e[0].size, e[2]) for e in entries] + [-diagonal])
+    sparse = require("scipy.sparse", "ROAD's noisy linear imputation", "metrics")
+    require("scipy.sparse.linalg", "ROAD's noisy linear imputation", "metrics")
     system = sparse.csc_matrix((values, (eq_rows, eq_cols)), shape=(missing.size, missing.size))
-    solution = spsolve(system, rhs).reshape(missing.size, channels)
+    solution = sparse.linalg.spsolve(system, rhs).reshape(missing.size, channels)
     if noise:
         solution = solution + noise * (rng or np.random.default_rng()).standard_normal(solution.shape)
     filled[:, missing] = solution.T
@@ -122,7 +123,8 @@ def road_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, target
     check_maps(images, maps, targets)
     pairs = [(image, index) for image in range(images.shape[0]) for index in range(values.size)]
     scores = np.empty(len(pairs))
-    for first in tqdm(range(0, len(pairs), batch_size), desc=f"ROAD {order}", disable=not progress):
+    for first in track(range(0, len(pairs), batch_size), f"ROAD {order}", unit="batches", enabled=progress,
+                       leave=False):
         chunk = pairs[first : first + batch_size]
         batch = np.stack([noisy_linear_impute(images[i], ~removed_pixels(maps[i], order, values[j]), noise,
                                               np.random.default_rng([seed, i, j])) for i, j in chunk])
