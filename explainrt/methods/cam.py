@@ -18,6 +18,7 @@ import numpy as np
 
 from explainrt import kernels
 from explainrt.errors import InvalidInputError
+from explainrt.kernels import cam_weights
 from explainrt.methods.base import Attribution, AttributionRequest, Method, timed
 from explainrt.methods.options import Array, Function, OneOf, Option
 from explainrt.methods.perturbation import perturbation_scores
@@ -85,37 +86,20 @@ class CamMethod(Method):
         return attribution
 
 
-def grad_cam_terms(ctx: LayerContext) -> CamTerms:
-    """Grad-CAM's terms (also Contrast-CAM's, on the gradients of its loss)."""
-    # Selvaraju et al. 2017, eq. 1: alpha_k = mean_ij dy/dA_kij
-    return CamTerms(ctx.activations, ctx.gradients.mean(axis=(2, 3)))
+def closed_form_terms(method: str) -> Callable[[LayerContext], CamTerms]:
+    """The weighting of a closed-form method: its formula in ``kernels.cam_weights`` (the one map heads use) on NumPy."""
+    formula = cam_weights.CLOSED_FORMS[method].formula
+
+    def weigh(ctx: LayerContext) -> CamTerms:
+        activations, weights = formula(cam_weights.NUMPY, ctx.activations, ctx.gradients)
+        return CamTerms(activations, cam_weights.channel_weights(weights))
+
+    weigh.__name__ = weigh.__qualname__ = f"closed_form_terms({method!r})"
+    return weigh
 
 
-def _grad_cam_pp(ctx: LayerContext) -> CamTerms:
-    # Chattopadhyay et al. 2018, eq. 19 with exponential output: alpha = g^2 / (2 g^2 + sum(A) g^3)
-    g, a = ctx.gradients, ctx.activations
-    g2 = g**2
-    g3 = g2 * g
-    sum_a = a.sum(axis=(2, 3))[:, :, None, None]
-    alpha = g2 / (2 * g2 + sum_a * g3 + 1e-6)
-    alpha = np.where(g != 0, alpha, 0)
-    return CamTerms(a, (np.maximum(g, 0) * alpha).sum(axis=(2, 3)))
-
-
-def _xgrad_cam(ctx: LayerContext) -> CamTerms:
-    # Fu et al. 2020, eq. 9: alpha_k = sum_ij (A_kij / sum A_k) dy/dA_kij
-    a = ctx.activations
-    return CamTerms(a, (ctx.gradients * a / (a.sum(axis=(2, 3))[:, :, None, None] + 1e-7)).sum(axis=(2, 3)))
-
-
-def _hires_cam(ctx: LayerContext) -> CamTerms:
-    # Draelos & Carin 2020: element-wise g * A, summed over channels
-    return CamTerms(ctx.activations, ctx.gradients)
-
-
-def _layer_cam(ctx: LayerContext) -> CamTerms:
-    # Jiang et al. 2021, eq. 4: ReLU(g) * A per location
-    return CamTerms(ctx.activations, np.maximum(ctx.gradients, 0))
+grad_cam_terms = closed_form_terms("gradcam")
+"""Grad-CAM's terms (also Contrast-CAM's, on the gradients of its loss)."""
 
 
 def principal_projection(stack: np.ndarray) -> np.ndarray:
@@ -199,10 +183,10 @@ ABLATION_VALUES = Option(
 
 CAM_METHODS: tuple[CamMethod, ...] = (
     CamMethod("gradcam", grad_cam_terms, "Grad-CAM: channels weighted by mean gradient"),
-    CamMethod("gradcam++", _grad_cam_pp, "Grad-CAM++: positive gradients with pixel-wise alphas"),
-    CamMethod("xgradcam", _xgrad_cam, "XGrad-CAM: activation-normalised gradient weights"),
-    CamMethod("hirescam", _hires_cam, "HiResCAM: element-wise gradient x activation"),
-    CamMethod("layercam", _layer_cam, "LayerCAM: positive gradients x activation per location"),
+    CamMethod("gradcam++", closed_form_terms("gradcam++"), "Grad-CAM++: positive gradients with pixel-wise alphas"),
+    CamMethod("xgradcam", closed_form_terms("xgradcam"), "XGrad-CAM: activation-normalised gradient weights"),
+    CamMethod("hirescam", closed_form_terms("hirescam"), "HiResCAM: element-wise gradient x activation"),
+    CamMethod("layercam", closed_form_terms("layercam"), "LayerCAM: positive gradients x activation per location"),
     CamMethod("eigencam", _eigen_cam, "Eigen-CAM: first principal component of the activations"),
     CamMethod("eigengradcam", _eigen_grad_cam, "EigenGrad-CAM: principal component of gradient x activation"),
     CamMethod("scorecam", _score_cam, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),

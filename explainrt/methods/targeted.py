@@ -31,7 +31,7 @@ from explainrt.methods.base import (
     softmax,
     timed,
 )
-from explainrt.methods.cam import CamMethod, CamTerms, LayerContext, cam_attribution, combine_layers, grad_cam_terms
+from explainrt.methods.cam import CamMethod, cam_attribution, closed_form_terms, combine_layers, grad_cam_terms
 from explainrt.methods.options import ClassIndex, Images, Integer, Option
 from explainrt.runtime.base import RunResult
 from explainrt.validation import check_class_range, checked_int
@@ -41,10 +41,6 @@ RUNNER_UP = -2
 
 TOP_PAIRS = ((0, 1), (0, 2), (1, 2))
 """The class pairs among the top 3 whose insecurity the deliberative explanation shows."""
-
-
-def _counterfactual_cam(ctx: LayerContext) -> CamTerms:
-    return CamTerms(ctx.activations, -ctx.gradients.mean(axis=(2, 3)))
 
 
 def _classes(value: int | np.ndarray | None, name: str, count: int, classes: int) -> np.ndarray:
@@ -209,7 +205,7 @@ class GaloreCounterfactual(Method):
 
 
 TARGETED_METHODS: tuple[Method, ...] = (
-    CamMethod("counterfactual-cam", _counterfactual_cam,
+    CamMethod("counterfactual-cam", closed_form_terms("counterfactual-cam"),
               "Counterfactual-CAM: Grad-CAM of the negated gradients (what if this region were absent)"),
     ContrastCam(),
     GaloreDeliberative(),
