@@ -84,6 +84,8 @@ class Explainer:
     model's output). Target layers may be ``[N, C, h, w]``, channels-last ``[N, h, w, C]`` or
     tokens ``[N, T, D]`` (vision transformers): the layout is told from the graph, else set by
     ``layer_layout``; ``token_grid=(h, w)`` and ``prefix_tokens=k`` override the inferred grid.
+    ``map_heads``: closed-form CAM methods (Grad-CAM, Grad-CAM++, ...) compute their normalised maps
+    in the graph (``explainrt.export.heads``) on ONNX Runtime and TensorRT; False keeps the Python path.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Explainer:
         layer_layout: str | Sequence[str] | None = None,
         token_grid: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
         prefix_tokens: int | Sequence[int] | None = None,
+        map_heads: bool = True,
     ) -> None:
         chosen = runtime.backend(backend, backend_options)  # fails before an export when the backend cannot run
         if isinstance(model, LoadedModel):
@@ -113,6 +116,7 @@ class Explainer:
         self.spec = self.session.spec
         self.preprocessing = loaded.preprocessing
         self.backend = chosen.name
+        self.map_heads = bool(map_heads)
 
     # -- inputs ------------------------------------------------------------------------------
     def prepare(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -201,7 +205,7 @@ class Explainer:
             stop = first + batch_size
             chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
             request = AttributionRequest(batch[first:stop], wanted[first:stop], self.session, int(batch_size),
-                                         normalize, chunk_options, cancel, bool(progress))
+                                         normalize, chunk_options, cancel, bool(progress), self.map_heads)
             request.check_cancelled()
             part = chosen.attribute(request)
             for stage, seconds in part.timings.items():
@@ -213,7 +217,7 @@ class Explainer:
             raise InconsistentExplanationError(
                 f"{chosen.name} returned maps of shape {maps.shape} for {batch.shape[0]} images of size "
                 f"{batch.shape[2:]}: expected one map per image ({(batch.shape[0], *batch.shape[2:])})")
-        if normalize:
+        if normalize and not all(p.normalized for p in parts):
             maps = kernels.normalize_minmax(np.maximum(maps, 0) if chosen.signed else maps)
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start

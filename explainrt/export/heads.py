@@ -132,6 +132,19 @@ def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: 
     return model
 
 
+def without_maps(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The explainable ``model`` (changed in place) without map heads, keeping activations and gradients."""
+    spec = ExplainableSpec.from_model(model)
+    if spec.maps_only:
+        raise InvalidModelError("the model was exported maps-only: its activations and gradients are gone")
+    outputs = [o for o in model.graph.output if not o.name.startswith(MAPS_PREFIX)]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    prune_added_nodes(model)
+    set_metadata(model, METADATA_KEY, dataclasses.replace(spec, maps=(), maps_dtype="float32").to_json())
+    return model
+
+
 def map_methods(model: onnx.ModelProto) -> list[str]:
     """The methods whose maps ``model`` outputs."""
     return [o.name[len(MAPS_PREFIX):] for o in model.graph.output if o.name.startswith(MAPS_PREFIX)]

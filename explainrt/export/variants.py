@@ -4,10 +4,13 @@ after a target layer (ablation). Sessions build them on first use."""
 
 from __future__ import annotations
 
+import copy
+
 import onnx
 
 from explainrt.autodiff.builder import GraphBuilder
 from explainrt.autodiff.gradients import ancestors
+from explainrt.export import heads
 from explainrt.export.explainable import make_explainable
 from explainrt.export.layouts import Layout
 from explainrt.export.spec import ExplainableSpec, original_model
@@ -19,7 +22,7 @@ def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str,
                   defended: bool = False) -> onnx.ModelProto:
     """The explainable model for an objective, w.r.t. the target layers or the input (FGVis's defence
     optional): ``model`` itself when it is that one, else the original model made explainable again."""
-    if (objective, of_input, defended) == (spec.objective, False, False):
+    if (objective, of_input, defended) == (spec.objective, False, False) and not spec.maps_only:
         return model
     layers = [spec.image_input] if of_input else list(spec.target_layers)
     stored = {} if of_input or not spec.layouts else {
@@ -28,6 +31,15 @@ def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str,
         "prefix_tokens": [layout["prefix_tokens"] if layout["kind"] == "tokens" else None for layout in spec.layouts]}
     return make_explainable(original_model(model), layers, logits=spec.logits, objective=objective,
                             defended_relus=defended, **stored)
+
+
+def maps_model(model: onnx.ModelProto, spec: ExplainableSpec, method: str) -> onnx.ModelProto:
+    """The model that returns only logits, resolved targets and ``method``'s float32 maps (its map head),
+    differentiating the objective the method weighs."""
+    base = variant_model(model, spec, heads.closed_form(method).objective, of_input=False)
+    base = copy.deepcopy(base) if base is model else base
+    return heads.add_map_heads(heads.without_maps(base) if ExplainableSpec.from_model(base).maps else base,
+                               [method], maps_only=True)
 
 
 def variant_kind(of_input: bool, defended: bool) -> str:

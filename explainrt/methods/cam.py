@@ -22,7 +22,7 @@ from explainrt.kernels import cam_weights
 from explainrt.methods.base import Attribution, AttributionRequest, Method, timed
 from explainrt.methods.options import Array, Function, OneOf, Option
 from explainrt.methods.perturbation import perturbation_scores
-from explainrt.runtime.base import RunResult, Session
+from explainrt.runtime.base import MapHeadSession, MapsResult, RunResult, Session
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,17 @@ def cam_attribution(request: AttributionRequest, result: RunResult, explained: n
     return Attribution(combine_layers(per_layer), result.logits, explained, timings)
 
 
+def head_maps(request: AttributionRequest, method: str, targets: np.ndarray,
+              timings: dict[str, float]) -> MapsResult | None:
+    """``method``'s maps from the session's in-graph map head, when the method has a closed form, the
+    session runs map heads, the request allows them and wants normalised maps; else None (Python path)."""
+    if not (request.map_heads and request.normalize and method in cam_weights.CLOSED_FORMS
+            and isinstance(request.session, MapHeadSession)):
+        return None
+    with timed(timings, "runtime"):
+        return request.session.maps(request.images, targets, method)
+
+
 @dataclass(frozen=True)
 class CamMethod(Method):
     """A CAM method: channel weights from the gradients of the target's logit (or none)."""
@@ -79,6 +90,9 @@ class CamMethod(Method):
 
     def compute(self, request: AttributionRequest) -> Attribution:
         timings: dict[str, float] = {}
+        head = head_maps(request, self.name, request.targets[:, None], timings)
+        if head is not None:
+            return Attribution(head.maps[:, 0], head.logits, head.targets[:, 0], timings, normalized=True)
         with timed(timings, "runtime"):
             result = request.session.run(request.images, request.targets[:, None])
         attribution = cam_attribution(request, result, result.targets[:, 0], self.weigh)

@@ -281,6 +281,17 @@ class TensorRTSession:
                             output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers)))
         return RunResult(values[0], values[1], values[2::2], values[3::2])
 
+    def maps(self, images: Any, targets: np.ndarray, method: str) -> MapsResult:
+        """``method``'s normalised maps [N, K, H, W] from its map head, on an engine of the model that has it."""
+        self._check_targets(np.asarray(targets))
+        if uses_main_model(self.spec, method):
+            engine = self._engine("main", lambda: self._model)
+        else:
+            engine = self._engine(("maps", method), lambda: maps_model(self._model, self.spec, method))
+        values = self._call(engine, {self.spec.image_input: images, TARGETS_INPUT: np.asarray(targets, np.int64)},
+                            maps_outputs(self.spec, method))
+        return MapsResult(*values)
+
     def defended_input_gradients(self, images: Any, targets: np.ndarray, references: list[np.ndarray] | None = None,
                                  objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:
         raise BackendUnavailableError("FGVis's defended input gradients are not built for the TensorRT backend yet; "
