@@ -184,7 +184,8 @@ def _resize_like_image(b: GraphBuilder, maps: V, image: str) -> V:
     """Bilinear resize of [N, K, h, w] to the image's [H, W] as cv2.resize(INTER_LINEAR) does it."""
     sizes = b.concat([b.shape_slice(maps.name, 0, 2), b.shape_slice(image, 2, 4)], 0)
     resized = b.op("Resize", [maps.name, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
-    return V(b, resized, TensorInfo(maps.dtype, None))
+    b.infos[resized] = TensorInfo(maps.dtype, None)
+    return V(b, resized)
 
 
 def _as_dtype(maps: V, dtype: int) -> V:
