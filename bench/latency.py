@@ -129,7 +129,8 @@ def load_model(key: str, seed: int) -> Model:
         return Model(key, f"ResNet-50 (torchvision, random init, seed {seed})", module, module.layer4, "layer4",
                      target_ratio=RESNET50_TARGET_RATIO)
     if key == "default":
-        from explainrt.models.default import DEFAULT_TARGET_MODULE, default_target_module, load_default_torch_model
+        from explainrt.models.default import DEFAULT_TARGET_MODULE
+        from explainrt.models.default_torch import default_target_module, load_default_torch_model
 
         module = load_default_torch_model()
         return Model(key, "EfficientNet-Lite0 (explainrt default, ImageNet weights)", module,

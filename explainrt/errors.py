@@ -57,8 +57,24 @@ class UnknownModelError(InvalidInputError):
     """A request names a model the server does not serve."""
 
 
+class OutputWriteError(ExplainrtError):
+    """The command line cannot write its output files (a read-only or full disk); it wrote none of them."""
+
+
+class ClientGoneError(ExplanationCancelled):
+    """A server request's client disconnected before its answer was ready; its work was dropped."""
+
+
+class UnsupportedMediaTypeError(InvalidInputError):
+    """A request body is sent with a Content-Type the server does not read (it reads JSON)."""
+
+
 class ServerBusyError(ExplainrtError):
-    """The server's queue for a model is full; the client should retry later."""
+    """The server's queue for a model is full; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnknownMetricError(InvalidInputError):
@@ -72,3 +88,7 @@ class BatchJobError(ExplainrtError):
 class InconsistentExplanationError(ExplainrtError):
     """A method returned maps that do not match the images (one map per image at the input size):
     refused rather than returned, since such maps cannot be what was asked for."""
+
+
+class MissingDependencyError(ExplainrtError, ImportError):
+    """A feature needs a package the core install leaves out; the message names the extra that installs it."""
