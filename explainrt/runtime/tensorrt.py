@@ -29,10 +29,19 @@ import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.spec import TARGETS_INPUT, ExplainableSpec, original_model
-from explainrt.export.variants import head_model, variant_model
+from explainrt.export.variants import head_model, maps_model, variant_model
 from explainrt.files import write_atomic
 from explainrt.optional import require
-from explainrt.runtime.base import RunResult, head_feeds, input_dims, output_names, parse_device
+from explainrt.runtime.base import (
+    MapsResult,
+    RunResult,
+    head_feeds,
+    input_dims,
+    maps_outputs,
+    output_names,
+    parse_device,
+    uses_main_model,
+)
 from explainrt.validation import checked_int
 
 log = logging.getLogger(__name__)
