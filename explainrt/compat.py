@@ -342,13 +342,20 @@ def _images(input_tensor: Any) -> np.ndarray:
 
 
 def _classes(targets: Sequence[Any] | None, count: int, num_classes: int) -> np.ndarray | None:
-    """One class index per image; negative categories count from the end, as torch indexing does."""
+    """One class index per image; negative categories count from the end, as torch indexing does.
+
+    One target for several images explains that class in every image (pytorch-grad-cam accepts it
+    too, but zips targets with images, so its maps of the other images are all zero).
+    """
     if targets is None:
         return None
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
         raise InvalidInputError(f"targets must be None or a list of ClassifierOutputTarget, got {type(targets).__name__}")
+    if len(targets) == 1 and count > 1:
+        targets = list(targets) * count
     if len(targets) != count:
-        raise InvalidInputError(f"got {len(targets)} targets for {count} images: give one ClassifierOutputTarget per image")
+        raise InvalidInputError(f"got {len(targets)} targets for {count} images: give one ClassifierOutputTarget "
+                                "per image, or one for all")
     classes = np.empty(count, dtype=np.int64)
     for index, target in enumerate(targets):
         if not _is_classifier_target(target):

@@ -10,7 +10,7 @@ from typing import Any
 from explainrt.cli.common import load_model, positive_int
 from explainrt.errors import InvalidInputError
 from explainrt.export.heads import MAPS_DTYPES, add_map_heads, checked_maps
-from explainrt.export.spec import ExplainableSpec
+from explainrt.export.spec import TAP_PREFIX, ExplainableSpec
 from explainrt.files import write_atomic
 
 
@@ -61,6 +61,14 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
 
 
 
+def _layer_names(spec: ExplainableSpec, args: argparse.Namespace) -> list[str]:
+    """The target layers as the user named them: the --target module names rather than the tensors the
+    PyTorch export tapped them at (explainrt.tap.<i>, which mean nothing to the user)."""
+    tapped = all(name.startswith(TAP_PREFIX) for name in spec.target_layers)
+    return list(args.layers) if tapped and args.layers and len(args.layers) == len(spec.target_layers) else list(
+        spec.target_layers)
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.output is None and args.triton is None:
         raise InvalidInputError("export needs -o OUT.onnx, --triton DIR or both")
@@ -77,7 +85,7 @@ def _export(args: argparse.Namespace) -> int:
     if maps:
         proto = add_map_heads(copy.deepcopy(proto), maps, args.maps_only, args.maps_dtype)
     spec = ExplainableSpec.from_model(proto)
-    explains = f"explains {spec.logits!r} ({spec.num_classes} classes) w.r.t. {', '.join(map(repr, spec.target_layers))}"
+    explains = f"explains {spec.logits!r} ({spec.num_classes} classes) w.r.t. {', '.join(map(repr, _layer_names(spec, args)))}"
     if maps:
         explains += f"; maps {', '.join(maps)} ({spec.maps_dtype}{', maps only' if spec.maps_only else ''})"
     if args.output is not None:

@@ -51,6 +51,8 @@ def maps_output(method: str) -> str:
 
 REFERENCE_PREFIX = "explainrt.reference."
 RELU_OUTPUT_PREFIX = "explainrt.relu."
+TAP_PREFIX = "explainrt.tap."
+"""Outputs the PyTorch export adds to read target modules (named by the user as modules, not tensors)."""
 
 
 def reference_input(index: int) -> str:

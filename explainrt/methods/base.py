@@ -64,6 +64,7 @@ class Method(ABC):
     summary: str
     options: tuple[Option, ...] = ()
     signed: bool = False  # raw maps may be negative; normalised display shows the positive evidence
+    blank_reason: str = ""  # why this method's map can be all zero for a sound model (said with the map)
 
     @property
     def per_image_options(self) -> tuple[str, ...]:
