@@ -26,7 +26,10 @@ from explainrt.preprocessing import load_image
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
-V2_DATATYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
+V2_DATATYPES = {"UINT8": np.uint8, "FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
+"""Datatypes of the tensors a request may carry."""
+V2_OUTPUT_DATATYPES = {**V2_DATATYPES, "FP16": np.float16}
+"""Datatypes of the tensors a response may carry (FP16 maps)."""
 HEADER_LENGTH = "Inference-Header-Content-Length"
 """The Open Inference Protocol's binary tensor extension: the JSON part's length; raw tensors follow it."""
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -279,7 +282,7 @@ def v2_output(name: str, array: np.ndarray, binary: bool = False) -> tuple[dict[
             return _binary_tensor(name, "BYTES", array.shape, raw)
         data = [base64.b64encode(item).decode("ascii") for item in array.ravel()]
         return {"name": name, "datatype": "BYTES", "shape": list(array.shape), "data": data}, b""
-    datatypes = {np.dtype(t): n for n, t in V2_DATATYPES.items()}
+    datatypes = {np.dtype(t): n for n, t in V2_OUTPUT_DATATYPES.items()}
     datatype = datatypes.get(array.dtype)
     if datatype is None:
         array, datatype = array.astype(np.float32), "FP32"

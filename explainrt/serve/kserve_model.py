@@ -169,7 +169,7 @@ def _output(name: str, array: np.ndarray) -> Any:
     """A kserve InferOutput: BYTES for object arrays of bytes (PNG maps), else the array's own datatype."""
     if array.dtype == object:
         return kserve.InferOutput(name, list(array.shape), "BYTES", data=list(array))
-    datatypes = {np.dtype(t): n for n, t in codec.V2_DATATYPES.items()}
+    datatypes = {np.dtype(t): n for n, t in codec.V2_OUTPUT_DATATYPES.items()}
     output = kserve.InferOutput(name, list(array.shape), datatypes[array.dtype])
     output.set_data_from_numpy(np.ascontiguousarray(array))
     return output
