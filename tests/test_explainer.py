@@ -52,7 +52,9 @@ def test_default_targets_are_the_top_class(default_explanation) -> None:  # noqa
 
 def test_timings_cover_every_stage(default_explanation) -> None:  # noqa: ANN001
     timings = default_explanation.timings
-    assert {"preprocess", "runtime", "method", "maps", "total"} <= set(timings)
+    # Grad-CAM's map head computes the maps inside the runtime call: no separate "method" stage
+    # (the Python path's stages are checked in test_map_heads.py)
+    assert {"preprocess", "runtime", "maps", "total"} <= set(timings)
     assert all(value >= 0 for value in timings.values())
     assert timings["total"] >= timings["runtime"]
 
