@@ -49,7 +49,7 @@ from explainrt.export.spec import (
     activations_output,
     gradients_output,
 )
-from explainrt.methods import METHODS, get_method
+from explainrt.methods import METHODS
 from explainrt.methods.base import softmax
 from explainrt.serve import codec
 from explainrt.serve.codec import Limits
@@ -183,7 +183,7 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         model = served(name)
         body = await body_of(request)
         parameters = _parameters(body)
-        method, options, normalize = _method_parameters(parameters)
+        method, options, normalize = codec.method_parameters(parameters, RESERVED_PARAMETERS)
         returns = _returns(parameters.get("return", ["overlay"]))
         images = await run_in_threadpool(codec.decode_instances, body, config.limits)
         targets = _instance_targets(parameters.get("targets"), len(images), model.num_classes)
@@ -237,7 +237,7 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         logits_name = model.explainer.spec.logits
         normalize = True
         if MAPS_OUTPUT in wanted or RESOLVED_TARGETS_OUTPUT in wanted:
-            method, options, normalize = _method_parameters(parameters)
+            method, options, normalize = codec.method_parameters(parameters, RESERVED_PARAMETERS)
             result = await model.submit(explain_key(raw, method, options, normalize), Job(images, targets),
                                         _disconnected(request))
             arrays.update({MAPS_OUTPUT: result["maps"], RESOLVED_TARGETS_OUTPUT: result["targets"],
@@ -322,24 +322,6 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 def _parameters(body: Any) -> dict[str, Any]:
     parameters = codec.json_object(body, "the request body").get("parameters", {})
     return codec.json_object(parameters, '"parameters"')
-
-
-def _method_parameters(parameters: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
-    """The method (checked against the registry), its options (checked against its declarations), and ``normalize``.
-
-    The options are returned as given (JSON values, which key the batcher's jobs); the pipeline
-    validates them again into the values the method reads.
-    """
-    name = parameters.get("method", "gradcam")
-    if not isinstance(name, str):
-        raise InvalidInputError(f"parameter method must be a method name, got {name!r}")
-    method = get_method(name)
-    options = {key: value for key, value in parameters.items() if key not in RESERVED_PARAMETERS}
-    method.check_options(options)
-    normalize = parameters.get("normalize", True)
-    if not isinstance(normalize, bool):
-        raise InvalidInputError(f"parameter normalize must be true or false, got {normalize!r}")
-    return method.name, options, normalize
 
 
 def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:

@@ -13,7 +13,7 @@ import binascii
 import io
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from explainrt.errors import ImageReadError, InvalidInputError, RequestTooLargeError
+from explainrt.methods import get_method
 from explainrt.preprocessing import load_image
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -332,3 +333,22 @@ def _json_type(value: Any) -> str:
 def _numpy_kind(values: np.ndarray) -> str:
     return {"f": "floating-point values", "b": "booleans", "U": "strings", "O": "mixed values"}.get(
         values.dtype.kind, str(values.dtype))
+
+
+def method_parameters(parameters: dict[str, Any], reserved: Sequence[str]) -> tuple[str, dict[str, Any], bool]:
+    """The method (checked against the registry), its options (checked against its declarations), and ``normalize``.
+
+    ``reserved`` names the parameters the front-end reads itself; every other one is an option of
+    the method. The options are returned as given (JSON values, which key the batcher's jobs); the
+    pipeline validates them again into the values the method reads.
+    """
+    name = parameters.get("method", "gradcam")
+    if not isinstance(name, str):
+        raise InvalidInputError(f"parameter method must be a method name, got {name!r}")
+    method = get_method(name)
+    options = {key: value for key, value in parameters.items() if key not in reserved}
+    method.check_options(options)
+    normalize = parameters.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise InvalidInputError(f"parameter normalize must be true or false, got {normalize!r}")
+    return method.name, options, normalize

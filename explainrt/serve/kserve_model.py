@@ -28,7 +28,6 @@ import numpy as np
 
 from explainrt.errors import BackendUnavailableError, ExplainrtError, InvalidInputError
 from explainrt.explainer import Explainer
-from explainrt.methods import get_method
 from explainrt.methods.base import softmax
 from explainrt.serve import codec
 from explainrt.validation import check_class_range
@@ -139,19 +138,11 @@ class ExplainrtModel(kserve.Model):
 
 def _method(parameters: dict[str, Any]) -> tuple[str, dict[str, Any], bool, str]:
     """The method (checked), its options (checked), ``normalize`` and the maps' format."""
-    name = parameters.get("method", "gradcam")
-    if not isinstance(name, str):
-        raise InvalidInputError(f"parameter method must be a method name, got {name!r}")
-    method = get_method(name)
-    options = {key: value for key, value in parameters.items() if key not in RESERVED}
-    method.check_options(options)
-    normalize = parameters.get("normalize", True)
-    if not isinstance(normalize, bool):
-        raise InvalidInputError(f"parameter normalize must be true or false, got {normalize!r}")
+    method, options, normalize = codec.method_parameters(parameters, RESERVED)
     form = parameters.get("maps_format", "FP32")
     if form not in codec.MAP_FORMATS:
         raise InvalidInputError(f"parameter maps_format must be one of {', '.join(codec.MAP_FORMATS)}, got {form!r}")
-    return method.name, options, normalize, form
+    return method, options, normalize, form
 
 
 def _targets(value: Any, count: int, classes: int) -> np.ndarray | None:
