@@ -275,7 +275,8 @@ def test_automatic_layer_refuses_unsound_tensors_with_the_candidates_named() -> 
 
 def test_a_token_model_given_no_input_size_is_explained_at_its_preprocessing_size() -> None:
     """Without input_size a module is exported with dynamic height and width; a ViT's token grid (and
-    position embeddings) hold one size, so it is exported at the preprocessing's size instead."""
+    position embeddings) hold one size, so it is exported at the preprocessing's size instead. A Swin's
+    target shape is unknown to shape inference at a dynamic size: the same."""
     from explainrt.preprocessing import Preprocessing
 
     torch.manual_seed(0)
@@ -286,4 +287,11 @@ def test_a_token_model_given_no_input_size_is_explained_at_its_preprocessing_siz
         reference = cam(input_tensor=torch.from_numpy(images), targets=[ReferenceTarget(1), ReferenceTarget(7)])
     explainer = Explainer(model, [layer], preprocessing=Preprocessing((32, 32), None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     assert explainer.spec.layouts[0]["grid"] == [4, 4]
+    np.testing.assert_allclose(explainer.explain(images, targets=[1, 7]).maps, reference, atol=1e-4)
+    swin = randomized(torchvision_swin())
+    images = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    layer = swin.features[-1][-1].norm1
+    with ReferenceGradCAM(model=swin, target_layers=[layer], reshape_transform=channels_last_to_maps) as cam:
+        reference = cam(input_tensor=torch.from_numpy(images), targets=[ReferenceTarget(1), ReferenceTarget(7)])
+    explainer = Explainer(swin, [layer], preprocessing=Preprocessing((64, 64), None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     np.testing.assert_allclose(explainer.explain(images, targets=[1, 7]).maps, reference, atol=1e-4)

@@ -37,7 +37,6 @@ import onnx
 
 from explainrt.errors import (
     BackendUnavailableError,
-    DynamicTokenGridError,
     InvalidInputError,
     InvalidModelError,
     UnknownLayerError,
@@ -194,11 +193,13 @@ def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocess
     try:
         proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
                            dynamic_size=dynamic_size, **outputs.layouts())
-    except DynamicTokenGridError:
+    except UnknownLayerError as error:
         if not dynamic_size:
             raise
-        # Token layers (ViT, Swin) tie their grid, and usually their position embeddings, to one size.
-        log.info("the target layers hold tokens: exported at %dx%d, the size their grid is read at", *input_size)
+        # Token layers (ViT) tie their grid, and usually their position embeddings, to one size; some graphs
+        # (Swin's padded windows) leave the target's shape unknown to ONNX shape inference at any size.
+        log.info("exported at %dx%d: with a dynamic image size the target layers cannot be read (%s)",
+                 *input_size, error)
         proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
                            **outputs.layouts())
     named = _named_classes(preprocessing, ExplainableSpec.from_model(proto).num_classes)
