@@ -25,6 +25,7 @@ from explainrt.export.spec import (
     OBJECTIVES,
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
+    WEIGHTS_INPUT,
     ExplainableSpec,
     ModelSource,
     activations_output,
@@ -42,7 +43,7 @@ MIN_OPSET = 13
 def make_explainable(
     model: ModelSource,
     target_layers: str | Sequence[str] = "auto",
-    logits: str | None = None,
+    logits: str | int | None = None,
     preprocessing: str | None = None,
     objective: str = "logit",
     defended_relus: bool = False,
@@ -57,8 +58,10 @@ def make_explainable(
     names of layout ``[N, C, h, w]``, ``[N, h, w, C]`` or tokens ``[N, T, D]``, told from the
     graph or set by ``layer_layout`` ("nchw", "nhwc", "tokens"; one for all layers or one per
     layer); token grids are inferred from the image size (``token_grid=(h, w)`` and
-    ``prefix_tokens=k`` set them). Activations and gradients are returned as ``[N, C, h, w]``. ``logits`` names the class-score tensor; by
-    default the first graph output (or the input of a final Softmax/LogSoftmax).
+    ``prefix_tokens=k`` set them). Activations and gradients are returned as ``[N, C, h, w]``.
+    ``logits`` names the explained output (a tensor name or the index of a graph output), ``[N, classes]``
+    or ``[N, classes, ...]`` (a class index then sums that channel over the other axes); by default
+    the first graph output (or the input of a final Softmax/LogSoftmax).
     ``preprocessing`` is a Preprocessing JSON stored for the CLI and servers. ``objective``
     (see ``OBJECTIVES``) is the function of the logits whose gradient each target asks for; a
     loss is nonlinear in the logits, so its cotangent (softmax - one-hot) is formed in the graph.
@@ -76,22 +79,36 @@ def make_explainable(
     logits_name = _logits(builder, logits)
     _refuse_qoperator(builder, logits_name)
     num_classes = _num_classes(builder, logits_name)
+    output_info = builder.info(logits_name)
+    output_shape = tuple(d if isinstance(d, int) else None for d in output_info.shape[1:])  # type: ignore[index]
+    if objective in ("cross_entropy", "probability") and output_info.rank != 2:
+        raise InvalidInputError(f"objective {objective!r} needs an output [N, classes]; {logits_name!r} has shape "
+                                f"{output_info.shape}")
     count = 1 if isinstance(target_layers, str) else len(target_layers)
     chosen = layers.target_layers(builder, image_input, target_layers, logits_name,
                                   layouts.requests(count, layer_layout, token_grid, prefix_tokens))
     targets = [name for name, _ in chosen]
     log.info("explaining %s w.r.t. %s", logits_name, ", ".join(f"{n} ({l.kind})" for n, l in chosen))
 
-    requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
-    resolved = _resolve_targets(builder, logits_name, requested)
-    of, seed = _seed(builder, logits_name, resolved) if objective == "logit" else (
-        logits_name, _cross_entropy_seed(builder, logits_name, resolved))
+    resolved = None
+    if objective == "weights":
+        axes = [f"d{axis}" if d is None else d for axis, d in enumerate(output_shape, start=2)]
+        weights = builder.add_input(WEIGHTS_INPUT, output_info.elem_type, ["N", "K", *axes])
+        builder.scope = "explainrt/grad/seed"
+        of, seed = logits_name, builder.op("Transpose", [weights], perm=[1, 0, *range(2, output_info.rank + 1)],
+                                           like=logits_name)
+    else:
+        requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
+        resolved = _resolve_targets(builder, logits_name, requested)
+        seeds = {"logit": _seed, "cross_entropy": _cross_entropy_seed, "probability": _probability_seed}
+        of, seed = seeds[objective](builder, logits_name, resolved)
     rules = {**RULES, **_defended_relu_rules(builder)} if defended_relus else RULES
     gradients = append_gradients(builder, targets, of, seed, rules)
     compute_on_blocks(builder, seed)
 
     builder.scope = "explainrt/outputs"
-    builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
+    if resolved is not None:
+        builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
     for index, (target, layout) in enumerate(chosen):
         elem_type = builder.info(target).elem_type
         channels_hw = [layout.channels, *layout.grid]
@@ -103,7 +120,7 @@ def make_explainable(
 
     _prune_added_nodes(proto)
     spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing, objective,
-                           tuple(layout.to_json() for _, layout in chosen))
+                           tuple(layout.to_json() for _, layout in chosen), output_shape)
     set_metadata(proto, METADATA_KEY, spec.to_json())
     try:
         onnx.checker.check_model(proto)
@@ -167,8 +184,13 @@ def _image_input(builder: GradientBuilder) -> str:
     raise InvalidModelError("the model has no float image input of rank 4 [N, C, H, W]")
 
 
-def _logits(builder: GradientBuilder, requested: str | None) -> str:
+def _logits(builder: GradientBuilder, requested: str | int | None) -> str:
     graph = builder.graph
+    if isinstance(requested, int) and not isinstance(requested, bool):
+        if not 0 <= requested < len(graph.output):
+            raise UnknownLayerError(f"output index {requested} is out of range: the model has {len(graph.output)} "
+                                    f"outputs ({', '.join(o.name for o in graph.output)})")
+        return graph.output[requested].name
     if requested is not None:
         if requested not in builder.infos:
             raise UnknownLayerError(f"logits tensor {requested!r} not found{layers.suggest(requested, builder.infos)}")
@@ -192,16 +214,20 @@ def _refuse_qoperator(builder: GradientBuilder, logits: str) -> None:
 
 def _num_classes(builder: GradientBuilder, logits: str) -> int:
     info = builder.info(logits)
-    if info.rank != 2 or not isinstance(info.shape[1], int):  # type: ignore[index]
-        raise InvalidModelError(f"logits {logits!r} must have shape [N, classes], got {info.shape}")
+    if info.rank is None or info.rank < 2 or not isinstance(info.shape[1], int):  # type: ignore[index]
+        raise InvalidModelError(f"the explained output {logits!r} must have shape [N, classes] or [N, classes, ...] "
+                                f"with a known number of classes, got {info.shape}")
     return info.shape[1]  # type: ignore[index, return-value]
 
 
 def _resolve_targets(b: GradientBuilder, logits: str, requested: str) -> str:
-    """Targets < 0 mean 'the k-th most likely class': look them up in the sorted logits."""
+    """Targets < 0 mean 'the k-th most likely class': look them up in the sorted logits (summed
+    over the axes after the classes' on an output [N, classes, ...])."""
     b.scope = "explainrt/targets"
     classes = b.shape_slice(logits, 1, 2)
-    ranked = b.op_multi("TopK", [logits, classes], outputs=2, axis=-1, largest=1, sorted=1)[1]
+    rank = b.rank(logits)
+    scores = logits if rank == 2 else b.op("ReduceSum", [logits, b.ints(list(range(2, rank)))], keepdims=0)
+    ranked = b.op_multi("TopK", [scores, classes], outputs=2, axis=1, largest=1, sorted=1)[1]
     rank = b.op("Max", [b.op("Sub", [b.op("Neg", [requested]), b.ints([1])]), b.ints([0])])
     by_rank = b.op("GatherElements", [ranked, rank], axis=1)
     return b.op("Where", [b.op("Less", [requested, b.ints([0])]), by_rank, requested])
@@ -216,7 +242,7 @@ def _seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[str, str]:
     """
     b.scope = "explainrt/grad/seed"
     head = next((n for n in b.graph.node if logits in n.output), None)
-    if head is None or head.op_type != "Gemm" or b.constant_value(head.input[1]) is None:
+    if head is None or head.op_type != "Gemm" or b.rank(logits) != 2 or b.constant_value(head.input[1]) is None:
         return logits, _one_hot_seed(b, logits, resolved)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
     if attrs.get("transA", 0):
@@ -231,18 +257,33 @@ def _seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[str, str]:
 
 
 def _one_hot_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
-    """Cotangent [K, N, classes]: one-hot rows of the resolved targets."""
+    """Cotangent [K, N, classes, ...]: one-hot rows of the resolved targets (on an output
+    [N, classes, ...], the same over the other axes: the class's scores summed)."""
     per_seed = b.unsqueeze(b.op("Transpose", [resolved], perm=[1, 0]), [-1])
     count = b.squeeze(b.shape_slice(logits, 1, 2), [0])
     class_ids = b.op("Range", [b.constant(0, dtype=TensorProto.INT64), count, b.constant(1, dtype=TensorProto.INT64)])
     hot = b.op("Equal", [per_seed, class_ids])
-    return b.op("Cast", [hot], to=b.info(logits).elem_type, name="explainrt/grad/seed", like=logits)
+    rank = b.rank(logits)
+    if rank == 2:
+        return b.op("Cast", [hot], to=b.info(logits).elem_type, name="explainrt/grad/seed", like=logits)
+    cast = b.op("Cast", [b.unsqueeze(hot, list(range(3, rank + 1)))], to=b.info(logits).elem_type)
+    return b.op("Expand", [cast, b.shape(logits)], name="explainrt/grad/seed", like=logits)
 
 
-def _cross_entropy_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
+def _cross_entropy_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[str, str]:
     """Cotangent of -log softmax(y)_t: softmax(y) - one_hot(t), [K, N, classes]."""
     softmax = b.op("Softmax", [logits], axis=-1, like=logits)
-    return b.op("Sub", [softmax, _one_hot_seed(b, logits, resolved)], name="explainrt/grad/seed/cross_entropy", like=logits)
+    return logits, b.op("Sub", [softmax, _one_hot_seed(b, logits, resolved)], name="explainrt/grad/seed/cross_entropy",
+                        like=logits)
+
+
+def _probability_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[str, str]:
+    """Cotangent of p_t = softmax(y)_t: p_t (one_hot(t) - p), [K, N, classes]."""
+    p = b.op("Softmax", [logits], axis=-1, like=logits)
+    hot = _one_hot_seed(b, logits, resolved)
+    p_t = b.op("ReduceSum", [b.op("Mul", [hot, p], like=logits), b.ints([-1])], keepdims=1)
+    return logits, b.op("Mul", [p_t, b.op("Sub", [hot, p], like=logits)], name="explainrt/grad/seed/probability",
+                        like=logits)
 
 
 def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[object]]]:

@@ -8,6 +8,12 @@ An explainable model keeps every original node and output and adds:
 - output ``explainrt.activations.<i>``    ``[N, C, h, w]`` for the i-th target layer;
 - output ``explainrt.gradients.<i>``      ``[N, K, C, h, w]``: d logit[target] / d activations.
 
+The explained output ("logits") may be ``[N, classes]`` or ``[N, classes, ...]`` (a segmentation
+map, a detector's raw head): a class index then means the sum of that channel over the other
+axes. The ``weights`` objective (a variant, ``explainrt.export.variants``) takes input
+``explainrt.weights`` ``[N, K, *output]`` instead of the class indices: target k is the linear
+objective sum(weights[:, k] * output), any such objective in one call.
+
 What the engine needs to run the model without the original code (input name, logits, target
 layers, preprocessing) is stored as JSON in the model's metadata under ``explainrt``.
 """
@@ -27,6 +33,7 @@ from google.protobuf.message import DecodeError
 from explainrt.errors import InvalidModelError
 
 TARGETS_INPUT = "explainrt.targets"
+WEIGHTS_INPUT = "explainrt.weights"
 RESOLVED_TARGETS_OUTPUT = "explainrt.resolved_targets"
 METADATA_KEY = "explainrt"
 
@@ -64,6 +71,7 @@ class ExplainableSpec:
     preprocessing: str | None = None  # JSON of explainrt.preprocessing.Preprocessing
     objective: str = "logit"  # what is differentiated per target: see OBJECTIVES
     layouts: tuple[dict, ...] = ()  # per target layer, explainrt.export.layouts.Layout as JSON (() : all NCHW)
+    output_shape: tuple[int | None, ...] = ()  # the explained output's axes after N (None: known at run time)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -77,6 +85,7 @@ class ExplainableSpec:
             fields = json.loads(props[METADATA_KEY])
             fields["target_layers"] = tuple(fields["target_layers"])
             fields["layouts"] = tuple(fields.get("layouts", ()))
+            fields["output_shape"] = tuple(fields.get("output_shape", ()))
             return cls(**fields)
         except (ValueError, TypeError, KeyError) as error:
             raise InvalidModelError(f"corrupt explainrt metadata in the model: {error}") from error
@@ -108,6 +117,8 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
 OBJECTIVES = {
     "logit": "the target's logit y_t",
     "cross_entropy": "the cross-entropy loss -log softmax(y)_t (Contrast-CAM, confidence gradients)",
+    "probability": "the target's softmax probability softmax(y)_t over the classes (axis 1)",
+    "weights": "a linear objective sum(w * y), w fed per image and target as explainrt.weights [N, K, *shape(y)[1:]]",
 }
 
 

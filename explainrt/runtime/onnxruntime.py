@@ -13,14 +13,22 @@ import onnx
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.spec import (
     REFERENCE_PREFIX,
-    TARGETS_INPUT,
     ExplainableSpec,
     original_model,
     reference_input,
     relu_output,
 )
 from explainrt.export.variants import head_model, variant_kind, variant_model
-from explainrt.runtime.base import RunResult, head_feeds, input_dims, output_names, parse_device, static_dims
+from explainrt.runtime.base import (
+    RunResult,
+    head_feeds,
+    input_dims,
+    output_names,
+    parse_device,
+    run_result,
+    static_dims,
+    targets_feed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,8 @@ class OnnxRuntimeSession:
         self._heads: dict[int, tuple[object, bool]] = {}
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
         self._variants: dict[tuple[str, bool, bool], tuple[object, list[str], list[list[int | str | None]]]] = {
-            (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers)), [])}
+            (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers),
+                                                                           self.spec.objective), [])}
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
 
     def _session(self, model: onnx.ModelProto, spinning: bool = True) -> object:
@@ -90,14 +99,14 @@ class OnnxRuntimeSession:
             variant = variant_model(self._model, self.spec, objective, of_input, defended)
             shapes = [input_dims(variant, reference_input(k))
                       for k in range(sum(v.name.startswith(REFERENCE_PREFIX) for v in variant.graph.input))]
-            outputs = output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers))
+            outputs = output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers), objective)
             self._variants[key] = (self._session(variant), outputs + [relu_output(k) for k in range(len(shapes))], shapes)
         return self._variants[key]
 
     def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
         session, outputs, _ = self._variant(objective, of_input)
-        values = self._run(session, outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})
-        return RunResult(values[0], values[1], values[2::2], values[3::2])
+        values = self._run(session, outputs, {self.spec.image_input: images, **targets_feed(objective, targets)})
+        return run_result(values, objective, targets)
 
     def _run(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
         """One runtime call. On CUDA, through IO binding: CUDA arrays (CuPy, torch) are bound in
@@ -137,10 +146,11 @@ class OnnxRuntimeSession:
             references = [np.full([images.shape[0], *static_dims(shape[1:])], np.inf, dtype=images.dtype) for shape in shapes]
         elif len(references) != len(shapes):
             raise InvalidInputError(f"the model has {len(shapes)} defended Relus; got {len(references)} references")
-        feeds = {self.spec.image_input: images, TARGETS_INPUT: targets,
+        feeds = {self.spec.image_input: images, **targets_feed(objective, targets),
                  **{reference_input(k): reference for k, reference in enumerate(references)}}
         values = self._run(session, outputs, feeds)
-        return RunResult(values[0], values[1], [values[2]], [values[3]]), list(values[4:])
+        given = 3 if objective == "weights" else 4
+        return run_result(values[:given], objective, targets), list(values[given:])
 
     @property
     def model(self) -> onnx.ModelProto:

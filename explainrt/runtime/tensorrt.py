@@ -28,10 +28,10 @@ import numpy as np
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.spec import TARGETS_INPUT, ExplainableSpec, original_model
+from explainrt.export.spec import TARGETS_INPUT, WEIGHTS_INPUT, ExplainableSpec, original_model
 from explainrt.export.variants import head_model, variant_model
 from explainrt.files import write_atomic
-from explainrt.runtime.base import RunResult, head_feeds, input_dims, output_names, parse_device
+from explainrt.runtime.base import RunResult, head_feeds, input_dims, output_names, parse_device, run_result, targets_feed
 from explainrt.validation import checked_int
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class BatchProfile:
             dims = input_dims(model, value.name)
             ranges = [(self.min_batch, self.opt_batch, self.max_batch)]
             for axis, dim in enumerate(dims[1:], start=1):
-                if value.name == TARGETS_INPUT and axis == 1:
+                if value.name in (TARGETS_INPUT, WEIGHTS_INPUT) and axis == 1:
                     ranges.append((1, 1, self.max_targets))
                 elif isinstance(dim, int) and dim > 0:
                     ranges.append((dim, dim, dim))
@@ -263,7 +263,7 @@ class TensorRTSession:
         return [t.cpu().numpy() for t in merged]
 
     def _check_targets(self, targets: np.ndarray) -> None:
-        if targets.ndim != 2 or targets.shape[1] > self.profile.max_targets:
+        if targets.ndim < 2 or targets.shape[1] > self.profile.max_targets:
             raise InvalidInputError(f"targets must be [N, K] with K <= max_targets={self.profile.max_targets} "
                                     f"(the engine's profile), got shape {targets.shape}")
 
@@ -277,9 +277,9 @@ class TensorRTSession:
         self._check_targets(np.asarray(targets))
         engine = self._engine(("variant", objective, of_input),
                               lambda: variant_model(self._model, self.spec, objective, of_input))
-        values = self._call(engine, {self.spec.image_input: images, TARGETS_INPUT: np.asarray(targets, np.int64)},
-                            output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers)))
-        return RunResult(values[0], values[1], values[2::2], values[3::2])
+        values = self._call(engine, {self.spec.image_input: images, **targets_feed(objective, targets)},
+                            output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers), objective))
+        return run_result(values, objective, targets)
 
     def defended_input_gradients(self, images: Any, targets: np.ndarray, references: list[np.ndarray] | None = None,
                                  objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:
