@@ -25,6 +25,8 @@ from explainrt.models import LoadedModel
 from explainrt.overlay import concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
 from explainrt.runtime.base import Session
+from explainrt.runtime.objective import TargetSession
+from explainrt.targets import Class, Target, as_targets
 from explainrt.validation import check_class_range
 
 log = logging.getLogger(__name__)
@@ -177,7 +179,9 @@ class Explainer:
     def explain(self, images: Any, method: str = "gradcam", targets: Any = None, *, batch_size: int = 32,
                 normalize: bool = True, progress: bool | None = None, cancel: threading.Event | None = None,
                 **options: Any) -> Explanation:
-        """Maps for ``targets`` (None: the top class; -k: the k-th most likely class).
+        """Maps for ``targets`` (None: the top class; -k: the k-th most likely class; or
+        ``explainrt.targets`` objects, one for all images or one per image: then ``logits`` holds each
+        image's objective [N, 1] and ``targets`` the class each target is about, -1 for none).
 
         ``batch_size`` bounds the images (or perturbed copies) in one runtime call. ``normalize``
         scales each map to [0, 1] for display; False returns the method's raw attributions.
@@ -191,7 +195,7 @@ class Explainer:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         batch, crops = self.prepare(images)
-        wanted = self._targets(targets, batch.shape[0])
+        session, wanted, objects = self._session_and_targets(targets, batch)
         per_image = self._per_image_options(chosen, options, batch)
         timings["preprocess"] = time.perf_counter() - start
         parts: list[Attribution] = []
@@ -200,7 +204,7 @@ class Explainer:
         for first in tqdm(chunks, desc=chosen.name) if show else chunks:  # a hidden bar still costs 0.1 ms
             stop = first + batch_size
             chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
-            request = AttributionRequest(batch[first:stop], wanted[first:stop], self.session, int(batch_size),
+            request = AttributionRequest(batch[first:stop], wanted[first:stop], session, int(batch_size),
                                          normalize, chunk_options, cancel, bool(progress))
             request.check_cancelled()
             part = chosen.attribute(request)
@@ -219,8 +223,30 @@ class Explainer:
         timings["total"] = time.perf_counter() - start
         extras = {key: np.concatenate([p.extras[key] for p in parts]) for key in parts[0].extras}
         labels = self.preprocessing.labels if self.preprocessing else None
-        return Explanation(maps, np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts]),
-                           chosen.name, timings, labels, crops, extras, normalize)
+        logits, explained = np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts])
+        if objects is not None:  # per image: its target's objective, and the class the target is about
+            logits = np.take_along_axis(logits, wanted[:, None], axis=1)
+            explained = np.array([target.class_index for target in objects], dtype=np.int64)
+        return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize)
+
+    def _session_and_targets(self, targets: Any, batch: np.ndarray) -> tuple[Session, np.ndarray, list[Target] | None]:
+        """The session the methods run, the int targets they see, and the target objects (None: class indices).
+
+        Target objects other than ``Class`` are checked against the explained output and become
+        the "classes" of a ``TargetSession`` (each image's int target is its object's column)."""
+        objects = as_targets(targets, batch.shape[0])
+        if objects is not None and all(type(target) is Class for target in objects):
+            targets, objects = [target.class_index for target in objects], None  # the class-index fast path
+        if objects is None:
+            return self.session, self._targets(targets, batch.shape[0]), None
+        unique = list({id(target): target for target in objects}.values())
+        shape = self.spec.output_shape
+        if not shape or None in shape:  # not stored (older models) or known only at run time
+            shape = tuple(np.shape(self.session.logits(batch[:1]))[1:])
+        for target in unique:
+            target.check(shape, tuple(batch.shape[2:]))
+        column = {id(target): index for index, target in enumerate(unique)}
+        return TargetSession(self.session, unique), np.array([column[id(t)] for t in objects], np.int64), objects
 
 
     def explain_contrasts(self, images: Any, k: int = 3, **kwargs: Any) -> Explanation:

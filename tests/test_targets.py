@@ -1,0 +1,291 @@
+"""Explanation targets (explainrt.targets) on segmentation, detection, embedding and classifier outputs.
+
+References: pytorch-grad-cam's SemanticSegmentationTarget (Region on DeepLabV3), torch.autograd of the
+same objective (Box on an Ultralytics YOLOv8n exported to ONNX, Similarity on an embedding model,
+Softmax / Difference / Weights on a classifier), and explainrt's own methods on a model whose output
+is the objective itself (perturbation methods score every copy with the target's objective).
+All models have random weights and fixed seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from explainrt import Explainer
+from explainrt.errors import InvalidTargetError
+from explainrt.targets import Box, Class, Difference, Region, Similarity, Softmax, Weights
+
+SEG_SIZE = 64
+YOLO_SIZE = 160
+
+
+class _Out(torch.nn.Module):
+    """A segmentation model's "out" tensor (what pytorch-grad-cam's SemanticSegmentationTarget reads)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+@pytest.fixture(scope="module")
+def deeplab() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=6, aux_loss=False).eval()
+
+
+@pytest.fixture(scope="module")
+def deeplab_explainer(deeplab: torch.nn.Module) -> Explainer:
+    """The dict-output model exported to ONNX: "out" is explained without output= being given."""
+    return Explainer(deeplab, target_layers=[deeplab.backbone["16"]], input_size=(SEG_SIZE, SEG_SIZE))
+
+
+def _image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def test_region_gradcam_matches_pytorch_grad_cam(deeplab: torch.nn.Module, deeplab_explainer: Explainer) -> None:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE))
+    mask = np.zeros((SEG_SIZE, SEG_SIZE), np.float32)
+    mask[10:40, 20:50] = 1.0
+    with GradCAM(model=_Out(deeplab), target_layers=[deeplab.backbone["16"]]) as cam:
+        reference = cam(torch.from_numpy(image), targets=[SemanticSegmentationTarget(3, mask)])
+    ours = deeplab_explainer.explain(image, method="gradcam", targets=Region(3, mask))
+    assert deeplab_explainer.spec.output_shape == (6, SEG_SIZE, SEG_SIZE)
+    assert ours.targets.tolist() == [3]
+    with torch.no_grad():
+        out = deeplab(torch.from_numpy(image))["out"][0, 3].numpy()
+    np.testing.assert_allclose(ours.logits[:, 0], [(out * mask).sum()], rtol=1e-4)
+    np.testing.assert_allclose(ours.maps, reference, atol=2e-4)
+
+
+def test_region_weighted_mask_input_gradients_match_autograd(deeplab: torch.nn.Module,
+                                                              deeplab_explainer: Explainer) -> None:
+    """A weighted mask; Saliency's signed sum over channels is the input gradient summed over channels."""
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE), seed=1)
+    mask = np.random.default_rng(2).uniform(size=(SEG_SIZE, SEG_SIZE)).astype(np.float32)
+    x = torch.from_numpy(image).requires_grad_(True)
+    (deeplab(x)["out"][0, 2] * torch.from_numpy(mask)).sum().backward()
+    ours = deeplab_explainer.explain(image, method="saliency", targets=Region(2, mask), normalize=False, abs=False)
+    reference = x.grad.numpy().sum(axis=1)
+    assert np.abs(ours.maps - reference).max() <= 1e-4 * np.abs(reference).max()
+
+
+def test_int_targets_on_a_segmentation_output_sum_the_class(deeplab: torch.nn.Module,
+                                                            deeplab_explainer: Explainer) -> None:
+    """Class k on [N, K, H, W] (the class-index fast path) is Region(k, all ones); -1 the top summed class."""
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE), seed=3)
+    ones = np.ones((SEG_SIZE, SEG_SIZE), np.float32)
+    fast = deeplab_explainer.explain(image, method="gradcam", targets=4, normalize=False)
+    general = deeplab_explainer.explain(image, method="gradcam", targets=Region(4, ones), normalize=False)
+    np.testing.assert_allclose(fast.maps, general.maps, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        summed = deeplab(torch.from_numpy(image))["out"].sum(dim=(2, 3))[0].numpy()
+    top = deeplab_explainer.explain(image, method="eigencam")
+    assert top.targets.tolist() == [int(summed.argmax())]
+
+
+def test_perturbation_methods_score_copies_with_the_target(deeplab: torch.nn.Module) -> None:
+    """RISE and Occlusion with a Region target equal the same methods on a model whose one output is the
+    region's score (class 0), on the torch backend."""
+
+    class RegionScore(torch.nn.Module):
+        def __init__(self, mask: np.ndarray) -> None:
+            super().__init__()
+            self.model, self.mask = deeplab, torch.from_numpy(mask)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.model(x)["out"][:, 1] * self.mask).sum(dim=(1, 2))[:, None]
+
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE), seed=4)
+    mask = np.zeros((SEG_SIZE, SEG_SIZE), np.float32)
+    mask[30:60, 5:25] = 1.0
+    ours = Explainer(deeplab, [deeplab.backbone["16"]], backend="torch", input_size=(SEG_SIZE, SEG_SIZE))
+    reference = Explainer(RegionScore(mask), [deeplab.backbone["16"]], backend="torch",
+                          input_size=(SEG_SIZE, SEG_SIZE))
+    for method, options in (("occlusion", {"window": (16, 16)}), ("rise", {"n_masks": 16, "grid": 4})):
+        got = ours.explain(image, method=method, targets=Region(1, mask), normalize=False, **options)
+        want = reference.explain(image, method=method, targets=0, normalize=False, **options)
+        if method == "rise":  # RISE weights masks by probability; one logit's softmax is 1: compare with the score
+            want = reference.explain(image, method=method, targets=Weights(np.ones(1, np.float32)), normalize=False,
+                                     **options)
+        np.testing.assert_allclose(got.maps, want.maps, rtol=1e-4, atol=1e-4 * np.abs(want.maps).max())
+
+
+# -- detection ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def yolo() -> torch.nn.Module:
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", verbose=False).eval()
+    for module in model.modules():
+        if type(module).__name__ == "Detect":
+            module.export, module.format = True, "onnx"  # the raw head [N, 84, anchors], as exported
+    return model
+
+
+@pytest.fixture(scope="module")
+def yolo_onnx(yolo: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import warnings
+
+    path = tmp_path_factory.mktemp("yolo") / "yolov8n.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(yolo, (torch.rand(2, 3, YOLO_SIZE, YOLO_SIZE),), dynamo=True, opset_version=18,
+                                    input_names=["images"], output_names=["output0"],
+                                    dynamic_shapes=({0: torch.export.Dim("N", min=1)},))
+    program.save(str(path))
+    return path
+
+
+def _yolo_box(output: np.ndarray, class_index: int) -> list[float]:
+    """The box (xyxy) of the prediction most confident in ``class_index`` among those inside the image."""
+    cx, cy, w, h = output[:4]
+    x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    inside = (x1 >= 0) & (y1 >= 0) & (x2 <= YOLO_SIZE) & (y2 <= YOLO_SIZE) & (w > 1) & (h > 1)
+    best = int(np.argmax(np.where(inside, output[4 + class_index], -np.inf)))
+    return [float(x1[best]), float(y1[best]), float(x2[best]), float(y2[best])]
+
+
+def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx: Path) -> None:
+    image = _image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=5) * 0.2 + 0.5
+    explainer = Explainer(str(yolo_onnx), output="output0")
+    assert explainer.spec.output_shape[0] == 84
+    x = torch.from_numpy(image).requires_grad_(True)
+    out = yolo(x)
+    values = out[0].detach().numpy()
+    box = _yolo_box(values, 7)
+    boxes = torch.from_numpy(np.stack([values[0] - values[2] / 2, values[1] - values[3] / 2,
+                                       values[0] + values[2] / 2, values[1] + values[3] / 2], axis=1))
+    chosen = torchvision.ops.box_iou(boxes, torch.tensor([box], dtype=boxes.dtype))[:, 0] >= 0.5
+    assert chosen.any()
+    out[0, 4 + 7, torch.from_numpy(chosen.numpy())].sum().backward()
+    reference = x.grad.numpy().sum(axis=1)
+    ours = explainer.explain(image, method="saliency", targets=Box(box, 7), normalize=False, abs=False)
+    assert np.abs(ours.maps - reference).max() <= 1e-3 * np.abs(reference).max()
+    np.testing.assert_allclose(ours.logits[0, 0], values[4 + 7, chosen.numpy()].sum(), rtol=1e-4)
+    cam = explainer.explain(image, method="gradcam", targets=Box(box, 7))
+    assert cam.maps.shape == (1, YOLO_SIZE, YOLO_SIZE) and np.isfinite(cam.maps).all()
+    with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
+        explainer.explain(image, method="gradcam", targets=Box([0, 0, 2, 2], 7, iou=0.9))
+    with pytest.raises(InvalidTargetError, match="outside the 160x160 image"):
+        explainer.explain(image, method="gradcam", targets=Box([10, 10, 170, 50], 7))
+    with pytest.raises(InvalidTargetError, match="out of range for an output of 80 classes"):
+        explainer.explain(image, method="gradcam", targets=Box(box, 80))
+
+
+def test_box_yolov5_layout_is_objectness_times_class() -> None:
+    """YOLOv5's [anchors, 5 + classes]: the objective's gradient is that of objectness x class score."""
+    rng = np.random.default_rng(0)
+    output = np.concatenate([np.array([[20, 20, 10, 10], [21, 20, 10, 10], [60, 60, 8, 8]], np.float32),
+                             rng.uniform(size=(3, 4)).astype(np.float32)], axis=1)  # 3 anchors, 2 classes
+    target = Box([15, 15, 25, 25], 1, layout="yolov5")  # 3 anchors: too few to tell the layout from the shape
+    target.check(output.shape, (100, 100))
+    y = torch.from_numpy(output).requires_grad_(True)
+    (y[:2, 4] * y[:2, 6]).sum().backward()
+    np.testing.assert_allclose(target.gradient(output), y.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(target.score(output[None]), [(output[:2, 4] * output[:2, 6]).sum()], rtol=1e-6)
+
+
+# -- embeddings and classifiers ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=16).eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def embedder_explainer(embedder: torch.nn.Module) -> Explainer:
+    """The embedding model (an [N, 16] output) exported to ONNX once for this module."""
+    return Explainer(embedder, [embedder.layer4], input_size=(64, 64))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_similarity_matches_autograd(embedder: torch.nn.Module, embedder_explainer: Explainer, backend: str) -> None:
+    image = _image((2, 3, 64, 64), seed=6)
+    concept = np.random.default_rng(7).normal(size=16).astype(np.float32)
+    x = torch.from_numpy(image).requires_grad_(True)
+    (embedder(x) @ torch.from_numpy(concept)).sum().backward()
+    explainer = embedder_explainer if backend == "onnxruntime" else Explainer(embedder, [embedder.layer4],
+                                                                              backend=backend, input_size=(64, 64))
+    ours = explainer.explain(image, method="saliency", targets=Similarity(concept), normalize=False, abs=False)
+    reference = x.grad.numpy().sum(axis=1)
+    assert np.abs(ours.maps - reference).max() <= 1e-4 * np.abs(reference).max()
+    with torch.no_grad():
+        np.testing.assert_allclose(ours.logits[:, 0], (embedder(torch.from_numpy(image)) @ torch.from_numpy(concept))
+                                   .numpy(), rtol=1e-4)
+    with pytest.raises(InvalidTargetError, match="needs an embedding output"):
+        explainer.explain(image, targets=Similarity(concept[:8]))
+
+
+@pytest.mark.parametrize(("target", "objective"), [
+    (Softmax(3), lambda y: torch.softmax(y, dim=1)[:, 3]),
+    (Difference(3, 5), lambda y: y[:, 3] - y[:, 5]),
+    (Weights(np.linspace(-1, 1, 16, dtype=np.float32)), lambda y: y @ torch.linspace(-1, 1, 16)),
+])
+def test_classifier_targets_match_autograd(embedder: torch.nn.Module, embedder_explainer: Explainer, target: object,
+                                          objective: object) -> None:
+    """Per image targets (one list); input gradients (IG's integrand at the image) and Grad-CAM."""
+    image = _image((2, 3, 64, 64), seed=8)
+    x = torch.from_numpy(image).requires_grad_(True)
+    objective(embedder(x)).sum().backward()  # type: ignore[operator]
+    explainer = embedder_explainer
+    ours = explainer.explain(image, method="saliency", targets=[target, target], normalize=False, abs=False)
+    reference = x.grad.numpy().sum(axis=1)
+    assert np.abs(ours.maps - reference).max() <= 1e-4 * np.abs(reference).max()
+    with torch.no_grad():
+        np.testing.assert_allclose(ours.logits[:, 0], objective(embedder(torch.from_numpy(image))).numpy(),  # type: ignore[operator]
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_targets_and_class_fast_path(embedder_explainer: Explainer) -> None:
+    """Class objects alone take the class-index path; mixed with others, each image gets its own objective."""
+    image = _image((2, 3, 64, 64), seed=9)
+    explainer = embedder_explainer
+    fast = explainer.explain(image, method="gradcam", targets=[Class(2), Class(-1)], normalize=False)
+    assert fast.logits.shape == (2, 16)
+    mixed = explainer.explain(image, method="gradcam", targets=[Class(2), Difference(1, 0)], normalize=False)
+    np.testing.assert_allclose(mixed.maps[0], fast.maps[0], rtol=1e-4, atol=1e-6)
+    assert mixed.targets.tolist() == [2, 1]
+
+
+# -- errors ------------------------------------------------------------------------------------------
+def test_target_errors(deeplab_explainer: Explainer, embedder_explainer: Explainer) -> None:
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE))
+    with pytest.raises(InvalidTargetError, match=r"mask has shape \(32, 32\); the output's maps are \(64, 64\)"):
+        deeplab_explainer.explain(image, targets=Region(1, np.ones((32, 32))))
+    with pytest.raises(InvalidTargetError, match="class 6 is out of range for an output of 6 classes"):
+        deeplab_explainer.explain(image, targets=Region(6, np.ones((SEG_SIZE, SEG_SIZE))))
+    with pytest.raises(InvalidTargetError, match="Box needs a raw detector output"):
+        deeplab_explainer.explain(image, targets=Box([1, 1, 5, 5], 0))
+    with pytest.raises(InvalidTargetError, match="Softmax needs an output"):
+        deeplab_explainer.explain(image, targets=Softmax(1))
+    classifier = embedder_explainer
+    small = _image((1, 3, 64, 64))
+    with pytest.raises(InvalidTargetError, match="Region needs an output"):
+        classifier.explain(small, targets=Region(1, np.ones((64, 64))))
+    with pytest.raises(InvalidTargetError, match="class 16 is out of range"):
+        classifier.explain(small, targets=Difference(16, 0))
+    with pytest.raises(InvalidTargetError, match="takes class indices as targets"):
+        classifier.explain(small, method="contrast-cam", targets=Difference(1, 0))
+    with pytest.raises(InvalidTargetError, match="cannot be mixed"):
+        classifier.explain(np.concatenate([small, small]), method="gradcam", targets=[Softmax(1), Difference(1, 0)])
+    with pytest.raises(InvalidTargetError, match="one per image"):
+        classifier.explain(small, targets=[Softmax(1), Softmax(2)])
+    with pytest.raises(InvalidTargetError, match="x2 > x1"):
+        Box([5, 5, 1, 1], 0)
+    with pytest.raises(InvalidTargetError, match="layout must be one of"):
+        Box([1, 1, 5, 5], 0, layout="detr")
