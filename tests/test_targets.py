@@ -130,9 +130,14 @@ def yolo() -> torch.nn.Module:
 
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", verbose=False).eval()
+    for module in model.modules():  # PyTorch's default init fades the signal over 22 blocks: class scores all 0.5
+        if isinstance(module, torch.nn.Conv2d) and module.weight.requires_grad:
+            torch.nn.init.normal_(module.weight, std=(2.7 / module.weight[0].numel()) ** 0.5)
     for module in model.modules():
         if type(module).__name__ == "Detect":
             module.export, module.format = True, "onnx"  # the raw head [N, 84, anchors], as exported
+            for branch in module.cv3:  # untrained class biases (-11) saturate the sigmoid: no gradient to compare
+                torch.nn.init.zeros_(branch[-1].bias)
     return model
 
 
@@ -151,12 +156,9 @@ def yolo_onnx(yolo: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _yolo_box(output: np.ndarray, class_index: int) -> list[float]:
-    """The box (xyxy) of the prediction most confident in ``class_index`` among those inside the image."""
-    cx, cy, w, h = output[:4]
-    x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-    inside = (x1 >= 0) & (y1 >= 0) & (x2 <= YOLO_SIZE) & (y2 <= YOLO_SIZE) & (w > 1) & (h > 1)
-    best = int(np.argmax(np.where(inside, output[4 + class_index], -np.inf)))
-    return [float(x1[best]), float(y1[best]), float(x2[best]), float(y2[best])]
+    """The box (xyxy, clipped to the image) of the prediction most confident in ``class_index``."""
+    cx, cy, w, h = output[:4, int(np.argmax(output[4 + class_index]))]
+    return np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, YOLO_SIZE).tolist()
 
 
 def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx: Path) -> None:
@@ -169,14 +171,14 @@ def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx:
     box = _yolo_box(values, 7)
     boxes = torch.from_numpy(np.stack([values[0] - values[2] / 2, values[1] - values[3] / 2,
                                        values[0] + values[2] / 2, values[1] + values[3] / 2], axis=1))
-    chosen = torchvision.ops.box_iou(boxes, torch.tensor([box], dtype=boxes.dtype))[:, 0] >= 0.5
+    chosen = torchvision.ops.box_iou(boxes, torch.tensor([box], dtype=boxes.dtype))[:, 0] >= 0.3
     assert chosen.any()
     out[0, 4 + 7, torch.from_numpy(chosen.numpy())].sum().backward()
     reference = x.grad.numpy().sum(axis=1)
-    ours = explainer.explain(image, method="saliency", targets=Box(box, 7), normalize=False, abs=False)
+    ours = explainer.explain(image, method="saliency", targets=Box(box, 7, iou=0.3), normalize=False, abs=False)
     assert np.abs(ours.maps - reference).max() <= 1e-3 * np.abs(reference).max()
     np.testing.assert_allclose(ours.logits[0, 0], values[4 + 7, chosen.numpy()].sum(), rtol=1e-4)
-    cam = explainer.explain(image, method="gradcam", targets=Box(box, 7))
+    cam = explainer.explain(image, method="gradcam", targets=Box(box, 7, iou=0.3))
     assert cam.maps.shape == (1, YOLO_SIZE, YOLO_SIZE) and np.isfinite(cam.maps).all()
     with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
         explainer.explain(image, method="gradcam", targets=Box([0, 0, 2, 2], 7, iou=0.9))
@@ -184,6 +186,8 @@ def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx:
         explainer.explain(image, method="gradcam", targets=Box([10, 10, 170, 50], 7))
     with pytest.raises(InvalidTargetError, match="out of range for an output of 80 classes"):
         explainer.explain(image, method="gradcam", targets=Box(box, 80))
+    rise = explainer.explain(image, method="rise", targets=Box(box, 7, iou=0.3), n_masks=8, grid=4)  # D-RISE-like
+    assert np.isfinite(rise.maps).all() and rise.maps.max() == 1
 
 
 def test_box_yolov5_layout_is_objectness_times_class() -> None:
@@ -277,7 +281,7 @@ def test_target_errors(deeplab_explainer: Explainer, embedder_explainer: Explain
     small = _image((1, 3, 64, 64))
     with pytest.raises(InvalidTargetError, match="Region needs an output"):
         classifier.explain(small, targets=Region(1, np.ones((64, 64))))
-    with pytest.raises(InvalidTargetError, match="class 16 is out of range"):
+    with pytest.raises(InvalidTargetError, match="class p 16 is out of range"):
         classifier.explain(small, targets=Difference(16, 0))
     with pytest.raises(InvalidTargetError, match="takes class indices as targets"):
         classifier.explain(small, method="contrast-cam", targets=Difference(1, 0))
