@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from explainrt import kernels, models, runtime
-from explainrt.errors import InconsistentExplanationError, InvalidInputError
+from explainrt.errors import InconsistentExplanationError, InvalidInputError, InvalidTargetError
 from explainrt.methods import Attribution, AttributionRequest, Method, get_method
 from explainrt.models import LoadedModel
 from explainrt.overlay import concept_overlay, overlay
@@ -196,6 +196,9 @@ class Explainer:
         start = time.perf_counter()
         batch, crops = self.prepare(images)
         session, wanted, objects = self._session_and_targets(targets, batch)
+        if objects is not None and chosen.class_targets_only:
+            raise InvalidTargetError(f"method {chosen.name!r} explains classes (its objective is a loss or a ranking "
+                                     f"of classes): give class indices as targets, not {objects[0]!r}")
         per_image = self._per_image_options(chosen, options, batch)
         timings["preprocess"] = time.perf_counter() - start
         parts: list[Attribution] = []

@@ -61,6 +61,7 @@ class Method(ABC):
     summary: str
     options: tuple[Option, ...] = ()
     signed: bool = False  # raw maps may be negative; normalised display shows the positive evidence
+    class_targets_only: bool = False  # its objective is a loss or a ranking of classes: no explainrt.targets objects
 
     @property
     def per_image_options(self) -> tuple[str, ...]:
