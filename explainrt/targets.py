@@ -343,6 +343,33 @@ class Weights(Target):
         return self.weights.astype(output.dtype)
 
 
+class Sum(Target):
+    """The sum of several targets' objectives (e.g. one Box per detected object)."""
+
+    def __init__(self, parts: Sequence[Target]) -> None:
+        self.parts = list(parts)
+        if not self.parts or not all(isinstance(part, Target) and part.linear for part in self.parts):
+            raise InvalidTargetError(f"Sum takes one or more linear targets (not Softmax), got {parts!r}")
+        self.needs_values = any(part.needs_values for part in self.parts)
+
+    def __repr__(self) -> str:
+        return f"Sum({self.parts!r})"
+
+    @property
+    def class_index(self) -> int:
+        return self.parts[0].class_index
+
+    def check(self, shape: Shape, image_size: tuple[int, int]) -> None:
+        for part in self.parts:
+            part.check(shape, image_size)
+
+    def gradient(self, output: np.ndarray) -> np.ndarray:
+        return np.sum([part.gradient(output) for part in self.parts], axis=0).astype(output.dtype)
+
+    def score(self, outputs: np.ndarray) -> np.ndarray:
+        return np.sum([part.score(outputs) for part in self.parts], axis=0).astype(np.float32)
+
+
 def as_targets(value: Any, count: int) -> list[Target] | None:
     """Target objects for ``count`` images from what ``explain(targets=...)`` takes: one Target for all,
     or a sequence with one per image; None when ``value`` holds no Target (class indices)."""
