@@ -385,3 +385,39 @@ def as_targets(value: Any, count: int) -> list[Target] | None:
             raise InvalidTargetError(f"a target is a class index or an explainrt.targets object, got {bad!r}")
         return items  # type: ignore[return-value]
     return None
+
+
+def parse(text: str) -> Target:
+    """A target from its command-line / JSON form: ``class:281``, ``softmax:281``, ``difference:281:282``,
+    ``region:MASK.png:12`` (the mask image's grey levels / 255 are the weights), ``box:x1,y1,x2,y2:0``
+    (optionally ``:iou``), ``similarity:VECTOR.npy``, ``weights:WEIGHTS.npy``."""
+    kind, _, rest = text.partition(":")
+    fields = rest.split(":") if rest else []
+    kind = kind.strip().lower()
+    try:
+        if kind == "class" and len(fields) == 1:
+            return Class(int(fields[0]))
+        if kind == "softmax" and len(fields) == 1:
+            return Softmax(int(fields[0]))
+        if kind == "difference" and len(fields) == 2:
+            return Difference(int(fields[0]), int(fields[1]))
+        if kind == "region" and len(fields) == 2:
+            return Region(int(fields[1]), _mask_image(fields[0]))
+        if kind == "box" and len(fields) in (2, 3):
+            box = [float(v) for v in fields[0].split(",")]
+            return Box(box, int(fields[1]), float(fields[2]) if len(fields) == 3 else 0.5)
+        if kind in ("similarity", "weights") and len(fields) == 1:
+            values = np.load(fields[0])
+            return Similarity(values) if kind == "similarity" else Weights(values)
+    except (ValueError, OSError) as error:
+        raise InvalidTargetError(f"cannot read target {text!r}: {error}") from error
+    raise InvalidTargetError(f"target {text!r} is not one of class:K, softmax:K, difference:P:Q, region:MASK.png:K, "
+                             "box:x1,y1,x2,y2:K[:iou], similarity:VECTOR.npy, weights:WEIGHTS.npy")
+
+
+def _mask_image(path: str) -> np.ndarray:
+    """A mask image's grey levels as weights in [0, 1] [H, W]."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0

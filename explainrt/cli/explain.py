@@ -32,6 +32,7 @@ from explainrt.cli.common import (
     sources,
 )
 from explainrt.methods.base import softmax
+from explainrt.targets import Target
 
 
 def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -53,7 +54,11 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                          help="write raw attribution maps (.npy) instead of maps scaled to [0, 1]")
     explain.add_argument("--target", metavar="CLASS",
                          help="class to explain: an index, -k for the k-th most likely class, or a label name "
-                              "(default: the most likely class)")
+                              "(default: the most likely class); or a target: class:281, softmax:281, "
+                              "difference:281:282, region:MASK.png:12, box:x1,y1,x2,y2:0[:iou], "
+                              "similarity:VECTOR.npy, weights:WEIGHTS.npy (with --output to name the model output)")
+    explain.add_argument("--output", dest="logits", metavar="NAME",
+                         help="the model output to explain (ONNX output name; default: the first output)")
     explain.add_argument("--out", default="explainrt-out", metavar="DIR", help="output folder (default: explainrt-out)")
     explain.set_defaults(run=run_explain)
 
@@ -74,7 +79,7 @@ class _Result:
     extras: dict[str, np.ndarray]
 
 
-def _compute(explainer: Any, sources: list[Source], method: str, target: int | None, batch_size: int,
+def _compute(explainer: Any, sources: list[Source], method: str, target: Any, batch_size: int,
              options: dict[str, Any], normalize: bool) -> list[_Result]:
     """Explain every source, batch by batch; nothing is written here."""
     from explainrt.preprocessing import load_image
@@ -90,13 +95,17 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: int | N
                                             normalize=normalize, progress=False, **options)
             overlays = explanation.overlays()
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
+            objective = isinstance(target, Target)  # then logits hold each image's objective [N, 1]
             probabilities = softmax(explanation.logits)
-            for index, (source, top) in enumerate(zip(chunk, explanation.top_k(TOP_K), strict=True)):
+            tops = [[]] * len(chunk) if objective else explanation.top_k(TOP_K)
+            for index, (source, top) in enumerate(zip(chunk, tops, strict=True)):
                 cls = int(explanation.targets[index])
+                label = explanation.labels[cls] if explanation.labels and 0 <= cls < len(explanation.labels) else None
+                score = ({"objective": repr(target), "score": float(explanation.logits[index, 0])} if objective
+                         else {"probability": float(probabilities[index, cls])})
                 record = {
                     "image": source.name,
-                    "target": {"index": cls, "label": explanation.labels[cls] if explanation.labels else None,
-                               "probability": float(probabilities[index, cls])},
+                    "target": {"index": cls, "label": label, **score},
                     "top5": [dataclasses.asdict(p) for p in top],
                     "timings": timings,
                 }

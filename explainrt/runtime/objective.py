@@ -18,7 +18,7 @@ import numpy as np
 
 from explainrt.errors import InvalidTargetError
 from explainrt.runtime.base import RunResult, Session
-from explainrt.targets import Softmax, Target
+from explainrt.targets import Target
 
 
 class TargetSession:
@@ -67,21 +67,27 @@ class TargetSession:
             raise InvalidTargetError("this method picks classes by rank (-k); it takes class indices as targets, "
                                      "not explainrt.targets objects")
         chosen = [[self.targets[t] for t in row] for row in ids]
-        nonlinear = {not target.linear for row in chosen for target in row}
-        if nonlinear == {True}:
-            classes = np.array([[target.index for target in row] for row in chosen], dtype=np.int64)  # type: ignore[attr-defined]
-            result = call(images, classes, "probability")
-            if not all(isinstance(t, Softmax) for row in chosen for t in row):
-                raise InvalidTargetError("only Softmax targets are differentiated in the graph")
-        elif len(nonlinear) > 1:
-            raise InvalidTargetError("Softmax targets cannot be mixed with linear targets in one batch: "
-                                     "explain them in separate calls")
-        else:
-            outputs = self._outputs(images, any(target.needs_values for row in chosen for target in row))
-            weights = np.stack([np.stack([target.gradient(output) for target in row]) for row, output in
-                                zip(chosen, outputs)]).astype(outputs.dtype)
-            result = call(images, weights, "weights")
+        softmax = np.array([all(not target.linear for target in row) for row in chosen])
+        if any(any(not target.linear for target in row) != seeded for row, seeded in zip(chosen, softmax)):
+            raise InvalidTargetError("Softmax targets cannot be mixed with linear targets for one image")
+        if softmax.all() or not softmax.any():
+            result = self._call(images, chosen, bool(softmax.all()), call)
+        else:  # images of both kinds: one call for each kind, rows put back in order
+            parts = [(rows, self._call(images[rows], [chosen[i] for i in rows], kind, call))
+                     for kind, rows in ((True, np.flatnonzero(softmax)), (False, np.flatnonzero(~softmax)))]
+            result = _merged(parts, images.shape[0])
         return RunResult(self.scores(np.asarray(result.logits)), ids, result.activations, result.gradients)
+
+    def _call(self, images: np.ndarray, chosen: list[list[Target]], softmax: bool,
+              call: Callable[[np.ndarray, Any, str], RunResult]) -> RunResult:
+        """One runtime call: Softmax targets by the graph's probability seed, the others as cotangents."""
+        if softmax:
+            return call(images, np.array([[target.index for target in row] for row in chosen], np.int64),  # type: ignore[attr-defined]
+                        "probability")
+        outputs = self._outputs(images, any(target.needs_values for row in chosen for target in row))
+        weights = np.stack([np.stack([target.gradient(output) for target in row]) for row, output in
+                            zip(chosen, outputs)]).astype(outputs.dtype)
+        return call(images, weights, "weights")
 
     def _outputs(self, images: np.ndarray, values: bool) -> np.ndarray:
         """What the targets' gradients are taken at: the forward pass's outputs where a target reads
@@ -90,3 +96,18 @@ class TargetSession:
         if values or not shape or not all(isinstance(d, int) for d in shape):
             return np.asarray(self.inner.logits(images))
         return np.zeros((images.shape[0], *shape), dtype=np.float32)
+
+
+def _merged(parts: list[tuple[np.ndarray, RunResult]], count: int) -> RunResult:
+    """One RunResult of ``count`` images from results for some of them (their rows given)."""
+    def gather(pick: Callable[[RunResult], np.ndarray]) -> np.ndarray:
+        first = np.asarray(pick(parts[0][1]))
+        merged = np.empty((count, *first.shape[1:]), dtype=first.dtype)
+        for rows, result in parts:
+            merged[rows] = np.asarray(pick(result))
+        return merged
+
+    layers = range(len(parts[0][1].activations))
+    return RunResult(gather(lambda r: r.logits), gather(lambda r: r.targets),
+                     [gather(lambda r, i=i: r.activations[i]) for i in layers],
+                     [gather(lambda r, i=i: r.gradients[i]) for i in layers])
