@@ -52,6 +52,7 @@ class Explanation:
     images: np.ndarray | None = None  # uint8 [N, H, W, 3] when raw images were given
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # method-specific per-image arrays
     normalized: bool = True  # False: raw attributions (overlays scale them first)
+    outlines: np.ndarray | None = None  # bool [N, H, W]: the box or region each target covers, drawn on overlays
 
     def top_k(self, k: int = 5) -> list[list[Prediction]]:
         """The k most likely classes per image, with softmax probabilities."""
@@ -69,7 +70,10 @@ class Explanation:
             return np.stack([concept_overlay(image, concepts, alpha)
                              for image, concepts in zip(self.images, self.extras["concept_maps"])])
         maps = self.maps if self.normalized else kernels.normalize_minmax(self.maps)
-        return np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)])
+        blended = np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)])
+        if self.outlines is not None and self.outlines.shape == blended.shape[:3]:
+            blended[self.outlines] = 255  # the target's box or region outline, in white
+        return blended
 
 
 class Explainer:
@@ -227,10 +231,14 @@ class Explainer:
         extras = {key: np.concatenate([p.extras[key] for p in parts]) for key in parts[0].extras}
         labels = self.preprocessing.labels if self.preprocessing else None
         logits, explained = np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts])
+        outlines = None
         if objects is not None:  # per image: its target's objective, and the class the target is about
             logits = np.take_along_axis(logits, wanted[:, None], axis=1)
             explained = np.array([target.class_index for target in objects], dtype=np.int64)
-        return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize)
+            drawn = [target.outline(tuple(batch.shape[2:])) for target in objects]
+            if any(edges is not None for edges in drawn):
+                outlines = np.stack([np.zeros(batch.shape[2:], bool) if edges is None else edges for edges in drawn])
+        return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize, outlines)
 
     def _session_and_targets(self, targets: Any, batch: np.ndarray) -> tuple[Session, np.ndarray, list[Target] | None]:
         """The session the methods run, the int targets they see, and the target objects (None: class indices).

@@ -50,6 +50,11 @@ class Target(ABC):
     def gradient(self, output: np.ndarray) -> np.ndarray:
         """df/dy at one image's output ``output`` (same shape)."""
 
+    def outline(self, size: tuple[int, int]) -> np.ndarray | None:
+        """Pixels [H, W] (bool) that outline what the target covers on an image of ``size``, for
+        overlays; None when it covers no image area (a class, a concept vector)."""
+        return None
+
     def score(self, outputs: np.ndarray) -> np.ndarray:
         """f of each output [b, ...] -> [b] (linear targets: sum(gradient * y))."""
         return np.array([float((self.gradient(y).astype(np.float64) * y).sum()) for y in outputs], dtype=np.float32)
@@ -203,6 +208,14 @@ class Region(Target):
         weights[self.index] = self.mask
         return weights
 
+    def outline(self, size: tuple[int, int]) -> np.ndarray | None:
+        """The mask's border (masked pixels with an unmasked 4-neighbour or on the image's edge)."""
+        if self.mask.shape != tuple(size):
+            return None
+        inside = np.pad(self.mask != 0, 1)
+        interior = inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+        return (self.mask != 0) & ~interior
+
 
 def detector_layout(shape: Shape, layout: str | None = None) -> str:
     """The layout of a raw detector head of ``shape`` (no batch axis): ``layout`` if given (checked),
@@ -258,6 +271,17 @@ class Box(Target):
         if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
             raise InvalidTargetError(f"Box {self.box.tolist()} is outside the {width}x{height} image "
                                      "(xyxy in input pixels)")
+
+    def outline(self, size: tuple[int, int]) -> np.ndarray | None:
+        """The box's edges, 2 pixels wide, clipped to the image."""
+        height, width = size
+        x1, y1, x2, y2 = (int(round(v)) for v in self.box)
+        x1, x2 = max(0, min(x1, width - 1)), max(0, min(x2, width - 1))
+        y1, y2 = max(0, min(y1, height - 1)), max(0, min(y2, height - 1))
+        edges = np.zeros((height, width), dtype=bool)
+        edges[y1:y2 + 1, x1:x1 + 2] = edges[y1:y2 + 1, max(x2 - 1, 0):x2 + 1] = True
+        edges[y1:y1 + 2, x1:x2 + 1] = edges[max(y2 - 1, 0):y2 + 1, x1:x2 + 1] = True
+        return edges
 
     def _fields(self, output: np.ndarray) -> tuple[str, np.ndarray]:
         """The layout, and the predictions as [anchors, fields] (cx, cy, w, h, ...)."""
@@ -362,6 +386,10 @@ class Sum(Target):
     def check(self, shape: Shape, image_size: tuple[int, int]) -> None:
         for part in self.parts:
             part.check(shape, image_size)
+
+    def outline(self, size: tuple[int, int]) -> np.ndarray | None:
+        outlines = [edges for part in self.parts if (edges := part.outline(size)) is not None]
+        return np.logical_or.reduce(outlines) if outlines else None
 
     def gradient(self, output: np.ndarray) -> np.ndarray:
         return np.sum([part.gradient(output) for part in self.parts], axis=0).astype(output.dtype)

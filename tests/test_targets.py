@@ -329,6 +329,8 @@ def test_cli_region_and_box_targets(tmp_path: Path, capsys: pytest.CaptureFixtur
     expected = explainer.explain(str(tmp_path / "image.png"), targets=Region(2, mask / 255.0))
     assert record["target"]["index"] == 2
     np.testing.assert_allclose(record["target"]["score"], expected.logits[0, 0], rtol=1e-5)
+    drawn = np.asarray(Image.open(tmp_path / "out" / record["overlay"]))
+    assert (drawn[4, 8:28] == 255).all() and (drawn[4:20, 27] == 255).all()  # the region's outline, in white
     box = parse("box:1,2,30,40:3:0.4")
     assert (box.box.tolist(), box.index, box.iou) == ([1, 2, 30, 40], 3, 0.4)
     assert parse("class:281").index == 281  # type: ignore[attr-defined]
