@@ -146,17 +146,23 @@ def yolo() -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def yolo_onnx(yolo: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
+def yolo_onnx(request: pytest.FixtureRequest, yolo: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The raw head exported with a dynamic batch by both of torch's exporters (the TorchScript one, which
+    Ultralytics' own export uses, computes split sizes and reshapes from Shape: folded to constants)."""
     import warnings
 
     path = tmp_path_factory.mktemp("yolo") / "yolov8n.onnx"
+    example = torch.rand(2, 3, YOLO_SIZE, YOLO_SIZE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(yolo, (torch.rand(2, 3, YOLO_SIZE, YOLO_SIZE),), dynamo=True, opset_version=18,
-                                    input_names=["images"], output_names=["output0"],
-                                    dynamic_shapes=({0: torch.export.Dim("N", min=1)},))
-    program.save(str(path))
+        if request.param == "dynamo":
+            program = torch.onnx.export(yolo, (example,), dynamo=True, opset_version=18, input_names=["images"],
+                                        output_names=["output0"], dynamic_shapes=({0: torch.export.Dim("N", min=1)},))
+            program.save(str(path))
+        else:
+            torch.onnx.export(yolo, (example,), str(path), dynamo=False, opset_version=17, input_names=["images"],
+                              output_names=["output0"], dynamic_axes={"images": {0: "N"}, "output0": {0: "N"}})
     return path
 
 

@@ -11,6 +11,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx
 from onnx import TensorProto, version_converter
 
@@ -143,10 +144,105 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
             raise InvalidModelError(f"cannot upgrade the model to opset {MIN_OPSET}: {error}") from error
         if before < 11:
             _keep_asymmetric_resizes(model)
-    try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError) as error:
-        raise InvalidModelError(f"ONNX shape inference failed on the model: {error}") from error
+    for _ in range(4):  # folded sizes make more shapes static, which may fold more
+        try:
+            model = onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+        except (onnx.shape_inference.InferenceError, RuntimeError) as error:
+            raise InvalidModelError(f"ONNX shape inference failed on the model: {error}") from error
+        if not _fold_static_shape_arithmetic(model):
+            break
+    return model
+
+
+FOLDED_OPS = {"Add", "Sub", "Mul", "Div", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Range",
+              "Floor", "Ceil", "Neg", "Max", "Min", "Reshape", "Equal", "Where", "Mod", "Identity"}
+"""Operators whose small integer results are computed once here when every input is known."""
+
+
+def _batch_size_arithmetic(node: onnx.NodeProto, partial: dict[str, list[int | None]], known: dict[str, np.ndarray],
+                           batch: dict[str, list[int | None]]) -> bool:
+    """Follow the batch size (``Shape(x)[0]``, unknown) through Gather, Unsqueeze and Concat with known
+    sizes into ``batch`` (None marks it); whether ``node`` was one of those steps."""
+    if node.op_type == "Gather" and node.input[0] in partial and node.input[1] in known:
+        where = known[node.input[1]]
+        if where.ndim == 0 and int(where) == 0 and partial[node.input[0]][0] is None:
+            batch[node.output[0]] = [None]
+            return True
+    if node.op_type == "Unsqueeze" and node.input[0] in batch:
+        batch[node.output[0]] = batch[node.input[0]]
+        return True
+    if node.op_type == "Concat" and any(i in batch for i in node.input) and all(
+            i in batch or (i in known and known[i].ndim == 1) for i in node.input):
+        sizes = [d for i in node.input for d in (batch[i] if i in batch else known[i].tolist())]
+        if sizes.count(None) == 1 and sizes[0] is None:
+            batch[node.output[0]] = sizes
+            return True
+    return False
+
+
+def _fold_static_shape_arithmetic(model: onnx.ModelProto) -> int:
+    """Integer arithmetic on the static parts of tensors' shapes (an exporter's ``Shape -> Gather -> Div``
+    for a split size, with only the batch dynamic) becomes constants, so the rules that need constant
+    arguments (Slice's starts and ends, Reshape's shape) take models exported with a dynamic batch.
+    Changes ``model`` in place; returns how many nodes became constants."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*graph.input, *graph.value_info, *graph.output) if v.type.tensor_type.HasField("shape")}
+    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    partial: dict[str, list[int | None]] = {}  # Shape outputs with some dims unknown
+    batch: dict[str, list[int | None]] = {}  # the batch size (None) among known sizes: Reshape can copy it with 0
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = 0
+    for index, node in enumerate(graph.node):
+        value = None
+        if _batch_size_arithmetic(node, partial, known, batch):
+            outputs = {o.name for o in graph.output}
+            if node.op_type == "Concat" and node.output[0] not in outputs and all(
+                    c.op_type == "Reshape" and c.input[1] == node.output[0] and (shapes.get(c.input[0]) or [0])[0] is None
+                    and not any(a.name == "allowzero" and a.i for a in c.attribute)
+                    for c in consumers.get(node.output[0], [])):
+                value = np.array([0 if d is None else d for d in batch[node.output[0]]], dtype=np.int64)
+            else:
+                continue
+        elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            continue
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            dims = shapes[node.input[0]][attrs.get("start", 0):attrs.get("end")]
+            if all(d for d in dims):
+                value = np.array(dims, dtype=np.int64)
+            else:
+                partial[node.output[0]] = dims
+        elif node.op_type == "Gather" and node.input[0] in partial and node.input[1] in known:
+            picked = np.asarray(partial[node.input[0]], dtype=object)[known[node.input[1]]]
+            if all(d for d in np.ravel(picked)):
+                value = np.asarray(picked, dtype=np.int64)
+        elif node.op_type in FOLDED_OPS and node.input and all(not i or i in known for i in node.input):
+            try:
+                value = ReferenceEvaluator(node).run(None, {i: known[i] for i in node.input if i})[0]
+            except Exception:  # noqa: BLE001 - an operator the reference runtime cannot evaluate stays as it is
+                value = None
+        if value is None or np.asarray(value).dtype.kind not in "iu" or np.size(value) > 64:
+            continue
+        value = np.asarray(value)
+        known[node.output[0]] = value
+        graph.node[index].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name,
+                                                         value=numpy_helper.from_array(value, node.output[0])))
+        folded += 1
+    if folded:
+        log.info("folded %d integer shape computations into constants", folded)
+        # shapes inferred before are kept by the next inference: drop those the constants may complete
+        vague = [v for v in graph.value_info if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])]
+        for value in vague:
+            graph.value_info.remove(value)
+    return folded
 
 
 def _keep_asymmetric_resizes(model: onnx.ModelProto) -> None:
