@@ -275,7 +275,7 @@ class Box(Target):
     def outline(self, size: tuple[int, int]) -> np.ndarray | None:
         """The box's edges, 2 pixels wide, clipped to the image."""
         height, width = size
-        x1, y1, x2, y2 = (int(round(v)) for v in self.box)
+        x1, y1, x2, y2 = (round(v) for v in self.box)
         x1, x2 = max(0, min(x1, width - 1)), max(0, min(x2, width - 1))
         y1, y2 = max(0, min(y1, height - 1)), max(0, min(y2, height - 1))
         edges = np.zeros((height, width), dtype=bool)

@@ -13,10 +13,10 @@ from typing import Any
 
 from explainrt.errors import ImageReadError, InvalidInputError
 from explainrt.models import PreprocessingOverrides
-from explainrt.targets import Target
-from explainrt.targets import parse as parse_target
 from explainrt.models.loading import IMAGENET_MEAN, IMAGENET_STD
 from explainrt.runtime import BACKENDS
+from explainrt.targets import Target
+from explainrt.targets import parse as parse_target
 
 log = logging.getLogger(__name__)
 
