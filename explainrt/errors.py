@@ -62,8 +62,20 @@ class UnknownModelError(InvalidInputError):
     """A request names a model the server does not serve."""
 
 
+class ClientGoneError(ExplanationCancelled):
+    """A server request's client disconnected before its answer was ready; its work was dropped."""
+
+
+class UnsupportedMediaTypeError(InvalidInputError):
+    """A request body is sent with a Content-Type the server does not read (it reads JSON)."""
+
+
 class ServerBusyError(ExplainrtError):
-    """The server's queue for a model is full; the client should retry later."""
+    """The server's queue for a model is full; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnknownMetricError(InvalidInputError):

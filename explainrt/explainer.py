@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from explainrt import kernels, models, runtime
 from explainrt.errors import InconsistentExplanationError, InvalidInputError, InvalidTargetError
+from explainrt.export.inputs import InputForm, input_form
 from explainrt.methods import Attribution, AttributionRequest, Method, get_method
 from explainrt.models import LoadedModel
 from explainrt.overlay import concept_overlay, overlay
@@ -90,6 +91,9 @@ class Explainer:
     model's output). Target layers may be ``[N, C, h, w]``, channels-last ``[N, h, w, C]`` or
     tokens ``[N, T, D]`` (vision transformers): the layout is told from the graph, else set by
     ``layer_layout``; ``token_grid=(h, w)`` and ``prefix_tokens=k`` override the inferred grid.
+    ``input_layout`` ("nchw", "nhwc"): the image input's layout where the graph does not tell it;
+    fp16, uint8 and channels-last models take images in their own form (see ``prepare``), and a
+    static batch runs in chunks of that batch.
     """
 
     def __init__(
@@ -107,26 +111,39 @@ class Explainer:
         layer_layout: str | Sequence[str] | None = None,
         token_grid: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
         prefix_tokens: int | Sequence[int] | None = None,
+        input_layout: str | None = None,
     ) -> None:
         chosen = runtime.backend(backend, backend_options)  # fails before an export when the backend cannot run
         if isinstance(model, LoadedModel):
             loaded = model
         else:
-            outputs = models.Outputs(output, layer_layout, token_grid, prefix_tokens)
+            outputs = models.Outputs(output, layer_layout, token_grid, prefix_tokens, input_layout)
             loaded = models.load(model, target_layers, backend=chosen.name, outputs=outputs,
                                  preprocessing=preprocessing, input_size=input_size)
         self.session: Session = chosen.open(loaded.runnable, providers, device, **(backend_options or {}))
         self.spec = self.session.spec
+        self.input_form = (input_form(loaded.explainable) if loaded.explainable is not None
+                           else InputForm("nchw", "float32", tuple(self.session.input_shape)))
         self.preprocessing = loaded.preprocessing
         self.backend = chosen.name
 
     # -- inputs ------------------------------------------------------------------------------
     def prepare(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        """Model input [N, C, H, W] float32 and, for raw images, the uint8 crops they came from."""
+        """Model input [N, C, H, W] float32 and, for raw images, the uint8 crops they came from.
+
+        Float arrays are preprocessed batches in the model's own layout (``[N, H, W, C]`` for a
+        channels-last model) of any float precision; for a uint8-input model, uint8 batches in its
+        layout and size pass unchanged."""
         if _is_torch_tensor(images):
             images = images.detach().cpu().numpy()
         if isinstance(images, np.ndarray) and images.dtype.kind == "f":
             return self._checked_batch(images), None
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8:
+            return self._checked_batch(images), None  # refused, naming the model's form
+        if isinstance(images, np.ndarray) and self._passes_unchanged(images):
+            batch = self._checked_batch(images)
+            crops = batch.transpose(0, 2, 3, 1).astype(np.uint8) if batch.shape[1] == 3 else None
+            return batch, crops
         raw = [images] if _is_single_image(images) else list(images)
         if isinstance(images, np.ndarray) and images.ndim == 4:
             raw = list(images)
@@ -140,19 +157,38 @@ class Explainer:
                 raise InvalidInputError(f"images have mixed sizes {sizes}: give one [N, C, H, W] batch of one size")
             return self._checked_batch(np.stack(preprocessed)), None
         if self.preprocessing is None:
-            raise InvalidInputError("the model stores no preprocessing: pass a preprocessed float32 [N, C, H, W] batch")
+            raise InvalidInputError(f"the model stores no preprocessing: pass a preprocessed batch "
+                                    f"{self.input_form.describe()}")
         batch, crops = self.preprocessing.prepare(raw)
-        return self._checked_batch(batch), crops
+        return self._checked_batch(batch, "nchw"), crops
 
-    def _checked_batch(self, batch: np.ndarray) -> np.ndarray:
-        if batch.dtype != np.float32:
-            raise InvalidInputError(f"images must be float32, got {batch.dtype}")
+    def _passes_unchanged(self, images: np.ndarray) -> bool:
+        """Whether ``images`` is a batch of a uint8-input model's own form (dtype, layout, size)."""
+        form = self.input_form
+        if not form.is_integer or images.dtype != np.dtype(form.dtype) or images.ndim != 4:
+            return False
+        return all(not (isinstance(want, int) and want > 0) or got == want for got, want in zip(images.shape[1:], form.dims[1:]))
+
+    def _checked_batch(self, batch: np.ndarray, layout: str | None = None) -> np.ndarray:
+        """``batch`` (in ``layout``, default the model's own) as float32 [N, C, H, W], checked against the model's form."""
+        form = self.input_form
+        layout = layout or form.layout
+        accepted = sorted({"float32", form.dtype})
+        if batch.dtype.name not in accepted:
+            raise InvalidInputError(f"images must be {' or '.join(accepted)}, got {batch.dtype}: the model takes "
+                                    f"{form.describe()}")
         if batch.ndim != 4 or batch.shape[0] == 0:
-            raise InvalidInputError(f"images must have shape [N, C, H, W] with N >= 1, got {batch.shape}")
-        expected = self.session.input_shape[1:]
-        for axis, (got, want) in enumerate(zip(batch.shape[1:], expected), start=1):
+            axes = "[N, H, W, C]" if layout == "nhwc" else "[N, C, H, W]"
+            raise InvalidInputError(f"images must have shape {axes} with N >= 1, got {batch.shape}: the model takes "
+                                    f"{form.describe()}")
+        given = batch.shape
+        if layout == "nhwc":
+            batch = batch.transpose(0, 3, 1, 2)
+        for axis, (got, want) in enumerate(zip(batch.shape[1:], form.nchw[1:])):
             if isinstance(want, int) and want > 0 and got != want:
-                raise InvalidInputError(f"images have shape {batch.shape}; the model expects [N, {', '.join(map(str, expected))}] (axis {axis})")
+                raise InvalidInputError(f"images have shape {given}; the model expects {form.describe()} "
+                                        f"({'CHW'[axis]} must be {want}, got {got})")
+        batch = batch.astype(np.float32, copy=False)
         # one vectorised pass, no mask: NaN/inf propagate into the sum; a float32 overflow of huge
         # but finite pixels is told apart by the exact check that follows only then
         if not np.isfinite(batch.sum()) and not np.isfinite(batch).all():

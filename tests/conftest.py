@@ -1,12 +1,16 @@
-"""Shared fixtures: a private model cache, the default Explainer and a small random ResNet-18.
+"""Shared fixtures: a private model cache, the default Explainer, a small random ResNet-18 and the
+torchvision exports several test files compare.
 
 The cache variable is set when this file is imported, before any test can export the default
 model, so test runs never write to ~/.cache/explainrt; the export (about 10 s) happens once per
 session and every later ``Explainer()`` in the session (the CLI's too) reads it from the cache.
+Under pytest-xdist the controller makes the folder and its workers inherit it (the cache writes
+atomically, so two workers exporting at once leave one whole file); the controller removes it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -16,7 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_CACHE = Path(tempfile.mkdtemp(prefix="explainrt-test-cache-"))
+_SHARED = "EXPLAINRT_TEST_CACHE"  # set by the process that made the folder; xdist workers inherit it
+_OWNER = not ("PYTEST_XDIST_WORKER" in os.environ and os.environ.get(_SHARED))
+if _OWNER:
+    os.environ[_SHARED] = tempfile.mkdtemp(prefix="explainrt-test-cache-")
+_CACHE = Path(os.environ[_SHARED])
 os.environ["EXPLAINRT_CACHE"] = str(_CACHE)
 
 SMALL_SIZE = (64, 64)
@@ -26,17 +34,37 @@ ESPRESSO = 967  # coffee's top 1
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if _OWNER:
+        shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` (pyproject's addopts) keep each test file on one xdist worker, so its
+    module-scoped fixtures (a server, an export) are built once; a test that names its own
+    ``xdist_group`` (one torchvision model's tests) may run on the other worker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
-    """The EXPLAINRT_CACHE folder of this test session."""
+    """The EXPLAINRT_CACHE folder of this test session, holding the exported default model.
+
+    The first xdist worker to get here exports it while holding a lock on the folder; the other
+    waits and reads the cached file instead of exporting it too.
+    """
+    from explainrt.models.default import default_explainable_model
+
+    with open(_CACHE / ".default-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        default_explainable_model()
     return _CACHE
 
 
 @pytest.fixture(scope="session")
-def default_explainer(model_cache: Path):  # noqa: ANN201
+def default_explainer(model_cache: Path):
     """The shipped EfficientNet-Lite0 on ONNX Runtime (exported into the session cache once)."""
     from explainrt import Explainer
 
@@ -52,13 +80,13 @@ def example_images() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def default_explanation(default_explainer, example_images):  # noqa: ANN001, ANN201
+def default_explanation(default_explainer, example_images):
     """Grad-CAM of the default model on the three example images."""
     return default_explainer.explain(list(example_images.values()), method="gradcam")
 
 
 @pytest.fixture(scope="session")
-def small_resnet():  # noqa: ANN201
+def small_resnet():
     """A random (seeded) torchvision ResNet-18 with 10 classes, in eval mode."""
     import torch
     from torchvision.models import resnet18
@@ -68,7 +96,7 @@ def small_resnet():  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def small_onnx(small_resnet):  # noqa: ANN001, ANN201
+def small_onnx(small_resnet):
     """The small ResNet-18 as an explainable ONNX model (target layer4, 64x64 input, no preprocessing)."""
     import torch
 
@@ -78,7 +106,7 @@ def small_onnx(small_resnet):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="session")
-def small_explainer(small_onnx):  # noqa: ANN001, ANN201
+def small_explainer(small_onnx):
     """The small ResNet-18 on ONNX Runtime; takes preprocessed float32 [N, 3, 64, 64] batches."""
     from explainrt import Explainer
 
@@ -86,7 +114,7 @@ def small_explainer(small_onnx):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="session")
-def small_torch_explainer(small_resnet):  # noqa: ANN001, ANN201
+def small_torch_explainer(small_resnet):
     """The same ResNet-18 on the torch reference backend (hooks and autograd)."""
     from explainrt import Explainer
 
@@ -107,7 +135,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def biased_resnet():  # noqa: ANN201
+def biased_resnet():
     """A random ResNet-18 (10 classes) whose batch norms have random statistics and biases, so that,
     unlike ``small_resnet``, it is not positively homogeneous (input-gradient methods need that)."""
     import torch
@@ -126,7 +154,7 @@ def biased_resnet():  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def biased_onnx(biased_resnet):  # noqa: ANN001, ANN201
+def biased_onnx(biased_resnet):
     """``biased_resnet`` as an explainable ONNX model (target layer4, 64x64 input)."""
     import torch
 
@@ -136,7 +164,7 @@ def biased_onnx(biased_resnet):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="session")
-def biased_explainers(biased_onnx, biased_resnet):  # noqa: ANN001, ANN201
+def biased_explainers(biased_onnx, biased_resnet):
     """``biased_resnet`` on ONNX Runtime and on the torch reference backend, by backend name."""
     from explainrt import Explainer
 
@@ -145,7 +173,7 @@ def biased_explainers(biased_onnx, biased_resnet):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def cupy():  # noqa: ANN201
+def cupy():
     """The cupy module, or a visible skip where no CUDA device exists."""
     from explainrt import kernels
 

@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
-import torchvision
+import torchvision_zoo
 from onnx import TensorProto, helper, numpy_helper
 
-from explainrt import from_torch
 from explainrt.cli import main
+from explainrt.deploy.trt_support import (
+    OperatorTable,
+    check_tensorrt_support,
+    operator_table,
+)
 from explainrt.export import ExplainableSpec, make_explainable
 from explainrt.export.spec import original_model
-from explainrt.deploy.trt_support import OperatorTable, check_tensorrt_support, operator_table
 
 FLOAT = TensorProto.FLOAT
 
@@ -203,22 +205,12 @@ def test_cli_exit_status_and_report(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 # --- the zoo: explainrt's gradient graphs ---------------------------------------------------------
 
-ZOO = {
-    "resnet18": (torchvision.models.resnet18, lambda m: [m.layer4, m.layer3]),
-    "mobilenet_v3_large": (torchvision.models.mobilenet_v3_large, lambda m: [m.features, m.features[12]]),
-    "efficientnet_b0": (torchvision.models.efficientnet_b0, lambda m: [m.features, m.features[5]]),
-    "convnext_tiny": (torchvision.models.convnext_tiny, lambda m: [m.features, m.features[5]]),
-}
-
-
-@pytest.fixture(scope="module", params=sorted(ZOO))
+@pytest.fixture(scope="module", params=torchvision_zoo.params(sorted(torchvision_zoo.SHARED)))
 def zoo_models(request: pytest.FixtureRequest) -> tuple[str, list[onnx.ModelProto]]:
-    """A zoo model (random init, 64x64) made explainable at two layers, and its input-gradient,
-    cross-entropy variant (whose gradient graph crosses the whole network)."""
-    build, targets = ZOO[request.param]
-    torch.manual_seed(0)
-    module = build(num_classes=10).eval()
-    layers = from_torch(module, torch.zeros(1, 3, 64, 64), targets(module))
+    """A zoo model (random init, 64x64) made explainable at two layers (the export test_zoo_gradients.py
+    checks against autograd), and its input-gradient, cross-entropy variant (whose gradient graph
+    crosses the whole network)."""
+    layers = torchvision_zoo.export(request.param).explainable
     spec = ExplainableSpec.from_model(layers)
     to_input = make_explainable(original_model(layers), [spec.image_input], logits=spec.logits,
                                 objective="cross_entropy")

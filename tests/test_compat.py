@@ -3,15 +3,18 @@
 augmentation, Ablation-CAM's ablation values, and clear errors for what compat does not support.
 
 Score-CAM and Ablation-CAM run the model once per channel (pytorch-grad-cam runs the whole model for
-both). On 2 idle CPU cores the whole file takes about 5 minutes, of which vgg16's two (512 channels,
-224x224 inputs) take about 3; those two are marked ``slow``: ``-m "not slow"`` leaves them out.
+both): on the five torchvision models their pytorch-grad-cam maps are stored references
+(tests/references/make_references.py writes them, with a fingerprint of the model and images they
+came from), while on the tiny nets every method is compared with pytorch-grad-cam live.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -51,6 +54,9 @@ METHODS = {
     "ablationcam": "AblationCAM",
 }
 SLOW = {("vgg16", "scorecam"), ("vgg16", "ablationcam")}
+STORED = [(name, method) for name in MODELS for method in ("scorecam", "ablationcam")]
+"""Cases whose pytorch-grad-cam maps are read from tests/references (one model pass per channel)."""
+REFERENCES = Path(__file__).resolve().parent / "references" / "pytorch_grad_cam"
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,27 @@ def _theirs(cls_name: str, zoo: Zoo, targets: list[Any] | None, layers: list[Any
             aug_smooth: bool = False, **options: Any) -> np.ndarray:
     cam = getattr(pytorch_grad_cam, cls_name)(model=zoo.model, target_layers=layers or zoo.layers, **options)
     return cam(input_tensor=zoo.images, targets=targets, aug_smooth=aug_smooth)
+
+
+def fingerprint(zoo: Zoo) -> str:
+    """SHA-256 of the model's parameters and buffers and of the images: what a stored reference was made from."""
+    digest = hashlib.sha256()
+    for key, value in zoo.model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().contiguous().numpy().tobytes())
+    digest.update(zoo.images.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stored(zoo: Zoo, method: str) -> np.ndarray:
+    """pytorch-grad-cam's maps for ``zoo`` and ``method`` as make_references.py stored them."""
+    path = REFERENCES / f"{zoo.name}-{method}.npz"
+    regenerate = f"run python tests/references/make_references.py {zoo.name}"
+    assert path.is_file(), f"no stored reference {path}: {regenerate}"
+    with np.load(path) as stored:
+        assert str(stored["fingerprint"]) == fingerprint(zoo), (
+            f"{path} was made from other weights or images than this test builds: {regenerate}")
+        return stored["maps"]
 
 
 def _check(ours: np.ndarray, theirs: np.ndarray, what: str) -> str:
@@ -268,10 +295,11 @@ def test_parity_with_pytorch_grad_cam(name: str, method: str) -> None:
     tick = time.perf_counter()
     ours = getattr(compat, cls_name).from_cam(zoo.cam)(input_tensor=zoo.images, targets=zoo.ours())
     mid = time.perf_counter()
-    theirs = _theirs(cls_name, zoo, zoo.theirs())
+    theirs = _stored(zoo, method) if (name, method) in STORED else _theirs(cls_name, zoo, zoo.theirs())
     done = time.perf_counter()
     print(f"\n{name:18s} {method:12s} {_check(ours, theirs, f'{name} {method}')}  "
-          f"explainrt {mid - tick:5.1f}s  pytorch-grad-cam {done - mid:5.1f}s", end="")
+          f"explainrt {mid - tick:5.1f}s  pytorch-grad-cam {done - mid:5.1f}s"
+          f"{' (stored)' if (name, method) in STORED else ''}", end="")
     if method == "ablationcam":
         # Where a layer's minimum is not 0, pytorch-grad-cam's ablation value falls with the copy's position
         # in its batch. The engine's default (one value, min - 1e7) gives other maps where the head passes

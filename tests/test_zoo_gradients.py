@@ -1,8 +1,8 @@
 """Explainable torchvision models against torch.autograd, and a hand-built ONNX model against
 finite differences.
 
-Each torchvision model is exported once (module-scoped fixture, random init under
-``torch.manual_seed(0)``, eval mode) with two target layers, the usual Grad-CAM one and an
+Each torchvision model is exported once (tests/torchvision_zoo.py, random init under
+``torch.manual_seed(0)``, eval mode; test_check_trt.py checks the same exports) with two target layers, the usual Grad-CAM one and an
 earlier one whose gradient crosses the model's blocks, and run once with ONNX Runtime; the tests
 then compare: target-layer gradients and activations with torch.autograd, the logits with torch,
 the logits with those of the same export without the gradient graph (bit for bit, same session
@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torchvision
+import torchvision_zoo
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -35,57 +35,10 @@ from explainrt.export import (
     gradients_output,
     make_explainable,
 )
-from explainrt.export.torch_export import IMAGE_INPUT, LOGITS_OUTPUT, export_torch
+from explainrt.export.torch_export import IMAGE_INPUT, LOGITS_OUTPUT
 
 TOLERANCE = 1e-4
 CLASSES = (1, 7, 999)  # the explicit half of the targets; the other half ranks (-1, -2, -1)
-
-
-@dataclass(frozen=True)
-class Zoo:
-    build: Callable[[], torch.nn.Module]
-    targets: Callable[[torch.nn.Module], list[torch.nn.Module]]
-    size: int = 64
-    batch: int = 3
-
-
-# The usual Grad-CAM layer first, then an earlier one whose gradient crosses the model's blocks
-# (residual Add/ReLU, depthwise convs, squeeze-excitation, hard-swish, layer norm, GELU, dense
-# concatenations...). At 64 pixels the last feature maps are 2x2.
-ZOO = {
-    "resnet18": Zoo(torchvision.models.resnet18, lambda m: [m.layer4, m.layer3]),
-    "resnet50": Zoo(torchvision.models.resnet50, lambda m: [m.layer4, m.layer3]),
-    # its AdaptiveAvgPool2d(7) needs a 7x7 feature map: 224 pixels; batch 2 keeps it fast.
-    # features[-2] is the last ReLU: its gradient crosses the final MaxPool and the classifier.
-    "vgg16": Zoo(torchvision.models.vgg16, lambda m: [m.features, m.features[-2]], size=224, batch=2),
-    "mobilenet_v2": Zoo(torchvision.models.mobilenet_v2, lambda m: [m.features, m.features[13]]),
-    "mobilenet_v3_large": Zoo(torchvision.models.mobilenet_v3_large, lambda m: [m.features, m.features[12]]),
-    "efficientnet_b0": Zoo(torchvision.models.efficientnet_b0, lambda m: [m.features, m.features[5]]),
-    "densenet121": Zoo(torchvision.models.densenet121, lambda m: [m.features, m.features.transition3]),
-    "convnext_tiny": Zoo(torchvision.models.convnext_tiny, lambda m: [m.features, m.features[5]]),
-}
-SLOW = {"resnet50", "vgg16", "densenet121", "convnext_tiny", "efficientnet_b0"}
-
-
-def _randomised(model: torch.nn.Module) -> torch.nn.Module:
-    """Random, non-trivial normalisation parameters and layer scales (seeded)."""
-    generator = torch.Generator().manual_seed(1)
-
-    def uniform(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        return torch.rand(t.shape, generator=generator) * (high - low) + low
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(uniform(module.running_mean, -0.1, 0.1))
-                module.running_var.copy_(uniform(module.running_var, 0.5, 1.5))
-            if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)):
-                module.weight.copy_(uniform(module.weight, 0.5, 1.5))
-                module.bias.copy_(uniform(module.bias, -0.1, 0.1))
-        for name, parameter in model.named_parameters():
-            if name.endswith("layer_scale"):  # convnext: 1e-6 at init would mute every block
-                parameter.copy_(uniform(parameter, 0.2, 1.0))
-    return model
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -148,28 +101,20 @@ def _torch_reference(model: torch.nn.Module, modules: list[torch.nn.Module], ima
     return logits.detach().numpy(), [a.detach().numpy() for a in activations], gradients
 
 
-@pytest.fixture(scope="module", params=[pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [])
-                                        for name in ZOO])
+@pytest.fixture(scope="module", params=torchvision_zoo.params(list(torchvision_zoo.ZOO)))
 def zoo(request: pytest.FixtureRequest) -> ZooRun:
-    name = request.param
-    entry = ZOO[name]
-    torch.manual_seed(0)
-    model = _randomised(entry.build()).eval()
-    images = torch.randn(entry.batch, 3, entry.size, entry.size, generator=torch.Generator().manual_seed(2))
-    modules = entry.targets(model)
-    # export_torch then make_explainable is what from_torch does; the plain export is kept too
-    plain, taps = export_torch(model, images, modules)
-    explainable = make_explainable(plain, taps, logits=LOGITS_OUTPUT)
-    requested = requested_targets(entry.batch)
+    exported = torchvision_zoo.export(request.param)
+    model, images, modules = exported.model, exported.images, exported.modules
+    requested = requested_targets(images.shape[0])
     feeds = {IMAGE_INPUT: images.numpy()}
-    run = session(explainable)
+    run = session(exported.explainable)
     names = [o.name for o in run.get_outputs()]
     outputs = dict(zip(names, run.run(names, {**feeds, TARGETS_INPUT: requested})))
-    plain_logits = session(plain).run([LOGITS_OUTPUT], feeds)[0]
+    plain_logits = session(exported.plain).run([LOGITS_OUTPUT], feeds)[0]
     with torch.enable_grad():
         torch_logits, activations, gradients = _torch_reference(model, modules, images,
                                                                 outputs[RESOLVED_TARGETS_OUTPUT])
-    return ZooRun(name, ExplainableSpec.from_model(explainable), requested, outputs, plain_logits,
+    return ZooRun(request.param, ExplainableSpec.from_model(exported.explainable), requested, outputs, plain_logits,
                   torch_logits, activations, gradients)
 
 

@@ -35,6 +35,8 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                        help=f"largest request body (default: {DEFAULT_MAX_BODY_BYTES / 2**20:g})")
     serve.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                        help=f"largest image, in pixels (default: {DEFAULT_MAX_PIXELS})")
+    serve.add_argument("--max-images", type=positive_int, default=Limits.max_instances, metavar="N",
+                       help=f"most images in one request; more are refused with 413 (default: {Limits.max_instances})")
     serve.add_argument("--provider", action="append", metavar="NAME", dest="providers",
                        help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
     serve.set_defaults(run=_serve)
@@ -58,7 +60,8 @@ def _serve(args: argparse.Namespace) -> int:
                                 f"{args.max_queue_ms} and {args.max_body_mb}")
     listener = _listen(args.host, args.port)  # before loading models: a taken port fails in a second
     explainers = load_models(args.models, args.providers)
-    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
+                    max_instances=args.max_images)
     config = ServeConfig(args.max_batch, args.max_queue_ms / 1000, args.max_queue, limits)
     app = create_app(explainers, config)
     host, port = listener.getsockname()[:2]

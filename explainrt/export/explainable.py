@@ -20,7 +20,7 @@ from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, appen
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.zero_blocks import compute_on_blocks
 from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError, UnsupportedOperatorError
-from explainrt.export import layers, layouts
+from explainrt.export import inputs, layers, layouts
 from explainrt.export.spec import (
     METADATA_KEY,
     OBJECTIVES,
@@ -36,6 +36,7 @@ from explainrt.export.spec import (
     relu_output,
     set_metadata,
 )
+from explainrt.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def make_explainable(
     layer_layout: str | Sequence[str] | None = None,
     token_grid: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
     prefix_tokens: int | Sequence[int | None] | None = None,
+    input_layout: str | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` that also outputs target-layer activations and gradients.
 
@@ -71,12 +73,19 @@ def make_explainable(
     being its activations on the unperturbed image, fed as input ``explainrt.reference.<k>``; the
     model also outputs those activations as ``explainrt.relu.<k>`` (k counts from the logits
     back), so a first run on the unperturbed image (references +inf) yields the references.
+    ``input_layout`` ("nchw", "nhwc"; None: told from the graph and sizes) and the image input's type
+    decide the adapter ``explainrt.export.inputs`` puts in front: the explainable model always takes
+    float32 ``[N, C, H, W]``. Where the image's height and width are dynamic, the target layers are
+    found on a copy at a nominal size (the preprocessing's, else 224 x 224) and serve every size.
     """
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
     proto = _prepared(load_model(model))
+    form = inputs.adapt(proto, input_layout)
+    if form.layout != "nchw" or form.dtype != "float32":
+        proto = _inferred(proto)
     builder = GradientBuilder(proto)
-    image_input = _image_input(builder)
+    image_input = inputs.image_input(proto).name
     logits_name = _logits(builder, logits)
     _refuse_qoperator(builder, logits_name)
     num_classes = _num_classes(builder, logits_name)
@@ -86,8 +95,8 @@ def make_explainable(
         raise InvalidInputError(f"objective {objective!r} needs an output [N, classes]; {logits_name!r} has shape "
                                 f"{output_info.shape}")
     count = 1 if isinstance(target_layers, str) else len(target_layers)
-    chosen = layers.target_layers(builder, image_input, target_layers, logits_name,
-                                  layouts.requests(count, layer_layout, token_grid, prefix_tokens))
+    chosen = _target_layers(proto, builder, image_input, target_layers, logits_name,
+                            layouts.requests(count, layer_layout, token_grid, prefix_tokens), preprocessing)
     targets = [name for name, _ in chosen]
     log.info("explaining %s w.r.t. %s", logits_name, ", ".join(f"{n} ({l.kind})" for n, l in chosen))
 
@@ -105,6 +114,10 @@ def make_explainable(
         of, seed = seeds[objective](builder, logits_name, resolved)
     rules = {**RULES, **_defended_relu_rules(builder)} if defended_relus else RULES
     gradients = append_gradients(builder, targets, of, seed, rules)
+    blocked = [target for target in targets if target not in gradients]
+    if blocked:
+        raise InvalidModelError(f"no gradient reaches {blocked} from {logits_name!r}: every path from there passes "
+                                f"integer tensors ({form.describe()} image input)")
     compute_on_blocks(builder, seed)
 
     builder.scope = "explainrt/outputs"
@@ -112,7 +125,7 @@ def make_explainable(
         builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
     for index, (target, layout) in enumerate(chosen):
         elem_type = builder.info(target).elem_type
-        channels_hw = [layout.channels, *layout.grid]
+        channels_hw = [layout.channels, *_declared_grid(builder, target, layout)]
         builder.add_output(activations_output(index), layouts.to_nchw(builder, target, layout, 1), elem_type,
                            ["N", *channels_hw])
         as_maps = layouts.to_nchw(builder, gradients[target], layout, 2)
@@ -145,10 +158,7 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
         if before < 11:
             _keep_asymmetric_resizes(model)
     for _ in range(4):  # folded sizes make more shapes static, which may fold more
-        try:
-            model = onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
-        except (onnx.shape_inference.InferenceError, RuntimeError) as error:
-            raise InvalidModelError(f"ONNX shape inference failed on the model: {error}") from error
+        model = _inferred(model)
         if not _fold_static_shape_arithmetic(model):
             break
     return model
@@ -245,6 +255,49 @@ def _fold_static_shape_arithmetic(model: onnx.ModelProto) -> int:
     return folded
 
 
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as error:
+        raise InvalidModelError(f"ONNX shape inference failed on the model: {error}") from error
+
+
+NOMINAL_SIZE = (224, 224)
+"""The image size the target layers of a model with dynamic height and width are looked for at."""
+
+
+def _target_layers(proto: onnx.ModelProto, builder: GradientBuilder, image: str, requested: str | Sequence[str],
+                   logits: str, requests: list[layouts.LayoutRequest],
+                   preprocessing: str | None) -> list[tuple[str, layouts.Layout]]:
+    """The target layers and layouts; for a dynamic image size, found on a probe at the nominal size (grids
+    are read there; a token grid fixed by that size is refused: it would not serve other sizes)."""
+    shape = builder.info(image).shape or (None,) * 4
+    if all(isinstance(v, int) for v in shape[2:4]):
+        return layers.target_layers(builder, image, requested, logits, requests)
+    size = Preprocessing.from_json(preprocessing).input_size if preprocessing else NOMINAL_SIZE
+    probe = inputs.with_nominal_size(proto, size)
+    if probe is None:
+        return layers.target_layers(builder, image, requested, logits, requests)
+    chosen = layers.target_layers(GradientBuilder(probe), image, requested, logits, requests)
+    for (name, layout), request in zip(chosen, requests):
+        if layout.kind == "tokens" and request.token_grid is None:
+            raise UnknownLayerError(f"target layer {name!r} holds tokens but the image size is dynamic: give "
+                                    "token_grid=(h, w) (and prefix_tokens)")
+        if name not in builder.infos:
+            raise UnknownLayerError(f"target layer {name!r} has no known type in the model")
+    log.info("the image size is dynamic: target layers found at %dx%d", *size)
+    return chosen
+
+
+def _declared_grid(builder: GradientBuilder, target: str, layout: layouts.Layout) -> list[object]:
+    """The target's grid as the graph knows it: symbolic where the image size is dynamic."""
+    shape = builder.info(target).shape
+    if layout.kind == "tokens" or shape is None:
+        return list(layout.grid)
+    grid = shape[2:4] if layout.kind == "nchw" else shape[1:3]
+    return [v if isinstance(v, int) else (v or f"{axis}") for v, axis in zip(grid, ("h", "w"))]
+
+
 def _keep_asymmetric_resizes(model: onnx.ModelProto) -> None:
     """Upsample and Resize before opset 11 map output pixel x to input x / scale (nearest: its floor,
     or its ceiling along axes scaled down, as ONNX Runtime does); the version converter turns them
@@ -269,15 +322,6 @@ def _keep_asymmetric_resizes(model: onnx.ModelProto) -> None:
                                     "nearest rounding cannot be carried to opset 11+; export with opset >= 11")
         rounding = "ceil" if any(v < 1 for v in resized) else "floor"
         node.attribute.append(onnx.helper.make_attribute("nearest_mode", rounding))
-
-
-def _image_input(builder: GradientBuilder) -> str:
-    initializers = {t.name for t in builder.graph.initializer}
-    for value in builder.graph.input:
-        info = builder.infos.get(value.name)
-        if value.name not in initializers and info is not None and info.rank == 4 and info.is_float:
-            return value.name
-    raise InvalidModelError("the model has no float image input of rank 4 [N, C, H, W]")
 
 
 def _logits(builder: GradientBuilder, requested: str | int | None) -> str:

@@ -78,8 +78,12 @@ def export_torch(
     target_modules: Sequence[torch.nn.Module],
     opset: int = 18,
     output: str | int | None = None,
+    dynamic_size: bool = False,
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """Export ``model`` to ONNX (dynamic batch) and return it with each target module's tensor."""
+    """Export ``model`` to ONNX (dynamic batch) and return it with each target module's tensor.
+
+    ``dynamic_size``: height and width dynamic too, where the model allows (``Dim.AUTO``: a model whose
+    code fixes a size keeps the example's, and images of another size are refused with that size)."""
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise InvalidInputError("example_input must be a float tensor [N, C, H, W]")
     owned = {id(m) for m in model.modules()}
@@ -102,7 +106,8 @@ def export_torch(
                 opset_version=opset,
                 input_names=[IMAGE_INPUT],
                 output_names=[LOGITS_OUTPUT, *(f"{TAP_PREFIX}{i}" for i in range(len(target_modules)))],
-                dynamic_shapes=({0: torch.export.Dim("N", min=1)},),
+                dynamic_shapes=({0: torch.export.Dim("N", min=1),
+                                 **({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO} if dynamic_size else {})},),
                 verbose=False,
             )
         program.save(buffer)
@@ -130,17 +135,19 @@ def from_torch(
     target_layers: Sequence[torch.nn.Module] | None = None,
     preprocessing: str | None = None,
     output: str | int | None = None,
+    dynamic_size: bool = False,
     **layouts: Any,
 ) -> onnx.ModelProto:
     """Export a PyTorch classifier as an explainable ONNX model.
 
     ``target_layers`` are sub-modules (e.g. ``[model.layer4]``, or a transformer block's
     ``norm1``) whose outputs are explained; ``None`` picks one automatically. ``output`` picks
-    the logits from a model returning several outputs (see ``model_output``). ``layouts``:
+    the logits from a model returning several outputs (see ``model_output``). ``dynamic_size``: export
+    with dynamic height and width where the model allows (see ``export_torch``). ``layouts``:
     ``layer_layout``, ``token_grid``, ``prefix_tokens`` as ``make_explainable`` takes them.
     """
     modules = list(target_layers or [])
-    proto, tensors = export_torch(model, example_input, modules, output=output)
+    proto, tensors = export_torch(model, example_input, modules, output=output, dynamic_size=dynamic_size)
     for module, tensor in zip(modules, tensors):
         log.info("target module %s is ONNX tensor %s", type(module).__name__, tensor)
     return make_explainable(proto, tensors or "auto", logits=LOGITS_OUTPUT, preprocessing=preprocessing, **layouts)

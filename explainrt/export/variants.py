@@ -8,7 +8,9 @@ import onnx
 
 from explainrt.autodiff.builder import GraphBuilder
 from explainrt.autodiff.gradients import ancestors
+from explainrt.errors import InvalidInputError
 from explainrt.export.explainable import make_explainable
+from explainrt.export.inputs import input_form, with_nominal_size
 from explainrt.export.layouts import Layout
 from explainrt.export.spec import ExplainableSpec, original_model
 
@@ -16,18 +18,27 @@ HEAD_INPUT_PREFIX = "explainrt.head."
 
 
 def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str, of_input: bool,
-                  defended: bool = False) -> onnx.ModelProto:
+                  defended: bool = False, size: tuple[int, int] | None = None) -> onnx.ModelProto:
     """The explainable model for an objective, w.r.t. the target layers or the input (FGVis's defence
-    optional): ``model`` itself when it is that one, else the original model made explainable again."""
+    optional): ``model`` itself when it is that one, else the original model made explainable again.
+    ``size``: the image height and width to fix first (a model of dynamic size whose gradient down to
+    the image needs static shapes, as a strided Conv's does)."""
     if (objective, of_input, defended) == (spec.objective, False, False):
         return model
+    form = input_form(model)
+    if of_input and form.is_integer:
+        raise InvalidInputError(f"gradients with respect to the image need a float image input; the model takes "
+                                f"{form.describe()} pixels, which have none: use a CAM or perturbation method")
     layers = [spec.image_input] if of_input else list(spec.target_layers)
     stored = {} if of_input or not spec.layouts else {
         "layer_layout": [layout["kind"] for layout in spec.layouts],
         "token_grid": [tuple(layout["grid"]) if layout["kind"] == "tokens" else None for layout in spec.layouts],
         "prefix_tokens": [layout["prefix_tokens"] if layout["kind"] == "tokens" else None for layout in spec.layouts]}
-    return make_explainable(original_model(model), layers, logits=spec.logits, objective=objective,
-                            defended_relus=defended, **stored)
+    plain = original_model(model)
+    if size is not None:
+        plain = with_nominal_size(plain, size) or plain
+    return make_explainable(plain, layers, logits=spec.logits, objective=objective, defended_relus=defended,
+                            **stored)
 
 
 def variant_kind(of_input: bool, defended: bool) -> str:

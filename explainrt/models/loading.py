@@ -31,6 +31,7 @@ import onnx
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export import layouts
 from explainrt.export.explainable import make_explainable
+from explainrt.export.inputs import InputForm, input_form
 from explainrt.export.spec import ExplainableSpec, is_explainable, load_model, original_model, with_preprocessing
 from explainrt.preprocessing import Preprocessing
 from explainrt.runtime.base import input_dims
@@ -74,12 +75,17 @@ class Outputs:
     layer_layout: str | Sequence[str] | None = None
     token_grid: Any = None
     prefix_tokens: int | Sequence[int] | None = None
+    input_layout: str | None = None  # the image input's: "nchw" or "nhwc" (None: told from the graph)
 
     def given(self) -> bool:
         return any(value is not None for value in dataclasses.astuple(self))
 
     def layouts(self) -> dict[str, Any]:
         return {"layer_layout": self.layer_layout, "token_grid": self.token_grid, "prefix_tokens": self.prefix_tokens}
+
+    def onnx_options(self) -> dict[str, Any]:
+        """The layouts and the input layout, as ``make_explainable`` takes them."""
+        return {**self.layouts(), "input_layout": self.input_layout}
 
 
 @dataclass(frozen=True)
@@ -119,9 +125,10 @@ def load(model: Any = None, target_layers: Sequence[Any] | None = None, *, backe
         size = overrides.input_size or input_size or DEFAULT_INPUT_SIZE
         return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs, size)
     if _is_torch_module(model):
-        size = overrides.input_size or input_size or (preprocessing.input_size if preprocessing else DEFAULT_INPUT_SIZE)
+        fixed = overrides.input_size or input_size
+        size = fixed or (preprocessing.input_size if preprocessing else DEFAULT_INPUT_SIZE)
         chosen = preprocessing or (recipe(overrides, size, None) if fallback else None)
-        return _from_module(model, layers, backend, chosen, outputs, size)
+        return _from_module(model, layers, backend, chosen, outputs, size, dynamic_size=fixed is None)
     if backend == "torch":
         raise BackendUnavailableError("backend='torch' needs a torch.nn.Module (or a torchvision architecture "
                                       "name), not an ONNX model")
@@ -146,10 +153,14 @@ def _default_model(layers: list[Any] | None, backend: str, preprocessing: Prepro
 
 
 def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocessing: Preprocessing | None,
-                 outputs: Outputs, input_size: tuple[int, int]) -> LoadedModel:
-    """A PyTorch model: hooked as it is (torch backend), else exported at ``input_size``."""
+                 outputs: Outputs | None, input_size: tuple[int, int], dynamic_size: bool = False) -> LoadedModel:
+    """A PyTorch model: hooked as it is (torch backend), else exported at ``input_size`` (``dynamic_size``:
+    with dynamic height and width where the model allows, so images of any size work)."""
+    outputs = outputs or Outputs()
+    if outputs.input_layout not in (None, "nchw"):
+        raise InvalidInputError(f"input_layout={outputs.input_layout!r}: a PyTorch module takes [N, C, H, W] images")
     targets = modules(module, layers) if layers else None
-    example = example_input(input_size)
+    example = example_input(input_size, input_channels(module))
     stored = preprocessing.to_json() if preprocessing else None
     if backend == "torch":
         if not targets:
@@ -159,7 +170,8 @@ def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocess
                            preprocessing)
     from explainrt.export.torch_export import from_torch
 
-    proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output, **outputs.layouts())
+    proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
+                       dynamic_size=dynamic_size, **outputs.layouts())
     return LoadedModel(proto, None, preprocessing)
 
 
@@ -172,11 +184,11 @@ def _from_onnx(proto: onnx.ModelProto, layers: list[Any] | None, outputs: Output
         stored = Preprocessing.from_json(stored_json) if stored_json else None
         if layers or outputs.given():
             proto = make_explainable(original_model(proto), layers or "auto", logits=_onnx_output(outputs.output),
-                                     **outputs.layouts())
+                                     **outputs.onnx_options())
     else:
-        proto = make_explainable(proto, layers or "auto", logits=_onnx_output(outputs.output), **outputs.layouts())
+        proto = make_explainable(proto, layers or "auto", logits=_onnx_output(outputs.output), **outputs.onnx_options())
     spec = ExplainableSpec.from_model(proto)
-    chosen = preprocessing or stored
+    chosen = preprocessing or stored or _pixels_unchanged(input_form(proto))
     if (chosen is None and fallback) or overrides.any():
         dims = input_dims(proto, spec.image_input)
         size = overrides.input_size or input_size or _static_size(dims) or (stored.input_size if stored else None)
@@ -185,6 +197,16 @@ def _from_onnx(proto: onnx.ModelProto, layers: list[Any] | None, outputs: Output
             size = DEFAULT_INPUT_SIZE
         chosen = recipe(overrides, size, spec.num_classes, chosen)
     return LoadedModel(with_preprocessing(proto, chosen.to_json()) if chosen else proto, None, chosen)
+
+
+def _pixels_unchanged(form: InputForm) -> Preprocessing | None:
+    """For a model taking uint8 pixels (its preprocessing baked in) of a static size: image files resized to
+    that size and passed as pixels, unnormalised (uint8 batches of the model's size pass unchanged anyway)."""
+    _, channels, height, width = form.nchw
+    if not form.is_integer or channels != 3 or not all(isinstance(v, int) and v > 0 for v in (height, width)):
+        return None
+    return Preprocessing(input_size=(height, width), resize_shorter=None, mean=(0.0, 0.0, 0.0),  # type: ignore[arg-type]
+                         std=(1 / 255,) * 3)
 
 
 def _onnx_output(output: str | int | None) -> str | int | None:
@@ -235,11 +257,23 @@ def _static_size(dims: Sequence[Any]) -> tuple[int, int] | None:
     return None
 
 
-def example_input(input_size: Sequence[int]) -> Any:
-    """A zero batch of one 3-channel image of ``input_size``, for export and probing."""
+def example_input(input_size: Sequence[int], channels: int = 3) -> Any:
+    """A zero batch of one image of ``input_size`` with ``channels`` channels, for export and probing."""
     import torch
 
-    return torch.zeros(1, 3, *input_size)
+    return torch.zeros(1, channels, *input_size)
+
+
+def input_channels(module: Any) -> int:
+    """The channels the module's first convolution takes (3 where it has none, e.g. a patch MLP)."""
+    import torch
+
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            return int(layer.in_channels)
+        if isinstance(layer, torch.nn.Linear):
+            break
+    return 3
 
 
 def modules(model: Any, layers: Sequence[Any]) -> list[Any]:

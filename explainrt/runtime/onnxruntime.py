@@ -61,8 +61,9 @@ class OnnxRuntimeSession:
         self._main = self._session(model)
         self._plain: object | None = None
         self._heads: dict[int, tuple[object, bool]] = {}
+        self._input_types: dict[object, dict[str, np.dtype]] = {}
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
-        self._variants: dict[tuple[str, bool, bool], tuple[object, list[str], list[list[int | str | None]]]] = {
+        self._variants: dict[tuple[Any, ...], tuple[object, list[str], list[list[int | str | None]]]] = {
             (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers),
                                                                            self.spec.objective), [])}
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
@@ -91,12 +92,16 @@ class OnnxRuntimeSession:
     def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
         return self._run_variant(images, targets, objective, of_input=True)
 
-    def _variant(self, objective: str, of_input: bool, defended: bool = False) -> tuple[object, list[str], list[list[int | str | None]]]:
+    def _variant(self, objective: str, of_input: bool, defended: bool = False,
+                 images: Any = None) -> tuple[object, list[str], list[list[int | str | None]]]:
         """The session of a variant (built on first use), its outputs and its reference inputs' shapes."""
-        key = (objective, of_input, defended)
+        # gradients down to an image of dynamic size: one variant per size (a strided Conv's needs static shapes)
+        size = (tuple(int(v) for v in images.shape[2:4]) if of_input and images is not None
+                and not all(isinstance(v, int) and v > 0 for v in self.input_shape[2:4]) else None)
+        key = (objective, of_input, defended) if size is None else (objective, of_input, defended, size)
         if key not in self._variants:
             log.info("building the %s variant of the model (objective %s)", variant_kind(of_input, defended), objective)
-            variant = variant_model(self._model, self.spec, objective, of_input, defended)
+            variant = variant_model(self._model, self.spec, objective, of_input, defended, size)  # type: ignore[arg-type]
             shapes = [input_dims(variant, reference_input(k))
                       for k in range(sum(v.name.startswith(REFERENCE_PREFIX) for v in variant.graph.input))]
             outputs = output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers), objective)
@@ -104,11 +109,37 @@ class OnnxRuntimeSession:
         return self._variants[key]
 
     def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
-        session, outputs, _ = self._variant(objective, of_input)
+        session, outputs, _ = self._variant(objective, of_input, images=images)
         values = self._run(session, outputs, {self.spec.image_input: images, **targets_feed(objective, targets)})
         return run_result(values, objective, targets)
 
     def _run(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
+        """Run ``session``: in chunks of the model's static batch where it has one (the last chunk padded
+        with copies of its last image, the padding dropped); float outputs of another precision (an fp16
+        model's) as float32, which is what the methods compute in."""
+        feeds = self._typed(session, feeds)
+        batch = self.input_shape[0] if isinstance(self.input_shape[0], int) and self.input_shape[0] > 0 else None
+        count = next(iter(feeds.values())).shape[0]
+        if batch is None or count == batch:
+            values = self._run_once(session, outputs, feeds)
+        else:
+            parts = [self._run_once(session, outputs, {name: _padded(value[start:start + batch], batch)
+                                                      for name, value in feeds.items()})
+                     for start in range(0, count, batch)]
+            values = [_concatenated([part[i] for part in parts])[:count] for i in range(len(outputs))]
+        return [_as_float32(value) for value in values]
+
+    def _typed(self, session: object, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Float feeds in the float type the session's input has (an fp16 model's activations, references)."""
+        if session not in self._input_types:
+            self._input_types[session] = {i.name: _FLOAT_INPUTS[i.type] for i in session.get_inputs()  # type: ignore[attr-defined]
+                                          if i.type in _FLOAT_INPUTS}
+        wanted = self._input_types[session]
+        return {name: value.astype(wanted[name]) if name in wanted and hasattr(value, "astype")
+                and np.dtype(value.dtype).kind == "f" and np.dtype(value.dtype) != wanted[name] else value
+                for name, value in feeds.items()}
+
+    def _run_once(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
         """One runtime call. On CUDA, through IO binding: CUDA arrays (CuPy, torch) are bound in
         place, host arrays copied once, outputs allocated on the device; they come back as CuPy
         arrays (DLPack, no copy) with ``device_outputs``, else copied to the host."""
@@ -141,7 +172,7 @@ class OnnxRuntimeSession:
         0 < activation <= reference, its activation on the unperturbed image (``references``, as an
         earlier call on the unperturbed images returned them; None: no upper bound). Returns the
         result and these images' Relu activations (the references for their perturbations)."""
-        session, outputs, shapes = self._variant(objective, of_input=True, defended=True)
+        session, outputs, shapes = self._variant(objective, of_input=True, defended=True, images=images)
         if references is None:
             references = [np.full([images.shape[0], *static_dims(shape[1:])], np.inf, dtype=images.dtype) for shape in shapes]
         elif len(references) != len(shapes):
@@ -175,6 +206,39 @@ class OnnxRuntimeSession:
             self._heads[layer] = (self._session(head), reads_image)
         session, reads_image = self._heads[layer]
         return self._run(session, [self.spec.logits], head_feeds(self.spec, layer, activations, images, reads_image))[0]
+
+
+_FLOAT_INPUTS = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+                 "tensor(double)": np.dtype(np.float64)}
+
+
+def _padded(values: Any, size: int) -> Any:
+    """``values`` (axis 0 at most ``size``) padded to ``size`` along axis 0 with copies of its last entry."""
+    missing = size - values.shape[0]
+    if missing == 0:
+        return values
+    module = _array_module(values)
+    return module.concatenate([values, module.repeat(values[-1:], missing, axis=0)])
+
+
+def _concatenated(values: list[Any]) -> Any:
+    return _array_module(values[0]).concatenate(values)
+
+
+def _array_module(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return np
+    from explainrt.kernels._cupy import load_cupy
+
+    return load_cupy()
+
+
+def _as_float32(value: Any) -> Any:
+    """Float outputs of another precision as float32; everything else as it is."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and np.dtype(dtype).kind == "f" and np.dtype(dtype) != np.float32:
+        return value.astype(np.float32)
+    return value
 
 
 def _validated_providers(ort: object, providers: Sequence[str] | None) -> list[str]:

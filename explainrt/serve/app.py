@@ -30,21 +30,33 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from explainrt.errors import (
+    ClientGoneError,
     ExplainrtError,
     ExplanationCancelled,
     InvalidInputError,
     RequestTooLargeError,
     ServerBusyError,
     UnknownModelError,
+    UnsupportedMediaTypeError,
 )
 from explainrt.explainer import Explainer
-from explainrt.export.spec import RESOLVED_TARGETS_OUTPUT, activations_output, gradients_output
+from explainrt.export.spec import (
+    RESOLVED_TARGETS_OUTPUT,
+    activations_output,
+    gradients_output,
+)
 from explainrt.methods import METHODS, get_method
 from explainrt.methods.base import softmax
 from explainrt.serve import codec
 from explainrt.serve.codec import Limits
 from explainrt.serve.metrics import ServerMetrics
-from explainrt.serve.models import Job, ServedModel, explain_key, layers_key, predict_key
+from explainrt.serve.models import (
+    Job,
+    ServedModel,
+    explain_key,
+    layers_key,
+    predict_key,
+)
 from explainrt.validation import check_class_range, checked_int
 from explainrt.version import __version__
 
@@ -57,8 +69,10 @@ RESERVED_PARAMETERS = ("method", "targets", "return", "normalize")
 """V1/V2 parameters the server reads itself; every other parameter is an option of the method."""
 RETURNS = ("overlay", "map")
 
-_STATUS = ((RequestTooLargeError, 413), (UnknownModelError, 404), (ServerBusyError, 503),
-           (ExplanationCancelled, 503), (InvalidInputError, 400))
+_STATUS = ((UnsupportedMediaTypeError, 415), (RequestTooLargeError, 413), (UnknownModelError, 404),
+           (ServerBusyError, 503), (ClientGoneError, 499), (ExplanationCancelled, 503), (InvalidInputError, 400))
+JSON_TYPES = ("application/json", "text/json")
+"""Content-Types a body may be sent as (also ``application/<anything>+json``, or none at all)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,12 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         status = next((code for kind, code in _STATUS if isinstance(error, kind)), 500)
         if status == 500:
             log.error("request failed: %s", error)
-        return _error(status, str(error), type(error).__name__)
+        elif status == 499:
+            log.info("%s: its work was dropped", error)
+        response = _error(status, str(error), type(error).__name__)
+        if isinstance(error, ServerBusyError):
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -113,6 +132,7 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         return models[name]
 
     async def body_of(request: Request) -> Any:
+        _check_json_content_type(request.headers.get("content-type"))
         return await codec.read_json(request.headers.get("content-length"), request.stream(), config.limits)
 
     # -- page and discovery ---------------------------------------------------------------------
@@ -165,7 +185,7 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         targets = _instance_targets(parameters.get("targets"), len(images), model.num_classes)
         tick = time.perf_counter()
         result = await model.submit(explain_key(True, method, options, normalize),
-                                    Job(images, targets, overlays="overlay" in returns))
+                                    Job(images, targets, overlays="overlay" in returns), _disconnected(request))
         waited = time.perf_counter() - tick
         encoded = await run_in_threadpool(_explanations, model, method, result, returns)
         timings = {**result["timings"], "request": waited}
@@ -199,13 +219,17 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         body = await body_of(request)
         tensors = await run_in_threadpool(codec.decode_v2_inputs, body, config.limits)
         images, raw, targets = _v2_images(model, tensors)
+        if len(images) > config.limits.max_instances:
+            raise RequestTooLargeError(f"{len(images)} images exceed the limit of {config.limits.max_instances} per "
+                                       "request (--max-images)")
         parameters = _parameters(body)
         wanted = _v2_outputs(model, body, "method" in parameters)
         arrays: dict[str, np.ndarray] = {}
         logits_name = model.explainer.spec.logits
         if MAPS_OUTPUT in wanted or RESOLVED_TARGETS_OUTPUT in wanted:
             method, options, normalize = _method_parameters(parameters)
-            result = await model.submit(explain_key(raw, method, options, normalize), Job(images, targets))
+            result = await model.submit(explain_key(raw, method, options, normalize), Job(images, targets),
+                                        _disconnected(request))
             arrays.update({MAPS_OUTPUT: result["maps"], RESOLVED_TARGETS_OUTPUT: result["targets"],
                            logits_name: result["logits"]})
         if any(output.startswith(("explainrt.activations.", "explainrt.gradients.")) for output in wanted):
@@ -247,6 +271,27 @@ class _Metered:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "unmatched")
             self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
+
+
+def _check_json_content_type(value: str | None) -> None:
+    """Refuse a body declared as something other than JSON (a form, an image file, text) with 415."""
+    if value is None:
+        return
+    media = value.split(";")[0].strip().lower()
+    if media and media not in JSON_TYPES and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaTypeError(
+            f"request body has Content-Type {media!r}; send JSON with Content-Type: application/json "
+            "(curl: -H 'Content-Type: application/json')")
+
+
+def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """A coroutine function returning once ``request``'s client has disconnected (its body is already read)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:

@@ -9,24 +9,30 @@ queue up and form the next batch: under load batches fill without waiting.
 
 If a merged batch fails (one request's option or target is bad), its requests are run one by one
 so each gets its own answer or error, and one bad request never fails the others.
+
+A request whose client goes away leaves the queue; when every request of the running batch has
+gone, the batch's ``cancel`` event is set, the method stops at its next check (between perturbed
+batches) and the worker moves on to the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from explainrt.errors import ServerBusyError
+from explainrt.errors import ClientGoneError, ServerBusyError
 
 log = logging.getLogger(__name__)
 
-BatchRunner = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
-"""``run(key, payloads) -> one result per payload``; called on the worker thread."""
+BatchRunner = Callable[[Hashable, Sequence[Any], threading.Event], Sequence[Any]]
+"""``run(key, payloads, cancel) -> one result per payload``; called on the worker thread, which
+should stop (ExplanationCancelled) soon after ``cancel`` is set: every client of the batch is gone."""
 
 
 @dataclass
@@ -36,14 +42,16 @@ class _Job:
     size: int  # images
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    batch: list[_Job] | None = None  # the running batch this job is in, once taken from the queue
+    cancel: threading.Event | None = None  # that batch's cancel event
 
 
 @dataclass
 class BatchStats:
     """Hooks the metrics module fills in; the batcher only calls them."""
 
-    on_batch: Callable[[str, int, float], None] = lambda kind, images, waited: None  # noqa: E731
-    on_queue: Callable[[int], None] = lambda depth: None  # noqa: E731
+    on_batch: Callable[[str, int, float], None] = lambda kind, images, waited: None
+    on_queue: Callable[[int], None] = lambda depth: None
 
 
 class MicroBatcher:
@@ -62,6 +70,7 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"explainrt-{name}")
         self._worker: asyncio.Task | None = None
+        self._seconds_per_image = 0.0  # of the last batch run: Retry-After's estimate
 
     @property
     def depth(self) -> int:
@@ -85,18 +94,51 @@ class MicroBatcher:
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
-    async def submit(self, key: Hashable, payload: Any, size: int) -> Any:
-        """Queue ``payload`` (``size`` images) and wait for its result (or its exception)."""
+    async def submit(self, key: Hashable, payload: Any, size: int,
+                     gone: Callable[[], Awaitable[Any]] | None = None) -> Any:
+        """Queue ``payload`` (``size`` images) and wait for its result (or its exception).
+
+        ``gone`` returns when the client has disconnected: the job then leaves the queue, or, if
+        it is running and was the last live job of its batch, the batch is cancelled
+        (ClientGoneError either way).
+        """
         if self._queued_images + size > self.max_queue:
             raise ServerBusyError(f"model {self.name!r} has {self._queued_images} images queued (limit "
-                                  f"{self.max_queue}); retry later")
+                                  f"{self.max_queue}); retry later", retry_after=self.retry_after())
         self.start()
         job = _Job(key, payload, size, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._queued_images += size
         self._stats.on_queue(self._queued_images)
         self._arrived.set()
-        return await job.future
+        if gone is None:
+            return await job.future
+        watcher = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not watcher.done():
+                watcher.cancel()
+        if not job.future.done():
+            self._abandon(job)
+            raise ClientGoneError("the client went away before its answer was ready")
+        return job.future.result()
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the queue's images at the last batch rate (at least 1)."""
+        per_image = self._seconds_per_image or 1.0
+        return max(1, round(self._queued_images * per_image))
+
+    def _abandon(self, job: _Job) -> None:
+        """Forget a job whose client left: out of the queue, or its batch cancelled if no one else waits for it."""
+        job.future.cancel()
+        if job in self._queue:
+            self._queue.remove(job)
+            self._queued_images -= job.size
+            self._stats.on_queue(self._queued_images)
+        elif job.batch is not None and job.cancel is not None and all(other.future.done() for other in job.batch):
+            log.info("model %r: every client of the running batch went away; cancelling it", self.name)
+            job.cancel.set()
 
     async def _work(self) -> None:
         while True:
@@ -138,9 +180,14 @@ class MicroBatcher:
         live = [job for job in batch if not job.future.done()]  # a client may have gone away
         if not live:
             return
+        cancel = threading.Event()
+        for job in live:
+            job.batch, job.cancel = live, cancel
         loop = asyncio.get_running_loop()
+        tick = time.perf_counter()
         outcomes = await loop.run_in_executor(self._executor, self._run_isolated, live[0].key,
-                                              [job.payload for job in live])
+                                              [job.payload for job in live], cancel)
+        self._seconds_per_image = (time.perf_counter() - tick) / sum(job.size for job in live)
         for job, outcome in zip(live, outcomes, strict=True):
             if job.future.done():
                 continue
@@ -149,18 +196,18 @@ class MicroBatcher:
             else:
                 job.future.set_result(outcome)
 
-    def _run_isolated(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+    def _run_isolated(self, key: Hashable, payloads: list[Any], cancel: threading.Event) -> list[Any]:
         """Results (or exceptions) per payload: the whole batch at once, else one by one after a failure."""
         try:
-            return list(self._run(key, payloads))
+            return list(self._run(key, payloads, cancel))
         except Exception as error:  # reported to the request(s) it belongs to
-            if len(payloads) == 1:
-                return [error]
+            if len(payloads) == 1 or cancel.is_set():
+                return [error] * len(payloads)
             log.debug("batch of %d failed (%s); running its requests one by one", len(payloads), error)
         outcomes: list[Any] = []
         for payload in payloads:
             try:
-                outcomes.extend(self._run(key, [payload]))
+                outcomes.extend(self._run(key, [payload], cancel))
             except Exception as error:  # this request's own error
                 outcomes.append(error)
         return outcomes

@@ -35,7 +35,7 @@ class Limits:
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_instances: int = 64
+    max_instances: int = 64  # images per request (--max-images)
 
 
 async def read_json(content_length: str | None, chunks: AsyncIterator[bytes], limits: Limits) -> Any:
@@ -79,7 +79,8 @@ def decode_instances(body: Any, limits: Limits) -> list[np.ndarray]:
         raise InvalidInputError('the request body needs "instances": a non-empty list of images '
                                 '({"image": {"b64": ...}} or [H][W][3] uint8 arrays)')
     if len(instances) > limits.max_instances:
-        raise RequestTooLargeError(f"{len(instances)} instances exceed the limit of {limits.max_instances} per request")
+        raise RequestTooLargeError(f"{len(instances)} images exceed the limit of {limits.max_instances} per request "
+                                   "(--max-images)")
     images = []
     for index, instance in enumerate(instances):
         try:

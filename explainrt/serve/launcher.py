@@ -49,7 +49,7 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         command = [sys.executable, "-m", "explainrt.cli", "-v", "serve", "--host", self.host,
                    "--port", str(self.port), *self.arguments]
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (closed by the child's exit)
+        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if self.log_path:
             log.close()

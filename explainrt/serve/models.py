@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,13 @@ class ServedModel:
     def labels(self) -> tuple[str, ...] | None:
         return self.explainer.preprocessing.labels if self.explainer.preprocessing else None
 
-    async def submit(self, key: JobKey, job: Job) -> dict[str, Any]:
-        return await self.batcher.submit(key, job, job.size)
+    async def submit(self, key: JobKey, job: Job, gone: Callable[[], Awaitable[Any]] | None = None) -> dict[str, Any]:
+        """The job's result; ``gone`` returns when its client disconnects (the work is then dropped)."""
+        return await self.batcher.submit(key, job, job.size, gone)
 
-    def run_batch(self, key: JobKey, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-        """Run merged jobs in one Explainer call (on the worker thread); one result dict per job."""
+    def run_batch(self, key: JobKey, jobs: Sequence[Job], cancel: threading.Event | None = None) -> list[dict[str, Any]]:
+        """Run merged jobs in one Explainer call (on the worker thread); one result dict per job.
+        Setting ``cancel`` stops an explanation between its runtime calls (ExplanationCancelled)."""
         kind = key[0]
         if key[1] == "raw":
             images: Any = [image for job in jobs for image in job.images]
@@ -91,7 +94,8 @@ class ServedModel:
             return self._layers(images, targets, counts)
         method, options, normalize = key[2], json.loads(key[3]), key[4]
         explanation = self.explainer.explain(images, method=method, targets=targets, normalize=normalize,
-                                             batch_size=self.batcher.max_batch, progress=False, **options)
+                                             batch_size=self.batcher.max_batch, progress=False, cancel=cancel,
+                                             **options)
         timings = {**explanation.timings, "batch_images": len(targets)}
         wanted = any(job.overlays for job in jobs) and explanation.images is not None
         overlays = explanation.overlays() if wanted else None
