@@ -415,6 +415,51 @@ def as_targets(value: Any, count: int) -> list[Target] | None:
     return None
 
 
+FILE_KINDS = ("region", "similarity", "weights")
+"""Target kinds whose text form reads a file (a server takes them as JSON objects instead)."""
+
+
+def from_json(value: Any) -> Target | int:
+    """A target from JSON (the server's ``parameters.targets``): a class index, a text form without files
+    (``class:K``, ``softmax:K``, ``difference:P:Q``, ``box:x1,y1,x2,y2:K[:iou]``), or an object
+    ``{"kind": "region", "class": K, "mask": [[...]]}``, ``{"kind": "box", "xyxy": [...], "class": K,
+    "iou": 0.5, "layout": null}``, ``{"kind": "similarity", "vector": [...]}``, ``{"kind": "weights",
+    "weights": [...]}``, ``{"kind": "softmax" | "class", "class": K}``, ``{"kind": "difference", "p": P, "q": Q}``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if value.partition(":")[0].strip().lower() in FILE_KINDS:
+            raise InvalidTargetError(f"target {value!r} reads a file; give it as a JSON object instead "
+                                     '(e.g. {"kind": "region", "class": 12, "mask": [[...]]})')
+        return parse(value)
+    if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
+        raise InvalidTargetError(f"a target is a class index, a text form such as 'box:x1,y1,x2,y2:K', or an "
+                                 f'object with a "kind", got {value!r}')
+    kind, fields = value["kind"].lower(), {k: v for k, v in value.items() if k != "kind"}
+    builders = {
+        "class": (("class",), lambda f: Class(f["class"])),
+        "softmax": (("class",), lambda f: Softmax(f["class"])),
+        "difference": (("p", "q"), lambda f: Difference(f["p"], f["q"])),
+        "region": (("class", "mask"), lambda f: Region(f["class"], f["mask"])),
+        "box": (("xyxy", "class", "iou", "layout"),
+                lambda f: Box(f["xyxy"], f["class"], f.get("iou", 0.5), f.get("layout"))),
+        "similarity": (("vector",), lambda f: Similarity(f["vector"])),
+        "weights": (("weights",), lambda f: Weights(f["weights"])),
+    }
+    if kind not in builders:
+        raise InvalidTargetError(f"unknown target kind {kind!r}; one of {sorted(builders)}")
+    allowed, build = builders[kind]
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise InvalidTargetError(f"target kind {kind!r} takes {', '.join(allowed)}; got {', '.join(unknown)}")
+    try:
+        return build(fields)
+    except KeyError as missing:
+        raise InvalidTargetError(f"target kind {kind!r} needs {missing}") from None
+    except (TypeError, ValueError) as error:
+        raise InvalidTargetError(f"bad {kind} target {value!r}: {error}") from error
+
+
 def parse(text: str) -> Target:
     """A target from its command-line / JSON form: ``class:281``, ``softmax:281``, ``difference:281:282``,
     ``region:MASK.png:12`` (the mask image's grey levels / 255 are the weights), ``box:x1,y1,x2,y2:0``

@@ -331,12 +331,15 @@ def test_cli_region_and_box_targets(tmp_path: Path, capsys: pytest.CaptureFixtur
                  "32", "--target", f"region:{tmp_path / 'mask.png'}:2", "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "out" / "explanations.json").read_text())["images"][0]
-    explainer = Explainer(str(tmp_path / "seg.onnx"), input_size=(32, 32))
+    from explainrt.models import PreprocessingOverrides, load
+
+    explainer = Explainer(load(str(tmp_path / "seg.onnx"), overrides=PreprocessingOverrides(input_size=(32, 32))))
     expected = explainer.explain(str(tmp_path / "image.png"), targets=Region(2, mask / 255.0))
     assert record["target"]["index"] == 2
     np.testing.assert_allclose(record["target"]["score"], expected.logits[0, 0], rtol=1e-5)
     drawn = np.asarray(Image.open(tmp_path / "out" / record["overlay"]))
     assert (drawn[4, 8:28] == 255).all() and (drawn[4:20, 27] == 255).all()  # the region's outline, in white
+    _server_takes_targets_as_json(explainer, picture, mask / 255.0)
     box = parse("box:1,2,30,40:3:0.4")
     assert (box.box.tolist(), box.index, box.iou) == ([1, 2, 30, 40], 3, 0.4)
     assert parse("class:281").index == 281  # type: ignore[attr-defined]
@@ -344,6 +347,34 @@ def test_cli_region_and_box_targets(tmp_path: Path, capsys: pytest.CaptureFixtur
         parse("region:mask.png")
     with pytest.raises(InvalidTargetError, match="cannot read target"):
         parse(f"region:{tmp_path / 'missing.png'}:1")
+
+
+def _server_takes_targets_as_json(explainer: Explainer, picture: np.ndarray, mask: np.ndarray) -> None:
+    """POST /v1/models/NAME:explain with a region target as JSON: the map the in-process call gives."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from explainrt.serve.app import create_app
+
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    instances = [{"image": {"b64": base64.b64encode(buffer.getvalue()).decode("ascii")}}]
+    target = {"kind": "region", "class": 2, "mask": mask.tolist()}
+    with TestClient(create_app({"seg": explainer})) as client:
+        response = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
+            "method": "gradcam", "targets": target, "return": ["map"]}})
+        assert response.status_code == 200, response.text
+        refused = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
+            "targets": "region:/etc/passwd:2"}})
+        assert refused.status_code == 400 and "reads a file" in refused.text
+    item = response.json()["explanations"][0]
+    expected = explainer.explain(picture, targets=Region(2, mask))
+    assert item["target"]["index"] == 2
+    np.testing.assert_allclose(item["target"]["score"], expected.logits[0, 0], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(item["map"]), expected.maps[0], atol=1e-4)
 
 
 # -- errors ------------------------------------------------------------------------------------------
