@@ -124,7 +124,8 @@ def load_model(key: str, seed: int) -> Model:
         module = torchvision.models.resnet50(weights=None).eval()
         return Model(key, f"ResNet-50 (torchvision, random init, seed {seed})", module, module.layer4, "layer4")
     if key == "default":
-        from explainrt.models.default import DEFAULT_TARGET_MODULE, default_target_module, load_default_torch_model
+        from explainrt.models.default import DEFAULT_TARGET_MODULE
+        from explainrt.models.default_torch import default_target_module, load_default_torch_model
 
         module = load_default_torch_model()
         return Model(key, "EfficientNet-Lite0 (explainrt default, ImageNet weights)", module,

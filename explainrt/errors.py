@@ -62,6 +62,10 @@ class UnknownModelError(InvalidInputError):
     """A request names a model the server does not serve."""
 
 
+class OutputWriteError(ExplainrtError):
+    """The command line cannot write its output files (a read-only or full disk); it wrote none of them."""
+
+
 class ClientGoneError(ExplanationCancelled):
     """A server request's client disconnected before its answer was ready; its work was dropped."""
 
@@ -89,3 +93,7 @@ class BatchJobError(ExplainrtError):
 class InconsistentExplanationError(ExplainrtError):
     """A method returned maps that do not match the images (one map per image at the input size):
     refused rather than returned, since such maps cannot be what was asked for."""
+
+
+class MissingDependencyError(ExplainrtError, ImportError):
+    """A feature needs a package the core install leaves out; the message names the extra that installs it."""

@@ -1,16 +1,14 @@
 """Shared fixtures: a private model cache, the default Explainer, a small random ResNet-18 and the
 torchvision exports several test files compare.
 
-The cache variable is set when this file is imported, before any test can export the default
-model, so test runs never write to ~/.cache/explainrt; the export (about 10 s) happens once per
-session and every later ``Explainer()`` in the session (the CLI's too) reads it from the cache.
-Under pytest-xdist the controller makes the folder and its workers inherit it (the cache writes
-atomically, so two workers exporting at once leave one whole file); the controller removes it.
+The cache variable is set when this file is imported, before any test can export or build
+anything, so test runs never write to ~/.cache/explainrt. Under pytest-xdist the controller makes
+the folder and its workers inherit it (the cache writes atomically, so two workers writing at once
+leave one whole file); the controller removes it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
@@ -50,22 +48,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
-    """The EXPLAINRT_CACHE folder of this test session, holding the exported default model.
-
-    The first xdist worker to get here exports it while holding a lock on the folder; the other
-    waits and reads the cached file instead of exporting it too.
-    """
-    from explainrt.models.default import default_explainable_model
-
-    with open(_CACHE / ".default-model.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        default_explainable_model()
+    """The EXPLAINRT_CACHE folder of this test session."""
     return _CACHE
 
 
 @pytest.fixture(scope="session")
 def default_explainer(model_cache: Path):
-    """The shipped EfficientNet-Lite0 on ONNX Runtime (exported into the session cache once)."""
+    """The shipped EfficientNet-Lite0 (explainrt/data/efficientnet_lite0.onnx) on ONNX Runtime."""
     from explainrt import Explainer
 
     return Explainer()
@@ -73,7 +62,7 @@ def default_explainer(model_cache: Path):
 
 @pytest.fixture(scope="session")
 def example_images() -> dict[str, np.ndarray]:
-    """chelsea, coffee and astronaut from scikit-image, uint8 RGB."""
+    """chelsea, coffee and astronaut (scikit-image's photos, shipped with explainrt), uint8 RGB."""
     from explainrt.models.default import example_images
 
     return example_images()

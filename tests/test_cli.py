@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -362,3 +364,99 @@ def test_reusing_out_replaces_the_earlier_set_and_keeps_other_files(capsys: pyte
     assert run(capsys, "explain", photo, "--method", "layercam", "--out", out)[0] == 0
     assert files_in(out) == ["cup.layercam.npy", "cup.layercam.png", "explanations.json", "notes.txt"]
     assert json.loads((out / "explanations.json").read_text())["method"] == "layercam"
+
+
+# -- faults while explaining or writing: a clear error or exit 130, and never half a set of files ------
+def test_a_read_only_out_is_a_clear_error_and_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated (the tests may run as root, whom a chmod does not stop): the folder beside --out
+    refuses the staging folder, then --out itself refuses the first file moved into it."""
+    import explainrt.cli.explain as explain
+
+    def read_only(*_: object, **__: object) -> str:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(explain.tempfile, "mkdtemp", read_only)
+    code, _, err = run(capsys, "explain", "examples", "--out", out)
+    assert_failed(code, out, err, f"cannot write to --out {out}: Read-only file system")
+    monkeypatch.undo()
+
+    def refused(source: object, target: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+
+    monkeypatch.setattr(explain.os, "replace", refused)
+    code, _, err = run(capsys, "explain", "examples", "--out", out)
+    assert_failed(code, out, err, f"cannot write to --out {out}: Permission denied; nothing was written")
+    assert [name for name in files_in(tmp_path) if name != "out"] == []  # no staging folder left
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_the_earlier_set(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    assert run(capsys, "explain", "examples", "--out", out)[0] == 0
+    before = {name: (out / name).read_bytes() for name in files_in(out)}
+    real = np.save
+
+    def full_after_one(path: object, array: np.ndarray, *args: object, **kwargs: object) -> None:
+        if full_after_one.calls:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        full_after_one.calls += 1
+        real(path, array, *args, **kwargs)
+
+    full_after_one.calls = 0
+    monkeypatch.setattr(np, "save", full_after_one)
+    code, _, err = run(capsys, "explain", "examples", "--method", "layercam", "--out", out)
+    assert code == 2 and err.startswith(f"explainrt: error: cannot write to --out {out}: No space left on device")
+    assert {name: (out / name).read_bytes() for name in files_in(out)} == before
+    assert files_in(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("when", ["explaining image 2", "writing image 2"])
+def test_ctrl_c_exits_130_and_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    import explainrt.overlay
+    from explainrt.explainer import Explainer
+
+    out = tmp_path / "out"
+    calls = []
+    patched, name = (Explainer, "explain") if when.startswith("explaining") else (explainrt.overlay, "save_png")
+    real = getattr(patched, name)
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(patched, name, interrupted)
+    code, _, err = run(capsys, "explain", "examples", "--batch-size", "1", "--out", out)
+    assert code == 130 and err.strip() == "explainrt: interrupted"
+    assert files_in(tmp_path) == []  # neither --out nor a staging folder
+
+
+def test_ctrl_c_while_the_set_moves_into_place_lands_after_the_whole_set(capsys: pytest.CaptureFixture[str],
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGINT during the first rename: the set is completed, then the interrupt exits 130."""
+    import explainrt.cli.explain as explain
+
+    out = tmp_path / "out"
+    real = os.replace
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever runs pytest
+
+    def interrupted_replace(source: object, target: object) -> None:
+        if Path(target).parent == out and not list(out.iterdir()):  # the first file moved into --out
+            os.kill(os.getpid(), signal.SIGINT)
+        real(source, target)
+
+    monkeypatch.setattr(explain.os, "replace", interrupted_replace)
+    try:
+        code, _, err = run(capsys, "explain", "examples", "--out", out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130 and "explainrt: interrupted" in err
+    summary = json.loads((out / "explanations.json").read_text())
+    listed = sorted(record[key] for record in summary["images"] for key in ("overlay", "map"))
+    assert files_in(out) == sorted([*listed, "explanations.json"]) and len(listed) == 6
+    assert files_in(tmp_path) == ["out"]

@@ -14,11 +14,13 @@ from explainrt.errors import UnknownLayerError
 from explainrt.models.default import (
     DEFAULT_PREPROCESSING,
     DEFAULT_TARGET_MODULE,
-    default_target_module,
     example_images,
     imagenet_labels,
-    load_default_torch_model,
     write_example_images,
+)
+from explainrt.models.default_torch import (
+    default_target_module,
+    load_default_torch_model,
 )
 from explainrt.preprocessing import Preprocessing, load_image
 

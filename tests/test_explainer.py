@@ -137,6 +137,9 @@ def test_every_method_gives_normalised_maps(small_explainer, small_batch, method
     assert np.isfinite(explanation.maps).all()
     assert explanation.maps.min() >= 0 and explanation.maps.max() <= 1
     assert explanation.method == method
+    spreads = np.ptp(explanation.maps, axis=(1, 2))
+    assert (spreads > 0.1).all(), f"{method}: a flat (or all-zero) map, max - min per image {spreads}"
+    assert not np.allclose(explanation.maps[0], explanation.maps[1]), f"{method}: two different images, one map"
 
 
 def test_methods_are_case_insensitive(small_explainer, small_batch) -> None:  # noqa: ANN001

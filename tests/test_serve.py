@@ -40,7 +40,7 @@ def decode_png(text: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The server with the default model (exported into the test session's EXPLAINRT_CACHE)."""
+    """The server with the default model (the shipped ONNX file)."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with ServerProcess(SERVER_ARGUMENTS, env=dict(os.environ), log_path=log) as process:
         yield process
@@ -312,7 +312,6 @@ def test_bad_input_gets_a_4xx_naming_the_problem(server: ServerProcess, http: ht
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert phrase in response.json()["error"]
-    assert response.elapsed.total_seconds() < 10
     # ... and the server keeps serving
     assert http.get("/v2/health/live").status_code == 200
     assert server.alive()

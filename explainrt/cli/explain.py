@@ -7,12 +7,16 @@ bad image or model leaves no partial output behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from explainrt.cli.common import (
     parent_parsers,
     sources,
 )
+from explainrt.errors import OutputWriteError
 from explainrt.methods.base import softmax
 from explainrt.targets import Target
 
@@ -122,19 +127,44 @@ def _write_results(out: Path, results: list[_Result], header: dict[str, Any], me
     """Write every file into a staging folder beside ``out``, then move the set into ``out``: a failure
     while writing (a full disk, a read-only folder) leaves ``out`` as it was, and the files of an
     earlier run in ``out`` (those its explanations.json lists) are replaced as one set."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as error:
+        raise OutputWriteError(f"cannot write to --out {out}: {error.strerror or error}") from error
     try:
         names = _write_set(staging, results, header, method)
         out.mkdir(exist_ok=True)
         stale = set(_previous_set(out)) - set(names)
-        for name in names:  # the summary last: it names the set that is complete
-            os.replace(staging / name, out / name)
-        for name in stale:
-            (out / name).unlink(missing_ok=True)
+        with _interrupts_deferred():  # a Ctrl-C while moving lands after the whole set is in place
+            for name in names:  # the summary last: it names the set that is complete
+                os.replace(staging / name, out / name)
+            for name in stale:
+                (out / name).unlink(missing_ok=True)
+    except OSError as error:
+        raise OutputWriteError(f"cannot write to --out {out}: {error.strerror or error}; nothing was written") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out / SUMMARY
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) and SIGTERM back until the block is done, then deliver them: renames are
+    quick, and a set moved half into place is what the staging folder exists to prevent."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    received: list[int] = []
+    previous = {number: signal.signal(number, lambda caught, _frame: received.append(caught))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in received:
+            signal.raise_signal(number)
 
 
 def _write_set(folder: Path, results: list[_Result], header: dict[str, Any], method: str) -> list[str]:

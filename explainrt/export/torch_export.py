@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import onnx
-import torch
 
 from explainrt.errors import ExplainrtError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.explainable import make_explainable
+from explainrt.optional import require
+
+torch = require("torch", "exporting a PyTorch module (from_torch)")
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from explainrt.errors import ExplanationCancelled, InvalidInputError
 from explainrt.methods.options import Option
+from explainrt.optional import require
 from explainrt.runtime.base import Session
 
 
@@ -127,7 +128,7 @@ def resolve_targets(requested: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     """The last two axes blurred with a Gaussian of std ``sigma`` pixels (edges repeated): "blur" baselines."""
-    from scipy.ndimage import gaussian_filter
+    gaussian_filter = require("scipy.ndimage", "blurred baselines").gaussian_filter
 
     return gaussian_filter(images, sigma=(0,) * (images.ndim - 2) + (sigma, sigma), mode="nearest").astype(np.float32)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from explainrt import kernels
+from explainrt.optional import require
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import Attribution, AttributionRequest, Method, resolve_targets, softmax, timed
 from explainrt.methods.options import Integer, Option
@@ -23,7 +24,7 @@ TOP_CLASSES = 3
 
 def factorize(activations: np.ndarray, n_concepts: int) -> tuple[np.ndarray, np.ndarray]:
     """NMF of [n, C, h, w] activations: concept vectors [k, C] and heatmaps [n, k, h, w]."""
-    from sklearn.decomposition import NMF
+    NMF = require("sklearn.decomposition", "Deep Feature Factorization (dff)").NMF
 
     n, channels, h, w = activations.shape
     stacked = np.nan_to_num(activations.transpose(1, 0, 2, 3).reshape(channels, -1))

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from explainrt import kernels
+from explainrt.optional import require
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import Attribution, AttributionRequest, Method
 from explainrt.methods.options import Array, Choice, Function, Integer, Number, OneOf, Option, Parameters, Rejected
@@ -71,7 +72,7 @@ def _display_image(image: np.ndarray) -> np.ndarray:
 
 def _skimage_segmenter(spec: str | dict[str, Any], seed: int) -> Callable[[np.ndarray], np.ndarray]:
     """A function image [H, W, 3] in [0, 1] -> labels, from "slic" | "quickshift" | {"algorithm": ..., params}."""
-    from skimage import segmentation
+    segmentation = require("skimage.segmentation", "superpixel segments (LIME, KernelSHAP)")
 
     params = dict(spec) if isinstance(spec, dict) else {"algorithm": spec}
     algorithm = params.pop("algorithm")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import softmax
+from explainrt.optional import require
 from explainrt.validation import checked_int
 
 BLUR_KERNEL_SIZE = 11
@@ -50,6 +50,7 @@ def trapezoid_auc(scores: np.ndarray, fractions: np.ndarray) -> np.ndarray:
 
 def blur(images: np.ndarray) -> np.ndarray:
     """RISE's insertion start: each channel convolved with an 11 x 11 Gaussian (sigma 5), zero padding."""
+    ndimage = require("scipy.ndimage", "the insertion metric's blurred start", "metrics")
     delta = np.zeros((BLUR_KERNEL_SIZE, BLUR_KERNEL_SIZE))
     delta[BLUR_KERNEL_SIZE // 2, BLUR_KERNEL_SIZE // 2] = 1.0
     kernel = ndimage.gaussian_filter(delta, BLUR_SIGMA)[None, None]

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from skimage import data
 
 from explainrt.errors import InvalidInputError
+from explainrt.optional import require
 from explainrt.preprocessing import Preprocessing
 from explainrt.validation import checked_int
 
@@ -55,7 +55,7 @@ class PastedSample:
 
 
 def _rgb(picture: str) -> np.ndarray:
-    pixels = getattr(data, picture)()
+    pixels = getattr(require("skimage.data", "the pasted data set's photos", "metrics"), picture)()
     return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels[:, :, :3]
 
 

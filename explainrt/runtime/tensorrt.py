@@ -31,6 +31,7 @@ from explainrt.errors import BackendUnavailableError, InvalidInputError, Invalid
 from explainrt.export.spec import TARGETS_INPUT, WEIGHTS_INPUT, ExplainableSpec, original_model
 from explainrt.export.variants import head_model, variant_model
 from explainrt.files import write_atomic
+from explainrt.optional import require
 from explainrt.runtime.base import RunResult, head_feeds, input_dims, output_names, parse_device, run_result, targets_feed
 from explainrt.validation import checked_int
 
@@ -130,8 +131,7 @@ def load_tensorrt() -> tuple[Any, Any]:
     major = int(str(tensorrt.__version__).split(".")[0])
     if major < 10:
         raise BackendUnavailableError(f"backend 'tensorrt' needs TensorRT >= 10, found {tensorrt.__version__}: {INSTALL_HINT}")
-    import torch
-
+    torch = require("torch", "backend 'tensorrt' (its device buffers are PyTorch tensors)")
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"backend 'tensorrt' found no CUDA device (torch.cuda.is_available() is False): {INSTALL_HINT}")
     return tensorrt, torch
