@@ -427,8 +427,11 @@ def _targets(given: Sequence[Any] | None, count: int, spec: ExplainableSpec) -> 
         return None
     if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
         raise InvalidInputError(f"targets must be None or a list of targets, got {type(given).__name__}")
+    if len(given) == 1 and count > 1:  # one target explained in every image (pytorch-grad-cam zips, leaving zeros)
+        given = list(given) * count
     if len(given) != count:
-        raise InvalidInputError(f"got {len(given)} targets for {count} images: give one target per image")
+        raise InvalidInputError(f"got {len(given)} targets for {count} images: give one target per image, or one "
+                                "for all")
     chosen = []
     for index, target in enumerate(given):
         kind = _target_kind(target)

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from explainrt import kernels, models, runtime
 from explainrt.errors import InconsistentExplanationError, InvalidInputError, InvalidTargetError
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.methods import Attribution, AttributionRequest, Method, get_method
 from explainrt.models import LoadedModel
-from explainrt.overlay import concept_overlay, overlay
+from explainrt.overlay import caption, concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
+from explainrt.progress import track
 from explainrt.runtime.base import Session
 from explainrt.runtime.objective import TargetSession
 from explainrt.targets import Class, Target, as_targets
@@ -53,7 +53,9 @@ class Explanation:
     images: np.ndarray | None = None  # uint8 [N, H, W, 3] when raw images were given
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # method-specific per-image arrays
     normalized: bool = True  # False: raw attributions (overlays scale them first)
+    notes: tuple[str | None, ...] = ()  # per image: why its map deserves a word (all zero), else None
     outlines: np.ndarray | None = None  # bool [N, H, W]: the box or region each target covers, drawn on overlays
+    objective: bool = False  # targets were explainrt.targets objects: logits [N, 1] hold each image's objective
 
     def top_k(self, k: int = 5) -> list[list[Prediction]]:
         """The k most likely classes per image, with softmax probabilities."""
@@ -63,18 +65,36 @@ class Explanation:
         return [[Prediction(int(c), self.labels[c] if self.labels else None, float(p[c])) for c in row]
                 for row, p in zip(order, probabilities)]
 
-    def overlays(self, alpha: float = 0.5) -> np.ndarray:
-        """Heatmaps blended onto the (resized, cropped) input images, uint8 [N, H, W, 3]."""
+    def overlays(self, alpha: float = 0.5, captions: bool = False) -> np.ndarray:
+        """Heatmaps blended onto the (resized, cropped) input images, uint8 [N, H, W, 3]; ``captions``
+        writes each image's ``captions()`` line along its bottom edge."""
         if self.images is None:
             raise InvalidInputError("overlays need the raw images: explain files, PIL images or uint8 arrays")
         if "concept_maps" in self.extras:  # DFF: one colour per concept
-            return np.stack([concept_overlay(image, concepts, alpha)
-                             for image, concepts in zip(self.images, self.extras["concept_maps"])])
-        maps = self.maps if self.normalized else kernels.normalize_minmax(self.maps)
-        blended = np.stack([overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)])
-        if self.outlines is not None and self.outlines.shape == blended.shape[:3]:
-            blended[self.outlines] = 255  # the target's box or region outline, in white
-        return blended
+            images = [concept_overlay(image, concepts, alpha)
+                      for image, concepts in zip(self.images, self.extras["concept_maps"])]
+        else:
+            maps = self.maps if self.normalized else kernels.normalize_minmax(self.maps)
+            images = [overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)]
+        if self.outlines is not None and self.outlines.shape == (len(images), *images[0].shape[:2]):
+            for image, edges in zip(images, self.outlines):
+                image[edges] = 255  # the target's box or region outline, in white
+        if captions:
+            images = [caption(image, text) for image, text in zip(images, self.captions())]
+        return np.stack(images)
+
+    def captions(self) -> list[str]:
+        """Per image, "<class label> <probability> | <method>" (the class index where there are no labels)."""
+        shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        texts = []
+        for index, target in enumerate(self.targets):
+            known = self.labels is not None and 0 <= target < len(self.labels)
+            name = self.labels[target] if known else f"class {int(target)}" if target >= 0 else "target"  # type: ignore[index]
+            blank = " (all zero)" if index < len(self.notes) and self.notes[index] else ""
+            value = f"score {self.logits[index, 0]:.3g}" if self.objective else f"{probabilities[index, target]:.0%}"
+            texts.append(f"{name} {value} | {self.method}{blank}")
+        return texts
 
 
 class Explainer:
@@ -225,7 +245,9 @@ class Explainer:
 
         ``batch_size`` bounds the images (or perturbed copies) in one runtime call. ``normalize``
         scales each map to [0, 1] for display; False returns the method's raw attributions.
-        ``cancel``: set the event from another thread to stop between runtime calls
+        ``progress``: False shows nothing; otherwise a bar over the batches when there are several,
+        and the method's own over its perturbed batches or steps (``explainrt.progress``: a bar on a
+        terminal, log lines otherwise). ``cancel``: set the event from another thread to stop between runtime calls
         (ExplanationCancelled; nothing partial is returned). ``options`` are the method's own.
         """
         chosen = get_method(method)
@@ -243,12 +265,12 @@ class Explainer:
         timings["preprocess"] = time.perf_counter() - start
         parts: list[Attribution] = []
         chunks = range(0, batch.shape[0], batch_size)
-        show = progress if progress is not None else len(chunks) >= 4
-        for first in tqdm(chunks, desc=chosen.name) if show else chunks:  # a hidden bar still costs 0.1 ms
+        shown = progress is not False
+        for first in track(chunks, chosen.name, unit="batches", enabled=shown and len(chunks) > 1):
             stop = first + batch_size
             chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
             request = AttributionRequest(batch[first:stop], wanted[first:stop], session, int(batch_size),
-                                         normalize, chunk_options, cancel, bool(progress))
+                                         normalize, chunk_options, cancel, shown)
             request.check_cancelled()
             part = chosen.attribute(request)
             for stage, seconds in part.timings.items():
@@ -260,6 +282,7 @@ class Explainer:
             raise InconsistentExplanationError(
                 f"{chosen.name} returned maps of shape {maps.shape} for {batch.shape[0]} images of size "
                 f"{batch.shape[2:]}: expected one map per image ({(batch.shape[0], *batch.shape[2:])})")
+        notes = _blank_notes(chosen, maps)
         if normalize:
             maps = kernels.normalize_minmax(np.maximum(maps, 0) if chosen.signed else maps)
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick
@@ -274,7 +297,8 @@ class Explainer:
             drawn = [target.outline(tuple(batch.shape[2:])) for target in objects]
             if any(edges is not None for edges in drawn):
                 outlines = np.stack([np.zeros(batch.shape[2:], bool) if edges is None else edges for edges in drawn])
-        return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize, outlines)
+        return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize, notes,
+                           outlines, objects is not None)
 
     def _session_and_targets(self, targets: Any, batch: np.ndarray) -> tuple[Session, np.ndarray, list[Target] | None]:
         """The session the methods run, the int targets they see, and the target objects (None: class indices).
@@ -346,3 +370,11 @@ def _is_single_image(value: Any) -> bool:
     if isinstance(value, (str, bytes, os.PathLike, Image.Image)):
         return True
     return isinstance(value, np.ndarray) and value.ndim in (2, 3)
+
+
+def _blank_notes(method: Method, maps: np.ndarray) -> tuple[str | None, ...]:
+    """Per image, a note when its raw map is all zero (nothing to show: a blank overlay), with the method's reason."""
+    shown = np.maximum(maps, 0) if method.signed else maps
+    blank = ~(np.abs(shown).reshape(shown.shape[0], -1) > 0).any(axis=1)
+    reason = f": {method.blank_reason}" if method.blank_reason else ""
+    return tuple(f"the {method.name} map is all zero{reason}" if flag else None for flag in blank)

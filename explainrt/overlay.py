@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from explainrt.errors import InvalidInputError
 from explainrt.files import write_atomic
@@ -66,6 +66,26 @@ def overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5, colorma
     if peak == 0:
         return np.zeros_like(image)
     return (np.float32(255) * (blended / peak)).astype(np.uint8)
+
+
+def caption(rgb: np.ndarray, text: str) -> np.ndarray:
+    """``rgb`` with ``text`` in white on a black strip along its bottom edge, same size; uint8 [H, W, 3].
+
+    The font scales with the image (a twentieth of its height, at least 10 px); text wider than
+    the image is shortened with an ellipsis.
+    """
+    _check_rgb(rgb, "captioned image")
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, rgb.shape[0] // 20))
+    shown = text
+    while shown and draw.textlength(shown, font=font) > rgb.shape[1] - 6:
+        shown = shown[:-2] + "\u2026" if len(shown) > 1 else ""
+    left, top, right, bottom = draw.textbbox((0, 0), shown or " ", font=font)
+    strip = min(rgb.shape[0], bottom - top + 6)
+    draw.rectangle((0, rgb.shape[0] - strip, rgb.shape[1], rgb.shape[0]), fill=(0, 0, 0))
+    draw.text((3, rgb.shape[0] - strip + 3 - top), shown, fill=(255, 255, 255), font=font)
+    return np.asarray(image, dtype=np.uint8).copy()
 
 
 def concept_colours(count: int) -> np.ndarray:

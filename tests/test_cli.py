@@ -247,6 +247,7 @@ def test_export_torchvision_architecture_then_explain(capsys: pytest.CaptureFixt
                             "--input-size", "64", "64", "-o", exported)
     assert code == 0, err
     assert str(exported) in stdout
+    assert "w.r.t. 'layer4'" in stdout and "explainrt.tap" not in stdout  # the user's module name, not the tap
     spec = ExplainableSpec.from_model(onnx.load(exported))
     assert spec.num_classes == SMALL_CLASSES and len(spec.target_layers) == 1
     preprocessing = Explainer(exported).preprocessing
@@ -327,7 +328,7 @@ def test_methods_name_lists_the_options_with_defaults(capsys: pytest.CaptureFixt
     lines = out.splitlines()
     assert lines[0] == f"rise: {METHODS['rise'].summary}"
     assert [line.split()[0] for line in lines[1:]] == [option.name for option in METHODS["rise"].options]
-    assert "Default 4000" in lines[1] and "Default 0.5" in out
+    assert "Default 500" in lines[1] and "Default 0.5" in out
     code, _, err = run(capsys, "methods", "gradcam+++")
     assert code == 2 and "unknown method 'gradcam+++'" in err
 

@@ -202,8 +202,8 @@ def test_unsupported_targets_and_options_are_clear_errors(resnet50: Zoo) -> None
         cam(input_tensor=images, targets=[ScoreTimesTwo(3)] * 2)
     with pytest.raises(InvalidInputError, match="builtins.int"):
         cam(input_tensor=images, targets=[3, 7])
-    with pytest.raises(InvalidInputError, match="give one target per image"):
-        cam(input_tensor=images, targets=[compat.ClassifierOutputTarget(3)])
+    with pytest.raises(InvalidInputError, match="give one target per image, or one for all"):
+        cam(input_tensor=images[:1].repeat(3, 1, 1, 1), targets=[compat.ClassifierOutputTarget(3)] * 2)
     with pytest.raises(InvalidInputError, match="out of range"):
         cam(input_tensor=images, targets=[compat.ClassifierOutputTarget(1000)] * 2)
     with pytest.raises(InvalidInputError, match="eigen_smooth"):
@@ -321,3 +321,10 @@ def test_aug_smooth_and_their_targets_match_pytorch_grad_cam() -> None:
     ours = zoo.cam(input_tensor=zoo.images, targets=zoo.theirs(), aug_smooth=True)
     print("\ndensenet121 gradcam aug_smooth", _check(ours, _theirs("GradCAM", zoo, zoo.theirs(), aug_smooth=True),
                                                     "aug_smooth"))
+
+
+def test_one_target_explains_that_class_in_every_image(resnet50: Zoo) -> None:
+    one = resnet50.cam(input_tensor=resnet50.images, targets=[compat.ClassifierOutputTarget(281)])
+    each = resnet50.cam(input_tensor=resnet50.images, targets=[compat.ClassifierOutputTarget(281)] * 2)
+    assert one.shape[0] == 2 and one[1].max() > 0  # pytorch-grad-cam's zip would leave image 1 all zero
+    np.testing.assert_array_equal(one, each)

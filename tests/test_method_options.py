@@ -147,7 +147,7 @@ def test_unknown_options_are_named_with_the_ones_taken() -> None:
 
 
 def test_defaults_are_the_values_the_methods_use() -> None:
-    assert get_method("rise").check_options({}) == {"n_masks": 4000, "grid": 7, "p": 0.5, "seed": 0,
+    assert get_method("rise").check_options({}) == {"n_masks": 500, "grid": 7, "p": 0.5, "seed": 0,
                                                      "max_batch": None, "memory_mb": None}
     assert get_method("occlusion").check_options({"stride": [8, 8]}) == {
         "window": (16, 16), "stride": (8, 8), "baseline": 0.0, "incremental": "auto", "max_batch": None,
@@ -264,7 +264,7 @@ def test_parse_text_options_reads_every_pair_and_rejects_unknown_names() -> None
 def test_option_help_has_one_line_per_option_with_default_and_allowed_values() -> None:
     lines = option_help(get_method("rise"))
     assert len(lines) == len(get_method("rise").options)
-    assert lines[0] == "n_masks    number of random masks. Default 4000; accepts an integer >= 1."
+    assert lines[0].startswith("n_masks    number of random masks (500: seconds on a CPU") and "Default 500; accepts an integer >= 1." in lines[0]
     assert lines[2] == "p          probability of keeping a cell. Default 0.5; accepts a finite number in (0, 1)."
     assert option_help(get_method("gradcam")) == ["no options"]
 

@@ -74,9 +74,13 @@ def test_fp16_default_model_maps_match_fp32(default_fp32, keep_io_types: bool) -
     np.testing.assert_array_equal(explained.targets, reference.targets)
     assert min(_correlations(explained.maps, reference.maps)) >= 0.99
     assert explained.maps.dtype == np.float32 and explained.logits.dtype == np.float32
-    batch, _ = explainer.prepare(images)  # preprocessed batches in either precision give the same maps
-    as_half = explainer.explain(batch.astype(np.float16), targets=reference.targets).maps
-    np.testing.assert_allclose(as_half, explainer.explain(batch, targets=reference.targets).maps, atol=2e-3)
+    batch, _ = explainer.prepare(images)
+    if keep_io_types:  # float32 input: float16 batches are refused like any other type, naming the form
+        with pytest.raises(InvalidInputError, match=r"must be float32, got float16.*\[N, 3, 224, 224\] float32"):
+            explainer.explain(batch.astype(np.float16))
+    else:  # fp16 input: preprocessed batches in either precision give the same maps
+        as_half = explainer.explain(batch.astype(np.float16), targets=reference.targets).maps
+        np.testing.assert_allclose(as_half, explainer.explain(batch, targets=reference.targets).maps, atol=2e-3)
 
 
 def test_fp16_model_runs_every_method_close_to_fp32(tmp_path: Path) -> None:

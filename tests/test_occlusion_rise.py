@@ -180,9 +180,18 @@ def test_perturbation_methods_stop_when_cancelled(small_explainer, images, metho
     assert len(session.sizes) == 3  # no runtime call after the cancelling one
 
 
-def test_progress_bar_is_shown_when_asked(small_explainer, images, capsys) -> None:
+def test_progress_bar_is_shown_when_asked(small_explainer, images, capsys, monkeypatch, caplog) -> None:
+    from explainrt import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)  # a bar on a terminal
     Rise().attribute(_request(small_explainer.session, images[:1], {"n_masks": 16}, progress=True))
     assert "rise (image 0)" in capsys.readouterr().err
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)  # log lines elsewhere (-v)
+    with caplog.at_level("INFO", logger="explainrt"):
+        Rise().attribute(_request(small_explainer.session, images[:1], {"n_masks": 16}, progress=True))
+    assert "rise (image 0): started (16 copies)" in caplog.messages
+    Rise().attribute(_request(small_explainer.session, images[:1], {"n_masks": 16}, progress=False))
+    assert not capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,7 @@ def check_outputs(out: Path, summary: pd.DataFrame, direct: Explainer, files: di
     names = sorted(files)
     explanation = direct.explain([files[name] for name in names], method=method)
     probabilities = np.exp(explanation.logits) / np.exp(explanation.logits).sum(axis=1, keepdims=True)
-    overlays = explanation.overlays()
+    overlays = explanation.overlays(captions=True)  # batch overlays carry their caption
     rows = summary.set_index("image").loc[names]
     for index, name in enumerate(names):
         row = rows.loc[name]

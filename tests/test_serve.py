@@ -80,7 +80,7 @@ def test_models_health_and_metadata(http: httpx.Client, default_explainer) -> No
         assert method["options"] == [o.describe() for o in METHODS[name].options]
     n_masks = methods["rise"]["options"][0]
     assert list(n_masks)[0] == "name"
-    assert (n_masks["name"], n_masks["type"], n_masks["default"], n_masks["minimum"]) == ("n_masks", "int", 4000, 1)
+    assert (n_masks["name"], n_masks["type"], n_masks["default"], n_masks["minimum"]) == ("n_masks", "int", 500, 1)
     assert methods["rise"]["options"][0]["help"] == "number of random masks"
 
 
@@ -131,6 +131,23 @@ def test_explain_each_family_matches_in_process(http: httpx.Client, default_expl
     assert overlay.shape == (224, 224, 3)
     assert np.abs(overlay.astype(int) - reference.overlays()[0].astype(int)).mean() < 1.0
     assert body["timings"]["total"] > 0 and body["timings"]["batch_images"] >= 1
+
+
+def test_captioned_overlays_and_a_note_for_an_all_zero_map(http: httpx.Client, default_explainer,  # noqa: ANN001
+                                                           example_images) -> None:
+    image = example_images["chelsea"]
+    response = explain(http, [image], method="counterfactual-cam", caption=True)
+    assert response.status_code == 200, response.text
+    (item,) = response.json()["explanations"]
+    reference = default_explainer.explain([image], method="counterfactual-cam", progress=False)
+    assert item["note"] == reference.notes[0] and "all zero: Counterfactual-CAM shows" in item["note"]
+    captioned = decode_png(item["overlay"]["b64"])
+    assert np.abs(captioned.astype(int) - reference.overlays(captions=True)[0].astype(int)).mean() < 1.0
+    plain = explain(http, [image], method="gradcam").json()["explanations"][0]
+    assert "note" not in plain
+    assert (decode_png(plain["overlay"]["b64"])[200:] != captioned[200:]).any()
+    refused = explain(http, [image], method="gradcam", caption="yes")
+    assert refused.status_code == 400 and "parameter caption must be true or false" in refused.json()["error"]
 
 
 def test_explain_targets_per_instance_and_raw_map_only(http: httpx.Client, default_explainer, example_images) -> None:  # noqa: ANN001

@@ -26,7 +26,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from explainrt.errors import (
     BackendUnavailableError,
@@ -39,6 +38,7 @@ from explainrt.export.spec import ExplainableSpec, ModelSource
 from explainrt.methods import get_method
 from explainrt.models import load
 from explainrt.preprocessing import Preprocessing
+from explainrt.progress import progress as progress_of
 from explainrt.validation import check_class_range, checked_int
 
 log = logging.getLogger(__name__)
@@ -278,8 +278,7 @@ def _run(ray: Any, dataset: DatasetSource, blob: bytes, preprocessing: Preproces
         },
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     rows = []
-    show = progress if progress is not None else dataset.count >= 4
-    with tqdm(total=dataset.count, unit="image", desc=f"{method} on Ray", disable=not show) as bar:
+    with progress_of(dataset.count, f"{method} on Ray", unit="images", enabled=progress is not False) as bar:
         for batch in explained.iter_batches(batch_size=None, batch_format="pandas"):
             rows.append(batch)
             bar.update(len(batch))
@@ -371,7 +370,7 @@ class ExplainWorker:
         from explainrt.methods.base import softmax
         from explainrt.overlay import save_png
 
-        overlays = explanation.overlays()
+        overlays = explanation.overlays(captions=True)
         probabilities = softmax(explanation.logits)
         labels = explanation.labels
         for position, index in enumerate(good):

@@ -30,14 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="explainrt",
         description="Explain image classifiers with Grad-CAM and friends, computed inside the ONNX graph.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug, with tracebacks)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress as lines when the output is not a terminal (-vv: debug, with tracebacks)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="show no progress bars or progress lines")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = parent_parsers()
     for module in COMMAND_MODULES:
         importlib.import_module(f"explainrt.cli.{module}").register(commands, parents)
     for command in commands.choices.values():  # unknown arguments are reported with the subcommand's usage
         command.set_defaults(command_parser=command)
+        command.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default: "(default: X)" is added where the text does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0
+                or not action.option_strings or text == argparse.SUPPRESS):
+            return action.help
+        return f"{text} (default: %(default)s)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _unknown_arguments(args.command_parser, unknown)
     except SystemExit as exit_:  # usage errors and --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, args.quiet)
     try:
         return args.run(args)
     except (ExplainrtError, OSError) as error:

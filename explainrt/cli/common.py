@@ -30,6 +30,7 @@ def parent_parsers() -> dict[str, argparse.ArgumentParser]:
     """The argument groups subcommands share: "verbose", "model" (preprocessing) and "runtime"."""
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    verbose.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     model = argparse.ArgumentParser(add_help=False)
     group = model.add_argument_group("model")
@@ -90,10 +91,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def configure_logging(verbosity: int) -> None:
+def configure_logging(verbosity: int, quiet: bool = False) -> None:
+    """-v: INFO (progress as log lines where the output is not a terminal), -vv: DEBUG; --quiet: no progress."""
+    from explainrt.progress import set_quiet
+
     logging.basicConfig(format="explainrt: %(levelname)s: %(name)s: %(message)s")
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.getLogger("explainrt").setLevel(level)
+    set_quiet(quiet)
 
 
 def overrides(args: argparse.Namespace) -> PreprocessingOverrides:

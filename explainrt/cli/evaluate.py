@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         images, boxes, targets = [s.image for s in files], None, None
         header["data"] = {"images": [s.name for s in files]}
     evaluation = evaluate(explainer, images, methods, metrics, boxes=boxes, targets=targets, steps=args.steps,
-                          batch_size=args.batch_size, seed=args.seed, progress=len(images) >= 4,
+                          batch_size=args.batch_size, seed=args.seed, progress=True,
                           road_percentages=road_percentages)
     sanity_table = None
     if args.sanity:

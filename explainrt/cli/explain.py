@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from explainrt.cli.common import (
     EXAMPLES,
@@ -38,6 +38,9 @@ from explainrt.cli.common import (
 from explainrt.errors import OutputWriteError
 from explainrt.methods.base import softmax
 from explainrt.targets import Target
+from explainrt.progress import progress
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -65,6 +68,8 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
     explain.add_argument("--output", dest="logits", metavar="NAME",
                          help="the model output to explain (ONNX output name; default: the first output)")
     explain.add_argument("--out", default="explainrt-out", metavar="DIR", help="output folder (default: explainrt-out)")
+    explain.add_argument("--no-caption", dest="caption", action="store_false",
+                         help="overlays without the caption line (class label, probability, method)")
     explain.set_defaults(run=run_explain)
 
 
@@ -85,20 +90,20 @@ class _Result:
 
 
 def _compute(explainer: Any, sources: list[Source], method: str, target: Any, batch_size: int,
-             options: dict[str, Any], normalize: bool) -> list[_Result]:
+             options: dict[str, Any], normalize: bool, captions: bool = True) -> list[_Result]:
     """Explain every source, batch by batch; nothing is written here."""
     from explainrt.preprocessing import load_image
 
     results: list[_Result] = []
-    with tqdm(total=len(sources), unit="image", desc=method, disable=True if len(sources) < 4 else None) as bar:
+    with progress(len(sources), method, unit="images", enabled=len(sources) > 1) as bar:
         for first in range(0, len(sources), batch_size):
             chunk = sources[first : first + batch_size]
             tick = time.perf_counter()
             pixels = [load_image(source.image) for source in chunk]
             read = time.perf_counter() - tick
             explanation = explainer.explain(pixels, method=method, targets=target, batch_size=batch_size,
-                                            normalize=normalize, progress=False, **options)
-            overlays = explanation.overlays()
+                                            normalize=normalize, progress=True, **options)
+            overlays = explanation.overlays(captions=captions)
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
             objective = isinstance(target, Target)  # then logits hold each image's objective [N, 1]
             probabilities = softmax(explanation.logits)
@@ -114,6 +119,8 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: Any, ba
                     "top5": [dataclasses.asdict(p) for p in top],
                     "timings": timings,
                 }
+                if explanation.notes[index]:
+                    record["note"] = explanation.notes[index]
                 extras = {key: values[index] for key, values in explanation.extras.items()}
                 results.append(_Result(source, explanation.maps[index], overlays[index], record, extras))
             bar.update(len(chunk))
@@ -205,7 +212,7 @@ def run_explain(args: argparse.Namespace) -> int:
     explainer = load_explainer(args)
     target = class_target(args.target, explainer.preprocessing.labels)
     start = time.perf_counter()
-    results = _compute(explainer, images, method, target, args.batch_size, options, not args.raw)
+    results = _compute(explainer, images, method, target, args.batch_size, options, not args.raw, args.caption)
     header = {"explainrt": __version__, "model": args.model or "default (EfficientNet-Lite0, ImageNet)",
               "method": method, "options": _recorded(options, args.options), "raw_maps": bool(args.raw), "backend": args.backend,
               "timings_unit": "seconds",
@@ -215,6 +222,8 @@ def run_explain(args: argparse.Namespace) -> int:
         record = result.record
         print(f"{result.source.stem}: {method} of class {record['target']['index']} "
               f"{_label(record['target']['label'])}-> {result.source.stem}.{method}.png")
+        if "note" in record:
+            log.warning("%s: %s", result.source.stem, record["note"])
         for rank, prediction in enumerate(record["top5"], start=1):
             print(f"  {rank}. {prediction['probability']:6.1%}  {prediction['index']:>5}  {prediction['label'] or ''}")
     count = sum(3 if result.extras else 2 for result in results) + 1

@@ -8,7 +8,7 @@ from typing import Any
 
 from explainrt.cli.common import load_model, positive_int
 from explainrt.errors import InvalidInputError
-from explainrt.export.spec import ExplainableSpec
+from explainrt.export.spec import TAP_PREFIX, ExplainableSpec
 from explainrt.files import write_atomic
 
 
@@ -50,6 +50,14 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
 
 
 
+def _layer_names(spec: ExplainableSpec, args: argparse.Namespace) -> list[str]:
+    """The target layers as the user named them: the --target module names rather than the tensors the
+    PyTorch export tapped them at (explainrt.tap.<i>, which mean nothing to the user)."""
+    tapped = all(name.startswith(TAP_PREFIX) for name in spec.target_layers)
+    return list(args.layers) if tapped and args.layers and len(args.layers) == len(spec.target_layers) else list(
+        spec.target_layers)
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.output is None and args.triton is None:
         raise InvalidInputError("export needs -o OUT.onnx, --triton DIR or both")
@@ -61,7 +69,7 @@ def _export(args: argparse.Namespace) -> int:
         check_triton_target(args.triton, *triton_settings)  # before the (slow) export
     proto = load_model(args).explainable
     spec = ExplainableSpec.from_model(proto)
-    explains = f"explains {spec.logits!r} ({spec.num_classes} classes) w.r.t. {', '.join(map(repr, spec.target_layers))}"
+    explains = f"explains {spec.logits!r} ({spec.num_classes} classes) w.r.t. {', '.join(map(repr, _layer_names(spec, args)))}"
     if args.output is not None:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidInputError("--max-queue-ms must be >= 0 and --max-body-mb > 0, got "
                                 f"{args.max_queue_ms} and {args.max_body_mb}")
     listener = _listen(args.host, args.port)  # before loading models: a taken port fails in a second
-    explainers = load_models(args.models, args.providers)
+    try:
+        explainers = load_models(args.models, args.providers)
+    except BaseException:
+        listener.close()
+        raise
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                     max_instances=args.max_images)
     config = ServeConfig(args.max_batch, args.max_queue_ms / 1000, args.max_queue, limits)

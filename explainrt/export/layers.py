@@ -40,7 +40,8 @@ def target_layers(b: GraphBuilder, image: str, requested: str | Sequence[str], l
     chosen = []
     for name, request in zip(names, requests, strict=True):
         if name not in b.infos:
-            raise UnknownLayerError(f"target layer {name!r} is not a tensor of the model{suggest(name, b.infos)}")
+            hint = suggest(name, b.infos) or _feature_maps_hint(b, logits)
+            raise UnknownLayerError(f"target layer {name!r} is not a tensor of the model{hint}")
         chosen.append((name, layout_of(b.graph, name, b.info(name), size, batch, request, labels)))
     return chosen
 
@@ -108,6 +109,14 @@ def _feeding_attention(graph: onnx.GraphProto, names: Sequence[str], upstream: s
     for softmax_input in softmax_inputs:
         reaching |= ancestors(graph, softmax_input)
     return {name for name in names if name in reaching}
+
+
+def _feature_maps_hint(b: GraphBuilder, logits: str) -> str:
+    """The last few rank-4 tensors on the path to the logits, as a hint for a target layer name that matched nothing."""
+    upstream = ancestors(b.graph, logits)
+    maps = [name for node in b.graph.node for name in node.output
+            if name in upstream and (info := b.infos.get(name)) is not None and info.rank == 4]
+    return f" (the last feature maps before the logits: {', '.join(map(repr, maps[-3:]))})" if maps else ""
 
 
 def suggest(name: str, known: object) -> str:

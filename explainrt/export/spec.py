@@ -48,6 +48,8 @@ def gradients_output(index: int) -> str:
 
 REFERENCE_PREFIX = "explainrt.reference."
 RELU_OUTPUT_PREFIX = "explainrt.relu."
+TAP_PREFIX = "explainrt.tap."
+"""Outputs the PyTorch export adds to read target modules (named by the user as modules, not tensors)."""
 
 
 def reference_input(index: int) -> str:

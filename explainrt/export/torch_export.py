@@ -19,6 +19,7 @@ import onnx
 
 from explainrt.errors import ExplainrtError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.explainable import make_explainable
+from explainrt.export.spec import TAP_PREFIX
 from explainrt.optional import require
 
 torch = require("torch", "exporting a PyTorch module (from_torch)")
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_INPUT = "input"
 LOGITS_OUTPUT = "logits"
-TAP_PREFIX = "explainrt.tap."
 
 
 class _Tapped(torch.nn.Module):

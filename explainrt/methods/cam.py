@@ -75,6 +75,7 @@ class CamMethod(Method):
     weigh: Callable[[LayerContext], CamTerms]
     summary: str
     options: tuple[Option, ...] = ()
+    blank_reason: str = ""
 
     def compute(self, request: AttributionRequest) -> Attribution:
         timings: dict[str, float] = {}

@@ -31,11 +31,11 @@ import logging
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from explainrt.methods.base import Attribution, AttributionRequest, Method, resolve_targets, timed
 from explainrt.methods.gradients import IMAGE_BASELINE, baselines
 from explainrt.methods.options import Choice, Flag, Integer, Number, Option
+from explainrt.progress import track
 from explainrt.runtime.base import RunResult
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class FGVis(Method):
         taken = np.full(n, steps, dtype=np.int64)
         reached = np.zeros(n, dtype=bool)
         active = np.arange(n)
-        for step in tqdm(range(steps + 1), desc=f"fgvis {game}", disable=not request.progress):
+        for step in track(range(steps + 1), f"fgvis {game}", unit="steps", enabled=request.progress, leave=False):
             request.check_cancelled()
             perturbed = base[active] + mask[active] * delta[active]
             result, _ = gradients(perturbed, targets[active], [r[active] for r in references] if defense else None)

@@ -21,11 +21,11 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import Attribution, AttributionRequest, Method, gaussian_blur, resolve_targets, timed
 from explainrt.methods.options import Array, Choice, Flag, Integer, Number, OneOf, Option
+from explainrt.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def weighted_gradients(request: AttributionRequest, targets: np.ndarray, count: 
     n = request.images.shape[0]
     total = np.zeros(request.images.shape, dtype=np.float64)
     starts = range(0, n * count, request.batch_size)
-    for start in tqdm(starts, desc="input gradients", disable=not request.progress or len(starts) < 2):
+    for start in track(starts, "input gradients", unit="batches", enabled=request.progress and len(starts) > 1,
+                       leave=False):
         request.check_cancelled()
         image_of, point_of = np.divmod(np.arange(start, min(start + request.batch_size, n * count)), count)
         batch = np.ascontiguousarray(inputs_at(image_of, point_of), dtype=np.float32)

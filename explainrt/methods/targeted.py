@@ -213,7 +213,10 @@ class GaloreCounterfactual(Method):
 
 TARGETED_METHODS: tuple[Method, ...] = (
     CamMethod("counterfactual-cam", _counterfactual_cam,
-              "Counterfactual-CAM: Grad-CAM of the negated gradients (what if this region were absent)"),
+              "Counterfactual-CAM: Grad-CAM of the negated gradients (what if this region were absent)",
+              blank_reason="Counterfactual-CAM shows the regions whose removal would raise the class's score; for "
+                           "the most likely class there is often none, so its map is all zero (explain another "
+                           "class, e.g. targets=-2 or --target -2)"),
     ContrastCam(),
     GaloreDeliberative(),
     GaloreCounterfactual(),

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import softmax
 from explainrt.optional import require
+from explainrt.progress import track
 from explainrt.validation import checked_int
 
 BLUR_KERNEL_SIZE = 11
@@ -108,7 +108,7 @@ def causal_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, targ
 
     pairs = [(image, step) for image in range(count) for step in range(steps + 1)]
     scores = np.empty(len(pairs))
-    for first in tqdm(range(0, len(pairs), batch_size), desc=mode, disable=not progress):
+    for first in track(range(0, len(pairs), batch_size), mode, unit="batches", enabled=progress, leave=False):
         chunk = pairs[first : first + batch_size]
         which = np.array([image for image, _ in chunk])
         replaced = ranks[which] < changed[[step for _, step in chunk]][:, None, None]

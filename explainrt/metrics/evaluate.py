@@ -3,7 +3,7 @@
 ``evaluate(explainer, images, methods, metrics)`` explains the images once per method (maps
 scaled to [0, 1], as shown to users) and scores the maps with each metric; ``Evaluation`` holds
 the per-image values, the table of means (method x metric) as markdown or JSON, and the mean
-deletion / insertion curves for ``plot_curves``.
+deletion / insertion (and ROAD) curves for ``plot_curves``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from explainrt.methods import get_method
 from explainrt.metrics.curves import CausalCurves, causal_curves
 from explainrt.metrics.pointing import POINTING_TOLERANCE, energy_pointing_game, pointing_game
 from explainrt.metrics.road import DEFAULT_NOISE, DEFAULT_PERCENTAGES, road_curves
+from explainrt.progress import progress as progress_of
 from explainrt.validation import checked_int
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,13 @@ def object_targets(logits: np.ndarray, classes: Sequence[Sequence[int]]) -> np.n
 def evaluate(explainer: Any, images: Any, methods: Sequence[str], metrics: Sequence[str] = ("deletion", "insertion"),
              boxes: np.ndarray | None = None, targets: Any = None, steps: int = 50, batch_size: int = 32,
              road_percentages: Sequence[float] = DEFAULT_PERCENTAGES, road_noise: float = DEFAULT_NOISE,
-             seed: int = 0, options: dict[str, dict[str, Any]] | None = None, progress: bool = False) -> Evaluation:
+             seed: int = 0, options: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> Evaluation:
     """Explain ``images`` with each of ``methods`` and score the maps with ``metrics``.
 
     ``boxes`` [N, 4] (x0, y0, x1, y1 in model-input pixels) are needed by the pointing games.
     ``targets`` as in ``Explainer.explain`` (default: each image's most likely class).
-    ``options`` maps a method name to its options.
+    ``options`` maps a method name to its options. ``progress``: one bar over every method and
+    metric, with the explanations' and metrics' own bars below it (``explainrt.progress``).
     """
     methods = check_methods(methods)
     metrics = check_metrics(metrics)
@@ -121,25 +123,32 @@ def evaluate(explainer: Any, images: Any, methods: Sequence[str], metrics: Seque
     all_scores: dict[str, dict[str, np.ndarray]] = {}
     all_curves: dict[str, dict[str, CausalCurves]] = {}
     model = explainer.session
-    for method in methods:
-        explanation = explainer.explain(batch, method, targets, batch_size=batch_size,
-                                        **(options or {}).get(method, {}))
-        maps, explained = explanation.maps, explanation.targets
-        scores: dict[str, np.ndarray] = {}
-        curves: dict[str, CausalCurves] = {}
-        for metric in metrics:
-            log.info("scoring %s with %s", method, metric)
-            if metric in ("deletion", "insertion"):
-                curves[metric] = causal_curves(model, batch, maps, explained, metric, steps, batch_size=batch_size,
-                                               progress=progress)
-                scores[metric] = curves[metric].auc
-            elif metric == "pointing":
-                scores[metric] = pointing_game(maps, boxes).astype(np.float64)
-            elif metric == "energy":
-                scores[metric] = energy_pointing_game(maps, boxes)
-            else:
-                for order in ("morf", "lerf"):
-                    scores[f"road-{order}"] = road_curves(model, batch, maps, explained, order, road_percentages,
-                                                          road_noise, seed, batch_size, progress).mean
-        all_scores[method], all_curves[method] = scores, curves
+    with progress_of(len(methods) * (1 + len(metrics)), "evaluate", unit="steps", enabled=progress) as overall:
+        for method in methods:
+            explanation = explainer.explain(batch, method, targets, batch_size=batch_size, progress=progress,
+                                            **(options or {}).get(method, {}))
+            overall.update()
+            maps, explained = explanation.maps, explanation.targets
+            scores: dict[str, np.ndarray] = {}
+            curves: dict[str, CausalCurves] = {}
+            for metric in metrics:
+                log.info("scoring %s with %s", method, metric)
+                if metric in ("deletion", "insertion"):
+                    curves[metric] = causal_curves(model, batch, maps, explained, metric, steps, batch_size=batch_size,
+                                                   progress=progress)
+                    scores[metric] = curves[metric].auc
+                elif metric == "pointing":
+                    scores[metric] = pointing_game(maps, boxes).astype(np.float64)
+                elif metric == "energy":
+                    scores[metric] = energy_pointing_game(maps, boxes)
+                else:
+                    for order in ("morf", "lerf"):
+                        road = road_curves(model, batch, maps, explained, order, road_percentages, road_noise, seed,
+                                           batch_size, progress)
+                        scores[f"road-{order}"] = road.mean
+                        curves[f"road-{order}"] = CausalCurves(  # from the unchanged image (0 %) on, for the plot
+                            f"road-{order}", np.concatenate([[0.0], road.percentages / 100]),
+                            np.concatenate([road.original[:, None], road.scores], axis=1), road.mean)
+                overall.update()
+            all_scores[method], all_curves[method] = scores, curves
     return Evaluation(methods, columns, explained, all_scores, all_curves)

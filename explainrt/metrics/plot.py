@@ -1,4 +1,4 @@
-"""The deletion and insertion curves of an evaluation as one PNG: matplotlib when installed, else PIL."""
+"""The deletion, insertion and ROAD curves of an evaluation as one PNG: matplotlib when installed, else PIL."""
 
 from __future__ import annotations
 
@@ -11,16 +11,20 @@ from PIL import Image, ImageDraw
 from explainrt.errors import InvalidInputError
 from explainrt.metrics.evaluate import Evaluation
 
-MODES = ("deletion", "insertion")
+MODES = ("deletion", "insertion", "road-morf", "road-lerf")
+XLABELS = {"deletion": "fraction of pixels removed", "insertion": "fraction of pixels inserted",
+           "road-morf": "fraction imputed, most relevant first", "road-lerf": "fraction imputed, least relevant first"}
+SUMMARY = {"deletion": "AUC", "insertion": "AUC", "road-morf": "mean", "road-lerf": "mean"}
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
 def curves_png(evaluation: Evaluation) -> bytes:
-    """PNG bytes: one panel per mode (deletion, insertion), the mean curve of each method with its AUC."""
+    """PNG bytes: one panel per mode (deletion, insertion, ROAD MoRF / LeRF), the mean curve of each method
+    with its score (AUC, or ROAD's mean over the percentages)."""
     modes = [mode for mode in MODES if any(mode in curves for curves in evaluation.curves.values())]
     if not modes:
-        raise InvalidInputError("the evaluation has no deletion or insertion curves to plot")
+        raise InvalidInputError("the evaluation has no deletion, insertion or ROAD curves to plot")
     try:
         import matplotlib
     except ImportError:
@@ -33,9 +37,9 @@ def curves_png(evaluation: Evaluation) -> bytes:
         for index, (method, curves) in enumerate(evaluation.curves.items()):
             curve = curves[mode]
             axis.plot(curve.fractions, curve.scores.mean(axis=0), color=np.array(PALETTE[index % len(PALETTE)]) / 255,
-                      label=f"{method} (AUC {curve.auc.mean():.3f})")
-        axis.set(title=f"{mode} ({len(evaluation.targets)} images)", xlabel="fraction of pixels " +
-                 ("removed" if mode == "deletion" else "inserted"), ylabel="class probability", xlim=(0, 1), ylim=(0, 1))
+                      label=f"{method} ({SUMMARY[mode]} {curve.auc.mean():.3f})")
+        axis.set(title=f"{mode} ({len(evaluation.targets)} images)", xlabel=XLABELS[mode], ylabel="class probability",
+                 xlim=(0, 1), ylim=(0, 1))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from explainrt.optional import require
 from explainrt.errors import InvalidInputError
 from explainrt.metrics.curves import ScoresModel, check_maps, probabilities, saliency_ranks
+from explainrt.optional import require
+from explainrt.progress import track
 from explainrt.validation import checked_int
 
 ORDERS = ("morf", "lerf")
@@ -123,7 +123,8 @@ def road_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, target
     check_maps(images, maps, targets)
     pairs = [(image, index) for image in range(images.shape[0]) for index in range(values.size)]
     scores = np.empty(len(pairs))
-    for first in tqdm(range(0, len(pairs), batch_size), desc=f"ROAD {order}", disable=not progress):
+    for first in track(range(0, len(pairs), batch_size), f"ROAD {order}", unit="batches", enabled=progress,
+                       leave=False):
         chunk = pairs[first : first + batch_size]
         batch = np.stack([noisy_linear_impute(images[i], ~removed_pixels(maps[i], order, values[j]), noise,
                                               np.random.default_rng([seed, i, j])) for i, j in chunk])

@@ -12,13 +12,20 @@
 
 Preprocessing: the one given, else the model's stored one. With ``overrides`` (the CLI flags,
 possibly all unset) a model without stored preprocessing gets torchvision's ImageNet recipe at
-its input size, and the flags replace parts of whichever applies.
+its input size, and the flags replace parts of whichever applies; so does a PyTorch module given
+without preprocessing (with a logged note), as it cannot store any. A 1000-class model whose
+preprocessing names no classes gets ImageNet's labels.
+
+A torchvision architecture with ``weights`` is exported once and cached by the weights' hash
+(``$EXPLAINRT_CACHE``), like the default model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -33,10 +40,13 @@ from explainrt.export import layouts
 from explainrt.export.explainable import make_explainable
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.export.spec import ExplainableSpec, is_explainable, load_model, original_model, with_preprocessing
+from explainrt.files import cache_dir, write_atomic
 from explainrt.optional import require
 from explainrt.preprocessing import Preprocessing
+from explainrt.progress import note
 from explainrt.runtime.base import input_dims
 from explainrt.runtime.torch import ModuleSource
+from explainrt.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +132,16 @@ def load(model: Any = None, target_layers: Sequence[Any] | None = None, *, backe
     if model is None or model == DEFAULT_MODEL:
         return _default_model(layers, backend, preprocessing, overrides)
     if isinstance(model, str) and not _is_onnx_path(model):
-        module, num_classes = torchvision_model(_architecture(model), weights)
-        size = overrides.input_size or input_size or DEFAULT_INPUT_SIZE
-        return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs, size)
+        return _torchvision(_architecture(model), weights, layers, backend, preprocessing, outputs,
+                            overrides.input_size or input_size or DEFAULT_INPUT_SIZE, overrides)
     if _is_torch_module(model):
         fixed = overrides.input_size or input_size
         size = fixed or (preprocessing.input_size if preprocessing else DEFAULT_INPUT_SIZE)
-        chosen = preprocessing or (recipe(overrides, size, None) if fallback else None)
-        return _from_module(model, layers, backend, chosen, outputs, size, dynamic_size=fixed is None)
+        if preprocessing is None and not fallback:
+            log.info("the PyTorch model comes without preprocessing: image files get torchvision's ImageNet recipe "
+                     "at %dx%d (pass preprocessing= to set another)", *size)
+        return _from_module(model, layers, backend, preprocessing or recipe(overrides, size, None), outputs, size,
+                            dynamic_size=fixed is None)
     if backend == "torch":
         raise BackendUnavailableError("backend='torch' needs a torch.nn.Module (or a torchvision architecture "
                                       "name), not an ONNX model")
@@ -175,7 +187,41 @@ def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocess
 
     proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
                        dynamic_size=dynamic_size, **outputs.layouts())
-    return LoadedModel(proto, None, preprocessing)
+    named = _named_classes(preprocessing, ExplainableSpec.from_model(proto).num_classes)
+    return LoadedModel(with_preprocessing(proto, named.to_json()) if named is not preprocessing else proto, None, named)
+
+
+def _torchvision(name: str, weights: str | os.PathLike | None, layers: list[Any] | None, backend: str,
+                 preprocessing: Preprocessing | None, outputs: Outputs, size: tuple[int, int],
+                 overrides: PreprocessingOverrides) -> LoadedModel:
+    """A torchvision architecture with local weights, its explainable export cached by everything it depends on."""
+    module, num_classes = torchvision_model(name, weights)
+    chosen = preprocessing or recipe(overrides, size, num_classes)
+    if backend == "torch" or not all(isinstance(layer, str) for layer in layers or ()):
+        return _from_module(module, layers, backend, chosen, outputs, size)
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()  # type: ignore[arg-type]
+    key = hashlib.sha256(json.dumps([__version__, name, digest, layers, list(size), chosen.to_json(),
+                                     repr(outputs)]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"{name}-{key}.onnx"
+    if path.is_file():
+        try:
+            return LoadedModel(load_model(path), None, chosen)
+        except InvalidModelError:
+            log.warning("cached model %s is corrupt: exporting it again", path)
+    note(f"exporting {name} to explainable ONNX on first use (cached in {path.parent})")
+    loaded = _from_module(module, layers, backend, chosen, outputs, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, loaded.explainable.SerializeToString())  # type: ignore[union-attr]
+    return loaded
+
+
+def _named_classes(preprocessing: Preprocessing | None, num_classes: int) -> Preprocessing | None:
+    """``preprocessing`` with ImageNet's labels where it names no classes and the model has 1000."""
+    if preprocessing is None or preprocessing.labels is not None or num_classes != 1000:
+        return preprocessing
+    from explainrt.models.labels import imagenet_labels
+
+    return dataclasses.replace(preprocessing, labels=imagenet_labels())
 
 
 def _from_onnx(proto: onnx.ModelProto, layers: list[Any] | None, outputs: Outputs,
@@ -199,6 +245,7 @@ def _from_onnx(proto: onnx.ModelProto, layers: list[Any] | None, outputs: Output
             log.info("the model's input size is dynamic: assuming %dx%d (set the input size)", *DEFAULT_INPUT_SIZE)
             size = DEFAULT_INPUT_SIZE
         chosen = recipe(overrides, size, spec.num_classes, chosen)
+    chosen = _named_classes(chosen, spec.num_classes)
     return LoadedModel(with_preprocessing(proto, chosen.to_json()) if chosen else proto, None, chosen)
 
 

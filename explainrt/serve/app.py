@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 MAPS_OUTPUT = "explainrt.maps"
 TARGETS_TENSOR = "explainrt.targets"
 TOP_K = 5
-RESERVED_PARAMETERS = ("method", "targets", "return", "normalize")
+RESERVED_PARAMETERS = ("method", "targets", "return", "normalize", "caption")
 """V1/V2 parameters the server reads itself; every other parameter is an option of the method."""
 RETURNS = ("overlay", "map")
 
@@ -186,7 +186,8 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         targets = _instance_targets(parameters.get("targets"), len(images), model.num_classes)
         tick = time.perf_counter()
         result = await model.submit(explain_key(True, method, options, normalize, targets.dtype == object),
-                                    Job(images, targets, overlays="overlay" in returns), _disconnected(request))
+                                    Job(images, targets, overlays="overlay" in returns,
+                                        captions=_flag(parameters, "caption", False)), _disconnected(request))
         waited = time.perf_counter() - tick
         objects = targets.dtype == object  # then logits hold each instance's objective, not class scores
         encoded = await run_in_threadpool(_explanations, model, method, result, returns, objects)
@@ -323,6 +324,13 @@ def _method_parameters(parameters: dict[str, Any]) -> tuple[str, dict[str, Any],
     return method.name, options, normalize
 
 
+def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"parameter {name} must be true or false, got {value!r}")
+    return value
+
+
 def _returns(value: Any) -> tuple[str, ...]:
     chosen = (value,) if isinstance(value, str) else value
     if not isinstance(chosen, list | tuple) or not chosen or any(item not in RETURNS for item in chosen):
@@ -379,6 +387,8 @@ def _explanations(model: ServedModel, method: str, result: dict[str, Any], retur
             item["overlay"] = {"b64": codec.png_b64(overlays[index])} if overlays is not None else None
         if "map" in returns:
             item["map"] = np.round(result["maps"][index], 5).tolist()
+        if result["notes"][index]:
+            item["note"] = result["notes"][index]
         small = {key: values[index].tolist() for key, values in result["extras"].items() if values[index].size <= 64}
         if small:
             item["extras"] = small

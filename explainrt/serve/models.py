@@ -19,6 +19,7 @@ import numpy as np
 
 from explainrt.errors import InvalidInputError
 from explainrt.explainer import Explainer
+from explainrt.overlay import caption
 from explainrt.serve.batcher import MicroBatcher
 from explainrt.serve.metrics import ServerMetrics
 
@@ -34,11 +35,13 @@ JobKey = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class Job:
-    """One request's images, per-image targets, and whether it wants overlays (raw input only, alpha 0.5)."""
+    """One request's images, per-image targets, and whether it wants overlays (raw input only, alpha 0.5)
+    and captions on them (class label, probability, method)."""
 
     images: list[np.ndarray] | np.ndarray
     targets: np.ndarray | None = None  # int64 [n] (-k: the k-th most likely class), or objects: explainrt.targets
     overlays: bool = False
+    captions: bool = False
 
     @property
     def size(self) -> int:
@@ -102,11 +105,15 @@ class ServedModel:
         wanted = any(job.overlays for job in jobs) and explanation.images is not None
         overlays = explanation.overlays() if wanted else None
         extras = {key: _split(values, counts) for key, values in explanation.extras.items()}
-        return [{"maps": maps, "logits": logits, "targets": resolved, "overlays": blended if job.overlays else None,
+        notes = _split(np.array(explanation.notes, dtype=object), counts)
+        texts = _split(np.array(explanation.captions(), dtype=object), counts)
+        return [{"maps": maps, "logits": logits, "targets": resolved,
+                 "overlays": _captioned(blended, lines) if job.overlays and job.captions else
+                 blended if job.overlays else None, "notes": list(note),
                  "extras": {key: parts[index] for key, parts in extras.items()}, "timings": timings}
-                for index, (job, maps, logits, resolved, blended) in enumerate(zip(
+                for index, (job, maps, logits, resolved, blended, note, lines) in enumerate(zip(
                     jobs, _split(explanation.maps, counts), _split(explanation.logits, counts),
-                    _split(explanation.targets, counts), _split(overlays, counts), strict=True))]
+                    _split(explanation.targets, counts), _split(overlays, counts), notes, texts, strict=True))]
 
     def _layers(self, images: Any, targets: np.ndarray, counts: list[int]) -> list[dict[str, Any]]:
         """The explainable model's own outputs: logits, resolved targets, activations and gradients per layer."""
@@ -143,3 +150,10 @@ def load_models(models: Sequence[str] | None, providers: Sequence[str] | None = 
         log.info("loading model %s from %s", name, source)
         loaded[name] = Explainer(source, providers=providers)
     return loaded
+
+
+def _captioned(overlays: np.ndarray | None, texts: Sequence[str]) -> np.ndarray | None:
+    """Overlays with their caption lines written on them (None stays None: the images were preprocessed)."""
+    if overlays is None:
+        return None
+    return np.stack([caption(image, text) for image, text in zip(overlays, texts, strict=True)])

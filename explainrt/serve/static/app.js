@@ -3,7 +3,7 @@
 
 const DEFAULT_METHODS = ["gradcam", "contrast-cam", "occlusion", "rise"];
 // Options that keep the perturbation methods interactive on a CPU (editable on the page).
-const DEFAULT_OPTIONS = { occlusion: { window: [32, 32], stride: [16, 16] }, rise: { n_masks: 300 } };
+const DEFAULT_OPTIONS = { occlusion: { window: [32, 32], stride: [16, 16] } };
 const $ = (id) => document.getElementById(id);
 let imageB64 = null;
 
@@ -76,7 +76,7 @@ async function explainWith(method, model) {
   const field = $("methods").querySelector(`input.options[data-method="${method}"]`);
   let parameters;
   try {
-    parameters = { ...(field && field.value.trim() ? JSON.parse(field.value) : {}), method, return: ["overlay"] };
+    parameters = { ...(field && field.value.trim() ? JSON.parse(field.value) : {}), method, return: ["overlay"], caption: true };
   } catch (error) {
     figure.className = "failed";
     figure.textContent = `${method}: options are not valid JSON: ${error.message}`;
@@ -95,6 +95,11 @@ async function explainWith(method, model) {
     caption.querySelector("b").textContent = method;
     caption.querySelector("span").textContent = `${explanation.target.label ?? explanation.target.index}${against} · ${ms(data.timings.total)}`;
     figure.append(image, caption);
+    if (explanation.note) {
+      const note = Object.assign(document.createElement("p"), { className: "note muted" });
+      note.textContent = explanation.note;
+      figure.append(note);
+    }
     $("timings").tBodies[0].append(timingRow(method, data.timings, roundTrip));
     await loaded;
   } catch (error) {

@@ -1,0 +1,82 @@
+"""README.md's fenced examples, extracted and run as a reader would, so the README and the behaviour cannot drift.
+
+Every ``bash`` and ``python`` fence runs unless the line right before it is
+``<!-- readme-test: skip REASON -->`` (network, GPU, TensorRT, Triton, a server that runs until
+stopped, or minutes of CPU): those are skipped with that reason. Each runs in a fresh folder
+holding the files the README calls the user's: ``cat.jpg``, ``cup.png``, ``cup.jpg`` (example
+photos) and ``model.onnx`` (a small plain ONNX classifier); a Python block also finds ``model``
+(a torchvision ResNet-18 with random weights) and ``input_tensor`` (a preprocessed batch of one).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from PIL import Image
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.DOTALL | re.MULTILINE)
+SKIP = re.compile(r"<!-- readme-test: skip (.+?) -->\n$")
+
+
+def readme_blocks() -> list[tuple[int, str, str, str | None]]:
+    """(line, language, code, skip reason or None) of every fenced block ("" for a block without a language)."""
+    text = README.read_text(encoding="utf-8")
+    blocks = []
+    for match in FENCE.finditer(text):
+        before = text[: match.start()]
+        skip = SKIP.search(before[before.rfind("\n", 0, len(before) - 1) + 1 :])
+        blocks.append((before.count("\n") + 1, match[1], match[2], skip[1] if skip else None))
+    return blocks
+
+
+BLOCKS = readme_blocks()
+
+
+def test_every_block_is_run_or_skipped_with_a_reason() -> None:
+    fences = README.read_text(encoding="utf-8").count("\n```")
+    assert fences % 2 == 0 and len(BLOCKS) >= 8
+    assert {language for _, language, _, _ in BLOCKS} <= {"bash", "python", ""}
+    run = [line for line, language, _, skip in BLOCKS if skip is None and language in ("bash", "python")]
+    assert len(run) >= 3, "the Python API, the command line and the pytorch-grad-cam drop-in examples must run"
+    assert all(skip.strip() for _, _, _, skip in BLOCKS if skip is not None)
+
+
+@pytest.fixture
+def user_folder(tmp_path: Path, model_cache: Path, small_onnx, example_images) -> Path:  # noqa: ANN001
+    from explainrt.export.spec import original_model
+
+    Image.fromarray(example_images["chelsea"]).save(tmp_path / "cat.jpg")
+    Image.fromarray(example_images["coffee"]).save(tmp_path / "cup.png")
+    Image.fromarray(example_images["coffee"]).save(tmp_path / "cup.jpg")
+    onnx.save(original_model(small_onnx), tmp_path / "model.onnx")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("line", "language", "code", "skip"),
+                         [block for block in BLOCKS if block[1] in ("bash", "python")],
+                         ids=[f"line{line}-{language}" for line, language, _, _ in BLOCKS if language in ("bash", "python")])
+def test_readme_example(line: int, language: str, code: str, skip: str | None, user_folder: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if skip is not None:
+        pytest.skip(f"README.md line {line}: {skip}")
+    monkeypatch.chdir(user_folder)
+    if language == "python":
+        import torch
+        from torchvision.models import resnet18
+
+        torch.manual_seed(0)
+        namespace = {"model": resnet18().eval(), "input_tensor": torch.randn(1, 3, 224, 224)}
+        exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102 (the README's own example)
+        return
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=user_folder, env=env, capture_output=True,
+                            text=True, timeout=900, check=False)
+    assert result.returncode == 0, f"README.md line {line} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr
