@@ -37,8 +37,8 @@ from explainrt.cli.common import (
 )
 from explainrt.errors import OutputWriteError
 from explainrt.methods.base import softmax
-from explainrt.targets import Target
 from explainrt.progress import progress
+from explainrt.targets import Target
 
 log = logging.getLogger(__name__)
 
