@@ -38,7 +38,6 @@ from explainrt.cli.common import (
 from explainrt.errors import OutputWriteError
 from explainrt.methods.base import softmax
 from explainrt.progress import progress
-from explainrt.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: Any, ba
                                             normalize=normalize, progress=True, **options)
             overlays = explanation.overlays(captions=captions)
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
-            objective = isinstance(target, Target)  # then logits hold each image's objective [N, 1]
+            objective = explanation.objective  # target objects: logits hold each image's objective [N, 1]
             probabilities = softmax(explanation.logits)
             tops = [[]] * len(chunk) if objective else explanation.top_k(TOP_K)
             for index, (source, top) in enumerate(zip(chunk, tops, strict=True)):
