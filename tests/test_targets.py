@@ -328,7 +328,7 @@ def test_cli_region_and_box_targets(tmp_path: Path, capsys: pytest.CaptureFixtur
     mask[4:20, 8:28] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     code = main(["explain", str(tmp_path / "image.png"), "--model", str(tmp_path / "seg.onnx"), "--input-size", "32",
-                 "32", "--target", f"region:{tmp_path / 'mask.png'}:2", "--out", str(tmp_path / "out")])
+                 "32", "--target", f"region:{tmp_path / 'mask.png'}:2", "--no-caption", "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "out" / "explanations.json").read_text())["images"][0]
     from explainrt.models import PreprocessingOverrides, load
