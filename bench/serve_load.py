@@ -5,7 +5,12 @@ from ``--clients`` concurrent clients, then stops: it reports errors, latency pe
 throughput, the mean batch size the server formed (from /metrics), and the server's resident
 memory over the first and the last 100 requests. ``--out`` writes the table as Markdown.
 
-    python bench/serve_load.py --clients 32 --requests 500 --out bench/results/serve.md
+``--payloads N`` adds the payload comparison: one 224x224 explanation (chelsea as a UINT8
+[1, 224, 224, 3] image, Grad-CAM map back) sent N times in sequence over the Open Inference
+Protocol, as JSON and with the binary tensor extension (maps FP32, FP16, UINT8, PNG): request and
+response bytes, p50 / p99 latency. ``--no-load`` runs only that.
+
+    python bench/serve_load.py --clients 32 --requests 500 --payloads 200 --out bench/results/serve.md
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import platform
 import re
@@ -130,6 +136,84 @@ def run_load(server: ServerProcess, clients: int, requests: int, method: str = "
     return result
 
 
+HEADER = "Inference-Header-Content-Length"
+PAYLOAD_CASES = (("JSON", False, "FP32"), ("binary", True, "FP32"), ("binary", True, "FP16"),
+                 ("binary", True, "UINT8"), ("binary", True, "PNG"))
+"""(encoding, binary tensors, map format) per row of the payload comparison."""
+
+
+@dataclass
+class PayloadRow:
+    encoding: str
+    map_format: str
+    request_bytes: int
+    response_bytes: int
+    latencies: list[float]
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q))
+
+
+def chelsea_224() -> np.ndarray:
+    """Chelsea centre-cropped and resized to a UINT8 [1, 224, 224, 3] batch."""
+    from skimage import data
+
+    image = Image.fromarray(data.chelsea())
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return np.asarray(image.crop((left, top, left + side, top + side)).resize((224, 224)))[None]
+
+
+def payload_request(image: np.ndarray, binary: bool, map_format: str) -> tuple[bytes, dict[str, str]]:
+    """A V2 request for one Grad-CAM map: JSON data, or the image as raw bytes after the JSON header."""
+    tensor: dict = {"name": "input", "shape": list(image.shape), "datatype": "UINT8"}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": image.nbytes}
+    else:
+        tensor["data"] = image.ravel().tolist()
+    header = {"inputs": [tensor], "parameters": {"method": "gradcam"},
+              "outputs": [{"name": "explainrt.maps", "parameters": {"binary_data": binary, "format": map_format}}]}
+    text = json.dumps(header).encode()
+    if not binary:
+        return text, {"Content-Type": "application/json"}
+    return text + image.tobytes(), {"Content-Type": "application/octet-stream", HEADER: str(len(text))}
+
+
+def run_payloads(server: ServerProcess, runs: int) -> list[PayloadRow]:
+    """Each payload case ``runs`` times in sequence (after 3 untimed requests), one client."""
+    image = chelsea_224()
+    rows = []
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        for encoding, binary, map_format in PAYLOAD_CASES:
+            body, headers = payload_request(image, binary, map_format)
+            row = PayloadRow(encoding, map_format, len(body), 0, [])
+            for index in range(runs + 3):
+                tick = time.perf_counter()
+                response = http.post("/v2/models/default/infer", content=body, headers=headers)
+                elapsed = time.perf_counter() - tick
+                if response.status_code != 200:
+                    raise RuntimeError(f"{encoding} {map_format}: HTTP {response.status_code}: {response.text[:200]}")
+                if binary != (HEADER in response.headers):
+                    raise RuntimeError(f"{encoding} {map_format}: the response's encoding is not the one asked for")
+                row.response_bytes = len(response.content)
+                if index >= 3:
+                    row.latencies.append(elapsed)
+            rows.append(row)
+    return rows
+
+
+def payload_markdown(rows: list[PayloadRow]) -> str:
+    lines = ["| encoding | maps | request bytes | response bytes | p50 ms | p99 ms |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.encoding} | {r.map_format} | {r.request_bytes:,} | {r.response_bytes:,} | "
+              f"{r.percentile(50) * 1000:.1f} | {r.percentile(99) * 1000:.1f} |" for r in rows]
+    runs = len(rows[0].latencies)
+    return (f"## Payloads: one 224x224 Grad-CAM explanation over the Open Inference Protocol\n\n"
+            f"UINT8 [1, 224, 224, 3] image in, `explainrt.maps` [1, 224, 224] out; {runs} sequential requests per "
+            f"row, one client (after 3 untimed). JSON: data as JSON numbers; binary: the binary tensor extension "
+            f"(raw little-endian tensors after the JSON header), maps as FP32, FP16, UINT8 (round(255 x map)) or "
+            f"one 8-bit grayscale PNG.\n\n" + "\n".join(lines) + "\n")
+
+
 def markdown(result: LoadResult, server_arguments: list[str]) -> str:
     first, last = result.memory_window()
     rows = [
@@ -162,20 +246,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="gradcam")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-queue-ms", type=float, default=5.0)
+    parser.add_argument("--payloads", type=int, default=0, metavar="N",
+                        help="also compare JSON and binary payloads of one 224x224 explanation, N requests each")
+    parser.add_argument("--no-load", action="store_true", help="skip the load test (with --payloads)")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args(argv)
+    if args.no_load and args.payloads < 1:
+        parser.error("--no-load needs --payloads N")
     server_arguments = ["--max-batch", str(args.max_batch), "--max-queue-ms", str(args.max_queue_ms)]
+    result, rows = None, []
     with ServerProcess(server_arguments) as server:
-        result = run_load(server, args.clients, args.requests, args.method)
+        if not args.no_load:
+            result = run_load(server, args.clients, args.requests, args.method)
+        if args.payloads > 0:
+            rows = run_payloads(server, args.payloads)
         alive = server.alive()
-    report = markdown(result, server_arguments)
+    parts = ([markdown(result, server_arguments)] if result else []) + ([payload_markdown(rows)] if rows else [])
+    report = "\n".join(parts)
     print(report)
-    for error in result.errors[:5]:
+    errors = result.errors if result else []
+    for error in errors[:5]:
         print("error:", error, file=sys.stderr)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
-    return 0 if not result.errors and alive else 1
+    return 0 if not errors and alive else 1
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ class Explainer:
     ``input_layout`` ("nchw", "nhwc"): the image input's layout where the graph does not tell it;
     fp16, uint8 and channels-last models take images in their own form (see ``prepare``), and a
     static batch runs in chunks of that batch.
+    ``map_heads``: closed-form CAM methods (Grad-CAM, Grad-CAM++, ...) compute their normalised maps
+    in the graph (``explainrt.export.heads``) on ONNX Runtime and TensorRT; False keeps the Python path.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class Explainer:
         token_grid: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
         prefix_tokens: int | Sequence[int] | None = None,
         input_layout: str | None = None,
+        map_heads: bool = True,
     ) -> None:
         chosen = runtime.backend(backend, backend_options)  # fails before an export when the backend cannot run
         if isinstance(model, LoadedModel):
@@ -146,6 +149,7 @@ class Explainer:
                            else InputForm("nchw", "float32", tuple(self.session.input_shape)))
         self.preprocessing = loaded.preprocessing
         self.backend = chosen.name
+        self.map_heads = bool(map_heads)
 
     # -- inputs ------------------------------------------------------------------------------
     def prepare(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -270,7 +274,7 @@ class Explainer:
             stop = first + batch_size
             chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
             request = AttributionRequest(batch[first:stop], wanted[first:stop], session, int(batch_size),
-                                         normalize, chunk_options, cancel, shown)
+                                         normalize, chunk_options, cancel, shown, self.map_heads)
             request.check_cancelled()
             part = chosen.attribute(request)
             for stage, seconds in part.timings.items():
@@ -283,7 +287,7 @@ class Explainer:
                 f"{chosen.name} returned maps of shape {maps.shape} for {batch.shape[0]} images of size "
                 f"{batch.shape[2:]}: expected one map per image ({(batch.shape[0], *batch.shape[2:])})")
         notes = _blank_notes(chosen, maps)
-        if normalize:
+        if normalize and not all(p.normalized for p in parts):
             maps = kernels.normalize_minmax(np.maximum(maps, 0) if chosen.signed else maps)
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start

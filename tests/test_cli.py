@@ -372,7 +372,7 @@ def test_a_read_only_out_is_a_clear_error_and_writes_nothing(capsys: pytest.Capt
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulated (the tests may run as root, whom a chmod does not stop): the folder beside --out
     refuses the staging folder, then --out itself refuses the first file moved into it."""
-    import explainrt.cli.explain as explain
+    from explainrt.cli import explain
 
     def read_only(*_: object, **__: object) -> str:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -440,7 +440,7 @@ def test_ctrl_c_while_the_set_moves_into_place_lands_after_the_whole_set(capsys:
                                                                          tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A real SIGINT during the first rename: the set is completed, then the interrupt exits 130."""
-    import explainrt.cli.explain as explain
+    from explainrt.cli import explain
 
     out = tmp_path / "out"
     real = os.replace

@@ -206,7 +206,7 @@ def test_metadata_round_trip() -> None:
     spec = ExplainableSpec.from_model(model)
     layout = {"kind": "nchw", "grid": [8, 8], "channels": 4, "prefix_tokens": 0}
     assert spec == ExplainableSpec("image", "logits", 5, ("conv", "features"), '{"size": 8}', "logit", (layout, layout),
-                                   (5,))
+                                   output_shape=(5,))
     again = ExplainableSpec.from_model(onnx.load_from_string(model.SerializeToString()))
     assert again == spec
     assert ExplainableSpec(**{**spec.__dict__}).to_json() == spec.to_json()

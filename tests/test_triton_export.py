@@ -154,3 +154,46 @@ def test_cli_export_triton(small_onnx, tmp_path: Path, capsys: pytest.CaptureFix
     assert "export needs -o OUT.onnx, --triton DIR or both" in capsys.readouterr().err
     assert main(["export", str(model), "--triton", str(repo), "--max-batch-size", "-2"]) == 2
     assert "max_batch_size must be an integer >= 0" in capsys.readouterr().err
+
+
+def test_repository_with_map_heads_returns_heatmaps(small_onnx, small_batch, tmp_path: Path) -> None:  # noqa: ANN001
+    """config.pbtxt declares the maps; feeding exactly its inputs to the model file gives explainrt's maps."""
+    from explainrt import Explainer
+
+    folder = write_triton_repository(small_onnx, tmp_path / "repo", name="heat", max_batch_size=8,
+                                     maps="gradcam,layercam", maps_only=True, maps_dtype="uint8")
+    config = parse_config(folder)
+    declared = {t.name: (model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in config.output}
+    assert declared == {"logits": ("TYPE_FP32", [SMALL_CLASSES]), "explainrt.resolved_targets": ("TYPE_INT64", [-1]),
+                        "explainrt.maps.gradcam": ("TYPE_UINT8", [-1, *SMALL_SIZE]),
+                        "explainrt.maps.layercam": ("TYPE_UINT8", [-1, *SMALL_SIZE])}
+    session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input": small_batch, "explainrt.targets": np.array([[-1, 4]] * 3, dtype=np.int64)}
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type)) for t in config.input] == [
+        ("input", "TYPE_FP32"), ("explainrt.targets", "TYPE_INT64")]
+    outputs = dict(zip([t.name for t in config.output], session.run([t.name for t in config.output], feeds)))
+    python = Explainer(small_onnx, map_heads=False)
+    for method in ("gradcam", "layercam"):
+        for k, targets in enumerate((None, 4)):
+            expected = python.explain(small_batch, method=method, targets=targets).maps
+            np.testing.assert_allclose(outputs[f"explainrt.maps.{method}"][:, k], np.round(expected * 255), atol=1)
+
+
+def test_cli_export_maps(small_onnx, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    """--maps / --maps-only / --maps-dtype, and bad map options refused before the export."""
+    model = tmp_path / "small.onnx"
+    onnx.save(small_onnx, model)
+    out = tmp_path / "maps.onnx"
+    assert main(["export", str(model), "-o", str(out), "--maps", "gradcam,gradcam++", "--maps-only",
+                 "--maps-dtype", "float16"]) == 0
+    assert "maps gradcam, gradcam++ (float16, maps only)" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [(o.name, o.type) for o in session.get_outputs()] == [
+        ("logits", "tensor(float)"), ("explainrt.resolved_targets", "tensor(int64)"),
+        ("explainrt.maps.gradcam", "tensor(float16)"), ("explainrt.maps.gradcam++", "tensor(float16)")]
+    assert main(["export", str(model), "-o", str(out), "--maps", "eigencam"]) == 2
+    assert "'eigencam' has no map head" in capsys.readouterr().err
+    assert main(["export", str(model), "-o", str(out), "--maps", "gradcam,nosuch"]) == 2
+    assert "no map head for 'nosuch'" in capsys.readouterr().err
+    assert main(["export", str(model), "-o", str(out), "--maps-only"]) == 2
+    assert "--maps-only needs --maps METHODS" in capsys.readouterr().err

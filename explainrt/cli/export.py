@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 from typing import Any
 
 from explainrt.cli.common import load_model, positive_int
 from explainrt.errors import InvalidInputError
+from explainrt.export.heads import MAPS_DTYPES, add_map_heads, checked_maps
 from explainrt.export.spec import TAP_PREFIX, ExplainableSpec
 from explainrt.files import write_atomic
 
@@ -26,6 +28,15 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                         help="target layer: an ONNX tensor name, or a dotted module name (layer4) for a torchvision "
                              "architecture; repeat for several (default: the last spatial layer)")
     export.add_argument("--logits", metavar="NAME", help="the ONNX tensor of class scores (default: the first output)")
+    export.add_argument("--maps", metavar="METHODS",
+                        help="append map heads for these comma-separated methods (gradcam,gradcam++,xgradcam,hirescam,"
+                             "layercam,counterfactual-cam; contrast-cam with a cross_entropy model): outputs "
+                             "explainrt.maps.<method> [N, K, H, W], the normalised heatmaps computed in the graph")
+    export.add_argument("--maps-only", action="store_true",
+                        help="with --maps: drop the activation and gradient outputs (only logits, resolved targets "
+                             "and maps leave the runtime)")
+    export.add_argument("--maps-dtype", choices=tuple(MAPS_DTYPES), default="float32",
+                        help="element type of the maps: float32, float16 or uint8 (round(255 * map)); default float32")
     export.add_argument("-o", "--output", metavar="OUT.onnx",
                         help="where to write the explainable model (needed unless --triton is given)")
     triton = export.add_argument_group("Triton model repository")
@@ -63,13 +74,20 @@ def _export(args: argparse.Namespace) -> int:
         raise InvalidInputError("export needs -o OUT.onnx, --triton DIR or both")
     triton_settings = (args.triton_name or Path(args.model).stem, args.max_batch_size, args.preferred_batch_sizes,
                        args.max_queue_delay_us, args.instances, args.instance_kind, args.force)
+    if args.maps_only and not args.maps:
+        raise InvalidInputError("--maps-only needs --maps METHODS")
+    maps = checked_maps(args.maps or "")  # before the (slow) export
     if args.triton is not None:
         from explainrt.deploy.triton import check_triton_target
 
         check_triton_target(args.triton, *triton_settings)  # before the (slow) export
     proto = load_model(args).explainable
+    if maps:
+        proto = add_map_heads(copy.deepcopy(proto), maps, args.maps_only, args.maps_dtype)
     spec = ExplainableSpec.from_model(proto)
     explains = f"explains {spec.logits!r} ({spec.num_classes} classes) w.r.t. {', '.join(map(repr, _layer_names(spec, args)))}"
+    if maps:
+        explains += f"; maps {', '.join(maps)} ({spec.maps_dtype}{', maps only' if spec.maps_only else ''})"
     if args.output is not None:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 ``write_triton_repository(model, DIR)`` writes ``DIR/<name>/config.pbtxt`` and
 ``DIR/<name>/1/model.onnx``: Triton's ONNX Runtime backend then serves the explanation outputs
-(``explainrt.activations.<i>``, ``explainrt.gradients.<i>``, ``explainrt.resolved_targets``)
+(``explainrt.activations.<i>``, ``explainrt.gradients.<i>``, ``explainrt.resolved_targets``, and
+with ``maps`` the heatmaps ``explainrt.maps.<method>`` [K, H, W] per image, computed in the graph)
 beside the logits, with dynamic batching. The config is built as Triton's own ``ModelConfig``
 protobuf message (the schema shipped in ``tritonclient``), so a misspelt field cannot get in, and
 it is parsed back from the written text before the repository is moved into place.
@@ -29,6 +30,7 @@ from onnx import TensorProto
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.explainable import make_explainable
+from explainrt.export.heads import add_map_heads
 from explainrt.export.spec import METADATA_KEY, ExplainableSpec, ModelSource, is_explainable, load_model
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ def write_triton_repository(
     instance_count: int = 1,
     instance_kind: str = "cpu",
     force: bool = False,
+    maps: str | Sequence[str] = (),
+    maps_only: bool = False,
+    maps_dtype: str = "float32",
 ) -> Path:
     """Write ``directory/name/{config.pbtxt, 1/model.onnx}``; return the model folder.
 
@@ -89,7 +94,8 @@ def write_triton_repository(
     ``preferred_batch_sizes`` default to half and all of ``max_batch_size``. ``instance_kind``:
     "cpu", "gpu" or "auto". An existing non-empty ``directory/name`` is replaced only with
     ``force``; the new folder is assembled beside it and renamed into place, so a failure
-    leaves the repository as it was.
+    leaves the repository as it was. ``maps``, ``maps_only``, ``maps_dtype``: map heads added to the
+    model (``explainrt.export.heads.add_map_heads``), so Triton returns heatmaps.
     """
     target = check_triton_target(directory, name, max_batch_size, preferred_batch_sizes, max_queue_delay_us,
                                  instance_count, instance_kind, force)
@@ -97,6 +103,10 @@ def write_triton_repository(
     if not is_explainable(proto):
         log.info("the model is not explainable yet: making it explainable (auto target layer)")
         proto = make_explainable(proto)
+    if maps:
+        proto = add_map_heads(proto, maps, maps_only, maps_dtype)
+    elif maps_only:
+        raise InvalidInputError("maps_only=True needs maps: name the methods whose maps the model returns")
     config = triton_config(proto, name, max_batch_size, preferred_batch_sizes, max_queue_delay_us,
                            instance_count, instance_kind)
     text = _text_format().MessageToString(config)

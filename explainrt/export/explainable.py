@@ -20,7 +20,7 @@ from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, appen
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.zero_blocks import compute_on_blocks
 from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError, UnsupportedOperatorError
-from explainrt.export import inputs, layers, layouts
+from explainrt.export import heads, inputs, layers, layouts
 from explainrt.export.spec import (
     METADATA_KEY,
     OBJECTIVES,
@@ -32,6 +32,7 @@ from explainrt.export.spec import (
     activations_output,
     gradients_output,
     load_model,
+    prune_added_nodes,
     reference_input,
     relu_output,
     set_metadata,
@@ -53,6 +54,9 @@ def make_explainable(
     token_grid: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
     prefix_tokens: int | Sequence[int | None] | None = None,
     input_layout: str | None = None,
+    maps: str | Sequence[str] = (),
+    maps_only: bool = False,
+    maps_dtype: str = "float32",
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` that also outputs target-layer activations and gradients.
 
@@ -77,9 +81,17 @@ def make_explainable(
     decide the adapter ``explainrt.export.inputs`` puts in front: the explainable model always takes
     float32 ``[N, C, H, W]``. Where the image's height and width are dynamic, the target layers are
     found on a copy at a nominal size (the preprocessing's, else 224 x 224) and serve every size.
+    ``maps`` ("gradcam", "gradcam++", ...; see ``explainrt.export.heads``) appends each method's map
+    computation: output ``explainrt.maps.<method>`` [N, K, H, W] (``maps_dtype`` float32, float16 or
+    uint8); ``maps_only=True`` then drops the activation and gradient outputs.
     """
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
+    methods = heads.checked_maps(maps)
+    for method in methods:  # before the (slow) rewrite
+        heads.closed_form(method, objective)
+    if maps_only and not methods:
+        raise InvalidInputError("maps_only=True needs maps: name the methods whose maps the model returns")
     proto = _prepared(load_model(model))
     form = inputs.adapt(proto, input_layout)
     if form.layout != "nchw" or form.dtype != "float32":
@@ -132,15 +144,15 @@ def make_explainable(
         per_image = builder.op("Transpose", [as_maps], perm=[1, 0, 2, 3, 4])
         builder.add_output(gradients_output(index), per_image, elem_type, ["N", "K", *channels_hw])
 
-    _prune_added_nodes(proto)
+    prune_added_nodes(proto)
     spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing, objective,
-                           tuple(layout.to_json() for _, layout in chosen), output_shape)
+                           tuple(layout.to_json() for _, layout in chosen), output_shape=output_shape)
     set_metadata(proto, METADATA_KEY, spec.to_json())
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
         raise InvalidModelError(f"the explainable model failed ONNX validation: {error}") from error
-    return proto
+    return heads.add_map_heads(proto, methods, maps_only, maps_dtype) if methods else proto
 
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -453,21 +465,3 @@ def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence
         return (bounded(n, standard[0]), *standard[1:])
 
     return {"Relu": relu, "Clip": clip}
-
-
-def _prune_added_nodes(model: onnx.ModelProto) -> None:
-    """Drop nodes and constants this rewrite added that no output needs (e.g. weight gradients)."""
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(graph.node):
-        if not node.name.startswith("explainrt/") or any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node.input)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    unused = [t for t in graph.initializer if t.name.startswith("explainrt/") and t.name not in needed]
-    for tensor in unused:
-        graph.initializer.remove(tensor)
-
-

@@ -6,7 +6,9 @@ An explainable model keeps every original node and output and adds:
   k-th most likely class of that image;
 - output ``explainrt.resolved_targets``   int64 ``[N, K]``: the class each target resolved to;
 - output ``explainrt.activations.<i>``    ``[N, C, h, w]`` for the i-th target layer;
-- output ``explainrt.gradients.<i>``      ``[N, K, C, h, w]``: d logit[target] / d activations.
+- output ``explainrt.gradients.<i>``      ``[N, K, C, h, w]``: d logit[target] / d activations;
+- output ``explainrt.maps.<method>``      ``[N, K, H, W]`` with map heads (``explainrt.export.heads``):
+  the method's normalised maps, computed in the graph (float32, float16 or uint8 0..255).
 
 The explained output ("logits") may be ``[N, classes]`` or ``[N, classes, ...]`` (a segmentation
 map, a detector's raw head): a class index then means the sum of that channel over the other
@@ -46,6 +48,14 @@ def gradients_output(index: int) -> str:
     return f"explainrt.gradients.{index}"
 
 
+MAPS_PREFIX = "explainrt.maps."
+
+
+def maps_output(method: str) -> str:
+    """Output of a map head: the normalised maps ``[N, K, H, W]`` of ``method``."""
+    return f"{MAPS_PREFIX}{method}"
+
+
 REFERENCE_PREFIX = "explainrt.reference."
 RELU_OUTPUT_PREFIX = "explainrt.relu."
 TAP_PREFIX = "explainrt.tap."
@@ -73,6 +83,9 @@ class ExplainableSpec:
     preprocessing: str | None = None  # JSON of explainrt.preprocessing.Preprocessing
     objective: str = "logit"  # what is differentiated per target: see OBJECTIVES
     layouts: tuple[dict, ...] = ()  # per target layer, explainrt.export.layouts.Layout as JSON (() : all NCHW)
+    maps: tuple[str, ...] = ()  # methods with a map head (output explainrt.maps.<method>)
+    maps_dtype: str = "float32"  # element type of the map outputs: float32, float16 or uint8 (0..255)
+    maps_only: bool = False  # activations and gradients are not outputs (only logits, targets and maps)
     output_shape: tuple[int | None, ...] = ()  # the explained output's axes after N (None: known at run time)
 
     def to_json(self) -> str:
@@ -87,6 +100,7 @@ class ExplainableSpec:
             fields = json.loads(props[METADATA_KEY])
             fields["target_layers"] = tuple(fields["target_layers"])
             fields["layouts"] = tuple(fields.get("layouts", ()))
+            fields["maps"] = tuple(fields.get("maps", ()))
             fields["output_shape"] = tuple(fields.get("output_shape", ()))
             return cls(**fields)
         except (ValueError, TypeError, KeyError) as error:
@@ -157,3 +171,19 @@ def original_model(model: onnx.ModelProto) -> onnx.ModelProto:
     del plain.metadata_props[:]
     plain.metadata_props.extend(kept_props)
     return plain
+
+
+def prune_added_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes and constants explainrt added that no output needs (e.g. weight gradients)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if not node.name.startswith("explainrt/") or any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    unused = [t for t in graph.initializer if t.name.startswith("explainrt/") and t.name not in needed]
+    for tensor in unused:
+        graph.initializer.remove(tensor)

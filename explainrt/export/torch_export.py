@@ -146,7 +146,8 @@ def from_torch(
     ``norm1``) whose outputs are explained; ``None`` picks one automatically. ``output`` picks
     the logits from a model returning several outputs (see ``model_output``). ``dynamic_size``: export
     with dynamic height and width where the model allows (see ``export_torch``). ``layouts``:
-    ``layer_layout``, ``token_grid``, ``prefix_tokens`` as ``make_explainable`` takes them.
+    ``layer_layout``, ``token_grid``, ``prefix_tokens`` (and the map heads' ``maps``, ``maps_only``,
+    ``maps_dtype``) as ``make_explainable`` takes them.
     """
     modules = list(target_layers or [])
     proto, tensors = export_torch(model, example_input, modules, output=output, dynamic_size=dynamic_size)

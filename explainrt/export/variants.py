@@ -4,11 +4,14 @@ after a target layer (ablation). Sessions build them on first use."""
 
 from __future__ import annotations
 
+import copy
+
 import onnx
 
 from explainrt.autodiff.builder import GraphBuilder
 from explainrt.autodiff.gradients import ancestors
 from explainrt.errors import InvalidInputError
+from explainrt.export import heads
 from explainrt.export.explainable import make_explainable
 from explainrt.export.inputs import input_form, with_nominal_size
 from explainrt.export.layouts import Layout
@@ -20,10 +23,10 @@ HEAD_INPUT_PREFIX = "explainrt.head."
 def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str, of_input: bool,
                   defended: bool = False, size: tuple[int, int] | None = None) -> onnx.ModelProto:
     """The explainable model for an objective, w.r.t. the target layers or the input (FGVis's defence
-    optional): ``model`` itself when it is that one, else the original model made explainable again.
-    ``size``: the image height and width to fix first (a model of dynamic size whose gradient down to
-    the image needs static shapes, as a strided Conv's does)."""
-    if (objective, of_input, defended) == (spec.objective, False, False):
+    optional): ``model`` itself when it is that one (and keeps its activation and gradient outputs), else
+    the original model made explainable again. ``size``: the image height and width to fix first (a model
+    of dynamic size whose gradient down to the image needs static shapes, as a strided Conv's does)."""
+    if (objective, of_input, defended) == (spec.objective, False, False) and not spec.maps_only:
         return model
     form = input_form(model)
     if of_input and form.is_integer:
@@ -39,6 +42,15 @@ def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str,
         plain = with_nominal_size(plain, size) or plain
     return make_explainable(plain, layers, logits=spec.logits, objective=objective, defended_relus=defended,
                             **stored)
+
+
+def maps_model(model: onnx.ModelProto, spec: ExplainableSpec, method: str) -> onnx.ModelProto:
+    """The model that returns only logits, resolved targets and ``method``'s float32 maps (its map head),
+    differentiating the objective the method weighs."""
+    base = variant_model(model, spec, heads.closed_form(method).objective, of_input=False)
+    base = copy.deepcopy(base) if base is model else base
+    return heads.add_map_heads(heads.without_maps(base) if ExplainableSpec.from_model(base).maps else base,
+                               [method], maps_only=True)
 
 
 def variant_kind(of_input: bool, defended: bool) -> str:

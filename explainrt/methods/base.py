@@ -37,6 +37,7 @@ class AttributionRequest:
     options: dict[str, Any] = field(default_factory=dict)
     cancel: threading.Event | None = None
     progress: bool = False
+    map_heads: bool = True  # closed-form CAM methods may use the session's in-graph map heads
 
     def check_cancelled(self) -> None:
         """Raise ExplanationCancelled if the caller asked to stop (methods call it between runtime calls)."""
@@ -53,6 +54,7 @@ class Attribution:
     targets: np.ndarray  # [n] the class each map explains
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # per-image arrays, first axis n
+    normalized: bool = False  # the maps are already scaled as the pipeline scales them (a map head's)
 
 
 class Method(ABC):

@@ -18,10 +18,11 @@ import numpy as np
 
 from explainrt import kernels
 from explainrt.errors import InvalidInputError
+from explainrt.kernels import cam_weights
 from explainrt.methods.base import Attribution, AttributionRequest, Method, timed
 from explainrt.methods.options import Array, Function, OneOf, Option
 from explainrt.methods.perturbation import perturbation_scores
-from explainrt.runtime.base import RunResult, Session
+from explainrt.runtime.base import MapHeadSession, MapsResult, RunResult, Session
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,17 @@ def cam_attribution(request: AttributionRequest, result: RunResult, explained: n
     return Attribution(combine_layers(per_layer), result.logits, explained, timings)
 
 
+def head_maps(request: AttributionRequest, method: str, targets: np.ndarray,
+              timings: dict[str, float]) -> MapsResult | None:
+    """``method``'s maps from the session's in-graph map head, when the method has a closed form, the
+    session runs map heads, the request allows them and wants normalised maps; else None (Python path)."""
+    if not (request.map_heads and request.normalize and method in cam_weights.CLOSED_FORMS
+            and isinstance(request.session, MapHeadSession)):
+        return None
+    with timed(timings, "runtime"):
+        return request.session.maps(request.images, targets, method)
+
+
 @dataclass(frozen=True)
 class CamMethod(Method):
     """A CAM method: channel weights from the gradients of the target's logit (or none)."""
@@ -79,6 +91,9 @@ class CamMethod(Method):
 
     def compute(self, request: AttributionRequest) -> Attribution:
         timings: dict[str, float] = {}
+        head = head_maps(request, self.name, request.targets[:, None], timings)
+        if head is not None:
+            return Attribution(head.maps[:, 0], head.logits, head.targets[:, 0], timings, normalized=True)
         with timed(timings, "runtime"):
             result = request.session.run(request.images, request.targets[:, None])
         attribution = cam_attribution(request, result, result.targets[:, 0], self.weigh)
@@ -86,37 +101,20 @@ class CamMethod(Method):
         return attribution
 
 
-def grad_cam_terms(ctx: LayerContext) -> CamTerms:
-    """Grad-CAM's terms (also Contrast-CAM's, on the gradients of its loss)."""
-    # Selvaraju et al. 2017, eq. 1: alpha_k = mean_ij dy/dA_kij
-    return CamTerms(ctx.activations, ctx.gradients.mean(axis=(2, 3)))
+def closed_form_terms(method: str) -> Callable[[LayerContext], CamTerms]:
+    """The weighting of a closed-form method: its formula in ``kernels.cam_weights`` (the one map heads use) on NumPy."""
+    formula = cam_weights.CLOSED_FORMS[method].formula
+
+    def weigh(ctx: LayerContext) -> CamTerms:
+        activations, weights = formula(cam_weights.NUMPY, ctx.activations, ctx.gradients)
+        return CamTerms(activations, cam_weights.channel_weights(weights))
+
+    weigh.__name__ = weigh.__qualname__ = f"closed_form_terms({method!r})"
+    return weigh
 
 
-def _grad_cam_pp(ctx: LayerContext) -> CamTerms:
-    # Chattopadhyay et al. 2018, eq. 19 with exponential output: alpha = g^2 / (2 g^2 + sum(A) g^3)
-    g, a = ctx.gradients, ctx.activations
-    g2 = g**2
-    g3 = g2 * g
-    sum_a = a.sum(axis=(2, 3))[:, :, None, None]
-    alpha = g2 / (2 * g2 + sum_a * g3 + 1e-6)
-    alpha = np.where(g != 0, alpha, 0)
-    return CamTerms(a, (np.maximum(g, 0) * alpha).sum(axis=(2, 3)))
-
-
-def _xgrad_cam(ctx: LayerContext) -> CamTerms:
-    # Fu et al. 2020, eq. 9: alpha_k = sum_ij (A_kij / sum A_k) dy/dA_kij
-    a = ctx.activations
-    return CamTerms(a, (ctx.gradients * a / (a.sum(axis=(2, 3))[:, :, None, None] + 1e-7)).sum(axis=(2, 3)))
-
-
-def _hires_cam(ctx: LayerContext) -> CamTerms:
-    # Draelos & Carin 2020: element-wise g * A, summed over channels
-    return CamTerms(ctx.activations, ctx.gradients)
-
-
-def _layer_cam(ctx: LayerContext) -> CamTerms:
-    # Jiang et al. 2021, eq. 4: ReLU(g) * A per location
-    return CamTerms(ctx.activations, np.maximum(ctx.gradients, 0))
+grad_cam_terms = closed_form_terms("gradcam")
+"""Grad-CAM's terms (also Contrast-CAM's, on the gradients of its loss)."""
 
 
 def principal_projection(stack: np.ndarray) -> np.ndarray:
@@ -200,10 +198,10 @@ ABLATION_VALUES = Option(
 
 CAM_METHODS: tuple[CamMethod, ...] = (
     CamMethod("gradcam", grad_cam_terms, "Grad-CAM: channels weighted by mean gradient"),
-    CamMethod("gradcam++", _grad_cam_pp, "Grad-CAM++: positive gradients with pixel-wise alphas"),
-    CamMethod("xgradcam", _xgrad_cam, "XGrad-CAM: activation-normalised gradient weights"),
-    CamMethod("hirescam", _hires_cam, "HiResCAM: element-wise gradient x activation"),
-    CamMethod("layercam", _layer_cam, "LayerCAM: positive gradients x activation per location"),
+    CamMethod("gradcam++", closed_form_terms("gradcam++"), "Grad-CAM++: positive gradients with pixel-wise alphas"),
+    CamMethod("xgradcam", closed_form_terms("xgradcam"), "XGrad-CAM: activation-normalised gradient weights"),
+    CamMethod("hirescam", closed_form_terms("hirescam"), "HiResCAM: element-wise gradient x activation"),
+    CamMethod("layercam", closed_form_terms("layercam"), "LayerCAM: positive gradients x activation per location"),
     CamMethod("eigencam", _eigen_cam, "Eigen-CAM: first principal component of the activations"),
     CamMethod("eigengradcam", _eigen_grad_cam, "EigenGrad-CAM: principal component of gradient x activation"),
     CamMethod("scorecam", _score_cam, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),

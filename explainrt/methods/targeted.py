@@ -31,7 +31,14 @@ from explainrt.methods.base import (
     softmax,
     timed,
 )
-from explainrt.methods.cam import CamMethod, CamTerms, LayerContext, cam_attribution, combine_layers, grad_cam_terms
+from explainrt.methods.cam import (
+    CamMethod,
+    cam_attribution,
+    closed_form_terms,
+    combine_layers,
+    grad_cam_terms,
+    head_maps,
+)
 from explainrt.methods.options import ClassIndex, Images, Integer, Option
 from explainrt.runtime.base import RunResult
 from explainrt.validation import check_class_range, checked_int
@@ -41,10 +48,6 @@ RUNNER_UP = -2
 
 TOP_PAIRS = ((0, 1), (0, 2), (1, 2))
 """The class pairs among the top 3 whose insecurity the deliberative explanation shows."""
-
-
-def _counterfactual_cam(ctx: LayerContext) -> CamTerms:
-    return CamTerms(ctx.activations, -ctx.gradients.mean(axis=(2, 3)))
 
 
 def _classes(value: int | np.ndarray | None, name: str, count: int, classes: int) -> np.ndarray:
@@ -88,7 +91,8 @@ class ContrastCam(Method):
         else:
             contrasts = _classes(request.options["contrast"], "contrast", n, classes)[:, None]
         timings: dict[str, float] = {}
-        result = _timed_run(request, timings, request.images, contrasts, "cross_entropy")
+        head = head_maps(request, self.name, contrasts, timings)
+        result = head if head is not None else _timed_run(request, timings, request.images, contrasts, "cross_entropy")
         predicted = result.logits.argmax(axis=1)
         explained = resolve_targets(request.targets, result.logits)
         if (explained != predicted).any():
@@ -100,15 +104,22 @@ class ContrastCam(Method):
             image = int(np.argwhere(same)[0][0])
             raise InvalidInputError(f"the contrast class of image {image} is its predicted class {predicted[image]}: "
                                     "choose another class Q")
-        per_contrast = [cam_attribution(request, result, predicted, grad_cam_terms, seed=k)
-                        for k in range(contrasts.shape[1])]
-        for part in per_contrast:
-            for stage, seconds in part.timings.items():
-                timings[stage] = timings.get(stage, 0.0) + seconds
+        if head is not None:
+            maps = head.maps
+        else:
+            per_contrast = [cam_attribution(request, result, predicted, grad_cam_terms, seed=k)
+                            for k in range(contrasts.shape[1])]
+            for part in per_contrast:
+                for stage, seconds in part.timings.items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+            maps = np.stack([p.maps for p in per_contrast], axis=1)
+            if request.normalize:  # every contrast's map scaled as the pipeline scales the first (and a map head all)
+                with timed(timings, "maps"):
+                    maps = kernels.normalize_minmax(maps.reshape(-1, *maps.shape[2:])).reshape(maps.shape)
         extras = {"contrast_classes": result.targets}
         if top_k is not None:
-            extras["contrast_maps"] = np.stack([p.maps for p in per_contrast], axis=1)
-        return Attribution(per_contrast[0].maps, result.logits, predicted, timings, extras)
+            extras["contrast_maps"] = maps
+        return Attribution(maps[:, 0], result.logits, predicted, timings, extras, normalized=request.normalize)
 
 
 def attribution_maps(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
@@ -212,7 +223,7 @@ class GaloreCounterfactual(Method):
 
 
 TARGETED_METHODS: tuple[Method, ...] = (
-    CamMethod("counterfactual-cam", _counterfactual_cam,
+    CamMethod("counterfactual-cam", closed_form_terms("counterfactual-cam"),
               "Counterfactual-CAM: Grad-CAM of the negated gradients (what if this region were absent)",
               blank_reason="Counterfactual-CAM shows the regions whose removal would raise the class's score; for "
                            "the most likely class there is often none, so its map is all zero (explain another "

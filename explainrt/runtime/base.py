@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
 
 from explainrt.errors import InvalidInputError, InvalidModelError
+from explainrt.export.heads import closed_form
 from explainrt.export.spec import (
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
@@ -30,6 +31,7 @@ from explainrt.export.spec import (
     ExplainableSpec,
     activations_output,
     gradients_output,
+    maps_output,
 )
 from explainrt.export.variants import head_input
 
@@ -42,6 +44,31 @@ class RunResult:
     targets: np.ndarray  # [N, K] resolved class indices
     activations: list[np.ndarray]  # per target layer [N, C, h, w]
     gradients: list[np.ndarray]  # per target layer [N, K, C, h, w]
+
+
+@dataclass(frozen=True)
+class MapsResult:
+    """What a map head returns (host arrays, or CuPy arrays with device outputs)."""
+
+    logits: Any  # [N, classes]
+    targets: Any  # [N, K] resolved class indices
+    maps: Any  # [N, K, H, W] float32, normalised as the Python path normalises CAM maps
+
+
+@runtime_checkable
+class MapHeadSession(Protocol):
+    """A session that can run a closed-form CAM method's map head in the graph (ONNX Runtime, TensorRT)."""
+
+    def maps(self, images: Any, targets: np.ndarray, method: str) -> MapsResult: ...
+
+
+def uses_main_model(spec: ExplainableSpec, method: str) -> bool:
+    """Whether the model's own outputs hold ``method``'s float32 maps for the objective the method weighs."""
+    return method in spec.maps and spec.maps_dtype == "float32" and spec.objective == closed_form(method).objective
+
+
+def maps_outputs(spec: ExplainableSpec, method: str) -> list[str]:
+    return [spec.logits, RESOLVED_TARGETS_OUTPUT, maps_output(method)]
 
 
 class Session(Protocol):

@@ -13,21 +13,25 @@ import onnx
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.spec import (
     REFERENCE_PREFIX,
+    TARGETS_INPUT,
     ExplainableSpec,
     original_model,
     reference_input,
     relu_output,
 )
-from explainrt.export.variants import head_model, variant_kind, variant_model
+from explainrt.export.variants import head_model, maps_model, variant_kind, variant_model
 from explainrt.runtime.base import (
+    MapsResult,
     RunResult,
     head_feeds,
     input_dims,
+    maps_outputs,
     output_names,
     parse_device,
     run_result,
     static_dims,
     targets_feed,
+    uses_main_model,
 )
 
 log = logging.getLogger(__name__)
@@ -63,9 +67,11 @@ class OnnxRuntimeSession:
         self._heads: dict[int, tuple[object, bool]] = {}
         self._input_types: dict[object, dict[str, np.dtype]] = {}
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
-        self._variants: dict[tuple[Any, ...], tuple[object, list[str], list[list[int | str | None]]]] = {
+        self._variants: dict[tuple[Any, ...], tuple[object, list[str], list[list[int | str | None]]]] = {} if (
+            self.spec.maps_only) else {
             (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers),
                                                                            self.spec.objective), [])}
+        self._maps: dict[str, object] = {}  # method -> the session of its map head
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
 
     def _session(self, model: onnx.ModelProto, spinning: bool = True) -> object:
@@ -91,6 +97,19 @@ class OnnxRuntimeSession:
 
     def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
         return self._run_variant(images, targets, objective, of_input=True)
+
+    def maps(self, images: np.ndarray, targets: np.ndarray, method: str) -> MapsResult:
+        """``method``'s normalised maps [N, K, H, W] computed in the graph by its map head: the model's own
+        when it has one, else a maps-only variant built on first use."""
+        if method not in self._maps:
+            if uses_main_model(self.spec, method):
+                self._maps[method] = self._main
+            else:
+                log.info("building the map head of %s", method)
+                self._maps[method] = self._session(maps_model(self._model, self.spec, method))
+        values = self._run(self._maps[method], maps_outputs(self.spec, method),
+                           {self.spec.image_input: images, TARGETS_INPUT: targets})
+        return MapsResult(*values)
 
     def _variant(self, objective: str, of_input: bool, defended: bool = False,
                  images: Any = None) -> tuple[object, list[str], list[list[int | str | None]]]:

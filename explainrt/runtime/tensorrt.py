@@ -29,10 +29,21 @@ import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.spec import TARGETS_INPUT, WEIGHTS_INPUT, ExplainableSpec, original_model
-from explainrt.export.variants import head_model, variant_model
+from explainrt.export.variants import head_model, maps_model, variant_model
 from explainrt.files import write_atomic
 from explainrt.optional import require
-from explainrt.runtime.base import RunResult, head_feeds, input_dims, output_names, parse_device, run_result, targets_feed
+from explainrt.runtime.base import (
+    MapsResult,
+    RunResult,
+    head_feeds,
+    input_dims,
+    maps_outputs,
+    output_names,
+    parse_device,
+    run_result,
+    targets_feed,
+    uses_main_model,
+)
 from explainrt.validation import checked_int
 
 log = logging.getLogger(__name__)
@@ -280,6 +291,17 @@ class TensorRTSession:
         values = self._call(engine, {self.spec.image_input: images, **targets_feed(objective, targets)},
                             output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers), objective))
         return run_result(values, objective, targets)
+
+    def maps(self, images: Any, targets: np.ndarray, method: str) -> MapsResult:
+        """``method``'s normalised maps [N, K, H, W] from its map head, on an engine of the model that has it."""
+        self._check_targets(np.asarray(targets))
+        if uses_main_model(self.spec, method):
+            engine = self._engine("main", lambda: self._model)
+        else:
+            engine = self._engine(("maps", method), lambda: maps_model(self._model, self.spec, method))
+        values = self._call(engine, {self.spec.image_input: images, TARGETS_INPUT: np.asarray(targets, np.int64)},
+                            maps_outputs(self.spec, method))
+        return MapsResult(*values)
 
     def defended_input_gradients(self, images: Any, targets: np.ndarray, references: list[np.ndarray] | None = None,
                                  objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:

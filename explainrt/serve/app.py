@@ -4,7 +4,10 @@
   ``:explain`` with ``{"instances": [...], "parameters": {...}}``;
 - V2: ``POST /v2/models/{name}/infer`` (explanations as extra outputs named like the explainable
   model's: ``explainrt.maps``, ``explainrt.resolved_targets``, ``explainrt.activations.<i>``,
-  ``explainrt.gradients.<i>``), ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{name}``;
+  ``explainrt.gradients.<i>``), with the binary tensor extension both ways (``Inference-Header-Content-Length``,
+  raw little-endian tensors, ``binary_data_size`` / ``binary_data`` / ``binary_data_output``) and maps as
+  FP32, FP16, UINT8 or PNG (output parameter ``format``), ``/v2/health/live``, ``/v2/health/ready``,
+  ``GET /v2/models/{name}``;
 - ``/metrics`` (Prometheus), ``/`` (the page) and ``/api/methods`` (the registered methods, each
   option with its type, default, allowed values and help: ``Option.describe``).
 
@@ -14,6 +17,7 @@ mistakes (413 over a limit, 404 unknown model, 503 queue full) and the server ke
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,7 +49,7 @@ from explainrt.export.spec import (
     activations_output,
     gradients_output,
 )
-from explainrt.methods import METHODS, get_method
+from explainrt.methods import METHODS
 from explainrt.methods.base import softmax
 from explainrt.serve import codec
 from explainrt.serve.codec import Limits
@@ -66,7 +70,7 @@ log = logging.getLogger(__name__)
 MAPS_OUTPUT = "explainrt.maps"
 TARGETS_TENSOR = "explainrt.targets"
 TOP_K = 5
-RESERVED_PARAMETERS = ("method", "targets", "return", "normalize", "caption")
+RESERVED_PARAMETERS = ("method", "targets", "return", "normalize", "caption", "binary_data_output")
 """V1/V2 parameters the server reads itself; every other parameter is an option of the method."""
 RETURNS = ("overlay", "map")
 
@@ -180,7 +184,7 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         model = served(name)
         body = await body_of(request)
         parameters = _parameters(body)
-        method, options, normalize = _method_parameters(parameters)
+        method, options, normalize = codec.method_parameters(parameters, RESERVED_PARAMETERS)
         returns = _returns(parameters.get("return", ["overlay"]))
         images = await run_in_threadpool(codec.decode_instances, body, config.limits)
         targets = _instance_targets(parameters.get("targets"), len(images), model.num_classes)
@@ -217,20 +221,25 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         return _metadata(served(name))
 
     @app.post("/v2/models/{name}/infer")
-    async def v2_infer(name: str, request: Request) -> dict[str, Any]:
+    async def v2_infer(name: str, request: Request) -> Any:
         model = served(name)
-        body = await body_of(request)
-        tensors = await run_in_threadpool(codec.decode_v2_inputs, body, config.limits)
+        if codec.HEADER_LENGTH not in request.headers:  # binary tensor bodies are octet streams
+            _check_json_content_type(request.headers.get("content-type"))
+        body, binary = await codec.read_v2(request.headers.get("content-length"),
+                                           request.headers.get(codec.HEADER_LENGTH), request.stream(), config.limits)
+        tensors = await run_in_threadpool(codec.decode_v2_inputs, body, config.limits, binary)
         images, raw, targets = _v2_images(model, tensors)
         if len(images) > config.limits.max_instances:
             raise RequestTooLargeError(f"{len(images)} images exceed the limit of {config.limits.max_instances} per "
                                        "request (--max-images)")
         parameters = _parameters(body)
-        wanted = _v2_outputs(model, body, "method" in parameters)
+        requested = _v2_outputs(model, body, "method" in parameters, parameters)
+        wanted = [output.name for output in requested]
         arrays: dict[str, np.ndarray] = {}
         logits_name = model.explainer.spec.logits
+        normalize = True
         if MAPS_OUTPUT in wanted or RESOLVED_TARGETS_OUTPUT in wanted:
-            method, options, normalize = _method_parameters(parameters)
+            method, options, normalize = codec.method_parameters(parameters, RESERVED_PARAMETERS)
             result = await model.submit(explain_key(raw, method, options, normalize), Job(images, targets),
                                         _disconnected(request))
             arrays.update({MAPS_OUTPUT: result["maps"], RESOLVED_TARGETS_OUTPUT: result["targets"],
@@ -242,8 +251,19 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
             arrays.setdefault(RESOLVED_TARGETS_OUTPUT, result["resolved_targets"][:, 0])
         if logits_name not in arrays:
             arrays[logits_name] = (await model.submit(predict_key(raw), Job(images)))["logits"]
-        outputs = await run_in_threadpool(lambda: [codec.v2_output(output, arrays[output]) for output in wanted])
-        return {"model_name": name, "model_version": "1", "id": body.get("id"), "outputs": outputs}
+        def encode() -> list[tuple[dict[str, Any], bytes]]:
+            return [codec.v2_output(output.name, codec.encode_maps(arrays[output.name], output.format, normalize)
+                                    if output.name == MAPS_OUTPUT else arrays[output.name], output.binary)
+                    for output in requested]
+
+        encoded = await run_in_threadpool(encode)
+        response = {"model_name": name, "model_version": "1", "id": body.get("id"),
+                    "outputs": [header for header, _ in encoded]}
+        if not any(output.binary for output in requested):
+            return response
+        header = json.dumps(response, separators=(",", ":")).encode()
+        return Response(header + b"".join(raw for _, raw in encoded), media_type=codec.BINARY_CONTENT_TYPE,
+                        headers={codec.HEADER_LENGTH: str(len(header))})
 
     return app
 
@@ -304,24 +324,6 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 def _parameters(body: Any) -> dict[str, Any]:
     parameters = codec.json_object(body, "the request body").get("parameters", {})
     return codec.json_object(parameters, '"parameters"')
-
-
-def _method_parameters(parameters: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
-    """The method (checked against the registry), its options (checked against its declarations), and ``normalize``.
-
-    The options are returned as given (JSON values, which key the batcher's jobs); the pipeline
-    validates them again into the values the method reads.
-    """
-    name = parameters.get("method", "gradcam")
-    if not isinstance(name, str):
-        raise InvalidInputError(f"parameter method must be a method name, got {name!r}")
-    method = get_method(name)
-    options = {key: value for key, value in parameters.items() if key not in RESERVED_PARAMETERS}
-    method.check_options(options)
-    normalize = parameters.get("normalize", True)
-    if not isinstance(normalize, bool):
-        raise InvalidInputError(f"parameter normalize must be true or false, got {normalize!r}")
-    return method.name, options, normalize
 
 
 def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
@@ -435,20 +437,51 @@ def _output_names(model: ServedModel) -> list[str]:
             *(name for i in range(layers) for name in (activations_output(i), gradients_output(i)))]
 
 
-def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool) -> list[str]:
-    """Requested output names (default: the logits, plus the maps and resolved targets when a method is given)."""
+@dataclass(frozen=True)
+class _Output:
+    """One requested V2 output: its name, whether it comes as binary data, and (maps) its format."""
+
+    name: str
+    binary: bool
+    format: str = "FP32"
+
+
+def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool, parameters: dict[str, Any]) -> list[_Output]:
+    """Requested outputs (default: the logits, plus the maps and resolved targets when a method is given).
+
+    Binary tensor extension: an output's parameter ``binary_data`` (default: the request's parameter
+    ``binary_data_output``, else false); the maps' parameter ``format`` is one of ``codec.MAP_FORMATS``.
+    """
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInputError(f"parameter binary_data_output must be true or false, got {binary_default!r}")
     requested = body.get("outputs")
     if requested is None:
         base = [model.explainer.spec.logits]
-        return base + [MAPS_OUTPUT, RESOLVED_TARGETS_OUTPUT] if explaining else base
+        names = base + [MAPS_OUTPUT, RESOLVED_TARGETS_OUTPUT] if explaining else base
+        return [_Output(name, binary_default) for name in names]
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise InvalidInputError('"outputs" must be a list of {"name": ...} objects')
-    names = [o["name"] for o in requested]
     known = _output_names(model)
-    unknown = [n for n in names if n not in known]
+    unknown = [o["name"] for o in requested if o["name"] not in known]
     if unknown:
         raise InvalidInputError(f"unknown output(s) {unknown}; model {model.name!r} has {known}")
-    return names
+    outputs = []
+    for item in requested:
+        options = item.get("parameters") or {}
+        if not isinstance(options, dict):
+            raise InvalidInputError(f"output {item['name']!r}: parameters must be an object")
+        binary = options.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise InvalidInputError(f"output {item['name']!r}: binary_data must be true or false, got {binary!r}")
+        form = options.get("format", "FP32")
+        if form != "FP32" and item["name"] != MAPS_OUTPUT:
+            raise InvalidInputError(f"output {item['name']!r} takes no format (only {MAPS_OUTPUT!r} does)")
+        if form not in codec.MAP_FORMATS:
+            raise InvalidInputError(f"output {MAPS_OUTPUT!r}: format must be one of {', '.join(codec.MAP_FORMATS)}, "
+                                    f"got {form!r}")
+        outputs.append(_Output(item["name"], binary, form))
+    return outputs
 
 
 def _metadata(model: ServedModel) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import binascii
 import io
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +21,21 @@ import numpy as np
 from PIL import Image
 
 from explainrt.errors import ImageReadError, InvalidInputError, RequestTooLargeError
+from explainrt.methods import get_method
 from explainrt.preprocessing import load_image
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
 V2_DATATYPES = {"UINT8": np.uint8, "FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
+"""Datatypes of the tensors a request may carry."""
+V2_OUTPUT_DATATYPES = {**V2_DATATYPES, "FP16": np.float16}
+"""Datatypes of the tensors a response may carry (FP16 maps)."""
+HEADER_LENGTH = "Inference-Header-Content-Length"
+"""The Open Inference Protocol's binary tensor extension: the JSON part's length; raw tensors follow it."""
+BINARY_CONTENT_TYPE = "application/octet-stream"
+MAP_FORMATS = ("FP32", "FP16", "UINT8", "PNG")
+"""How maps may be returned: float32, float16, uint8 round(255 x map), or one 8-bit grayscale PNG per map (BYTES)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,24 @@ class Limits:
 
 async def read_json(content_length: str | None, chunks: AsyncIterator[bytes], limits: Limits) -> Any:
     """The request body parsed as JSON, refusing oversized bodies before reading (or while reading) them."""
+    return parse_json(await read_body(content_length, chunks, limits))
+
+
+async def read_v2(content_length: str | None, header_length: str | None, chunks: AsyncIterator[bytes],
+                  limits: Limits) -> tuple[Any, bytes]:
+    """An Open Inference Protocol body: its JSON part and, with ``Inference-Header-Content-Length``, the
+    binary tensor data after it."""
+    body = await read_body(content_length, chunks, limits)
+    if header_length is None:
+        return parse_json(body), b""
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise InvalidInputError(f"{HEADER_LENGTH} must be the JSON part's length in bytes, at most the body's "
+                                f"{len(body)}; got {header_length!r}")
+    return parse_json(body[:int(header_length)]), body[int(header_length):]
+
+
+async def read_body(content_length: str | None, chunks: AsyncIterator[bytes], limits: Limits) -> bytes:
+    """The raw request body, refusing oversized bodies before reading (or while reading) them."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limits.max_body_bytes:
         raise RequestTooLargeError(f"request body of {int(content_length)} bytes exceeds the limit of "
                                    f"{limits.max_body_bytes} bytes (--max-body-mb)")
@@ -48,7 +75,7 @@ async def read_json(content_length: str | None, chunks: AsyncIterator[bytes], li
         body += chunk
         if len(body) > limits.max_body_bytes:
             raise RequestTooLargeError(f"request body exceeds the limit of {limits.max_body_bytes} bytes (--max-body-mb)")
-    return parse_json(bytes(body))
+    return bytes(body)
 
 
 def parse_json(body: bytes) -> Any:
@@ -162,22 +189,40 @@ class V2Tensor:
     array: np.ndarray
 
 
-def decode_v2_inputs(body: Any, limits: Limits) -> dict[str, V2Tensor]:
-    """The ``inputs`` of an Open Inference Protocol request, by name, with shape and datatype checked."""
+def decode_v2_inputs(body: Any, limits: Limits, binary: bytes = b"") -> dict[str, V2Tensor]:
+    """The ``inputs`` of an Open Inference Protocol request, by name, with shape and datatype checked.
+
+    An input with parameter ``binary_data_size`` takes that many bytes of ``binary`` (the data after
+    the JSON part, in input order) as its raw little-endian values instead of ``data``.
+    """
     inputs = json_object(body, "the request body").get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInputError('the request body needs "inputs": a non-empty list of tensors '
                                 '{"name", "shape", "datatype", "data"}')
     tensors: dict[str, V2Tensor] = {}
+    offset = 0
     for index, item in enumerate(inputs):
-        tensor = _v2_tensor(json_object(item, f"inputs[{index}]"), index, limits)
+        tensor, offset = _v2_tensor(json_object(item, f"inputs[{index}]"), index, limits, binary, offset)
         if tensor.name in tensors:
             raise InvalidInputError(f"input {tensor.name!r} is given twice")
         tensors[tensor.name] = tensor
+    if offset != len(binary):
+        raise InvalidInputError(f"the body carries {len(binary)} bytes of binary tensor data, but the inputs' "
+                                f"binary_data_size parameters add up to {offset}")
     return tensors
 
 
-def _v2_tensor(item: dict[str, Any], index: int, limits: Limits) -> V2Tensor:
+def _binary_size(item: dict[str, Any], name: str) -> int | None:
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInputError(f"input {name!r}: parameters must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise InvalidInputError(f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
+    return size
+
+
+def _v2_tensor(item: dict[str, Any], index: int, limits: Limits, binary: bytes, offset: int) -> tuple[V2Tensor, int]:
     name, shape, datatype, data = (item.get(key) for key in ("name", "shape", "datatype", "data"))
     if not isinstance(name, str) or not name:
         raise InvalidInputError(f"inputs[{index}] needs a \"name\" string")
@@ -190,6 +235,11 @@ def _v2_tensor(item: dict[str, Any], index: int, limits: Limits) -> V2Tensor:
     count = math.prod(shape)
     if count > limits.max_pixels * 3 * limits.max_instances:
         raise RequestTooLargeError(f"input {name!r}: shape {shape} holds {count} values, over the server's limit")
+    size = _binary_size(item, name)
+    if size is not None and data is not None:
+        raise InvalidInputError(f"input {name!r}: give \"data\" or parameter binary_data_size, not both")
+    if size is not None:
+        return V2Tensor(name, datatype, _raw_tensor(name, datatype, shape, binary[offset:offset + size], size)), offset + size
     if not isinstance(data, list):
         raise InvalidInputError(f"input {name!r}: data must be a (flat or nested) list of numbers")
     try:
@@ -208,16 +258,64 @@ def _v2_tensor(item: dict[str, Any], index: int, limits: Limits) -> V2Tensor:
         array = to_uint8(values, f"input {name!r}")
     else:
         array = values.astype(V2_DATATYPES[datatype])
-    return V2Tensor(name, datatype, array.reshape(shape))
+    return V2Tensor(name, datatype, array.reshape(shape)), offset
 
 
-def v2_output(name: str, array: np.ndarray) -> dict[str, Any]:
-    """One Open Inference Protocol output tensor (row-major flat data)."""
-    datatypes = {np.dtype(t): n for n, t in V2_DATATYPES.items()}
+def _raw_tensor(name: str, datatype: str, shape: list[int], raw: bytes, size: int) -> np.ndarray:
+    """Raw little-endian values of a binary input, their byte count checked against shape and datatype."""
+    dtype = np.dtype(V2_DATATYPES[datatype]).newbyteorder("<")
+    if len(raw) != size:
+        raise InvalidInputError(f"input {name!r}: binary_data_size is {size} but only {len(raw)} bytes of binary "
+                                "data are left in the body")
+    if size != math.prod(shape) * dtype.itemsize:
+        raise InvalidInputError(f"input {name!r}: {size} bytes of binary data, but {datatype} {shape} takes "
+                                f"{math.prod(shape) * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).astype(V2_DATATYPES[datatype]).reshape(shape)
+
+
+def v2_output(name: str, array: np.ndarray, binary: bool = False) -> tuple[dict[str, Any], bytes]:
+    """One Open Inference Protocol output tensor: row-major flat ``data`` in JSON, or with ``binary`` its raw
+    little-endian bytes (returned) and parameter ``binary_data_size``. Object arrays of bytes are BYTES tensors
+    (base64 strings in JSON; each element 4-byte little-endian length then its bytes in binary)."""
+    if array.dtype == object:
+        if binary:
+            raw = b"".join(len(item).to_bytes(4, "little") + item for item in array.ravel())
+            return _binary_tensor(name, "BYTES", array.shape, raw)
+        data = [base64.b64encode(item).decode("ascii") for item in array.ravel()]
+        return {"name": name, "datatype": "BYTES", "shape": list(array.shape), "data": data}, b""
+    datatypes = {np.dtype(t): n for n, t in V2_OUTPUT_DATATYPES.items()}
     datatype = datatypes.get(array.dtype)
     if datatype is None:
         array, datatype = array.astype(np.float32), "FP32"
-    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}
+    if binary:
+        return _binary_tensor(name, datatype, array.shape, np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}, b""
+
+
+def _binary_tensor(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> tuple[dict[str, Any], bytes]:
+    return {"name": name, "datatype": datatype, "shape": list(shape), "parameters": {"binary_data_size": len(raw)}}, raw
+
+
+def encode_maps(maps: np.ndarray, form: str, normalized: bool) -> np.ndarray:
+    """Maps [N, H, W] in a ``MAP_FORMATS`` form: FP32, FP16, UINT8 round(255 x map), or PNG (an object array
+    of one 8-bit grayscale PNG per map). UINT8 and PNG need normalised maps."""
+    if form not in MAP_FORMATS:
+        raise InvalidInputError(f"map format must be one of {', '.join(MAP_FORMATS)}; got {form!r}")
+    if form == "FP32":
+        return maps.astype(np.float32, copy=False)
+    if form == "FP16":
+        return maps.astype(np.float16)
+    if not normalized:
+        raise InvalidInputError(f"map format {form} holds maps scaled to [0, 1]: drop \"normalize\": false")
+    quantized = np.round(np.clip(maps, 0, 1) * 255).astype(np.uint8)
+    if form == "UINT8":
+        return quantized
+    encoded = np.empty(len(maps), dtype=object)
+    for index, item in enumerate(quantized):
+        buffer = io.BytesIO()
+        Image.fromarray(item, mode="L").save(buffer, format="PNG", compress_level=1)
+        encoded[index] = buffer.getvalue()
+    return encoded
 
 
 def png_b64(rgb: np.ndarray) -> str:
@@ -235,3 +333,22 @@ def _json_type(value: Any) -> str:
 def _numpy_kind(values: np.ndarray) -> str:
     return {"f": "floating-point values", "b": "booleans", "U": "strings", "O": "mixed values"}.get(
         values.dtype.kind, str(values.dtype))
+
+
+def method_parameters(parameters: dict[str, Any], reserved: Sequence[str]) -> tuple[str, dict[str, Any], bool]:
+    """The method (checked against the registry), its options (checked against its declarations), and ``normalize``.
+
+    ``reserved`` names the parameters the front-end reads itself; every other one is an option of
+    the method. The options are returned as given (JSON values, which key the batcher's jobs); the
+    pipeline validates them again into the values the method reads.
+    """
+    name = parameters.get("method", "gradcam")
+    if not isinstance(name, str):
+        raise InvalidInputError(f"parameter method must be a method name, got {name!r}")
+    method = get_method(name)
+    options = {key: value for key, value in parameters.items() if key not in reserved}
+    method.check_options(options)
+    normalize = parameters.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise InvalidInputError(f"parameter normalize must be true or false, got {normalize!r}")
+    return method.name, options, normalize

@@ -1,0 +1,197 @@
+"""Map heads: a CAM method's maps computed inside the explainable graph.
+
+``add_map_heads`` appends, per method, output ``explainrt.maps.<method>`` ``[N, K, H, W]``: the
+method's closed-form weights (``explainrt.kernels.cam_weights``, the formulas the Python path
+evaluates too) over each target layer's activations and gradients, then what explainrt's Python
+path and pytorch-grad-cam do: weighted channel sum, ReLU, per-map min-max normalisation, bilinear
+resize to the input size (cv2's INTER_LINEAR: ONNX Resize, linear, half_pixel), average over
+target layers, final min-max normalisation. Any runtime that runs the model (Triton, ONNX
+Runtime's C/C++/Java/JS APIs, TensorRT) then returns heatmaps, not raw tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import onnx
+from onnx import TensorProto
+
+from explainrt.autodiff.builder import GraphBuilder, TensorInfo
+from explainrt.autodiff.gradients import V, add_n, where
+from explainrt.errors import InvalidInputError, InvalidModelError
+from explainrt.export.spec import (
+    MAPS_PREFIX,
+    METADATA_KEY,
+    OBJECTIVES,
+    RESOLVED_TARGETS_OUTPUT,
+    ExplainableSpec,
+    activations_output,
+    gradients_output,
+    maps_output,
+    prune_added_nodes,
+    set_metadata,
+)
+from explainrt.kernels.cam_weights import CAM_EPS, CLOSED_FORMS, NO_CLOSED_FORM, ClosedForm
+
+MAPS_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "uint8": TensorProto.UINT8}
+"""Element types a map output may have; uint8 maps are round(255 * map)."""
+
+
+class _GraphAlgebra:
+    """``CamAlgebra`` over graph value handles: each call appends ONNX nodes."""
+
+    def mean_hw(self, x: V) -> V:
+        return x.mean([-2, -1])
+
+    def sum_hw(self, x: V) -> V:
+        return x.sum([-2, -1])
+
+    def relu(self, x: V) -> V:
+        return x.op("Relu")
+
+    def where_nonzero(self, test: V, x: V) -> V:
+        return where(test == 0.0, 0.0, x)
+
+
+def closed_form(method: str, objective: str | None = None) -> ClosedForm:
+    """The closed form of ``method``'s maps; a clear error for unknown methods, methods without one,
+    and (given the model's ``objective``) methods that weigh the gradients of another objective."""
+    name = method.lower()
+    if name in NO_CLOSED_FORM:
+        raise InvalidInputError(f"method {name!r} has no map head: {NO_CLOSED_FORM[name]}; map heads exist for "
+                                f"{', '.join(CLOSED_FORMS)} (use the Python path for {name!r})")
+    if name not in CLOSED_FORMS:
+        raise InvalidInputError(f"no map head for {method!r}: map heads exist for the closed-form CAM methods "
+                                f"{', '.join(CLOSED_FORMS)}")
+    form = CLOSED_FORMS[name]
+    if objective is not None and form.objective != objective:
+        raise InvalidInputError(f"method {name!r} weighs the gradients of objective {form.objective!r} "
+                                f"({OBJECTIVES[form.objective]}), but the model differentiates {objective!r}: "
+                                f"export its map head in a model made with objective={form.objective!r}")
+    return form
+
+
+def checked_maps(maps: str | Sequence[str]) -> tuple[str, ...]:
+    """Method names for map heads (a comma-separated string or a sequence), lower-cased, each checked."""
+    names = [m.strip() for m in maps.split(",")] if isinstance(maps, str) else [str(m).strip() for m in maps]
+    names = [n.lower() for n in names if n]
+    for name in names:
+        closed_form(name)
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"map methods repeat: {names}")
+    return tuple(names)
+
+
+def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: bool = False,
+                  maps_dtype: str = "float32") -> onnx.ModelProto:
+    """The explainable ``model`` (changed in place) with a map head per method of ``maps``.
+
+    ``maps_only=True`` leaves as outputs only the original ones, ``explainrt.resolved_targets``
+    (the class each map explains) and the maps added now: activations, gradients and earlier maps
+    no longer leave the runtime. ``maps_dtype`` is float32, float16 or uint8 (round(255 * map)).
+    """
+    spec = ExplainableSpec.from_model(model)
+    methods = checked_maps(maps)
+    if not methods:
+        raise InvalidInputError("no map method given (e.g. maps=('gradcam',))")
+    if maps_dtype not in MAPS_DTYPES:
+        raise InvalidInputError(f"maps_dtype must be one of {', '.join(MAPS_DTYPES)}; got {maps_dtype!r}")
+    for method in methods:
+        closed_form(method, spec.objective)
+    if spec.maps_only:
+        raise InvalidModelError("the model was exported maps-only: it has no activation and gradient outputs to "
+                                "add map heads to; add them to the full explainable model")
+    existing = set(spec.maps) & set(methods)
+    if existing:
+        raise InvalidInputError(f"the model already has map heads for {sorted(existing)}")
+    if spec.maps and not maps_only and maps_dtype != spec.maps_dtype:
+        raise InvalidInputError(f"the model's map heads are {spec.maps_dtype}; new ones must be too (got {maps_dtype})")
+    b = GraphBuilder(model)
+    layers = [(V(b, activations_output(i)), V(b, gradients_output(i))) for i in range(len(spec.target_layers))]
+    for method in methods:
+        b.scope = f"explainrt/maps/{method}"
+        heatmaps = _method_maps(b, CLOSED_FORMS[method], layers, spec.image_input)
+        out = _as_dtype(heatmaps, MAPS_DTYPES[maps_dtype])
+        b.add_output(maps_output(method), out.name, MAPS_DTYPES[maps_dtype], ["N", "K", *_input_hw(model, spec)])
+    kept = methods
+    if maps_only:
+        wanted = {RESOLVED_TARGETS_OUTPUT, *(maps_output(m) for m in methods)}
+        outputs = [o for o in model.graph.output if not o.name.startswith("explainrt.") or o.name in wanted]
+        del model.graph.output[:]
+        model.graph.output.extend(outputs)
+        prune_added_nodes(model)
+    else:
+        kept = (*spec.maps, *methods)
+    updated = dataclasses.replace(spec, maps=kept, maps_dtype=maps_dtype, maps_only=maps_only)
+    set_metadata(model, METADATA_KEY, updated.to_json())
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        raise InvalidModelError(f"the model with map heads failed ONNX validation: {error}") from error
+    return model
+
+
+def without_maps(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The explainable ``model`` (changed in place) without map heads, keeping activations and gradients."""
+    spec = ExplainableSpec.from_model(model)
+    if spec.maps_only:
+        raise InvalidModelError("the model was exported maps-only: its activations and gradients are gone")
+    outputs = [o for o in model.graph.output if not o.name.startswith(MAPS_PREFIX)]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    prune_added_nodes(model)
+    set_metadata(model, METADATA_KEY, dataclasses.replace(spec, maps=(), maps_dtype="float32").to_json())
+    return model
+
+
+def map_methods(model: onnx.ModelProto) -> list[str]:
+    """The methods whose maps ``model`` outputs."""
+    return [o.name[len(MAPS_PREFIX):] for o in model.graph.output if o.name.startswith(MAPS_PREFIX)]
+
+
+def _input_hw(model: onnx.ModelProto, spec: ExplainableSpec) -> list[int | str]:
+    value = next(v for v in model.graph.input if v.name == spec.image_input)
+    dims = value.type.tensor_type.shape.dim[2:4]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{axis}") for d, axis in zip(dims, "HW")]
+
+
+def _method_maps(b: GraphBuilder, form: ClosedForm, layers: list[tuple[V, V]], image: str) -> V:
+    """[N, K, H, W] maps of one method: per layer weights, ReLU'd sum, normalise, resize; layer average; normalise."""
+    ops = _GraphAlgebra()
+    per_layer = []
+    for acts, grads in layers:
+        a = _float32(acts).unsqueeze([-4])  # [N, 1, C, h, w]: broadcast over the K targets
+        g = _float32(grads)  # [N, K, C, h, w]
+        weighted, weights = form.formula(ops, a, g)
+        cams = ops.relu((weights * weighted).sum([-3], keepdims=False))  # [N, K, h, w]
+        per_layer.append(_resize_like_image(b, _normalized(b, cams), image))
+    combined = per_layer[0] if len(per_layer) == 1 else add_n([ops.relu(m) for m in per_layer]) / float(len(per_layer))
+    return _normalized(b, combined)
+
+
+def _float32(value: V) -> V:
+    return value if value.dtype == TensorProto.FLOAT else value.cast(TensorProto.FLOAT)
+
+
+def _normalized(b: GraphBuilder, maps: V) -> V:
+    """pytorch-grad-cam's ``scale_cam_image`` per map: (x - min) / (max(x - min) + 1e-7)."""
+    shifted = maps - V(b, b.reduce("ReduceMin", maps.name, [-2, -1]))
+    return shifted / (V(b, b.reduce("ReduceMax", shifted.name, [-2, -1])) + CAM_EPS)
+
+
+def _resize_like_image(b: GraphBuilder, maps: V, image: str) -> V:
+    """Bilinear resize of [N, K, h, w] to the image's [H, W] as cv2.resize(INTER_LINEAR) does it."""
+    sizes = b.concat([b.shape_slice(maps.name, 0, 2), b.shape_slice(image, 2, 4)], 0)
+    resized = b.op("Resize", [maps.name, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
+    b.infos[resized] = TensorInfo(maps.dtype, None)
+    return V(b, resized)
+
+
+def _as_dtype(maps: V, dtype: int) -> V:
+    """The maps in the output element type: uint8 maps are round(255 * map)."""
+    if dtype == TensorProto.FLOAT:
+        return maps
+    if dtype == TensorProto.UINT8:
+        return (maps * 255.0).op("Round").cast(dtype)
+    return maps.cast(dtype)

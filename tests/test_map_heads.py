@@ -1,0 +1,153 @@
+"""Map heads: CAM maps computed inside the ONNX graph, against the Python path and pytorch-grad-cam."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from conftest import SMALL_SIZE
+
+from explainrt import Explainer, from_torch
+from explainrt.errors import InvalidInputError, InvalidModelError
+from explainrt.export import make_explainable
+from explainrt.export.heads import add_map_heads, without_maps
+from explainrt.export.spec import ExplainableSpec, original_model
+from explainrt.kernels.cam_weights import CLOSED_FORMS
+
+LOGIT_METHODS = [name for name, form in CLOSED_FORMS.items() if form.objective == "logit"]
+
+
+@pytest.fixture(scope="module")
+def two_layer_onnx(small_resnet):  # noqa: ANN001, ANN201
+    """The small ResNet-18 explained at layer3 and layer4 (maps averaged over two layers)."""
+    return from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), [small_resnet.layer3, small_resnet.layer4])
+
+
+def _run(model: onnx.ModelProto, images: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of ``model`` from plain ONNX Runtime (no explainrt code at run time)."""
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {session.get_inputs()[0].name: images, "explainrt.targets": targets})))
+
+
+def test_heads_equal_python_path(two_layer_onnx, small_batch) -> None:  # noqa: ANN001
+    """Every closed-form method, two targets per image, two target layers: head == Python path within 1e-5."""
+    model = add_map_heads(copy.deepcopy(two_layer_onnx), LOGIT_METHODS)
+    targets = np.array([[-1, 3], [2, -2], [-3, 0]], dtype=np.int64)
+    outputs = _run(model, small_batch, targets)
+    python = Explainer(two_layer_onnx, map_heads=False)
+    for method in LOGIT_METHODS:
+        maps = outputs[f"explainrt.maps.{method}"]
+        assert maps.shape == (3, 2, *SMALL_SIZE) and maps.dtype == np.float32
+        for k in range(2):
+            expected = python.explain(small_batch, method=method, targets=targets[:, k])
+            np.testing.assert_allclose(maps[:, k], expected.maps, atol=1e-5, err_msg=method)
+            np.testing.assert_array_equal(outputs["explainrt.resolved_targets"][:, k], expected.targets)
+
+
+def test_explainer_uses_heads(two_layer_onnx, small_batch) -> None:  # noqa: ANN001
+    """The Explainer's head path (maps-only variants built on demand) equals its Python path, Contrast-CAM included."""
+    heads, python = Explainer(two_layer_onnx), Explainer(two_layer_onnx, map_heads=False)
+    for method in CLOSED_FORMS:
+        got, expected = heads.explain(small_batch, method=method), python.explain(small_batch, method=method)
+        np.testing.assert_allclose(got.maps, expected.maps, atol=1e-5, err_msg=method)
+        np.testing.assert_array_equal(got.targets, expected.targets)
+        assert "method" not in got.timings and "method" in expected.timings  # the head ran, not the Python tail
+    got = heads.explain(small_batch, method="contrast-cam", top_k=2)
+    expected = python.explain(small_batch, method="contrast-cam", top_k=2)
+    np.testing.assert_allclose(got.extras["contrast_maps"], expected.extras["contrast_maps"], atol=1e-5)
+    np.testing.assert_array_equal(got.extras["contrast_classes"], expected.extras["contrast_classes"])
+    raw_heads = heads.explain(small_batch, method="gradcam", normalize=False)  # raw maps: the Python path
+    np.testing.assert_allclose(raw_heads.maps, python.explain(small_batch, method="gradcam", normalize=False).maps)
+    assert "method" in raw_heads.timings
+
+
+def _grad_cam_reference(model: torch.nn.Module, layers: list, method: str, images: np.ndarray,
+                        classes: np.ndarray, contrasts: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's maps; Counterfactual-CAM is Grad-CAM of -logit, Contrast-CAM Grad-CAM of CE(y, Q)."""
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cams = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
+            "hirescam": pgc.HiResCAM, "layercam": pgc.LayerCAM, "counterfactual-cam": pgc.GradCAM,
+            "contrast-cam": pgc.GradCAM}
+    if method == "counterfactual-cam":
+        targets = [lambda out, c=int(c): -out[c] for c in classes]
+    elif method == "contrast-cam":
+        targets = [lambda out, q=int(q): torch.nn.functional.cross_entropy(out[None], torch.tensor([q]))
+                   for q in contrasts]
+    else:
+        targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    with cams[method](model=model, target_layers=layers) as cam:
+        return cam(input_tensor=torch.from_numpy(images), targets=targets)
+
+
+def test_heads_equal_pytorch_grad_cam(small_resnet, small_batch) -> None:  # noqa: ANN001
+    """A torchvision ResNet-18 exported with map heads, run by onnxruntime.InferenceSession, matches pytorch-grad-cam."""
+    layers = [small_resnet.layer3, small_resnet.layer4]
+    explainable = from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), layers)
+    classes = np.array([3, 7, 1], dtype=np.int64)
+    logit_model = add_map_heads(copy.deepcopy(explainable), LOGIT_METHODS, maps_only=True)
+    outputs = _run(logit_model, small_batch, classes[:, None])
+    assert {o.name for o in logit_model.graph.output} == {
+        "logits", "explainrt.resolved_targets", *(f"explainrt.maps.{m}" for m in LOGIT_METHODS)}
+    contrasts = np.array([5, 0, 9], dtype=np.int64)
+    spec = ExplainableSpec.from_model(explainable)
+    loss_model = make_explainable(original_model(explainable), list(spec.target_layers), objective="cross_entropy",
+                                  maps=["contrast-cam"])
+    outputs.update(_run(loss_model, small_batch, contrasts[:, None]))
+    for method in CLOSED_FORMS:
+        expected = _grad_cam_reference(small_resnet, layers, method, small_batch, classes, contrasts)
+        np.testing.assert_allclose(outputs[f"explainrt.maps.{method}"][:, 0], expected, atol=1e-3, err_msg=method)
+
+
+def test_dtypes_and_maps_only(small_onnx, small_batch) -> None:  # noqa: ANN001
+    """float16 and uint8 (round(255 * map)) outputs; maps_only drops activations and gradients."""
+    targets = np.full((3, 1), -1, dtype=np.int64)
+    full = _run(add_map_heads(copy.deepcopy(small_onnx), ["gradcam"]), small_batch, targets)
+    assert {"explainrt.activations.0", "explainrt.gradients.0"} <= set(full)
+    reference = full["explainrt.maps.gradcam"]
+    half = add_map_heads(copy.deepcopy(small_onnx), "gradcam,layercam", maps_only=True, maps_dtype="float16")
+    as_half = _run(half, small_batch, targets)
+    assert set(as_half) == {"logits", "explainrt.resolved_targets", "explainrt.maps.gradcam", "explainrt.maps.layercam"}
+    assert as_half["explainrt.maps.gradcam"].dtype == np.float16
+    np.testing.assert_allclose(as_half["explainrt.maps.gradcam"], reference, atol=1e-3)
+    as_bytes = _run(add_map_heads(copy.deepcopy(small_onnx), ["gradcam"], maps_dtype="uint8"), small_batch, targets)
+    assert as_bytes["explainrt.maps.gradcam"].dtype == np.uint8
+    np.testing.assert_array_equal(as_bytes["explainrt.maps.gradcam"], np.round(reference * 255).astype(np.uint8))
+    stored = ExplainableSpec.from_model(half)
+    assert (stored.maps, stored.maps_dtype, stored.maps_only) == (("gradcam", "layercam"), "float16", True)
+    # a maps-only model still explains with every method: the session rebuilds activations and gradients
+    explainer = Explainer(half)
+    got = explainer.explain(small_batch, method="gradcam++")
+    expected = Explainer(small_onnx, map_heads=False).explain(small_batch, method="gradcam++")
+    np.testing.assert_allclose(got.maps, expected.maps, atol=1e-5)
+    stripped = without_maps(add_map_heads(copy.deepcopy(small_onnx), ["gradcam"]))
+    assert not any(o.name.startswith("explainrt.maps.") for o in stripped.graph.output)
+
+
+def test_bad_map_options(small_onnx) -> None:  # noqa: ANN001
+    """Unknown methods, methods with no closed form, a wrong objective and bad flags get clear errors."""
+    with pytest.raises(InvalidInputError, match="no map head for 'nosuch'.*gradcam"):
+        add_map_heads(copy.deepcopy(small_onnx), ["nosuch"])
+    with pytest.raises(InvalidInputError, match="'eigencam' has no map head.*no SVD operator"):
+        add_map_heads(copy.deepcopy(small_onnx), ["eigencam"])
+    with pytest.raises(InvalidInputError, match="'scorecam' has no map head"):
+        add_map_heads(copy.deepcopy(small_onnx), "gradcam,scorecam")
+    with pytest.raises(InvalidInputError, match="objective 'cross_entropy'.*differentiates 'logit'"):
+        add_map_heads(copy.deepcopy(small_onnx), ["contrast-cam"])
+    with pytest.raises(InvalidInputError, match="maps_dtype must be one of float32, float16, uint8"):
+        add_map_heads(copy.deepcopy(small_onnx), ["gradcam"], maps_dtype="int8")
+    with pytest.raises(InvalidInputError, match="map methods repeat"):
+        add_map_heads(copy.deepcopy(small_onnx), ["gradcam", "GradCAM"])
+    with pytest.raises(InvalidInputError, match="already has map heads for \\['gradcam'\\]"):
+        add_map_heads(add_map_heads(copy.deepcopy(small_onnx), ["gradcam"]), ["gradcam"])
+    maps_only = add_map_heads(copy.deepcopy(small_onnx), ["gradcam"], maps_only=True)
+    with pytest.raises(InvalidModelError, match="exported maps-only"):
+        add_map_heads(maps_only, ["layercam"])
+    with pytest.raises(InvalidInputError, match="maps_only=True needs maps"):
+        make_explainable(original_model(small_onnx), maps_only=True)
