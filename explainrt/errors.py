@@ -25,6 +25,10 @@ class UnknownLayerError(ExplainrtError):
     """A requested target layer (tensor name or module) does not exist in the model."""
 
 
+class DynamicTokenGridError(UnknownLayerError):
+    """A target layer holds tokens but the image size is dynamic, so its token grid is not known."""
+
+
 class NoSpatialLayerError(ExplainrtError):
     """The model has no rank-4 tensor with spatial size > 1 on the path to the logits."""
 

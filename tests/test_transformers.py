@@ -271,3 +271,19 @@ def test_automatic_layer_refuses_unsound_tensors_with_the_candidates_named() -> 
         make_explainable(pooled)
     with pytest.raises(UnknownLayerError, match="does not have the image batch on axis 0"):
         make_explainable(_graph_with([2, 4, 6], "Relu", conv=False), ["layer"])
+
+
+def test_a_token_model_given_no_input_size_is_explained_at_its_preprocessing_size() -> None:
+    """Without input_size a module is exported with dynamic height and width; a ViT's token grid (and
+    position embeddings) hold one size, so it is exported at the preprocessing's size instead."""
+    from explainrt.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    model = randomized(torchvision_vit())
+    images = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    layer = model.encoder.layers[-1].ln_1
+    with ReferenceGradCAM(model=model, target_layers=[layer], reshape_transform=tokens_to_maps(4, 4, 1)) as cam:
+        reference = cam(input_tensor=torch.from_numpy(images), targets=[ReferenceTarget(1), ReferenceTarget(7)])
+    explainer = Explainer(model, [layer], preprocessing=Preprocessing((32, 32), None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    assert explainer.spec.layouts[0]["grid"] == [4, 4]
+    np.testing.assert_allclose(explainer.explain(images, targets=[1, 7]).maps, reference, atol=1e-4)

@@ -19,7 +19,13 @@ from explainrt.autodiff.builder import opset_version
 from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.zero_blocks import compute_on_blocks
-from explainrt.errors import InvalidInputError, InvalidModelError, UnknownLayerError, UnsupportedOperatorError
+from explainrt.errors import (
+    DynamicTokenGridError,
+    InvalidInputError,
+    InvalidModelError,
+    UnknownLayerError,
+    UnsupportedOperatorError,
+)
 from explainrt.export import heads, inputs, layers, layouts
 from explainrt.export.spec import (
     METADATA_KEY,
@@ -293,7 +299,7 @@ def _target_layers(proto: onnx.ModelProto, builder: GradientBuilder, image: str,
     chosen = layers.target_layers(GradientBuilder(probe), image, requested, logits, requests)
     for (name, layout), request in zip(chosen, requests):
         if layout.kind == "tokens" and request.token_grid is None:
-            raise UnknownLayerError(f"target layer {name!r} holds tokens but the image size is dynamic: give "
+            raise DynamicTokenGridError(f"target layer {name!r} holds tokens but the image size is dynamic: give "
                                     "token_grid=(h, w) (and prefix_tokens)")
         if name not in builder.infos:
             raise UnknownLayerError(f"target layer {name!r} has no known type in the model")

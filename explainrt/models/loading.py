@@ -35,7 +35,13 @@ from typing import Any
 
 import onnx
 
-from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
+from explainrt.errors import (
+    BackendUnavailableError,
+    DynamicTokenGridError,
+    InvalidInputError,
+    InvalidModelError,
+    UnknownLayerError,
+)
 from explainrt.export import layouts
 from explainrt.export.explainable import make_explainable
 from explainrt.export.inputs import InputForm, input_form
@@ -185,8 +191,16 @@ def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocess
                            preprocessing)
     from explainrt.export.torch_export import from_torch
 
-    proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
-                       dynamic_size=dynamic_size, **outputs.layouts())
+    try:
+        proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
+                           dynamic_size=dynamic_size, **outputs.layouts())
+    except DynamicTokenGridError:
+        if not dynamic_size:
+            raise
+        # Token layers (ViT, Swin) tie their grid, and usually their position embeddings, to one size.
+        log.info("the target layers hold tokens: exported at %dx%d, the size their grid is read at", *input_size)
+        proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
+                           **outputs.layouts())
     named = _named_classes(preprocessing, ExplainableSpec.from_model(proto).num_classes)
     return LoadedModel(with_preprocessing(proto, named.to_json()) if named is not preprocessing else proto, None, named)
 
