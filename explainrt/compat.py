@@ -7,8 +7,10 @@
 
 The classes are named, built and called like pytorch-grad-cam's and return the same maps (to
 float32 rounding). Differences: the model is exported to ONNX once per input size (H, W) and
-explained on ONNX Runtime; targets must be ``ClassifierOutputTarget`` (ours or
-pytorch-grad-cam's); ``eigen_smooth`` is not supported and says so. ``reshape_transform`` may be
+explained on ONNX Runtime; targets are pytorch-grad-cam's (or ours of the same name)
+``ClassifierOutputTarget``, ``ClassifierOutputSoftmaxTarget``, ``BinaryClassifierOutputTarget``,
+``RawScoresOutputTarget``, ``SemanticSegmentationTarget`` and ``FasterRCNNBoxScoreTarget`` (on a raw
+detector head, see its docstring), run as ``explainrt.targets``; ``eigen_smooth`` is not supported and says so. ``reshape_transform`` may be
 any function that turns a layer's tokens ``[N, T, D]`` into ``[N, D, h, w]`` after dropping
 leading (CLS, distillation, register) tokens, or channels-last ``[N, h, w, C]`` into
 ``[N, C, h, w]`` (pytorch-grad-cam's ViT and Swin recipes): its effect on a probe tensor is
@@ -34,22 +36,29 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from explainrt import targets
 from explainrt.errors import InvalidInputError
 from explainrt.explainer import Explainer
 from explainrt.export.layouts import Layout
+from explainrt.export.spec import ExplainableSpec
 from explainrt.runtime.base import RunResult, Session
 
 __all__ = [
     "AblationCAM",
     "BaseCAM",
+    "BinaryClassifierOutputTarget",
+    "ClassifierOutputSoftmaxTarget",
     "ClassifierOutputTarget",
     "EigenCAM",
     "EigenGradCAM",
+    "FasterRCNNBoxScoreTarget",
     "GradCAM",
     "GradCAMPlusPlus",
     "HiResCAM",
     "LayerCAM",
+    "RawScoresOutputTarget",
     "ScoreCAM",
+    "SemanticSegmentationTarget",
     "XGradCAM",
     "pytorch_grad_cam_ablation_values",
 ]
@@ -74,12 +83,82 @@ class ClassifierOutputTarget:
         return f"ClassifierOutputTarget({self.category!r})"
 
 
-def _is_classifier_target(target: Any) -> bool:
-    """Ours, or exactly pytorch-grad-cam's (its subclasses, e.g. the softmax target, mean something else)."""
+class SemanticSegmentationTarget:
+    """pytorch-grad-cam's: the sum of ``category``'s scores over ``mask`` [H, W] of an output [N, K, H, W]."""
+
+    def __init__(self, category: int, mask: Any) -> None:
+        self.category, self.mask = category, mask
+
+
+class ClassifierOutputSoftmaxTarget:
+    """pytorch-grad-cam's: the softmax probability of ``category``."""
+
+    def __init__(self, category: int) -> None:
+        self.category = category
+
+
+class BinaryClassifierOutputTarget:
+    """pytorch-grad-cam's: a one-logit output [N, 1], with the sign flipped unless ``category`` is 1."""
+
+    def __init__(self, category: int) -> None:
+        self.category = category
+
+
+class RawScoresOutputTarget:
+    """pytorch-grad-cam's: the sum of every output value."""
+
+
+class FasterRCNNBoxScoreTarget:
+    """pytorch-grad-cam's detection target, on a raw detector head before NMS (``explainrt.targets.Box``):
+    per box and label, the scores of the predictions overlapping it with IoU >= ``iou_threshold``, summed.
+    (pytorch-grad-cam reads torchvision's post-NMS dicts and adds the best match's IoU to its score;
+    a raw head has no matching step, so every overlapping prediction counts and no IoU is added.)"""
+
+    def __init__(self, labels: Sequence[int], bounding_boxes: Any, iou_threshold: float = 0.5) -> None:
+        self.labels, self.bounding_boxes, self.iou_threshold = labels, bounding_boxes, iou_threshold
+
+
+_TARGET_CLASSES = ("ClassifierOutputTarget", "SemanticSegmentationTarget", "ClassifierOutputSoftmaxTarget",
+                   "BinaryClassifierOutputTarget", "RawScoresOutputTarget", "FasterRCNNBoxScoreTarget")
+
+
+def _target_kind(target: Any) -> str | None:
+    """The name of a target class of ours or exactly pytorch-grad-cam's (not their subclasses); None otherwise."""
     kind = type(target)
-    return kind is ClassifierOutputTarget or (
-        kind.__name__ == "ClassifierOutputTarget" and kind.__module__ == "pytorch_grad_cam.utils.model_targets"
-    )
+    if kind.__name__ in _TARGET_CLASSES and (kind is globals()[kind.__name__] or
+                                             kind.__module__ == "pytorch_grad_cam.utils.model_targets"):
+        return kind.__name__
+    return None
+
+
+def _as_target(target: Any, kind: str, index: int, spec: ExplainableSpec) -> int | targets.Target:
+    """One compat target as explainrt's: a class index (the fast path) or an ``explainrt.targets`` object."""
+    if kind == "RawScoresOutputTarget":
+        return targets.Weights(np.ones(spec.output_shape, dtype=np.float32))
+    if kind == "FasterRCNNBoxScoreTarget":
+        boxes = np.asarray(_numpy(target.bounding_boxes), dtype=np.float64).reshape(-1, 4)
+        labels = [int(label) for label in np.asarray(_numpy(target.labels)).reshape(-1)]
+        if len(labels) != len(boxes):
+            raise InvalidInputError(f"target {index}: {len(labels)} labels for {len(boxes)} bounding boxes")
+        return targets.Sum([targets.Box(box, label, float(target.iou_threshold)) for box, label in zip(boxes, labels)])
+    try:
+        category = operator.index(target.category)
+    except TypeError:
+        raise InvalidInputError(f"target {index}: category must be an integer, got {target.category!r}") from None
+    if kind == "SemanticSegmentationTarget":
+        return targets.Region(category, _numpy(target.mask))
+    if kind == "ClassifierOutputSoftmaxTarget":
+        return targets.Softmax(category)
+    if kind == "BinaryClassifierOutputTarget":
+        return targets.Weights(np.full(spec.output_shape, 1.0 if category == 1 else -1.0, dtype=np.float32))
+    if not -spec.num_classes <= category < spec.num_classes:
+        raise InvalidInputError(f"target {index}: category {category} is out of range for {spec.num_classes} classes")
+    return category % spec.num_classes
+
+
+def _numpy(value: Any) -> Any:
+    """A torch tensor (pytorch-grad-cam's targets hold them) as a NumPy array; anything else as it is."""
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
 
 
 def pytorch_grad_cam_ablation_values(activations: np.ndarray, batch_size: int) -> np.ndarray:
@@ -181,7 +260,7 @@ class BaseCAM:
             raise InvalidInputError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         images = _images(input_tensor)
         explainer = self.explainer(*images.shape[2:])
-        classes = _classes(targets, images.shape[0], explainer.spec.num_classes)
+        classes = _targets(targets, images.shape[0], explainer.spec)
         if not aug_smooth:
             return self._maps(explainer, images, classes)
         cams = []
@@ -192,7 +271,7 @@ class BaseCAM:
             cams.append(cam[..., ::-1] if flip else cam)
         return np.mean(np.float32(cams), axis=0)
 
-    def _maps(self, explainer: Explainer, images: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
+    def _maps(self, explainer: Explainer, images: np.ndarray, classes: Any) -> np.ndarray:
         options: dict[str, Any] = {}
         if self.method == "ablationcam":
             batch = int(self.batch_size)
@@ -230,12 +309,12 @@ class _ReadAfterForward:
         self._model = model
         self._layers = [(index, layer) for index, (layer, changed) in enumerate(zip(layers, modified)) if changed]
 
-    def run(self, images: np.ndarray, targets: np.ndarray) -> RunResult:
+    def run(self, images: np.ndarray, wanted: np.ndarray, objective: str = "logit") -> RunResult:
         import torch
 
         from explainrt.runtime.torch import to_maps
 
-        result = self.session.run(images, targets)
+        result = self.session.run(images, wanted, objective)
         values, _ = _outputs_after_forward(self._model, [layer for _, layer in self._layers], images)
         activations = list(result.activations)
         for (index, _), value in zip(self._layers, values):
@@ -341,32 +420,26 @@ def _images(input_tensor: Any) -> np.ndarray:
     return input_tensor
 
 
-def _classes(targets: Sequence[Any] | None, count: int, num_classes: int) -> np.ndarray | None:
-    """One class index per image; negative categories count from the end, as torch indexing does.
-
-    One target for several images explains that class in every image (pytorch-grad-cam accepts it
-    too, but zips targets with images, so its maps of the other images are all zero).
-    """
-    if targets is None:
+def _targets(given: Sequence[Any] | None, count: int, spec: ExplainableSpec) -> np.ndarray | list[Any] | None:
+    """One class index per image (negative categories count from the end, as torch indexing does), or,
+    where some target is not a ClassifierOutputTarget, one explainrt target per image."""
+    if given is None:
         return None
-    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
-        raise InvalidInputError(f"targets must be None or a list of ClassifierOutputTarget, got {type(targets).__name__}")
-    if len(targets) == 1 and count > 1:
-        targets = list(targets) * count
-    if len(targets) != count:
-        raise InvalidInputError(f"got {len(targets)} targets for {count} images: give one ClassifierOutputTarget "
-                                "per image, or one for all")
-    classes = np.empty(count, dtype=np.int64)
-    for index, target in enumerate(targets):
-        if not _is_classifier_target(target):
-            kind = type(target)
-            raise InvalidInputError(f"target {index} is a {kind.__module__}.{kind.__qualname__}; explainrt.compat "
-                                    "supports ClassifierOutputTarget only (explainrt.compat's or pytorch-grad-cam's)")
-        try:
-            category = operator.index(target.category)
-        except TypeError:
-            raise InvalidInputError(f"target {index}: category must be an integer, got {target.category!r}") from None
-        if not -num_classes <= category < num_classes:
-            raise InvalidInputError(f"target {index}: category {category} is out of range for {num_classes} classes")
-        classes[index] = category % num_classes
-    return classes
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+        raise InvalidInputError(f"targets must be None or a list of targets, got {type(given).__name__}")
+    if len(given) == 1 and count > 1:  # one target explained in every image (pytorch-grad-cam zips, leaving zeros)
+        given = list(given) * count
+    if len(given) != count:
+        raise InvalidInputError(f"got {len(given)} targets for {count} images: give one target per image, or one "
+                                "for all")
+    chosen = []
+    for index, target in enumerate(given):
+        kind = _target_kind(target)
+        if kind is None:
+            name = f"{type(target).__module__}.{type(target).__qualname__}"
+            raise InvalidInputError(f"target {index} is a {name}; explainrt.compat supports {', '.join(_TARGET_CLASSES)} "
+                                    "(explainrt.compat's or pytorch-grad-cam's)")
+        chosen.append(_as_target(target, kind, index, spec))
+    if all(isinstance(item, int) for item in chosen):
+        return np.array(chosen, dtype=np.int64)
+    return [targets.Class(item) if isinstance(item, int) else item for item in chosen]

@@ -37,6 +37,11 @@ class InvalidInputError(ExplainrtError, ValueError):
     """An image batch, target or option given to an explanation is malformed."""
 
 
+class InvalidTargetError(InvalidInputError):
+    """An explanation target (explainrt.targets) the explained output cannot take: a mask of the wrong
+    size, a class out of range, a box outside the image or that no prediction overlaps, a wrong kind."""
+
+
 class ImageReadError(InvalidInputError):
     """An image file or buffer cannot be decoded."""
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from explainrt import kernels, models, runtime
-from explainrt.errors import InconsistentExplanationError, InvalidInputError
+from explainrt.errors import InconsistentExplanationError, InvalidInputError, InvalidTargetError
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.methods import Attribution, AttributionRequest, Method, get_method
 from explainrt.models import LoadedModel
@@ -26,6 +26,8 @@ from explainrt.overlay import caption, concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
 from explainrt.progress import track
 from explainrt.runtime.base import Session
+from explainrt.runtime.objective import TargetSession
+from explainrt.targets import Class, Target, as_targets
 from explainrt.validation import check_class_range
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class Explanation:
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # method-specific per-image arrays
     normalized: bool = True  # False: raw attributions (overlays scale them first)
     notes: tuple[str | None, ...] = ()  # per image: why its map deserves a word (all zero), else None
+    outlines: np.ndarray | None = None  # bool [N, H, W]: the box or region each target covers, drawn on overlays
+    objective: bool = False  # targets were explainrt.targets objects: logits [N, 1] hold each image's objective
 
     def top_k(self, k: int = 5) -> list[list[Prediction]]:
         """The k most likely classes per image, with softmax probabilities."""
@@ -72,6 +76,9 @@ class Explanation:
         else:
             maps = self.maps if self.normalized else kernels.normalize_minmax(self.maps)
             images = [overlay(image, saliency, alpha) for image, saliency in zip(self.images, maps)]
+        if self.outlines is not None and self.outlines.shape == (len(images), *images[0].shape[:2]):
+            for image, edges in zip(images, self.outlines):
+                image[edges] = 255  # the target's box or region outline, in white
         if captions:
             images = [caption(image, text) for image, text in zip(images, self.captions())]
         return np.stack(images)
@@ -82,9 +89,11 @@ class Explanation:
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         texts = []
         for index, target in enumerate(self.targets):
-            name = self.labels[target] if self.labels else f"class {int(target)}"
+            known = self.labels is not None and 0 <= target < len(self.labels)
+            name = self.labels[target] if known else f"class {int(target)}" if target >= 0 else "target"  # type: ignore[index]
             blank = " (all zero)" if index < len(self.notes) and self.notes[index] else ""
-            texts.append(f"{name} {probabilities[index, target]:.0%} | {self.method}{blank}")
+            value = f"score {self.logits[index, 0]:.3g}" if self.objective else f"{probabilities[index, target]:.0%}"
+            texts.append(f"{name} {value} | {self.method}{blank}")
         return texts
 
 
@@ -234,7 +243,9 @@ class Explainer:
     def explain(self, images: Any, method: str = "gradcam", targets: Any = None, *, batch_size: int = 32,
                 normalize: bool = True, progress: bool | None = None, cancel: threading.Event | None = None,
                 **options: Any) -> Explanation:
-        """Maps for ``targets`` (None: the top class; -k: the k-th most likely class).
+        """Maps for ``targets`` (None: the top class; -k: the k-th most likely class; or
+        ``explainrt.targets`` objects, one for all images or one per image: then ``logits`` holds each
+        image's objective [N, 1] and ``targets`` the class each target is about, -1 for none).
 
         ``batch_size`` bounds the images (or perturbed copies) in one runtime call. ``normalize``
         scales each map to [0, 1] for display; False returns the method's raw attributions.
@@ -250,7 +261,10 @@ class Explainer:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         batch, crops = self.prepare(images)
-        wanted = self._targets(targets, batch.shape[0])
+        session, wanted, objects = self._session_and_targets(targets, batch)
+        if objects is not None and chosen.class_targets_only:
+            raise InvalidTargetError(f"method {chosen.name!r} explains classes (its objective is a loss or a ranking "
+                                     f"of classes): give class indices as targets, not {objects[0]!r}")
         per_image = self._per_image_options(chosen, options, batch)
         timings["preprocess"] = time.perf_counter() - start
         parts: list[Attribution] = []
@@ -259,7 +273,7 @@ class Explainer:
         for first in track(chunks, chosen.name, unit="batches", enabled=shown and len(chunks) > 1):
             stop = first + batch_size
             chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
-            request = AttributionRequest(batch[first:stop], wanted[first:stop], self.session, int(batch_size),
+            request = AttributionRequest(batch[first:stop], wanted[first:stop], session, int(batch_size),
                                          normalize, chunk_options, cancel, shown, self.map_heads)
             request.check_cancelled()
             part = chosen.attribute(request)
@@ -279,8 +293,35 @@ class Explainer:
         timings["total"] = time.perf_counter() - start
         extras = {key: np.concatenate([p.extras[key] for p in parts]) for key in parts[0].extras}
         labels = self.preprocessing.labels if self.preprocessing else None
-        return Explanation(maps, np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts]),
-                           chosen.name, timings, labels, crops, extras, normalize, notes)
+        logits, explained = np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts])
+        outlines = None
+        if objects is not None:  # per image: its target's objective, and the class the target is about
+            logits = np.take_along_axis(logits, wanted[:, None], axis=1)
+            explained = np.array([target.class_index for target in objects], dtype=np.int64)
+            drawn = [target.outline(tuple(batch.shape[2:])) for target in objects]
+            if any(edges is not None for edges in drawn):
+                outlines = np.stack([np.zeros(batch.shape[2:], bool) if edges is None else edges for edges in drawn])
+        return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize, notes,
+                           outlines, objects is not None)
+
+    def _session_and_targets(self, targets: Any, batch: np.ndarray) -> tuple[Session, np.ndarray, list[Target] | None]:
+        """The session the methods run, the int targets they see, and the target objects (None: class indices).
+
+        Target objects other than ``Class`` are checked against the explained output and become
+        the "classes" of a ``TargetSession`` (each image's int target is its object's column)."""
+        objects = as_targets(targets, batch.shape[0])
+        if objects is not None and all(type(target) is Class for target in objects):
+            targets, objects = [target.class_index for target in objects], None  # the class-index fast path
+        if objects is None:
+            return self.session, self._targets(targets, batch.shape[0]), None
+        unique = list({id(target): target for target in objects}.values())
+        shape = self.spec.output_shape
+        if not shape or None in shape:  # not stored (older models) or known only at run time
+            shape = tuple(np.shape(self.session.logits(batch[:1]))[1:])
+        for target in unique:
+            target.check(shape, tuple(batch.shape[2:]))
+        column = {id(target): index for index, target in enumerate(unique)}
+        return TargetSession(self.session, unique), np.array([column[id(t)] for t in objects], np.int64), objects
 
 
     def explain_contrasts(self, images: Any, k: int = 3, **kwargs: Any) -> Explanation:

@@ -197,11 +197,14 @@ def test_negative_category_counts_from_the_end_like_torch_indexing(resnet50: Zoo
 
 def test_unsupported_targets_and_options_are_clear_errors(resnet50: Zoo) -> None:
     cam, images = resnet50.cam, resnet50.images
-    with pytest.raises(InvalidInputError, match="ClassifierOutputSoftmaxTarget"):
-        cam(input_tensor=images, targets=[ClassifierOutputSoftmaxTarget(3)] * 2)
+    class ScoreTimesTwo(ClassifierOutputSoftmaxTarget):  # a subclass means something else: refused
+        pass
+
+    with pytest.raises(InvalidInputError, match="ScoreTimesTwo; explainrt.compat supports ClassifierOutputTarget"):
+        cam(input_tensor=images, targets=[ScoreTimesTwo(3)] * 2)
     with pytest.raises(InvalidInputError, match="builtins.int"):
         cam(input_tensor=images, targets=[3, 7])
-    with pytest.raises(InvalidInputError, match="one ClassifierOutputTarget per image, or one for all"):
+    with pytest.raises(InvalidInputError, match="give one target per image, or one for all"):
         cam(input_tensor=images[:1].repeat(3, 1, 1, 1), targets=[compat.ClassifierOutputTarget(3)] * 2)
     with pytest.raises(InvalidInputError, match="out of range"):
         cam(input_tensor=images, targets=[compat.ClassifierOutputTarget(1000)] * 2)

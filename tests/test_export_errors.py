@@ -82,9 +82,14 @@ def test_unknown_logits_suggests_close_names() -> None:
         make_explainable(_model(), "auto", logits="logit")
 
 
-def test_logits_not_rank2() -> None:
-    with pytest.raises(InvalidModelError, match=r"must have shape \[N, classes\]"):
-        make_explainable(_model(), "auto", logits="pooled")
+def test_explained_output_of_rank_below_2() -> None:
+    """[N, classes, ...] outputs are explained (a class sums its channel); a rank-1 output is refused."""
+    assert ExplainableSpec.from_model(make_explainable(_model(), ["features"], logits="pooled")).output_shape == (4, 1, 1)
+    model = _model()
+    model.graph.node.append(helper.make_node("ReduceSum", ["logits"], ["total"], name="total", keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, ["N"]))
+    with pytest.raises(InvalidModelError, match=r"must have shape \[N, classes\] or \[N, classes, ...\]"):
+        make_explainable(model, "auto", logits="total")
 
 
 def test_target_off_the_path_to_the_logits() -> None:
@@ -200,7 +205,8 @@ def test_metadata_round_trip() -> None:
     model = make_explainable(_model(), ["conv", "features"], logits="logits", preprocessing='{"size": 8}')
     spec = ExplainableSpec.from_model(model)
     layout = {"kind": "nchw", "grid": [8, 8], "channels": 4, "prefix_tokens": 0}
-    assert spec == ExplainableSpec("image", "logits", 5, ("conv", "features"), '{"size": 8}', "logit", (layout, layout))
+    assert spec == ExplainableSpec("image", "logits", 5, ("conv", "features"), '{"size": 8}', "logit", (layout, layout),
+                                   output_shape=(5,))
     again = ExplainableSpec.from_model(onnx.load_from_string(model.SerializeToString()))
     assert again == spec
     assert ExplainableSpec(**{**spec.__dict__}).to_json() == spec.to_json()

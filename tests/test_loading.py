@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from explainrt import Explainer, runtime
-from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
+from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.spec import ExplainableSpec, original_model
 from explainrt.models import Outputs, PreprocessingOverrides, load
 from explainrt.models.loading import IMAGENET_MEAN, IMAGENET_STD
@@ -51,8 +51,12 @@ def test_arguments_that_do_not_fit_the_model_are_refused(small_onnx, tmp_path) -
         load("resnet18")
     with pytest.raises(InvalidInputError, match="weights apply to a torchvision architecture name"):
         load(small_onnx, weights=tmp_path / "weights.pt")
-    with pytest.raises(InvalidInputError, match="output names an ONNX output by its name, got 0"):
-        load(original_model(small_onnx), outputs=Outputs(output=0))
+    with pytest.raises(InvalidInputError, match="output names an ONNX output by its name or index, got 0.5"):
+        load(original_model(small_onnx), outputs=Outputs(output=0.5))
+    assert ExplainableSpec.from_model(load(original_model(small_onnx), outputs=Outputs(output=0)).explainable).logits \
+        == small_onnx.graph.output[0].name
+    with pytest.raises(UnknownLayerError, match="output index 3 is out of range: the model has 1 outputs"):
+        load(original_model(small_onnx), outputs=Outputs(output=3))
     with pytest.raises(BackendUnavailableError, match="needs a torch.nn.Module"):
         load(small_onnx, backend="torch")
     with pytest.raises(InvalidModelError, match="neither an ONNX file nor a torchvision architecture; did you mean "

@@ -15,6 +15,8 @@ from explainrt.errors import ImageReadError, InvalidInputError
 from explainrt.models import PreprocessingOverrides
 from explainrt.models.loading import IMAGENET_MEAN, IMAGENET_STD
 from explainrt.runtime import BACKENDS
+from explainrt.targets import Target
+from explainrt.targets import parse as parse_target
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +171,18 @@ def sources(images: Sequence[str]) -> list[Source]:
     return sources
 
 
-def class_target(target: str | None, labels: Sequence[str] | None) -> int | None:
-    """--target as a class index: an int (negative: k-th most likely), or a label name."""
+def class_target(target: str | None, labels: Sequence[str] | None) -> int | Target | None:
+    """--target as a class index: an int (negative: k-th most likely), or a label name; or an
+    explanation target ``KIND:...`` (``explainrt.targets.parse``: class:281, region:mask.png:12,
+    box:x1,y1,x2,y2:0, ...)."""
     if target is None:
         return None
     try:
         return int(target)
     except ValueError:
         pass
+    if ":" in target:
+        return parse_target(target)
     folded = [label.lower() for label in labels or ()]
     if target.lower() in folded:
         return folded.index(target.lower())

@@ -61,7 +61,11 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                          help="write raw attribution maps (.npy) instead of maps scaled to [0, 1]")
     explain.add_argument("--target", metavar="CLASS",
                          help="class to explain: an index, -k for the k-th most likely class, or a label name "
-                              "(default: the most likely class)")
+                              "(default: the most likely class); or a target: class:281, softmax:281, "
+                              "difference:281:282, region:MASK.png:12, box:x1,y1,x2,y2:0[:iou], "
+                              "similarity:VECTOR.npy, weights:WEIGHTS.npy (with --output to name the model output)")
+    explain.add_argument("--output", dest="logits", metavar="NAME",
+                         help="the model output to explain (ONNX output name; default: the first output)")
     explain.add_argument("--out", default="explainrt-out", metavar="DIR", help="output folder (default: explainrt-out)")
     explain.add_argument("--no-caption", dest="caption", action="store_false",
                          help="overlays without the caption line (class label, probability, method)")
@@ -84,7 +88,7 @@ class _Result:
     extras: dict[str, np.ndarray]
 
 
-def _compute(explainer: Any, sources: list[Source], method: str, target: int | None, batch_size: int,
+def _compute(explainer: Any, sources: list[Source], method: str, target: Any, batch_size: int,
              options: dict[str, Any], normalize: bool, captions: bool = True) -> list[_Result]:
     """Explain every source, batch by batch; nothing is written here."""
     from explainrt.preprocessing import load_image
@@ -100,13 +104,17 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: int | N
                                             normalize=normalize, progress=True, **options)
             overlays = explanation.overlays(captions=captions)
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
+            objective = explanation.objective  # target objects: logits hold each image's objective [N, 1]
             probabilities = softmax(explanation.logits)
-            for index, (source, top) in enumerate(zip(chunk, explanation.top_k(TOP_K), strict=True)):
+            tops = [[]] * len(chunk) if objective else explanation.top_k(TOP_K)
+            for index, (source, top) in enumerate(zip(chunk, tops, strict=True)):
                 cls = int(explanation.targets[index])
+                label = explanation.labels[cls] if explanation.labels and 0 <= cls < len(explanation.labels) else None
+                score = ({"objective": repr(target), "score": float(explanation.logits[index, 0])} if objective
+                         else {"probability": float(probabilities[index, cls])})
                 record = {
                     "image": source.name,
-                    "target": {"index": cls, "label": explanation.labels[cls] if explanation.labels else None,
-                               "probability": float(probabilities[index, cls])},
+                    "target": {"index": cls, "label": label, **score},
                     "top5": [dataclasses.asdict(p) for p in top],
                     "timings": timings,
                 }

@@ -11,6 +11,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx
 from onnx import TensorProto, version_converter
 
@@ -31,6 +32,7 @@ from explainrt.export.spec import (
     OBJECTIVES,
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
+    WEIGHTS_INPUT,
     ExplainableSpec,
     ModelSource,
     activations_output,
@@ -50,7 +52,7 @@ MIN_OPSET = 13
 def make_explainable(
     model: ModelSource,
     target_layers: str | Sequence[str] = "auto",
-    logits: str | None = None,
+    logits: str | int | None = None,
     preprocessing: str | None = None,
     objective: str = "logit",
     defended_relus: bool = False,
@@ -69,8 +71,10 @@ def make_explainable(
     names of layout ``[N, C, h, w]``, ``[N, h, w, C]`` or tokens ``[N, T, D]``, told from the
     graph or set by ``layer_layout`` ("nchw", "nhwc", "tokens"; one for all layers or one per
     layer); token grids are inferred from the image size (``token_grid=(h, w)`` and
-    ``prefix_tokens=k`` set them). Activations and gradients are returned as ``[N, C, h, w]``. ``logits`` names the class-score tensor; by
-    default the first graph output (or the input of a final Softmax/LogSoftmax).
+    ``prefix_tokens=k`` set them). Activations and gradients are returned as ``[N, C, h, w]``.
+    ``logits`` names the explained output (a tensor name or the index of a graph output), ``[N, classes]``
+    or ``[N, classes, ...]`` (a class index then sums that channel over the other axes); by default
+    the first graph output (or the input of a final Softmax/LogSoftmax).
     ``preprocessing`` is a Preprocessing JSON stored for the CLI and servers. ``objective``
     (see ``OBJECTIVES``) is the function of the logits whose gradient each target asks for; a
     loss is nonlinear in the logits, so its cotangent (softmax - one-hot) is formed in the graph.
@@ -103,16 +107,29 @@ def make_explainable(
     logits_name = _logits(builder, logits)
     _refuse_qoperator(builder, logits_name)
     num_classes = _num_classes(builder, logits_name)
+    output_info = builder.info(logits_name)
+    output_shape = tuple(d if isinstance(d, int) else None for d in output_info.shape[1:])  # type: ignore[index]
+    if objective in ("cross_entropy", "probability") and output_info.rank != 2:
+        raise InvalidInputError(f"objective {objective!r} needs an output [N, classes]; {logits_name!r} has shape "
+                                f"{output_info.shape}")
     count = 1 if isinstance(target_layers, str) else len(target_layers)
     chosen = _target_layers(proto, builder, image_input, target_layers, logits_name,
                             layouts.requests(count, layer_layout, token_grid, prefix_tokens), preprocessing)
     targets = [name for name, _ in chosen]
     log.info("explaining %s w.r.t. %s", logits_name, ", ".join(f"{n} ({l.kind})" for n, l in chosen))
 
-    requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
-    resolved = _resolve_targets(builder, logits_name, requested)
-    of, seed = _seed(builder, logits_name, resolved) if objective == "logit" else (
-        logits_name, _cross_entropy_seed(builder, logits_name, resolved))
+    resolved = None
+    if objective == "weights":
+        axes = [f"d{axis}" if d is None else d for axis, d in enumerate(output_shape, start=2)]
+        weights = builder.add_input(WEIGHTS_INPUT, output_info.elem_type, ["N", "K", *axes])
+        builder.scope = "explainrt/grad/seed"
+        of, seed = logits_name, builder.op("Transpose", [weights], perm=[1, 0, *range(2, output_info.rank + 1)],
+                                           like=logits_name)
+    else:
+        requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
+        resolved = _resolve_targets(builder, logits_name, requested)
+        seeds = {"logit": _seed, "cross_entropy": _cross_entropy_seed, "probability": _probability_seed}
+        of, seed = seeds[objective](builder, logits_name, resolved)
     rules = {**RULES, **_defended_relu_rules(builder)} if defended_relus else RULES
     gradients = append_gradients(builder, targets, of, seed, rules)
     blocked = [target for target in targets if target not in gradients]
@@ -122,7 +139,8 @@ def make_explainable(
     compute_on_blocks(builder, seed)
 
     builder.scope = "explainrt/outputs"
-    builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
+    if resolved is not None:
+        builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
     for index, (target, layout) in enumerate(chosen):
         elem_type = builder.info(target).elem_type
         channels_hw = [layout.channels, *_declared_grid(builder, target, layout)]
@@ -134,7 +152,7 @@ def make_explainable(
 
     prune_added_nodes(proto)
     spec = ExplainableSpec(image_input, logits_name, num_classes, tuple(targets), preprocessing, objective,
-                           tuple(layout.to_json() for _, layout in chosen))
+                           tuple(layout.to_json() for _, layout in chosen), output_shape=output_shape)
     set_metadata(proto, METADATA_KEY, spec.to_json())
     try:
         onnx.checker.check_model(proto)
@@ -157,7 +175,102 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
             raise InvalidModelError(f"cannot upgrade the model to opset {MIN_OPSET}: {error}") from error
         if before < 11:
             _keep_asymmetric_resizes(model)
-    return _inferred(model)
+    for _ in range(4):  # folded sizes make more shapes static, which may fold more
+        model = _inferred(model)
+        if not _fold_static_shape_arithmetic(model):
+            break
+    return model
+
+
+FOLDED_OPS = {"Add", "Sub", "Mul", "Div", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Range",
+              "Floor", "Ceil", "Neg", "Max", "Min", "Reshape", "Equal", "Where", "Mod", "Identity"}
+"""Operators whose small integer results are computed once here when every input is known."""
+
+
+def _batch_size_arithmetic(node: onnx.NodeProto, partial: dict[str, list[int | None]], known: dict[str, np.ndarray],
+                           batch: dict[str, list[int | None]]) -> bool:
+    """Follow the batch size (``Shape(x)[0]``, unknown) through Gather, Unsqueeze and Concat with known
+    sizes into ``batch`` (None marks it); whether ``node`` was one of those steps."""
+    if node.op_type == "Gather" and node.input[0] in partial and node.input[1] in known:
+        where = known[node.input[1]]
+        if where.ndim == 0 and int(where) == 0 and partial[node.input[0]][0] is None:
+            batch[node.output[0]] = [None]
+            return True
+    if node.op_type == "Unsqueeze" and node.input[0] in batch:
+        batch[node.output[0]] = batch[node.input[0]]
+        return True
+    if node.op_type == "Concat" and any(i in batch for i in node.input) and all(
+            i in batch or (i in known and known[i].ndim == 1) for i in node.input):
+        sizes = [d for i in node.input for d in (batch[i] if i in batch else known[i].tolist())]
+        if sizes.count(None) == 1 and sizes[0] is None:
+            batch[node.output[0]] = sizes
+            return True
+    return False
+
+
+def _fold_static_shape_arithmetic(model: onnx.ModelProto) -> int:
+    """Integer arithmetic on the static parts of tensors' shapes (an exporter's ``Shape -> Gather -> Div``
+    for a split size, with only the batch dynamic) becomes constants, so the rules that need constant
+    arguments (Slice's starts and ends, Reshape's shape) take models exported with a dynamic batch.
+    Changes ``model`` in place; returns how many nodes became constants."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*graph.input, *graph.value_info, *graph.output) if v.type.tensor_type.HasField("shape")}
+    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    partial: dict[str, list[int | None]] = {}  # Shape outputs with some dims unknown
+    batch: dict[str, list[int | None]] = {}  # the batch size (None) among known sizes: Reshape can copy it with 0
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = 0
+    for index, node in enumerate(graph.node):
+        value = None
+        if _batch_size_arithmetic(node, partial, known, batch):
+            outputs = {o.name for o in graph.output}
+            if node.op_type == "Concat" and node.output[0] not in outputs and all(
+                    c.op_type == "Reshape" and c.input[1] == node.output[0] and (shapes.get(c.input[0]) or [0])[0] is None
+                    and not any(a.name == "allowzero" and a.i for a in c.attribute)
+                    for c in consumers.get(node.output[0], [])):
+                value = np.array([0 if d is None else d for d in batch[node.output[0]]], dtype=np.int64)
+            else:
+                continue
+        elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            continue
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            dims = shapes[node.input[0]][attrs.get("start", 0):attrs.get("end")]
+            if all(d for d in dims):
+                value = np.array(dims, dtype=np.int64)
+            else:
+                partial[node.output[0]] = dims
+        elif node.op_type == "Gather" and node.input[0] in partial and node.input[1] in known:
+            picked = np.asarray(partial[node.input[0]], dtype=object)[known[node.input[1]]]
+            if all(d for d in np.ravel(picked)):
+                value = np.asarray(picked, dtype=np.int64)
+        elif node.op_type in FOLDED_OPS and node.input and all(not i or i in known for i in node.input):
+            try:
+                value = ReferenceEvaluator(node).run(None, {i: known[i] for i in node.input if i})[0]
+            except Exception:  # noqa: BLE001 - an operator the reference runtime cannot evaluate stays as it is
+                value = None
+        if value is None or np.asarray(value).dtype.kind not in "iu" or np.size(value) > 64:
+            continue
+        value = np.asarray(value)
+        known[node.output[0]] = value
+        graph.node[index].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name,
+                                                         value=numpy_helper.from_array(value, node.output[0])))
+        folded += 1
+    if folded:
+        log.info("folded %d integer shape computations into constants", folded)
+        # shapes inferred before are kept by the next inference: drop those the constants may complete
+        vague = [v for v in graph.value_info if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])]
+        for value in vague:
+            graph.value_info.remove(value)
+    return folded
 
 
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -229,8 +342,13 @@ def _keep_asymmetric_resizes(model: onnx.ModelProto) -> None:
         node.attribute.append(onnx.helper.make_attribute("nearest_mode", rounding))
 
 
-def _logits(builder: GradientBuilder, requested: str | None) -> str:
+def _logits(builder: GradientBuilder, requested: str | int | None) -> str:
     graph = builder.graph
+    if isinstance(requested, int) and not isinstance(requested, bool):
+        if not 0 <= requested < len(graph.output):
+            raise UnknownLayerError(f"output index {requested} is out of range: the model has {len(graph.output)} "
+                                    f"outputs ({', '.join(o.name for o in graph.output)})")
+        return graph.output[requested].name
     if requested is not None:
         if requested not in builder.infos:
             raise UnknownLayerError(f"logits tensor {requested!r} not found{layers.suggest(requested, builder.infos)}")
@@ -254,16 +372,20 @@ def _refuse_qoperator(builder: GradientBuilder, logits: str) -> None:
 
 def _num_classes(builder: GradientBuilder, logits: str) -> int:
     info = builder.info(logits)
-    if info.rank != 2 or not isinstance(info.shape[1], int):  # type: ignore[index]
-        raise InvalidModelError(f"logits {logits!r} must have shape [N, classes], got {info.shape}")
+    if info.rank is None or info.rank < 2 or not isinstance(info.shape[1], int):  # type: ignore[index]
+        raise InvalidModelError(f"the explained output {logits!r} must have shape [N, classes] or [N, classes, ...] "
+                                f"with a known number of classes, got {info.shape}")
     return info.shape[1]  # type: ignore[index, return-value]
 
 
 def _resolve_targets(b: GradientBuilder, logits: str, requested: str) -> str:
-    """Targets < 0 mean 'the k-th most likely class': look them up in the sorted logits."""
+    """Targets < 0 mean 'the k-th most likely class': look them up in the sorted logits (summed
+    over the axes after the classes' on an output [N, classes, ...])."""
     b.scope = "explainrt/targets"
     classes = b.shape_slice(logits, 1, 2)
-    ranked = b.op_multi("TopK", [logits, classes], outputs=2, axis=-1, largest=1, sorted=1)[1]
+    rank = b.rank(logits)
+    scores = logits if rank == 2 else b.op("ReduceSum", [logits, b.ints(list(range(2, rank)))], keepdims=0)
+    ranked = b.op_multi("TopK", [scores, classes], outputs=2, axis=1, largest=1, sorted=1)[1]
     rank = b.op("Max", [b.op("Sub", [b.op("Neg", [requested]), b.ints([1])]), b.ints([0])])
     by_rank = b.op("GatherElements", [ranked, rank], axis=1)
     return b.op("Where", [b.op("Less", [requested, b.ints([0])]), by_rank, requested])
@@ -278,7 +400,7 @@ def _seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[str, str]:
     """
     b.scope = "explainrt/grad/seed"
     head = next((n for n in b.graph.node if logits in n.output), None)
-    if head is None or head.op_type != "Gemm" or b.constant_value(head.input[1]) is None:
+    if head is None or head.op_type != "Gemm" or b.rank(logits) != 2 or b.constant_value(head.input[1]) is None:
         return logits, _one_hot_seed(b, logits, resolved)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
     if attrs.get("transA", 0):
@@ -293,18 +415,33 @@ def _seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[str, str]:
 
 
 def _one_hot_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
-    """Cotangent [K, N, classes]: one-hot rows of the resolved targets."""
+    """Cotangent [K, N, classes, ...]: one-hot rows of the resolved targets (on an output
+    [N, classes, ...], the same over the other axes: the class's scores summed)."""
     per_seed = b.unsqueeze(b.op("Transpose", [resolved], perm=[1, 0]), [-1])
     count = b.squeeze(b.shape_slice(logits, 1, 2), [0])
     class_ids = b.op("Range", [b.constant(0, dtype=TensorProto.INT64), count, b.constant(1, dtype=TensorProto.INT64)])
     hot = b.op("Equal", [per_seed, class_ids])
-    return b.op("Cast", [hot], to=b.info(logits).elem_type, name="explainrt/grad/seed", like=logits)
+    rank = b.rank(logits)
+    if rank == 2:
+        return b.op("Cast", [hot], to=b.info(logits).elem_type, name="explainrt/grad/seed", like=logits)
+    cast = b.op("Cast", [b.unsqueeze(hot, list(range(3, rank + 1)))], to=b.info(logits).elem_type)
+    return b.op("Expand", [cast, b.shape(logits)], name="explainrt/grad/seed", like=logits)
 
 
-def _cross_entropy_seed(b: GradientBuilder, logits: str, resolved: str) -> str:
+def _cross_entropy_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[str, str]:
     """Cotangent of -log softmax(y)_t: softmax(y) - one_hot(t), [K, N, classes]."""
     softmax = b.op("Softmax", [logits], axis=-1, like=logits)
-    return b.op("Sub", [softmax, _one_hot_seed(b, logits, resolved)], name="explainrt/grad/seed/cross_entropy", like=logits)
+    return logits, b.op("Sub", [softmax, _one_hot_seed(b, logits, resolved)], name="explainrt/grad/seed/cross_entropy",
+                        like=logits)
+
+
+def _probability_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[str, str]:
+    """Cotangent of p_t = softmax(y)_t: p_t (one_hot(t) - p), [K, N, classes]."""
+    p = b.op("Softmax", [logits], axis=-1, like=logits)
+    hot = _one_hot_seed(b, logits, resolved)
+    p_t = b.op("ReduceSum", [b.op("Mul", [hot, p], like=logits), b.ints([-1])], keepdims=1)
+    return logits, b.op("Mul", [p_t, b.op("Sub", [hot, p], like=logits)], name="explainrt/grad/seed/probability",
+                        like=logits)
 
 
 def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[object]]]:

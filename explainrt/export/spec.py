@@ -10,6 +10,12 @@ An explainable model keeps every original node and output and adds:
 - output ``explainrt.maps.<method>``      ``[N, K, H, W]`` with map heads (``explainrt.export.heads``):
   the method's normalised maps, computed in the graph (float32, float16 or uint8 0..255).
 
+The explained output ("logits") may be ``[N, classes]`` or ``[N, classes, ...]`` (a segmentation
+map, a detector's raw head): a class index then means the sum of that channel over the other
+axes. The ``weights`` objective (a variant, ``explainrt.export.variants``) takes input
+``explainrt.weights`` ``[N, K, *output]`` instead of the class indices: target k is the linear
+objective sum(weights[:, k] * output), any such objective in one call.
+
 What the engine needs to run the model without the original code (input name, logits, target
 layers, preprocessing) is stored as JSON in the model's metadata under ``explainrt``.
 """
@@ -29,6 +35,7 @@ from google.protobuf.message import DecodeError
 from explainrt.errors import InvalidModelError
 
 TARGETS_INPUT = "explainrt.targets"
+WEIGHTS_INPUT = "explainrt.weights"
 RESOLVED_TARGETS_OUTPUT = "explainrt.resolved_targets"
 METADATA_KEY = "explainrt"
 
@@ -79,6 +86,7 @@ class ExplainableSpec:
     maps: tuple[str, ...] = ()  # methods with a map head (output explainrt.maps.<method>)
     maps_dtype: str = "float32"  # element type of the map outputs: float32, float16 or uint8 (0..255)
     maps_only: bool = False  # activations and gradients are not outputs (only logits, targets and maps)
+    output_shape: tuple[int | None, ...] = ()  # the explained output's axes after N (None: known at run time)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -93,6 +101,7 @@ class ExplainableSpec:
             fields["target_layers"] = tuple(fields["target_layers"])
             fields["layouts"] = tuple(fields.get("layouts", ()))
             fields["maps"] = tuple(fields.get("maps", ()))
+            fields["output_shape"] = tuple(fields.get("output_shape", ()))
             return cls(**fields)
         except (ValueError, TypeError, KeyError) as error:
             raise InvalidModelError(f"corrupt explainrt metadata in the model: {error}") from error
@@ -124,6 +133,8 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
 OBJECTIVES = {
     "logit": "the target's logit y_t",
     "cross_entropy": "the cross-entropy loss -log softmax(y)_t (Contrast-CAM, confidence gradients)",
+    "probability": "the target's softmax probability softmax(y)_t over the classes (axis 1)",
+    "weights": "a linear objective sum(w * y), w fed per image and target as explainrt.weights [N, K, *shape(y)[1:]]",
 }
 
 

@@ -39,6 +39,7 @@ class DeepFeatureFactorization(Method):
     """DFF: NMF concepts of the target layer, each with its heatmap and the classes it scores."""
 
     name = "dff"
+    class_targets_only = True
     summary = ("Deep Feature Factorization: NMF concepts of the target layer, each scored by the head "
                "(concept maps, classes and scores in extras)")
     options = (Option("n_concepts", Integer(1), 5, "number of NMF concepts (at most the target layer's channels)"),)

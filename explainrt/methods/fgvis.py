@@ -58,6 +58,7 @@ class FGVis(Method):
     """FGVis preservation and deletion masks, optimised on the runtime's (defended) input gradients."""
 
     name = "fgvis"
+    class_targets_only = True
     summary = "FGVis (Wagner et al.): optimised preservation / deletion masks with the adversarial-evidence defence"
     options = (
         Option("game", Choice(GAMES), "preserve", "keep the smallest evidence for the class, or delete it until "

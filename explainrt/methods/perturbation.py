@@ -55,6 +55,7 @@ from explainrt.methods.base import (
 from explainrt.methods.options import Choice, Integer, Number, OneOf, Option, Size
 from explainrt.progress import progress
 from explainrt.runtime.incremental import incremental_forward
+from explainrt.runtime.objective import TargetSession
 
 BUDGET_OPTIONS = (
     Option("max_batch", Integer(1), None, "perturbed copies per runtime call at most (None: batch_size)"),
@@ -124,6 +125,8 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
     """
     image = request.images[index]
     columns = np.asarray(targets, dtype=np.int64).reshape(-1)
+    # a target object's score is its own objective (a Softmax target's is a probability already)
+    probabilities = probabilities and not isinstance(request.session, TargetSession)
     runtime = {} if timings is None else timings
     seen = 0
     with progress(total, f"{desc} (image {index})", unit="copies", enabled=request.progress, leave=False) as bar:

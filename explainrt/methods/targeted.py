@@ -67,6 +67,7 @@ class ContrastCam(Method):
     """Contrast-CAM: why the prediction P rather than a contrast class Q (or each of the next top_k)."""
 
     name = "contrast-cam"
+    class_targets_only = True
     summary = "Contrast-CAM: why P rather than Q (gradient of the cross-entropy of contrast class Q)"
     options = (
         Option("contrast", ClassIndex(), None,
@@ -156,6 +157,7 @@ class GaloreDeliberative(Method):
     """Where the model hesitates between two of its top 3 classes (deliberative insecurities)."""
 
     name = "galore-deliberative"
+    class_targets_only = True
     summary = "Galore deliberative: insecurity a_a * a_b * d for class pairs among the top 3 (all pairs in extras)"
 
     def compute(self, request: AttributionRequest) -> Attribution:
@@ -180,6 +182,7 @@ class GaloreCounterfactual(Method):
     """Regions that tell the predicted class from a counter class (SCOUT discriminant maps)."""
 
     name = "galore-counterfactual"
+    class_targets_only = True
     summary = "Galore counterfactual: discriminant map a(s) * (1 - a_counter) * a_class vs a counter class"
     options = (
         Option("counter_class", ClassIndex(), None, f"the counter class, or one per image (None: {RUNNER_UP}, the runner-up)",

@@ -81,7 +81,7 @@ class PreprocessingOverrides:
 class Outputs:
     """What of the model is explained: which output holds the logits, and how target layers are laid out.
 
-    ``output``: an ONNX output name, or for a PyTorch model a dict key, attribute or tuple index
+    ``output``: an ONNX output name or index, or for a PyTorch model a dict key, attribute or tuple index
     (default: the first output; a Hugging Face ModelOutput's ``logits``; a dict's ``"out"``).
     ``layer_layout`` ("nchw", "nhwc", "tokens"), ``token_grid`` and ``prefix_tokens``: see
     ``explainrt.export.layouts`` (None: told from the graph and the sizes).
@@ -274,9 +274,10 @@ def _pixels_unchanged(form: InputForm) -> Preprocessing | None:
                          std=(1 / 255,) * 3)
 
 
-def _onnx_output(output: str | int | None) -> str | None:
-    if output is not None and not isinstance(output, str):
-        raise InvalidInputError(f"output names an ONNX output by its name, got {output!r}")
+def _onnx_output(output: str | int | None) -> str | int | None:
+    """An ONNX output by its name or its index among the graph's outputs."""
+    if output is not None and (isinstance(output, bool) or not isinstance(output, (str, int))):
+        raise InvalidInputError(f"output names an ONNX output by its name or index, got {output!r}")
     return output
 
 

@@ -26,6 +26,8 @@ from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export.heads import closed_form
 from explainrt.export.spec import (
     RESOLVED_TARGETS_OUTPUT,
+    TARGETS_INPUT,
+    WEIGHTS_INPUT,
     ExplainableSpec,
     activations_output,
     gradients_output,
@@ -93,11 +95,29 @@ def head_feeds(spec: ExplainableSpec, layer: int, activations: Any, images: Any,
     return feeds
 
 
-def output_names(logits: str, layers: int) -> list[str]:
-    names = [logits, RESOLVED_TARGETS_OUTPUT]
+def output_names(logits: str, layers: int, objective: str = "logit") -> list[str]:
+    """The outputs of an explainable model in the order ``run_result`` reads them."""
+    names = [logits] if objective == "weights" else [logits, RESOLVED_TARGETS_OUTPUT]
     for index in range(layers):
         names += [activations_output(index), gradients_output(index)]
     return names
+
+
+def targets_feed(objective: str, targets: Any) -> dict[str, Any]:
+    """The input that says what to differentiate: class indices int64 [N, K], or for the
+    ``weights`` objective the weights [N, K, *output] of the linear objective."""
+    if objective == "weights":
+        return {WEIGHTS_INPUT: targets}
+    return {TARGETS_INPUT: np.asarray(targets, np.int64) if isinstance(targets, (np.ndarray, list)) else targets}
+
+
+def run_result(values: Sequence[Any], objective: str, targets: Any) -> RunResult:
+    """A RunResult from the outputs listed by ``output_names`` (the ``weights`` objective resolves no
+    class: its targets read -1)."""
+    if objective == "weights":
+        return RunResult(values[0], np.full(tuple(targets.shape[:2]), -1, dtype=np.int64), list(values[1::2]),
+                         list(values[2::2]))
+    return RunResult(values[0], values[1], list(values[2::2]), list(values[3::2]))
 
 
 def parse_device(device: str) -> tuple[str, int]:

@@ -28,7 +28,9 @@ from explainrt.runtime.base import (
     maps_outputs,
     output_names,
     parse_device,
+    run_result,
     static_dims,
+    targets_feed,
     uses_main_model,
 )
 
@@ -67,7 +69,8 @@ class OnnxRuntimeSession:
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
         self._variants: dict[tuple[Any, ...], tuple[object, list[str], list[list[int | str | None]]]] = {} if (
             self.spec.maps_only) else {
-            (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers)), [])}
+            (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers),
+                                                                           self.spec.objective), [])}
         self._maps: dict[str, object] = {}  # method -> the session of its map head
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
 
@@ -120,14 +123,14 @@ class OnnxRuntimeSession:
             variant = variant_model(self._model, self.spec, objective, of_input, defended, size)  # type: ignore[arg-type]
             shapes = [input_dims(variant, reference_input(k))
                       for k in range(sum(v.name.startswith(REFERENCE_PREFIX) for v in variant.graph.input))]
-            outputs = output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers))
+            outputs = output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers), objective)
             self._variants[key] = (self._session(variant), outputs + [relu_output(k) for k in range(len(shapes))], shapes)
         return self._variants[key]
 
     def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
         session, outputs, _ = self._variant(objective, of_input, images=images)
-        values = self._run(session, outputs, {self.spec.image_input: images, TARGETS_INPUT: targets})
-        return RunResult(values[0], values[1], values[2::2], values[3::2])
+        values = self._run(session, outputs, {self.spec.image_input: images, **targets_feed(objective, targets)})
+        return run_result(values, objective, targets)
 
     def _run(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
         """Run ``session``: in chunks of the model's static batch where it has one (the last chunk padded
@@ -193,10 +196,11 @@ class OnnxRuntimeSession:
             references = [np.full([images.shape[0], *static_dims(shape[1:])], np.inf, dtype=images.dtype) for shape in shapes]
         elif len(references) != len(shapes):
             raise InvalidInputError(f"the model has {len(shapes)} defended Relus; got {len(references)} references")
-        feeds = {self.spec.image_input: images, TARGETS_INPUT: targets,
+        feeds = {self.spec.image_input: images, **targets_feed(objective, targets),
                  **{reference_input(k): reference for k, reference in enumerate(references)}}
         values = self._run(session, outputs, feeds)
-        return RunResult(values[0], values[1], [values[2]], [values[3]]), list(values[4:])
+        given = 3 if objective == "weights" else 4
+        return run_result(values[:given], objective, targets), list(values[given:])
 
     @property
     def model(self) -> onnx.ModelProto:

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.spec import TARGETS_INPUT, ExplainableSpec, original_model
+from explainrt.export.spec import TARGETS_INPUT, WEIGHTS_INPUT, ExplainableSpec, original_model
 from explainrt.export.variants import head_model, maps_model, variant_model
 from explainrt.files import write_atomic
 from explainrt.optional import require
@@ -40,6 +40,8 @@ from explainrt.runtime.base import (
     maps_outputs,
     output_names,
     parse_device,
+    run_result,
+    targets_feed,
     uses_main_model,
 )
 from explainrt.validation import checked_int
@@ -79,7 +81,7 @@ class BatchProfile:
             dims = input_dims(model, value.name)
             ranges = [(self.min_batch, self.opt_batch, self.max_batch)]
             for axis, dim in enumerate(dims[1:], start=1):
-                if value.name == TARGETS_INPUT and axis == 1:
+                if value.name in (TARGETS_INPUT, WEIGHTS_INPUT) and axis == 1:
                     ranges.append((1, 1, self.max_targets))
                 elif isinstance(dim, int) and dim > 0:
                     ranges.append((dim, dim, dim))
@@ -272,7 +274,7 @@ class TensorRTSession:
         return [t.cpu().numpy() for t in merged]
 
     def _check_targets(self, targets: np.ndarray) -> None:
-        if targets.ndim != 2 or targets.shape[1] > self.profile.max_targets:
+        if targets.ndim < 2 or targets.shape[1] > self.profile.max_targets:
             raise InvalidInputError(f"targets must be [N, K] with K <= max_targets={self.profile.max_targets} "
                                     f"(the engine's profile), got shape {targets.shape}")
 
@@ -286,9 +288,9 @@ class TensorRTSession:
         self._check_targets(np.asarray(targets))
         engine = self._engine(("variant", objective, of_input),
                               lambda: variant_model(self._model, self.spec, objective, of_input))
-        values = self._call(engine, {self.spec.image_input: images, TARGETS_INPUT: np.asarray(targets, np.int64)},
-                            output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers)))
-        return RunResult(values[0], values[1], values[2::2], values[3::2])
+        values = self._call(engine, {self.spec.image_input: images, **targets_feed(objective, targets)},
+                            output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers), objective))
+        return run_result(values, objective, targets)
 
     def maps(self, images: Any, targets: np.ndarray, method: str) -> MapsResult:
         """``method``'s normalised maps [N, K, H, W] from its map head, on an engine of the model that has it."""

@@ -66,8 +66,9 @@ class TorchSession:
         session = cls(module, target_modules, spec, device, source.output)
         with session._torch.no_grad():
             logits, activations = session._forward(session._tensor(example))
-        if logits.ndim != 2:
-            raise InvalidModelError(f"the model must return logits [N, classes], got shape {tuple(logits.shape)}")
+        if logits.ndim < 2:
+            raise InvalidModelError(f"the explained output must be [N, classes] or [N, classes, ...], got shape "
+                                    f"{tuple(logits.shape)}")
         requests = source.layouts or (LayoutRequest(),) * len(layer_names)
         votes = session._layout_votes(session._tensor(example))
         layouts = []
@@ -78,7 +79,8 @@ class TorchSession:
             layouts.append(shape_layout(name, tuple(acts.shape), tuple(example.shape[2:]), vote, request))
         session.layouts = layouts
         session.spec = dataclasses.replace(spec, num_classes=int(logits.shape[1]),
-                                           layouts=tuple(layout.to_json() for layout in layouts))
+                                           layouts=tuple(layout.to_json() for layout in layouts),
+                                           output_shape=tuple(int(d) for d in logits.shape[1:]))
         return session
 
     def _layout_votes(self, images: Any) -> list[set[str]]:
@@ -145,19 +147,32 @@ class TorchSession:
             inputs = self._tensor(images).requires_grad_(of_input)
             logits, acts = self._forward(inputs)
             wrt = [inputs] if of_input else acts
-            order = torch.argsort(logits.detach(), dim=1, descending=True)
-            requested = self._tensor(targets)
-            by_rank = torch.gather(order, 1, (-requested - 1).clamp(min=0))
-            resolved = torch.where(requested < 0, by_rank, requested)
-            rows = torch.arange(logits.shape[0], device=self.device)
-            scores = logits if objective == "logit" else -torch.log_softmax(logits, dim=1)
-            per_seed = [torch.autograd.grad(scores[rows, resolved[:, k]].sum(), wrt, retain_graph=True)
-                        for k in range(resolved.shape[1])]
+            per_seed, resolved = self._objectives(logits, self._tensor(targets), objective, wrt)
         layouts = [None] if of_input else self.layouts
         gradients = [to_maps(torch.stack([g[i] for g in per_seed], dim=1), layout, 2).cpu().numpy()
                      for i, layout in enumerate(layouts)]
         activations = [to_maps(w.detach(), layout, 1).cpu().numpy() for w, layout in zip(wrt, layouts)]
         return RunResult(logits.detach().cpu().numpy(), resolved.cpu().numpy(), activations, gradients)
+
+    def _objectives(self, logits: Any, targets: Any, objective: str, wrt: list[Any]) -> tuple[list[Any], Any]:
+        """Per seed k, the gradients of its objective w.r.t. ``wrt``, and the resolved class targets."""
+        torch = self._torch
+        if objective == "weights":  # targets: weights [N, K, *output]
+            resolved = torch.full(tuple(targets.shape[:2]), -1, dtype=torch.int64)
+            return [torch.autograd.grad((logits * targets[:, k]).sum(), wrt, retain_graph=True)
+                    for k in range(targets.shape[1])], resolved
+        if objective != "logit" and logits.ndim != 2:
+            raise InvalidInputError(f"objective {objective!r} needs an output [N, classes], got {tuple(logits.shape)}")
+        summed = logits.detach().flatten(2).sum(dim=2) if logits.ndim > 2 else logits.detach()
+        order = torch.argsort(summed, dim=1, descending=True)
+        by_rank = torch.gather(order, 1, (-targets - 1).clamp(min=0))
+        resolved = torch.where(targets < 0, by_rank, targets)
+        rows = torch.arange(logits.shape[0], device=self.device)
+        scores = {"logit": lambda: logits.flatten(2).sum(dim=2) if logits.ndim > 2 else logits,
+                  "cross_entropy": lambda: -torch.log_softmax(logits, dim=1),
+                  "probability": lambda: torch.softmax(logits, dim=1)}[objective]()
+        return [torch.autograd.grad(scores[rows, resolved[:, k]].sum(), wrt, retain_graph=True)
+                for k in range(resolved.shape[1])], resolved
 
     def _tensor(self, array: Any) -> Any:
         """A tensor on the session's device: host arrays copied once, CUDA arrays shared by DLPack."""

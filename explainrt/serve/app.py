@@ -61,6 +61,7 @@ from explainrt.serve.models import (
     layers_key,
     predict_key,
 )
+from explainrt.targets import from_json
 from explainrt.validation import check_class_range, checked_int
 from explainrt.version import __version__
 
@@ -188,13 +189,14 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         images = await run_in_threadpool(codec.decode_instances, body, config.limits)
         targets = _instance_targets(parameters.get("targets"), len(images), model.num_classes)
         tick = time.perf_counter()
-        result = await model.submit(explain_key(True, method, options, normalize),
+        result = await model.submit(explain_key(True, method, options, normalize, targets.dtype == object),
                                     Job(images, targets, overlays="overlay" in returns,
                                         captions=_flag(parameters, "caption", False)), _disconnected(request))
         waited = time.perf_counter() - tick
-        encoded = await run_in_threadpool(_explanations, model, method, result, returns)
+        objects = targets.dtype == object  # then logits hold each instance's objective, not class scores
+        encoded = await run_in_threadpool(_explanations, model, method, result, returns, objects)
         timings = {**result["timings"], "request": waited}
-        return {"model_name": name, "predictions": _predictions(model, result["logits"], TOP_K),
+        return {"model_name": name, "predictions": [] if objects else _predictions(model, result["logits"], TOP_K),
                 "explanations": encoded, "timings": timings}
 
     # -- Open Inference Protocol (V2) -----------------------------------------------------------
@@ -339,10 +341,18 @@ def _returns(value: Any) -> tuple[str, ...]:
 
 
 def _instance_targets(value: Any, count: int, classes: int) -> np.ndarray:
-    """Targets: None (top class), one class for all, or one per instance; -k = the k-th most likely."""
+    """Targets: None (top class), one class for all, or one per instance; -k = the k-th most likely; or
+    explanation targets (``explainrt.targets.from_json``), one for all or one per instance (an object array)."""
     if value is None:
         return np.full(count, -1, dtype=np.int64)
     values = [value] * count if not isinstance(value, list) else value
+    if any(isinstance(v, (str, dict)) for v in values):
+        if len(values) != count:
+            raise InvalidInputError(f"parameter targets must be one target or {count} (one per instance), got "
+                                    f"{len(values)}")
+        objects = np.empty(count, dtype=object)
+        objects[:] = [from_json(v) for v in values]
+        return objects
     if len(values) != count or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
         raise InvalidInputError(f"parameter targets must be one class index or {count} (one per instance), got {value!r}")
     check_class_range(values, classes)
@@ -361,11 +371,19 @@ def _predictions(model: ServedModel, logits: np.ndarray, top_k: int) -> list[dic
             for row, p in zip(order, probabilities, strict=True)]
 
 
-def _explanations(model: ServedModel, method: str, result: dict[str, Any], returns: tuple[str, ...]) -> list[dict[str, Any]]:
+def _explanations(model: ServedModel, method: str, result: dict[str, Any], returns: tuple[str, ...],
+                  objects: bool = False) -> list[dict[str, Any]]:
+    """Per instance: the method, its target (with ``objects``, the class the target is about and its
+    objective's score) and what ``returns`` asks for."""
     probabilities = softmax(result["logits"])
     encoded = []
     for index, target in enumerate(result["targets"]):
-        item: dict[str, Any] = {"method": method, "target": _class(model, int(target), probabilities[index, target])}
+        if objects:
+            label = model.labels[target] if model.labels and 0 <= target < len(model.labels) else None
+            described = {"index": int(target), "label": label, "score": float(result["logits"][index, 0])}
+        else:
+            described = _class(model, int(target), probabilities[index, target])
+        item: dict[str, Any] = {"method": method, "target": described}
         if "overlay" in returns:
             overlays = result["overlays"]
             item["overlay"] = {"b64": codec.png_b64(overlays[index])} if overlays is not None else None

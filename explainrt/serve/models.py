@@ -39,7 +39,7 @@ class Job:
     and captions on them (class label, probability, method)."""
 
     images: list[np.ndarray] | np.ndarray
-    targets: np.ndarray | None = None  # int64 [n]; -k: the k-th most likely class
+    targets: np.ndarray | None = None  # int64 [n] (-k: the k-th most likely class), or objects: explainrt.targets
     overlays: bool = False
     captions: bool = False
 
@@ -52,8 +52,9 @@ def predict_key(raw: bool) -> JobKey:
     return ("predict", "raw" if raw else "tensor")
 
 
-def explain_key(raw: bool, method: str, options: dict[str, Any], normalize: bool) -> JobKey:
-    return ("explain", "raw" if raw else "tensor", method, json.dumps(options, sort_keys=True), normalize)
+def explain_key(raw: bool, method: str, options: dict[str, Any], normalize: bool, objects: bool = False) -> JobKey:
+    """``objects``: the jobs' targets are explainrt.targets objects (batched apart: their logits are objectives)."""
+    return ("explain", "raw" if raw else "tensor", method, json.dumps(options, sort_keys=True), normalize, objects)
 
 
 def layers_key(raw: bool) -> JobKey:
@@ -96,7 +97,8 @@ class ServedModel:
         if kind == "layers":
             return self._layers(images, targets, counts)
         method, options, normalize = key[2], json.loads(key[3]), key[4]
-        explanation = self.explainer.explain(images, method=method, targets=targets, normalize=normalize,
+        given = targets.tolist() if targets.dtype == object else targets
+        explanation = self.explainer.explain(images, method=method, targets=given, normalize=normalize,
                                              batch_size=self.batcher.max_batch, progress=False, cancel=cancel,
                                              **options)
         timings = {**explanation.timings, "batch_images": len(targets)}

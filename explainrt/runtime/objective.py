@@ -1,0 +1,113 @@
+"""Target objects (``explainrt.targets``) behind the Session contract, so every method honours them.
+
+``TargetSession`` wraps a session and a list of targets; to the methods its "classes" are those
+targets: "class" t is the objective of ``targets[t]``. ``run`` / ``input_gradients`` feed the
+targets' cotangents to the explainable graph's ``weights`` objective (one runtime call per batch;
+a Box first needs the forward pass to decide which predictions count) or, for Softmax targets,
+the graph's ``probability`` seed; ``logits`` and ``head`` return every target's objective of each
+(perturbed) input [b, T], so perturbation methods score each copy with the same objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from explainrt.errors import InvalidTargetError
+from explainrt.runtime.base import RunResult, Session
+from explainrt.targets import Target
+
+
+class TargetSession:
+    """``inner`` with the objectives of ``targets`` as its classes (see the module docstring)."""
+
+    def __init__(self, inner: Session, targets: Sequence[Target]) -> None:
+        self.inner = inner
+        self.targets = list(targets)
+        self.spec = dataclasses.replace(inner.spec, num_classes=len(self.targets))
+        self.input_shape = inner.input_shape
+
+    def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._differentiate(images, targets, objective, self.inner.run)
+
+    def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
+        return self._differentiate(images, targets, objective, self.inner.input_gradients)
+
+    def defended_input_gradients(self, images: np.ndarray, targets: np.ndarray, references: list[np.ndarray] | None = None,
+                                 objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:
+        relus: list[list[np.ndarray]] = []
+
+        def call(batch: np.ndarray, fed: np.ndarray, kind: str) -> RunResult:
+            result, activations = self.inner.defended_input_gradients(batch, fed, references, kind)
+            relus.append(activations)
+            return result
+
+        return self._differentiate(images, targets, objective, call), relus[0]
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return self.scores(np.asarray(self.inner.logits(images)))
+
+    def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
+        return self.scores(np.asarray(self.inner.head(layer, activations, images)))
+
+    def scores(self, outputs: np.ndarray) -> np.ndarray:
+        """Every target's objective of each output [b, ...] -> [b, T] float32."""
+        return np.stack([target.score(outputs) for target in self.targets], axis=1).astype(np.float32)
+
+    def _differentiate(self, images: np.ndarray, targets: np.ndarray, objective: str,
+                       call: Callable[[np.ndarray, Any, str], RunResult]) -> RunResult:
+        if objective != "logit":
+            raise InvalidTargetError(f"this method differentiates the {objective!r} of a class; it takes class "
+                                     "indices as targets, not explainrt.targets objects")
+        ids = np.asarray(targets, dtype=np.int64)
+        if ids.ndim != 2 or (ids < 0).any() or (ids >= len(self.targets)).any():
+            raise InvalidTargetError("this method picks classes by rank (-k); it takes class indices as targets, "
+                                     "not explainrt.targets objects")
+        chosen = [[self.targets[t] for t in row] for row in ids]
+        softmax = np.array([all(not target.linear for target in row) for row in chosen])
+        if any(any(not target.linear for target in row) != seeded for row, seeded in zip(chosen, softmax)):
+            raise InvalidTargetError("Softmax targets cannot be mixed with linear targets for one image")
+        if softmax.all() or not softmax.any():
+            result = self._call(images, chosen, bool(softmax.all()), call)
+        else:  # images of both kinds: one call for each kind, rows put back in order
+            parts = [(rows, self._call(images[rows], [chosen[i] for i in rows], kind, call))
+                     for kind, rows in ((True, np.flatnonzero(softmax)), (False, np.flatnonzero(~softmax)))]
+            result = _merged(parts, images.shape[0])
+        return RunResult(self.scores(np.asarray(result.logits)), ids, result.activations, result.gradients)
+
+    def _call(self, images: np.ndarray, chosen: list[list[Target]], softmax: bool,
+              call: Callable[[np.ndarray, Any, str], RunResult]) -> RunResult:
+        """One runtime call: Softmax targets by the graph's probability seed, the others as cotangents."""
+        if softmax:
+            return call(images, np.array([[target.index for target in row] for row in chosen], np.int64),  # type: ignore[attr-defined]
+                        "probability")
+        outputs = self._outputs(images, any(target.needs_values for row in chosen for target in row))
+        weights = np.stack([np.stack([target.gradient(output) for target in row]) for row, output in
+                            zip(chosen, outputs)]).astype(outputs.dtype)
+        return call(images, weights, "weights")
+
+    def _outputs(self, images: np.ndarray, values: bool) -> np.ndarray:
+        """What the targets' gradients are taken at: the forward pass's outputs where a target reads
+        them (or the output's size is known only at run time), else zeros of the stored shape."""
+        shape = self.inner.spec.output_shape
+        if values or not shape or not all(isinstance(d, int) for d in shape):
+            return np.asarray(self.inner.logits(images))
+        return np.zeros((images.shape[0], *shape), dtype=np.float32)
+
+
+def _merged(parts: list[tuple[np.ndarray, RunResult]], count: int) -> RunResult:
+    """One RunResult of ``count`` images from results for some of them (their rows given)."""
+    def gather(pick: Callable[[RunResult], np.ndarray]) -> np.ndarray:
+        first = np.asarray(pick(parts[0][1]))
+        merged = np.empty((count, *first.shape[1:]), dtype=first.dtype)
+        for rows, result in parts:
+            merged[rows] = np.asarray(pick(result))
+        return merged
+
+    layers = range(len(parts[0][1].activations))
+    return RunResult(gather(lambda r: r.logits), gather(lambda r: r.targets),
+                     [gather(lambda r, i=i: r.activations[i]) for i in layers],
+                     [gather(lambda r, i=i: r.gradients[i]) for i in layers])

@@ -1,0 +1,404 @@
+"""Explanation targets (explainrt.targets) on segmentation, detection, embedding and classifier outputs.
+
+References: pytorch-grad-cam's SemanticSegmentationTarget (Region on DeepLabV3), torch.autograd of the
+same objective (Box on an Ultralytics YOLOv8n exported to ONNX, Similarity on an embedding model,
+Softmax / Difference / Weights on a classifier), and explainrt's own methods on a model whose output
+is the objective itself (perturbation methods score every copy with the target's objective).
+All models have random weights and fixed seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from explainrt import Explainer
+from explainrt.errors import InvalidTargetError
+from explainrt.targets import Box, Class, Difference, Region, Similarity, Softmax, Sum, Weights
+
+SEG_SIZE = 64
+YOLO_SIZE = 160
+
+
+class _Out(torch.nn.Module):
+    """A segmentation model's "out" tensor (what pytorch-grad-cam's SemanticSegmentationTarget reads)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+@pytest.fixture(scope="module")
+def deeplab() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=6, aux_loss=False).eval()
+
+
+@pytest.fixture(scope="module")
+def deeplab_explainer(deeplab: torch.nn.Module) -> Explainer:
+    """The dict-output model exported to ONNX: "out" is explained without output= being given."""
+    return Explainer(deeplab, target_layers=[deeplab.backbone["16"]], input_size=(SEG_SIZE, SEG_SIZE))
+
+
+def _image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def test_region_gradcam_matches_pytorch_grad_cam(deeplab: torch.nn.Module, deeplab_explainer: Explainer) -> None:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE))
+    mask = np.zeros((SEG_SIZE, SEG_SIZE), np.float32)
+    mask[10:40, 20:50] = 1.0
+    with GradCAM(model=_Out(deeplab), target_layers=[deeplab.backbone["16"]]) as cam:
+        reference = cam(torch.from_numpy(image), targets=[SemanticSegmentationTarget(3, mask)])
+    ours = deeplab_explainer.explain(image, method="gradcam", targets=Region(3, mask))
+    assert deeplab_explainer.spec.output_shape == (6, SEG_SIZE, SEG_SIZE)
+    assert ours.targets.tolist() == [3]
+    with torch.no_grad():
+        out = deeplab(torch.from_numpy(image))["out"][0, 3].numpy()
+    np.testing.assert_allclose(ours.logits[:, 0], [(out * mask).sum()], rtol=1e-4)
+    np.testing.assert_allclose(ours.maps, reference, atol=2e-4)
+    from explainrt import compat
+
+    with compat.GradCAM(model=deeplab, target_layers=[deeplab.backbone["16"]]) as cam:  # pytorch-grad-cam's target
+        dropped_in = cam(input_tensor=torch.from_numpy(image), targets=[SemanticSegmentationTarget(3, mask)])
+    np.testing.assert_allclose(dropped_in, reference, atol=2e-4)
+
+
+def test_region_weighted_mask_input_gradients_match_autograd(deeplab: torch.nn.Module,
+                                                              deeplab_explainer: Explainer) -> None:
+    """A weighted mask; Saliency's signed sum over channels is the input gradient summed over channels."""
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE), seed=1)
+    mask = np.random.default_rng(2).uniform(size=(SEG_SIZE, SEG_SIZE)).astype(np.float32)
+    x = torch.from_numpy(image).requires_grad_(True)
+    (deeplab(x)["out"][0, 2] * torch.from_numpy(mask)).sum().backward()
+    ours = deeplab_explainer.explain(image, method="saliency", targets=Region(2, mask), normalize=False, abs=False)
+    reference = x.grad.numpy().sum(axis=1)
+    assert np.abs(ours.maps - reference).max() <= 1e-4 * np.abs(reference).max()
+
+
+def test_int_targets_on_a_segmentation_output_sum_the_class(deeplab: torch.nn.Module,
+                                                            deeplab_explainer: Explainer) -> None:
+    """Class k on [N, K, H, W] (the class-index fast path) is Region(k, all ones); -1 the top summed class."""
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE), seed=3)
+    ones = np.ones((SEG_SIZE, SEG_SIZE), np.float32)
+    fast = deeplab_explainer.explain(image, method="gradcam", targets=4, normalize=False)
+    general = deeplab_explainer.explain(image, method="gradcam", targets=Region(4, ones), normalize=False)
+    np.testing.assert_allclose(fast.maps, general.maps, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        summed = deeplab(torch.from_numpy(image))["out"].sum(dim=(2, 3))[0].numpy()
+    top = deeplab_explainer.explain(image, method="eigencam")
+    assert top.targets.tolist() == [int(summed.argmax())]
+
+
+def test_perturbation_methods_score_copies_with_the_target(deeplab: torch.nn.Module) -> None:
+    """RISE and Occlusion with a Region target equal the same methods on a model whose one output is the
+    region's score (class 0), on the torch backend."""
+
+    class RegionScore(torch.nn.Module):
+        def __init__(self, mask: np.ndarray) -> None:
+            super().__init__()
+            self.model, self.mask = deeplab, torch.from_numpy(mask)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.model(x)["out"][:, 1] * self.mask).sum(dim=(1, 2))[:, None]
+
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE), seed=4)
+    mask = np.zeros((SEG_SIZE, SEG_SIZE), np.float32)
+    mask[30:60, 5:25] = 1.0
+    ours = Explainer(deeplab, [deeplab.backbone["16"]], backend="torch", input_size=(SEG_SIZE, SEG_SIZE))
+    reference = Explainer(RegionScore(mask), [deeplab.backbone["16"]], backend="torch",
+                          input_size=(SEG_SIZE, SEG_SIZE))
+    for method, options in (("occlusion", {"window": (16, 16)}), ("rise", {"n_masks": 16, "grid": 4})):
+        got = ours.explain(image, method=method, targets=Region(1, mask), normalize=False, **options)
+        want = reference.explain(image, method=method, targets=0, normalize=False, **options)
+        if method == "rise":  # RISE weights masks by probability; one logit's softmax is 1: compare with the score
+            want = reference.explain(image, method=method, targets=Weights(np.ones(1, np.float32)), normalize=False,
+                                     **options)
+        np.testing.assert_allclose(got.maps, want.maps, rtol=1e-4, atol=1e-4 * np.abs(want.maps).max())
+
+
+# -- detection ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def yolo() -> torch.nn.Module:
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", verbose=False).eval()
+    for module in model.modules():  # PyTorch's default init fades the signal over 22 blocks: class scores all 0.5
+        if isinstance(module, torch.nn.Conv2d) and module.weight.requires_grad:
+            torch.nn.init.normal_(module.weight, std=(2.7 / module.weight[0].numel()) ** 0.5)
+    for module in model.modules():
+        if type(module).__name__ == "Detect":
+            module.export, module.format = True, "onnx"  # the raw head [N, 84, anchors], as exported
+            for branch in module.cv3:  # untrained class biases (-11) saturate the sigmoid: no gradient to compare
+                torch.nn.init.zeros_(branch[-1].bias)
+    return model
+
+
+@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
+def yolo_onnx(request: pytest.FixtureRequest, yolo: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The raw head exported with a dynamic batch by both of torch's exporters (the TorchScript one, which
+    Ultralytics' own export uses, computes split sizes and reshapes from Shape: folded to constants)."""
+    import warnings
+
+    path = tmp_path_factory.mktemp("yolo") / "yolov8n.onnx"
+    example = torch.rand(2, 3, YOLO_SIZE, YOLO_SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if request.param == "dynamo":
+            program = torch.onnx.export(yolo, (example,), dynamo=True, opset_version=18, input_names=["images"],
+                                        output_names=["output0"], dynamic_shapes=({0: torch.export.Dim("N", min=1)},))
+            program.save(str(path))
+        else:
+            torch.onnx.export(yolo, (example,), str(path), dynamo=False, opset_version=17, input_names=["images"],
+                              output_names=["output0"], dynamic_axes={"images": {0: "N"}, "output0": {0: "N"}})
+    return path
+
+
+def _yolo_box(output: np.ndarray, class_index: int) -> list[float]:
+    """The box (xyxy, clipped to the image) of the prediction most confident in ``class_index``."""
+    cx, cy, w, h = output[:4, int(np.argmax(output[4 + class_index]))]
+    return np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, YOLO_SIZE).tolist()
+
+
+def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx: Path) -> None:
+    image = _image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=5) * 0.2 + 0.5
+    explainer = Explainer(str(yolo_onnx), output="output0")
+    assert explainer.spec.output_shape[0] == 84
+    x = torch.from_numpy(image).requires_grad_(True)
+    out = yolo(x)
+    values = out[0].detach().numpy()
+    box = _yolo_box(values, 7)
+    boxes = torch.from_numpy(np.stack([values[0] - values[2] / 2, values[1] - values[3] / 2,
+                                       values[0] + values[2] / 2, values[1] + values[3] / 2], axis=1))
+    chosen = torchvision.ops.box_iou(boxes, torch.tensor([box], dtype=boxes.dtype))[:, 0] >= 0.3
+    assert chosen.any()
+    out[0, 4 + 7, torch.from_numpy(chosen.numpy())].sum().backward()
+    reference = x.grad.numpy().sum(axis=1)
+    ours = explainer.explain(image, method="saliency", targets=Box(box, 7, iou=0.3), normalize=False, abs=False)
+    assert np.abs(ours.maps - reference).max() <= 1e-3 * np.abs(reference).max()
+    np.testing.assert_allclose(ours.logits[0, 0], values[4 + 7, chosen.numpy()].sum(), rtol=1e-4)
+    cam = explainer.explain(image, method="gradcam", targets=Box(box, 7, iou=0.3))
+    assert cam.maps.shape == (1, YOLO_SIZE, YOLO_SIZE) and np.isfinite(cam.maps).all()
+    with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
+        explainer.explain(image, method="gradcam", targets=Box([0, 0, 2, 2], 7, iou=0.9))
+    with pytest.raises(InvalidTargetError, match="outside the 160x160 image"):
+        explainer.explain(image, method="gradcam", targets=Box([10, 10, 170, 50], 7))
+    with pytest.raises(InvalidTargetError, match="out of range for an output of 80 classes"):
+        explainer.explain(image, method="gradcam", targets=Box(box, 80))
+    rise = explainer.explain(image, method="rise", targets=Box(box, 7, iou=0.3), n_masks=8, grid=4)  # D-RISE-like
+    assert np.isfinite(rise.maps).all() and rise.maps.max() == 1
+
+
+def test_box_yolov5_layout_is_objectness_times_class() -> None:
+    """YOLOv5's [anchors, 5 + classes]: the objective's gradient is that of objectness x class score."""
+    rng = np.random.default_rng(0)
+    output = np.concatenate([np.array([[20, 20, 10, 10], [21, 20, 10, 10], [60, 60, 8, 8]], np.float32),
+                             rng.uniform(size=(3, 4)).astype(np.float32)], axis=1)  # 3 anchors, 2 classes
+    target = Box([15, 15, 25, 25], 1, layout="yolov5")  # 3 anchors: too few to tell the layout from the shape
+    target.check(output.shape, (100, 100))
+    y = torch.from_numpy(output).requires_grad_(True)
+    (y[:2, 4] * y[:2, 6]).sum().backward()
+    np.testing.assert_allclose(target.gradient(output), y.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(target.score(output[None]), [(output[:2, 4] * output[:2, 6]).sum()], rtol=1e-6)
+    both = Sum([target, Box([55, 55, 65, 65], 0, layout="yolov5")])  # compat's FasterRCNNBoxScoreTarget, per box
+    np.testing.assert_allclose(both.score(output[None]), [(output[:2, 4] * output[:2, 6]).sum() + output[2, 4] * output[2, 5]],
+                               rtol=1e-6)
+
+
+# -- embeddings and classifiers ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=16).eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def embedder_explainer(embedder: torch.nn.Module) -> Explainer:
+    """The embedding model (an [N, 16] output) exported to ONNX once for this module."""
+    return Explainer(embedder, [embedder.layer4], input_size=(64, 64))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_similarity_matches_autograd(embedder: torch.nn.Module, embedder_explainer: Explainer, backend: str) -> None:
+    image = _image((2, 3, 64, 64), seed=6)
+    concept = np.random.default_rng(7).normal(size=16).astype(np.float32)
+    x = torch.from_numpy(image).requires_grad_(True)
+    (embedder(x) @ torch.from_numpy(concept)).sum().backward()
+    explainer = embedder_explainer if backend == "onnxruntime" else Explainer(embedder, [embedder.layer4],
+                                                                              backend=backend, input_size=(64, 64))
+    ours = explainer.explain(image, method="saliency", targets=Similarity(concept), normalize=False, abs=False)
+    reference = x.grad.numpy().sum(axis=1)
+    assert np.abs(ours.maps - reference).max() <= 1e-4 * np.abs(reference).max()
+    with torch.no_grad():
+        np.testing.assert_allclose(ours.logits[:, 0], (embedder(torch.from_numpy(image)) @ torch.from_numpy(concept))
+                                   .numpy(), rtol=1e-4)
+    with pytest.raises(InvalidTargetError, match="needs an embedding output"):
+        explainer.explain(image, targets=Similarity(concept[:8]))
+
+
+@pytest.mark.parametrize(("target", "objective"), [
+    (Softmax(3), lambda y: torch.softmax(y, dim=1)[:, 3]),
+    (Difference(3, 5), lambda y: y[:, 3] - y[:, 5]),
+    (Weights(np.linspace(-1, 1, 16, dtype=np.float32)), lambda y: y @ torch.linspace(-1, 1, 16)),
+])
+def test_classifier_targets_match_autograd(embedder: torch.nn.Module, embedder_explainer: Explainer, target: object,
+                                          objective: object) -> None:
+    """Per image targets (one list); input gradients (IG's integrand at the image) and Grad-CAM."""
+    image = _image((2, 3, 64, 64), seed=8)
+    x = torch.from_numpy(image).requires_grad_(True)
+    objective(embedder(x)).sum().backward()  # type: ignore[operator]
+    explainer = embedder_explainer
+    ours = explainer.explain(image, method="saliency", targets=[target, target], normalize=False, abs=False)
+    reference = x.grad.numpy().sum(axis=1)
+    assert np.abs(ours.maps - reference).max() <= 1e-4 * np.abs(reference).max()
+    with torch.no_grad():
+        np.testing.assert_allclose(ours.logits[:, 0], objective(embedder(torch.from_numpy(image))).numpy(),  # type: ignore[operator]
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_targets_and_class_fast_path(embedder_explainer: Explainer) -> None:
+    """Class objects alone take the class-index path; mixed with others, each image gets its own objective."""
+    image = _image((2, 3, 64, 64), seed=9)
+    explainer = embedder_explainer
+    fast = explainer.explain(image, method="gradcam", targets=[Class(2), Class(-1)], normalize=False)
+    assert fast.logits.shape == (2, 16)
+    mixed = explainer.explain(image, method="gradcam", targets=[Class(2), Difference(1, 0)], normalize=False)
+    np.testing.assert_allclose(mixed.maps[0], fast.maps[0], rtol=1e-4, atol=1e-6)
+    assert mixed.targets.tolist() == [2, 1]
+
+
+def test_compat_softmax_target_matches_pytorch_grad_cam(embedder: torch.nn.Module) -> None:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+
+    from explainrt import compat
+
+    image = torch.from_numpy(_image((2, 3, 64, 64), seed=10))
+    targets = [ClassifierOutputSoftmaxTarget(3), ClassifierOutputTarget(5)]
+    with GradCAM(model=embedder, target_layers=[embedder.layer4]) as cam:
+        reference = cam(input_tensor=image, targets=targets)
+    with compat.GradCAM(model=embedder, target_layers=[embedder.layer4]) as cam:  # a probability and a logit
+        ours = cam(input_tensor=image, targets=targets)
+    np.testing.assert_allclose(ours, reference, atol=2e-4)
+
+
+# -- command line ------------------------------------------------------------------------------------
+class _TinySegmenter(torch.nn.Module):
+    """[N, 3, 32, 32] -> {"out": [N, 4, 32, 32]}: a strided conv, a 1x1 classifier, bilinear upsampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.classifier = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = self.classifier(torch.relu(self.features(x)))
+        return {"out": torch.nn.functional.interpolate(scores, size=x.shape[2:], mode="bilinear", align_corners=False)}
+
+
+def test_cli_region_and_box_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import onnx
+    from PIL import Image
+
+    from explainrt.cli import main
+    from explainrt.export.torch_export import from_torch
+    from explainrt.targets import parse
+
+    model = _TinySegmenter().eval()
+    onnx.save(from_torch(model, torch.zeros(1, 3, 32, 32), [model.features]), tmp_path / "seg.onnx")
+    picture = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "image.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:20, 8:28] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code = main(["explain", str(tmp_path / "image.png"), "--model", str(tmp_path / "seg.onnx"), "--input-size", "32",
+                 "32", "--target", f"region:{tmp_path / 'mask.png'}:2", "--no-caption", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "explanations.json").read_text())["images"][0]
+    from explainrt.models import PreprocessingOverrides, load
+
+    explainer = Explainer(load(str(tmp_path / "seg.onnx"), overrides=PreprocessingOverrides(input_size=(32, 32))))
+    expected = explainer.explain(str(tmp_path / "image.png"), targets=Region(2, mask / 255.0))
+    assert record["target"]["index"] == 2
+    np.testing.assert_allclose(record["target"]["score"], expected.logits[0, 0], rtol=1e-5)
+    drawn = np.asarray(Image.open(tmp_path / "out" / record["overlay"]))
+    assert (drawn[4, 8:28] == 255).all() and (drawn[4:20, 27] == 255).all()  # the region's outline, in white
+    _server_takes_targets_as_json(explainer, picture, mask / 255.0)
+    box = parse("box:1,2,30,40:3:0.4")
+    assert (box.box.tolist(), box.index, box.iou) == ([1, 2, 30, 40], 3, 0.4)
+    assert parse("class:281").index == 281  # type: ignore[attr-defined]
+    with pytest.raises(InvalidTargetError, match="is not one of class:K"):
+        parse("region:mask.png")
+    with pytest.raises(InvalidTargetError, match="cannot read target"):
+        parse(f"region:{tmp_path / 'missing.png'}:1")
+
+
+def _server_takes_targets_as_json(explainer: Explainer, picture: np.ndarray, mask: np.ndarray) -> None:
+    """POST /v1/models/NAME:explain with a region target as JSON: the map the in-process call gives."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from explainrt.serve.app import create_app
+
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    instances = [{"image": {"b64": base64.b64encode(buffer.getvalue()).decode("ascii")}}]
+    target = {"kind": "region", "class": 2, "mask": mask.tolist()}
+    with TestClient(create_app({"seg": explainer})) as client:
+        response = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
+            "method": "gradcam", "targets": target, "return": ["map"]}})
+        assert response.status_code == 200, response.text
+        refused = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
+            "targets": "region:/etc/passwd:2"}})
+        assert refused.status_code == 400 and "reads a file" in refused.text
+    item = response.json()["explanations"][0]
+    expected = explainer.explain(picture, targets=Region(2, mask))
+    assert item["target"]["index"] == 2
+    np.testing.assert_allclose(item["target"]["score"], expected.logits[0, 0], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(item["map"]), expected.maps[0], atol=1e-4)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+def test_target_errors(deeplab_explainer: Explainer, embedder_explainer: Explainer) -> None:
+    image = _image((1, 3, SEG_SIZE, SEG_SIZE))
+    with pytest.raises(InvalidTargetError, match=r"mask has shape \(32, 32\); the output's maps are \(64, 64\)"):
+        deeplab_explainer.explain(image, targets=Region(1, np.ones((32, 32))))
+    with pytest.raises(InvalidTargetError, match="class 6 is out of range for an output of 6 classes"):
+        deeplab_explainer.explain(image, targets=Region(6, np.ones((SEG_SIZE, SEG_SIZE))))
+    with pytest.raises(InvalidTargetError, match="Box needs a raw detector output"):
+        deeplab_explainer.explain(image, targets=Box([1, 1, 5, 5], 0))
+    with pytest.raises(InvalidTargetError, match="Softmax needs an output"):
+        deeplab_explainer.explain(image, targets=Softmax(1))
+    classifier = embedder_explainer
+    small = _image((1, 3, 64, 64))
+    with pytest.raises(InvalidTargetError, match="Region needs an output"):
+        classifier.explain(small, targets=Region(1, np.ones((64, 64))))
+    with pytest.raises(InvalidTargetError, match="class p 16 is out of range"):
+        classifier.explain(small, targets=Difference(16, 0))
+    with pytest.raises(InvalidTargetError, match="explains classes"):
+        classifier.explain(small, method="contrast-cam", targets=Difference(1, 0))
+    with pytest.raises(InvalidTargetError, match="one per image"):
+        classifier.explain(small, targets=[Softmax(1), Softmax(2)])
+    with pytest.raises(InvalidTargetError, match="x2 > x1"):
+        Box([5, 5, 1, 1], 0)
+    with pytest.raises(InvalidTargetError, match="layout must be one of"):
+        Box([1, 1, 5, 5], 0, layout="detr")
