@@ -262,6 +262,8 @@ class Explainer:
         start = time.perf_counter()
         batch, crops = self.prepare(images)
         session, wanted, objects = self._session_and_targets(targets, batch)
+        if objects is None and not chosen.target_free:
+            self._check_class_output()
         if objects is not None and chosen.class_targets_only:
             raise InvalidTargetError(f"method {chosen.name!r} explains classes (its objective is a loss or a ranking "
                                      f"of classes): give class indices as targets, not {objects[0]!r}")
@@ -304,6 +306,16 @@ class Explainer:
         return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize, notes,
                            outlines, objects is not None)
 
+    def _check_class_output(self) -> None:
+        """Class indices mean a class's scores; on an [N, A, B] output (a detector head such as YOLO's
+        [N, 4 + K, anchors]) a row summed over anchors is no class score (row 0 is the boxes' x centres)."""
+        shape = self.spec.output_shape
+        if len(shape) == 2:
+            dims = ", ".join("?" if d is None else str(d) for d in shape)
+            raise InvalidTargetError(f"the explained output is [N, {dims}] (a detector head?): a class index would be "
+                                     "a row of it summed over its last axis, not a class score; give explainrt.targets "
+                                     "objects (Box(xyxy, class) for a detector head, Weights for any linear objective)")
+
     def _session_and_targets(self, targets: Any, batch: np.ndarray) -> tuple[Session, np.ndarray, list[Target] | None]:
         """The session the methods run, the int targets they see, and the target objects (None: class indices).
 
@@ -322,7 +334,6 @@ class Explainer:
             target.check(shape, tuple(batch.shape[2:]))
         column = {id(target): index for index, target in enumerate(unique)}
         return TargetSession(self.session, unique), np.array([column[id(t)] for t in objects], np.int64), objects
-
 
     def explain_contrasts(self, images: Any, k: int = 3, **kwargs: Any) -> Explanation:
         """Contrast-CAM of each image's prediction against each of the next ``k`` most likely classes,

@@ -199,6 +199,11 @@ def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx:
         explainer.explain(image, method="gradcam", targets=Box(box, 80))
     rise = explainer.explain(image, method="rise", targets=Box(box, 7, iou=0.3), n_masks=8, grid=4)  # D-RISE-like
     assert np.isfinite(rise.maps).all() and rise.maps.max() == 1
+    for targets in (0, None):  # a class index on a detector head would be a row summed over anchors
+        with pytest.raises(InvalidTargetError, match="detector head"):
+            explainer.explain(image, method="gradcam", targets=targets)
+    eigen = explainer.explain(image, method="eigencam")  # its maps do not depend on a target: any output
+    assert np.isclose(eigen.maps.max(), 1) and eigen.maps.std() > 0.01
 
 
 def test_box_yolov5_layout_is_objectness_times_class() -> None:

@@ -65,6 +65,7 @@ class Method(ABC):
     options: tuple[Option, ...] = ()
     signed: bool = False  # raw maps may be negative; normalised display shows the positive evidence
     class_targets_only: bool = False  # its objective is a loss or a ranking of classes: no explainrt.targets objects
+    target_free: bool = False  # its maps do not depend on the target (Eigen-CAM), so it explains any output
     blank_reason: str = ""  # why this method's map can be all zero for a sound model (said with the map)
 
     @property

@@ -88,6 +88,7 @@ class CamMethod(Method):
     summary: str
     options: tuple[Option, ...] = ()
     blank_reason: str = ""
+    target_free: bool = False
 
     def compute(self, request: AttributionRequest) -> Attribution:
         timings: dict[str, float] = {}
@@ -202,7 +203,7 @@ CAM_METHODS: tuple[CamMethod, ...] = (
     CamMethod("xgradcam", closed_form_terms("xgradcam"), "XGrad-CAM: activation-normalised gradient weights"),
     CamMethod("hirescam", closed_form_terms("hirescam"), "HiResCAM: element-wise gradient x activation"),
     CamMethod("layercam", closed_form_terms("layercam"), "LayerCAM: positive gradients x activation per location"),
-    CamMethod("eigencam", _eigen_cam, "Eigen-CAM: first principal component of the activations"),
+    CamMethod("eigencam", _eigen_cam, "Eigen-CAM: first principal component of the activations", target_free=True),
     CamMethod("eigengradcam", _eigen_grad_cam, "EigenGrad-CAM: principal component of gradient x activation"),
     CamMethod("scorecam", _score_cam, "Score-CAM: softmax of scores of channel-masked inputs (batched)"),
     CamMethod("ablationcam", _ablation_cam, "Ablation-CAM: score drop with each channel ablated (head only)",
