@@ -28,7 +28,12 @@ SMALL_PREPROCESSING = Preprocessing(input_size=SMALL_SIZE, resize_shorter=72, me
 
 @pytest.fixture(scope="module")
 def ray_cluster():  # noqa: ANN201
-    """A local Ray instance for this module: 2 actor workers and a CPU for reading; shut down afterwards."""
+    """A local Ray instance for this module: 2 actor workers and a CPU for reading; shut down afterwards.
+
+    Ray's memory monitor kills workers whenever the machine's memory is 95 % used, by any process: under
+    xdist the other worker's tests (large exports) can hold most of it, and Ray would kill and restart
+    this test's actors without end. It is turned off here; the kernel still guards real exhaustion."""
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
