@@ -36,16 +36,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup`` (pyproject's addopts) keep each test file on one xdist worker, so its
-    module-scoped fixtures (a server, an export) are built once; a test that names its own
-    ``xdist_group`` (one torchvision model's tests) may run on the other worker."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """The EXPLAINRT_CACHE folder of this test session."""

@@ -54,8 +54,8 @@ METHODS = {
     "ablationcam": "AblationCAM",
 }
 SLOW = {("vgg16", "scorecam"), ("vgg16", "ablationcam")}
-STORED = [("resnet50", "scorecam"), *((name, method) for name in ("mobilenet_v3_large", "convnext_tiny", "densenet121")
-                                       for method in ("scorecam", "ablationcam"))]
+STORED = [(name, method) for name in ("resnet50", "vgg16", "mobilenet_v3_large", "convnext_tiny", "densenet121")
+          for method in ("scorecam", "ablationcam")]
 """Cases whose pytorch-grad-cam maps are read from tests/references (one model pass per channel: up to
 50 CPU-minutes each); the other parity cases run pytorch-grad-cam live."""
 REFERENCES = Path(__file__).resolve().parent / "references" / "pytorch_grad_cam"

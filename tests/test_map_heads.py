@@ -14,7 +14,7 @@ from conftest import SMALL_SIZE
 from explainrt import Explainer, from_torch
 from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export import make_explainable
-from explainrt.export.heads import add_map_heads, without_maps
+from explainrt.export.heads import add_map_heads, head_only_model, without_maps
 from explainrt.export.spec import ExplainableSpec, original_model
 from explainrt.kernels.cam_weights import CLOSED_FORMS
 
@@ -50,7 +50,7 @@ def test_heads_equal_python_path(two_layer_onnx, small_batch) -> None:  # noqa: 
 
 
 def test_explainer_uses_heads(two_layer_onnx, small_batch) -> None:  # noqa: ANN001
-    """The Explainer's head path (maps-only variants built on demand) equals its Python path, Contrast-CAM included."""
+    """The Explainer's head path (each method's head alone, run after the model) equals its Python path, Contrast-CAM included."""
     heads, python = Explainer(two_layer_onnx), Explainer(two_layer_onnx, map_heads=False)
     for method in CLOSED_FORMS:
         got, expected = heads.explain(small_batch, method=method), python.explain(small_batch, method=method)
@@ -64,6 +64,23 @@ def test_explainer_uses_heads(two_layer_onnx, small_batch) -> None:  # noqa: ANN
     raw_heads = heads.explain(small_batch, method="gradcam", normalize=False)  # raw maps: the Python path
     np.testing.assert_allclose(raw_heads.maps, python.explain(small_batch, method="gradcam", normalize=False).maps)
     assert "method" in raw_heads.timings
+
+
+def test_head_alone_holds_no_model_weights_and_equals_the_head_in_the_graph(two_layer_onnx, small_batch) -> None:  # noqa: ANN001
+    """An Explainer runs a head the model lacks as a model of its own after the explainable model: it
+    reads the image, activations and gradients, holds none of the model's weights (one whole copy of
+    the model per method would cost the model's memory again for every method), and gives the maps
+    the head appended to the graph gives."""
+    targets = np.array([[-1], [2], [0]], dtype=np.int64)
+    outputs = _run(two_layer_onnx, small_batch, targets)
+    inside = _run(add_map_heads(copy.deepcopy(two_layer_onnx), ["gradcam++"]), small_batch, targets)
+    head = head_only_model(two_layer_onnx, "gradcam++")
+    assert [i.name for i in head.graph.input] == ["input", *(f"explainrt.{kind}.{k}" for k in range(2)
+                                                             for kind in ("activations", "gradients"))]
+    assert sum(int(np.prod(t.dims)) for t in head.graph.initializer) < 16
+    session = onnxruntime.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"])
+    maps = session.run(None, {i.name: outputs[i.name] if i.name in outputs else small_batch for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(maps, inside["explainrt.maps.gradcam++"], atol=1e-6)
 
 
 def _grad_cam_reference(model: torch.nn.Module, layers: list, method: str, images: np.ndarray,

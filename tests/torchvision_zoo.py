@@ -3,8 +3,8 @@
 test_zoo_gradients.py compares each export with torch.autograd; test_check_trt.py checks the same
 exports for TensorRT support. ``export(name)`` builds the model (random init under
 ``torch.manual_seed(0)``, randomised normalisation parameters, eval mode) and exports it with its
-two target layers; the models both files use are kept for the process (they share an xdist group,
-so both files' tests of one model run in the same worker), the others are built afresh each time.
+two target layers; the small models both files use are kept for the process (where both files run
+on one xdist worker, each is exported once), the others are built afresh each time.
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ SHARED = {"resnet18", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"}
 
 
 def params(names: list[str]) -> list:
-    """``pytest.param`` per model name: marked ``slow`` where it is, and in the model's xdist group."""
-    return [pytest.param(name, marks=[*([pytest.mark.slow] if name in SLOW else []),
-                                      pytest.mark.xdist_group(f"torchvision-{name}")]) for name in names]
+    """``pytest.param`` per model name, marked ``slow`` where it is."""
+    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else []) for name in names]
 
 
 def randomised(model: torch.nn.Module) -> torch.nn.Module:

@@ -132,6 +132,42 @@ def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: 
     return model
 
 
+def head_only_model(model: onnx.ModelProto, method: str) -> onnx.ModelProto:
+    """``method``'s map head as a model of its own: inputs the image (read for its size) and each target
+    layer's activations and gradients (float32, as the explainable ``model`` returns them for the
+    objective the method weighs), output ``explainrt.maps.<method>`` float32 [N, K, H, W].
+
+    A runtime runs it after the explainable model: an engine explaining with several methods then
+    holds the model's weights once, not once per method (a maps-only variant per method is a whole
+    copy of the model: 1.6 GB each for VGG-16)."""
+    spec = ExplainableSpec.from_model(model)
+    form = closed_form(method)
+    outputs = {o.name: o for o in model.graph.output}
+    image = next(v for v in model.graph.input if v.name == spec.image_input)
+
+    def float_input(name: str, rank: int) -> onnx.ValueInfoProto:
+        value = outputs.get(name)
+        dims = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
+                if value is not None else [None] * rank)
+        return onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+    inputs = [image]
+    for index in range(len(spec.target_layers)):
+        inputs += [float_input(activations_output(index), 4), float_input(gradients_output(index), 5)]
+    graph = onnx.helper.make_graph([], f"explainrt-map-head-{method}", inputs, [])
+    head = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    b = GraphBuilder(head)
+    b.scope = f"explainrt/maps/{method}"
+    layers = [(V(b, activations_output(i)), V(b, gradients_output(i))) for i in range(len(spec.target_layers))]
+    maps = _method_maps(b, form, layers, spec.image_input)
+    b.add_output(maps_output(method), maps.name, TensorProto.FLOAT, ["N", "K", *_input_hw(model, spec)])
+    try:
+        onnx.checker.check_model(head)
+    except onnx.checker.ValidationError as error:
+        raise InvalidModelError(f"the map head of {method!r} failed ONNX validation: {error}") from error
+    return head
+
+
 def without_maps(model: onnx.ModelProto) -> onnx.ModelProto:
     """The explainable ``model`` (changed in place) without map heads, keeping activations and gradients."""
     spec = ExplainableSpec.from_model(model)

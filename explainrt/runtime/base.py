@@ -71,6 +71,15 @@ def maps_outputs(spec: ExplainableSpec, method: str) -> list[str]:
     return [spec.logits, RESOLVED_TARGETS_OUTPUT, maps_output(method)]
 
 
+def map_head_feeds(spec: ExplainableSpec, images: Any, result: RunResult) -> dict[str, Any]:
+    """The inputs of ``head_only_model``: the images and each target layer's activations and gradients."""
+    feeds = {spec.image_input: images}
+    for index, (activations, gradients) in enumerate(zip(result.activations, result.gradients)):
+        feeds[activations_output(index)] = activations
+        feeds[gradients_output(index)] = gradients
+    return feeds
+
+
 class Session(Protocol):
     spec: ExplainableSpec
     input_shape: tuple[int | str | None, ...]

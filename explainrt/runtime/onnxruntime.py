@@ -11,20 +11,23 @@ import numpy as np
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
+from explainrt.export.heads import closed_form, head_only_model
 from explainrt.export.spec import (
     REFERENCE_PREFIX,
     TARGETS_INPUT,
     ExplainableSpec,
+    maps_output,
     original_model,
     reference_input,
     relu_output,
 )
-from explainrt.export.variants import head_model, maps_model, variant_kind, variant_model
+from explainrt.export.variants import head_model, variant_kind, variant_model
 from explainrt.runtime.base import (
     MapsResult,
     RunResult,
     head_feeds,
     input_dims,
+    map_head_feeds,
     maps_outputs,
     output_names,
     parse_device,
@@ -100,16 +103,17 @@ class OnnxRuntimeSession:
 
     def maps(self, images: np.ndarray, targets: np.ndarray, method: str) -> MapsResult:
         """``method``'s normalised maps [N, K, H, W] computed in the graph by its map head: the model's own
-        when it has one, else a maps-only variant built on first use."""
+        when it has one, else the method's head alone (``head_only_model``, built on first use) run on
+        what the explainable model (or its variant for the method's objective) returns."""
+        if uses_main_model(self.spec, method):
+            return MapsResult(*self._run(self._main, maps_outputs(self.spec, method),
+                                         {self.spec.image_input: images, TARGETS_INPUT: targets}))
+        result = self.run(images, targets, closed_form(method).objective)
         if method not in self._maps:
-            if uses_main_model(self.spec, method):
-                self._maps[method] = self._main
-            else:
-                log.info("building the map head of %s", method)
-                self._maps[method] = self._session(maps_model(self._model, self.spec, method))
-        values = self._run(self._maps[method], maps_outputs(self.spec, method),
-                           {self.spec.image_input: images, TARGETS_INPUT: targets})
-        return MapsResult(*values)
+            log.info("building the map head of %s", method)
+            self._maps[method] = self._session(head_only_model(self._model, method))
+        maps = self._run(self._maps[method], [maps_output(method)], map_head_feeds(self.spec, images, result))[0]
+        return MapsResult(result.logits, result.targets, maps)
 
     def _variant(self, objective: str, of_input: bool, defended: bool = False,
                  images: Any = None) -> tuple[object, list[str], list[list[int | str | None]]]:
