@@ -414,10 +414,12 @@ def test_tensorrt_defended_gradients_are_a_clear_error(fake_tensorrt, small_onnx
 
 
 class _HostArrayAsDevice:
-    """A host array behind ``__cuda_array_interface__``: drives the IO-binding path on the CPU."""
+    """A host array behind ``__cuda_array_interface__`` (and ``shape``, as CuPy arrays and torch tensors
+    have): drives the IO-binding path on the CPU."""
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = np.ascontiguousarray(array)
+        self.shape = self.array.shape
         self.__cuda_array_interface__ = {"shape": self.array.shape, "typestr": self.array.dtype.str, "strides": None,
                                          "data": (self.array.ctypes.data, False), "version": 3}
 

@@ -81,7 +81,7 @@ def test_models_health_and_metadata(http: httpx.Client, default_explainer) -> No
     n_masks = methods["rise"]["options"][0]
     assert list(n_masks)[0] == "name"
     assert (n_masks["name"], n_masks["type"], n_masks["default"], n_masks["minimum"]) == ("n_masks", "int", 500, 1)
-    assert methods["rise"]["options"][0]["help"] == "number of random masks"
+    assert methods["rise"]["options"][0]["help"].startswith("number of random masks (500: seconds on a CPU")
 
 
 # -- KServe V1 -----------------------------------------------------------------------------------------

@@ -268,9 +268,9 @@ def test_token_and_channels_last_outputs_are_the_layer_reshaped() -> None:
 def test_automatic_layer_refuses_unsound_tensors_with_the_candidates_named() -> None:
     pooled = _graph_with(["N", 1, 1, 48], "Relu", conv=False)  # 1 x 1 as NHWC, a 1 x 48 strip as NCHW
     with pytest.raises(NoSpatialLayerError, match="the last tensors looked at: 'layer' \\[.*'after'"):
-        make_explainable(pooled)
+        make_explainable(pooled, input_layout="nchw")  # no Conv reads the [N, 3, 4, 4] image: its layout is given
     with pytest.raises(UnknownLayerError, match="does not have the image batch on axis 0"):
-        make_explainable(_graph_with([2, 4, 6], "Relu", conv=False), ["layer"])
+        make_explainable(_graph_with([2, 4, 6], "Relu", conv=False), ["layer"], input_layout="nchw")
 
 
 def test_a_token_model_given_no_input_size_is_explained_at_its_preprocessing_size() -> None:
