@@ -15,7 +15,8 @@ tensor for every contender:
 
 - ``ort plain``: ONNX Runtime on the plain exported model, with explainrt's session options;
 - ``explainrt gradcam``: ``Explainer(model, [layer]).explain(x, method="gradcam")``, end to end
-  (one runtime call of the model with Grad-CAM's map head: maps at 224x224 in [0, 1] computed in the graph);
+  (the explainable model's runtime call, then Grad-CAM's map head, a small ONNX model of its own:
+  maps at 224x224 in [0, 1] computed by the runtime);
 - ``explainrt python path``: the same with ``map_heads=False``: the runtime returns activations and
   gradients, and the weights, weighted sum, resize and normalisation run in Python (the kernels);
 - ``explainrt runtime``: only that runtime call, ``explainer.session.run(x, targets)``;
