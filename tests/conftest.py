@@ -25,6 +25,27 @@ if _OWNER:
 _CACHE = Path(os.environ[_SHARED])
 os.environ["EXPLAINRT_CACHE"] = str(_CACHE)
 
+
+def _one_onnxruntime_thread_per_worker() -> None:
+    """Under pytest-xdist every ONNX Runtime session computes with one intra-op thread: two workers
+    with a two-thread pool each on two cores spin-wait and preempt each other. (torch keeps its
+    threads: its FCN-ResNet50 input gradient, a reference here, differs by 1 % between 1 and 2.)"""
+    import onnxruntime
+
+    opened = onnxruntime.InferenceSession.__init__
+
+    def one_thread(self, path_or_bytes, sess_options=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
+        if options.intra_op_num_threads == 0:
+            options.intra_op_num_threads = 1
+        opened(self, path_or_bytes, options, *args, **kwargs)
+
+    onnxruntime.InferenceSession.__init__ = one_thread
+
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _one_onnxruntime_thread_per_worker()
+
 SMALL_SIZE = (64, 64)
 SMALL_CLASSES = 10
 CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat: chelsea's top 3
