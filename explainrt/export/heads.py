@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import onnx
 from onnx import TensorProto
 
-from explainrt.autodiff.builder import GraphBuilder, TensorInfo
+from explainrt.autodiff.builder import GraphBuilder, TensorInfo, tensor_infos
 from explainrt.autodiff.gradients import V, add_n, where
 from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export.spec import (
@@ -142,13 +142,12 @@ def head_only_model(model: onnx.ModelProto, method: str) -> onnx.ModelProto:
     copy of the model: 1.6 GB each for VGG-16)."""
     spec = ExplainableSpec.from_model(model)
     form = closed_form(method)
-    outputs = {o.name: o for o in model.graph.output}
+    infos = tensor_infos(model)  # a maps-only model lacks these outputs: their dims are then unknown
     image = next(v for v in model.graph.input if v.name == spec.image_input)
 
     def float_input(name: str, rank: int) -> onnx.ValueInfoProto:
-        value = outputs.get(name)
-        dims = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
-                if value is not None else [None] * rank)
+        info = infos.get(name)
+        dims = list(info.shape) if info is not None and info.shape is not None else [None] * rank
         return onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
     inputs = [image]
