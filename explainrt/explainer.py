@@ -19,6 +19,7 @@ import numpy as np
 
 from explainrt import kernels, models, runtime
 from explainrt.errors import InconsistentExplanationError, InvalidInputError, InvalidTargetError
+from explainrt.export.heads import checked_maps
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.methods import Attribution, AttributionRequest, Method, get_method
 from explainrt.models import LoadedModel
@@ -116,6 +117,10 @@ class Explainer:
     static batch runs in chunks of that batch.
     ``map_heads``: closed-form CAM methods (Grad-CAM, Grad-CAM++, ...) compute their normalised maps
     in the graph (``explainrt.export.heads``) on ONNX Runtime and TensorRT; False keeps the Python path.
+    On ONNX Runtime the heads of ``map_heads`` (True: ``("gradcam",)``; or method names, heads on)
+    join the model's own runtime call when the model lacks them (one call per batch; each costs every
+    call a little, as the runtime runs all of a model's nodes); other closed-form methods run their
+    head alone after the model (a second, small call).
     """
 
     def __init__(
@@ -134,22 +139,24 @@ class Explainer:
         token_grid: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
         prefix_tokens: int | Sequence[int] | None = None,
         input_layout: str | None = None,
-        map_heads: bool = True,
+        map_heads: bool | Sequence[str] = True,
     ) -> None:
         chosen = runtime.backend(backend, backend_options)  # fails before an export when the backend cannot run
+        in_call = _in_call_heads(map_heads)
         if isinstance(model, LoadedModel):
             loaded = model
         else:
             outputs = models.Outputs(output, layer_layout, token_grid, prefix_tokens, input_layout)
             loaded = models.load(model, target_layers, backend=chosen.name, outputs=outputs,
                                  preprocessing=preprocessing, input_size=input_size)
-        self.session: Session = chosen.open(loaded.runnable, providers, device, **(backend_options or {}))
+        heads = {"maps": in_call} if chosen.adds_heads and in_call else {}
+        self.session: Session = chosen.open(loaded.runnable, providers, device, **(backend_options or {}), **heads)
         self.spec = self.session.spec
         self.input_form = (input_form(loaded.explainable) if loaded.explainable is not None
                            else InputForm("nchw", "float32", tuple(self.session.input_shape)))
         self.preprocessing = loaded.preprocessing
         self.backend = chosen.name
-        self.map_heads = bool(map_heads)
+        self.map_heads = bool(map_heads) if isinstance(map_heads, (bool, np.bool_)) else True
 
     # -- inputs ------------------------------------------------------------------------------
     def prepare(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -375,6 +382,20 @@ class Explainer:
         return sliced
 
 
+DEFAULT_MAP_HEADS = ("gradcam",)
+"""The heads ``Explainer(map_heads=True)`` puts into the model's own runtime call: the default method's."""
+
+
+def _in_call_heads(map_heads: bool | Sequence[str]) -> tuple[str, ...]:
+    """The methods whose heads go into the model's call (checked names; none for ``map_heads=False``)."""
+    if isinstance(map_heads, (bool, np.bool_)):
+        return DEFAULT_MAP_HEADS if map_heads else ()
+    if not isinstance(map_heads, (str, Sequence)):
+        raise InvalidInputError(f"map_heads must be True, False or method names (a sequence or a comma-separated "
+                                f"string), got {map_heads!r}")
+    return checked_maps(map_heads)
+
+
 def _is_torch_tensor(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "detach")
 
@@ -389,7 +410,8 @@ def _is_single_image(value: Any) -> bool:
 
 def _blank_notes(method: Method, maps: np.ndarray) -> tuple[str | None, ...]:
     """Per image, a note when its raw map is all zero (nothing to show: a blank overlay), with the method's reason."""
-    shown = np.maximum(maps, 0) if method.signed else maps
-    blank = ~(np.abs(shown).reshape(shown.shape[0], -1) > 0).any(axis=1)
+    flat = maps.reshape(maps.shape[0], -1)
+    # two reductions, no temporaries: a map is blank when its largest (and, unsigned, its smallest) value is 0
+    blank = flat.max(axis=1) <= 0 if method.signed else (flat.max(axis=1) == 0) & (flat.min(axis=1) == 0)
     reason = f": {method.blank_reason}" if method.blank_reason else ""
     return tuple(f"the {method.name} map is all zero{reason}" if flag else None for flag in blank)

@@ -66,6 +66,59 @@ def test_explainer_uses_heads(two_layer_onnx, small_batch) -> None:  # noqa: ANN
     assert "method" in raw_heads.timings
 
 
+def _calls(explainer: Explainer) -> list[list[str]]:
+    """Records the outputs of every ONNX Runtime call ``explainer``'s session makes (the calls still run)."""
+    session, calls = explainer.session, []
+    run_once = session._run_once
+
+    def counted(runtime: object, outputs: list[str], feeds: dict) -> list:
+        calls.append(list(outputs))
+        return run_once(runtime, outputs, feeds)
+
+    session._run_once = counted
+    return calls
+
+
+def test_heads_join_the_models_own_call(two_layer_onnx, small_batch) -> None:  # noqa: ANN001
+    """An Explainer on a model without heads puts Grad-CAM's head (by default; or the methods named by
+    ``map_heads``) into its session's model: those maps come from ONE runtime call and equal the Python
+    path's; other closed-form methods run their head alone after the model; the model the session
+    reports stays as given (no heads)."""
+    python = Explainer(two_layer_onnx, map_heads=False)
+    default = Explainer(two_layer_onnx)
+    assert default.session.main_maps == ("gradcam",) and not ExplainableSpec.from_model(default.session.model).maps
+    assert python.session.main_maps == ()
+    chosen = Explainer(two_layer_onnx, map_heads="GradCAM++, layercam")
+    assert chosen.session.main_maps == ("gradcam++", "layercam")
+    made = {id(default): _calls(default), id(chosen): _calls(chosen)}
+    for explainer, method, calls in ((default, "gradcam", 1), (default, "layercam", 2), (chosen, "gradcam++", 1),
+                                     (chosen, "layercam", 1), (chosen, "gradcam", 2)):
+        made[id(explainer)].clear()
+        got = explainer.explain(small_batch, method=method, targets=[1, -1, 4])
+        assert len(made[id(explainer)]) == calls, (method, made[id(explainer)])
+        assert f"explainrt.maps.{method}" in made[id(explainer)][-1]
+        expected = python.explain(small_batch, method=method, targets=[1, -1, 4])
+        np.testing.assert_allclose(got.maps, expected.maps, atol=1e-5, err_msg=method)
+        np.testing.assert_array_equal(got.targets, expected.targets)
+    with pytest.raises(InvalidInputError, match="'eigencam' has no map head"):
+        Explainer(two_layer_onnx, map_heads=["eigencam"])
+    with pytest.raises(InvalidInputError, match="map_heads must be True, False or method names"):
+        Explainer(two_layer_onnx, map_heads=3)
+
+
+def test_heads_the_model_cannot_take_stay_out_of_its_call(small_onnx, small_batch) -> None:  # noqa: ANN001
+    """A maps-only model, one with float16 heads, or a head of another objective (Contrast-CAM on a logit
+    model) gets no head added: those maps come from the model's own heads or the head alone, as before."""
+    maps_only = add_map_heads(copy.deepcopy(small_onnx), ["layercam"], maps_only=True)
+    assert Explainer(maps_only).session.main_maps == ("layercam",)
+    half = add_map_heads(copy.deepcopy(small_onnx), ["layercam"], maps_dtype="float16")
+    assert Explainer(half).session.main_maps == ()
+    contrast = Explainer(small_onnx, map_heads=["gradcam", "contrast-cam"])
+    assert contrast.session.main_maps == ("gradcam",)
+    expected = Explainer(small_onnx, map_heads=False).explain(small_batch, method="contrast-cam")
+    np.testing.assert_allclose(contrast.explain(small_batch, method="contrast-cam").maps, expected.maps, atol=1e-5)
+
+
 def test_head_alone_holds_no_model_weights_and_equals_the_head_in_the_graph(two_layer_onnx, small_batch) -> None:  # noqa: ANN001
     """An Explainer runs a head the model lacks as a model of its own after the explainable model: it
     reads the image, activations and gradients, holds none of the model's weights (one whole copy of

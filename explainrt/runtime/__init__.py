@@ -26,6 +26,7 @@ class Backend:
     options: tuple[str, ...]  # keyword settings of its session (``Explainer(backend_options=...)``)
     open: Callable[..., Session]
     check: Callable[[], None] = lambda: None  # fails early (before an export) when the backend cannot run here
+    adds_heads: bool = False  # open(..., maps=methods) puts those map heads into the model's own runtime call
 
 
 def _open_onnxruntime(model: onnx.ModelProto, providers: Sequence[str] | None, device: str | None,
@@ -64,7 +65,7 @@ def _no_providers(backend: str, providers: Sequence[str] | None) -> None:
 
 
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
-    Backend("onnxruntime", "onnx", ("device_outputs",), _open_onnxruntime),
+    Backend("onnxruntime", "onnx", ("device_outputs",), _open_onnxruntime, adds_heads=True),
     Backend("torch", "module", (), _open_torch),
     Backend("tensorrt", "onnx", ("precision", "profile", "cache_dir", "device_outputs"), _open_tensorrt,
             _check_tensorrt),

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.heads import closed_form, head_only_model
+from explainrt.export.heads import add_map_heads, checked_maps, closed_form, head_only_model
 from explainrt.export.spec import (
     REFERENCE_PREFIX,
     TARGETS_INPUT,
@@ -34,7 +34,6 @@ from explainrt.runtime.base import (
     run_result,
     static_dims,
     targets_feed,
-    uses_main_model,
 )
 
 log = logging.getLogger(__name__)
@@ -50,9 +49,13 @@ class OnnxRuntimeSession:
     """
 
     def __init__(self, model: onnx.ModelProto, providers: Sequence[str] | None = None, device_id: int = 0,
-                 device_outputs: bool = False) -> None:
+                 device_outputs: bool = False, maps: Sequence[str] = ()) -> None:
         """``device_id``: the CUDA device of CUDAExecutionProvider. ``device_outputs=True`` (CUDA only)
-        returns CuPy arrays that share ONNX Runtime's output buffers (DLPack) instead of host arrays."""
+        returns CuPy arrays that share ONNX Runtime's output buffers (DLPack) instead of host arrays.
+        ``maps``: closed-form CAM methods whose map heads the main session's model gets when ``model``
+        lacks them (``main_maps``): their maps then come from the model's one runtime call, not from a
+        second call of the head alone. ONNX Runtime runs every node of a model whatever outputs are
+        fetched, so each head added here costs every call of the model (the map head's own work)."""
         import onnxruntime as ort
 
         self.spec = ExplainableSpec.from_model(model)
@@ -65,7 +68,17 @@ class OnnxRuntimeSession:
         self.device_outputs = bool(device_outputs)
         self._model = model
         self._ort = ort
-        self._main = self._session(model)
+        added = self._addable_heads(checked_maps(maps))
+        self.main_maps = (*self._own_heads(), *added)
+        """Methods whose float32 maps the main session returns (the model's own heads and those added)."""
+        if added:
+            log.info("adding the map heads of %s to the model's session", ", ".join(added))
+            headed = onnx.ModelProto()
+            headed.CopyFrom(model)  # the model itself stays as given: variants, heads alone and users read it
+            self._main = self._session(add_map_heads(headed, added))
+            del headed
+        else:
+            self._main = self._session(model)
         self._plain: object | None = None
         self._heads: dict[int, tuple[object, bool]] = {}
         self._input_types: dict[object, dict[str, np.dtype]] = {}
@@ -76,6 +89,19 @@ class OnnxRuntimeSession:
                                                                            self.spec.objective), [])}
         self._maps: dict[str, object] = {}  # method -> the session of its map head
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
+
+    def _own_heads(self) -> tuple[str, ...]:
+        """The model's own heads whose maps the methods read: float32, for the objective each method weighs."""
+        if self.spec.maps_dtype != "float32":
+            return ()
+        return tuple(m for m in self.spec.maps if closed_form(m).objective == self.spec.objective)
+
+    def _addable_heads(self, methods: Sequence[str]) -> tuple[str, ...]:
+        """The heads of ``methods`` the main model can take: not there yet, the model's objective, and its
+        activations and gradients still outputs (not maps-only) in float32 beside any heads it has."""
+        if self.spec.maps_only or (self.spec.maps and self.spec.maps_dtype != "float32"):
+            return ()
+        return tuple(m for m in methods if m not in self.spec.maps and closed_form(m).objective == self.spec.objective)
 
     def _session(self, model: onnx.ModelProto, spinning: bool = True) -> object:
         """An ONNX Runtime session on this session's providers. ``spinning=False`` for sessions run in
@@ -102,16 +128,18 @@ class OnnxRuntimeSession:
         return self._run_variant(images, targets, objective, of_input=True)
 
     def maps(self, images: np.ndarray, targets: np.ndarray, method: str) -> MapsResult:
-        """``method``'s normalised maps [N, K, H, W] computed in the graph by its map head: the model's own
-        when it has one, else the method's head alone (``head_only_model``, built on first use) run on
-        what the explainable model (or its variant for the method's objective) returns."""
-        if uses_main_model(self.spec, method):
+        """``method``'s normalised maps [N, K, H, W] computed in the graph by its map head: in the main
+        session's one call when its model has the head (``main_maps``), else the method's head alone
+        (``head_only_model``, built on first use) run on what the explainable model (or its variant for
+        the method's objective) returns."""
+        if method in self.main_maps:
             return MapsResult(*self._run(self._main, maps_outputs(self.spec, method),
                                          {self.spec.image_input: images, TARGETS_INPUT: targets}))
         result = self.run(images, targets, closed_form(method).objective)
         if method not in self._maps:
             log.info("building the map head of %s", method)
-            self._maps[method] = self._session(head_only_model(self._model, method))
+            # no spinning: the head runs right after the model, whose next call its idle threads would slow
+            self._maps[method] = self._session(head_only_model(self._model, method), spinning=False)
         maps = self._run(self._maps[method], [maps_output(method)], map_head_feeds(self.spec, images, result))[0]
         return MapsResult(result.logits, result.targets, maps)
 
