@@ -15,11 +15,15 @@ tensor for every contender:
 
 - ``ort plain``: ONNX Runtime on the plain exported model, with explainrt's session options;
 - ``explainrt gradcam``: ``Explainer(model, [layer]).explain(x, method="gradcam")``, end to end
-  (the explainable model's runtime call, then Grad-CAM's map head, a small ONNX model of its own:
-  maps at 224x224 in [0, 1] computed by the runtime);
+  (one runtime call: the Explainer puts Grad-CAM's map head into its session's model, so the
+  runtime returns the logits and the maps at 224x224 in [0, 1]);
 - ``explainrt python path``: the same with ``map_heads=False``: the runtime returns activations and
   gradients, and the weights, weighted sum, resize and normalisation run in Python (the kernels);
-- ``explainrt runtime``: only that runtime call, ``explainer.session.run(x, targets)``;
+- ``explainrt runtime``: only that runtime call, ``explainer.session.maps(x, targets, "gradcam")``
+  (``explainrt gradcam`` minus it is explainrt's Python overhead);
+
+Preprocessing is outside both sides: every contender is given the same preprocessed float32 batch
+(explainrt's ``prepare`` only checks it: shape, dtype, finite values), as plain ONNX Runtime is.
 - ``pytorch-grad-cam``: ``GradCAM(model=..., target_layers=[layer])(input_tensor=x, targets=None)``,
   with its ViT or Swin ``reshape_transform`` for token and channels-last layers;
 - ``captum``: ``LayerGradCam(model, layer).attribute(x, target)`` + ``LayerAttribution.interpolate``
@@ -193,7 +197,7 @@ def contenders(model: Model, explainer: Explainer, python_path: Explainer, plain
         PLAIN: lambda: plain.run(None, {plain_input: images}),
         EXPLAINRT: run_explainrt,
         PYTHON_PATH: lambda: python_path.explain(x, method="gradcam"),
-        RUNTIME: lambda: explainer.session.run(images, top_class),
+        RUNTIME: lambda: explainer.session.maps(images, top_class, "gradcam"),  # type: ignore[attr-defined]
         GRAD_CAM: lambda: grad_cam(input_tensor=x, targets=None),
         CAPTUM: run_captum,
         EAGER: run_eager,
