@@ -60,6 +60,7 @@ from explainrt.serve.models import (
     explain_key,
     layers_key,
     predict_key,
+    preprocessed_shape,
 )
 from explainrt.targets import from_json
 from explainrt.validation import check_class_range, checked_int
@@ -399,27 +400,30 @@ def _explanations(model: ServedModel, method: str, result: dict[str, Any], retur
 
 
 def _v2_images(model: ServedModel, tensors: dict[str, codec.V2Tensor]) -> tuple[Any, bool, np.ndarray]:
-    """The image batch (uint8 [N, H, W, 3] as raw images, or float32 [N, C, H, W]) and per-image targets."""
+    """The image batch (uint8 [N, H, W, 3] as raw images, or float32 in the model's own layout: [N, C, H, W], or
+    [N, H, W, C] for a channels-last model) and per-image targets."""
     input_name = model.explainer.spec.image_input
     unknown = sorted(set(tensors) - {input_name, TARGETS_TENSOR})
     if unknown or input_name not in tensors:
         raise InvalidInputError(f"unknown input(s) {unknown or 'none'}: model {model.name!r} takes {input_name!r} "
-                                f"(UINT8 [N, H, W, 3] images or FP32 [N, C, H, W] preprocessed) and optionally "
+                                f"(UINT8 [N, H, W, 3] images or FP32 {preprocessed_shape(model.explainer)} "
+                                "preprocessed) and optionally "
                                 f"{TARGETS_TENSOR!r} (INT64 [N])")
     image = tensors[input_name]
-    expected = list(model.explainer.session.input_shape[1:])
+    form = model.explainer.input_form  # FP32 tensors come in the model's own layout, as the Explainer takes them
+    expected = preprocessed_shape(model.explainer)
     if image.datatype == "UINT8" and image.array.ndim == 4 and image.array.shape[3] == 3:
         images: Any = list(image.array)
         raw = True
     elif image.datatype == "FP32" and image.array.ndim == 4:
         images, raw = image.array, False
-        fixed = [(got, want) for got, want in zip(image.array.shape[1:], expected) if isinstance(want, int) and want > 0]
+        fixed = [(got, want) for got, want in zip(image.array.shape[1:], form.dims[1:]) if isinstance(want, int) and want > 0]
         if any(got != want for got, want in fixed):
             raise InvalidInputError(f"input {input_name!r} has shape {list(image.array.shape)}; FP32 input must be "
-                                    f"[N, {', '.join(map(str, expected))}]")
+                                    f"{expected}")
     else:
         raise InvalidInputError(f"input {input_name!r} is {image.datatype} {list(image.array.shape)}; expected UINT8 "
-                                f"[N, H, W, 3] images or FP32 [N, {', '.join(map(str, expected))}] preprocessed input")
+                                f"[N, H, W, 3] images or FP32 {expected} preprocessed input")
     count = len(images)
     targets = np.full(count, -1, dtype=np.int64)
     if TARGETS_TENSOR in tensors:
@@ -486,9 +490,9 @@ def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool, para
 
 def _metadata(model: ServedModel) -> dict[str, Any]:
     spec = model.explainer.spec
-    session = model.explainer.session
-    dims = [d if isinstance(d, int) and d > 0 else -1 for d in session.input_shape[1:]]
-    height, width = dims[-2:] if len(dims) == 3 else (-1, -1)
+    form = model.explainer.input_form  # the image input in the model's own layout ([N, H, W, C] channels-last)
+    dims = [d if isinstance(d, int) and d > 0 else -1 for d in form.dims[1:]]
+    height, width = (d if isinstance(d, int) and d > 0 else -1 for d in form.nchw[2:])
     classes = spec.num_classes
     outputs = [{"name": spec.logits, "datatype": "FP32", "shape": [-1, classes]},
                {"name": MAPS_OUTPUT, "datatype": "FP32", "shape": [-1, height, width]},
@@ -501,7 +505,8 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
         "inputs": [{"name": spec.image_input, "datatype": "FP32", "shape": [-1, *dims]},
                    {"name": TARGETS_TENSOR, "datatype": "INT64", "shape": [-1]}],
         "outputs": outputs,
-        "parameters": {"image_input_also_accepts": "UINT8 [-1, -1, -1, 3] raw RGB images", "methods": list(METHODS), "target_layers": list(spec.target_layers),
+        "parameters": {"image_input_also_accepts": "UINT8 [-1, -1, -1, 3] raw RGB images", "input_layout": form.layout,
+                       "methods": list(METHODS), "target_layers": list(spec.target_layers),
                        "num_classes": classes, "preprocessing": _preprocessing_summary(model)},
     }
 
