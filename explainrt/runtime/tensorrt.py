@@ -268,9 +268,12 @@ class TensorRTSession:
     def _call(self, engine: _Engine, feeds: dict[str, Any], outputs: Sequence[str]) -> list[Any]:
         """Run in chunks of the profile's max batch, or of a static-batch model's batch (the last chunk padded,
         as on ONNX Runtime); host or CuPy results in ``outputs`` order."""
+        def run_once(chunk: dict[str, Any]) -> list[Any]:
+            results = engine(chunk)
+            return [results[name] for name in outputs]
+
         batch = static_batch(self.input_shape)
-        merged = run_in_chunks(lambda chunk: [engine(chunk)[name] for name in outputs], feeds,
-                               batch or self.profile.max_batch, batch is not None, self._torch.cat)
+        merged = run_in_chunks(run_once, feeds, batch or self.profile.max_batch, batch is not None, self._torch.cat)
         if self.device_outputs:
             import cupy
 
