@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -407,7 +408,7 @@ def test_tensorrt_session_logic_with_a_stand_in(fake_tensorrt, small_onnx, small
         session.head(1, acts, small_batch)
 
 
-def test_tensorrt_runs_a_static_batch_model_in_chunks_as_onnxruntime_does(fake_tensorrt, tmp_path,  # noqa: ANN001
+def test_tensorrt_runs_a_static_batch_model_in_chunks_as_onnxruntime_does(fake_tensorrt: list[str], tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch-2 export: the engine's profile fixes the batch at 2 on every input, and 3 images run as two calls
     of 2 (the last padded), through the chunking ONNX Runtime uses; results equal ONNX Runtime's."""
