@@ -32,7 +32,8 @@ HEADER = "Inference-Header-Content-Length"
 @pytest.fixture(scope="module")
 def raw_explainer(small_onnx) -> Explainer:  # noqa: ANN001
     """The small ResNet-18 with a preprocessing, so it takes raw UINT8 images (and draws overlays)."""
-    return Explainer(small_onnx, preprocessing=Preprocessing(SMALL_SIZE, SMALL_SIZE[0], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    preprocessing = Preprocessing(SMALL_SIZE, SMALL_SIZE[0], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return Explainer(small_onnx, preprocessing=preprocessing)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,8 @@ def test_bad_binary_requests(client: TestClient, small_batch) -> None:  # noqa: 
          small_batch.tobytes(), "format must be one of .*, got \\['PNG'\\]"),
         ({"inputs": [image], "outputs": [{"name": "explainrt.maps", "parameters": {"format": "OVERLAY"}}],
           "parameters": {"method": "gradcam"}}, small_batch.tobytes(),
-         "format OVERLAY draws each map over its original image, but input 'input' is FP32 preprocessed data, which "
-         "has none: send the images as UINT8 \\[N, H, W, 3\\]"),
+         ("format OVERLAY draws each map over its original image, but input 'input' is FP32 preprocessed data, "
+          "which has none: send the images as UINT8 \\[N, H, W, 3\\]")),
         ({"inputs": [image], "outputs": [{"name": "explainrt.maps", "parameters": {"format": "UINT8"}}],
           "parameters": {"normalize": False}}, small_batch.tobytes(), "map format UINT8 holds maps scaled to"),
     ]
@@ -166,9 +167,11 @@ def test_overlay_maps_are_v1_overlays(client: TestClient, raw_explainer: Explain
             "parameters": {"method": method, "return": ["overlay"], **parameters}})
         assert v1.status_code == 200, v1.text
         v1_overlays = decode_pngs([base64.b64decode(item["overlay"]["b64"]) for item in v1.json()["explanations"]])
-        outputs = [{"name": "explainrt.maps", "parameters": {"format": "OVERLAY"}}, {"name": "explainrt.resolved_targets"}]
-        plain = client.post("/v2/models/raw/infer", json={"inputs": [{**tensor, "data": images.ravel().tolist()}],
-                                                          "outputs": outputs, "parameters": {"method": method, **parameters}})
+        outputs = [{"name": "explainrt.maps", "parameters": {"format": "OVERLAY"}},
+                   {"name": "explainrt.resolved_targets"}]
+        plain = client.post("/v2/models/raw/infer", json={
+            "inputs": [{**tensor, "data": images.ravel().tolist()}], "outputs": outputs,
+            "parameters": {"method": method, **parameters}})
         assert plain.status_code == 200, plain.text
         maps = plain.json()["outputs"][0]
         assert (maps["datatype"], maps["shape"]) == ("BYTES", [2])
@@ -189,4 +192,5 @@ def test_overlay_maps_are_v1_overlays(client: TestClient, raw_explainer: Explain
         if parameters.get("caption"):  # the caption strip differs from the uncaptioned overlay
             assert (expected != raw_explainer.explain(list(images), method=method).overlays()).any()
     formats = client.get("/v2/models/raw").json()["parameters"]["maps_formats"]
-    assert list(formats) == ["FP32", "FP16", "UINT8", "PNG", "OVERLAY"] and "UINT8 image input only" in formats["OVERLAY"]
+    assert list(formats) == ["FP32", "FP16", "UINT8", "PNG", "OVERLAY"]
+    assert "UINT8 image input only" in formats["OVERLAY"]

@@ -495,9 +495,9 @@ def _overlay_requested(requested: list[_Output], raw: bool, input_name: str) -> 
     FP32 preprocessed input, which does not carry them."""
     overlay = any(output.name == MAPS_OUTPUT and output.format == codec.OVERLAY_FORMAT for output in requested)
     if overlay and not raw:
-        raise InvalidInputError(f"output {MAPS_OUTPUT!r} format {codec.OVERLAY_FORMAT} draws each map over its original "
-                                f"image, but input {input_name!r} is FP32 preprocessed data, which has none: send the "
-                                "images as UINT8 [N, H, W, 3] (or ask for format FP32, FP16, UINT8 or PNG)")
+        raise InvalidInputError(f"output {MAPS_OUTPUT!r} format {codec.OVERLAY_FORMAT} draws each map over its "
+                                f"original image, but input {input_name!r} is FP32 preprocessed data, which has none: "
+                                "send the images as UINT8 [N, H, W, 3] (or ask for format FP32, FP16, UINT8 or PNG)")
     return overlay
 
 

@@ -37,8 +37,8 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 MAP_FORMATS = ("FP32", "FP16", "UINT8", "PNG")
 """How maps may be returned: float32, float16, uint8 round(255 x map), or one 8-bit grayscale PNG per map (BYTES)."""
 OVERLAY_FORMAT = "OVERLAY"
-V2_MAP_FORMATS = {"FP32": "FP32 [N, H, W]", "FP16": "FP16 [N, H, W]", "UINT8": "UINT8 [N, H, W]: round(255 x map)",
-                  "PNG": "BYTES [N]: one 8-bit grayscale PNG per map",
+V2_MAP_FORMATS = {"FP32": "FP32 [N, H, W]", "FP16": "FP16 [N, H, W]",
+                  "UINT8": "UINT8 [N, H, W]: round(255 x map)", "PNG": "BYTES [N]: one 8-bit grayscale PNG per map",
                   OVERLAY_FORMAT: "BYTES [N]: one colour PNG per image, its map drawn over it as V1's overlay "
                                   '(UINT8 image input only; "caption": true captions it)'}
 """The server's V2 map formats (output parameter ``format``) and what each returns: ``MAP_FORMATS`` and OVERLAY,
