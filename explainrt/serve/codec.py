@@ -324,7 +324,8 @@ def encode_pngs(images: np.ndarray) -> np.ndarray:
     """One PNG per image of ``images`` (uint8 [N, H, W] grayscale or [N, H, W, 3] RGB), as an object array of
     bytes: a V2 BYTES tensor [N]."""
     encoded = np.empty(len(images), dtype=object)
-    encoded[:] = [png_bytes(image) for image in images]
+    for index, image in enumerate(images):  # one by one: a list would pass through a fixed-width bytes array
+        encoded[index] = png_bytes(image)
     return encoded
 
 
