@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from explainrt import Explainer
-from explainrt.errors import InvalidTargetError
+from explainrt.errors import InvalidInputError, InvalidTargetError
 from explainrt.targets import Box, Class, Difference, Region, Similarity, Softmax, Sum, Weights
 
 SEG_SIZE = 64
@@ -283,6 +283,115 @@ def test_mixed_targets_and_class_fast_path(embedder_explainer: Explainer) -> Non
     mixed = explainer.explain(image, method="gradcam", targets=[Class(2), Difference(1, 0)], normalize=False)
     np.testing.assert_allclose(mixed.maps[0], fast.maps[0], rtol=1e-4, atol=1e-6)
     assert mixed.targets.tolist() == [2, 1]
+
+
+class _Calls:
+    """Counts the runtime calls an explainer's session gets (forward passes and gradient runs)."""
+
+    def __init__(self, explainer: Explainer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.names: list[str] = []
+        for name in ("run", "input_gradients", "logits", "maps"):
+            original = getattr(explainer.session, name)
+
+            def counted(*args: object, _name: str = name, _original: object = original, **kwargs: object) -> object:
+                self.names.append(_name)
+                return _original(*args, **kwargs)  # type: ignore[operator]
+
+            monkeypatch.setattr(explainer.session, name, counted)
+
+
+def test_k_targets_per_image_equal_one_at_a_time_in_one_runtime_call(
+        embedder: torch.nn.Module, embedder_explainer: Explainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """targets = K objects per image: maps [N, K, H, W] from one runtime call equal to K one-target calls,
+    and Saliency's signed maps equal torch.autograd's input gradient of each objective."""
+    image = _image((2, 3, 64, 64), seed=11)
+    weights = np.linspace(-1, 1, 16, dtype=np.float32)
+    rows = [[Class(1), Difference(3, 5), Similarity(weights)], [Weights(weights), Class(4), Difference(0, 2)]]
+    objectives = [[lambda y: y[1], lambda y: y[3] - y[5], lambda y: y @ torch.from_numpy(weights)],
+                  [lambda y: y @ torch.from_numpy(weights), lambda y: y[4], lambda y: y[0] - y[2]]]
+    explainer = embedder_explainer
+    calls = _Calls(explainer, monkeypatch)
+    many = explainer.explain(image, method="gradcam", targets=rows, normalize=False)
+    assert calls.names == ["run"]  # all K linear targets of the batch: one call, no forward pass first
+    assert many.maps.shape == (2, 3, 64, 64) and many.logits.shape == (2, 3)
+    assert many.targets.tolist() == [[1, 3, -1], [-1, 4, 0]]
+    for k in range(3):
+        one = explainer.explain(image, method="gradcam", targets=[row[k] for row in rows], normalize=False)
+        np.testing.assert_allclose(many.maps[:, k], one.maps, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(many.logits[:, k], one.logits[:, 0], rtol=1e-6)
+    del calls.names[:]
+    saliency = explainer.explain(image, method="saliency", targets=rows, normalize=False, abs=False)
+    assert calls.names == ["input_gradients"]
+    for i in range(2):
+        for k in range(3):
+            x = torch.from_numpy(image[i:i + 1]).requires_grad_(True)
+            objectives[i][k](embedder(x)[0]).backward()
+            reference = x.grad.numpy().sum(axis=1)[0]
+            assert np.abs(saliency.maps[i, k] - reference).max() <= 1e-4 * np.abs(reference).max()
+            with torch.no_grad():
+                np.testing.assert_allclose(saliency.logits[i, k], objectives[i][k](embedder(torch.from_numpy(image[i:i + 1]))[0]),
+                                           rtol=1e-4, atol=1e-6)
+    shown = explainer.explain(image, method="gradcam", targets=rows)  # each map normalised on its own
+    for k in range(3):
+        one = explainer.explain(image, method="gradcam", targets=[row[k] for row in rows])
+        np.testing.assert_allclose(shown.maps[:, k], one.maps, atol=1e-6)
+    blank = [f"target(s) {k} is all zero" if not many.maps[i, k].max() > 0 else None for i in range(2) for k in range(3)]
+    assert [note is not None for note in shown.notes] == [any(blank[3 * i:3 * i + 3]) for i in range(2)]
+
+
+def test_k_class_indices_per_image(embedder_explainer: Explainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[N, K] ints: map heads and the Python path in one call, perturbation methods one call per column;
+    each equal to the one-column call. Softmax K per image uses the probability seed."""
+    image = _image((2, 3, 64, 64), seed=12)
+    explainer = embedder_explainer
+    ranks = [[1, 5, -1], [2, 3, -2]]
+    for heads in (True, False):
+        monkeypatch.setattr(explainer, "map_heads", heads)
+        calls = _Calls(explainer, monkeypatch)
+        many = explainer.explain(image, method="gradcam++", targets=ranks)
+        # one session call for all K (maps() runs the model, then the method's head alone, inside it)
+        assert calls.names[0] == ("maps" if heads else "run") and calls.names.count(calls.names[0]) == 1
+        assert many.maps.shape == (2, 3, 64, 64)
+        for k in range(3):
+            one = explainer.explain(image, method="gradcam++", targets=[row[k] for row in ranks])
+            np.testing.assert_allclose(many.maps[:, k], one.maps, atol=1e-5)
+            assert many.targets[:, k].tolist() == one.targets.tolist()
+    occluded = explainer.explain(image, method="occlusion", targets=ranks, window=16, stride=16)
+    for k in range(3):
+        one = explainer.explain(image, method="occlusion", targets=[row[k] for row in ranks], window=16, stride=16)
+        np.testing.assert_allclose(occluded.maps[:, k], one.maps, atol=1e-6)
+    probabilities = explainer.explain(image, method="saliency", targets=[[Softmax(1), Softmax(2)]] * 2,
+                                      normalize=False)
+    for k, index in enumerate((1, 2)):
+        one = explainer.explain(image, method="saliency", targets=Softmax(index), normalize=False)
+        np.testing.assert_allclose(probabilities.maps[:, k], one.maps, rtol=1e-5, atol=1e-9)
+    pictures = list(np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8))
+    drawn = explainer.explain(pictures, method="gradcam", targets=[[1, 5], [2, 3]])
+    overlays, captions = drawn.overlays(), drawn.captions()
+    assert drawn.overlays(captions=True).shape == overlays.shape
+    assert overlays.shape[:2] == (2, 2) and overlays.shape[-1] == 3 and overlays.dtype == np.uint8
+    assert len(captions) == 4 and [text.split()[:2] for text in captions][1] == ["class", "5"]
+    single = explainer.explain(pictures[0], method="gradcam", targets=5).overlays()
+    np.testing.assert_array_equal(overlays[0, 1], single[0])
+
+
+def test_k_targets_errors(embedder_explainer: Explainer) -> None:
+    image = _image((2, 3, 64, 64), seed=13)
+    explainer = embedder_explainer
+    with pytest.raises(InvalidTargetError, match="same number K >= 1 of targets"):
+        explainer.explain(image, targets=[[Class(1), Class(2)], [Difference(1, 0)]])
+    with pytest.raises(InvalidTargetError, match="same number K >= 1 of targets"):
+        explainer.explain(image, targets=[[Difference(1, 0)], []])
+    with pytest.raises(InvalidTargetError, match="not both"):
+        explainer.explain(image, targets=[[Difference(1, 0)], Class(2)])
+    with pytest.raises(InvalidTargetError, match="one sequence of K targets per image"):
+        explainer.explain(image, targets=[[Difference(1, 0), Class(2)]])
+    with pytest.raises(InvalidTargetError, match="Softmax targets cannot be mixed with linear targets"):
+        explainer.explain(image, targets=[[Softmax(1), Class(2)], [Difference(1, 0), Class(2)]])
+    with pytest.raises(InvalidInputError, match="equal-length rows of K ints"):
+        explainer.explain(image, targets=[[1, 2], [3]])
+    with pytest.raises(InvalidTargetError, match="explains classes"):
+        explainer.explain(image, method="contrast-cam", targets=[[Difference(1, 0)], [Class(1)]])
 
 
 def test_compat_softmax_target_matches_pytorch_grad_cam(embedder: torch.nn.Module) -> None:
