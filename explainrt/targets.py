@@ -298,12 +298,16 @@ class Box(Target):
         union = np.abs(w * h) + (bx2 - bx1) * (by2 - by1) - inter
         return inter / np.maximum(union, 1e-12) >= self.iou
 
+    def no_overlap(self) -> InvalidTargetError:
+        """The error for an image where no prediction overlaps the box enough."""
+        return InvalidTargetError(f"no prediction overlaps box {self.box.tolist()} with IoU >= {self.iou}: "
+                                  "lower iou or check the box (xyxy in input pixels)")
+
     def gradient(self, output: np.ndarray) -> np.ndarray:
         layout, predictions = self._fields(output)
         chosen = self._overlapping(predictions)
         if not chosen.any():
-            raise InvalidTargetError(f"no prediction overlaps box {self.box.tolist()} with IoU >= {self.iou}: "
-                                     "lower iou or check the box (xyxy in input pixels)")
+            raise self.no_overlap()
         weights = np.zeros_like(predictions)
         if layout == "yolov8":
             weights[chosen, 4 + self.index] = 1
