@@ -549,6 +549,63 @@ def _server_takes_targets_as_json(explainer: Explainer, picture: np.ndarray, mas
     np.testing.assert_allclose(np.asarray(item["map"]), expected.maps[0], atol=1e-4)
 
 
+def test_v2_takes_target_objects(embedder_explainer: Explainer) -> None:
+    """POST /v2/models/NAME/infer with parameters.targets as in V1: region, box and similarity targets give
+    the maps and objectives of the in-process call; bad targets are 400s naming the problem."""
+    from fastapi.testclient import TestClient
+
+    from explainrt.serve.app import create_app
+
+    segmenter, detector = _TinySegmenter().eval(), _TinyDetector("yolov8").eval()
+    explainers = {"seg": Explainer(segmenter, [segmenter.features], input_size=(32, 32)),
+                  "det": Explainer(detector, [detector.features], input_size=(32, 32)), "emb": embedder_explainer}
+    mask = np.zeros((32, 32), np.float32)
+    mask[4:20, 8:28] = 1.0
+    concept = np.random.default_rng(15).normal(size=16).astype(np.float32)
+    small, large = _image((2, 3, 32, 32), seed=16), _image((2, 3, 64, 64), seed=17)
+    with torch.no_grad():
+        head = detector(torch.from_numpy(small[:1]))[0].numpy()
+    box = _yolo_box(head, 1)
+    cases = [("seg", small, {"kind": "region", "class": 2, "mask": mask.tolist()}, Region(2, mask)),
+             ("det", small[:1], f"box:{','.join(map(str, box))}:1:0.4", Box(box, 1, iou=0.4)),
+             ("emb", large, [{"kind": "similarity", "vector": concept.tolist()}, 3], [Similarity(concept), Class(3)])]
+
+    def tensor(name: str, batch: np.ndarray) -> dict:
+        return {"name": explainers[name].spec.image_input, "shape": list(batch.shape), "datatype": "FP32",
+                "data": batch.ravel().tolist()}
+
+    with TestClient(create_app(explainers)) as client:
+        for name, batch, given, target in cases:
+            response = client.post(f"/v2/models/{name}/infer", json={"inputs": [tensor(name, batch)], "parameters": {
+                "method": "gradcam", "targets": given}})
+            assert response.status_code == 200, response.text
+            outputs = {output["name"]: output for output in response.json()["outputs"]}
+            expected = explainers[name].explain(batch, method="gradcam", targets=target)
+            np.testing.assert_allclose(np.reshape(outputs["explainrt.maps"]["data"], outputs["explainrt.maps"]["shape"]),
+                                       expected.maps, atol=1e-5)
+            np.testing.assert_allclose(outputs["explainrt.objective"]["data"], expected.logits[:, 0], rtol=1e-5)
+            assert outputs["explainrt.resolved_targets"]["data"] == expected.targets.tolist()
+            with torch.no_grad():  # the logits output stays the model's output, not the objective
+                logits = explainers[name].predict(batch)
+            np.testing.assert_allclose(np.reshape(outputs[explainers[name].spec.logits]["data"], logits.shape), logits,
+                                       rtol=1e-4, atol=1e-5)
+        refusals = [
+            ({"kind": "region", "class": 2, "mask": np.ones((8, 8)).tolist()}, None, "mask has shape (8, 8)"),
+            ({"kind": "hexagon"}, None, "unknown target kind 'hexagon'"),
+            ("region:/etc/passwd:2", None, "reads a file"),
+            (2, {"name": "explainrt.targets", "shape": [2], "datatype": "INT64", "data": [1, 2]}, "not both"),
+            ({"kind": "class", "class": 1}, "layers", "differentiate class indices"),
+        ]
+        for given, extra, message in refusals:
+            body: dict = {"inputs": [tensor("seg", small)], "parameters": {"method": "gradcam", "targets": given}}
+            if extra == "layers":
+                body["outputs"] = [{"name": "explainrt.gradients.0"}]
+            elif extra is not None:
+                body["inputs"].append(extra)
+            refused = client.post("/v2/models/seg/infer", json=body)
+            assert refused.status_code == 400 and message in refused.text, refused.text
+
+
 # -- errors ------------------------------------------------------------------------------------------
 def test_target_errors(deeplab_explainer: Explainer, embedder_explainer: Explainer) -> None:
     image = _image((1, 3, SEG_SIZE, SEG_SIZE))
