@@ -467,6 +467,30 @@ def test_compat_softmax_target_matches_pytorch_grad_cam(embedder: torch.nn.Modul
     np.testing.assert_allclose(ours, reference, atol=2e-4)
 
 
+@pytest.mark.parametrize("method", ["GradCAM", "ScoreCAM"])
+def test_compat_binary_and_raw_scores_targets_match_pytorch_grad_cam(method: str) -> None:
+    """BinaryClassifierOutputTarget (category 1: +logit, else -logit) and RawScoresOutputTarget (the output
+    itself) on a one-logit classifier, pytorch-grad-cam's target objects in both libraries: Grad-CAM
+    (gradients) and Score-CAM (each masked copy scored with the target)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, RawScoresOutputTarget
+
+    from explainrt import compat
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 1)).eval()
+    image = torch.from_numpy(_image((2, 3, 32, 32), seed=18))
+    for targets in ([BinaryClassifierOutputTarget(1), BinaryClassifierOutputTarget(0)], [RawScoresOutputTarget()] * 2):
+        with getattr(pytorch_grad_cam, method)(model=model, target_layers=[model[2]]) as cam:
+            reference = cam(input_tensor=image, targets=targets)
+        with getattr(compat, method)(model=model, target_layers=[model[2]]) as cam:
+            ours = cam(input_tensor=image, targets=targets)
+        assert reference.std(axis=(1, 2)).min() > 0.05  # maps that vary: the comparison says something
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
 # -- command line ------------------------------------------------------------------------------------
 class _TinySegmenter(torch.nn.Module):
     """[N, 3, 32, 32] -> {"out": [N, 4, 32, 32]}: a strided conv, a 1x1 classifier, bilinear upsampling."""
