@@ -239,7 +239,8 @@ def box_objective(module: torch.nn.Module, x: torch.Tensor) -> Objective:
 
 def plain_session(model: Model) -> ort.InferenceSession:
     """The original exported model in ONNX Runtime, with the options OnnxRuntimeSession._session uses."""
-    proto, _ = export_torch(model.module, torch.zeros(1, 3, model.size, model.size), [model.target])
+    copied = copy.deepcopy(model.module)  # an export may leave traced tensors cached on it (YOLO's anchors)
+    proto, _ = export_torch(copied, torch.zeros(1, 3, model.size, model.size), [copied.get_submodule(model.target_name)])
     options = ort.SessionOptions()
     options.log_severity_level = 3  # as explainrt; intra-op threads left at ORT's default, as explainrt
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -327,7 +328,8 @@ def bench_model(key: str, batches: list[int], runs: int, warmup: int, pause_s: f
     model = load_model(key, seed)
     log.info("%s: exporting the plain and the explainable ONNX models", model.title)
     plain = plain_session(model)
-    explainer = Explainer(model.module, [model.target], input_size=(model.size, model.size))
+    exported = copy.deepcopy(model.module)  # the eager contenders keep a module no export has traced
+    explainer = Explainer(exported, [exported.get_submodule(model.target_name)], input_size=(model.size, model.size))
     python_path = Explainer(explainer.session.model, map_heads=False)  # the same explainable model, no re-export
     cases = []
     for batch in batches:
