@@ -131,7 +131,13 @@ def test_perturbation_methods_score_copies_with_the_target(deeplab: torch.nn.Mod
 # -- detection ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def yolo() -> torch.nn.Module:
+    from PIL import Image
     from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import patches
+
+    # importing ultralytics replaces PIL.Image.open for the whole process (an unreadable file then makes it try
+    # to install pi-heif): later tests in this process (test_explainer's unreadable image) need Pillow's own
+    Image.open = patches._image_open
 
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", verbose=False).eval()
