@@ -132,6 +132,8 @@ def test_cli_warns_of_an_all_zero_map_in_json_and_captions_by_default(workdir: P
     plain = np.asarray(Image.open(workdir / "plain" / "chelsea.gradcam.png"))
     np.testing.assert_array_equal(captioned[:180], plain[:180])
     assert (captioned[200:] != plain[200:]).any()
+    assert main(["demo", "--no-caption", "--out", "demo"]) == 0  # demo is `explain examples`, --no-caption too
+    np.testing.assert_array_equal(np.asarray(Image.open(workdir / "demo" / "chelsea.gradcam.png")), plain)
 
 
 # -- wording and help ----------------------------------------------------------------------------------------
