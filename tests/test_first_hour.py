@@ -62,6 +62,22 @@ def test_progress_is_a_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> Non
     assert terminal.getvalue().endswith("explainrt: preparing\n")
 
 
+def test_a_bar_is_drawn_on_a_terminal_that_reports_no_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pseudo-terminal never sized (0 columns: `script`, some CI runners) still shows the bar, 80 wide."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    assert os.get_terminal_size(slave).columns == 0
+    with open(slave, "w", encoding="utf-8", closefd=True) as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert list(progress.track(range(3), "unsized", unit="images")) == [0, 1, 2]
+    drawn = os.read(master, 65536).decode("utf-8", "replace")
+    os.close(master)
+    last = drawn.replace("\r\n", "\n").split("\r")[-1].strip()
+    assert last.startswith("unsized: 100%") and "3/3" in last and len(last) <= 80
+
+
 def test_perturbation_methods_report_each_perturbed_batch(small_explainer, small_batch,  # noqa: ANN001
                                                           info_logs: pytest.LogCaptureFixture,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
