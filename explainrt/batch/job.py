@@ -38,6 +38,7 @@ from explainrt.export.spec import ExplainableSpec, ModelSource
 from explainrt.methods import get_method
 from explainrt.models import load
 from explainrt.preprocessing import Preprocessing
+from explainrt.progress import note
 from explainrt.progress import progress as progress_of
 from explainrt.validation import check_class_range, checked_int
 
@@ -137,6 +138,7 @@ def explain_dataset(
 
     started = not ray.is_initialized()
     if started:
+        note(f"starting {'Ray at ' + ray_address if ray_address else f'a local Ray instance ({workers + 1} CPUs)'}")
         ray.init(address=ray_address, num_cpus=None if ray_address else workers + 1, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
     start = time.perf_counter()
@@ -260,6 +262,8 @@ def _run(ray: Any, dataset: DatasetSource, blob: bytes, preprocessing: Preproces
     """Build the Ray Data pipeline, run it and gather the summary batches (pandas) on the driver."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar, ours, counting images
+    if not log.isEnabledFor(logging.INFO):  # Ray Data's own lines ("Starting execution...", "Progress bars
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # disabled") only at -v: our bar says where it is
     if dataset.kind == "images":
         data = ray.data.read_binary_files(list(dataset.paths), include_paths=True)
         data = data.rename_columns({"bytes": _IMAGES, "path": _NAMES})

@@ -209,22 +209,33 @@ def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocess
 def _torchvision(name: str, weights: str | os.PathLike | None, layers: list[Any] | None, backend: str,
                  preprocessing: Preprocessing | None, outputs: Outputs, size: tuple[int, int],
                  overrides: PreprocessingOverrides) -> LoadedModel:
-    """A torchvision architecture with local weights, its explainable export cached by everything it depends on."""
-    module, num_classes = torchvision_model(name, weights)
-    chosen = preprocessing or recipe(overrides, size, num_classes)
+    """A torchvision architecture with local weights, its explainable export cached by everything it depends on.
+
+    A cached export is read without building the module (importing torchvision and loading the weights
+    took most of a cached call's 15-20 s); its preprocessing is the one stored in the export."""
     if backend == "torch" or not all(isinstance(layer, str) for layer in layers or ()):
-        return _from_module(module, layers, backend, chosen, outputs, size)
+        module, num_classes = torchvision_model(name, weights)
+        return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs,
+                            size)
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()  # type: ignore[arg-type]
-    key = hashlib.sha256(json.dumps([__version__, name, digest, layers, list(size), chosen.to_json(),
-                                     repr(outputs)]).encode()).hexdigest()[:16]
+    labels = (hashlib.sha256(Path(overrides.labels_file).read_bytes()).hexdigest()
+              if overrides.labels_file and Path(overrides.labels_file).is_file() else overrides.labels_file)
+    key = hashlib.sha256(json.dumps([__version__, name, digest, layers, list(size),
+                                     preprocessing.to_json() if preprocessing else None, overrides.input_size,
+                                     overrides.mean, overrides.std, labels, repr(outputs)]).encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{key}.onnx"
     if path.is_file():
         try:
-            return LoadedModel(load_model(path), None, chosen)
+            proto = load_model(path)
+            stored = ExplainableSpec.from_model(proto).preprocessing
+            if stored:
+                return LoadedModel(proto, None, Preprocessing.from_json(stored))
+            log.warning("cached model %s stores no preprocessing: exporting it again", path)
         except InvalidModelError:
             log.warning("cached model %s is corrupt: exporting it again", path)
     note(f"exporting {name} to explainable ONNX on first use (cached in {path.parent})")
-    loaded = _from_module(module, layers, backend, chosen, outputs, size)
+    module, num_classes = torchvision_model(name, weights)
+    loaded = _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, loaded.explainable.SerializeToString())  # type: ignore[union-attr]
     return loaded
