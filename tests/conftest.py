@@ -26,10 +26,10 @@ _CACHE = Path(os.environ[_SHARED])
 os.environ["EXPLAINRT_CACHE"] = str(_CACHE)
 
 
-def _one_onnxruntime_thread_per_worker() -> None:
-    """Under pytest-xdist every ONNX Runtime session computes with one intra-op thread: two workers
-    with a two-thread pool each on two cores spin-wait and preempt each other. (torch keeps its
-    threads: its FCN-ResNet50 input gradient, a reference here, differs by 1 % between 1 and 2.)"""
+def _one_thread_per_worker() -> None:
+    """Under pytest-xdist every ONNX Runtime session and torch compute with one intra-op thread: two
+    workers with a two-thread pool each on two cores spin-wait and preempt each other."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch when a test file first imports it
     import onnxruntime
 
     opened = onnxruntime.InferenceSession.__init__
@@ -44,7 +44,7 @@ def _one_onnxruntime_thread_per_worker() -> None:
 
 
 if "PYTEST_XDIST_WORKER" in os.environ:
-    _one_onnxruntime_thread_per_worker()
+    _one_thread_per_worker()
 
 SMALL_SIZE = (64, 64)
 SMALL_CLASSES = 10

@@ -407,6 +407,25 @@ def test_tensorrt_session_logic_with_a_stand_in(fake_tensorrt, small_onnx, small
         session.head(1, acts, small_batch)
 
 
+def test_tensorrt_map_heads_run_alone_on_the_models_outputs(fake_tensorrt, small_onnx, small_explainer, small_batch,  # noqa: ANN001
+                                                           tmp_path) -> None:  # noqa: ANN001
+    """A method whose head the model lacks: its head alone is an engine (no weights), run on the variant's
+    activations and gradients, chunked like the model, K targets per image; maps equal ONNX Runtime's."""
+    profile = BatchProfile(min_batch=1, opt_batch=2, max_batch=2, max_targets=2)  # 3 images: two chunks
+    session = TensorRTSession(small_onnx, profile=profile, cache_dir=tmp_path)
+    targets = np.array([[-1, 1], [2, -2], [0, -1]], dtype=np.int64)
+    for method in ("gradcam", "layercam", "contrast-cam"):  # contrast-cam weighs the cross-entropy variant
+        ours, theirs = session.maps(small_batch, targets, method), small_explainer.session.maps(small_batch, targets, method)
+        assert ours.maps.shape == (3, 2, *small_batch.shape[2:]) and np.ptp(ours.maps) > 0
+        np.testing.assert_array_equal(ours.targets, theirs.targets)
+        for field in ("logits", "maps"):
+            np.testing.assert_allclose(getattr(ours, field), getattr(theirs, field), rtol=1e-5, atol=1e-6)
+    engines = list(tmp_path.glob("*.engine"))  # the model, its cross-entropy variant, three heads
+    weights = sum(init.ByteSize() for init in small_onnx.graph.initializer)
+    heads = [path for path in engines if path.stat().st_size < weights / 100]
+    assert len(engines) == len(fake_tensorrt) == 5 and len(heads) == 3
+
+
 def test_tensorrt_defended_gradients_are_a_clear_error(fake_tensorrt, small_onnx, small_batch, tmp_path) -> None:  # noqa: ANN001
     session = TensorRTSession(small_onnx, cache_dir=tmp_path)
     with pytest.raises(BackendUnavailableError, match="not built for the TensorRT backend yet"):

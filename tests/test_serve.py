@@ -24,8 +24,7 @@ from PIL import Image
 from explainrt.serve.launcher import ServerProcess
 
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat"}
-# A long batching window so that concurrent test requests reliably share a batch.
-SERVER_ARGUMENTS = ["--max-batch", "8", "--max-queue-ms", "150"]
+SERVER_ARGUMENTS = ["--max-batch", "8"]  # batching itself: test_serve_faults (event-based, no time window)
 
 
 def png_b64(image: np.ndarray) -> str:
@@ -163,7 +162,7 @@ def test_explain_targets_per_instance_and_raw_map_only(http: httpx.Client, defau
         np.testing.assert_allclose(np.asarray(item["map"]), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_concurrent_requests_are_batched_and_kept_apart(http: httpx.Client, default_explainer, example_images) -> None:  # noqa: ANN001
+def test_concurrent_requests_each_get_their_own_answer(http: httpx.Client, default_explainer, example_images) -> None:  # noqa: ANN001
     names = ["chelsea", "coffee", "astronaut"] * 2
     targets = [-1, -2, 5, 281, -1, 999]
 
@@ -173,14 +172,11 @@ def test_concurrent_requests_are_batched_and_kept_apart(http: httpx.Client, defa
     with ThreadPoolExecutor(len(names)) as pool:
         responses = list(pool.map(one, range(len(names))))
     reference = default_explainer.explain([example_images[n] for n in names], targets=targets)
-    batched = []
     for response, expected_map, expected_target in zip(responses, reference.maps, reference.targets, strict=True):
         assert response.status_code == 200, response.text
         (item,) = response.json()["explanations"]
         assert item["target"]["index"] == int(expected_target)
         np.testing.assert_allclose(np.asarray(item["map"]), expected_map, atol=2e-4)
-        batched.append(response.json()["timings"]["batch_images"])
-    assert max(batched) > 1  # some of them shared a runtime call
 
 
 def test_one_bad_request_in_a_batch_fails_alone(http: httpx.Client, example_images) -> None:  # noqa: ANN001
