@@ -217,7 +217,7 @@ def _torchvision(name: str, weights: str | os.PathLike | None, layers: list[Any]
         module, num_classes = torchvision_model(name, weights)
         return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs,
                             size)
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()  # type: ignore[arg-type]
+    digest = hashlib.sha256(_weights_file(name, weights).read_bytes()).hexdigest()
     labels = (hashlib.sha256(Path(overrides.labels_file).read_bytes()).hexdigest()
               if overrides.labels_file and Path(overrides.labels_file).is_file() else overrides.labels_file)
     key = hashlib.sha256(json.dumps([__version__, name, digest, layers, list(size),
@@ -376,13 +376,7 @@ def torchvision_model(name: str, weights: str | os.PathLike | None) -> tuple[Any
     torch = require("torch", f"torchvision architecture {name!r}")
     models = require("torchvision.models", f"torchvision architecture {name!r}")
 
-    if weights is None:
-        raise InvalidInputError(f"torchvision architecture {name!r} needs --weights FILE (weights= in the API): a "
-                                "state dict saved with torch.save(model.state_dict(), FILE); explainrt downloads "
-                                "no weights")
-    path = Path(weights)
-    if not path.is_file():
-        raise InvalidModelError(f"weights file not found: {path}")
+    path = _weights_file(name, weights)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
@@ -401,6 +395,18 @@ def torchvision_model(name: str, weights: str | os.PathLike | None) -> tuple[Any
         first_lines = "\n".join(str(error).splitlines()[:3])
         raise InvalidModelError(f"weights file {str(path)!r} does not fit torchvision's {name}: {first_lines}") from error
     return model.eval(), num_classes
+
+
+def _weights_file(name: str, weights: str | os.PathLike | None) -> Path:
+    """The weights file of torchvision architecture ``name``; an error where none is given or it does not exist."""
+    if weights is None:
+        raise InvalidInputError(f"torchvision architecture {name!r} needs --weights FILE (weights= in the API): a "
+                                "state dict saved with torch.save(model.state_dict(), FILE); explainrt downloads "
+                                "no weights")
+    path = Path(weights)
+    if not path.is_file():
+        raise InvalidModelError(f"weights file not found: {path}")
+    return path
 
 
 def _architecture(name: str) -> str:
