@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -194,6 +195,9 @@ def test_no_caption_writes_the_plain_overlay(ray_cluster, small_onnx, small_mode
                  "--ray", ray_cluster, "--workers", "2", "--batch-size", "1", "--no-caption"]) == 0
     names = captioned.summary["image"].tolist()
     assert names == ["img0.jpg", "img1.png", "img2.jpg"]
+    # without -v, Ray Data's own lines ("Starting execution...", "Progress bars disabled") stay off the terminal
+    assert not logging.getLogger("explainrt").isEnabledFor(logging.INFO)
+    assert logging.getLogger("ray.data").getEffectiveLevel() == logging.ERROR
     direct = Explainer(small_onnx, preprocessing=preprocessing)
     for name in names:
         stem = Path(name).stem
