@@ -182,3 +182,22 @@ def cupy():
     import cupy
 
     return cupy
+
+
+def ambiguous_nhwc_model(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A channels-last [N, 4, 4, 3] model whose graph (a MatMul over the channels) and sizes (4 and 3 are both
+    channel counts) do not tell its layout: logits = mean_hw(relu(x @ w1)) @ w2. Returns w1, w2."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((8, 5)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["image", "w1"], ["features"]), helper.make_node("Relu", ["features"], ["act"]),
+             helper.make_node("ReduceMean", ["act", "axes"], ["pooled"], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "w2"], ["logits"])]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, 4, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(np.array([1, 2], np.int64), "axes")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return w1, w2

@@ -358,6 +358,45 @@ def test_serves_onnx_files_by_stem(small_onnx, small_explainer, small_batch, tmp
         assert raw.status_code == 400 and "stores no preprocessing" in raw.json()["error"]
 
 
+def test_v2_channels_last_model_takes_tensors_in_its_own_layout(tmp_path: Path) -> None:
+    """A channels-last model (its layout given by --input-layout): the metadata declares [-1, 4, 4, 3]; FP32
+    [N, H, W, C] tensors are explained as the Explainer explains them; [N, C, H, W] tensors get a 400 naming the form."""
+    from conftest import ambiguous_nhwc_model
+
+    from explainrt import Explainer
+
+    path = tmp_path / "keras.onnx"
+    ambiguous_nhwc_model(path)
+    reference = Explainer(str(path), input_layout="nhwc")
+    batch = np.random.default_rng(3).standard_normal((2, 4, 4, 3)).astype(np.float32)
+    arguments = ["--model", str(path), "--input-layout", "nhwc"]
+    with ServerProcess(arguments, env=dict(os.environ), log_path=tmp_path / "server.log") as server, \
+            httpx.Client(base_url=server.url, timeout=120) as http:
+        metadata = http.get("/v2/models/keras").json()
+        assert metadata["inputs"][0] == {"name": "image", "datatype": "FP32", "shape": [-1, 4, 4, 3]}
+        assert metadata["parameters"]["input_layout"] == "nhwc"
+        assert {o["name"]: o["shape"] for o in metadata["outputs"]}["explainrt.maps"] == [-1, 4, 4]
+
+        def infer(tensor: np.ndarray) -> httpx.Response:
+            body = {"inputs": [{"name": "image", "shape": list(tensor.shape), "datatype": "FP32",
+                                "data": tensor.ravel().tolist()},
+                               {"name": "explainrt.targets", "shape": [2], "datatype": "INT64", "data": [1, 3]}],
+                    "parameters": {"method": "gradcam"}}
+            return http.post("/v2/models/keras/infer", json=body)
+
+        response = infer(batch)
+        assert response.status_code == 200, response.text
+        outputs = {o["name"]: o for o in response.json()["outputs"]}
+        expected = reference.explain(batch, targets=[1, 3])
+        assert outputs["explainrt.maps"]["shape"] == [2, 4, 4]
+        np.testing.assert_allclose(np.reshape(outputs["explainrt.maps"]["data"], (2, 4, 4)), expected.maps, atol=1e-5)
+        np.testing.assert_allclose(np.reshape(outputs["logits"]["data"], (2, 5)), expected.logits, rtol=1e-5, atol=1e-5)
+        wrong = infer(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))  # [N, C, H, W] for a channels-last model
+        assert wrong.status_code == 400
+        assert wrong.json()["error"] == ("input 'image' has shape [2, 3, 4, 4]; FP32 input must be [N, 4, 4, 3] "
+                                         "(channels-last)")
+
+
 def test_cli_refuses_two_models_with_one_name(small_onnx, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
     from explainrt.cli import main
 

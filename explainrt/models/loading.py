@@ -43,7 +43,7 @@ from explainrt.errors import (
 )
 from explainrt.export import layouts
 from explainrt.export.explainable import make_explainable
-from explainrt.export.inputs import InputForm, input_form
+from explainrt.export.inputs import InputForm, checked_layout, input_form
 from explainrt.export.spec import ExplainableSpec, is_explainable, load_model, original_model, with_preprocessing
 from explainrt.files import cache_dir, write_atomic
 from explainrt.optional import require
@@ -93,6 +93,9 @@ class Outputs:
     prefix_tokens: int | Sequence[int] | None = None
     input_layout: str | None = None  # the image input's: "nchw" or "nhwc" (None: told from the graph)
 
+    def __post_init__(self) -> None:
+        checked_layout(self.input_layout)
+
     def given(self) -> bool:
         return any(value is not None for value in dataclasses.astuple(self))
 
@@ -135,6 +138,9 @@ def load(model: Any = None, target_layers: Sequence[Any] | None = None, *, backe
         raise InvalidInputError("weights apply to a torchvision architecture name (such as 'resnet50'), "
                                 f"not to {_described(model)}")
     if model is None or model == DEFAULT_MODEL:
+        if outputs.input_layout not in (None, "nchw"):
+            raise InvalidInputError(f"input_layout={outputs.input_layout!r}: the default model takes [N, C, H, W] "
+                                    "images")
         return _default_model(layers, backend, preprocessing, overrides)
     if isinstance(model, str) and not _is_onnx_path(model):
         return _torchvision(_architecture(model), weights, layers, backend, preprocessing, outputs,

@@ -49,7 +49,9 @@ from explainrt.runtime.base import (
     maps_outputs,
     output_names,
     parse_device,
+    run_in_chunks,
     run_result,
+    static_batch,
     targets_feed,
     uses_main_model,
 )
@@ -79,27 +81,29 @@ class BatchProfile:
 
     def shapes(self, model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """(min, opt, max) shape per model input: the batch (and the targets' K: of the targets, the weights and a
-        map head's gradients) dynamic, the rest static.
+        map head's gradients) dynamic, the rest static; a static-batch model's batch fixed at its size on every
+        input (it runs in chunks of that batch).
 
         A dynamic dimension other than those is an error naming it: TensorRT needs its range too.
         """
         shapes = {}
         initializers = {init.name for init in model.graph.initializer}
-        for value in model.graph.input:
-            if value.name in initializers:
-                continue
-            dims = input_dims(model, value.name)
-            ranges = [(self.min_batch, self.opt_batch, self.max_batch)]
+        inputs = [value.name for value in model.graph.input if value.name not in initializers]
+        fixed = next((b for b in (static_batch(input_dims(model, name)) for name in inputs) if b is not None), None)
+        batch = (fixed, fixed, fixed) if fixed else (self.min_batch, self.opt_batch, self.max_batch)
+        for name in inputs:
+            dims = input_dims(model, name)
+            ranges = [batch]
             for axis, dim in enumerate(dims[1:], start=1):
-                if axis == 1 and (value.name in (TARGETS_INPUT, WEIGHTS_INPUT) or _is_gradients_input(value.name)):
+                if axis == 1 and (name in (TARGETS_INPUT, WEIGHTS_INPUT) or _is_gradients_input(name)):
                     ranges.append((1, 1, self.max_targets))
                 elif isinstance(dim, int) and dim > 0:
                     ranges.append((dim, dim, dim))
                 else:
-                    raise InvalidModelError(f"input {value.name!r} has a dynamic dimension {axis} ({dim!r}); the "
+                    raise InvalidModelError(f"input {name!r} has a dynamic dimension {axis} ({dim!r}); the "
                                             "TensorRT backend needs every dimension but the batch fixed "
                                             "(export the model with a fixed input size)")
-            shapes[value.name] = tuple(tuple(r[i] for r in ranges) for i in range(3))  # type: ignore[assignment]
+            shapes[name] = tuple(tuple(r[i] for r in ranges) for i in range(3))  # type: ignore[assignment]
         return shapes
 
 
@@ -278,11 +282,14 @@ class TensorRTSession:
         return self._engines[key]
 
     def _call(self, engine: _Engine, feeds: dict[str, Any], outputs: Sequence[str]) -> list[Any]:
-        """Run in chunks of the profile's max batch; host or CuPy results in ``outputs`` order."""
-        count = next(iter(feeds.values())).shape[0]
-        step = self.profile.max_batch
-        chunks = [engine({k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, count, step)]
-        merged = [self._torch.cat([c[name] for c in chunks]) if len(chunks) > 1 else chunks[0][name] for name in outputs]
+        """Run in chunks of the profile's max batch, or of a static-batch model's batch (the last chunk padded,
+        as on ONNX Runtime); host or CuPy results in ``outputs`` order."""
+        def run_once(chunk: dict[str, Any]) -> list[Any]:
+            results = engine(chunk)
+            return [results[name] for name in outputs]
+
+        batch = static_batch(self.input_shape)
+        merged = run_in_chunks(run_once, feeds, batch or self.profile.max_batch, batch is not None, self._torch.cat)
         if self.device_outputs:
             import cupy
 
