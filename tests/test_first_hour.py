@@ -222,6 +222,7 @@ def test_torchvision_weights_are_exported_once_and_cached(tmp_path: Path, monkey
 
     monkeypatch.setattr(loading, "_from_module", no_export)
     monkeypatch.setattr(loading, "torchvision_model", no_export)  # a cached call builds no module (15-20 s for ResNet-50)
+    monkeypatch.setattr(loading, "_architecture", no_export)  # nor imports torchvision to check the name (10 s)
     again = load("resnet18", ["layer4"], weights=weights, input_size=(64, 64))
     assert again.explainable.SerializeToString() == first.explainable.SerializeToString()
     assert again.preprocessing == first.preprocessing

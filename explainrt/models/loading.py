@@ -143,7 +143,7 @@ def load(model: Any = None, target_layers: Sequence[Any] | None = None, *, backe
                                     "images")
         return _default_model(layers, backend, preprocessing, overrides)
     if isinstance(model, str) and not _is_onnx_path(model):
-        return _torchvision(_architecture(model), weights, layers, backend, preprocessing, outputs,
+        return _torchvision(model, weights, layers, backend, preprocessing, outputs,
                             overrides.input_size or input_size or DEFAULT_INPUT_SIZE, overrides)
     if _is_torch_module(model):
         fixed = overrides.input_size or input_size
@@ -217,12 +217,15 @@ def _torchvision(name: str, weights: str | os.PathLike | None, layers: list[Any]
                  overrides: PreprocessingOverrides) -> LoadedModel:
     """A torchvision architecture with local weights, its explainable export cached by everything it depends on.
 
-    A cached export is read without building the module (importing torchvision and loading the weights
-    took most of a cached call's 15-20 s); its preprocessing is the one stored in the export."""
+    A cached export is read without building the module or importing torchvision (which took most of
+    a cached call's 15-20 s): a file is cached only under a name that was checked when it was exported.
+    Its preprocessing is the one stored in the export."""
     if backend == "torch" or not all(isinstance(layer, str) for layer in layers or ()):
-        module, num_classes = torchvision_model(name, weights)
+        module, num_classes = torchvision_model(_architecture(name), weights)
         return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs,
                             size)
+    if weights is None or not Path(weights).is_file():
+        _architecture(name)  # an unknown name is said before a missing weights file
     digest = hashlib.sha256(_weights_file(name, weights).read_bytes()).hexdigest()
     labels = (hashlib.sha256(Path(overrides.labels_file).read_bytes()).hexdigest()
               if overrides.labels_file and Path(overrides.labels_file).is_file() else overrides.labels_file)
@@ -239,6 +242,7 @@ def _torchvision(name: str, weights: str | os.PathLike | None, layers: list[Any]
             log.warning("cached model %s stores no preprocessing: exporting it again", path)
         except InvalidModelError:
             log.warning("cached model %s is corrupt: exporting it again", path)
+    name = _architecture(name)
     note(f"exporting {name} to explainable ONNX on first use (cached in {path.parent})")
     module, num_classes = torchvision_model(name, weights)
     loaded = _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs, size)
