@@ -7,8 +7,8 @@ memory over the first and the last 100 requests. ``--out`` writes the table as M
 
 ``--payloads N`` adds the payload comparison: one 224x224 explanation (chelsea as a UINT8
 [1, 224, 224, 3] image, Grad-CAM map back) sent N times in sequence over the Open Inference
-Protocol, as JSON and with the binary tensor extension (maps FP32, FP16, UINT8, PNG): request and
-response bytes, p50 / p99 latency. ``--no-load`` runs only that.
+Protocol, as JSON and with the binary tensor extension (maps FP32, FP16, UINT8, PNG, or OVERLAY colour
+PNGs): request and response bytes, p50 / p99 latency. ``--no-load`` runs only that.
 
     python bench/serve_load.py --clients 32 --requests 500 --payloads 200 --out bench/results/serve.md
 """
@@ -138,7 +138,7 @@ def run_load(server: ServerProcess, clients: int, requests: int, method: str = "
 
 HEADER = "Inference-Header-Content-Length"
 PAYLOAD_CASES = (("JSON", False, "FP32"), ("binary", True, "FP32"), ("binary", True, "FP16"),
-                 ("binary", True, "UINT8"), ("binary", True, "PNG"))
+                 ("binary", True, "UINT8"), ("binary", True, "PNG"), ("binary", True, "OVERLAY"))
 """(encoding, binary tensors, map format) per row of the payload comparison."""
 
 
@@ -211,7 +211,8 @@ def payload_markdown(rows: list[PayloadRow]) -> str:
             f"UINT8 [1, 224, 224, 3] image in, `explainrt.maps` [1, 224, 224] out; {runs} sequential requests per "
             f"row, one client (after 3 untimed). JSON: data as JSON numbers; binary: the binary tensor extension "
             f"(raw little-endian tensors after the JSON header), maps as FP32, FP16, UINT8 (round(255 x map)) or "
-            f"one 8-bit grayscale PNG.\n\n" + "\n".join(lines) + "\n")
+            f"one 8-bit grayscale PNG, or OVERLAY (one colour PNG: the map drawn over the image, as V1's overlay)."
+            f"\n\n" + "\n".join(lines) + "\n")
 
 
 def markdown(result: LoadResult, server_arguments: list[str]) -> str:

@@ -26,10 +26,10 @@ _CACHE = Path(os.environ[_SHARED])
 os.environ["EXPLAINRT_CACHE"] = str(_CACHE)
 
 
-def _one_onnxruntime_thread_per_worker() -> None:
-    """Under pytest-xdist every ONNX Runtime session computes with one intra-op thread: two workers
-    with a two-thread pool each on two cores spin-wait and preempt each other. (torch keeps its
-    threads: its FCN-ResNet50 input gradient, a reference here, differs by 1 % between 1 and 2.)"""
+def _one_thread_per_worker() -> None:
+    """Under pytest-xdist every ONNX Runtime session and torch compute with one intra-op thread: two
+    workers with a two-thread pool each on two cores spin-wait and preempt each other."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch when a test file first imports it
     import onnxruntime
 
     opened = onnxruntime.InferenceSession.__init__
@@ -44,7 +44,7 @@ def _one_onnxruntime_thread_per_worker() -> None:
 
 
 if "PYTEST_XDIST_WORKER" in os.environ:
-    _one_onnxruntime_thread_per_worker()
+    _one_thread_per_worker()
 
 SMALL_SIZE = (64, 64)
 SMALL_CLASSES = 10
@@ -182,3 +182,22 @@ def cupy():
     import cupy
 
     return cupy
+
+
+def ambiguous_nhwc_model(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A channels-last [N, 4, 4, 3] model whose graph (a MatMul over the channels) and sizes (4 and 3 are both
+    channel counts) do not tell its layout: logits = mean_hw(relu(x @ w1)) @ w2. Returns w1, w2."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((8, 5)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["image", "w1"], ["features"]), helper.make_node("Relu", ["features"], ["act"]),
+             helper.make_node("ReduceMean", ["act", "axes"], ["pooled"], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "w2"], ["logits"])]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, 4, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(np.array([1, 2], np.int64), "axes")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return w1, w2

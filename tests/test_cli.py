@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import SMALL_CLASSES
+from conftest import SMALL_CLASSES, ambiguous_nhwc_model
 from PIL import Image
 
 from explainrt import METHODS, Explainer
@@ -306,6 +306,38 @@ def test_export_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path, weigh
     corrupt.write_bytes(b"\x00\x01garbage")
     code, _, err = run(capsys, "export", corrupt, "-o", output)
     assert_failed(code, out, err, "corrupt.onnx")
+
+
+def test_input_layout_for_a_model_that_does_not_tell(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      photo: Path) -> None:
+    model = tmp_path / "nhwc.onnx"
+    w1, w2 = ambiguous_nhwc_model(model)
+    code, _, err = run(capsys, "explain", photo, "--model", model, "--out", tmp_path / "none")
+    assert_failed(code, tmp_path / "none", err, "cannot be told", "--input-layout")
+    code, _, err = run(capsys, "explain", photo, "--model", model, "--input-layout", "chw", "--out", tmp_path / "bad")
+    assert code == 2 and "argument --input-layout: invalid choice: 'chw'" in err and "nchw" in err and "nhwc" in err
+    assert files_in(tmp_path / "bad") == []
+    code, _, err = run(capsys, "explain", photo, "--input-layout", "nhwc", "--out", tmp_path / "default")
+    assert_failed(code, tmp_path / "default", err, "input_layout='nhwc': the default model takes [N, C, H, W] images")
+
+    code, _, err = run(capsys, "explain", photo, "--model", model, "--input-layout", "nhwc", "--raw", "--target", "2",
+                       "--out", tmp_path / "given")
+    assert code == 0, err
+    maps = np.load(tmp_path / "given" / "cup.gradcam.npy")
+
+    exported = tmp_path / "explainable.onnx"  # export stores the layout: the explainable model needs no flag
+    code, _, err = run(capsys, "export", model, "--input-layout", "nhwc", "-o", exported)
+    assert code == 0, err
+    # Grad-CAM by hand: d logit_2 / d act = w2[:, 2] / 16 at every position, so the weights are w2[:, 2] / 16
+    batch, _ = Explainer(str(exported)).prepare([str(photo)])  # [1, 3, 4, 4] by the stored preprocessing
+    act = np.maximum(batch[0].transpose(1, 2, 0) @ w1, 0)
+    np.testing.assert_allclose(maps, np.maximum(act @ (w2[:, 2] / 16), 0), rtol=1e-5, atol=1e-6)
+    code, _, err = run(capsys, "explain", photo, "--model", exported, "--raw", "--target", "2", "--out", tmp_path / "o")
+    assert code == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "cup.gradcam.npy"), maps, rtol=1e-6, atol=1e-7)
+    code, _, err = run(capsys, "explain", photo, "--model", exported, "--input-layout", "nchw", "--out", tmp_path / "x")
+    assert_failed(code, tmp_path / "x", err, "input_layout='nchw', but the model's input was read as [N, 4, 4, 3] "
+                  "float32 (channels-last)")
 
 
 def test_method_options_are_parsed_by_their_declared_types(capsys: pytest.CaptureFixture[str], tmp_path: Path,

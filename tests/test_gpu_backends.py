@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -405,6 +406,62 @@ def test_tensorrt_session_logic_with_a_stand_in(fake_tensorrt, small_onnx, small
         session.run(small_batch, np.zeros((3, 3), np.int64))
     with pytest.raises(InvalidInputError, match="layer must be 0..0, got 1"):
         session.head(1, acts, small_batch)
+
+
+def test_tensorrt_runs_a_static_batch_model_in_chunks_as_onnxruntime_does(fake_tensorrt: list[str], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch-2 export: the engine's profile fixes the batch at 2 on every input, and 3 images run as two calls
+    of 2 (the last padded), through the chunking ONNX Runtime uses; results equal ONNX Runtime's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    torch.onnx.export(net, (torch.zeros(2, 3, 8, 8),), str(tmp_path / "static.onnx"), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"])
+    reference = Explainer(str(tmp_path / "static.onnx"))
+    model = reference.session.model
+    shapes = BatchProfile(opt_batch=4, max_batch=8).shapes(model)
+    assert shapes["input"] == ((2, 3, 8, 8),) * 3 and [s[0] for s in shapes[TARGETS_INPUT]] == [2, 2, 2]
+    session = TensorRTSession(model, profile=BatchProfile(opt_batch=4, max_batch=8, max_targets=2), cache_dir=tmp_path)
+    images = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    targets = np.array([[0, 1], [2, -1], [1, 0]], dtype=np.int64)
+    calls: list[int] = []  # the rows of each engine call
+    from explainrt.runtime import tensorrt as tensorrt_session
+
+    engine_call = tensorrt_session._Engine.__call__
+    monkeypatch.setattr(tensorrt_session._Engine, "__call__",
+                        lambda engine, feeds: calls.append(feeds["input"].shape[0]) or engine_call(engine, feeds))
+    with torch.no_grad():
+        expected = net(torch.from_numpy(images)).numpy()
+    for ours, theirs in ((session.run(images, targets), reference.session.run(images, targets)),
+                         (session.input_gradients(images, targets), reference.session.input_gradients(images, targets))):
+        np.testing.assert_array_equal(ours.targets, theirs.targets)
+        np.testing.assert_allclose(ours.logits, expected, rtol=1e-5, atol=1e-6)
+        for a, b in zip([*ours.activations, *ours.gradients], [*theirs.activations, *theirs.gradients]):
+            assert a.shape[0] == 3
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(session.logits(images), expected, rtol=1e-5, atol=1e-6)
+    maps = session.maps(images, targets, "gradcam")
+    np.testing.assert_allclose(maps.maps, reference.session.maps(images, targets, "gradcam").maps, rtol=1e-5, atol=1e-6)
+    assert calls == [2, 2] * 5  # run, input_gradients, logits, and for maps the model and its head alone: 2 + 2 each
+
+
+def test_tensorrt_map_heads_run_alone_on_the_models_outputs(fake_tensorrt, small_onnx, small_explainer, small_batch,  # noqa: ANN001
+                                                           tmp_path) -> None:  # noqa: ANN001
+    """A method whose head the model lacks: its head alone is an engine (no weights), run on the variant's
+    activations and gradients, chunked like the model, K targets per image; maps equal ONNX Runtime's."""
+    profile = BatchProfile(min_batch=1, opt_batch=2, max_batch=2, max_targets=2)  # 3 images: two chunks
+    session = TensorRTSession(small_onnx, profile=profile, cache_dir=tmp_path)
+    targets = np.array([[-1, 1], [2, -2], [0, -1]], dtype=np.int64)
+    for method in ("gradcam", "layercam", "contrast-cam"):  # contrast-cam weighs the cross-entropy variant
+        ours, theirs = session.maps(small_batch, targets, method), small_explainer.session.maps(small_batch, targets, method)
+        assert ours.maps.shape == (3, 2, *small_batch.shape[2:]) and np.ptp(ours.maps) > 0
+        np.testing.assert_array_equal(ours.targets, theirs.targets)
+        for field in ("logits", "maps"):
+            np.testing.assert_allclose(getattr(ours, field), getattr(theirs, field), rtol=1e-5, atol=1e-6)
+    engines = list(tmp_path.glob("*.engine"))  # the model, its cross-entropy variant, three heads
+    weights = sum(init.ByteSize() for init in small_onnx.graph.initializer)
+    heads = [path for path in engines if path.stat().st_size < weights / 100]
+    assert len(engines) == len(fake_tensorrt) == 5 and len(heads) == 3
 
 
 def test_tensorrt_defended_gradients_are_a_clear_error(fake_tensorrt, small_onnx, small_batch, tmp_path) -> None:  # noqa: ANN001

@@ -4,6 +4,7 @@ NCHW model's and against pytorch-grad-cam."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from torch import nn
 
 from explainrt import Explainer
 from explainrt.errors import InvalidInputError, InvalidModelError
+from explainrt.export.explainable import DEQUANTIZED_PREFIX
 from explainrt.export.spec import original_model
+from explainrt.runtime.onnxruntime import OnnxRuntimeSession
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -120,6 +123,26 @@ def test_int8_qdq_default_model_maps_match_fp32(default_fp32, tmp_path: Path) ->
     assert producer.op_type == "DequantizeLinear"
     explained = explainer.explain(images, targets=reference.targets)
     assert min(_correlations(explained.maps, reference.maps)) >= INT8_MIN_CORRELATION
+
+    # The gradient graph reads float copies of the quantized weights, not their per-call DequantizeLinear;
+    # reading the DequantizeLinear outputs instead gives the same gradients.
+    model = explainer.session.model
+    constants = {t.name for t in model.graph.initializer}
+    of_constants = {n.output[0] for n in model.graph.node
+                    if n.op_type == "DequantizeLinear" and all(i in constants for i in n.input if i)}
+    assert not [i for n in model.graph.node if n.name.startswith("explainrt/") for i in n.input if i in of_constants]
+    folded = [t.name for t in model.graph.initializer if t.name.startswith(DEQUANTIZED_PREFIX)]
+    assert folded and {name.removeprefix(DEQUANTIZED_PREFIX) for name in folded} <= of_constants
+    unfolded = copy.deepcopy(model)
+    for node in unfolded.graph.node:
+        node.input[:] = [i.removeprefix(DEQUANTIZED_PREFIX) for i in node.input]
+    kept = [t for t in unfolded.graph.initializer if not t.name.startswith(DEQUANTIZED_PREFIX)]
+    del unfolded.graph.initializer[:]
+    unfolded.graph.initializer.extend(kept)
+    batch = explainer.prepare(images)[0]
+    ours = explainer.session.run(batch, reference.targets[:, None])
+    theirs = OnnxRuntimeSession(unfolded).run(batch, reference.targets[:, None])
+    np.testing.assert_allclose(ours.gradients[0], theirs.gradients[0], rtol=1e-5, atol=1e-9)
 
 
 # -- sizes and batches ------------------------------------------------------------------------------------

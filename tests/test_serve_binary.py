@@ -8,6 +8,7 @@ checked against the same Explainer run directly.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -19,14 +20,25 @@ from conftest import SMALL_SIZE
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from explainrt import Explainer
+from explainrt.overlay import overlay
+from explainrt.preprocessing import Preprocessing
+from explainrt.serve import codec
 from explainrt.serve.app import create_app
 
 HEADER = "Inference-Header-Content-Length"
 
 
 @pytest.fixture(scope="module")
-def client(small_explainer) -> Iterator[TestClient]:  # noqa: ANN001
-    with TestClient(create_app({"small": small_explainer})) as test_client:
+def raw_explainer(small_onnx) -> Explainer:  # noqa: ANN001
+    """The small ResNet-18 with a preprocessing, so it takes raw UINT8 images (and draws overlays)."""
+    preprocessing = Preprocessing(SMALL_SIZE, SMALL_SIZE[0], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return Explainer(small_onnx, preprocessing=preprocessing)
+
+
+@pytest.fixture(scope="module")
+def client(small_explainer, raw_explainer: Explainer) -> Iterator[TestClient]:  # noqa: ANN001
+    with TestClient(create_app({"small": small_explainer, "raw": raw_explainer})) as test_client:
         yield test_client
 
 
@@ -115,7 +127,13 @@ def test_bad_binary_requests(client: TestClient, small_batch) -> None:  # noqa: 
         ({"inputs": [image], "outputs": [{"name": "logits", "parameters": {"format": "PNG"}}]},
          small_batch.tobytes(), "takes no format"),
         ({"inputs": [image], "outputs": [{"name": "explainrt.maps", "parameters": {"format": "JPEG"}}]},
-         small_batch.tobytes(), "format must be one of FP32, FP16, UINT8, PNG"),
+         small_batch.tobytes(), "format must be one of FP32, FP16, UINT8, PNG, OVERLAY, got 'JPEG'"),
+        ({"inputs": [image], "outputs": [{"name": "explainrt.maps", "parameters": {"format": ["PNG"]}}]},
+         small_batch.tobytes(), "format must be one of .*, got \\['PNG'\\]"),
+        ({"inputs": [image], "outputs": [{"name": "explainrt.maps", "parameters": {"format": "OVERLAY"}}],
+          "parameters": {"method": "gradcam"}}, small_batch.tobytes(),
+         ("format OVERLAY draws each map over its original image, but input 'input' is FP32 preprocessed data, "
+          "which has none: send the images as UINT8 \\[N, H, W, 3\\]")),
         ({"inputs": [image], "outputs": [{"name": "explainrt.maps", "parameters": {"format": "UINT8"}}],
           "parameters": {"normalize": False}}, small_batch.tobytes(), "map format UINT8 holds maps scaled to"),
     ]
@@ -127,3 +145,52 @@ def test_bad_binary_requests(client: TestClient, small_batch) -> None:  # noqa: 
         assert re.search(message, response.json()["error"]), response.json()["error"]
     response = client.post("/v2/models/small/infer", content=b"{}", headers={HEADER: "99"})
     assert response.status_code == 400 and "Inference-Header-Content-Length must be" in response.json()["error"]
+
+
+def decode_pngs(items: list[bytes]) -> np.ndarray:
+    """PNG bytes as one uint8 array, checking each is colour (RGB)."""
+    images = [Image.open(io.BytesIO(item)) for item in items]
+    assert all(image.mode == "RGB" for image in images)
+    return np.stack([np.asarray(image) for image in images])
+
+
+def test_overlay_maps_are_v1_overlays(client: TestClient, raw_explainer: Explainer) -> None:
+    """Format OVERLAY returns, JSON and binary, exactly V1's overlay PNGs of the same images and method (and its
+    captions), which are the overlay of the FP32 map on the preprocessed crop."""
+    images = np.random.default_rng(1).integers(0, 256, (2, 72, 80, 3), dtype=np.uint8)
+    tensor = {"name": "input", "shape": list(images.shape), "datatype": "UINT8"}
+    for method, parameters in (("gradcam", {}), ("gradcam", {"caption": True}), ("layercam", {"normalize": False})):
+        reference = raw_explainer.explain(list(images), method=method, normalize=parameters.get("normalize", True))
+        expected = reference.overlays(captions=parameters.get("caption", False))
+        v1 = client.post("/v1/models/raw:explain", json={
+            "instances": [{"image": {"b64": base64.b64encode(codec.png_bytes(image)).decode()}} for image in images],
+            "parameters": {"method": method, "return": ["overlay"], **parameters}})
+        assert v1.status_code == 200, v1.text
+        v1_overlays = decode_pngs([base64.b64decode(item["overlay"]["b64"]) for item in v1.json()["explanations"]])
+        outputs = [{"name": "explainrt.maps", "parameters": {"format": "OVERLAY"}},
+                   {"name": "explainrt.resolved_targets"}]
+        plain = client.post("/v2/models/raw/infer", json={
+            "inputs": [{**tensor, "data": images.ravel().tolist()}], "outputs": outputs,
+            "parameters": {"method": method, **parameters}})
+        assert plain.status_code == 200, plain.text
+        maps = plain.json()["outputs"][0]
+        assert (maps["datatype"], maps["shape"]) == ("BYTES", [2])
+        json_overlays = decode_pngs([base64.b64decode(item) for item in maps["data"]])
+        body, headers = binary_request({"inputs": [{**tensor, "parameters": {"binary_data_size": images.nbytes}}],
+                                        "outputs": outputs, "parameters": {"method": method, "binary_data_output": True,
+                                                                           **parameters}}, [images])
+        response = client.post("/v2/models/raw/infer", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        binary = parse_binary_response(response.content, int(response.headers[HEADER]))
+        assert expected.shape == (2, *SMALL_SIZE, 3)
+        for got in (v1_overlays, json_overlays, decode_pngs(binary["explainrt.maps"])):
+            np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(binary["explainrt.resolved_targets"], reference.targets)
+        if not parameters:  # the overlay drawn independently from the map and the crop the explainer saw
+            np.testing.assert_array_equal(expected, np.stack([overlay(crop, m) for crop, m in
+                                                              zip(reference.images, reference.maps, strict=True)]))
+        if parameters.get("caption"):  # the caption strip differs from the uncaptioned overlay
+            assert (expected != raw_explainer.explain(list(images), method=method).overlays()).any()
+    formats = client.get("/v2/models/raw").json()["parameters"]["maps_formats"]
+    assert list(formats) == ["FP32", "FP16", "UINT8", "PNG", "OVERLAY"]
+    assert "UINT8 image input only" in formats["OVERLAY"]

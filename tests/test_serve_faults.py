@@ -2,7 +2,7 @@
 a body that is not JSON (415), more images than the per-request limit (413), a full queue (503
 with Retry-After), a client that disconnects while its explanation runs (the explanation is
 cancelled and the worker moves on), and a corrupt model given to ``explainrt serve`` (one line,
-exit status 2). Every wait is on an event (the explanation started, a response arrived); the
+exit status 2); and micro-batching of requests that queue behind a running explanation. Every wait is on an event (the explanation started, a response arrived); the
 timeouts only keep a broken server from hanging the run.
 """
 
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -39,14 +41,16 @@ class Watched:
         self._explainer = explainer
         self.started = threading.Event()
         self.outcomes: queue.Queue[str] = queue.Queue()
+        self.images_per_call: list[int] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._explainer, name)
 
-    def explain(self, *args: Any, **kwargs: Any) -> Any:
+    def explain(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        self.images_per_call.append(len(images))
         self.started.set()
         try:
-            explanation = self._explainer.explain(*args, **kwargs)
+            explanation = self._explainer.explain(images, *args, **kwargs)
         except ExplanationCancelled:
             self.outcomes.put("cancelled")
             raise
@@ -74,8 +78,8 @@ def serving(explainer: Any, config: ServeConfig) -> Iterator[str]:
         listener.close()
 
 
-def v2_body(explainer: Any, count: int, **parameters: Any) -> dict[str, Any]:
-    images = np.random.default_rng(0).standard_normal((count, 3, 64, 64)).astype(np.float32)
+def v2_body(explainer: Any, count: int, *, seed: int = 0, **parameters: Any) -> dict[str, Any]:
+    images = np.random.default_rng(seed).standard_normal((count, 3, 64, 64)).astype(np.float32)
     return {"inputs": [{"name": explainer.spec.image_input, "shape": list(images.shape), "datatype": "FP32",
                         "data": images.ravel().tolist()}], "parameters": parameters}
 
@@ -123,6 +127,38 @@ def test_a_full_queue_is_503_with_retry_after_and_the_queued_request_is_served(s
         assert sorted(request.result(timeout=PATIENCE).status_code for request in requests) == [200, 503]
         assert watched.outcomes.get(timeout=PATIENCE) == "cancelled"
         assert watched.outcomes.get(timeout=PATIENCE) == "gradcam"
+
+
+def queued_images(http: httpx.Client) -> float:
+    """The served model's queue depth, as /metrics reports it."""
+    return float(re.search(r'^explainrt_queue_depth\{model="small"\} (\S+)$', http.get("/metrics").text, re.M)[1])
+
+
+def test_requests_queued_behind_a_running_explanation_share_one_runtime_call(small_explainer) -> None:  # noqa: ANN001
+    """Batching without a wall-clock window (max_wait 0): four Grad-CAM requests queue while RISE runs;
+    once RISE is cancelled they are one batch, one explain() call, and each answer is its own image's."""
+    watched = Watched(small_explainer)
+    with serving(watched, ServeConfig(max_batch=8, max_wait=0.0)) as url, \
+            httpx.Client(base_url=url, timeout=PATIENCE) as http, ThreadPoolExecutor(4) as pool:
+        running = send_without_reading(url, INFER, v2_body(small_explainer, 1, **ENDLESS))
+        assert watched.started.wait(PATIENCE)
+        bodies = [v2_body(small_explainer, 1, seed=seed, method="gradcam") for seed in range(4)]
+        requests = [pool.submit(http.post, INFER, json=body) for body in bodies]
+        deadline = time.monotonic() + PATIENCE
+        while queued_images(http) < 4:  # every request has arrived (each answer needs the worker)
+            assert not any(request.done() for request in requests) and time.monotonic() < deadline
+            time.sleep(0.01)
+        running.close()
+        responses = [request.result(timeout=PATIENCE) for request in requests]
+        assert watched.outcomes.get(timeout=PATIENCE) == "cancelled"
+        assert watched.outcomes.get(timeout=PATIENCE) == "gradcam"
+        assert watched.images_per_call == [1, 4]  # RISE's image, then the four requests in one call
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200, response.text
+        images = np.asarray(body["inputs"][0]["data"], np.float32).reshape(body["inputs"][0]["shape"])
+        maps = next(o for o in response.json()["outputs"] if o["name"] == "explainrt.maps")
+        expected = small_explainer.explain(images, method="gradcam").maps
+        np.testing.assert_allclose(np.asarray(maps["data"]).reshape(maps["shape"]), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(("content_type", "accepted"), [

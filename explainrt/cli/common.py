@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from explainrt.errors import ImageReadError, InvalidInputError
+from explainrt.export.inputs import INPUT_LAYOUTS
 from explainrt.models import PreprocessingOverrides
 from explainrt.models.loading import IMAGENET_MEAN, IMAGENET_STD
 from explainrt.runtime import BACKENDS
@@ -27,7 +28,7 @@ TOP_K = 5
 
 
 def parent_parsers() -> dict[str, argparse.ArgumentParser]:
-    """The argument groups subcommands share: "verbose", "model" (preprocessing) and "runtime"."""
+    """The argument groups subcommands share: "verbose", "model" (preprocessing), "runtime" and "caption"."""
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     verbose.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -45,6 +46,10 @@ def parent_parsers() -> dict[str, argparse.ArgumentParser]:
                        help=f"normalisation std (default: ImageNet {IMAGENET_STD})")
     group.add_argument("--labels", metavar="FILE",
                        help="class names, one per line (default: ImageNet names for 1000-class models)")
+    group.add_argument("--input-layout", choices=INPUT_LAYOUTS, metavar="LAYOUT",
+                       help="the ONNX image input's layout, nchw ([N, C, H, W]) or nhwc ([N, H, W, C], e.g. "
+                            "tf2onnx/Keras exports), where the graph and its sizes do not tell it (default: told "
+                            "from the model)")
 
     runtime = argparse.ArgumentParser(add_help=False)
     group = runtime.add_argument_group("runtime")
@@ -61,7 +66,11 @@ def parent_parsers() -> dict[str, argparse.ArgumentParser]:
                        help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
     group.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per runtime call")
 
-    return {"verbose": verbose, "model": model, "runtime": runtime}
+    caption = argparse.ArgumentParser(add_help=False)
+    caption.add_argument("--no-caption", dest="caption", action="store_false",
+                         help="overlays without the caption line (class label, probability, method)")
+
+    return {"verbose": verbose, "model": model, "runtime": runtime, "caption": caption}
 
 
 def method_option(text: str) -> tuple[str, str]:
@@ -110,11 +119,12 @@ def overrides(args: argparse.Namespace) -> PreprocessingOverrides:
 
 def load_model(args: argparse.Namespace, backend: str = "onnxruntime") -> Any:
     """The model --model names (default, torchvision architecture with --weights, ONNX file) with its
-    --layer targets and preprocessing, through the one load step."""
+    --layer targets, --input-layout and preprocessing, through the one load step."""
     from explainrt.models import Outputs, load
 
     return load(args.model, args.layers or None, backend=backend, weights=args.weights,
-                outputs=Outputs(output=getattr(args, "logits", None)), overrides=overrides(args))
+                outputs=Outputs(output=getattr(args, "logits", None), input_layout=args.input_layout),
+                overrides=overrides(args))
 
 
 def load_explainer(args: argparse.Namespace) -> Any:

@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from explainrt.cli.common import positive_int
+from explainrt.export.inputs import INPUT_LAYOUTS
 from explainrt.serve.codec import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, Limits
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                        help=f"largest image, in pixels (default: {DEFAULT_MAX_PIXELS})")
     serve.add_argument("--max-images", type=positive_int, default=Limits.max_instances, metavar="N",
                        help=f"most images in one request; more are refused with 413 (default: {Limits.max_instances})")
+    serve.add_argument("--input-layout", choices=INPUT_LAYOUTS, metavar="LAYOUT",
+                       help="the --model files' image input layout, nchw or nhwc, where a graph and its sizes do not "
+                            "tell it (default: told from each model)")
     serve.add_argument("--provider", action="append", metavar="NAME", dest="providers",
                        help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
     serve.set_defaults(run=_serve)
@@ -60,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
                                 f"{args.max_queue_ms} and {args.max_body_mb}")
     listener = _listen(args.host, args.port)  # before loading models: a taken port fails in a second
     try:
-        explainers = load_models(args.models, args.providers)
+        explainers = load_models(args.models, args.providers, args.input_layout)
     except BaseException:
         listener.close()
         raise

@@ -58,11 +58,14 @@ class InputForm:
     def is_integer(self) -> bool:
         return np.dtype(self.dtype).kind in "iu"
 
+    def shape(self) -> str:
+        """The dims in the model's layout, dynamic ones by their axis letter: e.g. ``[N, H, W, 3]``."""
+        names = ("N", "H", "W", "C") if self.layout == "nhwc" else ("N", "C", "H", "W")
+        return f"[{', '.join(str(d) if isinstance(d, int) and d > 0 else name for d, name in zip(self.dims, names))}]"
+
     def describe(self) -> str:
         """E.g. ``[N, 224, 224, 3] float16 (channels-last)``."""
-        names = ("N", "H", "W", "C") if self.layout == "nhwc" else ("N", "C", "H", "W")
-        shown = [str(d) if isinstance(d, int) and d > 0 else name for d, name in zip(self.dims, names)]
-        return f"[{', '.join(shown)}] {self.dtype}" + (" (channels-last)" if self.layout == "nhwc" else "")
+        return f"{self.shape()} {self.dtype}" + (" (channels-last)" if self.layout == "nhwc" else "")
 
     def to_json(self) -> str:
         return json.dumps({"layout": self.layout, "dtype": self.dtype, "dims": list(self.dims)})
@@ -101,8 +104,7 @@ def adapt(model: onnx.ModelProto, layout: str | None = None) -> InputForm:
     """Put the float32 ``[N, C, H, W]`` adapter in front of ``model``'s image input where its form differs
     (in place), store the form, and return it. ``layout``: "nchw" or "nhwc"; None tells it from the graph
     (what consumes the input) and the sizes (which axis has a channel count), refusing to guess."""
-    if layout is not None and layout not in INPUT_LAYOUTS:
-        raise InvalidInputError(f"input_layout must be one of {INPUT_LAYOUTS}, got {layout!r}")
+    checked_layout(layout)
     value = image_input(model)
     elem_type = value.type.tensor_type.elem_type
     dims = _dims(value)
@@ -122,6 +124,13 @@ def adapt(model: onnx.ModelProto, layout: str | None = None) -> InputForm:
     return form
 
 
+def checked_layout(layout: str | None) -> str | None:
+    """``layout`` if it is None or one of ``INPUT_LAYOUTS``, else an InvalidInputError naming them."""
+    if layout is not None and layout not in INPUT_LAYOUTS:
+        raise InvalidInputError(f"input_layout must be one of {INPUT_LAYOUTS}, got {layout!r}")
+    return layout
+
+
 def _told_layout(graph: onnx.GraphProto, name: str, dims: tuple[Dim, ...]) -> str:
     votes = graph_votes(graph, name)
     if len(votes) == 1:
@@ -133,7 +142,8 @@ def _told_layout(graph: onnx.GraphProto, name: str, dims: tuple[Dim, ...]) -> st
         return "nchw"
     why = "the graph uses it both ways" if len(votes) > 1 else "neither the graph nor the sizes tell"
     raise InvalidModelError(f"the image input {name!r} of shape {list(dims)}: whether it is [N, C, H, W] or "
-                            f"[N, H, W, C] cannot be told ({why}): give input_layout='nchw' or 'nhwc'")
+                            f"[N, H, W, C] cannot be told ({why}): give input_layout='nchw' or 'nhwc' (--input-layout "
+                           "on the command line)")
 
 
 def _insert_adapter(model: onnx.ModelProto, value: onnx.ValueInfoProto, form: InputForm, elem_type: int) -> None:

@@ -4,14 +4,11 @@ after a target layer (ablation). Sessions build them on first use."""
 
 from __future__ import annotations
 
-import copy
-
 import onnx
 
 from explainrt.autodiff.builder import GraphBuilder
 from explainrt.autodiff.gradients import ancestors
 from explainrt.errors import InvalidInputError
-from explainrt.export import heads
 from explainrt.export.explainable import make_explainable
 from explainrt.export.inputs import input_form, with_nominal_size
 from explainrt.export.layouts import Layout
@@ -42,15 +39,6 @@ def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str,
         plain = with_nominal_size(plain, size) or plain
     return make_explainable(plain, layers, logits=spec.logits, objective=objective, defended_relus=defended,
                             **stored)
-
-
-def maps_model(model: onnx.ModelProto, spec: ExplainableSpec, method: str) -> onnx.ModelProto:
-    """The model that returns only logits, resolved targets and ``method``'s float32 maps (its map head),
-    differentiating the objective the method weighs."""
-    base = variant_model(model, spec, heads.closed_form(method).objective, of_input=False)
-    base = copy.deepcopy(base) if base is model else base
-    return heads.add_map_heads(heads.without_maps(base) if ExplainableSpec.from_model(base).maps else base,
-                               [method], maps_only=True)
 
 
 def variant_kind(of_input: bool, defended: bool) -> str:

@@ -15,7 +15,7 @@ table in ``explainrt.runtime`` opens one by name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -148,3 +148,27 @@ def static_dims(dims: Sequence[int | str | None]) -> list[int]:
     if not all(isinstance(d, int) and d > 0 for d in dims):
         raise InvalidModelError(f"defended gradients need Relu activations of a static size, got {list(dims)}")
     return list(dims)  # type: ignore[arg-type]
+
+
+def static_batch(dims: Sequence[int | str | None]) -> int | None:
+    """The batch of a static-batch input (``dims[0]`` fixed, e.g. a batch-1 export), None where it is dynamic."""
+    batch = dims[0] if dims else None
+    return batch if isinstance(batch, int) and batch > 0 else None
+
+
+def run_in_chunks(run_once: Callable[[dict[str, Any]], Sequence[Any]], feeds: dict[str, Any], size: int | None,
+                  pad: bool, concatenate: Callable[[list[Any]], Any]) -> list[Any]:
+    """``run_once``'s outputs for ``feeds`` run in chunks of ``size`` along axis 0 (None: one call), each
+    output's chunks joined by ``concatenate``. ``pad`` (a static-batch model, ``size`` its batch): every
+    call gets exactly ``size`` rows, the last chunk padded with copies of its last row, the padding dropped
+    from the outputs. Feeds are NumPy or device arrays (CuPy, torch): rows are taken by slices and lists."""
+    count = next(iter(feeds.values())).shape[0]
+    if size is None or count == size or (count < size and not pad):
+        return list(run_once(feeds))
+    parts = []
+    for start in range(0, count, size):
+        stop = min(start + size, count)
+        rows: Any = slice(start, stop) if stop - start == size or not pad else [
+            *range(start, stop), *[stop - 1] * (size - (stop - start))]
+        parts.append(run_once({name: value[rows] for name, value in feeds.items()}))
+    return [concatenate([part[index] for part in parts])[:count] for index in range(len(parts[0]))]

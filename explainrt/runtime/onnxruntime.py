@@ -31,7 +31,9 @@ from explainrt.runtime.base import (
     maps_outputs,
     output_names,
     parse_device,
+    run_in_chunks,
     run_result,
+    static_batch,
     static_dims,
     targets_feed,
     uses_main_model,
@@ -140,16 +142,8 @@ class OnnxRuntimeSession:
         """Run ``session``: in chunks of the model's static batch where it has one (the last chunk padded
         with copies of its last image, the padding dropped); float outputs of another precision (an fp16
         model's) as float32, which is what the methods compute in."""
-        feeds = self._typed(session, feeds)
-        batch = self.input_shape[0] if isinstance(self.input_shape[0], int) and self.input_shape[0] > 0 else None
-        count = next(iter(feeds.values())).shape[0]
-        if batch is None or count == batch:
-            values = self._run_once(session, outputs, feeds)
-        else:
-            parts = [self._run_once(session, outputs, {name: _padded(value[start:start + batch], batch)
-                                                      for name, value in feeds.items()})
-                     for start in range(0, count, batch)]
-            values = [_concatenated([part[i] for part in parts])[:count] for i in range(len(outputs))]
+        values = run_in_chunks(lambda chunk: self._run_once(session, outputs, chunk), self._typed(session, feeds),
+                               static_batch(self.input_shape), True, _concatenated)
         return [_as_float32(value) for value in values]
 
     def _typed(self, session: object, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -235,25 +229,13 @@ _FLOAT_INPUTS = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dt
                  "tensor(double)": np.dtype(np.float64)}
 
 
-def _padded(values: Any, size: int) -> Any:
-    """``values`` (axis 0 at most ``size``) padded to ``size`` along axis 0 with copies of its last entry."""
-    missing = size - values.shape[0]
-    if missing == 0:
-        return values
-    module = _array_module(values)
-    return module.concatenate([values, module.repeat(values[-1:], missing, axis=0)])
-
-
 def _concatenated(values: list[Any]) -> Any:
-    return _array_module(values[0]).concatenate(values)
-
-
-def _array_module(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return np
+    """NumPy arrays (or CuPy arrays, with device outputs) joined along axis 0."""
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values)
     from explainrt.kernels._cupy import load_cupy
 
-    return load_cupy()
+    return load_cupy().concatenate(values)
 
 
 def _as_float32(value: Any) -> Any:

@@ -1,7 +1,7 @@
 """The TensorRT backend: engines built from the explainable ONNX model, cached on disk, run on device buffers.
 
 One engine per model variant (the explainable model, its input-gradient and loss variants, the
-plain model, the head after a target layer), each built on first use with one optimisation
+plain model, the head after a target layer, a method's map head alone), each built on first use with one optimisation
 profile: a dynamic batch over every input (and a dynamic count of targets per image on
 ``explainrt.targets``), the other dimensions fixed by the model. A built engine is stored under
 the cache folder, named by a key over everything that makes an engine valid: the model bytes'
@@ -28,8 +28,16 @@ import numpy as np
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.spec import TARGETS_INPUT, WEIGHTS_INPUT, ExplainableSpec, original_model
-from explainrt.export.variants import head_model, maps_model, variant_model
+from explainrt.export.heads import closed_form, head_only_model
+from explainrt.export.spec import (
+    TARGETS_INPUT,
+    WEIGHTS_INPUT,
+    ExplainableSpec,
+    gradients_output,
+    maps_output,
+    original_model,
+)
+from explainrt.export.variants import head_model, variant_model
 from explainrt.files import write_atomic
 from explainrt.optional import require
 from explainrt.runtime.base import (
@@ -37,10 +45,13 @@ from explainrt.runtime.base import (
     RunResult,
     head_feeds,
     input_dims,
+    map_head_feeds,
     maps_outputs,
     output_names,
     parse_device,
+    run_in_chunks,
     run_result,
+    static_batch,
     targets_feed,
     uses_main_model,
 )
@@ -69,28 +80,37 @@ class BatchProfile:
                                     f"{self.min_batch}, {self.opt_batch}, {self.max_batch}")
 
     def shapes(self, model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """(min, opt, max) shape per model input: the batch (and the targets' K) dynamic, the rest static.
+        """(min, opt, max) shape per model input: the batch (and the targets' K: of the targets, the weights and a
+        map head's gradients) dynamic, the rest static; a static-batch model's batch fixed at its size on every
+        input (it runs in chunks of that batch).
 
         A dynamic dimension other than those is an error naming it: TensorRT needs its range too.
         """
         shapes = {}
         initializers = {init.name for init in model.graph.initializer}
-        for value in model.graph.input:
-            if value.name in initializers:
-                continue
-            dims = input_dims(model, value.name)
-            ranges = [(self.min_batch, self.opt_batch, self.max_batch)]
+        inputs = [value.name for value in model.graph.input if value.name not in initializers]
+        fixed = next((b for b in (static_batch(input_dims(model, name)) for name in inputs) if b is not None), None)
+        batch = (fixed, fixed, fixed) if fixed else (self.min_batch, self.opt_batch, self.max_batch)
+        for name in inputs:
+            dims = input_dims(model, name)
+            ranges = [batch]
             for axis, dim in enumerate(dims[1:], start=1):
-                if value.name in (TARGETS_INPUT, WEIGHTS_INPUT) and axis == 1:
+                if axis == 1 and (name in (TARGETS_INPUT, WEIGHTS_INPUT) or _is_gradients_input(name)):
                     ranges.append((1, 1, self.max_targets))
                 elif isinstance(dim, int) and dim > 0:
                     ranges.append((dim, dim, dim))
                 else:
-                    raise InvalidModelError(f"input {value.name!r} has a dynamic dimension {axis} ({dim!r}); the "
+                    raise InvalidModelError(f"input {name!r} has a dynamic dimension {axis} ({dim!r}); the "
                                             "TensorRT backend needs every dimension but the batch fixed "
                                             "(export the model with a fixed input size)")
-            shapes[value.name] = tuple(tuple(r[i] for r in ranges) for i in range(3))  # type: ignore[assignment]
+            shapes[name] = tuple(tuple(r[i] for r in ranges) for i in range(3))  # type: ignore[assignment]
         return shapes
+
+
+def _is_gradients_input(name: str) -> bool:
+    """A map head's gradients input ``[N, K, C, h, w]`` (named as the explainable model's output)."""
+    prefix = gradients_output(0)[:-1]
+    return name.startswith(prefix) and name[len(prefix):].isdigit()
 
 
 @dataclass(frozen=True)
@@ -262,11 +282,14 @@ class TensorRTSession:
         return self._engines[key]
 
     def _call(self, engine: _Engine, feeds: dict[str, Any], outputs: Sequence[str]) -> list[Any]:
-        """Run in chunks of the profile's max batch; host or CuPy results in ``outputs`` order."""
-        count = next(iter(feeds.values())).shape[0]
-        step = self.profile.max_batch
-        chunks = [engine({k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, count, step)]
-        merged = [self._torch.cat([c[name] for c in chunks]) if len(chunks) > 1 else chunks[0][name] for name in outputs]
+        """Run in chunks of the profile's max batch, or of a static-batch model's batch (the last chunk padded,
+        as on ONNX Runtime); host or CuPy results in ``outputs`` order."""
+        def run_once(chunk: dict[str, Any]) -> list[Any]:
+            results = engine(chunk)
+            return [results[name] for name in outputs]
+
+        batch = static_batch(self.input_shape)
+        merged = run_in_chunks(run_once, feeds, batch or self.profile.max_batch, batch is not None, self._torch.cat)
         if self.device_outputs:
             import cupy
 
@@ -293,15 +316,19 @@ class TensorRTSession:
         return run_result(values, objective, targets)
 
     def maps(self, images: Any, targets: np.ndarray, method: str) -> MapsResult:
-        """``method``'s normalised maps [N, K, H, W] from its map head, on an engine of the model that has it."""
+        """``method``'s normalised maps [N, K, H, W] from its map head: the model's own when it has one, else
+        an engine of the head alone (``head_only_model``: no weights, so no second copy of the model on
+        the GPU per method) run on what the model (or its variant for the method's objective) returns."""
         self._check_targets(np.asarray(targets))
         if uses_main_model(self.spec, method):
             engine = self._engine("main", lambda: self._model)
-        else:
-            engine = self._engine(("maps", method), lambda: maps_model(self._model, self.spec, method))
-        values = self._call(engine, {self.spec.image_input: images, TARGETS_INPUT: np.asarray(targets, np.int64)},
-                            maps_outputs(self.spec, method))
-        return MapsResult(*values)
+            return MapsResult(*self._call(engine, {self.spec.image_input: images,
+                                                   TARGETS_INPUT: np.asarray(targets, np.int64)},
+                                          maps_outputs(self.spec, method)))
+        result = self.run(images, targets, closed_form(method).objective)
+        engine = self._engine(("maps", method), lambda: head_only_model(self._model, method))
+        maps = self._call(engine, map_head_feeds(self.spec, images, result), [maps_output(method)])[0]
+        return MapsResult(result.logits, result.targets, maps)
 
     def defended_input_gradients(self, images: Any, targets: np.ndarray, references: list[np.ndarray] | None = None,
                                  objective: str = "logit") -> tuple[RunResult, list[np.ndarray]]:

@@ -6,8 +6,9 @@
   model's: ``explainrt.maps``, ``explainrt.resolved_targets``, ``explainrt.activations.<i>``,
   ``explainrt.gradients.<i>``), with the binary tensor extension both ways (``Inference-Header-Content-Length``,
   raw little-endian tensors, ``binary_data_size`` / ``binary_data`` / ``binary_data_output``) and maps as
-  FP32, FP16, UINT8 or PNG (output parameter ``format``), ``/v2/health/live``, ``/v2/health/ready``,
-  ``GET /v2/models/{name}``;
+  FP32, FP16, UINT8, PNG (8-bit grayscale) or OVERLAY (output parameter ``format``; OVERLAY: one colour PNG per
+  image, its map drawn over it exactly as V1's ``"return": ["overlay"]``, captioned with ``"caption": true``; UINT8
+  image input only), ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{name}``;
 - ``/metrics`` (Prometheus), ``/`` (the page) and ``/api/methods`` (the registered methods, each
   option with its type, default, allowed values and help: ``Option.describe``).
 
@@ -60,6 +61,7 @@ from explainrt.serve.models import (
     explain_key,
     layers_key,
     predict_key,
+    preprocessed_shape,
 )
 from explainrt.targets import from_json
 from explainrt.validation import check_class_range, checked_int
@@ -238,12 +240,13 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         arrays: dict[str, np.ndarray] = {}
         logits_name = model.explainer.spec.logits
         normalize = True
+        overlays = _overlay_requested(requested, raw, model.explainer.spec.image_input)
         if MAPS_OUTPUT in wanted or RESOLVED_TARGETS_OUTPUT in wanted:
             method, options, normalize = codec.method_parameters(parameters, RESERVED_PARAMETERS)
-            result = await model.submit(explain_key(raw, method, options, normalize), Job(images, targets),
-                                        _disconnected(request))
-            arrays.update({MAPS_OUTPUT: result["maps"], RESOLVED_TARGETS_OUTPUT: result["targets"],
-                           logits_name: result["logits"]})
+            job = Job(images, targets, overlays=overlays, captions=_flag(parameters, "caption", False))
+            result = await model.submit(explain_key(raw, method, options, normalize), job, _disconnected(request))
+            arrays.update({MAPS_OUTPUT: result["overlays"] if overlays else result["maps"],
+                           RESOLVED_TARGETS_OUTPUT: result["targets"], logits_name: result["logits"]})
         if any(output.startswith(("explainrt.activations.", "explainrt.gradients.")) for output in wanted):
             result = await model.submit(layers_key(raw), Job(images, targets))
             arrays.update({f"explainrt.{key}": value for key, value in result.items() if "." in key})
@@ -252,7 +255,7 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         if logits_name not in arrays:
             arrays[logits_name] = (await model.submit(predict_key(raw), Job(images)))["logits"]
         def encode() -> list[tuple[dict[str, Any], bytes]]:
-            return [codec.v2_output(output.name, codec.encode_maps(arrays[output.name], output.format, normalize)
+            return [codec.v2_output(output.name, _encoded_maps(arrays[output.name], output.format, normalize)
                                     if output.name == MAPS_OUTPUT else arrays[output.name], output.binary)
                     for output in requested]
 
@@ -399,27 +402,30 @@ def _explanations(model: ServedModel, method: str, result: dict[str, Any], retur
 
 
 def _v2_images(model: ServedModel, tensors: dict[str, codec.V2Tensor]) -> tuple[Any, bool, np.ndarray]:
-    """The image batch (uint8 [N, H, W, 3] as raw images, or float32 [N, C, H, W]) and per-image targets."""
+    """The image batch (uint8 [N, H, W, 3] as raw images, or float32 in the model's own layout: [N, C, H, W], or
+    [N, H, W, C] for a channels-last model) and per-image targets."""
     input_name = model.explainer.spec.image_input
     unknown = sorted(set(tensors) - {input_name, TARGETS_TENSOR})
     if unknown or input_name not in tensors:
         raise InvalidInputError(f"unknown input(s) {unknown or 'none'}: model {model.name!r} takes {input_name!r} "
-                                f"(UINT8 [N, H, W, 3] images or FP32 [N, C, H, W] preprocessed) and optionally "
+                                f"(UINT8 [N, H, W, 3] images or FP32 {preprocessed_shape(model.explainer)} "
+                                "preprocessed) and optionally "
                                 f"{TARGETS_TENSOR!r} (INT64 [N])")
     image = tensors[input_name]
-    expected = list(model.explainer.session.input_shape[1:])
+    form = model.explainer.input_form  # FP32 tensors come in the model's own layout, as the Explainer takes them
+    expected = preprocessed_shape(model.explainer)
     if image.datatype == "UINT8" and image.array.ndim == 4 and image.array.shape[3] == 3:
         images: Any = list(image.array)
         raw = True
     elif image.datatype == "FP32" and image.array.ndim == 4:
         images, raw = image.array, False
-        fixed = [(got, want) for got, want in zip(image.array.shape[1:], expected) if isinstance(want, int) and want > 0]
+        fixed = [(got, want) for got, want in zip(image.array.shape[1:], form.dims[1:]) if isinstance(want, int) and want > 0]
         if any(got != want for got, want in fixed):
             raise InvalidInputError(f"input {input_name!r} has shape {list(image.array.shape)}; FP32 input must be "
-                                    f"[N, {', '.join(map(str, expected))}]")
+                                    f"{expected}")
     else:
         raise InvalidInputError(f"input {input_name!r} is {image.datatype} {list(image.array.shape)}; expected UINT8 "
-                                f"[N, H, W, 3] images or FP32 [N, {', '.join(map(str, expected))}] preprocessed input")
+                                f"[N, H, W, 3] images or FP32 {expected} preprocessed input")
     count = len(images)
     targets = np.full(count, -1, dtype=np.int64)
     if TARGETS_TENSOR in tensors:
@@ -450,7 +456,7 @@ def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool, para
     """Requested outputs (default: the logits, plus the maps and resolved targets when a method is given).
 
     Binary tensor extension: an output's parameter ``binary_data`` (default: the request's parameter
-    ``binary_data_output``, else false); the maps' parameter ``format`` is one of ``codec.MAP_FORMATS``.
+    ``binary_data_output``, else false); the maps' parameter ``format`` is one of ``codec.V2_MAP_FORMATS``.
     """
     binary_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
@@ -477,18 +483,34 @@ def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool, para
         form = options.get("format", "FP32")
         if form != "FP32" and item["name"] != MAPS_OUTPUT:
             raise InvalidInputError(f"output {item['name']!r} takes no format (only {MAPS_OUTPUT!r} does)")
-        if form not in codec.MAP_FORMATS:
-            raise InvalidInputError(f"output {MAPS_OUTPUT!r}: format must be one of {', '.join(codec.MAP_FORMATS)}, "
+        if not isinstance(form, str) or form not in codec.V2_MAP_FORMATS:
+            raise InvalidInputError(f"output {MAPS_OUTPUT!r}: format must be one of {', '.join(codec.V2_MAP_FORMATS)}, "
                                     f"got {form!r}")
         outputs.append(_Output(item["name"], binary, form))
     return outputs
 
 
+def _overlay_requested(requested: list[_Output], raw: bool, input_name: str) -> bool:
+    """Whether the maps are asked for as OVERLAY, which draws them over the original images: refused (400) for
+    FP32 preprocessed input, which does not carry them."""
+    overlay = any(output.name == MAPS_OUTPUT and output.format == codec.OVERLAY_FORMAT for output in requested)
+    if overlay and not raw:
+        raise InvalidInputError(f"output {MAPS_OUTPUT!r} format {codec.OVERLAY_FORMAT} draws each map over its "
+                                f"original image, but input {input_name!r} is FP32 preprocessed data, which has none: "
+                                "send the images as UINT8 [N, H, W, 3] (or ask for format FP32, FP16, UINT8 or PNG)")
+    return overlay
+
+
+def _encoded_maps(array: np.ndarray, form: str, normalize: bool) -> np.ndarray:
+    """The maps output in ``form``: for OVERLAY ``array`` holds the overlays (uint8 [N, H, W, 3]), one PNG each."""
+    return codec.encode_pngs(array) if form == codec.OVERLAY_FORMAT else codec.encode_maps(array, form, normalize)
+
+
 def _metadata(model: ServedModel) -> dict[str, Any]:
     spec = model.explainer.spec
-    session = model.explainer.session
-    dims = [d if isinstance(d, int) and d > 0 else -1 for d in session.input_shape[1:]]
-    height, width = dims[-2:] if len(dims) == 3 else (-1, -1)
+    form = model.explainer.input_form  # the image input in the model's own layout ([N, H, W, C] channels-last)
+    dims = [d if isinstance(d, int) and d > 0 else -1 for d in form.dims[1:]]
+    height, width = (d if isinstance(d, int) and d > 0 else -1 for d in form.nchw[2:])
     classes = spec.num_classes
     outputs = [{"name": spec.logits, "datatype": "FP32", "shape": [-1, classes]},
                {"name": MAPS_OUTPUT, "datatype": "FP32", "shape": [-1, height, width]},
@@ -501,7 +523,9 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
         "inputs": [{"name": spec.image_input, "datatype": "FP32", "shape": [-1, *dims]},
                    {"name": TARGETS_TENSOR, "datatype": "INT64", "shape": [-1]}],
         "outputs": outputs,
-        "parameters": {"image_input_also_accepts": "UINT8 [-1, -1, -1, 3] raw RGB images", "methods": list(METHODS), "target_layers": list(spec.target_layers),
+        "parameters": {"image_input_also_accepts": "UINT8 [-1, -1, -1, 3] raw RGB images", "input_layout": form.layout,
+                       "maps_formats": dict(codec.V2_MAP_FORMATS),
+                       "methods": list(METHODS), "target_layers": list(spec.target_layers),
                        "num_classes": classes, "preprocessing": _preprocessing_summary(model)},
     }
 

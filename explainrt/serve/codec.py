@@ -36,6 +36,13 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 MAP_FORMATS = ("FP32", "FP16", "UINT8", "PNG")
 """How maps may be returned: float32, float16, uint8 round(255 x map), or one 8-bit grayscale PNG per map (BYTES)."""
+OVERLAY_FORMAT = "OVERLAY"
+V2_MAP_FORMATS = {"FP32": "FP32 [N, H, W]", "FP16": "FP16 [N, H, W]",
+                  "UINT8": "UINT8 [N, H, W]: round(255 x map)", "PNG": "BYTES [N]: one 8-bit grayscale PNG per map",
+                  OVERLAY_FORMAT: "BYTES [N]: one colour PNG per image, its map drawn over it as V1's overlay "
+                                  '(UINT8 image input only; "caption": true captions it)'}
+"""The server's V2 map formats (output parameter ``format``) and what each returns: ``MAP_FORMATS`` and OVERLAY,
+which needs the original images (UINT8 input) and is drawn as V1's ``"return": ["overlay"]`` draws it."""
 
 
 @dataclass(frozen=True)
@@ -310,19 +317,28 @@ def encode_maps(maps: np.ndarray, form: str, normalized: bool) -> np.ndarray:
     quantized = np.round(np.clip(maps, 0, 1) * 255).astype(np.uint8)
     if form == "UINT8":
         return quantized
-    encoded = np.empty(len(maps), dtype=object)
-    for index, item in enumerate(quantized):
-        buffer = io.BytesIO()
-        Image.fromarray(item, mode="L").save(buffer, format="PNG", compress_level=1)
-        encoded[index] = buffer.getvalue()
+    return encode_pngs(quantized)
+
+
+def encode_pngs(images: np.ndarray) -> np.ndarray:
+    """One PNG per image of ``images`` (uint8 [N, H, W] grayscale or [N, H, W, 3] RGB), as an object array of
+    bytes: a V2 BYTES tensor [N]."""
+    encoded = np.empty(len(images), dtype=object)
+    for index, image in enumerate(images):  # one by one: a list would pass through a fixed-width bytes array
+        encoded[index] = png_bytes(image)
     return encoded
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 [H, W] grayscale or [H, W, 3] RGB image as PNG bytes (fast compression)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def png_b64(rgb: np.ndarray) -> str:
     """A uint8 [H, W, 3] image as base64 PNG text."""
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(rgb)).decode("ascii")
 
 
 def _json_type(value: Any) -> str:

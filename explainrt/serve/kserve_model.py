@@ -9,7 +9,7 @@ Open Inference Protocol (V2) endpoints, binary tensor extension included:
 - V1 ``:explain`` with ``"parameters": {"method", "targets", "normalize", "maps_format", options...}``
   -> ``{"explanations": [...]}``: per image the explained class and its map (nested lists, or a
   base64 8-bit grayscale PNG with ``"maps_format": "PNG"``);
-- V2 ``infer`` with input ``input`` (UINT8 [N, H, W, 3] images or FP32 [N, C, H, W] preprocessed) and
+- V2 ``infer`` with input ``input`` (UINT8 [N, H, W, 3] images or FP32 preprocessed, in the model's own layout) and
   optionally ``explainrt.targets`` (INT64 [N]) -> the logits, and with parameter ``method`` the maps
   ``explainrt.maps`` [N, H, W] (parameter ``maps_format``: FP32, FP16, UINT8, PNG) and
   ``explainrt.resolved_targets``.
@@ -30,6 +30,7 @@ from explainrt.errors import BackendUnavailableError, ExplainrtError, InvalidInp
 from explainrt.explainer import Explainer
 from explainrt.methods.base import softmax
 from explainrt.serve import codec
+from explainrt.serve.models import preprocessed_shape
 from explainrt.validation import check_class_range
 
 try:
@@ -97,7 +98,8 @@ class ExplainrtModel(kserve.Model):
         unknown = sorted(set(inputs) - {image_name, TARGETS_INPUT})
         if unknown or image_name not in inputs:
             raise InvalidInputError(f"unknown input(s) {unknown or 'none'}: model {self.name!r} takes {image_name!r} "
-                                    f"(UINT8 [N, H, W, 3] images or FP32 [N, C, H, W]) and optionally {TARGETS_INPUT!r}")
+                                    f"(UINT8 [N, H, W, 3] images or FP32 {preprocessed_shape(self.explainer)}) and "
+                                    f"optionally {TARGETS_INPUT!r}")
         image = inputs[image_name]
         array = image.as_numpy()
         if image.datatype == "UINT8" and array.ndim == 4 and array.shape[3] == 3:
@@ -106,7 +108,8 @@ class ExplainrtModel(kserve.Model):
             images = array
         else:
             raise InvalidInputError(f"input {image_name!r} is {image.datatype} {list(array.shape)}; expected UINT8 "
-                                    "[N, H, W, 3] images or FP32 [N, C, H, W] preprocessed input")
+                                    f"[N, H, W, 3] images or FP32 {preprocessed_shape(self.explainer)} preprocessed "
+                                    "input")
         parameters = dict(request.parameters or {})
         count = len(images)
         outputs = []

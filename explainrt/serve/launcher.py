@@ -1,22 +1,22 @@
-"""Run ``explainrt serve`` as a child process on a free loopback port (for tests and benchmarks).
+"""Run ``explainrt serve`` as a child process on a loopback port (for tests and benchmarks).
 
 The server is a real separate process, so what is measured (latency, resident memory) is the
-server's own, and a crash in it cannot hide behind the caller.
+server's own, and a crash in it cannot hide behind the caller. It listens on ``--port 0`` (a port
+the kernel picks) and the URL is read from its "ready at" line: a port probed free beforehand
+could be taken by another process (another test worker's server) before the child binds it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-
-import httpx
 
 from explainrt.errors import ExplainrtError
 
@@ -25,11 +25,7 @@ class ServerStartError(ExplainrtError):
     """The server process exited or did not become ready in time."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+_READY = re.compile(r"^explainrt: ready at (http://[^\s/]+):(\d+)/?\s*$")
 
 
 class ServerProcess:
@@ -38,21 +34,22 @@ class ServerProcess:
     def __init__(self, arguments: Sequence[str] = (), env: Mapping[str, str] | None = None,
                  log_path: str | os.PathLike | None = None, ready_timeout: float = 300.0) -> None:
         self.host = "127.0.0.1"
-        self.port = free_port(self.host)
-        self.url = f"http://{self.host}:{self.port}"
+        self.port = 0  # known once the server says where it listens
+        self.url = ""
         self.arguments = list(arguments)
         self.env = dict(env if env is not None else os.environ)
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        self._ready = threading.Event()
+        self._output: threading.Thread | None = None
 
     def __enter__(self) -> ServerProcess:
-        command = [sys.executable, "-m", "explainrt.cli", "-v", "serve", "--host", self.host,
-                   "--port", str(self.port), *self.arguments]
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        if self.log_path:
-            log.close()
+        command = [sys.executable, "-m", "explainrt.cli", "-v", "serve", "--host", self.host, "--port", "0",
+                   *self.arguments]
+        self.process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._output = threading.Thread(target=self._read_output, args=(self.process,), daemon=True)
+        self._output.start()
         try:
             self._wait_ready()
         except BaseException:
@@ -69,19 +66,27 @@ class ServerProcess:
             raise ServerStartError("the server is not running")
         return self.process.pid
 
+    def _read_output(self, process: subprocess.Popen[bytes]) -> None:
+        """Copy the server's output to the log (if any) and catch its "ready at URL" line; runs on a thread
+        until the process closes its output."""
+        with open(self.log_path, "wb") if self.log_path else open(os.devnull, "wb") as log:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                if not self._ready.is_set() and (ready := _READY.match(line.decode(errors="replace"))):
+                    self.url, self.port = f"{ready[1]}:{ready[2]}", int(ready[2])
+                    self._ready.set()
+        self._ready.set()  # the process is gone: _wait_ready reports it
+
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise ServerStartError(f"the server exited with status {self.process.returncode} before it was ready"
-                                       f"{self._log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise ServerStartError(f"the server was not ready within {self.ready_timeout:.0f} s{self._log_tail()}")
+        if not self._ready.wait(self.ready_timeout):
+            raise ServerStartError(f"the server was not ready within {self.ready_timeout:.0f} s{self._log_tail()}")
+        if not self.url:
+            assert self._output is not None and self.process is not None
+            self._output.join()
+            raise ServerStartError(f"the server exited with status {self.process.wait()} before it was ready"
+                                   f"{self._log_tail()}")
 
     def _log_tail(self) -> str:
         if self.log_path and self.log_path.is_file():
@@ -108,3 +113,5 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self._output is not None:
+            self._output.join()

@@ -128,6 +128,13 @@ class ServedModel:
         return per_job
 
 
+def preprocessed_shape(explainer: Explainer) -> str:
+    """The shape preprocessed float tensors take, in the model's own layout: ``[N, 3, 224, 224]``, or
+    ``[N, 224, 224, 3] (channels-last)`` for a channels-last model (dynamic axes by their letter)."""
+    form = explainer.input_form
+    return f"{form.shape()}{' (channels-last)' if form.layout == 'nhwc' else ''}"
+
+
 def _targets(job: Job) -> np.ndarray:
     return job.targets if job.targets is not None else np.full(job.size, -1, dtype=np.int64)
 
@@ -138,17 +145,19 @@ def _split(array: np.ndarray | None, counts: list[int]) -> list[Any]:
     return np.split(array, np.cumsum(counts)[:-1])
 
 
-def load_models(models: Sequence[str] | None, providers: Sequence[str] | None = None) -> dict[str, Explainer]:
-    """Explainers by served name: each ONNX path under its file stem, or the shipped default model as "default"."""
+def load_models(models: Sequence[str] | None, providers: Sequence[str] | None = None,
+                input_layout: str | None = None) -> dict[str, Explainer]:
+    """Explainers by served name: each ONNX path under its file stem, or the shipped default model as "default".
+    ``input_layout`` ("nchw", "nhwc"): the image input's layout of models whose graph does not tell it."""
     if not models:
-        return {DEFAULT_MODEL_NAME: Explainer(providers=providers)}
+        return {DEFAULT_MODEL_NAME: Explainer(providers=providers, input_layout=input_layout)}
     loaded: dict[str, Explainer] = {}
     for source in models:
         name = Path(source).stem
         if name in loaded:
             raise InvalidInputError(f"two --model files are named {name!r}: served model names (file stems) must differ")
         log.info("loading model %s from %s", name, source)
-        loaded[name] = Explainer(source, providers=providers)
+        loaded[name] = Explainer(source, providers=providers, input_layout=input_layout)
     return loaded
 
 
