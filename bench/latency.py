@@ -6,7 +6,12 @@ Run from the repository root (a few minutes):
 
 Models (``--models``, comma-separated keys): ``resnet50`` (torchvision ResNet-50, random init with a
 fixed seed: no weights can be downloaded; the timing does not depend on the weights), ``default``
-(the shipped EfficientNet-Lite0 with ImageNet weights), and the transformers and their kin,
+(the shipped EfficientNet-Lite0 with ImageNet weights), ``fcn_resnet50`` (torchvision segmentation,
+random init, ``backbone.layer4``, explained with a ``Region`` target: class 1 over the centre
+quarter) and ``yolov8n`` (Ultralytics YOLOv8n built from its yaml, random init, the raw head
+[N, 84, 8400] at 640x640, ``model.15`` (the P3 features), explained with a ``Box`` target: the box
+and class of the top P3 prediction, IoU >= 0.5; pytorch-grad-cam is given the same objective as a
+callable target), and the transformers and their kin,
 torchvision ``vit_b_16`` (tokens at ``encoder.layers[-1].ln_1``), ``swin_t`` (channels-last at
 ``features[-1][-1].norm1``) and ``convnext_tiny`` (``features[-1]``), with every parameter their
 init leaves constant redrawn (``bench.zoo.randomized``: ViT's head starts at zero, and maps of a
@@ -23,16 +28,17 @@ tensor for every contender:
 - ``explainrt python path``: the same with ``map_heads=False``: the runtime returns activations and
   gradients, and the weights, weighted sum, resize and normalisation run in Python (the kernels);
 - ``explainrt runtime``: only that runtime call, ``explainer.session.maps(x, targets, "gradcam")``
-  (``explainrt gradcam`` minus it is explainrt's Python overhead);
-
-Preprocessing is outside both sides: every contender is given the same preprocessed float32 batch
-(explainrt's ``prepare`` only checks it: shape, dtype, finite values), as plain ONNX Runtime is.
+  (``explainrt gradcam`` minus it is explainrt's Python overhead; with target objects, which take the
+  Python path, ``explainer.session.run`` of the objective);
 - ``pytorch-grad-cam``: ``GradCAM(model=..., target_layers=[layer])(input_tensor=x, targets=None)``,
   with its ViT or Swin ``reshape_transform`` for token and channels-last layers;
 - ``captum``: ``LayerGradCam(model, layer).attribute(x, target)`` + ``LayerAttribution.interpolate``
   to 224x224 (bilinear), what a Captum user needs for an input-sized map (feature-map layers only:
   Captum has no reshape for token or channels-last layers);
 - ``torch eager``: ``with torch.no_grad(): model(x)``.
+
+Preprocessing is outside both sides: every contender is given the same preprocessed float32 batch
+(explainrt's ``prepare`` only checks it: shape, dtype, finite values), as plain ONNX Runtime is.
 
 Contenders are interleaved round-robin per repetition (see ``bench.common.interleaved``).
 Progress is logged to stderr; the markdown report goes to ``--out`` and the table to stdout.
@@ -47,6 +53,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -99,6 +106,20 @@ class Model:
     target_name: str
     layout: str = "nchw"  # of the target layer: "nchw", "nhwc" or "tokens" (ViT: 14x14 + CLS)
     target_ratio: float = TARGET_RATIO
+    size: int = SIZE  # input height and width
+    objective: Callable[[torch.nn.Module, torch.Tensor], Objective] | None = None  # None: the top class
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What every contender explains when it is not the top class: explainrt's target objects, the same
+    objective as pytorch-grad-cam targets (and the module it is given), and explainrt's runtime call alone."""
+
+    targets: list[Any]
+    grad_cam_targets: list[Any]
+    grad_cam_module: torch.nn.Module
+    runtime_feed: np.ndarray
+    runtime_objective: str
 
 
 # key: (torchvision builder, target layer path, its layout)
@@ -107,7 +128,8 @@ TRANSFORMERS = {
     "swin_t": ("swin_t", "features.7.1.norm1", "nhwc"),
     "convnext_tiny": ("convnext_tiny", "features.7", "nchw"),
 }
-MODELS = ("resnet50", "default", *TRANSFORMERS)
+TARGET_MODELS = ("fcn_resnet50", "yolov8n")
+MODELS = ("resnet50", "default", *TRANSFORMERS, *TARGET_MODELS)
 
 
 def reshape_transform(layout: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -144,12 +166,90 @@ def load_model(key: str, seed: int) -> Model:
         module = load_default_torch_model()
         return Model(key, "EfficientNet-Lite0 (explainrt default, ImageNet weights)", module,
                      default_target_module(module), DEFAULT_TARGET_MODULE)
+    if key == "fcn_resnet50":
+        import torchvision
+
+        torch.manual_seed(seed)
+        module = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None).eval()
+        return Model(key, f"FCN-ResNet50 (torchvision, random init, seed {seed}), Region target", module,
+                     module.backbone.layer4, "backbone.layer4", target_ratio=TRANSFORMER_TARGET_RATIO,
+                     objective=region_objective)
+    if key == "yolov8n":
+        module = yolov8n(seed)
+        return Model(key, f"YOLOv8n (Ultralytics yaml, random init, seed {seed}), Box target", module,
+                     module.model[15], "model.15", target_ratio=TRANSFORMER_TARGET_RATIO, size=640,
+                     objective=box_objective)
     raise SystemExit(f"unknown model {key!r}: choose from {', '.join(MODELS)}")
+
+
+class _SegmentationOut(torch.nn.Module):
+    """A segmentation model's "out" tensor: what pytorch-grad-cam's SemanticSegmentationTarget reads."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def region_objective(module: torch.nn.Module, x: torch.Tensor) -> Objective:
+    """Class 1's scores over the centre quarter of the image (pytorch-grad-cam's SemanticSegmentationTarget)."""
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from explainrt.targets import Region
+
+    size = x.shape[2]
+    mask = np.zeros((size, size), np.float32)
+    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    weights = np.zeros((x.shape[0], 1, 21, size, size), np.float32)
+    weights[:, 0, 1] = mask
+    return Objective([Region(1, mask)] * x.shape[0], [SemanticSegmentationTarget(1, mask)] * x.shape[0],
+                     _SegmentationOut(module), weights, "weights")
+
+
+def yolov8n(seed: int) -> torch.nn.Module:
+    """YOLOv8n from its yaml, returning the raw head [N, 84, anchors] as exported; convolutions re-drawn so
+    that class scores vary (PyTorch's init fades the signal over 22 blocks) and untrained class biases zeroed."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    model = DetectionModel("yolov8n.yaml", verbose=False).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.weight.requires_grad:
+            torch.nn.init.normal_(module.weight, std=(2.7 / module.weight[0].numel()) ** 0.5)
+        if type(module).__name__ == "Detect":
+            module.export, module.format = True, "onnx"
+            for branch in module.cv3:
+                torch.nn.init.zeros_(branch[-1].bias)
+    return model
+
+
+def box_objective(module: torch.nn.Module, x: torch.Tensor) -> Objective:
+    """Per image, the box and class of its most confident P3 prediction, IoU >= 0.5 (explainrt's Box; for
+    pytorch-grad-cam the same predictions' class scores summed, as a callable target)."""
+    from explainrt.targets import Box
+
+    with torch.no_grad():
+        out = module(x).numpy()
+    p3 = (x.shape[2] // 8) ** 2
+    targets, callables, boxes = [], [], []
+    for head in out:
+        anchor, class_index = np.unravel_index(np.argmax(head[4:, :p3].T), (p3, head.shape[0] - 4))
+        cx, cy, w, h = head[:4, anchor]
+        box = np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, x.shape[2]).tolist()
+        target = Box(box, int(class_index), iou=0.5)
+        chosen = torch.from_numpy(target._overlapping(head.T))
+        targets.append(target)
+        callables.append(lambda output, c=int(class_index), m=chosen: output[4 + c, m].sum())
+        boxes.append([[*box, float(class_index), 0.5]])
+    return Objective(targets, callables, module, np.asarray(boxes, np.float32), "boxes_yolov8")
 
 
 def plain_session(model: Model) -> ort.InferenceSession:
     """The original exported model in ONNX Runtime, with the options OnnxRuntimeSession._session uses."""
-    proto, _ = export_torch(model.module, torch.zeros(1, 3, SIZE, SIZE), [model.target])
+    copied = copy.deepcopy(model.module)  # an export may leave traced tensors cached on it (YOLO's anchors)
+    proto, _ = export_torch(copied, torch.zeros(1, 3, model.size, model.size), [copied.get_submodule(model.target_name)])
     options = ort.SessionOptions()
     options.log_severity_level = 3  # as explainrt; intra-op threads left at ORT's default, as explainrt
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -172,18 +272,23 @@ def contenders(model: Model, explainer: Explainer, head_alone: Explainer, python
 
     images = x.numpy()  # shares memory with x
     plain_input = plain.get_inputs()[0].name
-    top_class = np.full((x.shape[0], 1), -1, dtype=np.int64)  # explainrt: -1 = the most likely class
+    objective = model.objective(model.module, x) if model.objective else None
+    targets = objective.targets if objective else None  # explainrt: None = the most likely class
+    runtime_feed = objective.runtime_feed if objective else np.full((x.shape[0], 1), -1, dtype=np.int64)
+    runtime_objective = objective.runtime_objective if objective else "logit"
     with torch.no_grad():
-        predicted = model.module(x).argmax(dim=1)
+        predicted = None if objective else model.module(x).argmax(dim=1)
     # pytorch-grad-cam's hooks stay on the model it is given: give it a copy of its own, so that
     # they do not run inside the other contenders' forward passes.
-    grad_cam_model = copy.deepcopy(model.module)
-    grad_cam = GradCAM(model=grad_cam_model, target_layers=[grad_cam_model.get_submodule(model.target_name)],
-                       reshape_transform=reshape_transform(model.layout))
+    grad_cam_model = copy.deepcopy(objective.grad_cam_module if objective else model.module)
+    prefix = "model." if isinstance(grad_cam_model, _SegmentationOut) else ""  # the wrapper's own attribute
+    grad_cam_layer = grad_cam_model.get_submodule(prefix + model.target_name)
+    grad_cam = GradCAM(model=grad_cam_model, target_layers=[grad_cam_layer], reshape_transform=reshape_transform(model.layout))
+    grad_cam_targets = objective.grad_cam_targets if objective else None
     captum = LayerGradCam(model.module, model.target)
 
     def run_explainrt() -> object:
-        explanation = explainer.explain(x, method="gradcam")
+        explanation = explainer.explain(x, method="gradcam", targets=targets)
         stage_log.append(explanation.timings)
         return explanation
 
@@ -200,29 +305,32 @@ def contenders(model: Model, explainer: Explainer, head_alone: Explainer, python
     runs: dict[str, Callable[[], object]] = {
         PLAIN: lambda: plain.run(None, {plain_input: images}),
         EXPLAINRT: run_explainrt,
-        HEAD_ALONE: lambda: head_alone.explain(x, method="gradcam"),
-        PYTHON_PATH: lambda: python_path.explain(x, method="gradcam"),
-        RUNTIME: lambda: explainer.session.maps(images, top_class, "gradcam"),  # type: ignore[attr-defined]
-        GRAD_CAM: lambda: grad_cam(input_tensor=x, targets=None),
+        HEAD_ALONE: lambda: head_alone.explain(x, method="gradcam", targets=targets),
+        PYTHON_PATH: lambda: python_path.explain(x, method="gradcam", targets=targets),
+        # the call Grad-CAM makes: its maps in one call for class targets; the objective's gradients for target objects
+        RUNTIME: (lambda: explainer.session.run(images, runtime_feed, runtime_objective)) if objective else (
+            lambda: explainer.session.maps(images, runtime_feed, "gradcam")),  # type: ignore[attr-defined]
+        GRAD_CAM: lambda: grad_cam(input_tensor=x, targets=grad_cam_targets),
         CAPTUM: run_captum,
         EAGER: run_eager,
     }
-    check(explainer, python_path, grad_cam, x, predicted)
+    check(explainer, python_path, grad_cam, x, predicted, targets, grad_cam_targets)
     return [Contender(name, runs[name]) for name in contender_names(model)]
 
 
 def contender_names(model: Model) -> tuple[str, ...]:
-    """Captum's LayerGradCam has no reshape for token or channels-last layers: feature maps only."""
-    return CONTENDERS if model.layout == "nchw" else tuple(n for n in CONTENDERS if n != CAPTUM)
+    """Captum's LayerGradCam has no reshape for token or channels-last layers (feature maps only) and explains
+    a class index of an [N, classes] output (no region or box objective)."""
+    return CONTENDERS if model.layout == "nchw" and not model.objective else tuple(n for n in CONTENDERS if n != CAPTUM)
 
 
 def check(explainer: Explainer, python_path: Explainer, grad_cam: object, x: torch.Tensor,
-          predicted: torch.Tensor) -> None:
-    """Everyone explains the same class and the maps agree: the contenders do the same work."""
-    ours = explainer.explain(x, method="gradcam")
-    python = python_path.explain(x, method="gradcam")
-    theirs = grad_cam(input_tensor=x, targets=None)  # type: ignore[operator]
-    if not np.array_equal(ours.targets, predicted.numpy()):
+          predicted: torch.Tensor | None, targets: list[Any] | None = None, grad_cam_targets: list[Any] | None = None) -> None:
+    """Everyone explains the same class (or objective) and the maps agree: the contenders do the same work."""
+    ours = explainer.explain(x, method="gradcam", targets=targets)
+    python = python_path.explain(x, method="gradcam", targets=targets)
+    theirs = grad_cam(input_tensor=x, targets=grad_cam_targets)  # type: ignore[operator]
+    if predicted is not None and not np.array_equal(ours.targets, predicted.numpy()):
         log.warning("explainrt explains classes %s, torch predicts %s", ours.targets.tolist(), predicted.tolist())
     log.info("  maps %s; max |explainrt - pytorch-grad-cam| = %.2e, max |map head - Python path| = %.2e",
              ours.maps.shape, float(np.abs(ours.maps - theirs).max()), float(np.abs(ours.maps - python.maps).max()))
@@ -232,14 +340,17 @@ def bench_model(key: str, batches: list[int], runs: int, warmup: int, pause_s: f
     model = load_model(key, seed)
     log.info("%s: exporting the plain and the explainable ONNX models", model.title)
     plain = plain_session(model)
-    explainer = Explainer(model.module, [model.target])
+    exported = copy.deepcopy(model.module)  # the eager contenders keep a module no export has traced
+    explainer = Explainer(exported, [exported.get_submodule(model.target_name)], input_size=(model.size, model.size))
     # the same explainable model (the session's model stays without the head it added), no re-export
     head_alone = Explainer(explainer.session.model, map_heads=())
     python_path = Explainer(explainer.session.model, map_heads=False)
     cases = []
     for batch in batches:
         generator = torch.Generator().manual_seed(seed + batch)
-        x = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+        x = torch.randn(batch, 3, model.size, model.size, generator=generator)
+        if model.key == "yolov8n":  # pixels in [0, 1], as YOLO takes them
+            x = torch.rand(batch, 3, model.size, model.size, generator=generator)
         stage_log: list[dict[str, float]] = []
         entries = contenders(model, explainer, head_alone, python_path, plain, x, stage_log)
         log.info("%s, batch %d: %d warm-up + %d timed rounds of %d contenders", model.key, batch, warmup, runs, len(entries))

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,11 +43,14 @@ class Prediction:
 
 @dataclass
 class Explanation:
-    """Maps [N, H, W] (in [0, 1] unless raw maps were asked for), the predictions, and what each stage cost."""
+    """Maps [N, H, W] (in [0, 1] unless raw maps were asked for), the predictions, and what each stage cost.
+
+    With K targets per image, ``maps`` is [N, K, H, W] and ``targets`` [N, K]; ``overlays()`` is then
+    [N, K, H, W, 3] and ``captions()`` holds N * K lines, image by image."""
 
     maps: np.ndarray
     logits: np.ndarray
-    targets: np.ndarray  # [N] the class each map explains
+    targets: np.ndarray  # [N] (or [N, K]) the class each map explains
     method: str
     timings: dict[str, float] = field(default_factory=dict)
     labels: tuple[str, ...] | None = None
@@ -55,8 +58,8 @@ class Explanation:
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # method-specific per-image arrays
     normalized: bool = True  # False: raw attributions (overlays scale them first)
     notes: tuple[str | None, ...] = ()  # per image: why its map deserves a word (all zero), else None
-    outlines: np.ndarray | None = None  # bool [N, H, W]: the box or region each target covers, drawn on overlays
-    objective: bool = False  # targets were explainrt.targets objects: logits [N, 1] hold each image's objective
+    outlines: np.ndarray | None = None  # bool [N, (K,) H, W]: the box or region each target covers, drawn on overlays
+    objective: bool = False  # targets were explainrt.targets objects: logits [N, 1] (or [N, K]) hold the objectives
 
     def top_k(self, k: int = 5) -> list[list[Prediction]]:
         """The k most likely classes per image, with softmax probabilities."""
@@ -69,6 +72,9 @@ class Explanation:
     def overlays(self, alpha: float = 0.5, captions: bool = False) -> np.ndarray:
         """Heatmaps blended onto the (resized, cropped) input images, uint8 [N, H, W, 3]; ``captions``
         writes each image's ``captions()`` line along its bottom edge."""
+        if self.maps.ndim == 4:
+            flat = self._one_map_each().overlays(alpha, captions)
+            return flat.reshape(*self.maps.shape[:2], *flat.shape[1:])
         if self.images is None:
             raise InvalidInputError("overlays need the raw images: explain files, PIL images or uint8 arrays")
         if "concept_maps" in self.extras:  # DFF: one colour per concept
@@ -86,6 +92,8 @@ class Explanation:
 
     def captions(self) -> list[str]:
         """Per image, "<class label> <probability> | <method>" (the class index where there are no labels)."""
+        if self.maps.ndim == 4:
+            return self._one_map_each().captions()
         shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         texts = []
@@ -96,6 +104,17 @@ class Explanation:
             value = f"score {self.logits[index, 0]:.3g}" if self.objective else f"{probabilities[index, target]:.0%}"
             texts.append(f"{name} {value} | {self.method}{blank}")
         return texts
+
+    def _one_map_each(self) -> Explanation:
+        """This explanation of K targets per image as one of N * K images with one map each (image by image)."""
+        n, k = self.maps.shape[:2]
+        flat = replace(self, maps=self.maps.reshape(n * k, *self.maps.shape[2:]), targets=self.targets.reshape(-1),
+                       images=None if self.images is None else np.repeat(self.images, k, axis=0),
+                       extras={key: value.reshape(n * k, *value.shape[2:]) for key, value in self.extras.items()},
+                       notes=tuple(note for note in self.notes for _ in range(k)),
+                       outlines=None if self.outlines is None else self.outlines.reshape(n * k, *self.outlines.shape[2:]))
+        flat.logits = self.logits.reshape(n * k, 1) if self.objective else np.repeat(self.logits, k, axis=0)
+        return flat
 
 
 class Explainer:
@@ -234,9 +253,13 @@ class Explainer:
         elif isinstance(targets, (int, np.integer)):
             wanted = np.full(count, int(targets), dtype=np.int64)
         else:
-            wanted = np.asarray(targets)
-            if wanted.shape != (count,) or wanted.dtype.kind not in "iu":
-                raise InvalidInputError(f"targets must be None, one int or {count} ints (one per image), got {targets!r}")
+            try:
+                wanted = np.asarray(targets)
+            except ValueError:  # ragged rows
+                wanted = np.asarray(None)
+            if wanted.ndim not in (1, 2) or wanted.shape[0] != count or wanted.size == 0 or wanted.dtype.kind not in "iu":
+                raise InvalidInputError(f"targets must be None, one int, {count} ints (one per image) or {count} "
+                                        f"equal-length rows of K ints (K per image), got {targets!r}")
             wanted = wanted.astype(np.int64)
         check_class_range(wanted, classes)
         return wanted
@@ -253,6 +276,9 @@ class Explainer:
         """Maps for ``targets`` (None: the top class; -k: the k-th most likely class; or
         ``explainrt.targets`` objects, one for all images or one per image: then ``logits`` holds each
         image's objective [N, 1] and ``targets`` the class each target is about, -1 for none).
+        K targets per image ([N, K] class indices, or one sequence of K targets per image) give maps
+        [N, K, H, W], ``targets`` [N, K] (and for objects ``logits`` [N, K]); methods that take them at
+        once (``Method.many_targets``: the CAM family, Saliency) run one runtime call per batch for all K.
 
         ``batch_size`` bounds the images (or perturbed copies) in one runtime call. ``normalize``
         scales each map to [0, 1] for display; False returns the method's raw attributions.
@@ -273,7 +299,7 @@ class Explainer:
             self._check_class_output()
         if objects is not None and chosen.class_targets_only:
             raise InvalidTargetError(f"method {chosen.name!r} explains classes (its objective is a loss or a ranking "
-                                     f"of classes): give class indices as targets, not {objects[0]!r}")
+                                     f"of classes): give class indices as targets, not {objects[0][0]!r}")
         per_image = self._per_image_options(chosen, options, batch)
         timings["preprocess"] = time.perf_counter() - start
         parts: list[Attribution] = []
@@ -285,31 +311,35 @@ class Explainer:
             request = AttributionRequest(batch[first:stop], wanted[first:stop], session, int(batch_size),
                                          normalize, chunk_options, cancel, shown, self.map_heads)
             request.check_cancelled()
-            part = chosen.attribute(request)
+            part = _attribute(chosen, request)
             for stage, seconds in part.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + seconds
             parts.append(part)
         tick = time.perf_counter()
         maps = np.concatenate([p.maps for p in parts])
-        if maps.shape != (batch.shape[0], *batch.shape[2:]):
+        expected = (*wanted.shape, *batch.shape[2:])
+        if maps.shape != expected:
             raise InconsistentExplanationError(
                 f"{chosen.name} returned maps of shape {maps.shape} for {batch.shape[0]} images of size "
-                f"{batch.shape[2:]}: expected one map per image ({(batch.shape[0], *batch.shape[2:])})")
+                f"{batch.shape[2:]}: expected one map per image and target ({expected})")
         notes = _blank_notes(chosen, maps)
         if normalize and not all(p.normalized for p in parts):
-            maps = kernels.normalize_minmax(np.maximum(maps, 0) if chosen.signed else maps)
+            flat = maps.reshape(-1, *maps.shape[-2:])
+            maps = kernels.normalize_minmax(np.maximum(flat, 0) if chosen.signed else flat).reshape(maps.shape)
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
         extras = {key: np.concatenate([p.extras[key] for p in parts]) for key in parts[0].extras}
         labels = self.preprocessing.labels if self.preprocessing else None
         logits, explained = np.concatenate([p.logits for p in parts]), np.concatenate([p.targets for p in parts])
         outlines = None
-        if objects is not None:  # per image: its target's objective, and the class the target is about
-            logits = np.take_along_axis(logits, wanted[:, None], axis=1)
-            explained = np.array([target.class_index for target in objects], dtype=np.int64)
-            drawn = [target.outline(tuple(batch.shape[2:])) for target in objects]
+        if objects is not None:  # per image (and target): its objective, and the class the target is about
+            logits = np.take_along_axis(logits, wanted.reshape(wanted.shape[0], -1), axis=1)
+            explained = np.array([[target.class_index for target in row] for row in objects],
+                                 dtype=np.int64).reshape(wanted.shape)
+            drawn = [target.outline(tuple(batch.shape[2:])) for row in objects for target in row]
             if any(edges is not None for edges in drawn):
-                outlines = np.stack([np.zeros(batch.shape[2:], bool) if edges is None else edges for edges in drawn])
+                outlines = np.stack([np.zeros(batch.shape[2:], bool) if edges is None else edges
+                                     for edges in drawn]).reshape(*wanted.shape, *batch.shape[2:])
         return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize, notes,
                            outlines, objects is not None)
 
@@ -323,24 +353,28 @@ class Explainer:
                                      "a row of it summed over its last axis, not a class score; give explainrt.targets "
                                      "objects (Box(xyxy, class) for a detector head, Weights for any linear objective)")
 
-    def _session_and_targets(self, targets: Any, batch: np.ndarray) -> tuple[Session, np.ndarray, list[Target] | None]:
-        """The session the methods run, the int targets they see, and the target objects (None: class indices).
+    def _session_and_targets(self, targets: Any, batch: np.ndarray) -> tuple[Session, np.ndarray, list[list[Target]] | None]:
+        """The session the methods run, the int targets they see ([N], or [N, K] for K targets per image),
+        and the target objects as rows [N][K] (None: class indices).
 
         Target objects other than ``Class`` are checked against the explained output and become
-        the "classes" of a ``TargetSession`` (each image's int target is its object's column)."""
-        objects = as_targets(targets, batch.shape[0])
-        if objects is not None and all(type(target) is Class for target in objects):
-            targets, objects = [target.class_index for target in objects], None  # the class-index fast path
-        if objects is None:
+        the "classes" of a ``TargetSession`` (each target's int is its object's column)."""
+        given = as_targets(targets, batch.shape[0])
+        if given is not None and all(type(target) is Class for row in given[0] for target in row):
+            indices = [[target.class_index for target in row] for row in given[0]]  # the class-index fast path
+            targets, given = (indices if given[1] else [row[0] for row in indices]), None
+        if given is None:
             return self.session, self._targets(targets, batch.shape[0]), None
-        unique = list({id(target): target for target in objects}.values())
+        rows, many = given
+        unique = list({id(target): target for row in rows for target in row}.values())
         shape = self.spec.output_shape
         if not shape or None in shape:  # not stored (older models) or known only at run time
             shape = tuple(np.shape(self.session.logits(batch[:1]))[1:])
         for target in unique:
             target.check(shape, tuple(batch.shape[2:]))
         column = {id(target): index for index, target in enumerate(unique)}
-        return TargetSession(self.session, unique), np.array([column[id(t)] for t in objects], np.int64), objects
+        wanted = np.array([[column[id(target)] for target in row] for row in rows], np.int64)
+        return TargetSession(self.session, unique), wanted if many else wanted[:, 0], rows
 
     def explain_contrasts(self, images: Any, k: int = 3, **kwargs: Any) -> Explanation:
         """Contrast-CAM of each image's prediction against each of the next ``k`` most likely classes,
@@ -408,10 +442,31 @@ def _is_single_image(value: Any) -> bool:
     return isinstance(value, np.ndarray) and value.ndim in (2, 3)
 
 
+def _attribute(method: Method, request: AttributionRequest) -> Attribution:
+    """``method``'s attribution of a chunk; for K targets per image (``request.targets`` [n, K]), maps
+    [n, K, H, W] and targets [n, K]: one call with all K where the method takes them at once
+    (``Method.many_targets``), else one call per target column, stacked."""
+    if request.targets.ndim == 1 or method.many_targets:
+        return method.attribute(request)
+    columns = [method.attribute(replace(request, targets=request.targets[:, k])) for k in range(request.targets.shape[1])]
+    timings: dict[str, float] = {}
+    for column in columns:
+        for stage, seconds in column.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+    extras = {key: np.stack([column.extras[key] for column in columns], axis=1) for key in columns[0].extras}
+    return Attribution(np.stack([column.maps for column in columns], axis=1), columns[0].logits,
+                       np.stack([column.targets for column in columns], axis=1), timings, extras,
+                       all(column.normalized for column in columns))
+
+
 def _blank_notes(method: Method, maps: np.ndarray) -> tuple[str | None, ...]:
-    """Per image, a note when its raw map is all zero (nothing to show: a blank overlay), with the method's reason."""
-    flat = maps.reshape(maps.shape[0], -1)
+    """Per image, a note when its raw map (with K targets: any of its maps) is all zero (nothing to show:
+    a blank overlay), with the method's reason."""
+    flat = maps.reshape(*maps.shape[:-2], -1)
     # two reductions, no temporaries: a map is blank when its largest (and, unsigned, its smallest) value is 0
-    blank = flat.max(axis=1) <= 0 if method.signed else (flat.max(axis=1) == 0) & (flat.min(axis=1) == 0)
+    blank = flat.max(axis=-1) <= 0 if method.signed else (flat.max(axis=-1) == 0) & (flat.min(axis=-1) == 0)
     reason = f": {method.blank_reason}" if method.blank_reason else ""
-    return tuple(f"the {method.name} map is all zero{reason}" if flag else None for flag in blank)
+    if blank.ndim == 1:
+        return tuple(f"the {method.name} map is all zero{reason}" if flag else None for flag in blank)
+    return tuple(f"the {method.name} map of target(s) {', '.join(map(str, np.flatnonzero(row)))} is all zero{reason}"
+                 if row.any() else None for row in blank)

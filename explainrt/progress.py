@@ -9,6 +9,7 @@ other module creates bars. The command line sets ``set_quiet`` once for ``--quie
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,16 @@ def on_terminal() -> bool:
     return bool(getattr(stream, "isatty", None)) and stream.isatty()
 
 
+def _unsized_screen() -> dict[str, int]:
+    """80 x 24 for a terminal that reports no size (a pseudo-terminal never sized, as under ``script`` or some CI
+    runners: tqdm draws nothing there), else nothing: tqdm follows the terminal's size."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return {}
+    return {"ncols": size.columns or 80, "nrows": size.lines or 24} if 0 in (size.columns, size.lines) else {}
+
+
 class Progress:
     """One piece of work of ``total`` steps: ``update(n)`` as steps finish; a context manager.
 
@@ -58,7 +69,8 @@ class Progress:
         if on_terminal():
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr,
+                             **_unsized_screen())
         elif log.isEnabledFor(logging.INFO):
             self._logging = True
             log.info("%s: started (%s)", desc, f"{total} {unit}" if total is not None else unit)

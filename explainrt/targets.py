@@ -298,12 +298,16 @@ class Box(Target):
         union = np.abs(w * h) + (bx2 - bx1) * (by2 - by1) - inter
         return inter / np.maximum(union, 1e-12) >= self.iou
 
+    def no_overlap(self) -> InvalidTargetError:
+        """The error for an image where no prediction overlaps the box enough."""
+        return InvalidTargetError(f"no prediction overlaps box {self.box.tolist()} with IoU >= {self.iou}: "
+                                  "lower iou or check the box (xyxy in input pixels)")
+
     def gradient(self, output: np.ndarray) -> np.ndarray:
         layout, predictions = self._fields(output)
         chosen = self._overlapping(predictions)
         if not chosen.any():
-            raise InvalidTargetError(f"no prediction overlaps box {self.box.tolist()} with IoU >= {self.iou}: "
-                                     "lower iou or check the box (xyxy in input pixels)")
+            raise self.no_overlap()
         weights = np.zeros_like(predictions)
         if layout == "yolov8":
             weights[chosen, 4 + self.index] = 1
@@ -398,21 +402,43 @@ class Sum(Target):
         return np.sum([part.score(outputs) for part in self.parts], axis=0).astype(np.float32)
 
 
-def as_targets(value: Any, count: int) -> list[Target] | None:
-    """Target objects for ``count`` images from what ``explain(targets=...)`` takes: one Target for all,
-    or a sequence with one per image; None when ``value`` holds no Target (class indices)."""
+def as_targets(value: Any, count: int) -> tuple[list[list[Target]], bool] | None:
+    """Target objects for ``count`` images from what ``explain(targets=...)`` takes, as rows [count][K]
+    and whether a K axis was given: one Target for all images, a sequence of one per image, or a
+    sequence of one equal-length sequence per image (K targets each, class indices allowed among
+    them); None when ``value`` holds no Target (class indices, [N] or [N, K])."""
     if isinstance(value, Target):
-        return [value] * count
-    if isinstance(value, (list, tuple)) and any(isinstance(item, Target) for item in value):
+        return [[value]] * count, False
+    if not isinstance(value, (list, tuple)):
+        return None
+    nested = [isinstance(item, (list, tuple, np.ndarray)) for item in value]
+    if any(nested):
+        if not all(nested):
+            raise InvalidTargetError("give targets either one per image or as one sequence of K targets per image, "
+                                     f"not both: got {value!r}")
+        if not any(isinstance(item, Target) for row in value for item in row):
+            return None
         if len(value) != count:
-            raise InvalidTargetError(f"give one target for all images or one per image ({count}), got {len(value)}")
-        items = [item if isinstance(item, Target) else Class(item) if isinstance(item, (int, np.integer))
-                 and not isinstance(item, bool) else None for item in value]
-        if None in items:
-            bad = value[items.index(None)]
-            raise InvalidTargetError(f"a target is a class index or an explainrt.targets object, got {bad!r}")
-        return items  # type: ignore[return-value]
-    return None
+            raise InvalidTargetError(f"give one sequence of K targets per image ({count}), got {len(value)}")
+        lengths = sorted({len(row) for row in value})
+        if len(lengths) != 1 or lengths[0] == 0:
+            raise InvalidTargetError(f"every image needs the same number K >= 1 of targets (maps are [N, K, H, W]); "
+                                     f"got rows of {', '.join(map(str, lengths))}")
+        return [[_as_target(item) for item in row] for row in value], True
+    if not any(isinstance(item, Target) for item in value):
+        return None
+    if len(value) != count:
+        raise InvalidTargetError(f"give one target for all images or one per image ({count}), got {len(value)}")
+    return [[_as_target(item)] for item in value], False
+
+
+def _as_target(item: Any) -> Target:
+    """A Target itself, or a class index as Class."""
+    if isinstance(item, Target):
+        return item
+    if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+        return Class(int(item))
+    raise InvalidTargetError(f"a target is a class index or an explainrt.targets object, got {item!r}")
 
 
 FILE_KINDS = ("region", "similarity", "weights")

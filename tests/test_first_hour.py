@@ -62,6 +62,22 @@ def test_progress_is_a_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> Non
     assert terminal.getvalue().endswith("explainrt: preparing\n")
 
 
+def test_a_bar_is_drawn_on_a_terminal_that_reports_no_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pseudo-terminal never sized (0 columns: `script`, some CI runners) still shows the bar, 80 wide."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    assert os.get_terminal_size(slave).columns == 0
+    with open(slave, "w", encoding="utf-8", closefd=True) as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert list(progress.track(range(3), "unsized", unit="images")) == [0, 1, 2]
+    drawn = os.read(master, 65536).decode("utf-8", "replace")
+    os.close(master)
+    last = drawn.replace("\r\n", "\n").split("\r")[-1].strip()
+    assert last.startswith("unsized: 100%") and "3/3" in last and len(last) <= 80
+
+
 def test_perturbation_methods_report_each_perturbed_batch(small_explainer, small_batch,  # noqa: ANN001
                                                           info_logs: pytest.LogCaptureFixture,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,6 +148,8 @@ def test_cli_warns_of_an_all_zero_map_in_json_and_captions_by_default(workdir: P
     plain = np.asarray(Image.open(workdir / "plain" / "chelsea.gradcam.png"))
     np.testing.assert_array_equal(captioned[:180], plain[:180])
     assert (captioned[200:] != plain[200:]).any()
+    assert main(["demo", "--no-caption", "--out", "demo"]) == 0  # demo is `explain examples`, --no-caption too
+    np.testing.assert_array_equal(np.asarray(Image.open(workdir / "demo" / "chelsea.gradcam.png")), plain)
 
 
 # -- wording and help ----------------------------------------------------------------------------------------
@@ -203,6 +221,8 @@ def test_torchvision_weights_are_exported_once_and_cached(tmp_path: Path, monkey
         raise AssertionError("exported again instead of read from the cache")
 
     monkeypatch.setattr(loading, "_from_module", no_export)
+    monkeypatch.setattr(loading, "torchvision_model", no_export)  # a cached call builds no module (15-20 s for ResNet-50)
+    monkeypatch.setattr(loading, "_architecture", no_export)  # nor imports torchvision to check the name (10 s)
     again = load("resnet18", ["layer4"], weights=weights, input_size=(64, 64))
     assert again.explainable.SerializeToString() == first.explainable.SerializeToString()
     assert again.preprocessing == first.preprocessing

@@ -136,7 +136,7 @@ def test_head_alone_holds_no_model_weights_and_equals_the_head_in_the_graph(two_
     np.testing.assert_allclose(maps, inside["explainrt.maps.gradcam++"], atol=1e-6)
 
 
-def _grad_cam_reference(model: torch.nn.Module, layers: list, method: str, images: np.ndarray,
+def grad_cam_reference(model: torch.nn.Module, layers: list, method: str, images: np.ndarray,
                         classes: np.ndarray, contrasts: np.ndarray) -> np.ndarray:
     """pytorch-grad-cam's maps; Counterfactual-CAM is Grad-CAM of -logit, Contrast-CAM Grad-CAM of CE(y, Q)."""
     import pytorch_grad_cam as pgc
@@ -171,7 +171,7 @@ def test_heads_equal_pytorch_grad_cam(small_resnet, small_batch) -> None:  # noq
                                   maps=["contrast-cam"])
     outputs.update(_run(loss_model, small_batch, contrasts[:, None]))
     for method in CLOSED_FORMS:
-        expected = _grad_cam_reference(small_resnet, layers, method, small_batch, classes, contrasts)
+        expected = grad_cam_reference(small_resnet, layers, method, small_batch, classes, contrasts)
         np.testing.assert_allclose(outputs[f"explainrt.maps.{method}"][:, 0], expected, atol=1e-3, err_msg=method)
 
 

@@ -7,7 +7,10 @@
 - the pasted data set: deterministic, boxes inside the image, box mapping through the
   preprocessing checked against ``Preprocessing.prepare`` on a painted box;
 - ROAD against pytorch-grad-cam's implementation (see ``test_road_matches_pytorch_grad_cam``);
-- Adebayo's cascading randomisation on the small ResNet.
+- Adebayo's cascading randomisation on the small ResNet, and by value against an independent
+  PyTorch implementation (``test_cascading_randomization_matches_an_independent_torch_cascade``):
+  the torch modules re-drawn top-down with the documented generator, pytorch-grad-cam's GradCAM on
+  each randomised torch model, scipy's Spearman and scikit-image's SSIM; no ONNX, no explainrt.
 """
 
 from __future__ import annotations
@@ -323,6 +326,65 @@ def test_cascading_randomization_decorrelates_gradcam(small_onnx, small_batch) -
     eigen = cascading_randomization(small_onnx, small_batch, "eigencam", steps=[1])
     np.testing.assert_allclose(eigen.spearman[1], 1.0)
     np.testing.assert_array_equal(eigen.maps[1], eigen.maps[0])
+
+
+def torch_cascade_reference(model: torch.nn.Module, images: np.ndarray, counts: list[int],
+                            seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Spearman [steps + 1, n], SSIM [steps + 1, n], maps [steps + 1, n, H, W]) of Grad-CAM under cascading
+    randomisation, in torch: the Conv2d / Linear modules from the logits down, the k-th one's weight then
+    bias re-drawn from numpy's default_rng([seed, k]) as normal(mean, std) of the tensor it replaces."""
+    import copy
+
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from scipy.stats import spearmanr
+    from skimage.metrics import structural_similarity
+
+    with torch.no_grad():
+        classes = model(torch.from_numpy(images)).argmax(dim=1).tolist()
+
+    def grad_cam(net: torch.nn.Module) -> np.ndarray:
+        with GradCAM(model=net, target_layers=[net[3]]) as cam:
+            return scale_cam_image(cam(input_tensor=torch.from_numpy(images),
+                                       targets=[ClassifierOutputTarget(c) for c in classes]))
+
+    maps = [grad_cam(model)]
+    for count in counts:
+        randomized = copy.deepcopy(model)
+        weighted = [m for m in randomized if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][::-1]
+        with torch.no_grad():
+            for index, module in enumerate(weighted[:count]):
+                rng = np.random.default_rng([seed, index])
+                for tensor in (module.weight, module.bias):
+                    values = tensor.numpy()
+                    tensor.copy_(torch.from_numpy(rng.normal(values.mean(), values.std(), values.shape).astype(np.float32)))
+        maps.append(grad_cam(randomized))
+    spearman = [[spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(maps[0], step)] for step in maps]
+    ssim = [[structural_similarity(a, b, data_range=1.0) for a, b in zip(maps[0], step)] for step in maps]
+    return np.array(spearman), np.array(ssim), np.stack(maps)
+
+
+def test_cascading_randomization_matches_an_independent_torch_cascade() -> None:
+    from explainrt import from_torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    images = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    explainable = from_torch(net, torch.zeros(1, 3, 32, 32), [net[3]])
+    assert len(weighted_nodes(original_model(explainable))) == 4  # the torch model's four weighted modules
+    counts = [1, 2, 4]
+    result = cascading_randomization(explainable, images, "gradcam", steps=counts, seed=7)
+    spearman, ssim, maps = torch_cascade_reference(net, images, counts, seed=7)
+    assert (np.ptp(maps, axis=(2, 3)) > 0.5).all()  # every map varies
+    assert spearman[1:].min() < 0.9  # the randomisation changes the maps
+    errors = [float(np.abs(result.maps - maps).max()), float(np.abs(result.spearman - spearman).max()),
+              float(np.abs(result.ssim - ssim).max())]
+    print("cascading randomisation vs torch (maps, spearman, ssim): " + ", ".join(f"{e:.2e}" for e in errors))
+    assert max(errors) < 1e-3
 
 
 # -- the curves plot ----------------------------------------------------------------------------------

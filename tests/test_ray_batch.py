@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_cli_on_parquet_joins_the_cluster(ray_cluster, small_onnx, small_model_f
     command = [sys.executable, "-m", "explainrt.cli", "batch", str(dataset), "--out", str(out), "--model",
                str(small_model_file), "--method", "gradcam", "--input-size", "64", "64", "--mean", "0.5", "0.5",
                "0.5", "--std", "0.25", "0.25", "0.25", "--ray", ray_cluster, "--workers", "2", "--batch-size", "3"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900,  # a hang guard, not a speed check
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "explained 6 of 6 images with gradcam" in done.stdout
@@ -176,3 +177,34 @@ def test_bad_input_is_refused_before_ray_starts(small_model_file: Path, image_fo
         explain_dataset(image_folder, tmp_path / "o", small_model_file)
     with pytest.raises(InvalidInputError, match="target class 10 is out of range"):
         explain_dataset(image_folder, tmp_path / "o", small_model_file, preprocessing=SMALL_PREPROCESSING, target=10)
+
+
+def test_no_caption_writes_the_plain_overlay(ray_cluster, small_onnx, small_model_file: Path, image_folder: Path,
+                                            tmp_path: Path) -> None:  # noqa: ANN001
+    """`batch --no-caption` (the CLI, joining the cluster in-process) writes exactly Explainer.overlays(); the
+    default job's overlays equal overlays(captions=True) and differ from the plain ones only in a bottom band."""
+    from explainrt.cli import main
+
+    cats = image_folder / "cats"
+    # the CLI's preprocessing for --input-size 64 64 (resize the shorter side to 73, crop), for both jobs
+    preprocessing = Preprocessing(input_size=SMALL_SIZE, resize_shorter=73, mean=(0.5,) * 3, std=(0.25,) * 3)
+    captioned = explain_dataset(cats, tmp_path / "captioned", small_model_file, preprocessing=preprocessing,
+                                batch_size=1, workers=2)
+    assert main(["batch", str(cats), "--out", str(tmp_path / "plain"), "--model", str(small_model_file),
+                 "--input-size", "64", "64", "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25",
+                 "--ray", ray_cluster, "--workers", "2", "--batch-size", "1", "--no-caption"]) == 0
+    names = captioned.summary["image"].tolist()
+    assert names == ["img0.jpg", "img1.png", "img2.jpg"]
+    # without -v, Ray Data's own lines ("Starting execution...", "Progress bars disabled") stay off the terminal
+    assert not logging.getLogger("explainrt").isEnabledFor(logging.INFO)
+    assert logging.getLogger("ray.data").getEffectiveLevel() == logging.ERROR
+    direct = Explainer(small_onnx, preprocessing=preprocessing)
+    for name in names:
+        stem = Path(name).stem
+        plain = np.asarray(Image.open(tmp_path / "plain" / f"{stem}.gradcam.png"))
+        with_caption = np.asarray(Image.open(tmp_path / "captioned" / f"{stem}.gradcam.png"))
+        reference = direct.explain([cats / name], method="gradcam", batch_size=1, progress=False)
+        np.testing.assert_array_equal(plain, reference.overlays()[0])
+        np.testing.assert_array_equal(with_caption, reference.overlays(captions=True)[0])
+        changed = np.nonzero((with_caption != plain).any(axis=(1, 2)))[0]
+        assert changed.min() >= SMALL_SIZE[0] - 20 and changed.max() == SMALL_SIZE[0] - 1  # the caption band only

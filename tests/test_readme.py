@@ -4,8 +4,13 @@ Every ``bash`` and ``python`` fence runs unless the line right before it is
 ``<!-- readme-test: skip REASON -->`` (network, GPU, TensorRT, Triton, a server that runs until
 stopped, or minutes of CPU): those are skipped with that reason. Each runs in a fresh folder
 holding the files the README calls the user's: ``cat.jpg``, ``cup.png``, ``cup.jpg`` (example
-photos) and ``model.onnx`` (a small plain ONNX classifier); a Python block also finds ``model``
-(a torchvision ResNet-18 with random weights) and ``input_tensor`` (a preprocessed batch of one).
+photos) and ``model.onnx`` (a small plain ONNX classifier); a block that names the user's ResNet-50
+files also finds ``resnet50.pt`` (random weights, seeded), ``resnet50.onnx`` (its plain ONNX export,
+input ``input``) and ``resnet50.maps.onnx`` (made from it by the README's ``explainrt export ... --maps
+gradcam --maps-only``), made once per module. A Python block also finds ``model`` (a torchvision
+ResNet-18 with random weights, or for a block that names those files the ResNet-50 of
+``resnet50.pt``: "model from the block above"), ``input_tensor`` (a preprocessed batch of one) and
+``batch`` (a preprocessed float32 NumPy batch of two at 224 x 224).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import onnx
@@ -37,6 +43,7 @@ def readme_blocks() -> list[tuple[int, str, str, str | None]]:
 
 
 BLOCKS = readme_blocks()
+RESNET50_FILES = ("resnet50.pt", "resnet50.onnx", "resnet50.maps.onnx")
 
 
 def test_every_block_is_run_or_skipped_with_a_reason() -> None:
@@ -59,20 +66,53 @@ def user_folder(tmp_path: Path, model_cache: Path, small_onnx, example_images) -
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def resnet50_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the user's ResNet-50 files (weights, plain ONNX, maps-only ONNX), made once: about 30 s."""
+    import torch
+    from torchvision.models import resnet50
+
+    from explainrt.cli import main
+
+    folder = tmp_path_factory.mktemp("resnet50")
+    torch.manual_seed(0)
+    model = resnet50().eval()
+    torch.save(model.state_dict(), folder / "resnet50.pt")
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.zeros(1, 3, 224, 224), str(folder / "resnet50.onnx"), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    assert main(["export", str(folder / "resnet50.onnx"), "--maps", "gradcam", "--maps-only",
+                 "-o", str(folder / "resnet50.maps.onnx")]) == 0
+    return folder
+
+
 @pytest.mark.parametrize(("line", "language", "code", "skip"),
                          [block for block in BLOCKS if block[1] in ("bash", "python")],
                          ids=[f"line{line}-{language}" for line, language, _, _ in BLOCKS if language in ("bash", "python")])
 def test_readme_example(line: int, language: str, code: str, skip: str | None, user_folder: Path,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+                        monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     if skip is not None:
         pytest.skip(f"README.md line {line}: {skip}")
     monkeypatch.chdir(user_folder)
+    uses_resnet50 = any(name in code for name in RESNET50_FILES)
+    if uses_resnet50:
+        folder = request.getfixturevalue("resnet50_files")
+        for name in RESNET50_FILES:
+            (user_folder / name).symlink_to(folder / name)
     if language == "python":
+        import numpy as np
         import torch
-        from torchvision.models import resnet18
+        from torchvision.models import resnet18, resnet50
 
         torch.manual_seed(0)
-        namespace = {"model": resnet18().eval(), "input_tensor": torch.randn(1, 3, 224, 224)}
+        if uses_resnet50:
+            model = resnet50()
+            model.load_state_dict(torch.load(user_folder / "resnet50.pt"))
+        else:
+            model = resnet18()
+        batch = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+        namespace = {"model": model.eval(), "input_tensor": torch.randn(1, 3, 224, 224), "batch": batch}
         exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102 (the README's own example)
         return
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

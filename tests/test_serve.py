@@ -68,7 +68,7 @@ def test_models_health_and_metadata(http: httpx.Client, default_explainer) -> No
     assert metadata["name"] == "default"
     assert metadata["inputs"][0] == {"name": spec.image_input, "datatype": "FP32", "shape": [-1, 3, 224, 224]}
     names = [output["name"] for output in metadata["outputs"]]
-    assert names == [spec.logits, "explainrt.maps", "explainrt.resolved_targets",
+    assert names == [spec.logits, "explainrt.maps", "explainrt.resolved_targets", "explainrt.objective",
                      "explainrt.activations.0", "explainrt.gradients.0"]
     assert metadata["outputs"][0]["shape"] == [-1, 1000]
     methods = {m["name"]: m for m in http.get("/api/methods").json()["methods"]}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -71,5 +74,49 @@ def test_page_uploads_an_image_and_shows_predictions_and_maps(server: ServerProc
             keep = os.environ.get("EXPLAINRT_SCREENSHOT")  # where to copy it for a person to look at
             if keep:
                 shutil.copy(screenshot, keep)
+        finally:
+            browser.close()
+
+
+def test_page_notes_an_all_zero_map_and_leaves_captions_out_when_unticked(server: ServerProcess, example_images,  # noqa: ANN001
+                                                                          default_explainer, tmp_path: Path) -> None:
+    """Counterfactual-CAM of chelsea's top class is all zero: the page shows the server's note (with its reason)
+    under that map, and none under Grad-CAM's; with "captions" unticked the overlays are the plain ones."""
+    from playwright.sync_api import sync_playwright
+
+    assert HAS_CHROMIUM, f"{CHROMIUM} is needed for the page test (EXPLAINRT_REQUIRE_BROWSER=1)"
+    image_path = tmp_path / "chelsea.png"
+    Image.fromarray(example_images["chelsea"]).save(image_path)
+    reference = {method: default_explainer.explain([example_images["chelsea"]], method=method, progress=False)
+                 for method in ("gradcam", "counterfactual-cam")}
+    assert reference["counterfactual-cam"].maps.max() == 0 and reference["gradcam"].notes == (None,)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(server.url + "/")
+            page.wait_for_selector("#methods input[value='counterfactual-cam']")
+            for box in page.locator("#methods input[type=checkbox]").all():
+                box.set_checked(box.get_attribute("value") in reference)
+            assert page.is_checked("#caption")  # captions are on by default
+            page.uncheck("#caption")
+            page.set_input_files("#file", str(image_path))
+            page.wait_for_function("document.body.dataset.state === 'done' || document.body.dataset.state === 'error'",
+                                   timeout=120_000)
+            assert page.get_attribute("body", "data-state") == "done", page.inner_text("#error")
+            assert page.locator("#maps figure.failed").count() == 0, page.inner_text("#maps")
+            note = page.locator("#maps figure[data-method='counterfactual-cam'] p.note")
+            assert note.count() == 1 and note.inner_text() == reference["counterfactual-cam"].notes[0]
+            assert "all zero: Counterfactual-CAM shows" in note.inner_text()
+            assert page.locator("#maps figure[data-method='gradcam'] p.note").count() == 0
+            for method, explanation in reference.items():
+                source = page.get_attribute(f"#maps figure[data-method='{method}'] img.overlay", "src")
+                shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).convert("RGB"))
+                plain, captioned = explanation.overlays()[0].astype(int), explanation.overlays(captions=True)[0]
+                assert np.abs(shown.astype(int) - plain).mean() < 1.0  # the served map equals ours to 2e-4
+                assert np.abs(shown[200:].astype(int) - captioned[200:]).mean() > 10  # no caption band
+            assert not errors, errors
         finally:
             browser.close()

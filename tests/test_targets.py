@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from explainrt import Explainer
-from explainrt.errors import InvalidTargetError
+from explainrt.errors import InvalidInputError, InvalidTargetError
 from explainrt.targets import Box, Class, Difference, Region, Similarity, Softmax, Sum, Weights
 
 SEG_SIZE = 64
@@ -131,7 +131,13 @@ def test_perturbation_methods_score_copies_with_the_target(deeplab: torch.nn.Mod
 # -- detection ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def yolo() -> torch.nn.Module:
+    from PIL import Image
     from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import patches
+
+    # importing ultralytics replaces PIL.Image.open for the whole process (an unreadable file then makes it try
+    # to install pi-heif): later tests in this process (test_explainer's unreadable image) need Pillow's own
+    Image.open = patches._image_open
 
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", verbose=False).eval()
@@ -172,7 +178,8 @@ def _yolo_box(output: np.ndarray, class_index: int) -> list[float]:
     return np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, YOLO_SIZE).tolist()
 
 
-def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx: Path) -> None:
+def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     image = _image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=5) * 0.2 + 0.5
     explainer = Explainer(str(yolo_onnx), output="output0")
     assert explainer.spec.output_shape[0] == 84
@@ -186,10 +193,14 @@ def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx:
     assert chosen.any()
     out[0, 4 + 7, torch.from_numpy(chosen.numpy())].sum().backward()
     reference = x.grad.numpy().sum(axis=1)
+    calls = _Calls(explainer, monkeypatch)
     ours = explainer.explain(image, method="saliency", targets=Box(box, 7, iou=0.3), normalize=False, abs=False)
+    assert calls.names == ["input_gradients"]  # the overlaps are decided in the graph: no forward pass first
     assert np.abs(ours.maps - reference).max() <= 1e-3 * np.abs(reference).max()
     np.testing.assert_allclose(ours.logits[0, 0], values[4 + 7, chosen.numpy()].sum(), rtol=1e-4)
+    del calls.names[:]
     cam = explainer.explain(image, method="gradcam", targets=Box(box, 7, iou=0.3))
+    assert calls.names == ["run"]
     assert cam.maps.shape == (1, YOLO_SIZE, YOLO_SIZE) and np.isfinite(cam.maps).all()
     with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
         explainer.explain(image, method="gradcam", targets=Box([0, 0, 2, 2], 7, iou=0.9))
@@ -204,6 +215,58 @@ def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx:
             explainer.explain(image, method="gradcam", targets=targets)
     eigen = explainer.explain(image, method="eigencam")  # its maps do not depend on a target: any output
     assert np.isclose(eigen.maps.max(), 1) and eigen.maps.std() > 0.01
+
+
+class _TinyDetector(torch.nn.Module):
+    """[N, 3, 32, 32] -> a raw head of 64 predictions and 2 classes: YOLOv8's [N, 6, 64] or YOLOv5's [N, 64, 7]
+    (cx, cy in the image, w, h up to 24 pixels, sigmoid scores)."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.layout = layout
+        self.features = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.head = torch.nn.Conv2d(8, 6 if layout == "yolov8" else 7, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.head(torch.relu(self.features(x))).flatten(2)  # [N, F, 64]
+        fields = torch.cat([torch.sigmoid(raw[:, :2]) * 32, torch.sigmoid(raw[:, 2:4]) * 24, torch.sigmoid(raw[:, 4:])], 1)
+        return fields if self.layout == "yolov8" else fields.transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+def test_box_objective_in_one_call_matches_autograd(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K Box targets per image on both layouts, both backends: one runtime call (the overlaps decided in the
+    graph, or by the torch session, on the same pass) equal to torch.autograd of each box's objective."""
+    model = _TinyDetector(layout).eval()
+    image = _image((2, 3, 32, 32), seed=14)
+    x = torch.from_numpy(image).requires_grad_(True)
+    out = model(x)
+    values = out.detach().numpy()
+    rows = []
+    for i in range(2):
+        predictions = values[i] if layout == "yolov5" else values[i].T  # [anchors, fields]
+        picks = [int(np.argmax(predictions[:, -1])), int(np.argmax(predictions[:, -2]))]
+        rows.append([Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), c, iou=0.7, layout=layout)
+                     for (cx, cy, w, h), c in zip(predictions[picks, :4], (1, 0))])
+    for backend in ("onnxruntime", "torch"):
+        explainer = Explainer(model, [model.features], backend=backend, input_size=(32, 32))
+        calls = _Calls(explainer, monkeypatch)
+        ours = explainer.explain(image, method="saliency", targets=rows, normalize=False, abs=False)
+        assert calls.names == ["input_gradients"], backend
+        for i in range(2):
+            for k in range(2):
+                x.grad = None
+                chosen = torch.from_numpy(rows[i][k]._overlapping(values[i] if layout == "yolov5" else values[i].T))
+                assert 0 < int(chosen.sum()) < 64  # some predictions count, not all: the mask matters
+                fields = out[i] if layout == "yolov5" else out[i].T
+                score = fields[:, 5 + rows[i][k].index] * fields[:, 4] if layout == "yolov5" else fields[:, 4 + rows[i][k].index]
+                score[chosen].sum().backward(retain_graph=True)
+                reference = x.grad.numpy()[i].sum(axis=0)
+                assert np.abs(ours.maps[i, k] - reference).max() <= 1e-4 * np.abs(reference).max(), (backend, i, k)
+                np.testing.assert_allclose(ours.logits[i, k], float(score[chosen].sum()), rtol=1e-5)
+        with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
+            explainer.explain(image, method="gradcam", targets=Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout=layout))
 
 
 def test_box_yolov5_layout_is_objectness_times_class() -> None:
@@ -285,6 +348,117 @@ def test_mixed_targets_and_class_fast_path(embedder_explainer: Explainer) -> Non
     assert mixed.targets.tolist() == [2, 1]
 
 
+class _Calls:
+    """Counts the runtime calls an explainer's session gets (forward passes and gradient runs)."""
+
+    def __init__(self, explainer: Explainer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.names: list[str] = []
+        for name in ("run", "input_gradients", "logits", "maps"):
+            if not hasattr(explainer.session, name):  # maps: sessions with map heads only
+                continue
+            original = getattr(explainer.session, name)
+
+            def counted(*args: object, _name: str = name, _original: object = original, **kwargs: object) -> object:
+                self.names.append(_name)
+                return _original(*args, **kwargs)  # type: ignore[operator]
+
+            monkeypatch.setattr(explainer.session, name, counted)
+
+
+def test_k_targets_per_image_equal_one_at_a_time_in_one_runtime_call(
+        embedder: torch.nn.Module, embedder_explainer: Explainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """targets = K objects per image: maps [N, K, H, W] from one runtime call equal to K one-target calls,
+    and Saliency's signed maps equal torch.autograd's input gradient of each objective."""
+    image = _image((2, 3, 64, 64), seed=11)
+    weights = np.linspace(-1, 1, 16, dtype=np.float32)
+    rows = [[Class(1), Difference(3, 5), Similarity(weights)], [Weights(weights), Class(4), Difference(0, 2)]]
+    objectives = [[lambda y: y[1], lambda y: y[3] - y[5], lambda y: y @ torch.from_numpy(weights)],
+                  [lambda y: y @ torch.from_numpy(weights), lambda y: y[4], lambda y: y[0] - y[2]]]
+    explainer = embedder_explainer
+    calls = _Calls(explainer, monkeypatch)
+    many = explainer.explain(image, method="gradcam", targets=rows, normalize=False)
+    assert calls.names == ["run"]  # all K linear targets of the batch: one call, no forward pass first
+    assert many.maps.shape == (2, 3, 64, 64) and many.logits.shape == (2, 3)
+    assert many.targets.tolist() == [[1, 3, -1], [-1, 4, 0]]
+    for k in range(3):
+        one = explainer.explain(image, method="gradcam", targets=[row[k] for row in rows], normalize=False)
+        np.testing.assert_allclose(many.maps[:, k], one.maps, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(many.logits[:, k], one.logits[:, 0], rtol=1e-6)
+    del calls.names[:]
+    saliency = explainer.explain(image, method="saliency", targets=rows, normalize=False, abs=False)
+    assert calls.names == ["input_gradients"]
+    for i in range(2):
+        for k in range(3):
+            x = torch.from_numpy(image[i:i + 1]).requires_grad_(True)
+            objectives[i][k](embedder(x)[0]).backward()
+            reference = x.grad.numpy().sum(axis=1)[0]
+            assert np.abs(saliency.maps[i, k] - reference).max() <= 1e-4 * np.abs(reference).max()
+            with torch.no_grad():
+                np.testing.assert_allclose(saliency.logits[i, k], objectives[i][k](embedder(torch.from_numpy(image[i:i + 1]))[0]),
+                                           rtol=1e-4, atol=1e-6)
+    shown = explainer.explain(image, method="gradcam", targets=rows)  # each map normalised on its own
+    for k in range(3):
+        one = explainer.explain(image, method="gradcam", targets=[row[k] for row in rows])
+        np.testing.assert_allclose(shown.maps[:, k], one.maps, atol=1e-6)
+    blank = [f"target(s) {k} is all zero" if not many.maps[i, k].max() > 0 else None for i in range(2) for k in range(3)]
+    assert [note is not None for note in shown.notes] == [any(blank[3 * i:3 * i + 3]) for i in range(2)]
+
+
+def test_k_class_indices_per_image(embedder_explainer: Explainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[N, K] ints: map heads and the Python path in one call, perturbation methods one call per column;
+    each equal to the one-column call. Softmax K per image uses the probability seed."""
+    image = _image((2, 3, 64, 64), seed=12)
+    explainer = embedder_explainer
+    ranks = [[1, 5, -1], [2, 3, -2]]
+    for heads in (True, False):
+        monkeypatch.setattr(explainer, "map_heads", heads)
+        calls = _Calls(explainer, monkeypatch)
+        many = explainer.explain(image, method="gradcam++", targets=ranks)
+        # one session call for all K (maps() runs the model, then the method's head alone, inside it)
+        assert calls.names[0] == ("maps" if heads else "run") and calls.names.count(calls.names[0]) == 1
+        assert many.maps.shape == (2, 3, 64, 64)
+        for k in range(3):
+            one = explainer.explain(image, method="gradcam++", targets=[row[k] for row in ranks])
+            np.testing.assert_allclose(many.maps[:, k], one.maps, atol=1e-5)
+            assert many.targets[:, k].tolist() == one.targets.tolist()
+    occluded = explainer.explain(image, method="occlusion", targets=ranks, window=16, stride=16)
+    for k in range(3):
+        one = explainer.explain(image, method="occlusion", targets=[row[k] for row in ranks], window=16, stride=16)
+        np.testing.assert_allclose(occluded.maps[:, k], one.maps, atol=1e-6)
+    probabilities = explainer.explain(image, method="saliency", targets=[[Softmax(1), Softmax(2)]] * 2,
+                                      normalize=False)
+    for k, index in enumerate((1, 2)):
+        one = explainer.explain(image, method="saliency", targets=Softmax(index), normalize=False)
+        np.testing.assert_allclose(probabilities.maps[:, k], one.maps, rtol=1e-5, atol=1e-9)
+    pictures = list(np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8))
+    drawn = explainer.explain(pictures, method="gradcam", targets=[[1, 5], [2, 3]])
+    overlays, captions = drawn.overlays(), drawn.captions()
+    assert drawn.overlays(captions=True).shape == overlays.shape
+    assert overlays.shape[:2] == (2, 2) and overlays.shape[-1] == 3 and overlays.dtype == np.uint8
+    assert len(captions) == 4 and [text.split()[:2] for text in captions][1] == ["class", "5"]
+    single = explainer.explain(pictures[0], method="gradcam", targets=5).overlays()
+    np.testing.assert_array_equal(overlays[0, 1], single[0])
+
+
+def test_k_targets_errors(embedder_explainer: Explainer) -> None:
+    image = _image((2, 3, 64, 64), seed=13)
+    explainer = embedder_explainer
+    with pytest.raises(InvalidTargetError, match="same number K >= 1 of targets"):
+        explainer.explain(image, targets=[[Class(1), Class(2)], [Difference(1, 0)]])
+    with pytest.raises(InvalidTargetError, match="same number K >= 1 of targets"):
+        explainer.explain(image, targets=[[Difference(1, 0)], []])
+    with pytest.raises(InvalidTargetError, match="not both"):
+        explainer.explain(image, targets=[[Difference(1, 0)], Class(2)])
+    with pytest.raises(InvalidTargetError, match="one sequence of K targets per image"):
+        explainer.explain(image, targets=[[Difference(1, 0), Class(2)]])
+    with pytest.raises(InvalidTargetError, match="Softmax targets cannot be mixed with linear targets"):
+        explainer.explain(image, targets=[[Softmax(1), Class(2)], [Difference(1, 0), Class(2)]])
+    with pytest.raises(InvalidInputError, match="equal-length rows of K ints"):
+        explainer.explain(image, targets=[[1, 2], [3]])
+    with pytest.raises(InvalidTargetError, match="explains classes"):
+        explainer.explain(image, method="contrast-cam", targets=[[Difference(1, 0)], [Class(1)]])
+
+
 def test_compat_softmax_target_matches_pytorch_grad_cam(embedder: torch.nn.Module) -> None:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
@@ -298,6 +472,30 @@ def test_compat_softmax_target_matches_pytorch_grad_cam(embedder: torch.nn.Modul
     with compat.GradCAM(model=embedder, target_layers=[embedder.layer4]) as cam:  # a probability and a logit
         ours = cam(input_tensor=image, targets=targets)
     np.testing.assert_allclose(ours, reference, atol=2e-4)
+
+
+@pytest.mark.parametrize("method", ["GradCAM", "ScoreCAM"])
+def test_compat_binary_and_raw_scores_targets_match_pytorch_grad_cam(method: str) -> None:
+    """BinaryClassifierOutputTarget (category 1: +logit, else -logit) and RawScoresOutputTarget (the output
+    itself) on a one-logit classifier, pytorch-grad-cam's target objects in both libraries: Grad-CAM
+    (gradients) and Score-CAM (each masked copy scored with the target)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, RawScoresOutputTarget
+
+    from explainrt import compat
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 1)).eval()
+    image = torch.from_numpy(_image((2, 3, 32, 32), seed=18))
+    for targets in ([BinaryClassifierOutputTarget(1), BinaryClassifierOutputTarget(0)], [RawScoresOutputTarget()] * 2):
+        with getattr(pytorch_grad_cam, method)(model=model, target_layers=[model[2]]) as cam:
+            reference = cam(input_tensor=image, targets=targets)
+        with getattr(compat, method)(model=model, target_layers=[model[2]]) as cam:
+            ours = cam(input_tensor=image, targets=targets)
+        assert reference.std(axis=(1, 2)).min() > 0.05  # maps that vary: the comparison says something
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -380,6 +578,63 @@ def _server_takes_targets_as_json(explainer: Explainer, picture: np.ndarray, mas
     assert item["target"]["index"] == 2
     np.testing.assert_allclose(item["target"]["score"], expected.logits[0, 0], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(item["map"]), expected.maps[0], atol=1e-4)
+
+
+def test_v2_takes_target_objects(embedder_explainer: Explainer) -> None:
+    """POST /v2/models/NAME/infer with parameters.targets as in V1: region, box and similarity targets give
+    the maps and objectives of the in-process call; bad targets are 400s naming the problem."""
+    from fastapi.testclient import TestClient
+
+    from explainrt.serve.app import create_app
+
+    segmenter, detector = _TinySegmenter().eval(), _TinyDetector("yolov8").eval()
+    explainers = {"seg": Explainer(segmenter, [segmenter.features], input_size=(32, 32)),
+                  "det": Explainer(detector, [detector.features], input_size=(32, 32)), "emb": embedder_explainer}
+    mask = np.zeros((32, 32), np.float32)
+    mask[4:20, 8:28] = 1.0
+    concept = np.random.default_rng(15).normal(size=16).astype(np.float32)
+    small, large = _image((2, 3, 32, 32), seed=16), _image((2, 3, 64, 64), seed=17)
+    with torch.no_grad():
+        head = detector(torch.from_numpy(small[:1]))[0].numpy()
+    box = _yolo_box(head, 1)
+    cases = [("seg", small, {"kind": "region", "class": 2, "mask": mask.tolist()}, Region(2, mask)),
+             ("det", small[:1], f"box:{','.join(map(str, box))}:1:0.4", Box(box, 1, iou=0.4)),
+             ("emb", large, [{"kind": "similarity", "vector": concept.tolist()}, 3], [Similarity(concept), Class(3)])]
+
+    def tensor(name: str, batch: np.ndarray) -> dict:
+        return {"name": explainers[name].spec.image_input, "shape": list(batch.shape), "datatype": "FP32",
+                "data": batch.ravel().tolist()}
+
+    with TestClient(create_app(explainers)) as client:
+        for name, batch, given, target in cases:
+            response = client.post(f"/v2/models/{name}/infer", json={"inputs": [tensor(name, batch)], "parameters": {
+                "method": "gradcam", "targets": given}})
+            assert response.status_code == 200, response.text
+            outputs = {output["name"]: output for output in response.json()["outputs"]}
+            expected = explainers[name].explain(batch, method="gradcam", targets=target)
+            np.testing.assert_allclose(np.reshape(outputs["explainrt.maps"]["data"], outputs["explainrt.maps"]["shape"]),
+                                       expected.maps, atol=1e-5)
+            np.testing.assert_allclose(outputs["explainrt.objective"]["data"], expected.logits[:, 0], rtol=1e-5)
+            assert outputs["explainrt.resolved_targets"]["data"] == expected.targets.tolist()
+            with torch.no_grad():  # the logits output stays the model's output, not the objective
+                logits = explainers[name].predict(batch)
+            np.testing.assert_allclose(np.reshape(outputs[explainers[name].spec.logits]["data"], logits.shape), logits,
+                                       rtol=1e-4, atol=1e-5)
+        refusals = [
+            ({"kind": "region", "class": 2, "mask": np.ones((8, 8)).tolist()}, None, "mask has shape (8, 8)"),
+            ({"kind": "hexagon"}, None, "unknown target kind 'hexagon'"),
+            ("region:/etc/passwd:2", None, "reads a file"),
+            (2, {"name": "explainrt.targets", "shape": [2], "datatype": "INT64", "data": [1, 2]}, "not both"),
+            ({"kind": "class", "class": 1}, "layers", "differentiate class indices"),
+        ]
+        for given, extra, message in refusals:
+            body: dict = {"inputs": [tensor("seg", small)], "parameters": {"method": "gradcam", "targets": given}}
+            if extra == "layers":
+                body["outputs"] = [{"name": "explainrt.gradients.0"}]
+            elif extra is not None:
+                body["inputs"].append(extra)
+            refused = client.post("/v2/models/seg/infer", json=body)
+            assert refused.status_code == 400 and message in refused.text, refused.text
 
 
 # -- errors ------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def _torch_default_explainer() -> Explainer:
 
 def _run(script: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=900, check=False)  # a hang guard, not a speed check
 
 
 _TINY_ONNX = """

@@ -38,6 +38,7 @@ from explainrt.export.spec import ExplainableSpec, ModelSource
 from explainrt.methods import get_method
 from explainrt.models import load
 from explainrt.preprocessing import Preprocessing
+from explainrt.progress import note
 from explainrt.progress import progress as progress_of
 from explainrt.validation import check_class_range, checked_int
 
@@ -106,6 +107,7 @@ def explain_dataset(
     name_column: str | None = None,
     label_column: str | None = None,
     progress: bool | None = None,
+    captions: bool = True,
 ) -> BatchJobResult:
     """Explain every image of ``source`` with ``workers`` Ray actors; write maps, overlays and the summary to ``out``.
 
@@ -115,7 +117,8 @@ def explain_dataset(
     likely). ``batch_size``: images per actor call and per runtime call. ``ray_address``: an
     existing cluster to join; without it (and without a Ray instance already started in this
     process) a local one with ``workers + 1`` CPUs (one per actor, one for reading) is started and
-    shut down at the end.
+    shut down at the end. ``captions``: write each overlay's caption line (class label, probability,
+    method) along its bottom edge; False writes the plain overlay.
     """
     chosen = get_method(method)
     options = dict(options or {})
@@ -135,13 +138,14 @@ def explain_dataset(
 
     started = not ray.is_initialized()
     if started:
+        note(f"starting {'Ray at ' + ray_address if ray_address else f'a local Ray instance ({workers + 1} CPUs)'}")
         ray.init(address=ray_address, num_cpus=None if ray_address else workers + 1, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
     start = time.perf_counter()
     try:
         _check_cluster_cpus(ray, workers)
         rows = _run(ray, dataset, blob, preprocessing, chosen.name, target, options, normalize, batch_size, workers,
-                    out, progress)
+                    out, progress, captions)
     except ray.exceptions.RayError as error:
         raise BatchJobError(f"the Ray batch job failed (no summary written): {_root_cause(error)}") from error
     finally:
@@ -254,10 +258,12 @@ def _explainable_model(model: ModelSource | None,
 
 def _run(ray: Any, dataset: DatasetSource, blob: bytes, preprocessing: Preprocessing, method: str,
          target: int | None, options: dict[str, Any], normalize: bool, batch_size: int, workers: int, out: Path,
-         progress: bool | None) -> list[Any]:
+         progress: bool | None, captions: bool) -> list[Any]:
     """Build the Ray Data pipeline, run it and gather the summary batches (pandas) on the driver."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar, ours, counting images
+    if not log.isEnabledFor(logging.INFO):  # Ray Data's own lines ("Starting execution...", "Progress bars
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # disabled") only at -v: our bar says where it is
     if dataset.kind == "images":
         data = ray.data.read_binary_files(list(dataset.paths), include_paths=True)
         data = data.rename_columns({"bytes": _IMAGES, "path": _NAMES})
@@ -273,7 +279,7 @@ def _run(ray: Any, dataset: DatasetSource, blob: bytes, preprocessing: Preproces
         ExplainWorker,
         fn_constructor_kwargs={
             "model": ray.put(blob), "preprocessing": preprocessing.to_json(), "method": method, "target": target,
-            "options": options, "normalize": normalize, "batch_size": batch_size, "out": str(out),
+            "options": options, "normalize": normalize, "batch_size": batch_size, "captions": captions, "out": str(out),
             "root": str(dataset.root) if dataset.kind == "images" else None,
         },
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
@@ -303,7 +309,7 @@ class ExplainWorker:
     """One Ray actor: an Explainer loaded once, explaining one batch of encoded images per call."""
 
     def __init__(self, model: Any, preprocessing: str, method: str, target: int | None, options: dict[str, Any],
-                 normalize: bool, batch_size: int, out: str, root: str | None) -> None:
+                 normalize: bool, batch_size: int, captions: bool, out: str, root: str | None) -> None:
         import ray
 
         from explainrt.explainer import Explainer
@@ -311,7 +317,7 @@ class ExplainWorker:
         blob = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         self.explainer = Explainer(blob, preprocessing=Preprocessing.from_json(preprocessing))
         self.method, self.target, self.options = method, target, options
-        self.normalize, self.batch_size = normalize, batch_size
+        self.normalize, self.batch_size, self.captions = normalize, batch_size, captions
         self.out = Path(out)
         self.root = Path(root) if root is not None else None
         self.worker = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
@@ -370,7 +376,7 @@ class ExplainWorker:
         from explainrt.methods.base import softmax
         from explainrt.overlay import save_png
 
-        overlays = explanation.overlays(captions=True)
+        overlays = explanation.overlays(captions=self.captions)
         probabilities = softmax(explanation.logits)
         labels = explanation.labels
         for position, index in enumerate(good):

@@ -13,7 +13,7 @@ EXIT_SOME_FAILED = 1
 def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     """Add ``batch`` to the CLI's subcommands."""
     batch = commands.add_parser(
-        "batch", parents=[parents["verbose"], parents["model"]], help="explain a whole data set with Ray",
+        "batch", parents=[parents["verbose"], parents["model"], parents["caption"]], help="explain a whole data set with Ray",
         description="Explain every image of INPUT (a folder of images, searched recursively, or a Parquet file or "
                     "folder with an image-bytes column) on Ray Data, one Explainer per actor. Writes, mirroring the "
                     "input's sub-folders, <image>.<method>.npy (map) and <image>.<method>.png (overlay), then "
@@ -61,7 +61,8 @@ def _batch(args: argparse.Namespace) -> int:
     result = explain_dataset(
         args.input, args.out, model, chosen.name, preprocessing=preprocessing, target=target, options=options,
         normalize=not args.raw, batch_size=args.batch_size, workers=args.workers, ray_address=args.ray_address,
-        image_column=args.image_column, name_column=args.name_column, label_column=args.label_column)
+        image_column=args.image_column, name_column=args.name_column, label_column=args.label_column,
+        captions=args.caption)
     count = len(result.summary)
     print(f"explained {count - result.failed} of {count} images with {chosen.name} in {result.seconds:.1f} s; "
           f"summary: {result.parquet}, {result.csv}")

@@ -28,7 +28,7 @@ TOP_K = 5
 
 
 def parent_parsers() -> dict[str, argparse.ArgumentParser]:
-    """The argument groups subcommands share: "verbose", "model" (preprocessing) and "runtime"."""
+    """The argument groups subcommands share: "verbose", "model" (preprocessing), "runtime" and "caption"."""
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     verbose.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -66,7 +66,11 @@ def parent_parsers() -> dict[str, argparse.ArgumentParser]:
                        help="onnxruntime execution provider, in priority order (default: CPUExecutionProvider)")
     group.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per runtime call")
 
-    return {"verbose": verbose, "model": model, "runtime": runtime}
+    caption = argparse.ArgumentParser(add_help=False)
+    caption.add_argument("--no-caption", dest="caption", action="store_false",
+                         help="overlays without the caption line (class label, probability, method)")
+
+    return {"verbose": verbose, "model": model, "runtime": runtime, "caption": caption}
 
 
 def method_option(text: str) -> tuple[str, str]:

@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 
 def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     """Add ``explain`` and ``demo`` to the CLI's subcommands."""
-    verbose, model, runtime = parents["verbose"], parents["model"], parents["runtime"]
+    verbose, model, runtime, caption = parents["verbose"], parents["model"], parents["runtime"], parents["caption"]
     explain = commands.add_parser(
-        "explain", parents=[verbose, model, runtime], help="explain images: overlay PNGs, raw maps and a JSON summary",
+        "explain", parents=[verbose, model, runtime, caption], help="explain images: overlay PNGs, raw maps and a JSON summary",
         description="Explain each IMAGE and write <stem>.<method>.png (overlay), <stem>.<method>.npy (map) and "
                     "explanations.json (top-5 predictions, explained class, timings) to --out. Nothing is written "
                     "unless every image is explained.")
@@ -67,13 +67,11 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
     explain.add_argument("--output", dest="logits", metavar="NAME",
                          help="the model output to explain (ONNX output name; default: the first output)")
     explain.add_argument("--out", default="explainrt-out", metavar="DIR", help="output folder (default: explainrt-out)")
-    explain.add_argument("--no-caption", dest="caption", action="store_false",
-                         help="overlays without the caption line (class label, probability, method)")
     explain.set_defaults(run=run_explain)
 
 
     demo = commands.add_parser(
-        "demo", parents=[verbose], help="explain the example images with the default model",
+        "demo", parents=[verbose, caption], help="explain the example images with the default model",
         description="Grad-CAM of the shipped EfficientNet-Lite0 on scikit-image's chelsea, coffee and astronaut.")
     demo.add_argument("--out", default="explainrt-demo", metavar="DIR", help="output folder (default: explainrt-demo)")
     demo.set_defaults(run=_demo)
@@ -251,4 +249,4 @@ def _demo(args: argparse.Namespace) -> int:
     """``explain examples`` with every other setting at its default."""
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(), parent_parsers())
-    return run_explain(parser.parse_args(["explain", EXAMPLES, f"--out={args.out}"]))
+    return run_explain(parser.parse_args(["explain", EXAMPLES, f"--out={args.out}", *([] if args.caption else ["--no-caption"])]))

@@ -28,6 +28,9 @@ from explainrt.errors import (
 )
 from explainrt.export import heads, inputs, layers, layouts
 from explainrt.export.spec import (
+    BOX_MATCHES_OUTPUT,
+    BOX_OBJECTIVES,
+    BOXES_INPUT,
     METADATA_KEY,
     OBJECTIVES,
     RESOLVED_TARGETS_OUTPUT,
@@ -125,6 +128,13 @@ def make_explainable(
         builder.scope = "explainrt/grad/seed"
         of, seed = logits_name, builder.op("Transpose", [weights], perm=[1, 0, *range(2, output_info.rank + 1)],
                                            like=logits_name)
+    elif objective in BOX_OBJECTIVES:
+        if output_info.rank != 3:
+            raise InvalidInputError(f"objective {objective!r} needs a raw detector output of rank 3; {logits_name!r} "
+                                    f"has shape {output_info.shape}")
+        boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", 6])
+        builder.scope = "explainrt/grad/seed"
+        of, seed, matches = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective])
     else:
         requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
         resolved = _resolve_targets(builder, logits_name, requested)
@@ -141,6 +151,8 @@ def make_explainable(
     builder.scope = "explainrt/outputs"
     if resolved is not None:
         builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
+    if objective in BOX_OBJECTIVES:
+        builder.add_output(BOX_MATCHES_OUTPUT, matches, TensorProto.INT64, ["N", "K"])
     for index, (target, layout) in enumerate(chosen):
         elem_type = builder.info(target).elem_type
         channels_hw = [layout.channels, *_declared_grid(builder, target, layout)]
@@ -495,6 +507,53 @@ def _probability_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[s
     p_t = b.op("ReduceSum", [b.op("Mul", [hot, p], like=logits), b.ints([-1])], keepdims=1)
     return logits, b.op("Mul", [p_t, b.op("Sub", [hot, p], like=logits)], name="explainrt/grad/seed/probability",
                         like=logits)
+
+
+def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple[str, str, str]:
+    """Cotangent [K, N, *shape(y)[1:]] of each box target on a raw detector head y, and how many predictions
+    each box matched [N, K] (int64). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input pixels), class, IoU threshold.
+    Which predictions count (IoU of their cx, cy, w, h box with the given box >= the threshold) is decided on
+    this pass and held constant: the objective is linear in the scores (YOLOv5: objectness x class score)."""
+    like = logits
+    fields = logits if layout == "yolov8" else b.op("Transpose", [logits], perm=[0, 2, 1], like=like)  # [N, F, A]
+
+    def part(x: str, start: int, axis: int) -> str:
+        return b.op("Slice", [x, b.ints([start]), b.ints([start + 1]), b.ints([axis])], like=like)
+
+    def binary(op: str, x: str, y: str) -> str:
+        return b.op(op, [x, y], like=like)
+
+    half = b.scalar_like(0.5, like)
+    cx, cy, w, h = (part(fields, i, 1) for i in range(4))  # [N, 1, A]
+    x1, x2 = binary("Sub", cx, binary("Mul", w, half)), binary("Add", cx, binary("Mul", w, half))
+    y1, y2 = binary("Sub", cy, binary("Mul", h, half)), binary("Add", cy, binary("Mul", h, half))
+    bx1, by1, bx2, by2, chosen_class, threshold = (part(boxes, i, 2) for i in range(6))  # [N, K, 1]
+    zero = b.scalar_like(0.0, like)
+    across = binary("Max", binary("Sub", binary("Min", x2, bx2), binary("Max", x1, bx1)), zero)  # [N, K, A]
+    down = binary("Max", binary("Sub", binary("Min", y2, by2), binary("Max", y1, by1)), zero)
+    inter = binary("Mul", across, down)
+    area = binary("Mul", binary("Sub", bx2, bx1), binary("Sub", by2, by1))
+    union = binary("Sub", binary("Add", b.op("Abs", [binary("Mul", w, h)], like=like), area), inter)
+    iou = binary("Div", inter, binary("Max", union, b.scalar_like(1e-12, like)))
+    mask = b.op("Cast", [b.op("GreaterOrEqual", [iou, threshold])], to=b.info(like).elem_type)  # [N, K, A]
+    matches = b.op("Cast", [b.reduce("ReduceSum", mask, [2], keepdims=False)], to=TensorProto.INT64)
+    count = b.squeeze(b.shape_slice(fields, 1, 2), [0])
+    rows = b.op("Cast", [b.op("Range", [b.constant(0, dtype=TensorProto.INT64), count,
+                                        b.constant(1, dtype=TensorProto.INT64)])], to=b.info(like).elem_type)
+    rows = b.unsqueeze(rows, [1])  # [F, 1]: the field of each row
+    first = 4 if layout == "yolov8" else 5
+    hot = b.op("Cast", [b.op("Equal", [rows, b.unsqueeze(binary("Add", chosen_class, b.scalar_like(first, like)), [3])])],
+               to=b.info(like).elem_type)  # [N, K, F, 1]: the class's row
+    counted = b.unsqueeze(mask, [2])  # [N, K, 1, A]
+    if layout == "yolov8":
+        seed = binary("Mul", hot, counted)
+    else:  # d(objectness * class score): class score on the objectness row, objectness on the class row
+        objectness = b.unsqueeze(part(fields, 4, 1), [1])  # [N, 1, 1, A]
+        scores = b.reduce("ReduceSum", binary("Mul", hot, b.unsqueeze(fields, [1])), [2])  # [N, K, 1, A]
+        is_objectness = b.op("Cast", [b.op("Equal", [rows, b.scalar_like(4.0, like)])], to=b.info(like).elem_type)
+        seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, scores)))
+    perm = [1, 0, 2, 3] if layout == "yolov8" else [1, 0, 3, 2]
+    return logits, b.op("Transpose", [seed], perm=perm, name="explainrt/grad/seed/boxes", like=like), matches
 
 
 def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[object]]]:

@@ -36,7 +36,9 @@ from explainrt.errors import InvalidModelError
 
 TARGETS_INPUT = "explainrt.targets"
 WEIGHTS_INPUT = "explainrt.weights"
+BOXES_INPUT = "explainrt.boxes"
 RESOLVED_TARGETS_OUTPUT = "explainrt.resolved_targets"
+BOX_MATCHES_OUTPUT = "explainrt.box_matches"
 METADATA_KEY = "explainrt"
 
 
@@ -135,7 +137,13 @@ OBJECTIVES = {
     "cross_entropy": "the cross-entropy loss -log softmax(y)_t (Contrast-CAM, confidence gradients)",
     "probability": "the target's softmax probability softmax(y)_t over the classes (axis 1)",
     "weights": "a linear objective sum(w * y), w fed per image and target as explainrt.weights [N, K, *shape(y)[1:]]",
+    "boxes_yolov8": "a detector head's class score summed over the predictions whose box overlaps a given box with IoU "
+                    ">= a threshold, decided in the graph on the same pass: explainrt.boxes [N, K, 6] (x1, y1, x2, y2, "
+                    "class, iou) on a YOLOv8 head [N, 4 + classes, anchors]; output explainrt.box_matches [N, K]",
+    "boxes_yolov5": "the same on a YOLOv5 head [N, anchors, 5 + classes] (score: objectness x class)",
 }
+BOX_OBJECTIVES = {"boxes_yolov8": "yolov8", "boxes_yolov5": "yolov5"}
+"""The box objectives and the detector layout each reads."""
 
 
 def is_explainable(model: onnx.ModelProto) -> bool:

@@ -30,7 +30,7 @@ class AttributionRequest:
     """One chunk of images to explain, and everything a method may use to do it."""
 
     images: np.ndarray  # [n, C, H, W] float32 model input
-    targets: np.ndarray  # [n] int64 requested classes (-k: the k-th most likely)
+    targets: np.ndarray  # [n] int64 requested classes (-k: the k-th most likely); [n, K] for a many_targets method
     session: Session
     batch_size: int  # the most images (or perturbed copies) per runtime call
     normalize: bool  # whether the maps will be shown scaled to [0, 1] (CAM layers are scaled one by one)
@@ -49,9 +49,9 @@ class AttributionRequest:
 class Attribution:
     """A method's answer for one chunk: raw maps at input resolution and the predictions."""
 
-    maps: np.ndarray  # [n, H, W] float32
+    maps: np.ndarray  # [n, H, W] float32 ([n, K, H, W] for targets [n, K])
     logits: np.ndarray  # [n, classes]
-    targets: np.ndarray  # [n] the class each map explains
+    targets: np.ndarray  # [n] (or [n, K]) the class each map explains
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # per-image arrays, first axis n
     normalized: bool = False  # the maps are already scaled as the pipeline scales them (a map head's)
@@ -66,6 +66,7 @@ class Method(ABC):
     signed: bool = False  # raw maps may be negative; normalised display shows the positive evidence
     class_targets_only: bool = False  # its objective is a loss or a ranking of classes: no explainrt.targets objects
     target_free: bool = False  # its maps do not depend on the target (Eigen-CAM), so it explains any output
+    many_targets: bool = False  # compute takes targets [n, K] and returns maps [n, K, H, W] (one runtime call for all K)
     blank_reason: str = ""  # why this method's map can be all zero for a sound model (said with the map)
 
     @property

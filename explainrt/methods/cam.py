@@ -89,16 +89,29 @@ class CamMethod(Method):
     options: tuple[Option, ...] = ()
     blank_reason: str = ""
     target_free: bool = False
+    many_targets: bool = True
 
     def compute(self, request: AttributionRequest) -> Attribution:
+        """Maps of the request's targets ([n], or [n, K]: one runtime call for all K, maps [n, K, H, W])."""
+        many = request.targets.ndim == 2
+        wanted = request.targets if many else request.targets[:, None]
         timings: dict[str, float] = {}
-        head = head_maps(request, self.name, request.targets[:, None], timings)
+        head = head_maps(request, self.name, wanted, timings)
         if head is not None:
-            return Attribution(head.maps[:, 0], head.logits, head.targets[:, 0], timings, normalized=True)
-        with timed(timings, "runtime"):
-            result = request.session.run(request.images, request.targets[:, None])
-        attribution = cam_attribution(request, result, result.targets[:, 0], self.weigh)
-        attribution.timings.update(timings)
+            maps, explained = head.maps, head.targets
+            attribution = Attribution(maps, head.logits, explained, timings, normalized=True)
+        else:
+            with timed(timings, "runtime"):
+                result = request.session.run(request.images, wanted)
+            columns = [cam_attribution(request, result, result.targets[:, k], self.weigh, seed=k)
+                       for k in range(wanted.shape[1])]
+            for column in columns:
+                for stage, seconds in column.timings.items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+            attribution = Attribution(np.stack([column.maps for column in columns], axis=1), result.logits,
+                                      np.asarray(result.targets), timings)
+        if not many:
+            attribution.maps, attribution.targets = attribution.maps[:, 0], attribution.targets[:, 0]
         return attribution
 
 

@@ -112,16 +112,22 @@ class Saliency(Method):
         Option("multiply_by_input", Flag(), False, "gradient x input instead of the gradient"),
     )
 
+    many_targets = True
+
     def compute(self, request: AttributionRequest) -> Attribution:
+        """Maps of the request's targets ([n], or [n, K]: one runtime call for all K, maps [n, K, H, W])."""
         absolute, by_input = request.options["abs"], request.options["multiply_by_input"]
+        many = request.targets.ndim == 2
         timings: dict[str, float] = {}
         with timed(timings, "runtime"):
-            result = request.session.input_gradients(request.images, request.targets[:, None])
-        gradients = result.gradients[0][:, 0]
+            result = request.session.input_gradients(request.images, request.targets if many else request.targets[:, None])
+        gradients = result.gradients[0]  # [n, K, C, H, W]
         if by_input:
-            gradients = gradients * request.images
-        maps = np.abs(gradients).max(axis=1) if absolute else gradients.sum(axis=1)
-        return Attribution(maps.astype(np.float32), result.logits, result.targets[:, 0], timings)
+            gradients = gradients * request.images[:, None]
+        maps = np.abs(gradients).max(axis=2) if absolute else gradients.sum(axis=2)
+        targets = np.asarray(result.targets)
+        return Attribution(maps.astype(np.float32) if many else maps[:, 0].astype(np.float32), result.logits,
+                           targets if many else targets[:, 0], timings)
 
 
 class IntegratedGradients(Method):

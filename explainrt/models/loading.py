@@ -143,7 +143,7 @@ def load(model: Any = None, target_layers: Sequence[Any] | None = None, *, backe
                                     "images")
         return _default_model(layers, backend, preprocessing, overrides)
     if isinstance(model, str) and not _is_onnx_path(model):
-        return _torchvision(_architecture(model), weights, layers, backend, preprocessing, outputs,
+        return _torchvision(model, weights, layers, backend, preprocessing, outputs,
                             overrides.input_size or input_size or DEFAULT_INPUT_SIZE, overrides)
     if _is_torch_module(model):
         fixed = overrides.input_size or input_size
@@ -215,22 +215,37 @@ def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocess
 def _torchvision(name: str, weights: str | os.PathLike | None, layers: list[Any] | None, backend: str,
                  preprocessing: Preprocessing | None, outputs: Outputs, size: tuple[int, int],
                  overrides: PreprocessingOverrides) -> LoadedModel:
-    """A torchvision architecture with local weights, its explainable export cached by everything it depends on."""
-    module, num_classes = torchvision_model(name, weights)
-    chosen = preprocessing or recipe(overrides, size, num_classes)
+    """A torchvision architecture with local weights, its explainable export cached by everything it depends on.
+
+    A cached export is read without building the module or importing torchvision (which took most of
+    a cached call's 15-20 s): a file is cached only under a name that was checked when it was exported.
+    Its preprocessing is the one stored in the export."""
     if backend == "torch" or not all(isinstance(layer, str) for layer in layers or ()):
-        return _from_module(module, layers, backend, chosen, outputs, size)
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()  # type: ignore[arg-type]
-    key = hashlib.sha256(json.dumps([__version__, name, digest, layers, list(size), chosen.to_json(),
-                                     repr(outputs)]).encode()).hexdigest()[:16]
+        module, num_classes = torchvision_model(_architecture(name), weights)
+        return _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs,
+                            size)
+    if weights is None or not Path(weights).is_file():
+        _architecture(name)  # an unknown name is said before a missing weights file
+    digest = hashlib.sha256(_weights_file(name, weights).read_bytes()).hexdigest()
+    labels = (hashlib.sha256(Path(overrides.labels_file).read_bytes()).hexdigest()
+              if overrides.labels_file and Path(overrides.labels_file).is_file() else overrides.labels_file)
+    key = hashlib.sha256(json.dumps([__version__, name, digest, layers, list(size),
+                                     preprocessing.to_json() if preprocessing else None, overrides.input_size,
+                                     overrides.mean, overrides.std, labels, repr(outputs)]).encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{key}.onnx"
     if path.is_file():
         try:
-            return LoadedModel(load_model(path), None, chosen)
+            proto = load_model(path)
+            stored = ExplainableSpec.from_model(proto).preprocessing
+            if stored:
+                return LoadedModel(proto, None, Preprocessing.from_json(stored))
+            log.warning("cached model %s stores no preprocessing: exporting it again", path)
         except InvalidModelError:
             log.warning("cached model %s is corrupt: exporting it again", path)
+    name = _architecture(name)
     note(f"exporting {name} to explainable ONNX on first use (cached in {path.parent})")
-    loaded = _from_module(module, layers, backend, chosen, outputs, size)
+    module, num_classes = torchvision_model(name, weights)
+    loaded = _from_module(module, layers, backend, preprocessing or recipe(overrides, size, num_classes), outputs, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, loaded.explainable.SerializeToString())  # type: ignore[union-attr]
     return loaded
@@ -371,13 +386,7 @@ def torchvision_model(name: str, weights: str | os.PathLike | None) -> tuple[Any
     torch = require("torch", f"torchvision architecture {name!r}")
     models = require("torchvision.models", f"torchvision architecture {name!r}")
 
-    if weights is None:
-        raise InvalidInputError(f"torchvision architecture {name!r} needs --weights FILE (weights= in the API): a "
-                                "state dict saved with torch.save(model.state_dict(), FILE); explainrt downloads "
-                                "no weights")
-    path = Path(weights)
-    if not path.is_file():
-        raise InvalidModelError(f"weights file not found: {path}")
+    path = _weights_file(name, weights)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
@@ -396,6 +405,18 @@ def torchvision_model(name: str, weights: str | os.PathLike | None) -> tuple[Any
         first_lines = "\n".join(str(error).splitlines()[:3])
         raise InvalidModelError(f"weights file {str(path)!r} does not fit torchvision's {name}: {first_lines}") from error
     return model.eval(), num_classes
+
+
+def _weights_file(name: str, weights: str | os.PathLike | None) -> Path:
+    """The weights file of torchvision architecture ``name``; an error where none is given or it does not exist."""
+    if weights is None:
+        raise InvalidInputError(f"torchvision architecture {name!r} needs --weights FILE (weights= in the API): a "
+                                "state dict saved with torch.save(model.state_dict(), FILE); explainrt downloads "
+                                "no weights")
+    path = Path(weights)
+    if not path.is_file():
+        raise InvalidModelError(f"weights file not found: {path}")
+    return path
 
 
 def _architecture(name: str) -> str:

@@ -25,6 +25,9 @@ import onnx
 from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export.heads import closed_form
 from explainrt.export.spec import (
+    BOX_MATCHES_OUTPUT,
+    BOX_OBJECTIVES,
+    BOXES_INPUT,
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
     WEIGHTS_INPUT,
@@ -106,23 +109,27 @@ def head_feeds(spec: ExplainableSpec, layer: int, activations: Any, images: Any,
 
 def output_names(logits: str, layers: int, objective: str = "logit") -> list[str]:
     """The outputs of an explainable model in the order ``run_result`` reads them."""
-    names = [logits] if objective == "weights" else [logits, RESOLVED_TARGETS_OUTPUT]
+    names = [logits] if objective == "weights" else [logits, BOX_MATCHES_OUTPUT if objective in BOX_OBJECTIVES
+                                                                else RESOLVED_TARGETS_OUTPUT]
     for index in range(layers):
         names += [activations_output(index), gradients_output(index)]
     return names
 
 
 def targets_feed(objective: str, targets: Any) -> dict[str, Any]:
-    """The input that says what to differentiate: class indices int64 [N, K], or for the
-    ``weights`` objective the weights [N, K, *output] of the linear objective."""
+    """The input that says what to differentiate: class indices int64 [N, K], for the
+    ``weights`` objective the weights [N, K, *output] of the linear objective, for a box objective
+    the boxes [N, K, 6] (x1, y1, x2, y2, class, iou)."""
     if objective == "weights":
         return {WEIGHTS_INPUT: targets}
+    if objective in BOX_OBJECTIVES:
+        return {BOXES_INPUT: targets}
     return {TARGETS_INPUT: np.asarray(targets, np.int64) if isinstance(targets, (np.ndarray, list)) else targets}
 
 
 def run_result(values: Sequence[Any], objective: str, targets: Any) -> RunResult:
     """A RunResult from the outputs listed by ``output_names`` (the ``weights`` objective resolves no
-    class: its targets read -1)."""
+    class: its targets read -1; for a box objective, targets holds how many predictions each box matched)."""
     if objective == "weights":
         return RunResult(values[0], np.full(tuple(targets.shape[:2]), -1, dtype=np.int64), list(values[1::2]),
                          list(values[2::2]))

@@ -2,8 +2,9 @@
 
 ``TargetSession`` wraps a session and a list of targets; to the methods its "classes" are those
 targets: "class" t is the objective of ``targets[t]``. ``run`` / ``input_gradients`` feed the
-targets' cotangents to the explainable graph's ``weights`` objective (one runtime call per batch;
-a Box first needs the forward pass to decide which predictions count) or, for Softmax targets,
+targets' cotangents to the explainable graph's ``weights`` objective (one runtime call per batch),
+Box targets (all targets of a call Boxes) to its box objective, which decides which predictions
+count on the same pass (one call too; mixed with other targets, a forward pass first), or, for Softmax targets,
 the graph's ``probability`` seed; ``logits`` and ``head`` return every target's objective of each
 (perturbed) input [b, T], so perturbation methods score each copy with the same objective.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from explainrt.errors import InvalidTargetError
 from explainrt.runtime.base import RunResult, Session
-from explainrt.targets import Target
+from explainrt.targets import Box, Target, detector_layout
 
 
 class TargetSession:
@@ -84,10 +85,29 @@ class TargetSession:
         if softmax:
             return call(images, np.array([[target.index for target in row] for row in chosen], np.int64),  # type: ignore[attr-defined]
                         "probability")
+        layout = self._box_layout(chosen)
+        if layout is not None:  # the overlaps decided in the graph on the same pass: no forward pass first
+            boxes = np.array([[[*target.box, target.index, target.iou] for target in row] for row in chosen],  # type: ignore[attr-defined]
+                             dtype=np.float32)
+            result = call(images, boxes, f"boxes_{layout}")
+            for row, matched in zip(chosen, np.asarray(result.targets)):
+                for target, count in zip(row, matched):
+                    if count == 0:
+                        raise target.no_overlap()  # type: ignore[attr-defined]
+            return result
         outputs = self._outputs(images, any(target.needs_values for row in chosen for target in row))
         weights = np.stack([np.stack([target.gradient(output) for target in row]) for row, output in
                             zip(chosen, outputs)]).astype(outputs.dtype)
         return call(images, weights, "weights")
+
+    def _box_layout(self, chosen: list[list[Target]]) -> str | None:
+        """The detector layout when every target of the call is a Box on a head of known shape, all of one
+        layout (the graph's box objective then decides the overlaps); else None (weights after a forward pass)."""
+        shape = self.inner.spec.output_shape
+        if not all(type(target) is Box for row in chosen for target in row) or not shape or None in shape:
+            return None
+        layouts = {detector_layout(shape, target.layout) for row in chosen for target in row}  # type: ignore[attr-defined]
+        return layouts.pop() if len(layouts) == 1 else None
 
     def _outputs(self, images: np.ndarray, values: bool) -> np.ndarray:
         """What the targets' gradients are taken at: the forward pass's outputs where a target reads

@@ -14,7 +14,7 @@ import numpy as np
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.layouts import Layout, LayoutRequest, shape_layout
-from explainrt.export.spec import OBJECTIVES, ExplainableSpec
+from explainrt.export.spec import BOX_OBJECTIVES, OBJECTIVES, ExplainableSpec
 from explainrt.runtime.base import RunResult, parse_device
 
 
@@ -161,6 +161,8 @@ class TorchSession:
             resolved = torch.full(tuple(targets.shape[:2]), -1, dtype=torch.int64)
             return [torch.autograd.grad((logits * targets[:, k]).sum(), wrt, retain_graph=True)
                     for k in range(targets.shape[1])], resolved
+        if objective in BOX_OBJECTIVES:  # targets: boxes [N, K, 6]; resolved: each box's matched predictions
+            return self._box_objectives(logits, targets, BOX_OBJECTIVES[objective], wrt)
         if objective != "logit" and logits.ndim != 2:
             raise InvalidInputError(f"objective {objective!r} needs an output [N, classes], got {tuple(logits.shape)}")
         summed = logits.detach().flatten(2).sum(dim=2) if logits.ndim > 2 else logits.detach()
@@ -173,6 +175,32 @@ class TorchSession:
                   "probability": lambda: torch.softmax(logits, dim=1)}[objective]()
         return [torch.autograd.grad(scores[rows, resolved[:, k]].sum(), wrt, retain_graph=True)
                 for k in range(resolved.shape[1])], resolved
+
+    def _box_objectives(self, logits: Any, boxes: Any, layout: str, wrt: list[Any]) -> tuple[list[Any], Any]:
+        """Per box target k, the gradients of its class score summed over the predictions it matched (IoU of
+        their box with boxes[:, k, :4] >= boxes[:, k, 5], decided on this forward pass), and the match counts."""
+        torch = self._torch
+        if logits.ndim != 3:
+            raise InvalidInputError(f"a box objective needs a raw detector output of rank 3, got {tuple(logits.shape)}")
+        fields = logits if layout == "yolov8" else logits.transpose(1, 2)  # [N, F, A]
+        with torch.no_grad():
+            cx, cy, w, h = (fields[:, i, None, :] for i in range(4))  # [N, 1, A]
+            bx1, by1, bx2, by2, _, threshold = (boxes[:, :, i, None] for i in range(6))  # [N, K, 1]
+            across = (torch.minimum(cx + w * 0.5, bx2) - torch.maximum(cx - w * 0.5, bx1)).clamp(min=0)
+            down = (torch.minimum(cy + h * 0.5, by2) - torch.maximum(cy - h * 0.5, by1)).clamp(min=0)
+            inter = across * down
+            union = (w * h).abs() + (bx2 - bx1) * (by2 - by1) - inter
+            mask = (inter / union.clamp(min=1e-12) >= threshold).to(fields.dtype)  # [N, K, A]
+        classes = boxes[:, :, 4].long()
+        first = 4 if layout == "yolov8" else 5
+        per_box = []
+        for k in range(boxes.shape[1]):
+            index = (classes[:, k] + first)[:, None, None].expand(-1, 1, fields.shape[2])
+            scores = fields.gather(1, index)[:, 0]  # [N, A]
+            if layout == "yolov5":
+                scores = scores * fields[:, 4]
+            per_box.append(torch.autograd.grad((mask[:, k] * scores).sum(), wrt, retain_graph=True))
+        return per_box, mask.sum(dim=2).long()
 
     def _tensor(self, array: Any) -> Any:
         """A tensor on the session's device: host arrays copied once, CUDA arrays shared by DLPack."""

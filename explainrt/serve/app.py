@@ -8,7 +8,9 @@
   raw little-endian tensors, ``binary_data_size`` / ``binary_data`` / ``binary_data_output``) and maps as
   FP32, FP16, UINT8, PNG (8-bit grayscale) or OVERLAY (output parameter ``format``; OVERLAY: one colour PNG per
   image, its map drawn over it exactly as V1's ``"return": ["overlay"]``, captioned with ``"caption": true``; UINT8
-  image input only), ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{name}``;
+  image input only), ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{name}``; targets as input
+  ``explainrt.targets`` (class indices) or as V1's ``parameters.targets`` (class indices or
+  ``explainrt.targets`` objects as JSON: then output ``explainrt.objective`` holds each instance's objective);
 - ``/metrics`` (Prometheus), ``/`` (the page) and ``/api/methods`` (the registered methods, each
   option with its type, default, allowed values and help: ``Option.describe``).
 
@@ -39,6 +41,7 @@ from explainrt.errors import (
     ExplainrtError,
     ExplanationCancelled,
     InvalidInputError,
+    InvalidTargetError,
     RequestTooLargeError,
     ServerBusyError,
     UnknownModelError,
@@ -71,6 +74,8 @@ log = logging.getLogger(__name__)
 
 MAPS_OUTPUT = "explainrt.maps"
 TARGETS_TENSOR = "explainrt.targets"
+OBJECTIVE_OUTPUT = "explainrt.objective"
+"""V2 output FP32 [N]: each instance's target objective when parameters.targets holds explainrt.targets objects."""
 TOP_K = 5
 RESERVED_PARAMETERS = ("method", "targets", "return", "normalize", "caption", "binary_data_output")
 """V1/V2 parameters the server reads itself; every other parameter is an option of the method."""
@@ -235,19 +240,30 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
             raise RequestTooLargeError(f"{len(images)} images exceed the limit of {config.limits.max_instances} per "
                                        "request (--max-images)")
         parameters = _parameters(body)
-        requested = _v2_outputs(model, body, "method" in parameters, parameters)
+        if parameters.get("targets") is not None:  # the V1 JSON forms: class indices or explainrt.targets objects
+            if TARGETS_TENSOR in tensors:
+                raise InvalidInputError(f"give targets either as input {TARGETS_TENSOR!r} or as parameters.targets, "
+                                        "not both")
+            targets = _instance_targets(parameters["targets"], len(images), model.num_classes)
+        objects = targets.dtype == object  # the explain result's logits are then each instance's objective
+        requested = _v2_outputs(model, body, "method" in parameters, parameters, objects)
         wanted = [output.name for output in requested]
         arrays: dict[str, np.ndarray] = {}
         logits_name = model.explainer.spec.logits
         normalize = True
         overlays = _overlay_requested(requested, raw, model.explainer.spec.image_input)
-        if MAPS_OUTPUT in wanted or RESOLVED_TARGETS_OUTPUT in wanted:
+        if MAPS_OUTPUT in wanted or RESOLVED_TARGETS_OUTPUT in wanted or OBJECTIVE_OUTPUT in wanted:
             method, options, normalize = codec.method_parameters(parameters, RESERVED_PARAMETERS)
             job = Job(images, targets, overlays=overlays, captions=_flag(parameters, "caption", False))
-            result = await model.submit(explain_key(raw, method, options, normalize), job, _disconnected(request))
+            result = await model.submit(explain_key(raw, method, options, normalize, objects), job,
+                                        _disconnected(request))
             arrays.update({MAPS_OUTPUT: result["overlays"] if overlays else result["maps"],
-                           RESOLVED_TARGETS_OUTPUT: result["targets"], logits_name: result["logits"]})
+                           RESOLVED_TARGETS_OUTPUT: result["targets"]})
+            arrays.update({OBJECTIVE_OUTPUT: result["logits"][:, 0]} if objects else {logits_name: result["logits"]})
         if any(output.startswith(("explainrt.activations.", "explainrt.gradients.")) for output in wanted):
+            if objects:
+                raise InvalidTargetError("outputs explainrt.activations.* / explainrt.gradients.* differentiate class "
+                                         "indices; explainrt.targets objects are explained through explainrt.maps")
             result = await model.submit(layers_key(raw), Job(images, targets))
             arrays.update({f"explainrt.{key}": value for key, value in result.items() if "." in key})
             arrays.setdefault(logits_name, result["logits"])
@@ -439,7 +455,7 @@ def _v2_images(model: ServedModel, tensors: dict[str, codec.V2Tensor]) -> tuple[
 
 def _output_names(model: ServedModel) -> list[str]:
     layers = len(model.explainer.spec.target_layers)
-    return [model.explainer.spec.logits, MAPS_OUTPUT, RESOLVED_TARGETS_OUTPUT,
+    return [model.explainer.spec.logits, MAPS_OUTPUT, RESOLVED_TARGETS_OUTPUT, OBJECTIVE_OUTPUT,
             *(name for i in range(layers) for name in (activations_output(i), gradients_output(i)))]
 
 
@@ -452,8 +468,10 @@ class _Output:
     format: str = "FP32"
 
 
-def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool, parameters: dict[str, Any]) -> list[_Output]:
-    """Requested outputs (default: the logits, plus the maps and resolved targets when a method is given).
+def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool, parameters: dict[str, Any],
+                objects: bool = False) -> list[_Output]:
+    """Requested outputs (default: the logits, plus the maps and resolved targets when a method is given, and
+    with ``objects`` (explainrt.targets objects as targets) each instance's objective ``OBJECTIVE_OUTPUT``).
 
     Binary tensor extension: an output's parameter ``binary_data`` (default: the request's parameter
     ``binary_data_output``, else false); the maps' parameter ``format`` is one of ``codec.V2_MAP_FORMATS``.
@@ -464,7 +482,8 @@ def _v2_outputs(model: ServedModel, body: dict[str, Any], explaining: bool, para
     requested = body.get("outputs")
     if requested is None:
         base = [model.explainer.spec.logits]
-        names = base + [MAPS_OUTPUT, RESOLVED_TARGETS_OUTPUT] if explaining else base
+        names = base + [MAPS_OUTPUT, RESOLVED_TARGETS_OUTPUT] if explaining or objects else base
+        names += [OBJECTIVE_OUTPUT] if objects else []
         return [_Output(name, binary_default) for name in names]
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise InvalidInputError('"outputs" must be a list of {"name": ...} objects')
@@ -514,7 +533,8 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
     classes = spec.num_classes
     outputs = [{"name": spec.logits, "datatype": "FP32", "shape": [-1, classes]},
                {"name": MAPS_OUTPUT, "datatype": "FP32", "shape": [-1, height, width]},
-               {"name": RESOLVED_TARGETS_OUTPUT, "datatype": "INT64", "shape": [-1]}]
+               {"name": RESOLVED_TARGETS_OUTPUT, "datatype": "INT64", "shape": [-1]},
+               {"name": OBJECTIVE_OUTPUT, "datatype": "FP32", "shape": [-1]}]
     for index in range(len(spec.target_layers)):
         outputs += [{"name": activations_output(index), "datatype": "FP32", "shape": [-1, -1, -1, -1]},
                     {"name": gradients_output(index), "datatype": "FP32", "shape": [-1, 1, -1, -1, -1]}]

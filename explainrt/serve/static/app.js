@@ -76,7 +76,7 @@ async function explainWith(method, model) {
   const field = $("methods").querySelector(`input.options[data-method="${method}"]`);
   let parameters;
   try {
-    parameters = { ...(field && field.value.trim() ? JSON.parse(field.value) : {}), method, return: ["overlay"], caption: true };
+    parameters = { ...(field && field.value.trim() ? JSON.parse(field.value) : {}), method, return: ["overlay"], caption: $("caption").checked };
   } catch (error) {
     figure.className = "failed";
     figure.textContent = `${method}: options are not valid JSON: ${error.message}`;
