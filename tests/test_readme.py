@@ -4,7 +4,7 @@ Every ``bash`` and ``python`` fence runs unless the line right before it is
 ``<!-- readme-test: skip REASON -->`` (network, GPU, TensorRT, Triton, a server that runs until
 stopped, or minutes of CPU): those are skipped with that reason. Each runs in a fresh folder
 holding the files the README calls the user's: ``cat.jpg``, ``cup.png``, ``cup.jpg`` (example
-photos) and ``model.onnx`` (a small plain ONNX classifier); a block that names the user's ResNet-50
+photos), ``images/`` (a folder of two of them) and ``model.onnx`` (a small plain ONNX classifier); a block that names the user's ResNet-50
 files also finds ``resnet50.pt`` (random weights, seeded), ``resnet50.onnx`` (its plain ONNX export,
 input ``input``) and ``resnet50.maps.onnx`` (made from it by the README's ``explainrt export ... --maps
 gradcam --maps-only``), made once per module. A Python block also finds ``model`` (a torchvision
@@ -62,6 +62,9 @@ def user_folder(tmp_path: Path, model_cache: Path, small_onnx, example_images) -
     Image.fromarray(example_images["chelsea"]).save(tmp_path / "cat.jpg")
     Image.fromarray(example_images["coffee"]).save(tmp_path / "cup.png")
     Image.fromarray(example_images["coffee"]).save(tmp_path / "cup.jpg")
+    (tmp_path / "images").mkdir()
+    for name in ("chelsea", "astronaut"):
+        Image.fromarray(example_images[name]).save(tmp_path / "images" / f"{name}.jpg")
     onnx.save(original_model(small_onnx), tmp_path / "model.onnx")
     return tmp_path
 
