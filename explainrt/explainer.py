@@ -21,7 +21,7 @@ from explainrt import kernels, models, runtime
 from explainrt.errors import InconsistentExplanationError, InvalidInputError, InvalidTargetError
 from explainrt.export.heads import checked_maps
 from explainrt.export.inputs import InputForm, input_form
-from explainrt.methods import Attribution, AttributionRequest, Method, get_method
+from explainrt.methods import Attribution, AttributionRequest, Method, add_timings, get_method
 from explainrt.models import LoadedModel
 from explainrt.overlay import caption, concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
@@ -312,8 +312,7 @@ class Explainer:
                                          normalize, chunk_options, cancel, shown, self.map_heads)
             request.check_cancelled()
             part = _attribute(chosen, request)
-            for stage, seconds in part.timings.items():
-                timings[stage] = timings.get(stage, 0.0) + seconds
+            add_timings(timings, part)
             parts.append(part)
         tick = time.perf_counter()
         maps = np.concatenate([p.maps for p in parts])
@@ -450,9 +449,7 @@ def _attribute(method: Method, request: AttributionRequest) -> Attribution:
         return method.attribute(request)
     columns = [method.attribute(replace(request, targets=request.targets[:, k])) for k in range(request.targets.shape[1])]
     timings: dict[str, float] = {}
-    for column in columns:
-        for stage, seconds in column.timings.items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
+    add_timings(timings, *columns)
     extras = {key: np.stack([column.extras[key] for column in columns], axis=1) for key in columns[0].extras}
     return Attribution(np.stack([column.maps for column in columns], axis=1), columns[0].logits,
                        np.stack([column.targets for column in columns], axis=1), timings, extras,

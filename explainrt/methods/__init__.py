@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from explainrt.errors import UnknownMethodError
-from explainrt.methods.base import Attribution, AttributionRequest, Method
+from explainrt.methods.base import Attribution, AttributionRequest, Method, add_timings
 from explainrt.methods.cam import CAM_METHODS, CamMethod, CamTerms, LayerContext, ablation_values, principal_projection
 from explainrt.methods.dff import DFF_METHODS
 from explainrt.methods.fgvis import FGVIS_METHODS
@@ -47,5 +47,5 @@ def sync_readme(path: str | Path = "README.md") -> bool:
 
 
 __all__ = ["METHODS", "Attribution", "AttributionRequest", "CamMethod", "CamTerms", "LayerContext", "Method",
-           "Option", "ablation_values", "get_method", "option_help", "options_table", "parse_text_options",
+           "Option", "ablation_values", "add_timings", "get_method", "option_help", "options_table", "parse_text_options",
            "principal_projection", "sync_readme"]

@@ -138,6 +138,13 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(images, sigma=(0,) * (images.ndim - 2) + (sigma, sigma), mode="nearest").astype(np.float32)
 
 
+def add_timings(timings: dict[str, float], *parts: Attribution) -> None:
+    """Add the per-stage seconds of ``parts`` (attributions of chunks, targets or contrasts) to ``timings``."""
+    for part in parts:
+        for stage, seconds in part.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+
+
 @contextmanager
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     """Add the seconds the block takes to ``timings[stage]`` (the per-stage timings of an Attribution)."""

@@ -19,7 +19,7 @@ import numpy as np
 from explainrt import kernels
 from explainrt.errors import InvalidInputError
 from explainrt.kernels import cam_weights
-from explainrt.methods.base import Attribution, AttributionRequest, Method, timed
+from explainrt.methods.base import Attribution, AttributionRequest, Method, add_timings, timed
 from explainrt.methods.options import Array, Function, OneOf, Option
 from explainrt.methods.perturbation import perturbation_scores
 from explainrt.runtime.base import MapHeadSession, MapsResult, RunResult, Session
@@ -105,9 +105,7 @@ class CamMethod(Method):
                 result = request.session.run(request.images, wanted)
             columns = [cam_attribution(request, result, result.targets[:, k], self.weigh, seed=k)
                        for k in range(wanted.shape[1])]
-            for column in columns:
-                for stage, seconds in column.timings.items():
-                    timings[stage] = timings.get(stage, 0.0) + seconds
+            add_timings(timings, *columns)
             attribution = Attribution(np.stack([column.maps for column in columns], axis=1), result.logits,
                                       np.asarray(result.targets), timings)
         if not many:

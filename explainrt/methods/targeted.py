@@ -27,6 +27,7 @@ from explainrt.methods.base import (
     Attribution,
     AttributionRequest,
     Method,
+    add_timings,
     resolve_targets,
     softmax,
     timed,
@@ -109,9 +110,7 @@ class ContrastCam(Method):
         else:
             per_contrast = [cam_attribution(request, result, predicted, grad_cam_terms, seed=k)
                             for k in range(contrasts.shape[1])]
-            for part in per_contrast:
-                for stage, seconds in part.timings.items():
-                    timings[stage] = timings.get(stage, 0.0) + seconds
+            add_timings(timings, *per_contrast)
             maps = np.stack([p.maps for p in per_contrast], axis=1)
             if request.normalize:  # every contrast's map scaled as the pipeline scales the first (and a map head all)
                 with timed(timings, "maps"):
