@@ -138,6 +138,20 @@ def test_profile_shapes_cover_the_batch_and_the_targets(small_onnx: onnx.ModelPr
     assert set(shapes) == {"input", TARGETS_INPUT}
 
 
+def test_profile_shapes_give_the_box_objectives_boxes_a_targets_axis() -> None:
+    """A box-objective variant's explainrt.boxes [N, K, 6]: K ranges like the targets' (else TensorRT has no range)."""
+    from onnx import TensorProto, helper
+
+    from explainrt.export.spec import BOXES_INPUT
+
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["y"])], "boxes",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8]),
+                               helper.make_tensor_value_info(BOXES_INPUT, TensorProto.FLOAT, ["N", "K", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])])
+    shapes = BatchProfile(min_batch=1, opt_batch=4, max_batch=16, max_targets=3).shapes(helper.make_model(graph))
+    assert shapes[BOXES_INPUT] == ((1, 1, 6), (4, 1, 6), (16, 3, 6))
+
+
 def test_profile_rejects_a_dynamic_spatial_size(small_onnx: onnx.ModelProto) -> None:
     model = copy.deepcopy(small_onnx)
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"

@@ -30,6 +30,7 @@ import onnx
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
 from explainrt.export.heads import closed_form, head_only_model
 from explainrt.export.spec import (
+    BOXES_INPUT,
     TARGETS_INPUT,
     WEIGHTS_INPUT,
     ExplainableSpec,
@@ -80,8 +81,8 @@ class BatchProfile:
                                     f"{self.min_batch}, {self.opt_batch}, {self.max_batch}")
 
     def shapes(self, model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """(min, opt, max) shape per model input: the batch (and the targets' K: of the targets, the weights and a
-        map head's gradients) dynamic, the rest static; a static-batch model's batch fixed at its size on every
+        """(min, opt, max) shape per model input: the batch (and the targets' K: of the targets, the weights, the
+        boxes and a map head's gradients) dynamic, the rest static; a static-batch model's batch fixed at its size on every
         input (it runs in chunks of that batch).
 
         A dynamic dimension other than those is an error naming it: TensorRT needs its range too.
@@ -95,7 +96,7 @@ class BatchProfile:
             dims = input_dims(model, name)
             ranges = [batch]
             for axis, dim in enumerate(dims[1:], start=1):
-                if axis == 1 and (name in (TARGETS_INPUT, WEIGHTS_INPUT) or _is_gradients_input(name)):
+                if axis == 1 and (name in (TARGETS_INPUT, WEIGHTS_INPUT, BOXES_INPUT) or _is_gradients_input(name)):
                     ranges.append((1, 1, self.max_targets))
                 elif isinstance(dim, int) and dim > 0:
                     ranges.append((dim, dim, dim))
