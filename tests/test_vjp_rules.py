@@ -33,7 +33,7 @@ from gradcheck import (
     session,
     torch_gradients,
 )
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from explainrt.errors import UnsupportedOperatorError
 from explainrt.autodiff.rules import REFUSED, RULES
@@ -471,6 +471,15 @@ def _conv() -> list[Case]:
         "kernel-larger-than-stride-leaves-rows": ({"strides": [3, 2]}, n32([6, 4, 2, 2], 1)),
         "1x1-stride2": ({"strides": [2, 2]}, n32([6, 4, 1, 1], 1)),
         "kernel-shape-attr": ({"kernel_shape": [3, 3], "pads": [1, 0, 1, 0]}, w),
+        # stride 1: the gradient is a Conv with the flipped weight (pads d (k - 1) - pad, cropping where negative)
+        "asymmetric-pads": ({"pads": [0, 2, 1, 0]}, w),
+        "pads-wider-than-kernel": ({"pads": [3, 0, 1, 4]}, w),
+        "1x1-padded": ({"pads": [1, 2, 0, 1]}, n32([6, 4, 1, 1], 1)),
+        "dilation-asymmetric-pads": ({"dilations": [2, 3], "pads": [0, 3, 4, 1]}, w),
+        "groups2-dilation-pads": ({"group": 2, "dilations": [1, 2], "pads": [1, 2, 0, 2]}, n32([6, 2, 3, 2], 1)),
+        "depthwise-multiplier": ({"group": 4, "pads": [2, 1, 0, 1]}, n32([8, 1, 3, 3], 1)),
+        "same-lower-even-kernel": ({"auto_pad": "SAME_LOWER"}, n32([6, 4, 2, 4], 1)),
+        "valid-rectangular-kernel": ({"auto_pad": "VALID"}, n32([6, 4, 2, 5], 1)),
     }
     cases = [case("Conv", variant, ["x", "w"], {"x": x}, constants={"w": weight}, attrs=attrs)
              for variant, (attrs, weight) in variants.items()]
@@ -479,6 +488,20 @@ def _conv() -> list[Case]:
              attrs={"pads": [1, 1, 1, 1], "strides": [2, 2]}, dynamic_batch=("x",)),
         case("Conv", "1d", ["x", "w"], {"x": n32([2, 3, 9])}, constants={"w": n32([2, 3, 3], 1)},
              attrs={"strides": [2], "pads": [1, 2]}),
+        case("Conv", "1d-stride1-dilation", ["x", "w"], {"x": n32([2, 3, 9])}, constants={"w": n32([2, 3, 3], 1)},
+             attrs={"dilations": [2], "pads": [3, 0]}),
+        case("Conv", "3d-stride1-groups", ["x", "w"], {"x": n32([2, 4, 4, 5, 3])}, constants={"w": n32([2, 2, 2, 3, 2], 1)},
+             attrs={"group": 2, "pads": [1, 0, 1, 0, 2, 1], "dilations": [1, 2, 1]}),
+        case("Conv", "3d-stride2", ["x", "w"], {"x": n32([2, 2, 5, 4, 4])}, constants={"w": n32([3, 2, 3, 2, 3], 1)},
+             attrs={"strides": [2, 1, 2], "pads": [1, 0, 1, 1, 1, 0]}),
+        # a computed weight (an int8 weight's DequantizeLinear, a graph input) is flipped by graph operators
+        graph_case("Conv", "stride1-dequantized-weight",
+                   [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0),
+                    node("Conv", ["x", "w"], group=2, pads=[1, 0, 2, 1], dilations=[2, 1])],
+                   {"x": x}, constants={"wq": rng(3).integers(-100, 100, [6, 2, 3, 3]).astype(np.int8),
+                                        "ws": positive([6], F32, 4, 0.005, 0.02)}),
+        case("Conv", "stride1-weight-input", ["x", "w"], {"x": x, "w": n32([6, 4, 2, 3], 1)}, wrt=("x",),
+             attrs={"pads": [0, 1, 1, 1]}),
     ]
     w_t = n32([4, 3, 3, 3], 1)
     transposed = {  # torch.nn.ConvTranspose2d exports pads, strides, output_padding, dilations, group
@@ -579,6 +602,25 @@ def test_the_check_catches_a_wrong_rule(monkeypatch: pytest.MonkeyPatch, op: str
     attrs = {"axes": [1]} if op == "ReduceMean" else {}
     with pytest.raises(AssertionError, match="relative errors"):
         check_gradients([node(op, ["x"], **attrs)], {"x": n64([2, 3])}, opset=13)
+
+
+@pytest.mark.parametrize("weight_input, strides, expected", [
+    (False, [1, 1], "Conv"), (True, [1, 1], "Conv"), (False, [2, 1], "ConvTranspose")],
+    ids=["stride1-constant-weight", "stride1-computed-weight", "strided"])
+def test_conv_gradient_form(weight_input: bool, strides: list[int], expected: str) -> None:
+    """A stride-1 Conv's input gradient is a Conv (ONNX Runtime's ConvTranspose is much slower), whose flipped
+    weight is an initializer computed at export when the weight is constant; a strided Conv's is a ConvTranspose."""
+    x, w = n32([1, 4, 6, 5]), n32([6, 2, 3, 2], 1)
+    conv = node("Conv", ["x", "w"], group=2, strides=strides, pads=[1, 0, 1, 1])
+    feeds, constants = ({"x": x, "w": w}, {}) if weight_input else ({"x": x}, {"w": w})
+    model = gradient_model(forward_model([conv], feeds, "y", constants=constants), ["x"], "y")
+    added = [n for n in model.graph.node if n.name != conv.name]
+    assert [n.op_type for n in added if n.op_type.startswith("Conv")] == [expected]
+    if expected == "Conv" and not weight_input:
+        (back,) = [n for n in added if n.op_type == "Conv"]
+        flipped = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == back.input[1])
+        np.testing.assert_array_equal(flipped, w.reshape(2, 3, 2, 3, 2).transpose(0, 2, 1, 3, 4).reshape(4, 3, 3, 2)[:, :, ::-1, ::-1])
+        assert not any("w" in n.input for n in added)  # nothing flips it per call
 
 
 # --- MaxPool at ties: torch.autograd routes to the first maximum -----------------------------------

@@ -702,9 +702,61 @@ def _scatter_windows(n: Node, g_merged: str, weight: str, group: int, kernel: Se
 
 
 def _conv(n: Node, g: Grads) -> Grads:
+    """A stride-1 Conv's input gradient is itself a Conv (``_correlate_back``); a strided one's scatters
+    the window gradients with ConvTranspose."""
     kernel = list(n.attr("kernel_shape") or n.b.static_shape(n.inputs[1], "the gradient of Conv")[2:])  # type: ignore[arg-type]
     merged = n.b.merge_seeds(g[0].name, n.outputs[0])
-    return (_scatter_windows(n, merged, n.inputs[1], int(n.attr("group", 1)), kernel), None, None)  # type: ignore[arg-type]
+    group = int(n.attr("group", 1))  # type: ignore[arg-type]
+    if all(s == 1 for s in n.attr("strides") or [1]):  # type: ignore[union-attr]
+        weight = _back_weight(n, group, len(kernel))
+        if weight is not None:
+            return (_correlate_back(n, merged, weight, group, kernel), None, None)
+    return (_scatter_windows(n, merged, n.inputs[1], group, kernel), None, None)
+
+
+def _back_weight(n: Node, group: int, spatial: int) -> str | None:
+    """The stride-1 Conv's weight [C_out, C_in / group, k...] as the weight of its gradient's Conv: spatially
+    flipped, input and output channels swapped within each group ([C_in, C_out / group, k...]). Computed here
+    for a constant weight (no per-call work); built with Reshape, Transpose and a reversing Slice for a
+    computed one (ONNX Runtime folds them where their input is an initializer, e.g. explainrt's float copy of a
+    quantized weight); None when a computed weight's shape is not static (the ConvTranspose form takes it)."""
+    b, weight = n.b, n.inputs[1]
+    value = b.constant_value(weight)
+    shape = b.info(weight).shape if value is None else value.shape
+    if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+        return None
+    c_out, c_in_group, *kernel = shape
+    grouped = [group, c_out // group, c_in_group, *kernel]
+    swapped = [0, 2, 1, *range(3, 3 + spatial)]
+    back_shape = [group * c_in_group, c_out // group, *kernel]
+    if value is not None:
+        flipped = value.reshape(grouped).transpose(swapped).reshape(back_shape)[(slice(None), slice(None)) + (slice(None, None, -1),) * spatial]
+        return b.constant(np.ascontiguousarray(flipped), dtype=b.info(weight).elem_type)
+    split = b.op("Reshape", [weight, b.ints(grouped)])
+    merged = b.op("Reshape", [b.op("Transpose", [split], perm=swapped), b.ints(back_shape)])
+    axes = list(range(2, 2 + spatial))
+    return b.op("Slice", [merged, b.ints([-1] * spatial), b.ints([np.iinfo(np.int64).min] * spatial), b.ints(axes),
+                          b.ints([-1] * spatial)])
+
+
+def _correlate_back(n: Node, g_merged: str, back_weight: str, group: int, kernel: Sequence[int]) -> V:
+    """The input gradient of a stride-1 Conv, ``y[j] = sum_k x[j - pad + k d] w[k]``, as a Conv of the window
+    gradients with the flipped weight: ``gx[i] = sum_k' gy[i - (d (k - 1) - pad) + k' d] w[k - 1 - k']``,
+    i.e. leading pads ``d (k - 1) - pad`` and trailing pads ``d (k - 1) - end_pad``. ONNX Runtime's Conv
+    (NCHWc layout, no col2im) is much faster than its ConvTranspose. A negative pad (a pad wider than the
+    dilated kernel) drops window gradients that reach no input: a Slice of them first."""
+    b = n.b
+    _, out_size, _, dilations, pads, end_pads = _window_geometry(n, kernel)
+    reach = [d * (k - 1) for d, k in zip(dilations, kernel)]
+    lead = [r - p for r, p in zip(reach, pads)]
+    trail = [r - e for r, e in zip(reach, end_pads)]
+    if any(v < 0 for v in lead + trail):
+        starts = [max(-v, 0) for v in lead]
+        ends = [o - max(-v, 0) for o, v in zip(out_size, trail)]
+        g_merged = b.op("Slice", [g_merged, b.ints(starts), b.ints(ends), b.ints(list(range(2, 2 + len(kernel))))])
+    back = b.op("Conv", [g_merged, back_weight], dilations=dilations, group=group,
+                pads=[max(v, 0) for v in lead] + [max(v, 0) for v in trail])
+    return V(b, back).reshape_like(n.x[0])
 
 
 def _conv_transpose(n: Node, g: Grads) -> Grads:
