@@ -269,6 +269,25 @@ def test_box_objective_in_one_call_matches_autograd(layout: str, monkeypatch: py
             explainer.explain(image, method="gradcam", targets=Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout=layout))
 
 
+def test_box_gradient_skips_the_zero_box_rows() -> None:
+    """YOLOv8's box rows get no cotangent: the reverse pass starts at the concatenated part holding the class
+    rows (seeded with those rows) and builds nothing for the parts before it (the values are checked against
+    torch.autograd in test_box_objective_in_one_call_matches_autograd)."""
+    from explainrt.export.explainable import make_explainable
+    from explainrt.export.torch_export import LOGITS_OUTPUT, export_torch
+
+    model = _TinyDetector("yolov8").eval()
+    plain, taps = export_torch(model, torch.zeros(1, 3, 32, 32), [model.features])
+    explainable = make_explainable(plain, taps, logits=LOGITS_OUTPUT, objective="boxes_yolov8")
+    producers = {out: n for n in plain.graph.node for out in n.output}
+    concat = producers[LOGITS_OUTPUT]
+    assert concat.op_type == "Concat" and len(concat.input) == 3
+    box_parts = {producers[x].name for x in concat.input[:2]}  # the Muls scaling cx, cy and w, h
+    added = [n.name for n in explainable.graph.node if n.name.startswith("explainrt/grad/")]
+    assert not [name for name in added if name.split("/")[2] in box_parts]
+    assert any(name.split("/")[2] == producers[concat.input[2]].name for name in added)  # the class scores' Sigmoid
+
+
 def test_box_yolov5_layout_is_objectness_times_class() -> None:
     """YOLOv5's [anchors, 5 + classes]: the objective's gradient is that of objectness x class score."""
     rng = np.random.default_rng(0)

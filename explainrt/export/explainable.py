@@ -135,6 +135,8 @@ def make_explainable(
         boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", 6])
         builder.scope = "explainrt/grad/seed"
         of, seed, matches = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective])
+        if BOX_OBJECTIVES[objective] == "yolov8":  # zero on the 4 box rows: the gradient skips the box branch
+            of, seed = _past_zero_rows(builder, of, seed, 4, targets)
     else:
         requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
         resolved = _resolve_targets(builder, logits_name, requested)
@@ -554,6 +556,36 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple
         seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, scores)))
     perm = [1, 0, 2, 3] if layout == "yolov8" else [1, 0, 3, 2]
     return logits, b.op("Transpose", [seed], perm=perm, name="explainrt/grad/seed/boxes", like=like), matches
+
+
+def _past_zero_rows(b: GradientBuilder, y: str, seed: str, first: int, targets: Sequence[str]) -> tuple[str, str]:
+    """The tensor to seed and its cotangent, when ``seed`` (y's cotangent [K, N, F, ...]) is zero on rows
+    ``[0, first)`` of y's axis 1 and y concatenates parts along that axis (YOLOv8's head: the 4 box rows, then
+    the sigmoid class scores): the part holding every other row, seeded with its rows of ``seed``, if every
+    target layer reaches it. Exact, and the reverse pass skips the parts whose cotangent is zero (YOLOv8's box
+    branch: its convolutions at every scale, the DFL softmax)."""
+    producers = {out: node for node in b.graph.node for out in node.output}
+    while y in producers and producers[y].op_type == "Concat":
+        node = producers[y]
+        axis = next(int(a.i) for a in node.attribute if a.name == "axis")
+        if axis % b.rank(y) != 1:
+            break
+        infos = [b.infos.get(x) for x in node.input]
+        sizes = [info.shape[1] if info is not None and info.shape and len(info.shape) > 1 else None for info in infos]
+        if not all(isinstance(size, int) for size in sizes):
+            break
+        starts = list(itertools.accumulate([0, *sizes[:-1]]))
+        holding = [i for i, (start, size) in enumerate(zip(starts, sizes)) if start + size > first]
+        if len(holding) != 1:
+            break
+        (index,) = holding
+        if not set(targets) <= ancestors(b.graph, node.input[index]):
+            break
+        start, size = starts[index], sizes[index]
+        y = node.input[index]
+        seed = b.op("Slice", [seed, b.ints([start]), b.ints([start + size]), b.ints([2])], like=y)
+        first = max(first - start, 0)
+    return y, seed
 
 
 def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[object]]]:
