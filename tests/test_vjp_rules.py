@@ -604,23 +604,32 @@ def test_the_check_catches_a_wrong_rule(monkeypatch: pytest.MonkeyPatch, op: str
         check_gradients([node(op, ["x"], **attrs)], {"x": n64([2, 3])}, opset=13)
 
 
-@pytest.mark.parametrize("weight_input, strides, expected", [
-    (False, [1, 1], "Conv"), (True, [1, 1], "Conv"), (False, [2, 1], "ConvTranspose")],
-    ids=["stride1-constant-weight", "stride1-computed-weight", "strided"])
-def test_conv_gradient_form(weight_input: bool, strides: list[int], expected: str) -> None:
+@pytest.mark.parametrize("weight, strides, expected", [
+    ("constant", [1, 1], "Conv"), ("dequantized", [1, 1], "Conv"), ("input", [1, 1], "Conv"),
+    ("constant", [2, 1], "ConvTranspose")], ids=["stride1-constant", "stride1-dequantized", "stride1-input", "strided"])
+def test_conv_gradient_form(weight: str, strides: list[int], expected: str) -> None:
     """A stride-1 Conv's input gradient is a Conv (ONNX Runtime's ConvTranspose is much slower), whose flipped
-    weight is an initializer computed at export when the weight is constant; a strided Conv's is a ConvTranspose."""
+    weight is an initializer computed at export when the weight is constant or an int8 weight's dequantization
+    (built by graph operators from a graph input); a strided Conv's is a ConvTranspose."""
     x, w = n32([1, 4, 6, 5]), n32([6, 2, 3, 2], 1)
-    conv = node("Conv", ["x", "w"], group=2, strides=strides, pads=[1, 0, 1, 1])
-    feeds, constants = ({"x": x, "w": w}, {}) if weight_input else ({"x": x}, {"w": w})
-    model = gradient_model(forward_model([conv], feeds, "y", constants=constants), ["x"], "y")
-    added = [n for n in model.graph.node if n.name != conv.name]
+    quantized, scale = rng(3).integers(-100, 100, w.shape).astype(np.int8), np.float32(0.01)
+    nodes = [node("Conv", ["x", "w"], group=2, strides=strides, pads=[1, 0, 1, 1])]
+    feeds, constants = {"x": x}, {"w": w}
+    if weight == "input":
+        feeds, constants = {"x": x, "w": w}, {}
+    elif weight == "dequantized":
+        nodes.insert(0, helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"]))
+        constants = {"wq": quantized, "ws": np.array(scale)}
+        w = quantized.astype(F32) * scale
+    model = gradient_model(forward_model(nodes, feeds, "y", constants=constants), ["x"], "y")
+    added = [n for n in model.graph.node if n.name not in {f.name for f in nodes}]
     assert [n.op_type for n in added if n.op_type.startswith("Conv")] == [expected]
-    if expected == "Conv" and not weight_input:
+    if expected == "Conv" and weight != "input":
         (back,) = [n for n in added if n.op_type == "Conv"]
         flipped = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == back.input[1])
-        np.testing.assert_array_equal(flipped, w.reshape(2, 3, 2, 3, 2).transpose(0, 2, 1, 3, 4).reshape(4, 3, 3, 2)[:, :, ::-1, ::-1])
-        assert not any("w" in n.input for n in added)  # nothing flips it per call
+        expected_weight = w.reshape(2, 3, 2, 3, 2).transpose(0, 2, 1, 3, 4).reshape(4, 3, 3, 2)[:, :, ::-1, ::-1]
+        np.testing.assert_allclose(flipped, expected_weight, rtol=1e-6)
+        assert not any("w" in n.input for n in added)  # nothing flips (or dequantizes) it per call
 
 
 # --- MaxPool at ties: torch.autograd routes to the first maximum -----------------------------------

@@ -85,6 +85,25 @@ def opset_version(model: onnx.ModelProto) -> int:
     raise InvalidModelError("the model imports no version of the default ONNX operator set")
 
 
+def dequantized(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """(q - zero) * scale of a DequantizeLinear whose inputs are all initializers, per tensor or per axis;
+    None for any other (computed inputs, blocked quantization, float8 types)."""
+    names = [name for name in node.input if name]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if not all(name in constants for name in names) or attributes.get("block_size", 0):
+        return None
+    arrays = [onnx.numpy_helper.to_array(constants[name]) for name in names]
+    quantized, scale = arrays[0], arrays[1]
+    zero = arrays[2] if len(arrays) > 2 else np.zeros((), dtype=quantized.dtype)
+    if quantized.dtype.kind not in "iu" or scale.dtype.kind != "f" or scale.ndim > 1:
+        return None
+    if scale.ndim == 1 and quantized.ndim > 1:
+        shape = [1] * quantized.ndim
+        shape[int(attributes.get("axis", 1))] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.ndim == 1 else zero
+    return ((quantized.astype(np.float64) - zero.astype(np.float64)) * scale).astype(scale.dtype)
+
+
 class GraphBuilder:
     """Appends nodes, constants and outputs to ``model.graph`` (mutated in place).
 
@@ -195,6 +214,17 @@ class GraphBuilder:
         """The value of an initializer or Constant-node output; None for computed tensors."""
         proto = self._constant_protos.get(name)
         return None if proto is None else numpy_helper.to_array(proto)
+
+    def weight_value(self, name: str) -> np.ndarray | None:
+        """The value of a constant, or of a DequantizeLinear of constants (an int8 QDQ model's weight) computed
+        here; None for other computed tensors."""
+        value = self.constant_value(name)
+        if value is not None:
+            return value
+        producer = next((n for n in self.graph.node if name in n.output), None)
+        if producer is None or producer.op_type != "DequantizeLinear":
+            return None
+        return dequantized(producer, self._constant_protos)
 
     def info(self, name: str) -> TensorInfo:
         info = self.infos.get(name)

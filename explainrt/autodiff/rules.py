@@ -717,12 +717,13 @@ def _conv(n: Node, g: Grads) -> Grads:
 def _back_weight(n: Node, group: int, spatial: int) -> str | None:
     """The stride-1 Conv's weight [C_out, C_in / group, k...] as the weight of its gradient's Conv: spatially
     flipped, input and output channels swapped within each group ([C_in, C_out / group, k...]). Computed here
-    for a constant weight (no per-call work); built with Reshape, Transpose and a reversing Slice for a
-    computed one (ONNX Runtime folds them where their input is an initializer, e.g. explainrt's float copy of a
-    quantized weight); None when a computed weight's shape is not static (the ConvTranspose form takes it)."""
+    for a constant weight or an int8 QDQ model's dequantized one (no per-call work, a plain initializer for
+    TensorRT too); built with Reshape, Transpose and a reversing Slice for another computed one; None when
+    that one's shape is not static (the ConvTranspose form takes it)."""
     b, weight = n.b, n.inputs[1]
-    value = b.constant_value(weight)
-    shape = b.info(weight).shape if value is None else value.shape
+    value = b.weight_value(weight)
+    info = b.infos.get(weight)
+    shape = (info.shape if info is not None else None) if value is None else value.shape
     if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
         return None
     c_out, c_in_group, *kernel = shape

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, version_converter
 
-from explainrt.autodiff.builder import opset_version
+from explainrt.autodiff.builder import dequantized, opset_version
 from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.zero_blocks import compute_on_blocks
@@ -200,32 +200,13 @@ def _dequantized_constants(model: onnx.ModelProto) -> None:
     for node in list(graph.node):
         if node.op_type != "DequantizeLinear" or node.output[0] not in readers:
             continue
-        values = _dequantized(node, constants)
+        values = dequantized(node, constants)
         if values is None:
             continue
         name = f"{DEQUANTIZED_PREFIX}{node.output[0]}"
         graph.initializer.append(onnx.numpy_helper.from_array(values, name))
         for reader in readers[node.output[0]]:
             reader.input[:] = [name if value == node.output[0] else value for value in reader.input]
-
-
-def _dequantized(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    """(q - zero) * scale of a DequantizeLinear whose inputs are all initializers, per tensor or per axis;
-    None for any other (computed inputs, blocked quantization, float8 types)."""
-    names = [name for name in node.input if name]
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if not all(name in constants for name in names) or attributes.get("block_size", 0):
-        return None
-    arrays = [onnx.numpy_helper.to_array(constants[name]) for name in names]
-    quantized, scale = arrays[0], arrays[1]
-    zero = arrays[2] if len(arrays) > 2 else np.zeros((), dtype=quantized.dtype)
-    if quantized.dtype.kind not in "iu" or scale.dtype.kind != "f" or scale.ndim > 1:
-        return None
-    if scale.ndim == 1 and quantized.ndim > 1:
-        shape = [1] * quantized.ndim
-        shape[int(attributes.get("axis", 1))] = -1
-        scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.ndim == 1 else zero
-    return ((quantized.astype(np.float64) - zero.astype(np.float64)) * scale).astype(scale.dtype)
 
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
