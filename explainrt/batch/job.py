@@ -414,7 +414,7 @@ class ExplainWorker:
         from explainrt.overlay import save_png
 
         overlays = explanation.overlays(captions=self.captions)
-        probabilities = softmax(explanation.logits)
+        probabilities = softmax(explanation.class_scores)
         labels = explanation.labels
         for position, index in enumerate(good):
             for k, (name, row) in enumerate(zip(self.names, rows[index], strict=True)):
@@ -431,7 +431,7 @@ class ExplainWorker:
                 if explanation.objective:  # target objects: the logits are each target's objective
                     row.update(score=float(explanation.logits[at[0], k]))
                     continue
-                predicted = int(np.argmax(explanation.logits[position]))
+                predicted = int(np.argmax(explanation.class_scores[position]))
                 row.update(predicted_class=predicted, predicted_label=labels[predicted] if labels else None,
                            probability=float(probabilities[position, predicted]),
                            explained_probability=float(probabilities[position, explained]))

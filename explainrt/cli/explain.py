@@ -121,7 +121,7 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: Any, ba
             overlays = explanation.overlays(captions=captions)
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
             objective = explanation.objective  # target objects: logits hold each image's objective [N, 1]
-            probabilities = softmax(explanation.logits)
+            probabilities = softmax(explanation.class_scores)
             tops = [[]] * len(chunk) if objective else explanation.top_k(TOP_K)
             given = target if many else [target]
             for index, (source, top) in enumerate(zip(chunk, tops, strict=True)):
