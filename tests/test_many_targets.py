@@ -194,7 +194,13 @@ def test_server_takes_a_list_of_targets_per_instance(files: Path, seg: Explainer
 def test_batch_worker_writes_one_map_and_row_per_target(files: Path, seg: Explainer, tmp_path: Path) -> None:
     """A Ray batch job's worker (run here without Ray) given K targets: per image and target its map, overlay
     and summary row, each map equal to the one-target call; bad targets are refused before Ray starts."""
-    from explainrt.batch.job import _IMAGES, _NAMES, SUMMARY_COLUMNS, ExplainWorker, explain_dataset
+    from explainrt.batch.job import (
+        _IMAGES,
+        _NAMES,
+        SUMMARY_COLUMNS,
+        ExplainWorker,
+        explain_dataset,
+    )
 
     mask = _mask(files)
     given = [Region(2, mask), 1, Class(3)]
