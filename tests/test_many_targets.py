@@ -232,3 +232,67 @@ def test_batch_worker_writes_one_map_and_row_per_target(files: Path, seg: Explai
     with pytest.raises(InvalidInputError, match="target class 7 is out of range"):
         explain_dataset(files, tmp_path / "o", str(files / "seg.onnx"), preprocessing=proto.preprocessing,
                         target=[1, 7])
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+def test_boxes_mixed_with_other_targets_and_summed_in_one_call(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Box beside a Weights target, a Sum of two Boxes, and a Sum of a Box and Weights, on both layouts and
+    backends: one runtime call (the weighted box objective), each map equal to torch.autograd's input gradient
+    of its objective and each score to the objective; a summed box no prediction overlaps is refused."""
+    from tests.test_targets import _Calls
+
+    model = _TinyDetector(layout).eval()
+    image = _image((2, 3, SIZE, SIZE), seed=21)
+    x = torch.from_numpy(image).requires_grad_(True)
+    out = model(x)
+    values = out.detach().numpy()
+    rng = np.random.default_rng(22)
+    weights = [rng.normal(size=values.shape[1:]).astype(np.float32) for _ in range(2)]
+
+    def boxes_of(i: int) -> list[Box]:
+        predictions = values[i] if layout == "yolov5" else values[i].T  # [anchors, fields]
+        picks = [int(np.argmax(predictions[:, -1])), int(np.argmax(predictions[:, -2]))]
+        return [Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, SIZE), c, iou=0.7, layout=layout)
+                for (cx, cy, w, h), c in zip(predictions[picks, :4], (1, 0))]
+
+    from explainrt.targets import Sum, Weights
+
+    first, second = boxes_of(0), boxes_of(1)
+    rows = [[first[0], Weights(weights[0]), Sum([first[0], first[1]])],
+            [Sum([second[1], Weights(weights[1])]), second[0], Weights(weights[1])]]
+
+    def objective(target: object, i: int) -> torch.Tensor:
+        """The target's objective of image i's output, in torch (the overlaps decided on these values)."""
+        if isinstance(target, Sum):
+            return sum(objective(part, i) for part in target.parts)  # type: ignore[return-value]
+        if isinstance(target, Weights):
+            return (out[i] * torch.from_numpy(target.weights)).sum()
+        assert isinstance(target, Box)
+        chosen = torch.from_numpy(target._overlapping(values[i] if layout == "yolov5" else values[i].T))
+        assert 0 < int(chosen.sum()) < 64  # some predictions count, not all: the mask matters
+        fields = out[i] if layout == "yolov5" else out[i].T
+        score = fields[:, 5 + target.index] * fields[:, 4] if layout == "yolov5" else fields[:, 4 + target.index]
+        return score[chosen].sum()
+
+    for backend in ("onnxruntime", "torch"):
+        explainer = Explainer(model, [model.features], backend=backend, input_size=(SIZE, SIZE))
+        calls = _Calls(explainer, monkeypatch)
+        ours = explainer.explain(image, method="saliency", targets=rows, normalize=False, abs=False)
+        assert calls.names == ["input_gradients"], backend  # no forward pass first
+        for i in range(2):
+            for k in range(3):
+                x.grad = None
+                value = objective(rows[i][k], i)
+                value.backward(retain_graph=True)
+                reference = x.grad.numpy()[i].sum(axis=0)
+                assert np.abs(ours.maps[i, k] - reference).max() <= 1e-4 * np.abs(reference).max(), (backend, i, k)
+                np.testing.assert_allclose(ours.logits[i, k], float(value), rtol=1e-5)
+        del calls.names[:]
+        cams = explainer.explain(image, method="gradcam", targets=rows, normalize=False)
+        assert calls.names == ["run"], backend
+        for k in range(3):
+            one = explainer.explain(image, method="gradcam", targets=[row[k] for row in rows], normalize=False)
+            np.testing.assert_allclose(cams.maps[:, k], one.maps, rtol=1e-4, atol=1e-6)
+        with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
+            explainer.explain(image[:1], method="gradcam",
+                              targets=Sum([first[0], Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout=layout)]))
