@@ -101,7 +101,13 @@ def detection_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
     from skimage import data
 
-    from tests.readme_standins import SEG_SIZE, YOLO_SIZE, TinySegmenter, export, yolov8n
+    from tests.readme_standins import (
+        SEG_SIZE,
+        YOLO_SIZE,
+        TinySegmenter,
+        export,
+        yolov8n,
+    )
 
     folder = tmp_path_factory.mktemp("detection")
     export(yolov8n(), folder / "yolov8n.onnx", YOLO_SIZE, "images", "output0")
