@@ -129,7 +129,7 @@ def test_server_takes_a_list_of_targets_per_instance(files: Path, seg: Explainer
     explainers = {"seg": seg, "det": Explainer(detector, [detector.features], input_size=(SIZE, SIZE))}
     with TestClient(create_app(explainers)) as client:
         response = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
-            "targets": rows, "return": ["map", "overlay"]}})
+            "targets": rows, "return": ["map", "overlay"], "caption": True}})
         assert response.status_code == 200, response.text
         items = response.json()["explanations"]
         for k in range(2):
@@ -140,7 +140,7 @@ def test_server_takes_a_list_of_targets_per_instance(files: Path, seg: Explainer
                 np.testing.assert_allclose(part["target"]["score"], one.logits[index, 0], rtol=1e-5)
                 np.testing.assert_allclose(np.asarray(part["map"]), one.maps[index], atol=1e-4)
                 overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(part["overlay"]["b64"]))))
-                np.testing.assert_array_equal(overlay, one.overlays()[index])
+                np.testing.assert_array_equal(overlay, one.overlays(captions=True)[index])  # its own caption
         classes = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
             "targets": [[1, -1], [2, 0]], "return": "map"}})
         assert classes.status_code == 200, classes.text
