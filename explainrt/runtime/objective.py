@@ -131,7 +131,7 @@ class TargetSession:
         """One call of the weighted box objective: per target its other parts' constant weights, and its boxes
         padded to the most of any target with boxes that match nothing (IoU threshold 2)."""
         zeros = np.zeros(self.inner.spec.output_shape, dtype=np.float32)  # type: ignore[arg-type]
-        count = max(len(parts) for row in split for parts, _ in row) or 1
+        count = max(len(parts) for row in split for parts, _ in row)
         weights = np.zeros((len(split), len(split[0]), *zeros.shape), dtype=np.float32)
         boxes = np.tile(np.array(PADDING_BOX, np.float32), (len(split), len(split[0]), count, 1))
         for i, row in enumerate(split):
