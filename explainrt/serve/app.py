@@ -480,7 +480,8 @@ def _v2_images(model: ServedModel, tensors: dict[str, codec.V2Tensor]) -> tuple[
                 len(shape) == 2 and shape[0] == count and shape[1] >= 1)):
             raise InvalidInputError(f"input {TARGETS_TENSOR!r} must be INT64 [{count}] (one class per image) or "
                                     f"[{count}, K] (K classes per image), got {given.datatype} {list(shape)}")
-        values = given.array.tolist() if len(shape) == 2 else given.array.ravel().tolist()
+        many = len(shape) == 2 and given.array.size != count  # [N, K]; [N, 1] stays one class per image
+        values = given.array.tolist() if many else given.array.ravel().tolist()
         targets = _instance_targets(values, count, model.num_classes)
     return images, raw, targets
 
