@@ -120,7 +120,8 @@ def explain_dataset(
     ``target``: the class to explain for every image (None: the top class; -k: the k-th most
     likely), an ``explainrt.targets`` object, or a list of K of these: each image is explained for all K
     in one call, one map and overlay per target (``<image>.<method>.<target>.npy``, the target's
-    ``text_form`` as a file-name part) and one summary row each. ``batch_size``: images per actor call and per runtime call. ``ray_address``: an
+    ``text_form`` as a file-name part) and one summary row each. ``batch_size``: images per actor call
+    and per runtime call. ``ray_address``: an
     existing cluster to join; without it (and without a Ray instance already started in this
     process) a local one with ``workers + 1`` CPUs (one per actor, one for reading) is started and
     shut down at the end. ``captions``: write each overlay's caption line (class label, probability,
@@ -372,7 +373,7 @@ class ExplainWorker:
                 errors.append(str(error))
         decode = time.perf_counter() - tick
         good = [index for index, image in enumerate(pixels) if image is not None]
-        rows = [[self._row(name, label, None if error is None else str(error), text) for text in self.texts]
+        rows = [[self._row(name, label, error, text) for text in self.texts]
                 for name, label, error in zip(names, labels, errors)]
         explain_seconds = write_seconds = 0.0
         if good:
@@ -443,7 +444,7 @@ def _worker_id() -> str:
         import ray
 
         return f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
-    except (ImportError, RuntimeError, AssertionError):
+    except ImportError:
         return str(os.getpid())
 
 
