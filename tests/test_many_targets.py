@@ -296,3 +296,15 @@ def test_boxes_mixed_with_other_targets_and_summed_in_one_call(layout: str, monk
         with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
             explainer.explain(image[:1], method="gradcam",
                               targets=Sum([first[0], Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout=layout)]))
+
+
+def test_cli_batch_takes_repeated_targets_and_refuses_bad_ones_before_ray(
+        files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from explainrt.cli import main
+
+    common = ["batch", str(files), "--out", str(tmp_path / "out"), "--model", str(files / "seg.onnx"),
+              "--input-size", "32", "32"]
+    assert main([*common, "--target", "1", "--target", "box:1,1,5,5:0"]) == 2
+    assert "Box needs a raw detector output" in capsys.readouterr().err
+    assert main([*common, "--target", "1", "--target=-9"]) == 2
+    assert "target class -9 is out of range" in capsys.readouterr().err
