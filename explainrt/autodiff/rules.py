@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from explainrt.autodiff.builder import Dim, TensorInfo
 from explainrt.autodiff.gradients import Node, Rule, V, add_n, blocks_path, through_integers, where
@@ -732,7 +732,7 @@ def _back_weight(n: Node, group: int, spatial: int) -> str | None:
     back_shape = [group * c_in_group, c_out // group, *kernel]
     if value is not None:
         flipped = value.reshape(grouped).transpose(swapped).reshape(back_shape)[(slice(None), slice(None)) + (slice(None, None, -1),) * spatial]
-        return b.constant(np.ascontiguousarray(flipped), dtype=b.info(weight).elem_type)
+        return b.constant(np.ascontiguousarray(flipped), dtype=helper.np_dtype_to_tensor_dtype(flipped.dtype))
     split = b.op("Reshape", [weight, b.ints(grouped)])
     merged = b.op("Reshape", [b.op("Transpose", [split], perm=swapped), b.ints(back_shape)])
     axes = list(range(2, 2 + spatial))
