@@ -175,6 +175,12 @@ def _unary() -> list[Case]:
         case("Gelu", "tanh", ["x"], {"x": n32(shape) * 2}, opset=20, attrs={"approximate": "tanh"}),
         case("Erf", "plain", ["x"], {"x": n32(shape)}),
         case("Sigmoid", "plain", ["x"], {"x": n64(shape) * 3}),
+        # SiLU, x * Sigmoid(x): both rules compute the sigmoid again from x (ONNX Runtime then fuses the forward pair)
+        graph_case("Sigmoid", "silu", [node("Sigmoid", ["x"], ("s",)), node("Mul", ["x", "s"])], {"x": n64(shape) * 3}),
+        graph_case("Mul", "silu-sigmoid-first", [node("Sigmoid", ["x"], ("s",)), node("Mul", ["s", "x"])],
+                   {"x": n64(shape) * 3}),
+        graph_case("Mul", "silu-sigmoid-also-read", [node("Sigmoid", ["x"], ("s",)), helper.make_node("Mul", ["x", "s"], ["m"], name="silu"),
+                                                     node("Mul", ["m", "s"])], {"x": n64(shape) * 3}),
         case("Tanh", "plain", ["x"], {"x": n64(shape) * 2}),
         case("Exp", "plain", ["x"], {"x": n64(shape)}),
         case("Log", "plain", ["x"], {"x": positive(shape, low=0.2)}),

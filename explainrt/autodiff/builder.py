@@ -126,6 +126,8 @@ class GraphBuilder:
         self._constants: dict[tuple[bytes, int, tuple[int, ...]], str] = {}
         self._shapes: dict[str, str] = {}
         self._constant_protos = {t.name: t for t in self.graph.initializer}
+        self._producers: dict[str, onnx.NodeProto] | None = None  # built on first use, from the given nodes
+        self._readers: dict[str, list[onnx.NodeProto]] | None = None
         for node in self.graph.node:
             tensor = _constant_tensor(node) if node.op_type == "Constant" else None
             if tensor is not None:
@@ -215,13 +217,32 @@ class GraphBuilder:
         proto = self._constant_protos.get(name)
         return None if proto is None else numpy_helper.to_array(proto)
 
+    def _index_given_nodes(self) -> None:
+        if self._producers is None:
+            self._producers, self._readers = {}, {}
+            for node in self.graph.node:
+                self._producers.update(dict.fromkeys(node.output, node))
+                for name in node.input:
+                    self._readers.setdefault(name, []).append(node)
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The node of the model as first asked (before gradients were added) that outputs ``name``; None for
+        inputs, initializers and added tensors."""
+        self._index_given_nodes()
+        return self._producers.get(name)  # type: ignore[union-attr]
+
+    def readers(self, name: str) -> list[onnx.NodeProto]:
+        """The nodes of the model as first asked (see ``producer``) that read ``name``."""
+        self._index_given_nodes()
+        return self._readers.get(name, [])  # type: ignore[union-attr]
+
     def weight_value(self, name: str) -> np.ndarray | None:
         """The value of a constant, or of a DequantizeLinear of constants (an int8 QDQ model's weight) computed
         here; None for other computed tensors."""
         value = self.constant_value(name)
         if value is not None:
             return value
-        producer = next((n for n in self.graph.node if name in n.output), None)
+        producer = self.producer(name)
         if producer is None or producer.op_type != "DequantizeLinear":
             return None
         return dequantized(producer, self._constant_protos)

@@ -69,6 +69,35 @@ def _div(n: Node, g: V, a: V, b: V, y: V) -> Grads:
     return ga.unbroadcast(a), (-ga * y).unbroadcast(b)
 
 
+def _sigmoid_of(n: Node, s: V, x: V) -> bool:
+    """Whether ``s`` is Sigmoid(``x``) (SiLU is ``x * Sigmoid(x)``)."""
+    producer = n.b.producer(s.name)
+    return producer is not None and producer.op_type == "Sigmoid" and producer.input[0] == x.name
+
+
+def _sigmoid_again(x: V) -> V:
+    """Sigmoid(x) computed again for a SiLU's gradient rather than read: ONNX Runtime fuses a SiLU's Sigmoid and
+    Mul into one kernel (QuickGelu) only when nothing else reads the sigmoid. Taken of x with a leading size-1
+    axis (a seed axis of 1, which broadcasts), else ONNX Runtime's common-subexpression elimination would merge
+    it with the forward Sigmoid(x) again."""
+    b = x.b
+    return V(b, b.op("Sigmoid", [b.unsqueeze(x.name, [0])]), x.info, seeded=True)
+
+
+def _mul(n: Node, g: V, a: V, b: V, y: V) -> Grads:
+    """d(a b) = g b and g a; in a SiLU, x * Sigmoid(x), with the sigmoid computed again (``_sigmoid_again``)."""
+    a_factor = _sigmoid_again(b) if _sigmoid_of(n, a, b) else a
+    b_factor = _sigmoid_again(a) if _sigmoid_of(n, b, a) else b
+    return (g * b_factor).unbroadcast(a), (g * a_factor).unbroadcast(b)
+
+
+def _sigmoid(n: Node, g: V, x: V, y: V) -> V:
+    """g y (1 - y); in a SiLU with y computed again from x (``_sigmoid_again``), so that the forward SiLU stays fused."""
+    silu = any(node.op_type == "Mul" and set(node.input) == {x.name, y.name} for node in n.b.readers(y.name))
+    s = _sigmoid_again(x) if silu else y
+    return g * (s * (1 - s))
+
+
 def _mean(n: Node, g: Grads) -> Grads:
     share = g[0] / len(n.x)
     return [share.unbroadcast(x) for x in n.x]
@@ -925,7 +954,7 @@ RULES: dict[str, Rule] = {
     # element-wise: unbroadcast sums a gradient back to its input's shape
     "Add": elementwise(lambda n, g, a, b, y: (g.unbroadcast(a), g.unbroadcast(b))),
     "Sub": elementwise(lambda n, g, a, b, y: (g.unbroadcast(a), (-g).unbroadcast(b))),
-    "Mul": elementwise(lambda n, g, a, b, y: ((g * b).unbroadcast(a), (g * a).unbroadcast(b))),
+    "Mul": elementwise(_mul),
     "Div": elementwise(_div),
     "Pow": elementwise(lambda n, g, x, p, y: ((g * (p.cast(x.dtype) * x ** (p - 1))).unbroadcast(x), None)),
     "Sum": lambda n, g: [g[0].unbroadcast(x) for x in n.x],
@@ -943,7 +972,7 @@ RULES: dict[str, Rule] = {
     "HardSigmoid": elementwise(_hard_sigmoid),
     # y = x * clip(x/6 + 1/2, 0, 1)
     "HardSwish": elementwise(lambda n, g, x, y: g * where(x > 3, 1, where(x < -3, 0, x / 3 + 0.5))),
-    "Sigmoid": elementwise(lambda n, g, x, y: g * (y * (1 - y))),
+    "Sigmoid": elementwise(_sigmoid),
     "Tanh": elementwise(lambda n, g, x, y: g * (1 - y * y)),
     "Exp": elementwise(lambda n, g, x, y: g * y),
     "Log": elementwise(lambda n, g, x, y: g / x),
