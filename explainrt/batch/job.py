@@ -376,7 +376,8 @@ def _write_summary(out: Path, rows: list[Any], seconds: float) -> BatchJobResult
 
     summary = pd.concat(rows, ignore_index=True)[list(SUMMARY_COLUMNS)].sort_values("image", ignore_index=True)
     texts = [column for column in SUMMARY_COLUMNS if _column_dtype(column) is object]
-    summary[texts] = summary[texts].astype("str")  # one missing-value marker, as read back from Parquet
+    # one missing-value marker, as read back from Parquet (pandas 2's astype("str") would write "None")
+    summary[texts] = summary[texts].astype(pd.StringDtype())
     parquet, csv = out / SUMMARY_PARQUET, out / SUMMARY_CSV
     write_atomic(parquet, lambda handle: summary.to_parquet(handle, index=False))
     write_atomic(csv, summary.to_csv(index=False).encode())
