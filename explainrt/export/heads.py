@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import onnx
 from onnx import TensorProto
 
+from explainrt import kernels
 from explainrt.autodiff.builder import GraphBuilder, TensorInfo, tensor_infos
 from explainrt.autodiff.gradients import V, add_n, where
 from explainrt.errors import InvalidInputError, InvalidModelError
@@ -196,11 +197,12 @@ def _method_maps(b: GraphBuilder, form: ClosedForm, layers: list[tuple[V, V]], i
     ops = _GraphAlgebra()
     per_layer = []
     for acts, grads in layers:
+        grid = list((b.infos[acts.name].shape or (None,) * 4)[2:4]) if acts.name in b.infos else []
         a = _float32(acts).unsqueeze([-4])  # [N, 1, C, h, w]: broadcast over the K targets
         g = _float32(grads)  # [N, K, C, h, w]
         weighted, weights = form.formula(ops, a, g)
         cams = ops.relu((weights * weighted).sum([-3], keepdims=False))  # [N, K, h, w]
-        per_layer.append(_resize_like_image(b, _normalized(b, cams), image))
+        per_layer.append(_resize_like_image(b, _normalized(b, cams), image, grid))
     combined = per_layer[0] if len(per_layer) == 1 else add_n([ops.relu(m) for m in per_layer]) / float(len(per_layer))
     return _normalized(b, combined)
 
@@ -215,8 +217,21 @@ def _normalized(b: GraphBuilder, maps: V) -> V:
     return shifted / (V(b, b.reduce("ReduceMax", shifted.name, [-2, -1])) + CAM_EPS)
 
 
-def _resize_like_image(b: GraphBuilder, maps: V, image: str) -> V:
-    """Bilinear resize of [N, K, h, w] to the image's [H, W] as cv2.resize(INTER_LINEAR) does it."""
+def _resize_like_image(b: GraphBuilder, maps: V, image: str, grid: Sequence[object]) -> V:
+    """Bilinear resize of [N, K, h, w] (``grid``: h, w as the graph knows them) to the image's [H, W] as
+    cv2.resize(INTER_LINEAR) does it. Where both sizes are static, two MatMuls with the interpolation
+    matrices (``kernels.resize_matrix``, the Python path's table): no shape arithmetic at run time and a
+    fraction of ONNX Runtime's Resize kernel time; otherwise a Resize to the image's run-time size."""
+    image_hw = (b.info(image).shape or (None,) * 4)[2:4]
+    sizes_known = [*grid, *image_hw]
+    if len(sizes_known) == 4 and all(isinstance(d, int) and d > 0 for d in sizes_known):
+        (h, w), (height, width) = grid, image_hw
+        rows = b.constant(kernels.resize_matrix(h, height), dtype=TensorProto.FLOAT)  # [H, h]
+        columns = b.constant(kernels.resize_matrix(w, width).T, dtype=TensorProto.FLOAT)  # [w, W]
+        across = b.op("MatMul", [maps.name, columns])  # [N, K, h, W]
+        resized = b.op("MatMul", [rows, across])  # [N, K, H, W]
+        b.infos[resized] = TensorInfo(TensorProto.FLOAT, None)
+        return V(b, resized)
     sizes = b.concat([b.shape_slice(maps.name, 0, 2), b.shape_slice(image, 2, 4)], 0)
     resized = b.op("Resize", [maps.name, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
     b.infos[resized] = TensorInfo(maps.dtype, None)
