@@ -469,14 +469,14 @@ def shallow_target_ranking(model: onnx.ModelProto) -> onnx.ModelProto:
     b = GradientBuilder(model)
     b.scope = "explainrt/targets/depth"
     first = len(graph.node)
-    deepest = b.reduce("ReduceMax", b.op("Neg", [TARGETS_INPUT]), [0, 1], keepdims=False)
-    depth = b.op("Min", [b.op("Max", [b.unsqueeze(deepest, [0]), b.ints([1])]),
-                         b.ints([ExplainableSpec.from_model(model).num_classes])])
+    deepest = b.reduce("ReduceMax", b.op("Neg", [TARGETS_INPUT]), [0, 1], keepdims=False)  # a scalar
+    depth = b.op("Min", [b.op("Max", [deepest, b.ints([1])]), b.ints([ExplainableSpec.from_model(model).num_classes])])
     added = list(graph.node[first:])  # moved before the TopK
     del graph.node[first:]
     for offset, node in enumerate(added):
         graph.node.insert(index + offset, node)
     graph.node[index + len(added)].input[1] = depth
+    prune_added_nodes(model)  # the class count the TopK read (computed from the logits' shape in older exports)
     return model
 
 

@@ -287,9 +287,12 @@ def _pooling_of(b: GraphBuilder, expand: onnx.NodeProto) -> onnx.NodeProto | Non
 
 
 def _attribute(node: onnx.NodeProto, name: str) -> object:
-    value = next((a for a in node.attribute if a.name == name), None)
-    return None if value is None else list(onnx.helper.get_attribute_value(value)) if value.type == onnx.AttributeProto.INTS \
-        else onnx.helper.get_attribute_value(value)
+    """The value of ``node``'s attribute ``name`` (a list for ints), None when it has none."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            value = onnx.helper.get_attribute_value(attribute)
+            return list(value) if attribute.type == onnx.AttributeProto.INTS else value
+    return None
 
 
 def _per_channel(weights: V) -> bool:
