@@ -61,11 +61,18 @@ class Explanation:
     outlines: np.ndarray | None = None  # bool [N, (K,) H, W]: the box or region each target covers, drawn on overlays
     objective: bool = False  # targets were explainrt.targets objects: logits [N, 1] (or [N, K]) hold the objectives
 
+    @property
+    def class_scores(self) -> np.ndarray:
+        """The logits as [N, classes]: an output [N, classes, ...] (a segmentation map) summed over its other
+        axes, as class-index targets read it."""
+        return class_scores(self.logits)
+
     def top_k(self, k: int = 5) -> list[list[Prediction]]:
-        """The k most likely classes per image, with softmax probabilities."""
-        shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
+        """The k most likely classes per image (by ``class_scores``), with softmax probabilities."""
+        scores = self.class_scores
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-        order = np.argsort(-self.logits, axis=1)[:, :k]
+        order = np.argsort(-scores, axis=1)[:, :k]
         return [[Prediction(int(c), self.labels[c] if self.labels else None, float(p[c])) for c in row]
                 for row, p in zip(order, probabilities)]
 
@@ -94,7 +101,8 @@ class Explanation:
         """Per image, "<class label> <probability> | <method>" (the class index where there are no labels)."""
         if self.maps.ndim == 4:
             return self._one_map_each().captions()
-        shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
+        scores = self.class_scores
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         texts = []
         for index, target in enumerate(self.targets):
@@ -115,6 +123,12 @@ class Explanation:
                        outlines=None if self.outlines is None else self.outlines.reshape(n * k, *self.outlines.shape[2:]))
         flat.logits = self.logits.reshape(n * k, 1) if self.objective else np.repeat(self.logits, k, axis=0)
         return flat
+
+
+def class_scores(logits: np.ndarray) -> np.ndarray:
+    """Logits [N, classes, ...] as [N, classes]: summed over the axes after the classes' (a segmentation map's
+    pixels), as class-index targets read them."""
+    return logits if logits.ndim <= 2 else logits.reshape(*logits.shape[:2], -1).sum(axis=2)
 
 
 class Explainer:

@@ -4,6 +4,7 @@ file) and the cache folder of exported models and engines."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,3 +30,9 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Any
 def cache_dir() -> Path:
     """Where exported models and built engines are cached: $EXPLAINRT_CACHE, else ~/.cache/explainrt."""
     return Path(os.environ.get("EXPLAINRT_CACHE", Path.home() / ".cache" / "explainrt"))
+
+
+def name_part(text: str) -> str:
+    """``text`` (a target's text form) as part of a file name: runs of other than letters, digits, ``_`` and
+    ``.`` become ``-`` (``box:1,2,30,40:0`` -> ``box-1-2-30-40-0``), at most 80 characters."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-.")[:80] or "target"

@@ -441,6 +441,21 @@ def _as_target(item: Any) -> Target:
     raise InvalidTargetError(f"a target is a class index or an explainrt.targets object, got {item!r}")
 
 
+def text_form(target: Target | int) -> str:
+    """A target in short text, as reports and file names show it: ``class:281`` (an int: ``class:-2`` for the
+    2nd most likely), ``softmax:3``, ``difference:1:2``, ``region:12``, ``box:100,120,300,400:0`` (``:iou`` when
+    not 0.5), ``similarity``, ``weights``, ``sum`` (the form ``parse`` reads, less the files)."""
+    if not isinstance(target, Target):
+        return f"class:{int(target)}"
+    if isinstance(target, Box):
+        corners = ",".join(f"{value:g}" for value in target.box)
+        return f"box:{corners}:{target.index}" + ("" if target.iou == 0.5 else f":{target.iou:g}")
+    if isinstance(target, Difference):
+        return f"difference:{target.p}:{target.q}"
+    kind = type(target).__name__.lower()
+    return f"{kind}:{target.index}" if isinstance(target, (Class, Softmax, Region)) else kind
+
+
 FILE_KINDS = ("region", "similarity", "weights")
 """Target kinds whose text form reads a file (a server takes them as JSON objects instead)."""
 

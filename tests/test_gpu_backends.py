@@ -150,6 +150,11 @@ def test_profile_shapes_give_the_box_objectives_boxes_a_targets_axis() -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])])
     shapes = BatchProfile(min_batch=1, opt_batch=4, max_batch=16, max_targets=3).shapes(helper.make_model(graph))
     assert shapes[BOXES_INPUT] == ((1, 1, 6), (4, 1, 6), (16, 3, 6))
+    # the weighted box objective's boxes [N, K, B, 6]: B (boxes per target) ranges like K
+    del graph.input[1:]
+    graph.input.append(helper.make_tensor_value_info(BOXES_INPUT, TensorProto.FLOAT, ["N", "K", "B", 6]))
+    shapes = BatchProfile(min_batch=1, opt_batch=4, max_batch=16, max_targets=3).shapes(helper.make_model(graph))
+    assert shapes[BOXES_INPUT] == ((1, 1, 1, 6), (4, 1, 1, 6), (16, 3, 3, 6))
 
 
 def test_profile_rejects_a_dynamic_spatial_size(small_onnx: onnx.ModelProto) -> None:

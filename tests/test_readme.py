@@ -7,7 +7,10 @@ holding the files the README calls the user's: ``cat.jpg``, ``cup.png``, ``cup.j
 photos), ``images/`` (a folder of two of them) and ``model.onnx`` (a small plain ONNX classifier); a block that names the user's ResNet-50
 files also finds ``resnet50.pt`` (random weights, seeded), ``resnet50.onnx`` (its plain ONNX export,
 input ``input``) and ``resnet50.maps.onnx`` (made from it by the README's ``explainrt export ... --maps
-gradcam --maps-only``), made once per module. A Python block also finds ``model`` (a torchvision
+gradcam --maps-only``), made once per module; a block that names the user's detection or segmentation
+files finds ``yolov8n.onnx`` (a YOLOv8n from Ultralytics' yaml, random weights, whose raw head predicts
+the README's boxes: ``tests/readme_standins.py``), ``seg.onnx`` (a small segmenter, 21 classes at
+256 x 256), ``mask.png`` (its size), ``street.jpg`` and ``scene.png``. A Python block also finds ``model`` (a torchvision
 ResNet-18 with random weights, or for a block that names those files the ResNet-50 of
 ``resnet50.pt``: "model from the block above"), ``input_tensor`` (a preprocessed batch of one) and
 ``batch`` (a preprocessed float32 NumPy batch of two at 224 x 224).
@@ -44,6 +47,8 @@ def readme_blocks() -> list[tuple[int, str, str, str | None]]:
 
 BLOCKS = readme_blocks()
 RESNET50_FILES = ("resnet50.pt", "resnet50.onnx", "resnet50.maps.onnx")
+DETECTION_FILES = ("yolov8n.onnx", "seg.onnx")
+DETECTION_FOLDER = (*DETECTION_FILES, "mask.png", "street.jpg", "scene.png")
 
 
 def test_every_block_is_run_or_skipped_with_a_reason() -> None:
@@ -90,6 +95,31 @@ def resnet50_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def detection_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the user's detector and segmenter files and images (``DETECTION_FOLDER``), made once."""
+    import numpy as np
+    from skimage import data
+
+    from tests.readme_standins import (
+        SEG_SIZE,
+        YOLO_SIZE,
+        TinySegmenter,
+        export,
+        yolov8n,
+    )
+
+    folder = tmp_path_factory.mktemp("detection")
+    export(yolov8n(), folder / "yolov8n.onnx", YOLO_SIZE, "images", "output0")
+    export(TinySegmenter().eval(), folder / "seg.onnx", SEG_SIZE, "input", "out")
+    mask = np.zeros((SEG_SIZE, SEG_SIZE), np.uint8)
+    mask[64:192, 64:192] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    Image.fromarray(data.astronaut()).save(folder / "street.jpg")
+    Image.fromarray(data.coffee()).save(folder / "scene.png")
+    return folder
+
+
 @pytest.mark.parametrize(("line", "language", "code", "skip"),
                          [block for block in BLOCKS if block[1] in ("bash", "python")],
                          ids=[f"line{line}-{language}" for line, language, _, _ in BLOCKS if language in ("bash", "python")])
@@ -102,6 +132,10 @@ def test_readme_example(line: int, language: str, code: str, skip: str | None, u
     if uses_resnet50:
         folder = request.getfixturevalue("resnet50_files")
         for name in RESNET50_FILES:
+            (user_folder / name).symlink_to(folder / name)
+    if any(name in code for name in DETECTION_FILES):
+        folder = request.getfixturevalue("detection_files")
+        for name in DETECTION_FOLDER:
             (user_folder / name).symlink_to(folder / name)
     if language == "python":
         import numpy as np

@@ -35,11 +35,13 @@ from explainrt.errors import (
     InvalidModelError,
 )
 from explainrt.export.spec import ExplainableSpec, ModelSource
+from explainrt.files import name_part
 from explainrt.methods import get_method
 from explainrt.models import load
 from explainrt.preprocessing import Preprocessing
 from explainrt.progress import note
 from explainrt.progress import progress as progress_of
+from explainrt.targets import Target, text_form
 from explainrt.validation import check_class_range, checked_int
 
 log = logging.getLogger(__name__)
@@ -54,10 +56,12 @@ SUMMARY_PARQUET = "summary.parquet"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_COLUMNS = (
     "image", "label", "predicted_class", "predicted_label", "probability", "explained_class", "explained_label",
-    "explained_probability", "method", "map", "overlay", "error", "worker", "decode_seconds", "explain_seconds",
-    "write_seconds", "batch_images",
+    "explained_probability", "target", "score", "method", "map", "overlay", "error", "worker", "decode_seconds",
+    "explain_seconds", "write_seconds", "batch_images",
 )
-"""One row per image; the ``*_seconds`` are the image's share of its batch's time."""
+"""One row per image (and target, with several); the ``*_seconds`` are the image's share of its batch's time.
+``target``: the target's text form where targets were given; ``score``: a target object's objective (the
+predictions and probabilities then stay empty: the explained output need not be class scores)."""
 
 _IMAGES, _NAMES, _LABELS = "explainrt_image", "explainrt_name", "explainrt_label"
 _EXCEPTION_LINE = re.compile(r"^(?P<type>(?:\w+\.)*\w*(?:Error|Exception|Cancelled)): (?P<message>.*)$", re.MULTILINE)
@@ -97,7 +101,7 @@ def explain_dataset(
     method: str = "gradcam",
     *,
     preprocessing: Preprocessing | None = None,
-    target: int | None = None,
+    target: int | Target | Sequence[int | Target] | None = None,
     options: dict[str, Any] | None = None,
     normalize: bool = True,
     batch_size: int = 8,
@@ -114,7 +118,10 @@ def explain_dataset(
     ``model``: an ONNX path, bytes or ModelProto (made explainable if it is not), or None for the
     default model. ``preprocessing`` replaces the model's stored one (needed when it stores none).
     ``target``: the class to explain for every image (None: the top class; -k: the k-th most
-    likely). ``batch_size``: images per actor call and per runtime call. ``ray_address``: an
+    likely), an ``explainrt.targets`` object, or a list of K of these: each image is explained for all K
+    in one call, one map and overlay per target (``<image>.<method>.<target>.npy``, the target's
+    ``text_form`` as a file-name part) and one summary row each. ``batch_size``: images per actor call
+    and per runtime call. ``ray_address``: an
     existing cluster to join; without it (and without a Ray instance already started in this
     process) a local one with ``workers + 1`` CPUs (one per actor, one for reading) is started and
     shut down at the end. ``captions``: write each overlay's caption line (class label, probability,
@@ -126,9 +133,8 @@ def explain_dataset(
     for name, value in (("batch_size", batch_size), ("workers", workers)):
         checked_int(name, value)
     dataset = find_source(source, image_column, name_column, label_column)
-    blob, preprocessing, num_classes = _explainable_model(model, preprocessing)
-    if target is not None:
-        check_class_range(target, num_classes)
+    blob, preprocessing, spec = _explainable_model(model, preprocessing)
+    _check_targets(target, spec, preprocessing)
     try:
         import ray
     except ImportError as error:
@@ -153,6 +159,29 @@ def explain_dataset(
             ray.shutdown()
     seconds = time.perf_counter() - start
     return _write_summary(out, rows, seconds)
+
+
+def _check_targets(target: Any, spec: ExplainableSpec, preprocessing: Preprocessing) -> None:
+    """Refuse, before Ray starts, a class out of range, a list of no targets, or a target the model's output
+    cannot take (``Target.check`` against the stored output shape)."""
+    if target is None:
+        return
+    given = list(target) if isinstance(target, (list, tuple)) else [target]
+    if not given:
+        raise InvalidInputError("targets must hold at least one target (None explains the top class)")
+    for item in given:
+        if isinstance(item, Target):
+            item.check(spec.output_shape or (spec.num_classes,), tuple(preprocessing.input_size))
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            check_class_range(item, spec.num_classes)
+        else:
+            raise InvalidInputError(f"a target is a class index or an explainrt.targets object, got {item!r}")
+
+
+def target_names(targets: Sequence[int | Target]) -> list[str]:
+    """File-name parts of K targets (``text_form``); repeated ones numbered by position."""
+    names = [name_part(text_form(target)) for target in targets]
+    return [f"{name}-{k}" if names.count(name) > 1 else name for k, name in enumerate(names)]
 
 
 def _check_cluster_cpus(ray: Any, workers: int) -> None:
@@ -246,18 +275,18 @@ def _check_unique_outputs(names: Sequence[str], where: str) -> None:
 
 
 def _explainable_model(model: ModelSource | None,
-                       preprocessing: Preprocessing | None) -> tuple[bytes, Preprocessing, int]:
-    """The serialized explainable model, the preprocessing the actors use and the number of classes."""
+                       preprocessing: Preprocessing | None) -> tuple[bytes, Preprocessing, ExplainableSpec]:
+    """The serialized explainable model, the preprocessing the actors use and the model's spec."""
     loaded = load(model, preprocessing=preprocessing)
     if loaded.preprocessing is None:
         raise InvalidModelError("the model stores no preprocessing (input size, mean, std): pass preprocessing= "
                                 "(CLI: --input-size, --mean, --std), or export it with `explainrt export`")
     proto = loaded.explainable
-    return proto.SerializeToString(), loaded.preprocessing, ExplainableSpec.from_model(proto).num_classes
+    return proto.SerializeToString(), loaded.preprocessing, ExplainableSpec.from_model(proto)
 
 
 def _run(ray: Any, dataset: DatasetSource, blob: bytes, preprocessing: Preprocessing, method: str,
-         target: int | None, options: dict[str, Any], normalize: bool, batch_size: int, workers: int, out: Path,
+         target: Any, options: dict[str, Any], normalize: bool, batch_size: int, workers: int, out: Path,
          progress: bool | None, captions: bool) -> list[Any]:
     """Build the Ray Data pipeline, run it and gather the summary batches (pandas) on the driver."""
     context = ray.data.DataContext.get_current()
@@ -308,19 +337,24 @@ def _write_summary(out: Path, rows: list[Any], seconds: float) -> BatchJobResult
 class ExplainWorker:
     """One Ray actor: an Explainer loaded once, explaining one batch of encoded images per call."""
 
-    def __init__(self, model: Any, preprocessing: str, method: str, target: int | None, options: dict[str, Any],
+    def __init__(self, model: Any, preprocessing: str, method: str, target: Any, options: dict[str, Any],
                  normalize: bool, batch_size: int, captions: bool, out: str, root: str | None) -> None:
-        import ray
-
         from explainrt.explainer import Explainer
 
-        blob = ray.get(model) if isinstance(model, ray.ObjectRef) else model
-        self.explainer = Explainer(blob, preprocessing=Preprocessing.from_json(preprocessing))
+        if not isinstance(model, bytes):  # a reference into Ray's object store
+            import ray
+
+            model = ray.get(model)
+        self.explainer = Explainer(model, preprocessing=Preprocessing.from_json(preprocessing))
         self.method, self.target, self.options = method, target, options
+        self.many = isinstance(target, (list, tuple))  # K targets per image: one row and file set per target
+        given = list(target) if self.many else [] if target is None else [target]
+        self.texts = [text_form(item) for item in given] or [None]
+        self.names = target_names(given) if self.many else [""]
         self.normalize, self.batch_size, self.captions = normalize, batch_size, captions
         self.out = Path(out)
         self.root = Path(root) if root is not None else None
-        self.worker = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+        self.worker = _worker_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from explainrt.preprocessing import load_image
@@ -339,10 +373,12 @@ class ExplainWorker:
                 errors.append(str(error))
         decode = time.perf_counter() - tick
         good = [index for index, image in enumerate(pixels) if image is not None]
-        rows = [self._row(name, label, error) for name, label, error in zip(names, labels, errors)]
+        rows = [[self._row(name, label, error, text) for text in self.texts]
+                for name, label, error in zip(names, labels, errors)]
         explain_seconds = write_seconds = 0.0
         if good:
-            explanation = self.explainer.explain([pixels[i] for i in good], method=self.method, targets=self.target,
+            targets = [list(self.target)] * len(good) if self.many else self.target
+            explanation = self.explainer.explain([pixels[i] for i in good], method=self.method, targets=targets,
                                                  batch_size=self.batch_size, normalize=self.normalize,
                                                  progress=False, **self.options)
             explain_seconds = explanation.timings["total"]
@@ -350,10 +386,11 @@ class ExplainWorker:
             self._write(explanation, good, names, rows)
             write_seconds = time.perf_counter() - tick
         count = len(rows)
-        for row in rows:
-            row.update(decode_seconds=decode / count, explain_seconds=explain_seconds / count,
-                       write_seconds=write_seconds / count, batch_images=count)
-        return {column: np.array([row[column] for row in rows], dtype=_column_dtype(column))
+        flat = [row for per_image in rows for row in per_image]
+        for row in flat:
+            row.update(decode_seconds=decode / len(flat), explain_seconds=explain_seconds / len(flat),
+                       write_seconds=write_seconds / len(flat), batch_images=count)
+        return {column: np.array([row[column] for row in flat], dtype=_column_dtype(column))
                 for column in SUMMARY_COLUMNS}
 
     def _names_and_labels(self, batch: dict[str, np.ndarray], encoded: list[bytes]) -> tuple[list[str], list[Any]]:
@@ -366,39 +403,54 @@ class ExplainWorker:
             else [None] * len(names)
         return names, labels
 
-    def _row(self, name: str, label: Any, error: str | None) -> dict[str, Any]:
+    def _row(self, name: str, label: Any, error: str | None, target: str | None) -> dict[str, Any]:
         return {"image": name, "label": label, "predicted_class": -1, "predicted_label": None, "probability": np.nan,
-                "explained_class": -1, "explained_label": None, "explained_probability": np.nan,
-                "method": self.method, "map": None, "overlay": None, "error": error, "worker": self.worker}
+                "explained_class": -1, "explained_label": None, "explained_probability": np.nan, "target": target,
+                "score": np.nan, "method": self.method, "map": None, "overlay": None, "error": error,
+                "worker": self.worker}
 
-    def _write(self, explanation: Any, good: list[int], names: list[str], rows: list[dict[str, Any]]) -> None:
+    def _write(self, explanation: Any, good: list[int], names: list[str], rows: list[list[dict[str, Any]]]) -> None:
         from explainrt.files import write_atomic
         from explainrt.methods.base import softmax
         from explainrt.overlay import save_png
 
         overlays = explanation.overlays(captions=self.captions)
-        probabilities = softmax(explanation.logits)
+        probabilities = softmax(explanation.class_scores)
         labels = explanation.labels
         for position, index in enumerate(good):
-            stem = _output_stem(names[index])
-            npy = self.out / f"{stem}.{self.method}.npy"
-            png = self.out / f"{stem}.{self.method}.png"
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(npy, lambda handle, saliency=explanation.maps[position]: np.save(handle, saliency))
-            save_png(png, overlays[position])
-            predicted = int(np.argmax(explanation.logits[position]))
-            explained = int(explanation.targets[position])
-            rows[index].update(
-                predicted_class=predicted, predicted_label=labels[predicted] if labels else None,
-                probability=float(probabilities[position, predicted]), explained_class=explained,
-                explained_label=labels[explained] if labels else None,
-                explained_probability=float(probabilities[position, explained]),
-                map=npy.relative_to(self.out).as_posix(), overlay=png.relative_to(self.out).as_posix())
+            for k, (name, row) in enumerate(zip(self.names, rows[index], strict=True)):
+                at = (position, k) if self.many else (position,)
+                stem = f"{_output_stem(names[index])}.{self.method}{'.' + name if name else ''}"
+                npy, png = self.out / f"{stem}.npy", self.out / f"{stem}.png"
+                npy.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(npy, lambda handle, saliency=explanation.maps[at]: np.save(handle, saliency))
+                save_png(png, overlays[at])
+                explained = int(explanation.targets[at])
+                named = labels[explained] if labels and 0 <= explained < len(labels) else None
+                row.update(explained_class=explained, explained_label=named, map=npy.relative_to(self.out).as_posix(),
+                           overlay=png.relative_to(self.out).as_posix())
+                if explanation.objective:  # target objects: the logits are each target's objective
+                    row.update(score=float(explanation.logits[at[0], k]))
+                    continue
+                predicted = int(np.argmax(explanation.class_scores[position]))
+                row.update(predicted_class=predicted, predicted_label=labels[predicted] if labels else None,
+                           probability=float(probabilities[position, predicted]),
+                           explained_probability=float(probabilities[position, explained]))
+
+
+def _worker_id() -> str:
+    """``node:pid`` on a Ray actor (the pid alone outside Ray)."""
+    try:
+        import ray
+
+        return f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+    except ImportError:
+        return str(os.getpid())
 
 
 def _column_dtype(column: str) -> Any:
     if column in ("predicted_class", "explained_class", "batch_images"):
         return np.int64
-    if column.endswith("probability") or column.endswith("_seconds"):
+    if column.endswith(("probability", "_seconds")) or column == "score":
         return np.float64
     return object

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from explainrt.cli.common import class_target, load_model, method_option, method_options, positive_int
+from explainrt.cli.common import (
+    cli_targets,
+    load_model,
+    method_option,
+    method_options,
+    positive_int,
+)
 
 EXIT_SOME_FAILED = 1
 
@@ -29,9 +35,11 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                        help="a method option, parsed by the option's declared type (JSON also works); "
                             "`explainrt methods NAME` lists a method's options")
     batch.add_argument("--raw", action="store_true", help="write raw attribution maps instead of maps scaled to [0, 1]")
-    batch.add_argument("--target", metavar="CLASS",
+    batch.add_argument("--target", metavar="CLASS", action="append",
                        help="class to explain for every image: an index, -k for the k-th most likely, or a label "
-                            "(default: the most likely class)")
+                            "(default: the most likely class); or a target such as box:x1,y1,x2,y2:0 or "
+                            "region:MASK.png:12 (see `explainrt explain --help`); repeat for K targets per image "
+                            "(<image>.<method>.<target>.npy/.png and one summary row per target)")
     batch.add_argument("--layer", action="append", metavar="LAYER", dest="layers",
                        help="target layer (ONNX tensor name, or module name for a torchvision architecture)")
     batch.add_argument("--ray", metavar="ADDRESS", dest="ray_address",
@@ -57,7 +65,7 @@ def _batch(args: argparse.Namespace) -> int:
     chosen = get_method(args.method)  # fail fast, before loading the model or starting Ray
     options = method_options(chosen, args.options)
     model, preprocessing = _model_and_preprocessing(args)
-    target = class_target(args.target, preprocessing.labels)
+    target = cli_targets(args.target, preprocessing.labels)
     result = explain_dataset(
         args.input, args.out, model, chosen.name, preprocessing=preprocessing, target=target, options=options,
         normalize=not args.raw, batch_size=args.batch_size, workers=args.workers, ray_address=args.ray_address,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from explainrt.errors import ImageReadError, InvalidInputError
 from explainrt.export.inputs import INPUT_LAYOUTS
+from explainrt.files import name_part
 from explainrt.models import PreprocessingOverrides
 from explainrt.models.loading import IMAGENET_MEAN, IMAGENET_STD
 from explainrt.runtime import BACKENDS
@@ -199,3 +201,40 @@ def class_target(target: str | None, labels: Sequence[str] | None) -> int | Targ
     close = difflib.get_close_matches(target, list(labels or ()), n=3)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
     raise InvalidInputError(f"--target {target!r} is neither a class index nor a label of the model{hint}")
+
+
+def cli_targets(texts: Sequence[str] | None, labels: Sequence[str] | None) -> int | Target | list[int | Target] | None:
+    """Every --target (repeatable): None (the top class), one target for every image, or a list of K
+    targets that each image is explained for (maps [N, K, H, W]); the same --target twice is an error
+    (its files would overwrite each other's)."""
+    if not texts:
+        return None
+    if len(texts) == 1:
+        return class_target(texts[0], labels)
+    names = [target_name(text) for text in texts]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInputError(f"--target {', '.join(map(repr, repeated))} is given more than once: each target's "
+                                "overlay and map are named after it")
+    return [class_target(text, labels) for text in texts]  # type: ignore[misc]
+
+
+def target_name(text: str) -> str:
+    """A --target as a file-name part: ``class:281`` -> ``class-281``, ``-2`` -> ``top2`` (the 2nd most likely),
+    ``box:1,2,30,40:0`` -> ``box-1-2-30-40-0``, ``region:masks/cat.png:12`` -> ``region-cat-12`` (files by stem)."""
+    words = []
+    for word in text.split(":"):
+        if re.fullmatch(r"-\d+", word.strip()):
+            word = f"top{word.strip()[1:]}"
+        elif not _is_number_list(word) and ("/" in word or Path(word).suffix):
+            word = Path(word).stem
+        words.append(word)
+    return name_part("-".join(words))
+
+
+def _is_number_list(field: str) -> bool:
+    try:
+        [float(value) for value in field.split(",")]
+    except ValueError:
+        return False
+    return True

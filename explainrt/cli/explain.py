@@ -28,12 +28,13 @@ from explainrt.cli.common import (
     EXAMPLES,
     TOP_K,
     Source,
-    class_target,
+    cli_targets,
     load_explainer,
     method_option,
     method_options,
     parent_parsers,
     sources,
+    target_name,
 )
 from explainrt.errors import OutputWriteError
 from explainrt.methods.base import softmax
@@ -48,8 +49,9 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
     explain = commands.add_parser(
         "explain", parents=[verbose, model, runtime, caption], help="explain images: overlay PNGs, raw maps and a JSON summary",
         description="Explain each IMAGE and write <stem>.<method>.png (overlay), <stem>.<method>.npy (map) and "
-                    "explanations.json (top-5 predictions, explained class, timings) to --out. Nothing is written "
-                    "unless every image is explained.")
+                    "explanations.json (top-5 predictions, explained class, timings) to --out; with several --target, "
+                    "<stem>.<method>.<target>.png and .npy per target (e.g. cup.gradcam.class-281.png). Nothing is "
+                    "written unless every image is explained.")
     explain.add_argument("images", nargs="+", metavar="IMAGE",
                          help=f"image files or folders of images; the word {EXAMPLES!r} stands for the example images "
                               "chelsea, coffee and astronaut")
@@ -59,11 +61,12 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                               "type (JSON also works); `explainrt methods NAME` lists a method's options")
     explain.add_argument("--raw", action="store_true",
                          help="write raw attribution maps (.npy) instead of maps scaled to [0, 1]")
-    explain.add_argument("--target", metavar="CLASS",
+    explain.add_argument("--target", metavar="CLASS", action="append",
                          help="class to explain: an index, -k for the k-th most likely class, or a label name "
                               "(default: the most likely class); or a target: class:281, softmax:281, "
                               "difference:281:282, region:MASK.png:12, box:x1,y1,x2,y2:0[:iou], "
-                              "similarity:VECTOR.npy, weights:WEIGHTS.npy (with --output to name the model output)")
+                              "similarity:VECTOR.npy, weights:WEIGHTS.npy (with --output to name the model output); "
+                              "repeat for K targets per image (one map and overlay each, in one run)")
     explain.add_argument("--output", dest="logits", metavar="NAME",
                          help="the model output to explain (ONNX output name; default: the first output)")
     explain.add_argument("--out", default="explainrt-out", metavar="DIR", help="output folder (default: explainrt-out)")
@@ -78,19 +81,34 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
 
 
 @dataclass(frozen=True)
-class _Result:
-    source: Source
+class _Part:
+    """One map of an image: its file-name part ("" for the only target, else the target's name), the map,
+    its overlay, the method's extras and its record (the target) in explanations.json."""
+
+    name: str
     saliency: np.ndarray
     overlay: np.ndarray
-    record: dict[str, Any]
     extras: dict[str, np.ndarray]
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Result:
+    source: Source
+    parts: list[_Part]  # one per target
+    record: dict[str, Any]
+    many: bool  # several --target: the parts' records go under "targets"
 
 
 def _compute(explainer: Any, sources: list[Source], method: str, target: Any, batch_size: int,
-             options: dict[str, Any], normalize: bool, captions: bool = True) -> list[_Result]:
-    """Explain every source, batch by batch; nothing is written here."""
+             options: dict[str, Any], normalize: bool, captions: bool = True,
+             texts: list[str] | None = None) -> list[_Result]:
+    """Explain every source, batch by batch; nothing is written here. ``target`` a list: the K targets
+    every image is explained for, ``texts`` their --target texts (which name their files)."""
     from explainrt.preprocessing import load_image
 
+    many = isinstance(target, list)
+    names = [target_name(text) for text in texts or []]
     results: list[_Result] = []
     with progress(len(sources), method, unit="images", enabled=len(sources) > 1) as bar:
         for first in range(0, len(sources), batch_size):
@@ -98,28 +116,31 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: Any, ba
             tick = time.perf_counter()
             pixels = [load_image(source.image) for source in chunk]
             read = time.perf_counter() - tick
-            explanation = explainer.explain(pixels, method=method, targets=target, batch_size=batch_size,
-                                            normalize=normalize, progress=True, **options)
+            explanation = explainer.explain(pixels, method=method, targets=[target] * len(chunk) if many else target,
+                                            batch_size=batch_size, normalize=normalize, progress=True, **options)
             overlays = explanation.overlays(captions=captions)
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
             objective = explanation.objective  # target objects: logits hold each image's objective [N, 1]
-            probabilities = softmax(explanation.logits)
+            probabilities = softmax(explanation.class_scores)
             tops = [[]] * len(chunk) if objective else explanation.top_k(TOP_K)
+            given = target if many else [target]
             for index, (source, top) in enumerate(zip(chunk, tops, strict=True)):
-                cls = int(explanation.targets[index])
-                label = explanation.labels[cls] if explanation.labels and 0 <= cls < len(explanation.labels) else None
-                score = ({"objective": repr(target), "score": float(explanation.logits[index, 0])} if objective
-                         else {"probability": float(probabilities[index, cls])})
-                record = {
-                    "image": source.name,
-                    "target": {"index": cls, "label": label, **score},
-                    "top5": [dataclasses.asdict(p) for p in top],
-                    "timings": timings,
-                }
+                parts = []
+                for k, chosen in enumerate(given):
+                    at = (index, k) if many else (index,)
+                    cls = int(explanation.targets[at])
+                    known = explanation.labels and 0 <= cls < len(explanation.labels)
+                    score = ({"objective": repr(chosen), "score": float(explanation.logits[index, k])} if objective
+                             else {"probability": float(probabilities[index, cls])})
+                    described = {"index": cls, "label": explanation.labels[cls] if known else None, **score}
+                    parts.append(_Part(names[k] if many else "", explanation.maps[at], overlays[at],
+                                       {key: values[at] for key, values in explanation.extras.items()},
+                                       {"target": texts[k], **described} if many and texts else described))
+                record = {"image": source.name, **({} if many else {"target": parts[0].record}),
+                          "top5": [dataclasses.asdict(p) for p in top], "timings": timings}
                 if explanation.notes[index]:
                     record["note"] = explanation.notes[index]
-                extras = {key: values[index] for key, values in explanation.extras.items()}
-                results.append(_Result(source, explanation.maps[index], overlays[index], record, extras))
+                results.append(_Result(source, parts, record, many))
             bar.update(len(chunk))
     return results
 
@@ -175,25 +196,31 @@ def _write_set(folder: Path, results: list[_Result], header: dict[str, Any], met
     """Every output file in ``folder``; their names, the summary last."""
     from explainrt.overlay import save_png
 
-    records = []
+    records, names = [], []
     for result in results:
-        written = {"overlay": f"{result.source.stem}.{method}.png", "map": f"{result.source.stem}.{method}.npy"}
-        save_png(folder / written["overlay"], result.overlay)
-        np.save(folder / written["map"], result.saliency)
-        if result.extras:  # method-specific arrays (contrast maps, concepts, ...)
-            written["extras"] = f"{result.source.stem}.{method}.extras.npz"
-            np.savez_compressed(folder / written["extras"], **result.extras)
-        records.append({**result.record, **written})
+        described = []
+        for part in result.parts:
+            stem = _file_stem(result, part, method)
+            written = {"overlay": f"{stem}.png", "map": f"{stem}.npy"}
+            save_png(folder / written["overlay"], part.overlay)
+            np.save(folder / written["map"], part.saliency)
+            if part.extras:  # method-specific arrays (contrast maps, concepts, ...)
+                written["extras"] = f"{stem}.extras.npz"
+                np.savez_compressed(folder / written["extras"], **part.extras)
+            names += written.values()
+            described.append({**part.record, **written})
+        records.append({**result.record, "targets": described} if result.many else {**result.record, **written})
     (folder / SUMMARY).write_text(json.dumps({**header, "images": records}, indent=2) + "\n", encoding="utf-8")
-    return [name for record in records for key in ("overlay", "map", "extras") if (name := record.get(key))] + [SUMMARY]
+    return [*names, SUMMARY]
 
 
 def _previous_set(out: Path) -> list[str]:
     """The files an earlier ``explain`` wrote to ``out``, as its explanations.json lists them (none if unreadable)."""
     try:
         records = json.loads((out / SUMMARY).read_text(encoding="utf-8"))["images"]
-        return [record[key] for record in records for key in ("overlay", "map", "extras")
-                if isinstance(record.get(key), str) and Path(record[key]).name == record[key] != ".."]
+        parts = [part for record in records for part in [record, *(record.get("targets") or [])]]
+        return [part[key] for part in parts for key in ("overlay", "map", "extras")
+                if isinstance(part.get(key), str) and Path(part[key]).name == part[key] != ".."]
     except (OSError, ValueError, KeyError, TypeError):
         return []
 
@@ -207,9 +234,10 @@ def run_explain(args: argparse.Namespace) -> int:
     options = method_options(chosen, args.options)
     images = sources(args.images)
     explainer = load_explainer(args)
-    target = class_target(args.target, explainer.preprocessing.labels)
+    target = cli_targets(args.target, explainer.preprocessing.labels)
     start = time.perf_counter()
-    results = _compute(explainer, images, method, target, args.batch_size, options, not args.raw, args.caption)
+    results = _compute(explainer, images, method, target, args.batch_size, options, not args.raw, args.caption,
+                       args.target)
     header = {"explainrt": __version__, "model": args.model or "default (EfficientNet-Lite0, ImageNet)",
               "method": method, "options": _recorded(options, args.options), "raw_maps": bool(args.raw), "backend": args.backend,
               "timings_unit": "seconds",
@@ -217,19 +245,26 @@ def run_explain(args: argparse.Namespace) -> int:
     summary = _write_results(Path(args.out), results, header, method)
     for result in results:
         record = result.record
-        print(f"{result.source.stem}: {method} of class {record['target']['index']} "
-              f"{_label(record['target']['label'])}-> {result.source.stem}.{method}.png")
+        for part in result.parts:
+            print(f"{result.source.stem}: {method} of {_described(part.record)}-> {_file_stem(result, part, method)}.png")
         if "note" in record:
             log.warning("%s: %s", result.source.stem, record["note"])
         for rank, prediction in enumerate(record["top5"], start=1):
             print(f"  {rank}. {prediction['probability']:6.1%}  {prediction['index']:>5}  {prediction['label'] or ''}")
-    count = sum(3 if result.extras else 2 for result in results) + 1
+    count = sum(3 if part.extras else 2 for result in results for part in result.parts) + 1
     print(f"wrote {count} files to {args.out} (summary: {summary})")
     return 0
 
 
-def _label(label: str | None) -> str:
-    return f"({label}) " if label else ""
+def _file_stem(result: _Result, part: _Part, method: str) -> str:
+    """``<stem>.<method>``, and ``.<target>`` with several targets: the name of a map's files."""
+    return f"{result.source.stem}.{method}{'.' + part.name if part.name else ''}"
+
+
+def _described(record: dict[str, Any]) -> str:
+    """A map's target for the console: "class 281 (tabby) ", with several targets "class:281: class 281 (tabby) "."""
+    label = f"({record['label']}) " if record["label"] else ""
+    return f"{record['target'] + ': ' if 'target' in record else ''}class {record['index']} {label}"
 
 
 def _recorded(options: dict[str, Any], texts: list[tuple[str, str]] | None) -> dict[str, Any]:

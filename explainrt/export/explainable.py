@@ -35,6 +35,7 @@ from explainrt.export.spec import (
     OBJECTIVES,
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
+    WEIGHTED_BOX_OBJECTIVES,
     WEIGHTS_INPUT,
     ExplainableSpec,
     ModelSource,
@@ -132,9 +133,16 @@ def make_explainable(
         if output_info.rank != 3:
             raise InvalidInputError(f"objective {objective!r} needs a raw detector output of rank 3; {logits_name!r} "
                                     f"has shape {output_info.shape}")
-        boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", 6])
-        builder.scope = "explainrt/grad/seed"
-        of, seed, matches = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective])
+        if objective in WEIGHTED_BOX_OBJECTIVES:
+            axes = [f"d{axis}" if d is None else d for axis, d in enumerate(output_shape, start=2)]
+            weights = builder.add_input(WEIGHTS_INPUT, output_info.elem_type, ["N", "K", *axes])
+            boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", "B", 6])
+            builder.scope = "explainrt/grad/seed"
+            of, seed, matches = _weighted_box_seed(builder, logits_name, weights, boxes, BOX_OBJECTIVES[objective])
+        else:
+            boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", 6])
+            builder.scope = "explainrt/grad/seed"
+            of, seed, matches = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective])
     else:
         requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
         resolved = _resolve_targets(builder, logits_name, requested)
@@ -152,7 +160,8 @@ def make_explainable(
     if resolved is not None:
         builder.add_output(RESOLVED_TARGETS_OUTPUT, resolved, TensorProto.INT64, ["N", "K"])
     if objective in BOX_OBJECTIVES:
-        builder.add_output(BOX_MATCHES_OUTPUT, matches, TensorProto.INT64, ["N", "K"])
+        builder.add_output(BOX_MATCHES_OUTPUT, matches, TensorProto.INT64,
+                           ["N", "K", "B"] if objective in WEIGHTED_BOX_OBJECTIVES else ["N", "K"])
     for index, (target, layout) in enumerate(chosen):
         elem_type = builder.info(target).elem_type
         channels_hw = [layout.channels, *_declared_grid(builder, target, layout)]
@@ -578,6 +587,21 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple
         seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, scores)))
     perm = [1, 0, 2, 3] if layout == "yolov8" else [1, 0, 3, 2]
     return logits, b.op("Transpose", [seed], perm=perm, name="explainrt/grad/seed/boxes", like=like), matches
+
+
+def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str, layout: str) -> tuple[str, str, str]:
+    """Cotangent [K, N, *shape(y)[1:]] of target k = sum(weights[:, k] * y) plus the box objectives of its B
+    boxes (``boxes`` [N, K, B, 6], as ``_box_seed``'s), and each box's match count [N, K, B]: a Box mixed
+    with other linear targets, or a sum of boxes, in one pass (padding boxes have an IoU threshold > 1)."""
+    flat = b.op("Reshape", [boxes, b.ints([0, -1, 6])], like=boxes)  # [N, K * B, 6]
+    _, per_box, matches = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
+    counts = b.shape_slice(boxes, 1, 3)  # K, B
+    split = b.op("Reshape", [per_box, b.concat([counts, b.shape_slice(per_box, 1)], 0)], like=per_box)
+    boxed = b.reduce("ReduceSum", split, [1], keepdims=False)  # [K, N, *out]
+    rank = b.info(logits).rank
+    linear = b.op("Transpose", [weights], perm=[1, 0, *range(2, rank + 1)], like=logits)
+    seed = b.op("Add", [linear, boxed], name="explainrt/grad/seed/weights_boxes", like=logits)
+    return logits, seed, b.op("Reshape", [matches, b.shape_slice(boxes, 0, 3)])
 
 
 def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[object]]]:

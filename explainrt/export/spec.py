@@ -141,9 +141,16 @@ OBJECTIVES = {
                     ">= a threshold, decided in the graph on the same pass: explainrt.boxes [N, K, 6] (x1, y1, x2, y2, "
                     "class, iou) on a YOLOv8 head [N, 4 + classes, anchors]; output explainrt.box_matches [N, K]",
     "boxes_yolov5": "the same on a YOLOv5 head [N, anchors, 5 + classes] (score: objectness x class)",
+    "weights_boxes_yolov8": "per target, a linear objective sum(w * y) plus the box objectives of B boxes, in one pass: "
+                            "explainrt.weights [N, K, *shape(y)[1:]] and explainrt.boxes [N, K, B, 6] (a box with iou "
+                            "> 1 matches nothing: padding) on a YOLOv8 head; output explainrt.box_matches [N, K, B]",
+    "weights_boxes_yolov5": "the same on a YOLOv5 head",
 }
-BOX_OBJECTIVES = {"boxes_yolov8": "yolov8", "boxes_yolov5": "yolov5"}
+BOX_OBJECTIVES = {"boxes_yolov8": "yolov8", "boxes_yolov5": "yolov5", "weights_boxes_yolov8": "yolov8",
+                  "weights_boxes_yolov5": "yolov5"}
 """The box objectives and the detector layout each reads."""
+WEIGHTED_BOX_OBJECTIVES = ("weights_boxes_yolov8", "weights_boxes_yolov5")
+"""Box objectives that also take a weights input (targets fed as a pair: weights, boxes [N, K, B, 6])."""
 
 
 def is_explainable(model: onnx.ModelProto) -> bool:

@@ -30,6 +30,7 @@ from explainrt.export.spec import (
     BOXES_INPUT,
     RESOLVED_TARGETS_OUTPUT,
     TARGETS_INPUT,
+    WEIGHTED_BOX_OBJECTIVES,
     WEIGHTS_INPUT,
     ExplainableSpec,
     activations_output,
@@ -119,9 +120,13 @@ def output_names(logits: str, layers: int, objective: str = "logit") -> list[str
 def targets_feed(objective: str, targets: Any) -> dict[str, Any]:
     """The input that says what to differentiate: class indices int64 [N, K], for the
     ``weights`` objective the weights [N, K, *output] of the linear objective, for a box objective
-    the boxes [N, K, 6] (x1, y1, x2, y2, class, iou)."""
+    the boxes [N, K, 6] (x1, y1, x2, y2, class, iou), for a weighted box objective the pair
+    (weights [N, K, *output], boxes [N, K, B, 6])."""
     if objective == "weights":
         return {WEIGHTS_INPUT: targets}
+    if objective in WEIGHTED_BOX_OBJECTIVES:
+        weights, boxes = targets
+        return {WEIGHTS_INPUT: weights, BOXES_INPUT: boxes}
     if objective in BOX_OBJECTIVES:
         return {BOXES_INPUT: targets}
     return {TARGETS_INPUT: np.asarray(targets, np.int64) if isinstance(targets, (np.ndarray, list)) else targets}
@@ -133,7 +138,7 @@ def run_result(values: Sequence[Any], objective: str, targets: Any) -> RunResult
     if objective == "weights":
         return RunResult(values[0], np.full(tuple(targets.shape[:2]), -1, dtype=np.int64), list(values[1::2]),
                          list(values[2::2]))
-    return RunResult(values[0], values[1], list(values[2::2]), list(values[3::2]))
+    return RunResult(values[0], values[1], list(values[2::2]), list(values[3::2]))  # box objectives: match counts
 
 
 def parse_device(device: str) -> tuple[str, int]:

@@ -4,7 +4,9 @@
 targets: "class" t is the objective of ``targets[t]``. ``run`` / ``input_gradients`` feed the
 targets' cotangents to the explainable graph's ``weights`` objective (one runtime call per batch),
 Box targets (all targets of a call Boxes) to its box objective, which decides which predictions
-count on the same pass (one call too; mixed with other targets, a forward pass first), or, for Softmax targets,
+count on the same pass (one call too), Boxes mixed with other linear targets or summed (``Sum``) to its
+weighted box objective (weights and boxes in the same call; a forward pass first only where another
+target reads the output's values, as ``Class(-k)`` does), or, for Softmax targets,
 the graph's ``probability`` seed; ``logits`` and ``head`` return every target's objective of each
 (perturbed) input [b, T], so perturbation methods score each copy with the same objective.
 """
@@ -19,7 +21,7 @@ import numpy as np
 
 from explainrt.errors import InvalidTargetError
 from explainrt.runtime.base import RunResult, Session
-from explainrt.targets import Box, Target, detector_layout
+from explainrt.targets import Box, Sum, Target, detector_layout
 
 
 class TargetSession:
@@ -95,6 +97,10 @@ class TargetSession:
                     if count == 0:
                         raise target.no_overlap()  # type: ignore[attr-defined]
             return result
+        split = [[_box_parts(target) for target in row] for row in chosen]
+        layout = self._weighted_box_layout(split)
+        if layout is not None:
+            return self._weighted_box_call(images, split, layout, call)
         outputs = self._outputs(images, any(target.needs_values for row in chosen for target in row))
         weights = np.stack([np.stack([target.gradient(output) for target in row]) for row, output in
                             zip(chosen, outputs)]).astype(outputs.dtype)
@@ -109,6 +115,40 @@ class TargetSession:
         layouts = {detector_layout(shape, target.layout) for row in chosen for target in row}  # type: ignore[attr-defined]
         return layouts.pop() if len(layouts) == 1 else None
 
+    def _weighted_box_layout(self, split: list[list[tuple[list[Box], list[Target]]]]) -> str | None:
+        """The detector layout when the call's targets hold Boxes besides other linear parts that need no
+        output values, on a head of known shape, all Boxes of one layout; else None."""
+        shape = self.inner.spec.output_shape
+        boxes = [box for row in split for parts, _ in row for box in parts]
+        others = [part for row in split for _, rest in row for part in rest]
+        if not boxes or not shape or None in shape or any(part.needs_values for part in others):
+            return None
+        layouts = {detector_layout(shape, box.layout) for box in boxes}
+        return layouts.pop() if len(layouts) == 1 else None
+
+    def _weighted_box_call(self, images: np.ndarray, split: list[list[tuple[list[Box], list[Target]]]], layout: str,
+                           call: Callable[[np.ndarray, Any, str], RunResult]) -> RunResult:
+        """One call of the weighted box objective: per target its other parts' constant weights, and its boxes
+        padded to the most of any target with boxes that match nothing (IoU threshold 2)."""
+        zeros = np.zeros(self.inner.spec.output_shape, dtype=np.float32)  # type: ignore[arg-type]
+        count = max(len(parts) for row in split for parts, _ in row)
+        weights = np.zeros((len(split), len(split[0]), *zeros.shape), dtype=np.float32)
+        boxes = np.tile(np.array(PADDING_BOX, np.float32), (len(split), len(split[0]), count, 1))
+        for i, row in enumerate(split):
+            for k, (parts, rest) in enumerate(row):
+                for part in rest:
+                    weights[i, k] += part.gradient(zeros)
+                for b, box in enumerate(parts):
+                    boxes[i, k, b] = [*box.box, box.index, box.iou]
+        result = call(images, (weights, boxes), f"weights_boxes_{layout}")
+        matches = np.asarray(result.targets)
+        for row, matched in zip(split, matches):
+            for (parts, _), counts in zip(row, matched):
+                for box, found in zip(parts, counts):
+                    if found == 0:
+                        raise box.no_overlap()
+        return RunResult(result.logits, matches.sum(axis=2), result.activations, result.gradients)
+
     def _outputs(self, images: np.ndarray, values: bool) -> np.ndarray:
         """What the targets' gradients are taken at: the forward pass's outputs where a target reads
         them (or the output's size is known only at run time), else zeros of the stored shape."""
@@ -116,6 +156,25 @@ class TargetSession:
         if values or not shape or not all(isinstance(d, int) for d in shape):
             return np.asarray(self.inner.logits(images))
         return np.zeros((images.shape[0], *shape), dtype=np.float32)
+
+
+PADDING_BOX = (0.0, 0.0, 1.0, 1.0, 0.0, 2.0)
+"""A box of the weighted box objective that matches no prediction (IoU threshold 2 > any IoU)."""
+
+
+def _box_parts(target: Target) -> tuple[list[Box], list[Target]]:
+    """A linear target as its Box terms and its other terms (a Sum's parts, recursively)."""
+    if type(target) is Box:
+        return [target], []
+    if isinstance(target, Sum):
+        boxes: list[Box] = []
+        rest: list[Target] = []
+        for part in target.parts:
+            more, others = _box_parts(part)
+            boxes += more
+            rest += others
+        return boxes, rest
+    return [], [target]
 
 
 def _merged(parts: list[tuple[np.ndarray, RunResult]], count: int) -> RunResult:

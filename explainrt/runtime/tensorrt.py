@@ -82,7 +82,7 @@ class BatchProfile:
 
     def shapes(self, model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """(min, opt, max) shape per model input: the batch (and the targets' K: of the targets, the weights, the
-        boxes and a map head's gradients) dynamic, the rest static; a static-batch model's batch fixed at its size on every
+        boxes and a map head's gradients; the boxes per target B of [N, K, B, 6] boxes) dynamic, the rest static; a static-batch model's batch fixed at its size on every
         input (it runs in chunks of that batch).
 
         A dynamic dimension other than those is an error naming it: TensorRT needs its range too.
@@ -97,6 +97,8 @@ class BatchProfile:
             ranges = [batch]
             for axis, dim in enumerate(dims[1:], start=1):
                 if axis == 1 and (name in (TARGETS_INPUT, WEIGHTS_INPUT, BOXES_INPUT) or _is_gradients_input(name)):
+                    ranges.append((1, 1, self.max_targets))
+                elif axis == 2 and name == BOXES_INPUT and len(dims) == 4:  # boxes per target [N, K, B, 6]
                     ranges.append((1, 1, self.max_targets))
                 elif isinstance(dim, int) and dim > 0:
                     ranges.append((dim, dim, dim))

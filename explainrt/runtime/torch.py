@@ -14,7 +14,7 @@ import numpy as np
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError, UnknownLayerError
 from explainrt.export.layouts import Layout, LayoutRequest, shape_layout
-from explainrt.export.spec import BOX_OBJECTIVES, OBJECTIVES, ExplainableSpec
+from explainrt.export.spec import BOX_OBJECTIVES, OBJECTIVES, WEIGHTED_BOX_OBJECTIVES, ExplainableSpec
 from explainrt.runtime.base import RunResult, parse_device
 
 
@@ -147,7 +147,8 @@ class TorchSession:
             inputs = self._tensor(images).requires_grad_(of_input)
             logits, acts = self._forward(inputs)
             wrt = [inputs] if of_input else acts
-            per_seed, resolved = self._objectives(logits, self._tensor(targets), objective, wrt)
+            given = tuple(map(self._tensor, targets)) if isinstance(targets, tuple) else self._tensor(targets)
+            per_seed, resolved = self._objectives(logits, given, objective, wrt)
         layouts = [None] if of_input else self.layouts
         gradients = [to_maps(torch.stack([g[i] for g in per_seed], dim=1), layout, 2).cpu().numpy()
                      for i, layout in enumerate(layouts)]
@@ -161,8 +162,17 @@ class TorchSession:
             resolved = torch.full(tuple(targets.shape[:2]), -1, dtype=torch.int64)
             return [torch.autograd.grad((logits * targets[:, k]).sum(), wrt, retain_graph=True)
                     for k in range(targets.shape[1])], resolved
+        if objective in WEIGHTED_BOX_OBJECTIVES:  # targets: (weights [N, K, *output], boxes [N, K, B, 6])
+            weights, boxes = targets
+            n, k, b = boxes.shape[:3]
+            scores, matches = self._box_scores(logits, boxes.reshape(n, k * b, 6), BOX_OBJECTIVES[objective])
+            totals = scores.reshape(n, k, b).sum(dim=2) + (logits[:, None] * weights).flatten(2).sum(dim=2)
+            return [torch.autograd.grad(totals[:, j].sum(), wrt, retain_graph=True) for j in range(k)], \
+                matches.reshape(n, k, b)
         if objective in BOX_OBJECTIVES:  # targets: boxes [N, K, 6]; resolved: each box's matched predictions
-            return self._box_objectives(logits, targets, BOX_OBJECTIVES[objective], wrt)
+            scores, matches = self._box_scores(logits, targets, BOX_OBJECTIVES[objective])
+            return [torch.autograd.grad(scores[:, j].sum(), wrt, retain_graph=True)
+                    for j in range(scores.shape[1])], matches
         if objective != "logit" and logits.ndim != 2:
             raise InvalidInputError(f"objective {objective!r} needs an output [N, classes], got {tuple(logits.shape)}")
         summed = logits.detach().flatten(2).sum(dim=2) if logits.ndim > 2 else logits.detach()
@@ -176,9 +186,10 @@ class TorchSession:
         return [torch.autograd.grad(scores[rows, resolved[:, k]].sum(), wrt, retain_graph=True)
                 for k in range(resolved.shape[1])], resolved
 
-    def _box_objectives(self, logits: Any, boxes: Any, layout: str, wrt: list[Any]) -> tuple[list[Any], Any]:
-        """Per box target k, the gradients of its class score summed over the predictions it matched (IoU of
-        their box with boxes[:, k, :4] >= boxes[:, k, 5], decided on this forward pass), and the match counts."""
+    def _box_scores(self, logits: Any, boxes: Any, layout: str) -> tuple[Any, Any]:
+        """Per box k [N, K]: its class score summed over the predictions it matched (IoU of their box with
+        boxes[:, k, :4] >= boxes[:, k, 5], decided on this forward pass; differentiable in the scores), and the
+        match counts [N, K]."""
         torch = self._torch
         if logits.ndim != 3:
             raise InvalidInputError(f"a box objective needs a raw detector output of rank 3, got {tuple(logits.shape)}")
@@ -199,8 +210,8 @@ class TorchSession:
             scores = fields.gather(1, index)[:, 0]  # [N, A]
             if layout == "yolov5":
                 scores = scores * fields[:, 4]
-            per_box.append(torch.autograd.grad((mask[:, k] * scores).sum(), wrt, retain_graph=True))
-        return per_box, mask.sum(dim=2).long()
+            per_box.append((mask[:, k] * scores).sum(dim=1))
+        return torch.stack(per_box, dim=1), mask.sum(dim=2).long()
 
     def _tensor(self, array: Any) -> Any:
         """A tensor on the session's device: host arrays copied once, CUDA arrays shared by DLPack."""

@@ -9,8 +9,9 @@
   FP32, FP16, UINT8, PNG (8-bit grayscale) or OVERLAY (output parameter ``format``; OVERLAY: one colour PNG per
   image, its map drawn over it exactly as V1's ``"return": ["overlay"]``, captioned with ``"caption": true``; UINT8
   image input only), ``/v2/health/live``, ``/v2/health/ready``, ``GET /v2/models/{name}``; targets as input
-  ``explainrt.targets`` (class indices) or as V1's ``parameters.targets`` (class indices or
-  ``explainrt.targets`` objects as JSON: then output ``explainrt.objective`` holds each instance's objective);
+  ``explainrt.targets`` (class indices, [N] or [N, K]) or as V1's ``parameters.targets`` (class indices or
+  ``explainrt.targets`` objects as JSON: then output ``explainrt.objective`` holds each instance's objective;
+  a list of K per instance gives K maps each: ``explainrt.maps`` [N, K, H, W]);
 - ``/metrics`` (Prometheus), ``/`` (the page) and ``/api/methods`` (the registered methods, each
   option with its type, default, allowed values and help: ``Option.describe``).
 
@@ -47,7 +48,7 @@ from explainrt.errors import (
     UnknownModelError,
     UnsupportedMediaTypeError,
 )
-from explainrt.explainer import Explainer
+from explainrt.explainer import Explainer, class_scores
 from explainrt.export.spec import (
     RESOLVED_TARGETS_OUTPUT,
     activations_output,
@@ -196,7 +197,8 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         images = await run_in_threadpool(codec.decode_instances, body, config.limits)
         targets = _instance_targets(parameters.get("targets"), len(images), model.num_classes)
         tick = time.perf_counter()
-        result = await model.submit(explain_key(True, method, options, normalize, targets.dtype == object),
+        result = await model.submit(explain_key(True, method, options, normalize, targets.dtype == object,
+                                                _per_image(targets)),
                                     Job(images, targets, overlays="overlay" in returns,
                                         captions=_flag(parameters, "caption", False)), _disconnected(request))
         waited = time.perf_counter() - tick
@@ -255,11 +257,12 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
         if MAPS_OUTPUT in wanted or RESOLVED_TARGETS_OUTPUT in wanted or OBJECTIVE_OUTPUT in wanted:
             method, options, normalize = codec.method_parameters(parameters, RESERVED_PARAMETERS)
             job = Job(images, targets, overlays=overlays, captions=_flag(parameters, "caption", False))
-            result = await model.submit(explain_key(raw, method, options, normalize, objects), job,
+            result = await model.submit(explain_key(raw, method, options, normalize, objects, _per_image(targets)), job,
                                         _disconnected(request))
             arrays.update({MAPS_OUTPUT: result["overlays"] if overlays else result["maps"],
                            RESOLVED_TARGETS_OUTPUT: result["targets"]})
-            arrays.update({OBJECTIVE_OUTPUT: result["logits"][:, 0]} if objects else {logits_name: result["logits"]})
+            objective = result["logits"] if targets.ndim == 2 else result["logits"][:, 0]
+            arrays.update({OBJECTIVE_OUTPUT: objective} if objects else {logits_name: result["logits"]})
         if any(output.startswith(("explainrt.activations.", "explainrt.gradients.")) for output in wanted):
             if objects:
                 raise InvalidTargetError("outputs explainrt.activations.* / explainrt.gradients.* differentiate class "
@@ -267,7 +270,8 @@ def create_app(explainers: dict[str, Explainer], config: ServeConfig | None = No
             result = await model.submit(layers_key(raw), Job(images, targets))
             arrays.update({f"explainrt.{key}": value for key, value in result.items() if "." in key})
             arrays.setdefault(logits_name, result["logits"])
-            arrays.setdefault(RESOLVED_TARGETS_OUTPUT, result["resolved_targets"][:, 0])
+            resolved = result["resolved_targets"]
+            arrays.setdefault(RESOLVED_TARGETS_OUTPUT, resolved if targets.ndim == 2 else resolved[:, 0])
         if logits_name not in arrays:
             arrays[logits_name] = (await model.submit(predict_key(raw), Job(images)))["logits"]
         def encode() -> list[tuple[dict[str, Any], bytes]]:
@@ -361,9 +365,23 @@ def _returns(value: Any) -> tuple[str, ...]:
 
 def _instance_targets(value: Any, count: int, classes: int) -> np.ndarray:
     """Targets: None (top class), one class for all, or one per instance; -k = the k-th most likely; or
-    explanation targets (``explainrt.targets.from_json``), one for all or one per instance (an object array)."""
+    explanation targets (``explainrt.targets.from_json``), one for all or one per instance (an object array);
+    or a list of K of these per instance (all of one length K): [count, K]."""
     if value is None:
         return np.full(count, -1, dtype=np.int64)
+    rows = [isinstance(item, list) for item in value] if isinstance(value, list) else [False]
+    if any(rows):
+        if not all(rows):
+            raise InvalidInputError(f"parameter targets must be one target per instance or one list of K targets per "
+                                    f"instance, not both: got {value!r}")
+        lengths = sorted({len(row) for row in value})
+        if len(value) != count or len(lengths) != 1 or lengths[0] == 0:
+            raise InvalidInputError(f"parameter targets as lists of K targets needs one list per instance ({count}), "
+                                    f"all of one length K >= 1 (maps are [N, K, H, W]); got {len(value)} lists of "
+                                    f"lengths {', '.join(map(str, lengths))}")
+        columns = [_instance_targets([row[k] for row in value], count, classes) for k in range(lengths[0])]
+        kind = object if any(column.dtype == object for column in columns) else np.int64
+        return np.stack([column.astype(kind) for column in columns], axis=1)
     values = [value] * count if not isinstance(value, list) else value
     if any(isinstance(v, (str, dict)) for v in values):
         if len(values) != count:
@@ -378,12 +396,18 @@ def _instance_targets(value: Any, count: int, classes: int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def _per_image(targets: np.ndarray) -> int:
+    """K for targets [N, K] (K per instance), 0 for one per instance: requests of different K batch apart."""
+    return targets.shape[1] if targets.ndim == 2 else 0
+
+
 def _class(model: ServedModel, index: int, probability: float) -> dict[str, Any]:
     labels = model.labels
     return {"index": int(index), "label": labels[index] if labels else None, "probability": float(probability)}
 
 
 def _predictions(model: ServedModel, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+    logits = class_scores(logits)
     probabilities = softmax(logits)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
     return [{**_class(model, int(row[0]), p[row[0]]), "top_k": [_class(model, int(c), p[c]) for c in row]}
@@ -393,21 +417,26 @@ def _predictions(model: ServedModel, logits: np.ndarray, top_k: int) -> list[dic
 def _explanations(model: ServedModel, method: str, result: dict[str, Any], returns: tuple[str, ...],
                   objects: bool = False) -> list[dict[str, Any]]:
     """Per instance: the method, its target (with ``objects``, the class the target is about and its
-    objective's score) and what ``returns`` asks for."""
-    probabilities = softmax(result["logits"])
+    objective's score) and what ``returns`` asks for; with K targets per instance, ``targets``: K of these."""
+    probabilities = softmax(class_scores(result["logits"]))
     encoded = []
-    for index, target in enumerate(result["targets"]):
-        if objects:
-            label = model.labels[target] if model.labels and 0 <= target < len(model.labels) else None
-            described = {"index": int(target), "label": label, "score": float(result["logits"][index, 0])}
-        else:
-            described = _class(model, int(target), probabilities[index, target])
-        item: dict[str, Any] = {"method": method, "target": described}
-        if "overlay" in returns:
-            overlays = result["overlays"]
-            item["overlay"] = {"b64": codec.png_b64(overlays[index])} if overlays is not None else None
-        if "map" in returns:
-            item["map"] = np.round(result["maps"][index], 5).tolist()
+    for index, row in enumerate(result["targets"]):
+        parts = []
+        for k, target in enumerate(np.atleast_1d(row)):
+            at = (index, k) if np.ndim(row) else (index,)
+            if objects:
+                label = model.labels[target] if model.labels and 0 <= target < len(model.labels) else None
+                described = {"index": int(target), "label": label, "score": float(result["logits"][index, k])}
+            else:
+                described = _class(model, int(target), probabilities[index, target])
+            part: dict[str, Any] = {"target": described}
+            if "overlay" in returns:
+                overlays = result["overlays"]
+                part["overlay"] = {"b64": codec.png_b64(overlays[at])} if overlays is not None else None
+            if "map" in returns:
+                part["map"] = np.round(result["maps"][at], 5).tolist()
+            parts.append(part)
+        item: dict[str, Any] = {"method": method, **(parts[0] if np.ndim(row) == 0 else {"targets": parts})}
         if result["notes"][index]:
             item["note"] = result["notes"][index]
         small = {key: values[index].tolist() for key, values in result["extras"].items() if values[index].size <= 64}
@@ -446,10 +475,14 @@ def _v2_images(model: ServedModel, tensors: dict[str, codec.V2Tensor]) -> tuple[
     targets = np.full(count, -1, dtype=np.int64)
     if TARGETS_TENSOR in tensors:
         given = tensors[TARGETS_TENSOR]
-        if given.datatype not in ("INT64", "INT32") or given.array.size != count:
-            raise InvalidInputError(f"input {TARGETS_TENSOR!r} must be INT64 [{count}] (one class per image), got "
-                                    f"{given.datatype} {list(given.array.shape)}")
-        targets = _instance_targets(given.array.ravel().tolist(), count, model.num_classes)
+        shape = given.array.shape
+        if given.datatype not in ("INT64", "INT32") or not (given.array.size == count or (
+                len(shape) == 2 and shape[0] == count and shape[1] >= 1)):
+            raise InvalidInputError(f"input {TARGETS_TENSOR!r} must be INT64 [{count}] (one class per image) or "
+                                    f"[{count}, K] (K classes per image), got {given.datatype} {list(shape)}")
+        many = len(shape) == 2 and given.array.size != count  # [N, K]; [N, 1] stays one class per image
+        values = given.array.tolist() if many else given.array.ravel().tolist()
+        targets = _instance_targets(values, count, model.num_classes)
     return images, raw, targets
 
 
@@ -521,8 +554,12 @@ def _overlay_requested(requested: list[_Output], raw: bool, input_name: str) -> 
 
 
 def _encoded_maps(array: np.ndarray, form: str, normalize: bool) -> np.ndarray:
-    """The maps output in ``form``: for OVERLAY ``array`` holds the overlays (uint8 [N, H, W, 3]), one PNG each."""
-    return codec.encode_pngs(array) if form == codec.OVERLAY_FORMAT else codec.encode_maps(array, form, normalize)
+    """The maps output in ``form``: for OVERLAY ``array`` holds the overlays (uint8 [N, (K,) H, W, 3]), one PNG
+    each; maps [N, K, H, W] (K targets per instance) give PNG tensors [N, K]."""
+    if form == codec.OVERLAY_FORMAT:
+        return codec.encode_pngs(array.reshape(-1, *array.shape[-3:])).reshape(array.shape[:-3])
+    encoded = codec.encode_maps(array.reshape(-1, *array.shape[-2:]), form, normalize)
+    return encoded.reshape(array.shape[:-2] if encoded.dtype == object else array.shape)
 
 
 def _metadata(model: ServedModel) -> dict[str, Any]:

@@ -39,7 +39,7 @@ class Job:
     and captions on them (class label, probability, method)."""
 
     images: list[np.ndarray] | np.ndarray
-    targets: np.ndarray | None = None  # int64 [n] (-k: the k-th most likely class), or objects: explainrt.targets
+    targets: np.ndarray | None = None  # int64 [n] or [n, K] (-k: the k-th most likely), or objects: explainrt.targets
     overlays: bool = False
     captions: bool = False
 
@@ -52,9 +52,12 @@ def predict_key(raw: bool) -> JobKey:
     return ("predict", "raw" if raw else "tensor")
 
 
-def explain_key(raw: bool, method: str, options: dict[str, Any], normalize: bool, objects: bool = False) -> JobKey:
-    """``objects``: the jobs' targets are explainrt.targets objects (batched apart: their logits are objectives)."""
-    return ("explain", "raw" if raw else "tensor", method, json.dumps(options, sort_keys=True), normalize, objects)
+def explain_key(raw: bool, method: str, options: dict[str, Any], normalize: bool, objects: bool = False,
+                per_image: int = 0) -> JobKey:
+    """``objects``: the jobs' targets are explainrt.targets objects (batched apart: their logits are objectives);
+    ``per_image``: K for K targets per image ([n, K] targets), 0 for one."""
+    return ("explain", "raw" if raw else "tensor", method, json.dumps(options, sort_keys=True), normalize, objects,
+            per_image)
 
 
 def layers_key(raw: bool) -> JobKey:
@@ -106,7 +109,7 @@ class ServedModel:
         overlays = explanation.overlays() if wanted else None
         extras = {key: _split(values, counts) for key, values in explanation.extras.items()}
         notes = _split(np.array(explanation.notes, dtype=object), counts)
-        texts = _split(np.array(explanation.captions(), dtype=object), counts)
+        texts = _split(np.array(explanation.captions(), dtype=object).reshape(explanation.targets.shape), counts)
         return [{"maps": maps, "logits": logits, "targets": resolved,
                  "overlays": _captioned(blended, lines) if job.overlays and job.captions else
                  blended if job.overlays else None, "notes": list(note),
@@ -118,7 +121,7 @@ class ServedModel:
     def _layers(self, images: Any, targets: np.ndarray, counts: list[int]) -> list[dict[str, Any]]:
         """The explainable model's own outputs: logits, resolved targets, activations and gradients per layer."""
         batch, _ = self.explainer.prepare(images)
-        run = self.explainer.session.run(batch, targets[:, None])
+        run = self.explainer.session.run(batch, targets if targets.ndim == 2 else targets[:, None])
         per_job = [{"logits": logits, "resolved_targets": resolved} for logits, resolved in
                    zip(_split(run.logits, counts), _split(run.targets, counts), strict=True)]
         for layer, (activations, gradients) in enumerate(zip(run.activations, run.gradients, strict=True)):
@@ -161,8 +164,11 @@ def load_models(models: Sequence[str] | None, providers: Sequence[str] | None = 
     return loaded
 
 
-def _captioned(overlays: np.ndarray | None, texts: Sequence[str]) -> np.ndarray | None:
-    """Overlays with their caption lines written on them (None stays None: the images were preprocessed)."""
+def _captioned(overlays: np.ndarray | None, texts: np.ndarray) -> np.ndarray | None:
+    """Overlays [n, (K,) H, W, 3] with their caption lines [n, (K)] written on them (None stays None: the images
+    were preprocessed)."""
     if overlays is None:
         return None
-    return np.stack([caption(image, text) for image, text in zip(overlays, texts, strict=True)])
+    flat = overlays.reshape(-1, *overlays.shape[-3:])
+    return np.stack([caption(image, text) for image, text in zip(flat, texts.ravel(), strict=True)]).reshape(
+        overlays.shape)
