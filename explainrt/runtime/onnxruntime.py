@@ -80,11 +80,7 @@ class OnnxRuntimeSession:
         if lean:
             log.info("the model's session returns the maps of %s (heads added: %s)", ", ".join(self.main_maps),
                      ", ".join(added) or "none")
-            headed = onnx.ModelProto()
-            headed.CopyFrom(model)  # the model itself stays as given: variants, heads alone and users read it
-            lean_model = keep_maps_only(add_map_heads(headed, added) if added else headed, self.main_maps)
-            self._main = self._session(shallow_target_ranking(lean_model))
-            del headed
+            self._main = self._session(maps_session_model(model, added, self.main_maps))
         else:
             self._main = self._session(model)
         self._plain: object | None = None
@@ -257,6 +253,15 @@ class OnnxRuntimeSession:
             self._heads[layer] = (self._session(head), reads_image)
         session, reads_image = self._heads[layer]
         return self._run(session, [self.spec.logits], head_feeds(self.spec, layer, activations, images, reads_image))[0]
+
+
+def maps_session_model(model: onnx.ModelProto, added: Sequence[str], methods: Sequence[str]) -> onnx.ModelProto:
+    """What the main session runs for in-call map heads: a copy of the explainable ``model`` (which stays as
+    given: variants, heads alone and users read it) with the heads of ``added``, returning only the maps of
+    ``methods`` (``keep_maps_only``), its targets ranked only as deep as asked (``shallow_target_ranking``)."""
+    headed = onnx.ModelProto()
+    headed.CopyFrom(model)
+    return shallow_target_ranking(keep_maps_only(add_map_heads(headed, added) if added else headed, methods))
 
 
 _FLOAT_INPUTS = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
