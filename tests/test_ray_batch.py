@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,11 @@ def test_cli_on_parquet_joins_the_cluster(ray_cluster, small_onnx, small_model_f
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "explained 6 of 6 images with gradcam" in done.stdout
+    # without -v, none of Ray's own lines: its token authentication warning, its C++ core's log lines
+    # ("core_worker.cc:... Actor ... has constructor arguments in the object store"), Ray Data's warnings
+    ray_lines = [line for line in done.stderr.splitlines() if re.search(
+        r"Token authentication|\.cc:\d+|RAY_BACKEND_LOG_LEVEL|\w+\.py:\d+|/ray/", line)]
+    assert not ray_lines, done.stderr[-3000:]
     summary = pd.read_parquet(out / "summary.parquet")
     assert summary["image"].tolist() == sorted(p.name for p in good)
     assert summary["label"].tolist() == [p.parent.name for p in sorted(good, key=lambda p: p.name)]
@@ -208,3 +214,45 @@ def test_no_caption_writes_the_plain_overlay(ray_cluster, small_onnx, small_mode
         np.testing.assert_array_equal(with_caption, reference.overlays(captions=True)[0])
         changed = np.nonzero((with_caption != plain).any(axis=(1, 2)))[0]
         assert changed.min() >= SMALL_SIZE[0] - 20 and changed.max() == SMALL_SIZE[0] - 1  # the caption band only
+
+
+def test_ray_notices_are_held_without_v_and_shown_with_it(capfd: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without -v Ray's C++ core starts at level fatal, its token warning is off and what reaches stderr (fd 2)
+    while it starts is held, shown only if the start fails; with -v nothing changes. (The CLI test above
+    checks a real job's stderr.)"""
+    from explainrt.batch.job import (
+        RAY_BACKEND_LOG_LEVEL,
+        RAY_TOKEN_LOGGER,
+        _ray_notices_at_verbose,
+    )
+
+    monkeypatch.delenv(RAY_BACKEND_LOG_LEVEL, raising=False)
+    ours, token = logging.getLogger("explainrt"), logging.getLogger(RAY_TOKEN_LOGGER)
+    levels = ours.level, token.level
+    try:
+        ours.setLevel(logging.WARNING)
+        token.setLevel(logging.NOTSET)
+        with _ray_notices_at_verbose():
+            assert os.environ[RAY_BACKEND_LOG_LEVEL] == "fatal"
+            os.write(2, b"logging.cc:303: Set ray log level from environment variable\n")
+        assert RAY_BACKEND_LOG_LEVEL not in os.environ and token.level == logging.ERROR
+        assert capfd.readouterr().err == ""
+        with pytest.raises(RuntimeError, match="no cluster"), _ray_notices_at_verbose():
+            os.write(2, b"gcs_client.cc:1: cannot connect\n")
+            raise RuntimeError("no cluster")
+        assert capfd.readouterr().err == "gcs_client.cc:1: cannot connect\n"
+        monkeypatch.setenv(RAY_BACKEND_LOG_LEVEL, "debug")  # the user's own level is kept
+        with _ray_notices_at_verbose():
+            assert os.environ[RAY_BACKEND_LOG_LEVEL] == "debug"
+        assert os.environ[RAY_BACKEND_LOG_LEVEL] == "debug"
+        monkeypatch.delenv(RAY_BACKEND_LOG_LEVEL)
+        ours.setLevel(logging.INFO)  # -v
+        token.setLevel(logging.NOTSET)
+        with _ray_notices_at_verbose():
+            assert RAY_BACKEND_LOG_LEVEL not in os.environ
+            os.write(2, b"core_worker.cc:2465: Actor ...\n")
+        assert capfd.readouterr().err == "core_worker.cc:2465: Actor ...\n" and token.level == logging.NOTSET
+    finally:
+        ours.setLevel(levels[0])
+        token.setLevel(levels[1])

@@ -8,6 +8,7 @@ into the graph) and on the torch backend, with the layer named and chosen automa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -273,25 +274,87 @@ def test_automatic_layer_refuses_unsound_tensors_with_the_candidates_named() -> 
         make_explainable(_graph_with([2, 4, 6], "Relu", conv=False), ["layer"], input_layout="nchw")
 
 
-def test_a_token_model_given_no_input_size_is_explained_at_its_preprocessing_size() -> None:
-    """Without input_size a module is exported with dynamic height and width; a ViT's token grid (and
-    position embeddings) hold one size, so it is exported at the preprocessing's size instead. A Swin's
-    target shape is unknown to shape inference at a dynamic size: the same."""
+def test_a_token_model_given_no_input_size_is_exported_once_at_its_preprocessing_size(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Without input_size a module is exported with dynamic height and width where it takes other sizes; a
+    ViT's token grid (and position embeddings) hold one size, and a Swin's target shape is unknown to shape
+    inference at a dynamic size: both are told before exporting and exported once, at the preprocessing's
+    size, to the maps of an export at that size given."""
     from explainrt.preprocessing import Preprocessing
 
+    exports: list[Any] = []
+    export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: exports.append(kwargs["dynamic_shapes"][0])
+                        or export(*args, **kwargs))
     torch.manual_seed(0)
     model = randomized(torchvision_vit())
     images = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     layer = model.encoder.layers[-1].ln_1
     with ReferenceGradCAM(model=model, target_layers=[layer], reshape_transform=tokens_to_maps(4, 4, 1)) as cam:
         reference = cam(input_tensor=torch.from_numpy(images), targets=[ReferenceTarget(1), ReferenceTarget(7)])
-    explainer = Explainer(model, [layer], preprocessing=Preprocessing((32, 32), None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    with caplog.at_level(logging.INFO, logger="explainrt"):
+        explainer = Explainer(model, [layer], preprocessing=Preprocessing((32, 32), None, (0.5,) * 3, (0.5,) * 3))
+    assert [sorted(axes) for axes in exports] == [[0]]  # one export, only the batch dynamic
+    assert "exporting at 32x32 only: the model refuses a 64x64 image (Wrong image height!" in caplog.text
     assert explainer.spec.layouts[0]["grid"] == [4, 4]
-    np.testing.assert_allclose(explainer.explain(images, targets=[1, 7]).maps, reference, atol=1e-4)
+    maps = explainer.explain(images, targets=[1, 7]).maps
+    np.testing.assert_allclose(maps, reference, atol=1e-4)
+    sized = Explainer(model, [layer], input_size=(32, 32))
+    np.testing.assert_array_equal(maps, sized.explain(images, targets=[1, 7]).maps)
+    exports.clear()
     swin = randomized(torchvision_swin())
     images = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
     layer = swin.features[-1][-1].norm1
     with ReferenceGradCAM(model=swin, target_layers=[layer], reshape_transform=channels_last_to_maps) as cam:
         reference = cam(input_tensor=torch.from_numpy(images), targets=[ReferenceTarget(1), ReferenceTarget(7)])
-    explainer = Explainer(swin, [layer], preprocessing=Preprocessing((64, 64), None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    with caplog.at_level(logging.INFO, logger="explainrt"):
+        explainer = Explainer(swin, [layer], preprocessing=Preprocessing((64, 64), None, (0.5,) * 3, (0.5,) * 3))
+    assert [sorted(axes) for axes in exports] == [[0]]
+    assert "exporting at 64x64 only: torchvision's Swin" in caplog.text
     np.testing.assert_allclose(explainer.explain(images, targets=[1, 7]).maps, reference, atol=1e-4)
+
+
+class _Tokens(torch.nn.Module):
+    """Patch tokens [N, T, D] of an image of any size: a LayerNorm on them, mean-pooled to logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.patches(images).flatten(2).transpose(1, 2)).mean(1))
+
+
+class _Flattening(torch.nn.Module):
+    """A Linear on the flattened feature map: only the 8 x 8 image fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+        self.head = torch.nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(images)).flatten(1))
+
+
+def test_a_fixed_size_is_told_from_one_forward_pass_at_another_size() -> None:
+    """Refused at 40 x 40: fixed; token outputs: fixed unless a token grid is given; a CNN: not known (a dynamic
+    export is tried). The probe leaves each module's training mode as it found it."""
+    from explainrt.export.torch_export import fixed_size_reason
+
+    example = torch.zeros(1, 3, 8, 8)
+    tokens, flattening, cnn = _Tokens().train(), _Flattening(), torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3),
+                                                                                      torch.nn.BatchNorm2d(2))
+    assert fixed_size_reason(tokens, example, [tokens.norm]) == ("target layer 0 outputs tokens, whose grid a "
+                                                                "dynamic image size leaves unknown")
+    assert all(module.training for module in tokens.modules())
+    assert fixed_size_reason(tokens, example, [tokens.patches]) is None
+    assert fixed_size_reason(tokens, example, [tokens.norm], token_grid_given=True) is None
+    assert fixed_size_reason(flattening, example, [flattening.conv]).startswith(
+        "the model refuses a 40x40 image (mat1 and mat2 shapes cannot be multiplied")
+    running = cnn[1].running_mean.clone()
+    assert fixed_size_reason(cnn.train(), example, [cnn[0]]) is None
+    torch.testing.assert_close(cnn[1].running_mean, running, rtol=0, atol=0)  # evaluated, not trained
+    assert cnn.training

@@ -14,13 +14,17 @@ INPUT and OUT must be paths every node sees (a shared file system).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import sys
+import tempfile
 import time
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -145,8 +149,9 @@ def explain_dataset(
     started = not ray.is_initialized()
     if started:
         note(f"starting {'Ray at ' + ray_address if ray_address else f'a local Ray instance ({workers + 1} CPUs)'}")
-        ray.init(address=ray_address, num_cpus=None if ray_address else workers + 1, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+        with _ray_notices_at_verbose():
+            ray.init(address=ray_address, num_cpus=None if ray_address else workers + 1, include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=False)
     start = time.perf_counter()
     try:
         _check_cluster_cpus(ray, workers)
@@ -182,6 +187,47 @@ def target_names(targets: Sequence[int | Target]) -> list[str]:
     """File-name parts of K targets (``text_form``); repeated ones numbered by position."""
     names = [name_part(text_form(target)) for target in targets]
     return [f"{name}-{k}" if names.count(name) > 1 else name for k, name in enumerate(names)]
+
+
+RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""Ray's logger that says, on every start, that token authentication is enabled (and how to opt out)."""
+RAY_BACKEND_LOG_LEVEL = "RAY_BACKEND_LOG_LEVEL"
+"""The level of the lines Ray's C++ core prints on stderr, read once as ``ray.init`` starts it."""
+
+
+@contextlib.contextmanager
+def _ray_notices_at_verbose() -> Iterator[None]:
+    """Ray's notices outside explainrt's logging, kept for ``-v`` and silenced otherwise: the token
+    authentication warning of each start, and the driver's core worker lines (such as "Actor ... has
+    constructor arguments in the object store and max_restarts > 0", about Ray Data's own actor
+    arguments). The C++ level applies to the processes ``ray.init`` starts (their log files keep fatal
+    errors only; a level the user set in the environment is kept), and setting it makes Ray print one line
+    of its own ("Set ray log level from environment variable ..."), so stderr is held while ``ray.init`` runs
+    and shown only if it fails."""
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    logging.getLogger(RAY_TOKEN_LOGGER).setLevel(logging.ERROR)
+    given = os.environ.get(RAY_BACKEND_LOG_LEVEL)
+    if given is None:
+        os.environ[RAY_BACKEND_LOG_LEVEL] = "fatal"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            except BaseException:
+                os.dup2(saved, 2)
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+                raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if given is None:
+            del os.environ[RAY_BACKEND_LOG_LEVEL]
 
 
 def _check_cluster_cpus(ray: Any, workers: int) -> None:
@@ -313,7 +359,10 @@ def _run(ray: Any, dataset: DatasetSource, blob: bytes, preprocessing: Preproces
         },
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     rows = []
-    with progress_of(dataset.count, f"{method} on Ray", unit="images", enabled=progress is not False) as bar:
+    with warnings.catch_warnings(), progress_of(dataset.count, f"{method} on Ray", unit="images",
+                                                enabled=progress is not False) as bar:
+        if not log.isEnabledFor(logging.INFO):  # Ray Data's advice on its own pool ("The minimum number of
+            warnings.filterwarnings("ignore", module=r"ray\.data\.")  # concurrent actors ...") only at -v
         for batch in explained.iter_batches(batch_size=None, batch_format="pandas"):
             rows.append(batch)
             bar.update(len(batch))
@@ -327,7 +376,8 @@ def _write_summary(out: Path, rows: list[Any], seconds: float) -> BatchJobResult
 
     summary = pd.concat(rows, ignore_index=True)[list(SUMMARY_COLUMNS)].sort_values("image", ignore_index=True)
     texts = [column for column in SUMMARY_COLUMNS if _column_dtype(column) is object]
-    summary[texts] = summary[texts].astype("str")  # one missing-value marker, as read back from Parquet
+    # one missing-value marker, as read back from Parquet (pandas 2's astype("str") would write "None")
+    summary[texts] = summary[texts].astype(pd.StringDtype())
     parquet, csv = out / SUMMARY_PARQUET, out / SUMMARY_CSV
     write_atomic(parquet, lambda handle: summary.to_parquet(handle, index=False))
     write_atomic(csv, summary.to_csv(index=False).encode())

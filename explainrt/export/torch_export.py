@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -129,6 +130,62 @@ def export_torch(
     del proto.graph.output[:]
     proto.graph.output.extend(kept)
     return proto, taps
+
+
+PROBE_STEP = 32
+"""How much larger than the example the image is that tells whether a module takes other sizes (a multiple of
+the strides and patch sizes of common models, so a model that takes any size takes this one)."""
+
+
+def fixed_size_reason(model: torch.nn.Module, example_input: torch.Tensor,
+                      target_modules: Sequence[torch.nn.Module] = (), token_grid_given: bool = False) -> str | None:
+    """Why an export of ``model`` with a dynamic image size cannot serve other sizes, told without exporting
+    it (an export takes seconds to minutes); None where that cannot be told so.
+
+    One forward pass in torch on an image ``PROBE_STEP`` pixels larger: a model that refuses it (a ViT's
+    checked size or position embeddings) holds one size, and a target module that outputs tokens [N, T, D]
+    has a grid a dynamic size leaves unknown (unless ``token_grid_given``). torchvision's Swin is known by its type: it takes other sizes,
+    but its window partition leaves its blocks' shapes unknown to ONNX shape inference at a dynamic size."""
+    if example_input.dim() != 4:
+        return None
+    swin = _torchvision_class("swin_transformer", "SwinTransformer")
+    if swin is not None and isinstance(model, swin):
+        return "torchvision's Swin partitions windows whose shapes ONNX shape inference cannot follow at a dynamic size"
+    height, width = example_input.shape[2] + PROBE_STEP, example_input.shape[3] + PROBE_STEP
+    probe = example_input.new_zeros((1, example_input.shape[1], height, width), dtype=torch.float32)
+    ranks: dict[int, int] = {}
+
+    def hook(index: int):
+        def record(_module, _inputs, out):
+            if isinstance(out, torch.Tensor):
+                ranks[index] = out.dim()
+        return record
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [module.register_forward_hook(hook(index)) for index, module in enumerate(target_modules)]
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(probe)
+    except Exception as error:  # noqa: BLE001 - a model's own size check raises any type (AssertionError, ...)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"the model refuses a {height}x{width} image ({first})"
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.train(training)
+    tokens = [index for index, rank in sorted(ranks.items()) if rank == 3]
+    if tokens and not token_grid_given:
+        return f"target layer {tokens[0]} outputs tokens, whose grid a dynamic image size leaves unknown"
+    return None
+
+
+def _torchvision_class(module: str, name: str) -> type | None:
+    """A torchvision model class where torchvision is already imported (a module of it was built), else None."""
+    loaded = sys.modules.get(f"torchvision.models.{module}")
+    return getattr(loaded, name, None) if loaded is not None else None
 
 
 def from_torch(

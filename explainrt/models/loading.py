@@ -194,16 +194,23 @@ def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocess
         requests = tuple(layouts.requests(len(targets), **outputs.layouts()))
         return LoadedModel(None, ModuleSource(module, tuple(targets), example, stored, outputs.output, requests),
                            preprocessing)
-    from explainrt.export.torch_export import from_torch
+    from explainrt.export.torch_export import fixed_size_reason, from_torch
 
+    # Token layers (ViT) tie their grid, and usually their position embeddings, to one size; some graphs
+    # (Swin's padded windows) leave the target's shape unknown to ONNX shape inference at any size. Where that
+    # shows before exporting, the model is exported once at its size; else a dynamic export is tried first.
+    reason = fixed_size_reason(module, example, targets or (), outputs.token_grid is not None) if dynamic_size else None
+    if reason is not None:
+        log.info("exporting at %dx%d only: %s", *input_size, reason)
+    elif dynamic_size:
+        log.info("exporting with a dynamic image size (falls back to %dx%d if the target layers cannot be read)",
+                 *input_size)
     try:
         proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
-                           dynamic_size=dynamic_size, **outputs.layouts())
+                           dynamic_size=dynamic_size and reason is None, **outputs.layouts())
     except UnknownLayerError as error:
-        if not dynamic_size:
+        if not dynamic_size or reason is not None:
             raise
-        # Token layers (ViT) tie their grid, and usually their position embeddings, to one size; some graphs
-        # (Swin's padded windows) leave the target's shape unknown to ONNX shape inference at any size.
         log.info("exported at %dx%d: with a dynamic image size the target layers cannot be read (%s)",
                  *input_size, error)
         proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
