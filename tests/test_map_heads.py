@@ -122,7 +122,8 @@ def test_heads_the_model_cannot_take_stay_out_of_its_call(small_onnx, small_batc
 def test_head_alone_holds_no_model_weights_and_equals_the_head_in_the_graph(two_layer_onnx, small_batch) -> None:  # noqa: ANN001
     """An Explainer runs a head the model lacks as a model of its own after the explainable model: it
     reads the image, activations and gradients, holds none of the model's weights (one whole copy of
-    the model per method would cost the model's memory again for every method), and gives the maps
+    the model per method would cost the model's memory again for every method; only the resize's
+    interpolation matrices), and gives the maps
     the head appended to the graph gives."""
     targets = np.array([[-1], [2], [0]], dtype=np.int64)
     outputs = _run(two_layer_onnx, small_batch, targets)
@@ -130,7 +131,10 @@ def test_head_alone_holds_no_model_weights_and_equals_the_head_in_the_graph(two_
     head = head_only_model(two_layer_onnx, "gradcam++")
     assert [i.name for i in head.graph.input] == ["input", *(f"explainrt.{kind}.{k}" for k in range(2)
                                                              for kind in ("activations", "gradients"))]
-    assert sum(int(np.prod(t.dims)) for t in head.graph.initializer) < 16
+    grids = [outputs[f"explainrt.activations.{k}"].shape[2:] for k in range(2)]
+    height, width = small_batch.shape[2:]
+    resize_matrices = sum(height * h + w * width for h, w in grids)  # [H, h] and [w, W] per layer
+    assert sum(int(np.prod(t.dims)) for t in head.graph.initializer) < 32 + resize_matrices
     session = onnxruntime.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"])
     maps = session.run(None, {i.name: outputs[i.name] if i.name in outputs else small_batch for i in session.get_inputs()})[0]
     np.testing.assert_allclose(maps, inside["explainrt.maps.gradcam++"], atol=1e-6)
@@ -221,3 +225,72 @@ def test_bad_map_options(small_onnx) -> None:  # noqa: ANN001
         add_map_heads(maps_only, ["layercam"])
     with pytest.raises(InvalidInputError, match="maps_only=True needs maps"):
         make_explainable(original_model(small_onnx), maps_only=True)
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(7, 224), (7, 7), (14, 224), (5, 37), (13, 6), (1, 9)])
+def test_resize_matrices_equal_onnx_resize_and_the_python_path(n_in: int, n_out: int) -> None:
+    """The static-size head resizes with two MatMuls: equal (1e-6) to ONNX Resize (linear, half_pixel)
+    in ONNX Runtime, the op the head used before, and to the Python path's resize."""
+    from onnx import TensorProto, helper
+
+    from explainrt import kernels
+
+    maps = np.random.default_rng(n_in * 100 + n_out).random((2, 3, n_in, n_in + 1), dtype=np.float32)
+    out_hw = (n_out, n_out + 2)
+    sizes = helper.make_tensor("sizes", TensorProto.INT64, [4], [2, 3, *out_hw])
+    graph = helper.make_graph([helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
+                                                coordinate_transformation_mode="half_pixel")], "resize",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(maps.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [sizes])
+    resize = onnxruntime.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                                          .SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = resize.run(None, {"x": maps})[0]
+    got = kernels.resize_matrix(n_in, out_hw[0]) @ maps @ kernels.resize_matrix(n_in + 1, out_hw[1]).T
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    python_path = kernels.resize_bilinear(maps.reshape(-1, *maps.shape[2:]), out_hw).reshape(got.shape)
+    np.testing.assert_allclose(got, python_path, atol=1e-6)
+
+
+def test_static_head_resizes_without_shape_arithmetic_dynamic_sizes_keep_resize(small_resnet, small_batch) -> None:  # noqa: ANN001
+    """At a fixed image size the head reads no shapes at run time (MatMuls with constant matrices); a model
+    of dynamic height and width keeps the Resize to the image's run-time size, and both give the same maps
+    (the Python path's: the other tests)."""
+    static = from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), [small_resnet.layer4], maps="gradcam")
+    head_ops = [n.op_type for n in static.graph.node if n.name.startswith("explainrt/maps/")]
+    # channel sum and the two resize MatMuls; the pooled layer's gradient is read before its copy: no mean of it
+    assert "Resize" not in head_ops and "Shape" not in head_ops and head_ops.count("MatMul") == 3
+    assert "ReduceMean" not in head_ops
+    dynamic = copy.deepcopy(original_model(static))
+    for dim in dynamic.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "size"
+    for value in [*dynamic.graph.value_info, *dynamic.graph.output[1:]]:
+        value.type.tensor_type.ClearField("shape")
+    dynamic = make_explainable(dynamic, [ExplainableSpec.from_model(static).target_layers[0]], maps="gradcam")
+    assert "Resize" in [n.op_type for n in dynamic.graph.node if n.name.startswith("explainrt/maps/")]
+    targets = np.array([[-1], [3], [0]], dtype=np.int64)
+    np.testing.assert_allclose(_run(dynamic, small_batch, targets)["explainrt.maps.gradcam"],
+                               _run(static, small_batch, targets)["explainrt.maps.gradcam"], atol=1e-6)
+
+
+def test_maps_only_model_drops_the_gradient_copy_and_ranks_only_what_targets_ask(small_resnet, small_batch) -> None:  # noqa: ANN001
+    """What the Explainer's session runs for in-call heads: the maps-only copy has no activation or gradient
+    outputs and no Expand of the pooled layer's gradient; ranking only max(-targets) classes resolves the
+    same targets (ties included: the first index wins either way); its maps equal the full model's."""
+    from explainrt.export.explainable import shallow_target_ranking
+    from explainrt.export.heads import keep_maps_only
+
+    full = from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), [small_resnet.layer4], maps="gradcam")
+    lean = shallow_target_ranking(keep_maps_only(copy.deepcopy(full), ["gradcam"]))
+    assert [o.name for o in lean.graph.output if o.name.startswith("explainrt.")] == [
+        "explainrt.resolved_targets", "explainrt.maps.gradcam"]
+    assert not any(n.op_type == "Expand" for n in lean.graph.node if n.name.startswith("explainrt/"))
+    assert ExplainableSpec.from_model(lean).maps_only
+    for targets in (np.array([[-1], [3], [0]]), np.array([[-2, -1], [-5, 1], [2, -10]])):
+        want, got = _run(full, small_batch, targets), _run(lean, small_batch, targets)
+        np.testing.assert_array_equal(got["explainrt.resolved_targets"], want["explainrt.resolved_targets"])
+        np.testing.assert_allclose(got["explainrt.maps.gradcam"], want["explainrt.maps.gradcam"], atol=1e-6)
+    ranked = np.argsort(-_run(full, small_batch, np.array([[-1]] * 3))[full.graph.output[0].name], axis=1, kind="stable")
+    np.testing.assert_array_equal(_run(lean, small_batch, np.array([[-4]] * 3))["explainrt.resolved_targets"][:, 0],
+                                  ranked[:, 3])
+    with pytest.raises(InvalidInputError, match="maps-only needs some of them"):
+        keep_maps_only(copy.deepcopy(full), ["gradcam++"])

@@ -278,7 +278,19 @@ def _numel(x: V) -> V:
 def _reduce_mean(n: Node, g: Grads) -> Grads:
     """ReduceMean and GlobalAveragePool: spread evenly; size(y)/size(x) is 1/count."""
     x, y = n.x[0], n.y[0]
-    return ((_keep_dims(n, g[0]) * (_numel(y) / _numel(x))).expand_like(x),)
+    return ((_keep_dims(n, g[0]) * _size_ratio(n, x, y)).expand_like(x),)
+
+
+def _size_ratio(n: Node, x: V, y: V) -> V | np.ndarray:
+    """size(y) / size(x) of a reduction: a constant where the sizes of x and y are static but for a
+    batch axis that is not reduced (the value float32 division of the run-time sizes gives), else computed
+    at run time."""
+    x_shape, y_shape = x.info.shape, y.info.shape
+    static = x.dtype == TensorProto.FLOAT and x_shape is not None and y_shape is not None and all(
+        isinstance(d, int) and d > 0 for d in (*x_shape[1:], *y_shape[1:])) and -len(x_shape) not in _reduced_axes(n)
+    if not static:
+        return _numel(y) / _numel(x)
+    return np.float32(math.prod(y_shape[1:])) / np.float32(math.prod(x_shape[1:]))  # type: ignore[index]
 
 
 def _reduce_sum(n: Node, g: Grads) -> Grads:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import onnx
 from onnx import TensorProto
 
+from explainrt import kernels
 from explainrt.autodiff.builder import GraphBuilder, TensorInfo, tensor_infos
 from explainrt.autodiff.gradients import V, add_n, where
 from explainrt.errors import InvalidInputError, InvalidModelError
@@ -39,10 +40,16 @@ MAPS_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "ui
 
 
 class _GraphAlgebra:
-    """``CamAlgebra`` over graph value handles: each call appends ONNX nodes."""
+    """``CamAlgebra`` over graph value handles: each call appends ONNX nodes.
+
+    ``spread`` maps gradients [N, K, C, h, w] that hold one value per channel copied over the positions
+    (``_spread_source``) to that value [N, K, C, 1, 1]: their mean over the positions."""
+
+    def __init__(self) -> None:
+        self.spread: dict[str, V] = {}
 
     def mean_hw(self, x: V) -> V:
-        return x.mean([-2, -1])
+        return self.spread[x.name] if x.name in self.spread else x.mean([-2, -1])
 
     def sum_hw(self, x: V) -> V:
         return x.sum([-2, -1])
@@ -114,21 +121,35 @@ def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: 
         heatmaps = _method_maps(b, CLOSED_FORMS[method], layers, spec.image_input)
         out = _as_dtype(heatmaps, MAPS_DTYPES[maps_dtype])
         b.add_output(maps_output(method), out.name, MAPS_DTYPES[maps_dtype], ["N", "K", *_input_hw(model, spec)])
-    kept = methods
-    if maps_only:
-        wanted = {RESOLVED_TARGETS_OUTPUT, *(maps_output(m) for m in methods)}
-        outputs = [o for o in model.graph.output if not o.name.startswith("explainrt.") or o.name in wanted]
-        del model.graph.output[:]
-        model.graph.output.extend(outputs)
-        prune_added_nodes(model)
-    else:
-        kept = (*spec.maps, *methods)
-    updated = dataclasses.replace(spec, maps=kept, maps_dtype=maps_dtype, maps_only=maps_only)
+    prune_added_nodes(model)  # what a head built and then did not read (a broadcast the MatMul spares)
+    updated = dataclasses.replace(spec, maps=(*spec.maps, *methods), maps_dtype=maps_dtype)
     set_metadata(model, METADATA_KEY, updated.to_json())
+    if maps_only:
+        keep_maps_only(model, methods)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
         raise InvalidModelError(f"the model with map heads failed ONNX validation: {error}") from error
+    return model
+
+
+def keep_maps_only(model: onnx.ModelProto, methods: Sequence[str]) -> onnx.ModelProto:
+    """The explainable ``model`` (changed in place) returning only its original outputs,
+    ``explainrt.resolved_targets`` and the maps of ``methods`` (heads it has): the activation and
+    gradient outputs, other maps and every node only they need are dropped. ONNX Runtime runs all
+    of a model's nodes whatever is fetched, so a runtime asked for maps alone runs this."""
+    spec = ExplainableSpec.from_model(model)
+    missing = [m for m in methods if m not in spec.maps]
+    if missing or not methods:
+        raise InvalidInputError(f"the model has map heads for {list(spec.maps)}; maps-only needs some of them, "
+                                f"got {list(methods)}")
+    wanted = {RESOLVED_TARGETS_OUTPUT, *(maps_output(m) for m in methods)}
+    outputs = [o for o in model.graph.output if not o.name.startswith("explainrt.") or o.name in wanted]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    prune_added_nodes(model)
+    kept = tuple(m for m in spec.maps if m in methods)
+    set_metadata(model, METADATA_KEY, dataclasses.replace(spec, maps=kept, maps_only=True).to_json())
     return model
 
 
@@ -160,6 +181,7 @@ def head_only_model(model: onnx.ModelProto, method: str) -> onnx.ModelProto:
     layers = [(V(b, activations_output(i)), V(b, gradients_output(i))) for i in range(len(spec.target_layers))]
     maps = _method_maps(b, form, layers, spec.image_input)
     b.add_output(maps_output(method), maps.name, TensorProto.FLOAT, ["N", "K", *_input_hw(model, spec)])
+    prune_added_nodes(head)
     try:
         onnx.checker.check_model(head)
     except onnx.checker.ValidationError as error:
@@ -195,14 +217,99 @@ def _method_maps(b: GraphBuilder, form: ClosedForm, layers: list[tuple[V, V]], i
     """[N, K, H, W] maps of one method: per layer weights, ReLU'd sum, normalise, resize; layer average; normalise."""
     ops = _GraphAlgebra()
     per_layer = []
+    image_hw = (b.info(image).shape or (None,) * 4)[2:4]
     for acts, grads in layers:
-        a = _float32(acts).unsqueeze([-4])  # [N, 1, C, h, w]: broadcast over the K targets
+        # the layer's C, h, w where they and the image size are static (a dynamic image's layers may declare
+        # the grid of the nominal size they were found at)
+        shape = b.infos[acts.name].shape if acts.name in b.infos and all(isinstance(d, int) for d in image_hw) else None
+        if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            shape = None
+        as_float = _float32(acts)
+        a = as_float.unsqueeze([-4])  # [N, 1, C, h, w]: broadcast over the K targets
         g = _float32(grads)  # [N, K, C, h, w]
+        source = _spread_source(b, g)
+        if source is not None:
+            ops.spread[g.name] = source
         weighted, weights = form.formula(ops, a, g)
-        cams = ops.relu((weights * weighted).sum([-3], keepdims=False))  # [N, K, h, w]
-        per_layer.append(_resize_like_image(b, _normalized(b, cams), image))
+        if weighted is a and _per_channel(weights) and shape is not None:
+            cams = ops.relu(_channel_sum(b, weights, as_float, shape[1:]))  # type: ignore[arg-type]
+        else:
+            cams = ops.relu((weights * weighted).sum([-3], keepdims=False))  # [N, K, h, w]
+        per_layer.append(_resize_like_image(b, _normalized(b, cams), image, list(shape[2:4]) if shape else []))
     combined = per_layer[0] if len(per_layer) == 1 else add_n([ops.relu(m) for m in per_layer]) / float(len(per_layer))
     return _normalized(b, combined)
+
+
+POOLINGS = {"ReduceMean", "ReduceSum", "GlobalAveragePool"}
+"""Forward operators whose gradient rule spreads one value per channel over the positions (by an Expand)."""
+
+
+def _spread_source(b: GraphBuilder, grads: V) -> V | None:
+    """The [N, K, C, 1, 1] value gradients [N, K, C, h, w] copy over the positions, when they are the
+    explainable model's gradient output of a layer pooled over its positions (a classifier's global
+    average pool): the pooling's rule (``explainrt.autodiff.rules``), whose Expand, named
+    ``explainrt/grad/<pooling node>/Expand``, copies a [K, N, C, 1, 1] value to the layer's
+    [K, N, C, h, w], then the [K, N] -> [N, K] Transpose; else None. A head reading that value leaves
+    the copy (and, maps-only, the gradient output) out of the runtime's work."""
+    producers = {out: node for node in b.graph.node for out in node.output}
+    node = producers.get(grads.name)
+    while node is not None and node.op_type == "Identity":
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Transpose" or _attribute(node, "perm") != [1, 0, 2, 3, 4]:
+        return None
+    expand = producers.get(node.input[0])
+    pooling = _pooling_of(b, expand) if expand is not None and expand.op_type == "Expand" else None
+    sizes = producers.get(expand.input[1]) if pooling is not None else None  # type: ignore[union-attr]
+    shape = producers.get(sizes.input[-1]) if sizes is not None and sizes.op_type == "Concat" else None
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != pooling.input[0] or grads.info.shape is None:  # type: ignore[union-attr]
+        return None
+    source = b.op("Transpose", [expand.input[0]], perm=[1, 0, 2, 3, 4])  # type: ignore[union-attr]
+    return V(b, source, TensorInfo(grads.dtype, (*grads.info.shape[:3], 1, 1)))
+
+
+def _pooling_of(b: GraphBuilder, expand: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The forward node pooling a rank-4 tensor over its last two axes whose gradient rule built
+    ``expand`` (its scope names it), else None."""
+    prefix, _, tail = expand.name.rpartition("/")
+    if not prefix.startswith("explainrt/grad/") or tail != "Expand":
+        return None
+    name = prefix[len("explainrt/grad/"):]
+    pooling = next((n for n in b.graph.node if n.name == name and n.op_type in POOLINGS), None)
+    if pooling is None or b.infos.get(pooling.input[0]) is None or b.info(pooling.input[0]).rank != 4:
+        return None
+    if pooling.op_type == "GlobalAveragePool":
+        return pooling
+    axes = _attribute(pooling, "axes")
+    if axes is None and len(pooling.input) > 1 and pooling.input[1]:
+        constant = b.constant_value(pooling.input[1])
+        axes = None if constant is None else constant.tolist()
+    return pooling if axes is not None and sorted(a % 4 for a in axes) == [2, 3] else None
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> object:
+    """The value of ``node``'s attribute ``name`` (a list for ints), None when it has none."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            value = onnx.helper.get_attribute_value(attribute)
+            return list(value) if attribute.type == onnx.AttributeProto.INTS else value
+    return None
+
+
+def _per_channel(weights: V) -> bool:
+    """Whether the weights are one per channel, [N, K, C, 1, 1], as far as the graph knows."""
+    shape = weights.info.shape
+    return shape is not None and len(shape) == 5 and tuple(shape[-2:]) == (1, 1)
+
+
+def _channel_sum(b: GraphBuilder, weights: V, acts: V, chw: Sequence[int]) -> V:
+    """sum_c weights[n, k, c] * acts[n, c] as one batched MatMul, [N, K, h, w] (static C, h, w): a
+    fraction of the broadcast product's [N, K, C, h, w] work and memory."""
+    channels, height, width = chw
+    per_target = b.op("Reshape", [weights.name, b.ints([0, 0, channels])])  # [N, K, C]
+    positions = b.op("Reshape", [acts.name, b.ints([0, channels, height * width])])  # [N, C, h*w]
+    summed = b.op("MatMul", [per_target, positions])  # [N, K, h*w]
+    cams = b.op("Reshape", [summed, b.ints([0, 0, height, width])])
+    return V(b, cams, TensorInfo(TensorProto.FLOAT, (weights.info.shape[0], weights.info.shape[1], height, width)))  # type: ignore[index]
 
 
 def _float32(value: V) -> V:
@@ -215,8 +322,21 @@ def _normalized(b: GraphBuilder, maps: V) -> V:
     return shifted / (V(b, b.reduce("ReduceMax", shifted.name, [-2, -1])) + CAM_EPS)
 
 
-def _resize_like_image(b: GraphBuilder, maps: V, image: str) -> V:
-    """Bilinear resize of [N, K, h, w] to the image's [H, W] as cv2.resize(INTER_LINEAR) does it."""
+def _resize_like_image(b: GraphBuilder, maps: V, image: str, grid: Sequence[object]) -> V:
+    """Bilinear resize of [N, K, h, w] (``grid``: h, w as the graph knows them) to the image's [H, W] as
+    cv2.resize(INTER_LINEAR) does it. Where both sizes are static, two MatMuls with the interpolation
+    matrices (``kernels.resize_matrix``, the Python path's table): no shape arithmetic at run time and a
+    fraction of ONNX Runtime's Resize kernel time; otherwise a Resize to the image's run-time size."""
+    image_hw = (b.info(image).shape or (None,) * 4)[2:4]
+    sizes_known = [*grid, *image_hw]
+    if len(sizes_known) == 4 and all(isinstance(d, int) and d > 0 for d in sizes_known):
+        (h, w), (height, width) = grid, image_hw
+        rows = b.constant(kernels.resize_matrix(h, height), dtype=TensorProto.FLOAT)  # [H, h]
+        columns = b.constant(kernels.resize_matrix(w, width).T, dtype=TensorProto.FLOAT)  # [w, W]
+        across = b.op("MatMul", [maps.name, columns])  # [N, K, h, W]
+        resized = b.op("MatMul", [rows, across])  # [N, K, H, W]
+        b.infos[resized] = TensorInfo(TensorProto.FLOAT, None)
+        return V(b, resized)
     sizes = b.concat([b.shape_slice(maps.name, 0, 2), b.shape_slice(image, 2, 4)], 0)
     resized = b.op("Resize", [maps.name, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
     b.infos[resized] = TensorInfo(maps.dtype, None)

@@ -42,6 +42,7 @@ __all__ = [
     "occlusion_grid",
     "occlusion_masks",
     "resize_bilinear",
+    "resize_matrix",
     "rise_masks",
     "segment_masks",
 ]
@@ -170,6 +171,18 @@ def resize_bilinear(maps: Any, out_hw: tuple[int, int], *, backend: Backend = "a
     arr = _as_float32("maps", maps, impl)
     _check_maps("maps", arr, "N, h, w")
     return impl.kernels.resize_bilinear(arr, *_check_out_hw(out_hw))
+
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """cv2's INTER_LINEAR resize of one axis from ``n_in`` to ``n_out`` pixels as a matrix, float32
+    [n_out, n_in]: ``matrix @ x`` resizes x along its first axis as ``resize_bilinear`` does (two
+    non-zero weights per row, the same table), so a graph can resize with two MatMuls."""
+    table = _numpy.half_pixel_axis(_check_int("n_in", n_in, 1), _check_int("n_out", n_out, 1))
+    matrix = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    np.add.at(matrix, (rows, table.lo), table.w_lo)
+    np.add.at(matrix, (rows, table.hi), table.w_hi)
+    return matrix
 
 
 def normalize_minmax(maps: Any, *, backend: Backend = "auto") -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -72,11 +72,12 @@ def head_maps(request: AttributionRequest, method: str, targets: np.ndarray,
               timings: dict[str, float]) -> MapsResult | None:
     """``method``'s maps from the session's in-graph map head, when the method has a closed form, the
     session runs map heads, the request allows them and wants normalised maps; else None (Python path)."""
+    # hasattr is what isinstance of the runtime-checkable Protocol tests, at a tenth of its cost per call
     if not (request.map_heads and request.normalize and method in cam_weights.CLOSED_FORMS
-            and isinstance(request.session, MapHeadSession)):
+            and hasattr(request.session, "maps")):
         return None
     with timed(timings, "runtime"):
-        return request.session.maps(request.images, targets, method)
+        return cast(MapHeadSession, request.session).maps(request.images, targets, method)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.heads import add_map_heads, checked_maps, closed_form, head_only_model
+from explainrt.export.heads import add_map_heads, checked_maps, closed_form, head_only_model, keep_maps_only
 from explainrt.export.spec import (
     REFERENCE_PREFIX,
     TARGETS_INPUT,
@@ -21,6 +21,7 @@ from explainrt.export.spec import (
     reference_input,
     relu_output,
 )
+from explainrt.export.explainable import shallow_target_ranking
 from explainrt.export.variants import head_model, variant_kind, variant_model
 from explainrt.runtime.base import (
     MapsResult,
@@ -57,7 +58,9 @@ class OnnxRuntimeSession:
         ``maps``: closed-form CAM methods whose map heads the main session's model gets when ``model``
         lacks them (``main_maps``): their maps then come from the model's one runtime call, not from a
         second call of the head alone. ONNX Runtime runs every node of a model whatever outputs are
-        fetched, so each head added here costs every call of the model (the map head's own work)."""
+        fetched, so the main session runs a maps-only copy (``keep_maps_only``: no activation and gradient
+        outputs, nor the nodes only they need); the activations and gradients other methods read come
+        from a session of the full model, built on first use (the model's weights then twice in memory)."""
         import onnxruntime as ort
 
         self.spec = ExplainableSpec.from_model(model)
@@ -73,12 +76,11 @@ class OnnxRuntimeSession:
         added = self._addable_heads(checked_maps(maps))
         self.main_maps = (*self._own_heads(), *added)
         """Methods whose float32 maps the main session returns (the model's own heads and those added)."""
-        if added:
-            log.info("adding the map heads of %s to the model's session", ", ".join(added))
-            headed = onnx.ModelProto()
-            headed.CopyFrom(model)  # the model itself stays as given: variants, heads alone and users read it
-            self._main = self._session(add_map_heads(headed, added))
-            del headed
+        lean = bool(self.main_maps) and not self.spec.maps_only
+        if lean:
+            log.info("the model's session returns the maps of %s (heads added: %s)", ", ".join(self.main_maps),
+                     ", ".join(added) or "none")
+            self._main = self._session(maps_session_model(model, added, self.main_maps))
         else:
             self._main = self._session(model)
         self._plain: object | None = None
@@ -86,7 +88,7 @@ class OnnxRuntimeSession:
         self._input_types: dict[object, dict[str, np.dtype]] = {}
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
         self._variants: dict[tuple[Any, ...], tuple[object, list[str], list[list[int | str | None]]]] = {} if (
-            self.spec.maps_only) else {
+            self.spec.maps_only or lean) else {
             (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers),
                                                                            self.spec.objective), [])}
         self._maps: dict[str, object] = {}  # method -> the session of its map head
@@ -251,6 +253,15 @@ class OnnxRuntimeSession:
             self._heads[layer] = (self._session(head), reads_image)
         session, reads_image = self._heads[layer]
         return self._run(session, [self.spec.logits], head_feeds(self.spec, layer, activations, images, reads_image))[0]
+
+
+def maps_session_model(model: onnx.ModelProto, added: Sequence[str], methods: Sequence[str]) -> onnx.ModelProto:
+    """What the main session runs for in-call map heads: a copy of the explainable ``model`` (which stays as
+    given: variants, heads alone and users read it) with the heads of ``added``, returning only the maps of
+    ``methods`` (``keep_maps_only``), its targets ranked only as deep as asked (``shallow_target_ranking``)."""
+    headed = onnx.ModelProto()
+    headed.CopyFrom(model)
+    return shallow_target_ranking(keep_maps_only(add_map_heads(headed, added) if added else headed, methods))
 
 
 _FLOAT_INPUTS = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
