@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,7 @@ def test_batch_worker_writes_one_map_and_row_per_target(files: Path, seg: Explai
     batch = {_IMAGES: np.array([p.read_bytes() for p in paths], dtype=object),
              _NAMES: np.array([str(p) for p in paths], dtype=object)}
     rows = worker(batch)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "the worker started Ray outside Ray"
     assert set(rows) == set(SUMMARY_COLUMNS) and len(rows["image"]) == 6
     assert rows["target"].tolist() == ["region:2", "class:1", "class:3"] * 2
     pictures = [str(p) for p in paths]

@@ -489,13 +489,15 @@ class ExplainWorker:
 
 
 def _worker_id() -> str:
-    """``node:pid`` on a Ray actor (the pid alone outside Ray)."""
+    """``node:pid`` on a Ray actor (the pid alone outside Ray: asking Ray for its runtime context there
+    would start a local Ray instance that nothing shuts down)."""
     try:
         import ray
-
-        return f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
     except ImportError:
         return str(os.getpid())
+    if not ray.is_initialized():
+        return str(os.getpid())
+    return f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
 
 
 def _column_dtype(column: str) -> Any:
