@@ -578,9 +578,7 @@ def _past_zero_rows(b: GradientBuilder, y: str, seed: str, first: int, targets: 
     the sigmoid class scores): the part holding every other row, seeded with its rows of ``seed``, if every
     target layer reaches it. Exact, and the reverse pass skips the parts whose cotangent is zero (YOLOv8's box
     branch: its convolutions at every scale, the DFL softmax)."""
-    producers = {out: node for node in b.graph.node for out in node.output}
-    while y in producers and producers[y].op_type == "Concat":
-        node = producers[y]
+    while (node := b.producer(y)) is not None and node.op_type == "Concat":
         axis = next(int(a.i) for a in node.attribute if a.name == "axis")
         if axis % b.rank(y) != 1:
             break

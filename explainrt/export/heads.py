@@ -251,16 +251,15 @@ def _spread_source(b: GraphBuilder, grads: V) -> V | None:
     ``explainrt/grad/<pooling node>/Expand``, copies a [K, N, C, 1, 1] value to the layer's
     [K, N, C, h, w], then the [K, N] -> [N, K] Transpose; else None. A head reading that value leaves
     the copy (and, maps-only, the gradient output) out of the runtime's work."""
-    producers = {out: node for node in b.graph.node for out in node.output}
-    node = producers.get(grads.name)
+    node = b.producer(grads.name)
     while node is not None and node.op_type == "Identity":
-        node = producers.get(node.input[0])
+        node = b.producer(node.input[0])
     if node is None or node.op_type != "Transpose" or _attribute(node, "perm") != [1, 0, 2, 3, 4]:
         return None
-    expand = producers.get(node.input[0])
+    expand = b.producer(node.input[0])
     pooling = _pooling_of(b, expand) if expand is not None and expand.op_type == "Expand" else None
-    sizes = producers.get(expand.input[1]) if pooling is not None else None  # type: ignore[union-attr]
-    shape = producers.get(sizes.input[-1]) if sizes is not None and sizes.op_type == "Concat" else None
+    sizes = b.producer(expand.input[1]) if pooling is not None else None  # type: ignore[union-attr]
+    shape = b.producer(sizes.input[-1]) if sizes is not None and sizes.op_type == "Concat" else None
     if shape is None or shape.op_type != "Shape" or shape.input[0] != pooling.input[0] or grads.info.shape is None:  # type: ignore[union-attr]
         return None
     source = b.op("Transpose", [expand.input[0]], perm=[1, 0, 2, 3, 4])  # type: ignore[union-attr]
