@@ -87,7 +87,8 @@ class TargetSession:
         if softmax:
             return call(images, np.array([[target.index for target in row] for row in chosen], np.int64),  # type: ignore[attr-defined]
                         "probability")
-        layout = self._box_layout(chosen)
+        flat = [target for row in chosen for target in row]
+        layout = self._boxes_layout(flat) if all(type(target) is Box for target in flat) else None  # type: ignore[arg-type]
         if layout is not None:  # the overlaps decided in the graph on the same pass: no forward pass first
             boxes = np.array([[[*target.box, target.index, target.iou] for target in row] for row in chosen],  # type: ignore[attr-defined]
                              dtype=np.float32)
@@ -106,22 +107,18 @@ class TargetSession:
                             zip(chosen, outputs)]).astype(outputs.dtype)
         return call(images, weights, "weights")
 
-    def _box_layout(self, chosen: list[list[Target]]) -> str | None:
-        """The detector layout when every target of the call is a Box on a head of known shape, all of one
-        layout (the graph's box objective then decides the overlaps); else None (weights after a forward pass)."""
-        shape = self.inner.spec.output_shape
-        if not all(type(target) is Box for row in chosen for target in row) or not shape or None in shape:
-            return None
-        layouts = {detector_layout(shape, target.layout) for row in chosen for target in row}  # type: ignore[attr-defined]
-        return layouts.pop() if len(layouts) == 1 else None
-
     def _weighted_box_layout(self, split: list[list[tuple[list[Box], list[Target]]]]) -> str | None:
         """The detector layout when the call's targets hold Boxes besides other linear parts that need no
-        output values, on a head of known shape, all Boxes of one layout; else None."""
+        output values (``_boxes_layout`` of the Boxes); else None."""
+        if any(part.needs_values for row in split for _, rest in row for part in rest):
+            return None
+        return self._boxes_layout([box for row in split for parts, _ in row for box in parts])
+
+    def _boxes_layout(self, boxes: list[Box]) -> str | None:
+        """The detector layout of ``boxes`` when there are some, the head's shape is known and they are all of one
+        layout (the graph's box objectives then decide the overlaps); else None (weights after a forward pass)."""
         shape = self.inner.spec.output_shape
-        boxes = [box for row in split for parts, _ in row for box in parts]
-        others = [part for row in split for _, rest in row for part in rest]
-        if not boxes or not shape or None in shape or any(part.needs_values for part in others):
+        if not boxes or not shape or None in shape:
             return None
         layouts = {detector_layout(shape, box.layout) for box in boxes}
         return layouts.pop() if len(layouts) == 1 else None
