@@ -310,3 +310,48 @@ def test_cli_batch_takes_repeated_targets_and_refuses_bad_ones_before_ray(
     assert "Box needs a raw detector output" in capsys.readouterr().err
     assert main([*common, "--target", "1", "--target=-9"]) == 2
     assert "target class -9 is out of range" in capsys.readouterr().err
+
+
+def _conforms(shape: list[int], declared: list[int]) -> bool:
+    """Whether an answer's tensor shape is one its metadata declares (-1: any size)."""
+    return len(shape) == len(declared) and all(d in (-1, s) for s, d in zip(shape, declared, strict=True))
+
+
+def test_v2_metadata_declares_the_shapes_answers_have(seg: Explainer) -> None:
+    """GET /v2/models/NAME declares every output as a one-target answer has it and, in parameter
+    ``k_target_shapes``, the K axis of those that gain one with K targets per instance; each answer's shape
+    (one target, K targets as parameters.targets lists (as JSON text, the protocol's scalar parameters) and as
+    input explainrt.targets [N, K], layer outputs) is the declared one."""
+    from fastapi.testclient import TestClient
+
+    from explainrt.serve.app import create_app
+
+    batch = _image((2, 3, SIZE, SIZE), seed=5)
+    image = {"name": seg.spec.image_input, "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}
+    k_tensor = {"name": "explainrt.targets", "shape": [2, 3], "datatype": "INT64", "data": [1, -1, 2, 0, 3, 1]}
+    every = [{"name": name} for name in (seg.spec.logits, "explainrt.maps", "explainrt.resolved_targets",
+                                         "explainrt.activations.0", "explainrt.gradients.0")]
+    with TestClient(create_app({"seg": seg})) as client:
+        metadata = client.get("/v2/models/seg").json()
+        declared = {tensor["name"]: tensor["shape"] for tensor in metadata["outputs"]}
+        with_k = metadata["parameters"]["k_target_shapes"]
+        assert declared["explainrt.maps"] == [-1, SIZE, SIZE] and with_k["explainrt.maps"] == [-1, -1, SIZE, SIZE]
+        assert with_k["explainrt.objective"] == [-1, -1] and declared["explainrt.gradients.0"] == [-1] * 5
+        assert {tensor["name"]: tensor["shape"] for tensor in metadata["inputs"]}["explainrt.targets"] == [-1]
+        assert with_k["explainrt.targets"] == [-1, -1]
+        region = {"kind": "region", "class": 2, "mask": np.ones((SIZE, SIZE)).tolist()}
+        requests = [  # (body, K per instance)
+            ({"inputs": [image], "parameters": {"method": "gradcam", "targets": region}}, 1),
+            ({"inputs": [image], "parameters": {"method": "gradcam", "targets": json.dumps([[region, 1]] * 2)}}, 2),
+            ({"inputs": [image, k_tensor], "parameters": {"method": "gradcam"}, "outputs": every}, 3),
+            ({"inputs": [image], "outputs": every}, 1),
+        ]
+        for body, k in requests:
+            response = client.post("/v2/models/seg/infer", json=body)
+            assert response.status_code == 200, response.text
+            for output in response.json()["outputs"]:
+                name = output["name"]
+                expected = with_k[name] if k > 1 and name in with_k else declared[name]
+                assert _conforms(output["shape"], expected), (name, output["shape"], expected)
+                if name == "explainrt.gradients.0":
+                    assert output["shape"][1] == k  # K targets per instance: the gradients' K axis

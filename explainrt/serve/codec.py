@@ -37,12 +37,14 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 MAP_FORMATS = ("FP32", "FP16", "UINT8", "PNG")
 """How maps may be returned: float32, float16, uint8 round(255 x map), or one 8-bit grayscale PNG per map (BYTES)."""
 OVERLAY_FORMAT = "OVERLAY"
-V2_MAP_FORMATS = {"FP32": "FP32 [N, H, W]", "FP16": "FP16 [N, H, W]",
-                  "UINT8": "UINT8 [N, H, W]: round(255 x map)", "PNG": "BYTES [N]: one 8-bit grayscale PNG per map",
-                  OVERLAY_FORMAT: "BYTES [N]: one colour PNG per image, its map drawn over it as V1's overlay "
+V2_MAP_FORMATS = {"FP32": "FP32 [N, (K,) H, W]", "FP16": "FP16 [N, (K,) H, W]",
+                  "UINT8": "UINT8 [N, (K,) H, W]: round(255 x map)",
+                  "PNG": "BYTES [N, (K)]: one 8-bit grayscale PNG per map",
+                  OVERLAY_FORMAT: "BYTES [N, (K)]: one colour PNG per map, drawn over its image as V1's overlay "
                                   '(UINT8 image input only; "caption": true captions it)'}
 """The server's V2 map formats (output parameter ``format``) and what each returns: ``MAP_FORMATS`` and OVERLAY,
-which needs the original images (UINT8 input) and is drawn as V1's ``"return": ["overlay"]`` draws it."""
+which needs the original images (UINT8 input) and is drawn as V1's ``"return": ["overlay"]`` draws it. K: with K
+targets per instance."""
 
 
 @dataclass(frozen=True)
@@ -290,13 +292,16 @@ def v2_output(name: str, array: np.ndarray, binary: bool = False) -> tuple[dict[
             return _binary_tensor(name, "BYTES", array.shape, raw)
         data = [base64.b64encode(item).decode("ascii") for item in array.ravel()]
         return {"name": name, "datatype": "BYTES", "shape": list(array.shape), "data": data}, b""
-    datatypes = {np.dtype(t): n for n, t in V2_OUTPUT_DATATYPES.items()}
-    datatype = datatypes.get(array.dtype)
-    if datatype is None:
-        array, datatype = array.astype(np.float32), "FP32"
+    array, datatype = v2_datatype(array)
     if binary:
         return _binary_tensor(name, datatype, array.shape, np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}, b""
+
+
+def v2_datatype(array: np.ndarray) -> tuple[np.ndarray, str]:
+    """A numeric output array and its V2 datatype (``V2_OUTPUT_DATATYPES``; other dtypes become FP32)."""
+    datatype = {np.dtype(t): n for n, t in V2_OUTPUT_DATATYPES.items()}.get(array.dtype)
+    return (array, datatype) if datatype is not None else (array.astype(np.float32), "FP32")
 
 
 def _binary_tensor(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> tuple[dict[str, Any], bytes]:

@@ -68,10 +68,11 @@ class ServedModel:
     """One model the server answers for, loaded once; its batcher starts with the first request."""
 
     def __init__(self, name: str, explainer: Explainer, max_batch: int, max_wait: float, max_queue: int,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics | None = None) -> None:
         self.name = name
         self.explainer = explainer
-        self.batcher = MicroBatcher(name, self.run_batch, max_batch, max_wait, max_queue, metrics.batch_stats(name))
+        self.batcher = MicroBatcher(name, self.run_batch, max_batch, max_wait, max_queue,
+                                    metrics.batch_stats(name) if metrics else None)
 
     @property
     def num_classes(self) -> int:
