@@ -51,7 +51,6 @@ RESERVED_PARAMETERS = ("method", "targets", "return", "normalize", "caption", "b
 RETURNS = ("overlay", "map")
 
 
-
 @dataclass(frozen=True)
 class ServeConfig:
     """How a server batches and what it accepts."""
@@ -126,7 +125,8 @@ def instance_targets(value: Any, count: int, classes: int) -> np.ndarray:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise InvalidInputError(f"parameter targets is not valid JSON text: {error.msg} at column {error.colno}") from None
+            raise InvalidInputError(f"parameter targets is not valid JSON text: {error.msg} at column "
+                                    f"{error.colno}") from None
     rows = [isinstance(item, list) for item in value] if isinstance(value, list) else [False]
     if any(rows):
         if not all(rows):
@@ -376,17 +376,16 @@ def metadata_tensors(model: ServedModel) -> tuple[list[dict[str, Any]], list[dic
     and answers with one target per instance have them; ``k_target_shapes`` gives those that gain a K axis."""
     spec = model.explainer.spec
     form = model.explainer.input_form  # the image input in the model's own layout ([N, H, W, C] channels-last)
-    dims = [d if isinstance(d, int) and d > 0 else -1 for d in form.dims[1:]]
     height, width = _map_size(model)
-    logits = [d if isinstance(d, int) and d > 0 else -1 for d in spec.output_shape or (spec.num_classes,)]
-    outputs = [{"name": spec.logits, "datatype": "FP32", "shape": [-1, *logits]},
+    explained = spec.output_shape or (spec.num_classes,)  # the explained output's axes after N
+    outputs = [{"name": spec.logits, "datatype": "FP32", "shape": [-1, *_declared(explained)]},
                {"name": MAPS_OUTPUT, "datatype": "FP32", "shape": [-1, height, width]},
                {"name": RESOLVED_TARGETS_OUTPUT, "datatype": "INT64", "shape": [-1]},
                {"name": OBJECTIVE_OUTPUT, "datatype": "FP32", "shape": [-1]}]
     for index in range(len(spec.target_layers)):  # gradients [N, K, C, h, w]: K = 1 for one target per instance
         outputs += [{"name": activations_output(index), "datatype": "FP32", "shape": [-1, -1, -1, -1]},
                     {"name": gradients_output(index), "datatype": "FP32", "shape": [-1, -1, -1, -1, -1]}]
-    inputs = [{"name": spec.image_input, "datatype": "FP32", "shape": [-1, *dims]},
+    inputs = [{"name": spec.image_input, "datatype": "FP32", "shape": [-1, *_declared(form.dims[1:])]},
               {"name": TARGETS_TENSOR, "datatype": "INT64", "shape": [-1]}]
     return inputs, outputs
 
@@ -401,8 +400,13 @@ def k_target_shapes(model: ServedModel) -> dict[str, list[int]]:
 
 
 def _map_size(model: ServedModel) -> tuple[int, int]:
-    height, width = (d if isinstance(d, int) and d > 0 else -1 for d in model.explainer.input_form.nchw[2:])
+    height, width = _declared(model.explainer.input_form.nchw[2:])
     return height, width
+
+
+def _declared(dims: tuple[Any, ...]) -> list[int]:
+    """Sizes as V2 metadata declares them: -1 for a size known per request (None, a name, or 0)."""
+    return [d if isinstance(d, int) and d > 0 else -1 for d in dims]
 
 
 def metadata(model: ServedModel) -> dict[str, Any]:
