@@ -117,14 +117,7 @@ def test_v2_infer_binary_maps(client: TestClient, explainer, small_batch) -> Non
     text = json.dumps(header).encode()
     response = client.post("/v2/models/small/infer", content=text + small_batch.tobytes(),
                            headers={HEADER: str(len(text)), "Content-Type": "application/octet-stream"})
-    assert response.status_code == 200, response.text
-    length = int(response.headers[HEADER])
-    outputs, offset = {}, length
-    for output in json.loads(response.content[:length])["outputs"]:
-        size = output["parameters"]["binary_data_size"]
-        dtype = {"FP32": "<f4", "UINT8": "u1", "INT64": "<i8"}[output["datatype"]]
-        outputs[output["name"]] = np.frombuffer(response.content[offset:offset + size], dtype).reshape(output["shape"])
-        offset += size
+    outputs = _binary_outputs(response)
     reference = explainer.explain(small_batch)
     assert outputs["explainrt.maps"].shape == (3, *SMALL_SIZE)
     np.testing.assert_array_equal(outputs["explainrt.maps"], np.round(reference.maps * 255))
@@ -139,6 +132,28 @@ def _png_b64(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _binary_outputs(response) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """The outputs of a V2 answer with binary tensors; a BYTES tensor as an object array of its elements (each
+    4-byte little-endian length then its bytes)."""
+    assert response.status_code == 200, response.text
+    length = int(response.headers[HEADER])
+    outputs, offset = {}, length
+    for output in json.loads(response.content[:length])["outputs"]:
+        raw = response.content[offset:offset + output["parameters"]["binary_data_size"]]
+        offset += len(raw)
+        if output["datatype"] == "BYTES":
+            items, at = [], 0
+            while at < len(raw):
+                size = int.from_bytes(raw[at:at + 4], "little")
+                items.append(raw[at + 4:at + 4 + size])
+                at += 4 + size
+            outputs[output["name"]] = np.array(items, dtype=object).reshape(output["shape"])
+        else:
+            dtype = {"FP32": "<f4", "UINT8": "u1", "INT64": "<i8"}[output["datatype"]]
+            outputs[output["name"]] = np.frombuffer(raw, dtype).reshape(output["shape"])
+    return outputs
 
 
 def _tensor(name: str, batch: np.ndarray) -> dict:
@@ -206,6 +221,13 @@ def test_k_targets_as_explainrt_serve_takes_them(client: TestClient, explainer, 
         np.testing.assert_allclose(answer["explainrt.maps"][:, k], one.maps, atol=1e-5)
         objective = one.logits[:, 0] if k == 0 else one.logits[:, 3]  # a Class alone: the class-index path
         np.testing.assert_allclose(answer["explainrt.objective"][:, k], objective, rtol=1e-4, atol=1e-5)
+    header["outputs"] = [{"name": "explainrt.maps", "parameters": {"format": "PNG", "binary_data": True}}]
+    text = json.dumps(header).encode()
+    pngs = _binary_outputs(client.post("/v2/models/small/infer", content=text + np.stack(images).tobytes(),
+                                       headers={HEADER: str(len(text)), "Content-Type": "application/octet-stream"}))
+    assert pngs["explainrt.maps"].shape == (2, 2)  # BYTES [N, K]: one grayscale PNG per map
+    decoded = np.array([[np.asarray(Image.open(io.BytesIO(png))) for png in row] for row in pngs["explainrt.maps"]])
+    np.testing.assert_array_equal(decoded, np.round(answer["explainrt.maps"] * 255))
 
 
 def test_bad_targets_are_400s_naming_the_problem(client: TestClient) -> None:

@@ -18,8 +18,8 @@ what ``explainrt serve`` does (``explainrt.serve.protocol``, shared with it):
 - V2 model metadata: the tensors as one target per image has them (``protocol.metadata_tensors``).
 
 A bad request (a bad target included) is KServe's ``InvalidInput``: a 400 naming the problem (a full queue: 503,
-``ServerNotReady``). Requests are
-micro-batched on the model's worker thread, as ``explainrt serve`` batches them, off KServe's event loop.
+``ServerNotReady``). Requests are micro-batched on the model's worker thread, as ``explainrt serve`` batches them,
+off KServe's event loop.
 """
 
 from __future__ import annotations
