@@ -136,8 +136,11 @@ def gradient_model(model: onnx.ModelProto, wrt: Sequence[str], output: str,
     return model
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
+def session(model: onnx.ModelProto,
+            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    """One-thread CPU session; ``level`` lowers ONNX Runtime's graph optimisation (see ``FLOAT_QDQ``)."""
     options = ort.SessionOptions()
+    options.graph_optimization_level = level
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
@@ -187,10 +190,11 @@ def finite_differences(forward: ort.InferenceSession, feeds: Mapping[str, np.nda
 
 
 def gradients(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], wrt: Sequence[str], output: str,
-              seeds: np.ndarray) -> dict[str, np.ndarray]:
+              seeds: np.ndarray,
+              level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> dict[str, np.ndarray]:
     """Run the gradient graph appended to ``model`` for ``seeds``."""
     graph = gradient_model(model, wrt, output, seeds.shape[1:])
-    values = session(graph).run([grad_output(x) for x in wrt], {**feeds, SEED_INPUT: seeds})
+    values = session(graph, level).run([grad_output(x) for x in wrt], {**feeds, SEED_INPUT: seeds})
     return dict(zip(wrt, values))
 
 

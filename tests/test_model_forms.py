@@ -25,8 +25,12 @@ from explainrt.runtime.onnxruntime import OnnxRuntimeSession
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 INT8_MIN_CORRELATION = 0.98
-"""int8 (QDQ, per-channel, 6 calibration images) vs fp32 Grad-CAM of the default model: measured 0.994-0.999
-per image; per-tensor quantization measured 0.93-0.97."""
+"""int8 (QDQ, per-channel, 6 calibration images), its QDQ evaluated in float, vs fp32 Grad-CAM of the
+default model: measured 0.994-0.999 per image; per-tensor quantization measured 0.93-0.97."""
+INT8_KERNELS_MIN_CORRELATION = 0.9
+"""The same model on ONNX Runtime's fused int8 kernels vs its QDQ evaluated in float: their rounding
+depends on the CPU's int8 instructions (measured 0.994-0.999 on one machine; 0.950 against fp32 on
+another), so this bound only says the explanation is the same picture."""
 
 
 def _net(channels: int = 3, seed: int = 0) -> nn.Sequential:
@@ -100,7 +104,11 @@ def test_fp16_model_runs_every_method_close_to_fp32(tmp_path: Path) -> None:
         assert min(_correlations(half, full)) >= bound, method
 
 
-def test_int8_qdq_default_model_maps_match_fp32(default_fp32, tmp_path: Path) -> None:  # noqa: ANN001
+def test_int8_qdq_default_model_maps_match_fp32(default_fp32, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The QDQ model's maps match fp32's where its quantisation is evaluated in float (no graph optimisation:
+    ONNX Runtime then runs each QuantizeLinear / DequantizeLinear as written, the same on every CPU), and
+    stay the same picture on ONNX Runtime's fused int8 kernels (QLinearConv), whose rounding is the CPU's."""
+    import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     plain, preprocessing, images, reference = default_fp32
@@ -122,7 +130,18 @@ def test_int8_qdq_default_model_maps_match_fp32(default_fp32, tmp_path: Path) ->
     producer = next(n for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node if layer in n.output)
     assert producer.op_type == "DequantizeLinear"
     explained = explainer.explain(images, targets=reference.targets)
-    assert min(_correlations(explained.maps, reference.maps)) >= INT8_MIN_CORRELATION
+
+    class FloatQDQ(onnxruntime.SessionOptions):
+        def __init__(self) -> None:
+            super().__init__()
+            self.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    with monkeypatch.context() as patch:
+        patch.setattr(onnxruntime, "SessionOptions", FloatQDQ)
+        simulated = Explainer(str(tmp_path / "int8.onnx"), preprocessing=preprocessing)
+        in_float = simulated.explain(images, targets=reference.targets)
+    assert min(_correlations(in_float.maps, reference.maps)) >= INT8_MIN_CORRELATION
+    assert min(_correlations(explained.maps, in_float.maps)) >= INT8_KERNELS_MIN_CORRELATION
 
     # The gradient graph reads float copies of the quantized weights, not their per-call DequantizeLinear;
     # reading the DequantizeLinear outputs instead gives the same gradients.
