@@ -1,13 +1,17 @@
 """README.md's fenced examples, extracted and run as a reader would, so the README and the behaviour cannot drift.
 
 Every ``bash`` and ``python`` fence runs unless the line right before it is
-``<!-- readme-test: skip REASON -->`` (network, GPU, TensorRT, Triton, a server that runs until
-stopped, or minutes of CPU): those are skipped with that reason. Each runs in a fresh folder
+``<!-- readme-test: skip REASON -->`` (network, GPU, TensorRT, Triton): those are skipped with that
+reason. A block marked ``<!-- readme-test: server -->`` starts a server that runs until stopped: it is
+started in the background (``explainrt serve`` on the port the kernel picks, since another test
+worker may hold the README's; the KServe block with ``--http_port`` set to a free port), asked the
+requests the README shows, and stopped. Each runs in a fresh folder
 holding the files the README calls the user's: ``cat.jpg``, ``cup.png``, ``cup.jpg`` (example
 photos), ``images/`` (a folder of two of them) and ``model.onnx`` (a small plain ONNX classifier); a block that names the user's ResNet-50
 files also finds ``resnet50.pt`` (random weights, seeded), ``resnet50.onnx`` (its plain ONNX export,
-input ``input``) and ``resnet50.maps.onnx`` (made from it by the README's ``explainrt export ... --maps
-gradcam --maps-only``), made once per module; a block that names the user's detection or segmentation
+input ``input``), ``resnet50.maps.onnx`` (made from it by the README's ``explainrt export ... --maps
+gradcam --maps-only``) and, unless the block writes it, ``resnet50.explainable.onnx`` (``explainrt
+export resnet50.onnx``), made once per module; a block that names the user's detection or segmentation
 files finds ``yolov8n.onnx`` (a YOLOv8n from Ultralytics' yaml, random weights, whose raw head predicts
 the README's boxes: ``tests/readme_standins.py``), ``seg.onnx`` (a small segmenter, 21 classes at
 256 x 256), ``mask.png`` (its size), ``street.jpg`` and ``scene.png``. A Python block also finds ``model`` (a torchvision
@@ -31,22 +35,25 @@ from PIL import Image
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.DOTALL | re.MULTILINE)
-SKIP = re.compile(r"<!-- readme-test: skip (.+?) -->\n$")
+MARK = re.compile(r"<!-- readme-test: (skip (.+?)|server) -->\n$")
+SERVER = "server"
 
 
 def readme_blocks() -> list[tuple[int, str, str, str | None]]:
-    """(line, language, code, skip reason or None) of every fenced block ("" for a block without a language)."""
+    """(line, language, code, mark) of every fenced block ("" for a block without a language); the mark is
+    None, the skip reason, or ``SERVER``."""
     text = README.read_text(encoding="utf-8")
     blocks = []
     for match in FENCE.finditer(text):
         before = text[: match.start()]
-        skip = SKIP.search(before[before.rfind("\n", 0, len(before) - 1) + 1 :])
-        blocks.append((before.count("\n") + 1, match[1], match[2], skip[1] if skip else None))
+        mark = MARK.search(before[before.rfind("\n", 0, len(before) - 1) + 1 :])
+        blocks.append((before.count("\n") + 1, match[1], match[2], None if mark is None else mark[2] or SERVER))
     return blocks
 
 
 BLOCKS = readme_blocks()
 RESNET50_FILES = ("resnet50.pt", "resnet50.onnx", "resnet50.maps.onnx")
+EXPLAINABLE_RESNET50 = "resnet50.explainable.onnx"
 DETECTION_FILES = ("yolov8n.onnx", "seg.onnx")
 DETECTION_FOLDER = (*DETECTION_FILES, "mask.png", "street.jpg", "scene.png")
 
@@ -58,6 +65,8 @@ def test_every_block_is_run_or_skipped_with_a_reason() -> None:
     run = [line for line, language, _, skip in BLOCKS if skip is None and language in ("bash", "python")]
     assert len(run) >= 3, "the Python API, the command line and the pytorch-grad-cam drop-in examples must run"
     assert all(skip.strip() for _, _, _, skip in BLOCKS if skip is not None)
+    servers = [code for _, _, code, mark in BLOCKS if mark == SERVER]
+    assert len(servers) == 2 and "explainrt serve" in servers[0] and "kserve.ModelServer" in servers[1]
 
 
 @pytest.fixture
@@ -120,23 +129,30 @@ def detection_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("line", "language", "code", "skip"),
+@pytest.mark.parametrize(("line", "language", "code", "mark"),
                          [block for block in BLOCKS if block[1] in ("bash", "python")],
                          ids=[f"line{line}-{language}" for line, language, _, _ in BLOCKS if language in ("bash", "python")])
-def test_readme_example(line: int, language: str, code: str, skip: str | None, user_folder: Path,
+def test_readme_example(line: int, language: str, code: str, mark: str | None, user_folder: Path,
                         monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
-    if skip is not None:
-        pytest.skip(f"README.md line {line}: {skip}")
+    if mark not in (None, SERVER):
+        pytest.skip(f"README.md line {line}: {mark}")
     monkeypatch.chdir(user_folder)
-    uses_resnet50 = any(name in code for name in RESNET50_FILES)
+    uses_resnet50 = any(name in code for name in (*RESNET50_FILES, EXPLAINABLE_RESNET50))
     if uses_resnet50:
         folder = request.getfixturevalue("resnet50_files")
         for name in RESNET50_FILES:
             (user_folder / name).symlink_to(folder / name)
+        if EXPLAINABLE_RESNET50 in code and f"-o {EXPLAINABLE_RESNET50}" not in code:
+            from explainrt.cli import main
+
+            assert main(["export", "resnet50.onnx", "-o", EXPLAINABLE_RESNET50]) == 0
     if any(name in code for name in DETECTION_FILES):
         folder = request.getfixturevalue("detection_files")
         for name in DETECTION_FOLDER:
             (user_folder / name).symlink_to(folder / name)
+    if mark == SERVER:
+        (serve_cli if language == "bash" else serve_kserve)(line, code, user_folder)
+        return
     if language == "python":
         import numpy as np
         import torch
@@ -157,3 +173,100 @@ def test_readme_example(line: int, language: str, code: str, skip: str | None, u
                             text=True, timeout=900, check=False)
     assert result.returncode == 0, f"README.md line {line} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr
+
+
+def _explain_request(image: Path) -> dict:
+    """The V1 ``:explain`` body the README shows: one image, Grad-CAM of two targets, the maps back."""
+    import base64
+
+    return {"instances": [{"image": {"b64": base64.b64encode(image.read_bytes()).decode()}}],
+            "parameters": {"method": "gradcam", "targets": [[281, -2]], "return": ["map"]}}
+
+
+def _check_explained(answer: dict, targets: list[int | None]) -> None:
+    """One image's explanation with a map per target, each varying over the image."""
+    import numpy as np
+
+    (explanation,) = answer["explanations"]
+    assert explanation["method"] == "gradcam" and len(explanation["targets"]) == len(targets)
+    for explained, index in zip(explanation["targets"], targets):
+        if index is not None:
+            assert explained["target"]["index"] == index
+        values = np.asarray(explained["map"], np.float32)
+        assert values.ndim == 2 and 0.0 <= values.min() < values.max() <= 1.0
+
+
+def serve_cli(line: int, code: str, folder: Path) -> None:
+    """The README's ``explainrt serve`` line: started (its own arguments, the port the kernel picks), its web page
+    and a V1 explanation asked for, then stopped."""
+    import shlex
+
+    import httpx
+
+    from explainrt.serve.launcher import ServerProcess
+
+    (words,) = [shlex.split(text, comments=True) for text in code.splitlines() if text.startswith("explainrt serve")]
+    arguments = words[2:]
+    if "--port" in arguments:  # the README's port: another worker's server may hold it
+        at = arguments.index("--port")
+        del arguments[at:at + 2]
+    with ServerProcess(arguments, log_path=folder / "serve.log") as server, httpx.Client(timeout=120) as client:
+        page = client.get(server.url + "/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"], f"README.md line {line}"
+        answer = client.post(server.url + "/v1/models/default:explain", json=_explain_request(folder / "cat.jpg"))
+        assert answer.status_code == 200, answer.text
+        _check_explained(answer.json(), [281, None])
+        assert server.alive()
+    assert "Traceback" not in (folder / "serve.log").read_text()
+
+
+def serve_kserve(line: int, code: str, folder: Path) -> None:
+    """The README's KServe block, run as a script with kserve's own ``--http_port`` (a free port) and without its
+    gRPC server; asked the V1 explanation and the V2 inference its comments show, then stopped."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+    import numpy as np
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = folder / "kserve.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen([sys.executable, "-c", code, "--http_port", str(port), "--enable_grpc", "false"],
+                                  cwd=folder, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(timeout=120) as client:
+            deadline = time.monotonic() + 300
+            while True:
+                assert server.poll() is None, f"README.md line {line} exited:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"README.md line {line} not ready:\n{log.read_text()[-3000:]}"
+                try:
+                    if client.get(f"{url}/v2/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            answer = client.post(f"{url}/v1/models/resnet50:explain", json=_explain_request(folder / "cat.jpg"))
+            assert answer.status_code == 200, answer.text
+            _check_explained(answer.json(), [281, None])
+            batch = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+            inferred = client.post(f"{url}/v2/models/resnet50/infer", json={
+                "inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
+                            "data": batch.ravel().tolist()}],
+                "parameters": {"method": "gradcam", "targets": "[[281, -2]]"},
+                "outputs": [{"name": "explainrt.maps", "parameters": {"format": "UINT8"}}]})
+            assert inferred.status_code == 200, inferred.text
+            (maps,) = inferred.json()["outputs"]
+            assert maps["name"] == "explainrt.maps" and maps["shape"] == [1, 2, 224, 224]
+            assert maps["datatype"] == "UINT8" and 0 <= min(maps["data"]) < max(maps["data"]) <= 255
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
