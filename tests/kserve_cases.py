@@ -21,7 +21,8 @@ from PIL import Image
 
 kserve = pytest.importorskip("kserve", reason="the kserve extra is not installed (pip install 'explainrt[kserve]')")
 
-from test_targets import _image, _TinyDetector, _TinySegmenter  # noqa: E402
+from test_serve_binary import parse_binary_response  # noqa: E402
+from test_targets import _image, _TinyDetector, _TinySegmenter, assert_equal_to_one_target_calls  # noqa: E402
 
 from explainrt.serve.kserve_model import ExplainrtModel  # noqa: E402
 from explainrt.serve.protocol import ServeConfig  # noqa: E402
@@ -135,25 +136,9 @@ def _png_b64(image: np.ndarray) -> str:
 
 
 def _binary_outputs(response) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """The outputs of a V2 answer with binary tensors; a BYTES tensor as an object array of its elements (each
-    4-byte little-endian length then its bytes)."""
+    """The outputs of a V2 answer with binary tensors (``parse_binary_response``)."""
     assert response.status_code == 200, response.text
-    length = int(response.headers[HEADER])
-    outputs, offset = {}, length
-    for output in json.loads(response.content[:length])["outputs"]:
-        raw = response.content[offset:offset + output["parameters"]["binary_data_size"]]
-        offset += len(raw)
-        if output["datatype"] == "BYTES":
-            items, at = [], 0
-            while at < len(raw):
-                size = int.from_bytes(raw[at:at + 4], "little")
-                items.append(raw[at + 4:at + 4 + size])
-                at += 4 + size
-            outputs[output["name"]] = np.array(items, dtype=object).reshape(output["shape"])
-        else:
-            dtype = {"FP32": "<f4", "UINT8": "u1", "INT64": "<i8"}[output["datatype"]]
-            outputs[output["name"]] = np.frombuffer(raw, dtype).reshape(output["shape"])
-    return outputs
+    return parse_binary_response(response.content, int(response.headers[HEADER]))
 
 
 def _tensor(name: str, batch: np.ndarray) -> dict:
@@ -181,14 +166,7 @@ def test_k_targets_as_explainrt_serve_takes_them(client: TestClient, explainer, 
     response = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
         "targets": rows, "return": "map"}})
     assert response.status_code == 200, response.text
-    items = response.json()["explanations"]
-    for k in range(2):
-        one = seg.explain(pictures, targets=[row[k] for row in objects])
-        for index, item in enumerate(items):
-            part = item["targets"][k]
-            assert part["target"]["index"] == int(one.targets[index])
-            np.testing.assert_allclose(part["target"]["score"], one.logits[index, 0], rtol=1e-5)
-            np.testing.assert_allclose(np.asarray(part["map"]), one.maps[index], atol=1e-4)
+    assert_equal_to_one_target_calls(response.json()["explanations"], seg, pictures, objects)
 
     batch = _image((1, 3, TINY, TINY), seed=16)  # boxes around the detector's most confident predictions
     head = np.asarray(det.predict(batch))[0]

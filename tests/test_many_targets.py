@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from explainrt import Explainer
+from explainrt import Explainer, Explanation
 from explainrt.errors import InvalidInputError, InvalidTargetError
 from explainrt.models import PreprocessingOverrides, load
 from explainrt.targets import Box, Class, Region
-from tests.test_targets import _image, _TinyDetector, _TinySegmenter
+from tests.test_targets import _image, _TinyDetector, _TinySegmenter, assert_equal_to_one_target_calls
 
 SIZE = 32
 
@@ -132,16 +132,12 @@ def test_server_takes_a_list_of_targets_per_instance(files: Path, seg: Explainer
         response = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
             "targets": rows, "return": ["map", "overlay"], "caption": True}})
         assert response.status_code == 200, response.text
-        items = response.json()["explanations"]
-        for k in range(2):
-            one = seg.explain(pictures, targets=[row[k] for row in objects])
-            for index, item in enumerate(items):
-                part = item["targets"][k]
-                assert part["target"]["index"] == int(one.targets[index])
-                np.testing.assert_allclose(part["target"]["score"], one.logits[index, 0], rtol=1e-5)
-                np.testing.assert_allclose(np.asarray(part["map"]), one.maps[index], atol=1e-4)
-                overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(part["overlay"]["b64"]))))
-                np.testing.assert_array_equal(overlay, one.overlays(captions=True)[index])  # its own caption
+
+        def own_overlay(part: dict, one: Explanation, index: int) -> None:  # with its own caption
+            overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(part["overlay"]["b64"]))))
+            np.testing.assert_array_equal(overlay, one.overlays(captions=True)[index])
+
+        assert_equal_to_one_target_calls(response.json()["explanations"], seg, pictures, objects, own_overlay)
         classes = client.post("/v1/models/seg:explain", json={"instances": instances, "parameters": {
             "targets": [[1, -1], [2, 0]], "return": "map"}})
         assert classes.status_code == 200, classes.text

@@ -50,7 +50,8 @@ def binary_request(header: dict, tensors: list[np.ndarray]) -> tuple[bytes, dict
 
 
 def parse_binary_response(body: bytes, length: int) -> dict[str, object]:
-    """Outputs by name: arrays decoded from the binary part (BYTES as lists of bytes), or JSON data."""
+    """Outputs by name: arrays decoded from the binary part (a BYTES tensor as an object array of its elements,
+    each sent as a 4-byte little-endian length then its bytes), or JSON data."""
     header = json.loads(body[:length])
     dtypes = {"FP32": "<f4", "FP16": "<f2", "UINT8": "u1", "INT64": "<i8"}
     offset, outputs = length, {}
@@ -67,7 +68,7 @@ def parse_binary_response(body: bytes, length: int) -> dict[str, object]:
                 count = int.from_bytes(raw[at:at + 4], "little")
                 items.append(raw[at + 4:at + 4 + count])
                 at += 4 + count
-            outputs[output["name"]] = items
+            outputs[output["name"]] = np.array(items, dtype=object).reshape(output["shape"])
         else:
             outputs[output["name"]] = np.frombuffer(raw, dtype=dtypes[output["datatype"]]).reshape(output["shape"])
     assert offset == len(body)

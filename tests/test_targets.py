@@ -9,6 +9,7 @@ All models have random weights and fixed seeds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torchvision
 
-from explainrt import Explainer
+from explainrt import Explainer, Explanation
 from explainrt.errors import InvalidInputError, InvalidTargetError
 from explainrt.targets import Box, Class, Difference, Region, Similarity, Softmax, Sum, Weights
 
@@ -50,6 +51,22 @@ def deeplab_explainer(deeplab: torch.nn.Module) -> Explainer:
 
 def _image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def assert_equal_to_one_target_calls(items: list[dict], explainer: Explainer, pictures: list[np.ndarray],
+                                     objects: list[list[object]], each: Callable[[dict, Explanation, int], None] | None = None,
+                                     ) -> None:
+    """A server's V1 explanations of K targets per image (``objects[i][k]``): each target's index, score and map
+    equal to the one-target call of column k; ``each(part, one, image)`` checks more per part."""
+    for k in range(len(objects[0])):
+        one = explainer.explain(pictures, targets=[row[k] for row in objects])
+        for index, item in enumerate(items):
+            part = item["targets"][k]
+            assert part["target"]["index"] == int(one.targets[index])
+            np.testing.assert_allclose(part["target"]["score"], one.logits[index, 0], rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(part["map"]), one.maps[index], atol=1e-4)
+            if each is not None:
+                each(part, one, index)
 
 
 def test_region_gradcam_matches_pytorch_grad_cam(deeplab: torch.nn.Module, deeplab_explainer: Explainer) -> None:
