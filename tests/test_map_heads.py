@@ -294,3 +294,62 @@ def test_maps_only_model_drops_the_gradient_copy_and_ranks_only_what_targets_ask
                                   ranked[:, 3])
     with pytest.raises(InvalidInputError, match="maps-only needs some of them"):
         keep_maps_only(copy.deepcopy(full), ["gradcam++"])
+
+
+class _ConvReaders(torch.nn.Module):
+    """A layer read by a stride-1 Conv, a strided dilated Conv, a 1x1 Conv, a grouped Conv and a Tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.layer = torch.nn.ReLU()
+        self.readers = torch.nn.ModuleList([
+            torch.nn.Conv2d(8, 6, 3, padding=1), torch.nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2),
+            torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)])
+        self.fc = torch.nn.Linear(6 + 6 + 4 + 8 + 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer(self.stem(x))
+        read = [reader(layer).relu() for reader in self.readers] + [layer.tanh()]
+        return self.fc(torch.cat([r.mean((2, 3)) for r in read], 1))
+
+
+def test_gradcam_head_takes_the_mean_gradient_of_conv_readers_from_their_output_gradients(small_batch) -> None:  # noqa: ANN001
+    """Grad-CAM needs only the layer gradient's mean over the positions; for the terms of its Conv readers
+    (one group) the maps-only head computes it from the readers' output gradients (window sums times the
+    weight) instead of their input-gradient Conv / ConvTranspose, which then leave the graph; the grouped
+    Conv's and the Tanh's terms are averaged as they are. Maps equal the Python path (full gradients) and
+    pytorch-grad-cam at strides 1 and 2, dilation 2, 1x1 and an odd image size."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from explainrt.export.heads import keep_maps_only
+
+    module = _ConvReaders().eval()
+    images = np.random.default_rng(4).standard_normal((3, 3, 21, 18)).astype(np.float32)
+    model = from_torch(module, torch.zeros(1, 3, 21, 18), [module.layer])
+    lean = keep_maps_only(add_map_heads(copy.deepcopy(model), ["gradcam"]), ["gradcam"])
+    (layer,) = ExplainableSpec.from_model(model).target_layers
+    readers = {n.name: n for n in model.graph.node if n.op_type == "Conv" and n.input[0] == layer}
+    grouped = {name for name, n in readers.items() if any(a.name == "group" and a.i == 2 for a in n.attribute)}
+    assert len(readers) == 4 and len(grouped) == 1
+
+    def gradient_convolutions(graph: onnx.ModelProto) -> set[str]:
+        """The readers whose input gradient a Conv / ConvTranspose of the gradient graph computes."""
+        return {n.name.split("/")[2] for n in graph.graph.node
+                if n.name.startswith("explainrt/grad/") and n.op_type in ("Conv", "ConvTranspose")} & set(readers)
+
+    assert gradient_convolutions(model) == set(readers)
+    assert gradient_convolutions(lean) == grouped
+    targets = np.array([[-1, 2], [0, -2], [4, 1]], dtype=np.int64)
+    maps = _run(lean, images, targets)["explainrt.maps.gradcam"]
+    python = Explainer(model, map_heads=False)
+    for k in range(2):
+        expected = python.explain(images, targets=targets[:, k])
+        np.testing.assert_allclose(maps[:, k], expected.maps, atol=1e-5)
+        with GradCAM(model=module, target_layers=[module.layer]) as cam:
+            reference = cam(input_tensor=torch.from_numpy(images),
+                            targets=[ClassifierOutputTarget(int(t)) for t in expected.targets])
+        np.testing.assert_allclose(maps[:, k], reference, atol=1e-5)
+        assert (maps[:, k].max(axis=(1, 2)) > 0.99).all() and (maps[:, k].std(axis=(1, 2)) > 0.05).all()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -42,14 +43,14 @@ MAPS_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "ui
 class _GraphAlgebra:
     """``CamAlgebra`` over graph value handles: each call appends ONNX nodes.
 
-    ``spread`` maps gradients [N, K, C, h, w] that hold one value per channel copied over the positions
-    (``_spread_source``) to that value [N, K, C, 1, 1]: their mean over the positions."""
+    ``means`` maps gradients [N, K, C, h, w] to their mean over the positions [N, K, C, 1, 1] where the graph
+    has it without them (``_mean_of_gradient``)."""
 
     def __init__(self) -> None:
-        self.spread: dict[str, V] = {}
+        self.means: dict[str, V] = {}
 
     def mean_hw(self, x: V) -> V:
-        return self.spread[x.name] if x.name in self.spread else x.mean([-2, -1])
+        return self.means[x.name] if x.name in self.means else x.mean([-2, -1])
 
     def sum_hw(self, x: V) -> V:
         return x.sum([-2, -1])
@@ -227,9 +228,9 @@ def _method_maps(b: GraphBuilder, form: ClosedForm, layers: list[tuple[V, V]], i
         as_float = _float32(acts)
         a = as_float.unsqueeze([-4])  # [N, 1, C, h, w]: broadcast over the K targets
         g = _float32(grads)  # [N, K, C, h, w]
-        source = _spread_source(b, g)
+        source = _mean_of_gradient(b, g)
         if source is not None:
-            ops.spread[g.name] = source
+            ops.means[g.name] = source
         weighted, weights = form.formula(ops, a, g)
         if weighted is a and _per_channel(weights) and shape is not None:
             cams = ops.relu(_channel_sum(b, weights, as_float, shape[1:]))  # type: ignore[arg-type]
@@ -244,26 +245,102 @@ POOLINGS = {"ReduceMean", "ReduceSum", "GlobalAveragePool"}
 """Forward operators whose gradient rule spreads one value per channel over the positions (by an Expand)."""
 
 
-def _spread_source(b: GraphBuilder, grads: V) -> V | None:
-    """The [N, K, C, 1, 1] value gradients [N, K, C, h, w] copy over the positions, when they are the
-    explainable model's gradient output of a layer pooled over its positions (a classifier's global
-    average pool): the pooling's rule (``explainrt.autodiff.rules``), whose Expand, named
-    ``explainrt/grad/<pooling node>/Expand``, copies a [K, N, C, 1, 1] value to the layer's
-    [K, N, C, h, w], then the [K, N] -> [N, K] Transpose; else None. A head reading that value leaves
-    the copy (and, maps-only, the gradient output) out of the runtime's work."""
+def _mean_of_gradient(b: GraphBuilder, grads: V) -> V | None:
+    """The mean over the positions, [N, K, C, 1, 1], of gradients [N, K, C, h, w] that are the explainable
+    model's gradient output of a layer, computed without the gradient itself where a term of it allows: the
+    gradient is the Transpose ([K, N] -> [N, K]) of a layer's gradient [K, N, C, h, w], one term per reader
+    (their ONNX Sum, ``explainrt/grad/<layer>``, where several). A pooling's term (a classifier's global
+    average pool) copies one value per channel over the positions (``_expanded_value``); a Conv's term has
+    the closed-form mean ``_conv_input_mean`` (window sums times the weight: a fraction of the input
+    gradient's work). Other terms are averaged as they are. None when no term has a shortcut, or the
+    gradient is not such an output. A head reading this mean leaves the shortcut terms (and, maps-only,
+    the gradient output) out of the runtime's work."""
     node = b.producer(grads.name)
     while node is not None and node.op_type == "Identity":
         node = b.producer(node.input[0])
-    if node is None or node.op_type != "Transpose" or _attribute(node, "perm") != [1, 0, 2, 3, 4]:
+    if node is None or node.op_type != "Transpose" or _attribute(node, "perm") != [1, 0, 2, 3, 4] \
+            or grads.info.shape is None:
         return None
-    expand = b.producer(node.input[0])
+    total = b.producer(node.input[0])
+    terms = list(total.input) if total is not None and total.op_type == "Sum" and \
+        total.name.startswith("explainrt/grad/") else [node.input[0]]
+    shortcuts = [_expanded_value(b, term) or _conv_input_mean(b, term) for term in terms]
+    if not any(shortcuts):
+        return None
+    means = [mean or b.reduce("ReduceMean", term, [-2, -1]) for term, mean in zip(terms, shortcuts)]
+    summed = means[0] if len(means) == 1 else b.op("Sum", means)
+    source = b.op("Transpose", [summed], perm=[1, 0, 2, 3, 4])
+    return V(b, source, TensorInfo(grads.dtype, (*grads.info.shape[:3], 1, 1)))
+
+
+def _expanded_value(b: GraphBuilder, term: str) -> str | None:
+    """The [K, N, C, 1, 1] value a pooling's gradient rule copies over the layer's positions with the Expand
+    that outputs ``term`` (its size taken from the pooled tensor's shape), else None."""
+    expand = b.producer(term)
     pooling = _pooling_of(b, expand) if expand is not None and expand.op_type == "Expand" else None
     sizes = b.producer(expand.input[1]) if pooling is not None else None  # type: ignore[union-attr]
     shape = b.producer(sizes.input[-1]) if sizes is not None and sizes.op_type == "Concat" else None
-    if shape is None or shape.op_type != "Shape" or shape.input[0] != pooling.input[0] or grads.info.shape is None:  # type: ignore[union-attr]
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != pooling.input[0]:  # type: ignore[union-attr]
         return None
-    source = b.op("Transpose", [expand.input[0]], perm=[1, 0, 2, 3, 4])  # type: ignore[union-attr]
-    return V(b, source, TensorInfo(grads.dtype, (*grads.info.shape[:3], 1, 1)))
+    return expand.input[0]  # type: ignore[union-attr]
+
+
+def _conv_input_mean(b: GraphBuilder, term: str) -> str | None:
+    """The mean over the input positions, [K, N, C, 1, 1], of the input gradient ``term`` that a Conv's rule built
+    (2-D, one group, constant weight, static sizes, explicit pads), from its output gradients ``gy``
+    [K*N, O, h', w'] alone: ``mean_c = sum_{o, i, j} w[o, c, i, j] S[o, i, j] / (h w)``, where ``S[o, i, j]``
+    sums ``gy[o]`` over the output positions whose window tap (i, j) falls inside the input, i.e.
+    ``S = rows @ gy @ columns`` with 0/1 tables of which taps of which output rows (columns) land inside.
+    Else None."""
+    node = b.producer(term)
+    scope = node.name.rpartition("/")[0] if node is not None else ""
+    if node is None or not scope.startswith("explainrt/grad/"):
+        return None
+    conv = next((n for n in b.graph.node if n.name == scope[len("explainrt/grad/"):] and n.op_type == "Conv"), None)
+    if conv is None:
+        return None
+    merged = _merged_output_gradient(b, node, scope)
+    weight = b.weight_value(conv.input[1])
+    x_info, y_info = b.infos.get(conv.input[0]), b.infos.get(conv.output[0])
+    if merged is None or weight is None or weight.ndim != 4 or x_info is None or y_info is None \
+            or int(_attribute(conv, "group") or 1) != 1 or _attribute(conv, "auto_pad") not in (None, b"NOTSET"):
+        return None
+    sizes = [*(x_info.shape or ())[2:], *(y_info.shape or ())[2:]]
+    if len(sizes) != 4 or not all(isinstance(d, int) and d > 0 for d in sizes):
+        return None
+    height, width, out_height, out_width = sizes
+    channels_out, channels, kernel_h, kernel_w = weight.shape
+    strides = _attribute(conv, "strides") or [1, 1]
+    dilations = _attribute(conv, "dilations") or [1, 1]
+    pads = _attribute(conv, "pads") or [0, 0, 0, 0]
+    rows = _taps_inside(height, out_height, kernel_h, strides[0], dilations[0], pads[0])  # type: ignore[index]
+    columns = _taps_inside(width, out_width, kernel_w, strides[1], dilations[1], pads[1]).T  # type: ignore[index]
+    dtype = onnx.helper.np_dtype_to_tensor_dtype(weight.dtype)
+    per_tap = weight.transpose(0, 2, 3, 1).reshape(channels_out * kernel_h * kernel_w, channels) / (height * width)
+    across = b.op("MatMul", [merged, b.constant(columns, dtype=dtype)])  # [K*N, O, h', kw]
+    taps = b.op("MatMul", [b.constant(rows, dtype=dtype), across])  # [K*N, O, kh, kw]
+    flat = b.op("Reshape", [taps, b.ints([-1, channels_out * kernel_h * kernel_w])])
+    mean = b.op("MatMul", [flat, b.constant(per_tap, dtype=dtype)])  # [K*N, C]
+    seeds = b.producer(merged).input[0]  # type: ignore[union-attr]  # [K, N, O, h', w']
+    shape = b.concat([b.shape_slice(seeds, 0, 2), b.ints([channels, 1, 1])], 0)
+    return b.op("Reshape", [mean, shape])
+
+
+def _taps_inside(size: int, out_size: int, kernel: int, stride: int, dilation: int, pad: int) -> np.ndarray:
+    """[kernel, out_size] 0/1: whether tap i of output position y's window, input position
+    ``y * stride - pad + i * dilation``, lies inside the input's ``size`` positions."""
+    positions = np.arange(out_size)[None, :] * stride - pad + np.arange(kernel)[:, None] * dilation
+    return ((positions >= 0) & (positions < size)).astype(np.float32)
+
+
+def _merged_output_gradient(b: GraphBuilder, node: onnx.NodeProto, scope: str) -> str | None:
+    """The Conv rule's output gradients merged to [K*N, O, h', w'] (``merge_seeds``, named ``<scope>/Reshape``),
+    found from the rule's last node back through its Slice / Pad / Conv / ConvTranspose; None if not there."""
+    while node is not None and node.name.startswith(scope + "/"):
+        if node.op_type == "Reshape" and node.name == f"{scope}/Reshape":
+            return node.output[0]
+        node = b.producer(node.input[0])  # type: ignore[assignment]
+    return None
 
 
 def _pooling_of(b: GraphBuilder, expand: onnx.NodeProto) -> onnx.NodeProto | None:
