@@ -217,8 +217,11 @@ def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx:
     np.testing.assert_allclose(ours.logits[0, 0], values[4 + 7, chosen.numpy()].sum(), rtol=1e-4)
     del calls.names[:]
     cam = explainer.explain(image, method="gradcam", targets=Box(box, 7, iou=0.3))
-    assert calls.names == ["run"]
+    assert calls.names == ["maps"]  # the map head of the box objective: one call
     assert cam.maps.shape == (1, YOLO_SIZE, YOLO_SIZE) and np.isfinite(cam.maps).all()
+    python = Explainer(str(yolo_onnx), output="output0", map_heads=False)
+    np.testing.assert_allclose(cam.maps, python.explain(image, method="gradcam", targets=Box(box, 7, iou=0.3)).maps,
+                               atol=1e-5)
     with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
         explainer.explain(image, method="gradcam", targets=Box([0, 0, 2, 2], 7, iou=0.9))
     with pytest.raises(InvalidTargetError, match="outside the 160x160 image"):
@@ -698,3 +701,30 @@ def test_target_errors(deeplab_explainer: Explainer, embedder_explainer: Explain
         Box([5, 5, 1, 1], 0)
     with pytest.raises(InvalidTargetError, match="layout must be one of"):
         Box([1, 1, 5, 5], 0, layout="detr")
+
+
+def test_target_maps_from_map_heads_equal_the_python_path(embedder_explainer: Explainer, deeplab_explainer: Explainer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed-form CAM method with target objects runs its map head on the targets' objective, one call per
+    objective kind (Softmax images and linear-target images: two, rows put back in order), and gives the Python
+    path's maps, objectives and targets: Similarity, Difference and Softmax on an embedder, Region on a segmenter."""
+    image = _image((2, 3, 64, 64), seed=21)
+    concept = np.random.default_rng(22).normal(size=16).astype(np.float32)
+    rows = [[Softmax(1), Softmax(4)], [Similarity(concept), Difference(2, 5)]]
+    mask = np.zeros((SEG_SIZE, SEG_SIZE), np.float32)
+    mask[8:40, 16:48] = 1.0
+    picture = _image((1, 3, SEG_SIZE, SEG_SIZE), seed=23)
+    for explainer, images, targets, calls_wanted in ((embedder_explainer, image, rows, 2),
+                                                     (deeplab_explainer, picture, Region(3, mask), 1)):
+        for method in ("gradcam", "gradcam++", "layercam", "counterfactual-cam"):
+            monkeypatch.setattr(explainer, "map_heads", False)
+            python = explainer.explain(images, method=method, targets=targets)
+            monkeypatch.setattr(explainer, "map_heads", True)
+            calls = _Calls(explainer, monkeypatch)
+            heads = explainer.explain(images, method=method, targets=targets)
+            monkeypatch.undo()
+            assert calls.names == ["maps"] * calls_wanted, method
+            np.testing.assert_allclose(heads.maps, python.maps, atol=1e-5, err_msg=method)
+            np.testing.assert_allclose(heads.logits, python.logits, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(heads.targets, python.targets)
+            assert "method" not in heads.timings and "method" in python.timings

@@ -23,6 +23,8 @@ from explainrt.autodiff.builder import GraphBuilder, TensorInfo, tensor_infos
 from explainrt.autodiff.gradients import V, add_n, where
 from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export.spec import (
+    BOX_MATCHES_OUTPUT,
+    BOX_OBJECTIVES,
     MAPS_PREFIX,
     METADATA_KEY,
     OBJECTIVES,
@@ -62,9 +64,15 @@ class _GraphAlgebra:
         return where(test == 0.0, 0.0, x)
 
 
+TARGET_OBJECTIVES = frozenset({"probability", "weights", *BOX_OBJECTIVES})
+"""The objectives of ``explainrt.targets`` objects: a method that weighs a class logit's gradients weighs
+theirs in its place (as ``runtime.objective.TargetSession`` runs it)."""
+
+
 def closed_form(method: str, objective: str | None = None) -> ClosedForm:
     """The closed form of ``method``'s maps; a clear error for unknown methods, methods without one,
-    and (given the model's ``objective``) methods that weigh the gradients of another objective."""
+    and (given the model's ``objective``) methods that weigh the gradients of another objective (a target
+    objective stands in for the logit: ``TARGET_OBJECTIVES``)."""
     name = method.lower()
     if name in NO_CLOSED_FORM:
         raise InvalidInputError(f"method {name!r} has no map head: {NO_CLOSED_FORM[name]}; map heads exist for "
@@ -73,7 +81,8 @@ def closed_form(method: str, objective: str | None = None) -> ClosedForm:
         raise InvalidInputError(f"no map head for {method!r}: map heads exist for the closed-form CAM methods "
                                 f"{', '.join(CLOSED_FORMS)}")
     form = CLOSED_FORMS[name]
-    if objective is not None and form.objective != objective:
+    if objective is not None and form.objective != objective and not (
+            form.objective == "logit" and objective in TARGET_OBJECTIVES):
         raise InvalidInputError(f"method {name!r} weighs the gradients of objective {form.objective!r} "
                                 f"({OBJECTIVES[form.objective]}), but the model differentiates {objective!r}: "
                                 f"export its map head in a model made with objective={form.objective!r}")
@@ -136,15 +145,16 @@ def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: 
 
 def keep_maps_only(model: onnx.ModelProto, methods: Sequence[str]) -> onnx.ModelProto:
     """The explainable ``model`` (changed in place) returning only its original outputs,
-    ``explainrt.resolved_targets`` and the maps of ``methods`` (heads it has): the activation and
-    gradient outputs, other maps and every node only they need are dropped. ONNX Runtime runs all
-    of a model's nodes whatever is fetched, so a runtime asked for maps alone runs this."""
+    ``explainrt.resolved_targets`` (a box objective's ``explainrt.box_matches``) and the maps of ``methods``
+    (heads it has): the activation and gradient outputs, other maps and every node only they need are
+    dropped. ONNX Runtime runs all of a model's nodes whatever is fetched, so a runtime asked for maps
+    alone runs this."""
     spec = ExplainableSpec.from_model(model)
     missing = [m for m in methods if m not in spec.maps]
     if missing or not methods:
         raise InvalidInputError(f"the model has map heads for {list(spec.maps)}; maps-only needs some of them, "
                                 f"got {list(methods)}")
-    wanted = {RESOLVED_TARGETS_OUTPUT, *(maps_output(m) for m in methods)}
+    wanted = {RESOLVED_TARGETS_OUTPUT, BOX_MATCHES_OUTPUT, *(maps_output(m) for m in methods)}
     outputs = [o for o in model.graph.output if not o.name.startswith("explainrt.") or o.name in wanted]
     del model.graph.output[:]
     model.graph.output.extend(outputs)

@@ -63,7 +63,10 @@ class MapsResult:
 class MapHeadSession(Protocol):
     """A session that can run a closed-form CAM method's map head in the graph (ONNX Runtime, TensorRT)."""
 
-    def maps(self, images: Any, targets: np.ndarray, method: str) -> MapsResult: ...
+    def maps(self, images: Any, targets: Any, method: str, objective: str | None = None) -> MapsResult:
+        """``objective``: a target objective (weights, boxes...) in place of the class logit the method weighs,
+        ``targets`` then fed as ``targets_feed`` takes them; None: the method's own, class indices [N, K]."""
+        ...
 
 
 def uses_main_model(spec: ExplainableSpec, method: str) -> bool:

@@ -7,7 +7,8 @@ Box targets (all targets of a call Boxes) to its box objective, which decides wh
 count on the same pass (one call too), Boxes mixed with other linear targets or summed (``Sum``) to its
 weighted box objective (weights and boxes in the same call; a forward pass first only where another
 target reads the output's values, as ``Class(-k)`` does), or, for Softmax targets,
-the graph's ``probability`` seed; ``logits`` and ``head`` return every target's objective of each
+the graph's ``probability`` seed; ``maps`` runs a CAM method's map head on the same objectives (where the
+inner session has map heads), one call; ``logits`` and ``head`` return every target's objective of each
 (perturbed) input [b, T], so perturbation methods score each copy with the same objective.
 """
 
@@ -15,13 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from explainrt.errors import InvalidTargetError
-from explainrt.runtime.base import RunResult, Session
+from explainrt.export.heads import closed_form
+from explainrt.runtime.base import MapsResult, RunResult, Session
 from explainrt.targets import Box, Sum, Target, detector_layout
+
+Result = TypeVar("Result", RunResult, MapsResult)
+"""What a call returns: gradients (``run``) or a map head's maps (``maps``); both have logits and targets."""
 
 
 class TargetSession:
@@ -50,6 +55,14 @@ class TargetSession:
 
         return self._differentiate(images, targets, objective, call), relus[0]
 
+    def maps(self, images: np.ndarray, targets: np.ndarray, method: str) -> MapsResult | None:
+        """``method``'s maps of the targets from the inner session's map head for their objective (one call, as
+        ``run``); None where the inner session has no map heads (the method's Python path then runs)."""
+        if not hasattr(self.inner, "maps"):
+            return None
+        return self._differentiate(images, targets, closed_form(method).objective,
+                                   lambda batch, fed, kind: self.inner.maps(batch, fed, method, kind))  # type: ignore[attr-defined]
+
     def logits(self, images: np.ndarray) -> np.ndarray:
         return self.scores(np.asarray(self.inner.logits(images)))
 
@@ -61,7 +74,9 @@ class TargetSession:
         return np.stack([target.score(outputs) for target in self.targets], axis=1).astype(np.float32)
 
     def _differentiate(self, images: np.ndarray, targets: np.ndarray, objective: str,
-                       call: Callable[[np.ndarray, Any, str], RunResult]) -> RunResult:
+                       call: Callable[[np.ndarray, Any, str], Result]) -> Result:
+        """``call`` (a RunResult's or a MapsResult's) on the objectives of the targets ``targets`` picks, its
+        logits replaced by every target's objective and its targets by the ids."""
         if objective != "logit":
             raise InvalidTargetError(f"this method differentiates the {objective!r} of a class; it takes class "
                                      "indices as targets, not explainrt.targets objects")
@@ -79,10 +94,10 @@ class TargetSession:
             parts = [(rows, self._call(images[rows], [chosen[i] for i in rows], kind, call))
                      for kind, rows in ((True, np.flatnonzero(softmax)), (False, np.flatnonzero(~softmax)))]
             result = _merged(parts, images.shape[0])
-        return RunResult(self.scores(np.asarray(result.logits)), ids, result.activations, result.gradients)
+        return dataclasses.replace(result, logits=self.scores(np.asarray(result.logits)), targets=ids)
 
     def _call(self, images: np.ndarray, chosen: list[list[Target]], softmax: bool,
-              call: Callable[[np.ndarray, Any, str], RunResult]) -> RunResult:
+              call: Callable[[np.ndarray, Any, str], Result]) -> Result:
         """One runtime call: Softmax targets by the graph's probability seed, the others as cotangents."""
         if softmax:
             return call(images, np.array([[target.index for target in row] for row in chosen], np.int64),  # type: ignore[attr-defined]
@@ -124,7 +139,7 @@ class TargetSession:
         return layouts.pop() if len(layouts) == 1 else None
 
     def _weighted_box_call(self, images: np.ndarray, split: list[list[tuple[list[Box], list[Target]]]], layout: str,
-                           call: Callable[[np.ndarray, Any, str], RunResult]) -> RunResult:
+                           call: Callable[[np.ndarray, Any, str], Result]) -> Result:
         """One call of the weighted box objective: per target its other parts' constant weights, and its boxes
         padded to the most of any target with boxes that match nothing (IoU threshold 2)."""
         zeros = np.zeros(self.inner.spec.output_shape, dtype=np.float32)  # type: ignore[arg-type]
@@ -144,7 +159,7 @@ class TargetSession:
                 for box, found in zip(parts, counts):
                     if found == 0:
                         raise box.no_overlap()
-        return RunResult(result.logits, matches.sum(axis=2), result.activations, result.gradients)
+        return dataclasses.replace(result, targets=matches.sum(axis=2))
 
     def _outputs(self, images: np.ndarray, values: bool) -> np.ndarray:
         """What the targets' gradients are taken at: the forward pass's outputs where a target reads
@@ -174,16 +189,19 @@ def _box_parts(target: Target) -> tuple[list[Box], list[Target]]:
     return [], [target]
 
 
-def _merged(parts: list[tuple[np.ndarray, RunResult]], count: int) -> RunResult:
-    """One RunResult of ``count`` images from results for some of them (their rows given)."""
-    def gather(pick: Callable[[RunResult], np.ndarray]) -> np.ndarray:
+def _merged(parts: list[tuple[np.ndarray, Result]], count: int) -> Result:
+    """One result (RunResult or MapsResult) of ``count`` images from results for some of them (their rows given):
+    each array field, and each array of a list field (per target layer), gathered by row."""
+    def gather(pick: Callable[[Result], Any]) -> np.ndarray:
         first = np.asarray(pick(parts[0][1]))
         merged = np.empty((count, *first.shape[1:]), dtype=first.dtype)
         for rows, result in parts:
             merged[rows] = np.asarray(pick(result))
         return merged
 
-    layers = range(len(parts[0][1].activations))
-    return RunResult(gather(lambda r: r.logits), gather(lambda r: r.targets),
-                     [gather(lambda r, i=i: r.activations[i]) for i in layers],
-                     [gather(lambda r, i=i: r.gradients[i]) for i in layers])
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(parts[0][1]):  # type: ignore[arg-type]
+        value = getattr(parts[0][1], field.name)
+        values[field.name] = ([gather(lambda r, n=field.name, i=i: getattr(r, n)[i]) for i in range(len(value))]
+                              if isinstance(value, list) else gather(lambda r, n=field.name: getattr(r, n)))
+    return type(parts[0][1])(**values)

@@ -131,21 +131,41 @@ class OnnxRuntimeSession:
     def input_gradients(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
         return self._run_variant(images, targets, objective, of_input=True)
 
-    def maps(self, images: np.ndarray, targets: np.ndarray, method: str) -> MapsResult:
+    def maps(self, images: np.ndarray, targets: Any, method: str, objective: str | None = None) -> MapsResult:
         """``method``'s normalised maps [N, K, H, W] computed in the graph by its map head: in the main
         session's one call when its model has the head (``main_maps``), else the method's head alone
         (``head_only_model``, built on first use) run on what the explainable model (or its variant for
-        the method's objective) returns."""
+        the method's objective) returns. ``objective``: a target objective (``TARGET_OBJECTIVES``, targets
+        fed as ``targets_feed`` takes them) in place of the class logit the method weighs: a maps-only
+        variant for it with the method's head, one call."""
+        own = closed_form(method, objective).objective
+        if objective is not None and objective != own:
+            return self._objective_maps(images, targets, method, objective)
         if method in self.main_maps:
             return MapsResult(*self._run(self._main, maps_outputs(self.spec, method),
                                          {self.spec.image_input: images, TARGETS_INPUT: targets}))
-        result = self.run(images, targets, closed_form(method).objective)
+        result = self.run(images, targets, own)
         if method not in self._maps:
             log.info("building the map head of %s", method)
             # no spinning: the head runs right after the model, whose next call its idle threads would slow
             self._maps[method] = self._session(head_only_model(self._model, method), spinning=False)
         maps = self._run(self._maps[method], [maps_output(method)], map_head_feeds(self.spec, images, result))[0]
         return MapsResult(result.logits, result.targets, maps)
+
+    def _objective_maps(self, images: np.ndarray, targets: Any, method: str, objective: str) -> MapsResult:
+        """``maps`` for a target objective: the layer variant of ``objective`` with ``method``'s head, maps-only
+        (built on first use), whose logits and resolved targets (or box matches) read as ``run_result``'s."""
+        key = f"{method}@{objective}"
+        if key not in self._maps:
+            log.info("building the map head of %s for objective %s", method, objective)
+            headed = onnx.ModelProto()
+            headed.CopyFrom(variant_model(self._model, self.spec, objective, False))
+            self._maps[key] = self._session(keep_maps_only(add_map_heads(headed, [method]), [method]))
+        outputs = output_names(self.spec.logits, 0, objective)
+        values = self._run(self._maps[key], [*outputs, maps_output(method)],
+                           {self.spec.image_input: images, **targets_feed(objective, targets)})
+        result = run_result(values[:-1], objective, targets)
+        return MapsResult(result.logits, result.targets, values[-1])
 
     def _variant(self, objective: str, of_input: bool, defended: bool = False,
                  images: Any = None) -> tuple[object, list[str], list[list[int | str | None]]]:

@@ -318,17 +318,19 @@ class TensorRTSession:
                             output_names(self.spec.logits, 1 if of_input else len(self.spec.target_layers), objective))
         return run_result(values, objective, targets)
 
-    def maps(self, images: Any, targets: np.ndarray, method: str) -> MapsResult:
+    def maps(self, images: Any, targets: Any, method: str, objective: str | None = None) -> MapsResult:
         """``method``'s normalised maps [N, K, H, W] from its map head: the model's own when it has one, else
         an engine of the head alone (``head_only_model``: no weights, so no second copy of the model on
-        the GPU per method) run on what the model (or its variant for the method's objective) returns."""
-        self._check_targets(np.asarray(targets))
-        if uses_main_model(self.spec, method):
+        the GPU per method) run on what the model (or its variant for the method's objective, or for the
+        target ``objective`` given in its place) returns."""
+        own = closed_form(method, objective).objective
+        if objective in (None, own) and uses_main_model(self.spec, method):
+            self._check_targets(np.asarray(targets))
             engine = self._engine("main", lambda: self._model)
             return MapsResult(*self._call(engine, {self.spec.image_input: images,
                                                    TARGETS_INPUT: np.asarray(targets, np.int64)},
                                           maps_outputs(self.spec, method)))
-        result = self.run(images, targets, closed_form(method).objective)
+        result = self.run(images, targets, objective or own)
         engine = self._engine(("maps", method), lambda: head_only_model(self._model, method))
         maps = self._call(engine, map_head_feeds(self.spec, images, result), [maps_output(method)])[0]
         return MapsResult(result.logits, result.targets, maps)
