@@ -294,6 +294,13 @@ def test_boxes_mixed_with_other_targets_and_summed_in_one_call(layout: str, monk
         with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
             explainer.explain(image[:1], method="gradcam",
                               targets=Sum([first[0], Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout=layout)]))
+        del calls.names[:]
+        shown = explainer.explain(image, method="gradcam", targets=rows)  # normalised: ONNX Runtime's map head
+        assert calls.names == (["maps"] if backend == "onnxruntime" else ["run"]), backend
+        monkeypatch.setattr(explainer, "map_heads", False)
+        python = explainer.explain(image, method="gradcam", targets=rows)
+        np.testing.assert_allclose(shown.maps, python.maps, atol=1e-5)
+        np.testing.assert_allclose(shown.logits, python.logits, rtol=1e-5, atol=1e-6)
 
 
 def test_cli_batch_takes_repeated_targets_and_refuses_bad_ones_before_ray(

@@ -225,6 +225,11 @@ def test_bad_map_options(small_onnx) -> None:  # noqa: ANN001
         add_map_heads(maps_only, ["layercam"])
     with pytest.raises(InvalidInputError, match="maps_only=True needs maps"):
         make_explainable(original_model(small_onnx), maps_only=True)
+    # a target objects' objective takes a logit method's head only where the runtime asks for it (TargetSession)
+    weighted = make_explainable(original_model(small_onnx), objective="weights")
+    with pytest.raises(InvalidInputError, match="objective 'logit'.*differentiates 'weights'"):
+        add_map_heads(copy.deepcopy(weighted), ["gradcam"])
+    assert "gradcam" in ExplainableSpec.from_model(add_map_heads(weighted, ["gradcam"], target_objective=True)).maps
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(7, 224), (7, 7), (14, 224), (5, 37), (13, 6), (1, 9)])
@@ -297,7 +302,9 @@ def test_maps_only_model_drops_the_gradient_copy_and_ranks_only_what_targets_ask
 
 
 class _ConvReaders(torch.nn.Module):
-    """A layer read by a stride-1 Conv, a strided dilated Conv, a 1x1 Conv, a grouped Conv and a Tanh."""
+    """A layer read by a stride-1 Conv, a strided dilated Conv, a 1x1 Conv, a stride-3 Conv whose windows leave
+    the last row and column out, a 1x1 Conv padded wider than its kernel reaches, a grouped Conv (the last),
+    a Tanh and a global average pool."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -306,12 +313,13 @@ class _ConvReaders(torch.nn.Module):
         self.layer = torch.nn.ReLU()
         self.readers = torch.nn.ModuleList([
             torch.nn.Conv2d(8, 6, 3, padding=1), torch.nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2),
-            torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)])
-        self.fc = torch.nn.Linear(6 + 6 + 4 + 8 + 8, 5)
+            torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(8, 4, 2, stride=3), torch.nn.Conv2d(8, 4, 1, padding=2),
+            torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)])
+        self.fc = torch.nn.Linear(6 + 6 + 4 + 4 + 4 + 8 + 8 + 8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer(self.stem(x))
-        read = [reader(layer).relu() for reader in self.readers] + [layer.tanh()]
+        read = [reader(layer).relu() for reader in self.readers] + [layer.tanh(), layer]
         return self.fc(torch.cat([r.mean((2, 3)) for r in read], 1))
 
 
@@ -320,7 +328,8 @@ def test_gradcam_head_takes_the_mean_gradient_of_conv_readers_from_their_output_
     (one group) the maps-only head computes it from the readers' output gradients (window sums times the
     weight) instead of their input-gradient Conv / ConvTranspose, which then leave the graph; the grouped
     Conv's and the Tanh's terms are averaged as they are. Maps equal the Python path (full gradients) and
-    pytorch-grad-cam at strides 1 and 2, dilation 2, 1x1 and an odd image size."""
+    pytorch-grad-cam at strides 1, 2 and 3, dilation 2, 1x1 (also padded past its reach) and an odd image
+    size."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -333,7 +342,7 @@ def test_gradcam_head_takes_the_mean_gradient_of_conv_readers_from_their_output_
     (layer,) = ExplainableSpec.from_model(model).target_layers
     readers = {n.name: n for n in model.graph.node if n.op_type == "Conv" and n.input[0] == layer}
     grouped = {name for name, n in readers.items() if any(a.name == "group" and a.i == 2 for a in n.attribute)}
-    assert len(readers) == 4 and len(grouped) == 1
+    assert len(readers) == 6 and len(grouped) == 1
 
     def gradient_convolutions(graph: onnx.ModelProto) -> set[str]:
         """The readers whose input gradient a Conv / ConvTranspose of the gradient graph computes."""

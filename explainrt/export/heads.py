@@ -69,10 +69,11 @@ TARGET_OBJECTIVES = frozenset({"probability", "weights", *BOX_OBJECTIVES})
 theirs in its place (as ``runtime.objective.TargetSession`` runs it)."""
 
 
-def closed_form(method: str, objective: str | None = None) -> ClosedForm:
+def closed_form(method: str, objective: str | None = None, *, target_objective: bool = False) -> ClosedForm:
     """The closed form of ``method``'s maps; a clear error for unknown methods, methods without one,
-    and (given the model's ``objective``) methods that weigh the gradients of another objective (a target
-    objective stands in for the logit: ``TARGET_OBJECTIVES``)."""
+    and (given the model's ``objective``) methods that weigh the gradients of another objective.
+    ``target_objective``: the objective may also be a target objects' one standing in for the logit
+    (``TARGET_OBJECTIVES``), as for the map heads ``TargetSession.maps`` runs."""
     name = method.lower()
     if name in NO_CLOSED_FORM:
         raise InvalidInputError(f"method {name!r} has no map head: {NO_CLOSED_FORM[name]}; map heads exist for "
@@ -82,7 +83,7 @@ def closed_form(method: str, objective: str | None = None) -> ClosedForm:
                                 f"{', '.join(CLOSED_FORMS)}")
     form = CLOSED_FORMS[name]
     if objective is not None and form.objective != objective and not (
-            form.objective == "logit" and objective in TARGET_OBJECTIVES):
+            target_objective and form.objective == "logit" and objective in TARGET_OBJECTIVES):
         raise InvalidInputError(f"method {name!r} weighs the gradients of objective {form.objective!r} "
                                 f"({OBJECTIVES[form.objective]}), but the model differentiates {objective!r}: "
                                 f"export its map head in a model made with objective={form.objective!r}")
@@ -101,12 +102,14 @@ def checked_maps(maps: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: bool = False,
-                  maps_dtype: str = "float32") -> onnx.ModelProto:
+                  maps_dtype: str = "float32", *, target_objective: bool = False) -> onnx.ModelProto:
     """The explainable ``model`` (changed in place) with a map head per method of ``maps``.
 
     ``maps_only=True`` leaves as outputs only the original ones, ``explainrt.resolved_targets``
     (the class each map explains) and the maps added now: activations, gradients and earlier maps
     no longer leave the runtime. ``maps_dtype`` is float32, float16 or uint8 (round(255 * map)).
+    ``target_objective``: the model differentiates a target objects' objective in place of the logit
+    (``closed_form``), for the runtime's maps of target objects.
     """
     spec = ExplainableSpec.from_model(model)
     methods = checked_maps(maps)
@@ -115,7 +118,7 @@ def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: 
     if maps_dtype not in MAPS_DTYPES:
         raise InvalidInputError(f"maps_dtype must be one of {', '.join(MAPS_DTYPES)}; got {maps_dtype!r}")
     for method in methods:
-        closed_form(method, spec.objective)
+        closed_form(method, spec.objective, target_objective=target_objective)
     if spec.maps_only:
         raise InvalidModelError("the model was exported maps-only: it has no activation and gradient outputs to "
                                 "add map heads to; add them to the full explainable model")
@@ -238,7 +241,7 @@ def _method_maps(b: GraphBuilder, form: ClosedForm, layers: list[tuple[V, V]], i
         as_float = _float32(acts)
         a = as_float.unsqueeze([-4])  # [N, 1, C, h, w]: broadcast over the K targets
         g = _float32(grads)  # [N, K, C, h, w]
-        source = _mean_of_gradient(b, g)
+        source = _mean_of_gradient(b, g, all(isinstance(d, int) and d > 0 for d in image_hw))
         if source is not None:
             ops.means[g.name] = source
         weighted, weights = form.formula(ops, a, g)
@@ -255,7 +258,7 @@ POOLINGS = {"ReduceMean", "ReduceSum", "GlobalAveragePool"}
 """Forward operators whose gradient rule spreads one value per channel over the positions (by an Expand)."""
 
 
-def _mean_of_gradient(b: GraphBuilder, grads: V) -> V | None:
+def _mean_of_gradient(b: GraphBuilder, grads: V, static_image: bool) -> V | None:
     """The mean over the positions, [N, K, C, 1, 1], of gradients [N, K, C, h, w] that are the explainable
     model's gradient output of a layer, computed without the gradient itself where a term of it allows: the
     gradient is the Transpose ([K, N] -> [N, K]) of a layer's gradient [K, N, C, h, w], one term per reader
@@ -264,7 +267,8 @@ def _mean_of_gradient(b: GraphBuilder, grads: V) -> V | None:
     the closed-form mean ``_conv_input_mean`` (window sums times the weight: a fraction of the input
     gradient's work). Other terms are averaged as they are. None when no term has a shortcut, or the
     gradient is not such an output. A head reading this mean leaves the shortcut terms (and, maps-only,
-    the gradient output) out of the runtime's work."""
+    the gradient output) out of the runtime's work. ``static_image``: the image size is fixed, so the
+    Conv terms' sizes in the shape information are the run-time ones (else only the pooling shortcut)."""
     node = b.producer(grads.name)
     while node is not None and node.op_type == "Identity":
         node = b.producer(node.input[0])
@@ -274,7 +278,7 @@ def _mean_of_gradient(b: GraphBuilder, grads: V) -> V | None:
     total = b.producer(node.input[0])
     terms = list(total.input) if total is not None and total.op_type == "Sum" and \
         total.name.startswith("explainrt/grad/") else [node.input[0]]
-    shortcuts = [_expanded_value(b, term) or _conv_input_mean(b, term) for term in terms]
+    shortcuts = [_expanded_value(b, term) or (_conv_input_mean(b, term) if static_image else None) for term in terms]
     if not any(shortcuts):
         return None
     means = [mean or b.reduce("ReduceMean", term, [-2, -1]) for term, mean in zip(terms, shortcuts)]
@@ -306,9 +310,11 @@ def _conv_input_mean(b: GraphBuilder, term: str) -> str | None:
     scope = node.name.rpartition("/")[0] if node is not None else ""
     if node is None or not scope.startswith("explainrt/grad/"):
         return None
-    conv = next((n for n in b.graph.node if n.name == scope[len("explainrt/grad/"):] and n.op_type == "Conv"), None)
-    if conv is None:
+    name = scope[len("explainrt/grad/"):]  # the driver scopes a rule by its node's name, else its first output
+    named = [n for n in b.graph.node if (n.name or n.output[0]) == name and not n.name.startswith("explainrt/")]
+    if len(named) != 1 or named[0].op_type != "Conv":  # the ONNX checker allows repeated names (ONNX Runtime not)
         return None
+    conv = named[0]
     merged = _merged_output_gradient(b, node, scope)
     weight = b.weight_value(conv.input[1])
     x_info, y_info = b.infos.get(conv.input[0]), b.infos.get(conv.output[0])

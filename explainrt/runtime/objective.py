@@ -56,15 +56,15 @@ class TargetSession:
         return self._differentiate(images, targets, objective, call), relus[0]
 
     def maps(self, images: np.ndarray, targets: np.ndarray, method: str) -> MapsResult | None:
-        """``method``'s maps of the targets from the inner session's map head for their objective (one call, as
-        ``run``); None where the inner session has no map heads (the method's Python path then runs)."""
+        """``method``'s maps of the targets from the inner session's map head for their objective (one call per
+        objective kind, as ``run``); None where the inner session has no map heads (the Python path then runs)."""
         if not hasattr(self.inner, "maps"):
             return None
         return self._differentiate(images, targets, closed_form(method).objective,
                                    lambda batch, fed, kind: self.inner.maps(batch, fed, method, kind))  # type: ignore[attr-defined]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        return self.scores(np.asarray(self.inner.logits(images)))
+        return self.scores(_host(self.inner.logits(images)))
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         return self.scores(np.asarray(self.inner.head(layer, activations, images)))
@@ -94,7 +94,7 @@ class TargetSession:
             parts = [(rows, self._call(images[rows], [chosen[i] for i in rows], kind, call))
                      for kind, rows in ((True, np.flatnonzero(softmax)), (False, np.flatnonzero(~softmax)))]
             result = _merged(parts, images.shape[0])
-        return dataclasses.replace(result, logits=self.scores(np.asarray(result.logits)), targets=ids)
+        return dataclasses.replace(result, logits=self.scores(_host(result.logits)), targets=ids)
 
     def _call(self, images: np.ndarray, chosen: list[list[Target]], softmax: bool,
               call: Callable[[np.ndarray, Any, str], Result]) -> Result:
@@ -108,7 +108,7 @@ class TargetSession:
             boxes = np.array([[[*target.box, target.index, target.iou] for target in row] for row in chosen],  # type: ignore[attr-defined]
                              dtype=np.float32)
             result = call(images, boxes, f"boxes_{layout}")
-            for row, matched in zip(chosen, np.asarray(result.targets)):
+            for row, matched in zip(chosen, _host(result.targets)):
                 for target, count in zip(row, matched):
                     if count == 0:
                         raise target.no_overlap()  # type: ignore[attr-defined]
@@ -153,7 +153,7 @@ class TargetSession:
                 for b, box in enumerate(parts):
                     boxes[i, k, b] = [*box.box, box.index, box.iou]
         result = call(images, (weights, boxes), f"weights_boxes_{layout}")
-        matches = np.asarray(result.targets)
+        matches = _host(result.targets)
         for row, matched in zip(split, matches):
             for (parts, _), counts in zip(row, matched):
                 for box, found in zip(parts, counts):
@@ -166,8 +166,13 @@ class TargetSession:
         them (or the output's size is known only at run time), else zeros of the stored shape."""
         shape = self.inner.spec.output_shape
         if values or not shape or not all(isinstance(d, int) for d in shape):
-            return np.asarray(self.inner.logits(images))
+            return _host(self.inner.logits(images))
         return np.zeros((images.shape[0], *shape), dtype=np.float32)
+
+
+def _host(value: Any) -> np.ndarray:
+    """A NumPy array of ``value``, copied from the GPU where it is a CuPy array (a session's device outputs)."""
+    return value.get() if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get") else np.asarray(value)
 
 
 PADDING_BOX = (0.0, 0.0, 1.0, 1.0, 0.0, 2.0)
@@ -193,10 +198,10 @@ def _merged(parts: list[tuple[np.ndarray, Result]], count: int) -> Result:
     """One result (RunResult or MapsResult) of ``count`` images from results for some of them (their rows given):
     each array field, and each array of a list field (per target layer), gathered by row."""
     def gather(pick: Callable[[Result], Any]) -> np.ndarray:
-        first = np.asarray(pick(parts[0][1]))
+        first = _host(pick(parts[0][1]))
         merged = np.empty((count, *first.shape[1:]), dtype=first.dtype)
         for rows, result in parts:
-            merged[rows] = np.asarray(pick(result))
+            merged[rows] = _host(pick(result))
         return merged
 
     values: dict[str, Any] = {}

@@ -11,7 +11,14 @@ import numpy as np
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.heads import add_map_heads, checked_maps, closed_form, head_only_model, keep_maps_only
+from explainrt.export.heads import (
+    add_map_heads,
+    checked_maps,
+    closed_form,
+    head_only_model,
+    keep_maps_only,
+    without_maps,
+)
 from explainrt.export.spec import (
     REFERENCE_PREFIX,
     TARGETS_INPUT,
@@ -91,7 +98,8 @@ class OnnxRuntimeSession:
             self.spec.maps_only or lean) else {
             (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers),
                                                                            self.spec.objective), [])}
-        self._maps: dict[str, object] = {}  # method -> the session of its map head
+        # method -> the session of its head alone; "method@objective" -> a maps-only variant for a target objective
+        self._maps: dict[str, object] = {}
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
 
     def _own_heads(self) -> tuple[str, ...]:
@@ -137,8 +145,8 @@ class OnnxRuntimeSession:
         (``head_only_model``, built on first use) run on what the explainable model (or its variant for
         the method's objective) returns. ``objective``: a target objective (``TARGET_OBJECTIVES``, targets
         fed as ``targets_feed`` takes them) in place of the class logit the method weighs: a maps-only
-        variant for it with the method's head, one call."""
-        own = closed_form(method, objective).objective
+        variant for it with the method's head, one call (a copy of the model's weights per method and objective)."""
+        own = closed_form(method, objective, target_objective=True).objective
         if objective is not None and objective != own:
             return self._objective_maps(images, targets, method, objective)
         if method in self.main_maps:
@@ -160,7 +168,8 @@ class OnnxRuntimeSession:
             log.info("building the map head of %s for objective %s", method, objective)
             headed = onnx.ModelProto()
             headed.CopyFrom(variant_model(self._model, self.spec, objective, False))
-            self._maps[key] = self._session(keep_maps_only(add_map_heads(headed, [method]), [method]))
+            headed = add_map_heads(without_maps(headed), [method], target_objective=True)
+            self._maps[key] = self._session(keep_maps_only(headed, [method]))
         outputs = output_names(self.spec.logits, 0, objective)
         values = self._run(self._maps[key], [*outputs, maps_output(method)],
                            {self.spec.image_input: images, **targets_feed(objective, targets)})

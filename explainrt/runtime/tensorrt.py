@@ -32,6 +32,7 @@ from explainrt.export.heads import closed_form, head_only_model
 from explainrt.export.spec import (
     BOXES_INPUT,
     TARGETS_INPUT,
+    WEIGHTED_BOX_OBJECTIVES,
     WEIGHTS_INPUT,
     ExplainableSpec,
     gradients_output,
@@ -310,8 +311,8 @@ class TensorRTSession:
     def input_gradients(self, images: Any, targets: np.ndarray, objective: str = "logit") -> RunResult:
         return self._run_variant(images, targets, objective, of_input=True)
 
-    def _run_variant(self, images: Any, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
-        self._check_targets(np.asarray(targets))
+    def _run_variant(self, images: Any, targets: Any, objective: str, of_input: bool) -> RunResult:
+        self._check_targets(np.asarray(targets[0] if objective in WEIGHTED_BOX_OBJECTIVES else targets))  # (weights, boxes)
         engine = self._engine(("variant", objective, of_input),
                               lambda: variant_model(self._model, self.spec, objective, of_input))
         values = self._call(engine, {self.spec.image_input: images, **targets_feed(objective, targets)},
@@ -323,7 +324,7 @@ class TensorRTSession:
         an engine of the head alone (``head_only_model``: no weights, so no second copy of the model on
         the GPU per method) run on what the model (or its variant for the method's objective, or for the
         target ``objective`` given in its place) returns."""
-        own = closed_form(method, objective).objective
+        own = closed_form(method, objective, target_objective=True).objective
         if objective in (None, own) and uses_main_model(self.spec, method):
             self._check_targets(np.asarray(targets))
             engine = self._engine("main", lambda: self._model)
