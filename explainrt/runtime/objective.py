@@ -8,7 +8,7 @@ count on the same pass (one call too), Boxes mixed with other linear targets or 
 weighted box objective (weights and boxes in the same call; a forward pass first only where another
 target reads the output's values, as ``Class(-k)`` does), or, for Softmax targets,
 the graph's ``probability`` seed; ``maps`` runs a CAM method's map head on the same objectives (where the
-inner session has map heads), one call; ``logits`` and ``head`` return every target's objective of each
+inner session has map heads), one call per objective kind; ``logits`` and ``head`` return every target's objective of each
 (perturbed) input [b, T], so perturbation methods score each copy with the same objective.
 """
 
@@ -67,7 +67,7 @@ class TargetSession:
         return self.scores(_host(self.inner.logits(images)))
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
-        return self.scores(np.asarray(self.inner.head(layer, activations, images)))
+        return self.scores(_host(self.inner.head(layer, activations, images)))
 
     def scores(self, outputs: np.ndarray) -> np.ndarray:
         """Every target's objective of each output [b, ...] -> [b, T] float32."""
