@@ -237,6 +237,57 @@ def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx:
     assert np.isclose(eigen.maps.max(), 1) and eigen.maps.std() > 0.01
 
 
+def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module) -> None:
+    """The maps-only model of a box objective runs each scale's reverse branch (P3, P4, P5 class branches,
+    the neck behind P4 and P5) inside an If on whether a box matched a prediction of that scale, else zeros:
+    the same maps, objectives and matches as the model without them, for boxes matched on one scale only and
+    on several, K = 1 and 2 boxes per image (the values are checked against autograd above). Target layer:
+    the P3 neck output (``model.15``), which every scale's gradient reaches."""
+    import copy
+
+    import onnxruntime as ort
+
+    from explainrt.export.spec import BOXES_INPUT
+    from explainrt.export.variants import variant_model
+
+    exported = copy.deepcopy(yolo)  # an export leaves traced tensors cached on the module (its anchors)
+    explainer = Explainer(exported, [exported.model[15]], input_size=(YOLO_SIZE, YOLO_SIZE))
+    made = {skip: variant_model(explainer.session.model, explainer.spec, "boxes_yolov8", False, maps=["gradcam"],
+                                maps_only=True, target_objective=True, zero_branches=skip) for skip in (True, False)}
+    wrapped = [n for n in made[True].graph.node if n.op_type == "If"]
+    assert len(wrapped) >= 3 and not any(n.op_type == "If" for n in made[False].graph.node)
+    inside = [n.op_type for node in wrapped for a in node.attribute if a.name == "then_branch" for n in a.g.node]
+    assert inside.count("Conv") >= 8 and not any(n.op_type == "Conv" and n.name.startswith("explainrt/grad/")
+                                                 for n in made[True].graph.node)
+    images = np.concatenate([_image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=5), _image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=6)])
+    images = images * 0.2 + 0.5
+    with torch.no_grad():
+        values = yolo(torch.from_numpy(images)).numpy()  # [2, 84, 400 + 100 + 25]
+    scales = [(0, 400), (400, 500), (500, 525)]
+
+    corners = np.stack([values[:, 0] - values[:, 2] / 2, values[:, 1] - values[:, 3] / 2,
+                        values[:, 0] + values[:, 2] / 2, values[:, 1] + values[:, 3] / 2], axis=1)  # [2, 4, anchors]
+    within = (corners[:, :2] >= 0).all(axis=1) & (corners[:, 2:] <= YOLO_SIZE).all(axis=1)
+    # per image and scale, the box of the scale's most confident prediction of class 7 that lies in the image
+    rows = [[Box(corners[i, :, start + int(np.argmax(np.where(within[i, start:stop], values[i, 4 + 7, start:stop], -1)))],
+                 7, iou=0.5) for start, stop in scales] for i in range(2)]
+    matched = [[{s for s, (start, stop) in enumerate(scales) if box._overlapping(values[i].T)[start:stop].any()}
+                for box in row] for i, row in enumerate(rows)]
+    sessions = {skip: ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                for skip, model in made.items()}
+    ran = []
+    for picks in ([0], [2], [1, 2], [0, 1]):  # per image, the boxes of these scales' most confident predictions
+        boxes = np.array([[[*rows[i][p].box, 7, 0.5] for p in picks] for i in range(2)], np.float32)
+        ran.append(set().union(*(matched[i][p] for i in range(2) for p in picks)))
+        skipped = set(range(3)) - ran[-1]
+        feeds = {explainer.spec.image_input: images, BOXES_INPUT: boxes}
+        ours, reference = (sessions[skip].run(None, feeds) for skip in (True, False))
+        for got, want, name in zip(ours, reference, ("logits", "matches", "maps")):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{name}, picks {picks}, skipped {skipped}")
+        assert reference[-1].std() > 0.01, picks
+    assert any(len(r) == 1 for r in ran) and any(len(r) >= 2 for r in ran)  # scales left out (If took else), and not
+
+
 class _TinyDetector(torch.nn.Module):
     """[N, 3, 32, 32] -> a raw head of 64 predictions and 2 classes: YOLOv8's [N, 6, 64] or YOLOv5's [N, 64, 7]
     (cx, cy in the image, w, h up to 24 pixels, sigmoid scores)."""

@@ -366,6 +366,10 @@ class GradientBuilder(GraphBuilder):
     """GraphBuilder plus what gradients share: the seed axis and shapes with it."""
 
     seeds: str  # 1-D int64 [K]: the length of the seed axis
+    # what the reverse pass built, for passes that rewrite it (``zero_branches``): the gradient tensor ->
+    # (the forward tensor it is the gradient of, merged to [K*N, ...]); a forward node -> its inputs' gradients
+    gradient_of: dict[str, tuple[str, bool]]
+    node_gradients: dict[str, list[str | None]]
 
     def grad_shape(self, x: str) -> str:
         """Runtime shape ``[K, *shape(x)]`` of the gradient of forward tensor ``x``."""
@@ -381,7 +385,9 @@ class GradientBuilder(GraphBuilder):
         The shape comes from ``g``, not ``y``: a new consumer of a Conv output would keep ONNX
         Runtime from fusing the Conv with what follows, and the original outputs would change.
         """
-        return self.op("Reshape", [g, self.concat([self.ints([-1]), self.shape_slice(g, 2)], 0)], like=y)
+        merged = self.op("Reshape", [g, self.concat([self.ints([-1]), self.shape_slice(g, 2)], 0)], like=y)
+        self.gradient_of.setdefault(merged, (y, True))
+        return merged
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -442,6 +448,7 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
         raise InvalidModelError(f"{of!r} does not depend on {unreached}: no gradient flows there")
     builder.seeds = builder.op("Slice", [builder.shape(seed), builder.ints([0]), builder.ints([1])],
                                name="explainrt/grad/seeds")
+    builder.gradient_of, builder.node_gradients = {seed: (of, False)}, {}
     contributions: dict[str, list[str]] = {of: [seed]}
     path_nodes = [n for n in graph.node if any(o in on_path for o in n.output)
                   and any(i in on_path for i in n.input)]
@@ -460,11 +467,14 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
                         for o, terms in zip(node.outputs, incoming)]
         input_grads = list(rule(node, output_grads))
         input_grads += [None] * (len(node.inputs) - len(input_grads))
+        builder.node_gradients[node.name] = [gx.name if gx is not None and x in on_path else None
+                                             for x, gx in zip(node.inputs, input_grads)]
         for index, (x, gx) in enumerate(zip(node.inputs, input_grads)):
             if x not in on_path:
                 continue
             if gx is None:
                 raise node.unsupported(f"no gradient with respect to input {index} ({x!r})")
+            builder.gradient_of.setdefault(gx.name, (x, False))
             contributions.setdefault(x, []).append(gx.name)
     builder.scope = "explainrt/grad"
     return {x: _total(builder, x, contributions[x]) for x in wrt}
@@ -475,5 +485,6 @@ def _total(builder: GradientBuilder, value: str, terms: list[str]) -> str:
     if len(terms) == 1:
         return terms[0]
     total = builder.op("Sum", terms, name=f"explainrt/grad/{value}", like=value)
+    builder.gradient_of[total] = (value, False)
     terms[:] = [total]
     return total

@@ -7,18 +7,21 @@ are described in ``explainrt.export.spec``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, version_converter
+from onnx import TensorProto, helper, version_converter
 
-from explainrt.autodiff.builder import dequantized, opset_version
+from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version
 from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.zero_blocks import compute_on_blocks
+from explainrt.autodiff.zero_branches import ZeroBranches, run_when_nonzero
 from explainrt.errors import (
     DynamicTokenGridError,
     InvalidInputError,
@@ -67,6 +70,8 @@ def make_explainable(
     maps: str | Sequence[str] = (),
     maps_only: bool = False,
     maps_dtype: str = "float32",
+    target_objective: bool = False,
+    zero_branches: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` that also outputs target-layer activations and gradients.
 
@@ -93,13 +98,17 @@ def make_explainable(
     found on a copy at a nominal size (the preprocessing's, else 224 x 224) and serve every size.
     ``maps`` ("gradcam", "gradcam++", ...; see ``explainrt.export.heads``) appends each method's map
     computation: output ``explainrt.maps.<method>`` [N, K, H, W] (``maps_dtype`` float32, float16 or
-    uint8); ``maps_only=True`` then drops the activation and gradient outputs.
+    uint8); ``maps_only=True`` then drops the activation and gradient outputs. ``target_objective``: the
+    objective is a target objects' (``heads.closed_form``), whose maps the runtime asks for.
+    ``zero_branches``: a box objective's reverse pass runs each scale's branch of a multi-scale head (and what
+    depends on it alone) only when a prediction of that scale matched a box (``If`` nodes, see
+    ``explainrt.autodiff.zero_branches``): for ONNX Runtime, applied last (nothing may prune the model after).
     """
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
     methods = heads.checked_maps(maps)
     for method in methods:  # before the (slow) rewrite
-        heads.closed_form(method, objective)
+        heads.closed_form(method, objective, target_objective=target_objective)
     if maps_only and not methods:
         raise InvalidInputError("maps_only=True needs maps: name the methods whose maps the model returns")
     proto = _prepared(load_model(model))
@@ -122,7 +131,7 @@ def make_explainable(
     targets = [name for name, _ in chosen]
     log.info("explaining %s w.r.t. %s", logits_name, ", ".join(f"{n} ({l.kind})" for n, l in chosen))
 
-    resolved = None
+    resolved, matched = None, None
     if objective == "weights":
         axes = [f"d{axis}" if d is None else d for axis, d in enumerate(output_shape, start=2)]
         weights = builder.add_input(WEIGHTS_INPUT, output_info.elem_type, ["N", "K", *axes])
@@ -142,7 +151,7 @@ def make_explainable(
         else:
             boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", 6])
             builder.scope = "explainrt/grad/seed"
-            of, seed, matches = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective])
+            of, seed, matches, matched = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective])
             if BOX_OBJECTIVES[objective] == "yolov8":  # zero on the 4 box rows: the gradient skips the box branch
                 of, seed = _past_zero_rows(builder, of, seed, 4, targets)
     else:
@@ -151,12 +160,15 @@ def make_explainable(
         seeds = {"logit": _seed, "cross_entropy": _cross_entropy_seed, "probability": _probability_seed}
         of, seed = seeds[objective](builder, logits_name, resolved)
     rules = {**RULES, **_defended_relu_rules(builder)} if defended_relus else RULES
+    first = len(proto.graph.node)
     gradients = append_gradients(builder, targets, of, seed, rules)
     blocked = [target for target in targets if target not in gradients]
     if blocked:
         raise InvalidModelError(f"no gradient reaches {blocked} from {logits_name!r}: every path from there passes "
                                 f"integer tensors ({form.describe()} image input)")
     compute_on_blocks(builder, seed)
+    scales = _scale_branches(builder, logits_name, BOX_OBJECTIVES[objective], proto.graph.node[first:]) \
+        if zero_branches and objective in BOX_OBJECTIVES and matched is not None else None
 
     builder.scope = "explainrt/outputs"
     if resolved is not None:
@@ -182,7 +194,11 @@ def make_explainable(
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
         raise InvalidModelError(f"the explainable model failed ONNX validation: {error}") from error
-    return heads.add_map_heads(proto, methods, maps_only, maps_dtype) if methods else proto
+    if methods:
+        proto = heads.add_map_heads(proto, methods, maps_only, maps_dtype, target_objective=target_objective)
+    if scales is not None:
+        _skip_unmatched_scales(proto, scales, matched)  # type: ignore[arg-type]
+    return proto
 
 
 DEQUANTIZED_PREFIX = "explainrt/dequantized/"
@@ -525,9 +541,9 @@ def _probability_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[s
                         like=logits)
 
 
-def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple[str, str, str]:
-    """Cotangent [K, N, *shape(y)[1:]] of each box target on a raw detector head y, and how many predictions
-    each box matched [N, K] (int64). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input pixels), class, IoU threshold.
+def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple[str, str, str, str]:
+    """Cotangent [K, N, *shape(y)[1:]] of each box target on a raw detector head y, how many predictions
+    each box matched [N, K] (int64) and which [N, K, anchors] (0/1). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input pixels), class, IoU threshold.
     Which predictions count (IoU of their cx, cy, w, h box with the given box >= the threshold) is decided on
     this pass and held constant: the objective is linear in the scores (YOLOv5: objectness x class score)."""
     like = logits
@@ -569,7 +585,7 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple
         is_objectness = b.op("Cast", [b.op("Equal", [rows, b.scalar_like(4.0, like)])], to=b.info(like).elem_type)
         seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, scores)))
     perm = [1, 0, 2, 3] if layout == "yolov8" else [1, 0, 3, 2]
-    return logits, b.op("Transpose", [seed], perm=perm, name="explainrt/grad/seed/boxes", like=like), matches
+    return logits, b.op("Transpose", [seed], perm=perm, name="explainrt/grad/seed/boxes", like=like), matches, mask
 
 
 def _past_zero_rows(b: GradientBuilder, y: str, seed: str, first: int, targets: Sequence[str]) -> tuple[str, str]:
@@ -600,12 +616,66 @@ def _past_zero_rows(b: GradientBuilder, y: str, seed: str, first: int, targets: 
     return y, seed
 
 
+@dataclass(frozen=True)
+class _ScaleBranches:
+    """The reverse pass of a box objective, and the anchors each scale's gradient covers: what
+    ``_skip_unmatched_scales`` needs once the model is finished."""
+
+    anchors: dict[str, tuple[int, int]]  # a scale's gradient (of its part of the anchor Concat) -> its anchors
+    record: ZeroBranches  # sources left empty: their flags are made last
+    elem_type: int  # the matches' (the output's)
+
+
+def _scale_branches(b: GradientBuilder, logits: str, layout: str, reverse: Sequence[onnx.NodeProto]) -> _ScaleBranches | None:
+    """The scales of a multi-scale detector head: the forward Concat nearest the output along its anchor axis
+    (static sizes adding up to the output's anchors), and each part's gradient; None when there is none."""
+    axis = 2 if layout == "yolov8" else 1
+    shape = b.info(logits).shape or ()
+    count = shape[axis] if len(shape) == 3 else None
+    concat = None
+    for node in b.graph.node:
+        if node.op_type != "Concat" or node.name.startswith("explainrt/") or (node.name or node.output[0]) not in b.node_gradients:
+            continue
+        infos = [b.infos.get(x) for x in node.input]
+        sizes = [info.shape[axis] if info is not None and info.shape and len(info.shape) == 3 else None for info in infos]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if int(attrs.get("axis", 0)) % 3 == axis and all(isinstance(s, int) for s in sizes) and sum(sizes) == count:  # type: ignore[arg-type]
+            concat = (node, sizes)
+    if concat is None or not isinstance(count, int):
+        return None
+    node, sizes = concat
+    starts = list(itertools.accumulate([0, *sizes[:-1]]))
+    anchors = {gradient: (start, start + size) for gradient, start, size in
+               zip(b.node_gradients[node.name or node.output[0]], starts, sizes) if gradient is not None}
+    elem_types = {x: b.info(x).elem_type for x, _ in b.gradient_of.values()}
+    record = ZeroBranches({}, dict(b.gradient_of), elem_types, frozenset(n.name for n in reverse), b.seeds)
+    return _ScaleBranches(anchors, record, b.info(logits).elem_type) if len(anchors) > 1 else None
+
+
+def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, matched: str) -> None:
+    """Run each scale's reverse branch of the finished ``model`` only when a box matched a prediction of that
+    scale (``matched`` [N, K, anchors]: the box seed's 0/1 matches), in place."""
+    b = GraphBuilder(model)
+    b.scope = "explainrt/zero_branches/flags"
+    flags = {}
+    for gradient, (start, stop) in scales.anchors.items():
+        part = b.op("Slice", [matched, b.ints([start]), b.ints([stop]), b.ints([2])])
+        flags[gradient] = b.op("Greater", [b.reduce("ReduceMax", part, [0, 1, 2], keepdims=False),
+                                           b.constant(0.0, dtype=scales.elem_type)])
+    if not run_when_nonzero(model, dataclasses.replace(scales.record, sources=flags)):
+        prune_added_nodes(model)  # nothing wrapped: no flags either
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        raise InvalidModelError(f"the explainable model failed ONNX validation after wrapping branches: {error}") from error
+
+
 def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str, layout: str) -> tuple[str, str, str]:
     """Cotangent [K, N, *shape(y)[1:]] of target k = sum(weights[:, k] * y) plus the box objectives of its B
     boxes (``boxes`` [N, K, B, 6], as ``_box_seed``'s), and each box's match count [N, K, B]: a Box mixed
     with other linear targets, or a sum of boxes, in one pass (padding boxes have an IoU threshold > 1)."""
     flat = b.op("Reshape", [boxes, b.ints([0, -1, 6])], like=boxes)  # [N, K * B, 6]
-    _, per_box, matches = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
+    _, per_box, matches, _ = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
     counts = b.shape_slice(boxes, 1, 3)  # K, B
     split = b.op("Reshape", [per_box, b.concat([counts, b.shape_slice(per_box, 1)], 0)], like=per_box)
     boxed = b.reduce("ReduceSum", split, [1], keepdims=False)  # [K, N, *out]

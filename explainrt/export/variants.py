@@ -4,6 +4,8 @@ after a target layer (ablation). Sessions build them on first use."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx
 
 from explainrt.autodiff.builder import GraphBuilder
@@ -18,11 +20,12 @@ HEAD_INPUT_PREFIX = "explainrt.head."
 
 
 def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str, of_input: bool,
-                  defended: bool = False, size: tuple[int, int] | None = None) -> onnx.ModelProto:
+                  defended: bool = False, size: tuple[int, int] | None = None, **options: Any) -> onnx.ModelProto:
     """The explainable model for an objective, w.r.t. the target layers or the input (FGVis's defence
     optional): ``model`` itself when it is that one (and keeps its activation and gradient outputs), else
     the original model made explainable again. ``size``: the image height and width to fix first (a model
-    of dynamic size whose gradient down to the image needs static shapes, as a strided Conv's does)."""
+    of dynamic size whose gradient down to the image needs static shapes, as a strided Conv's does).
+    ``options``: more of ``make_explainable``'s (map heads, ``zero_branches``) for a variant made anew."""
     if (objective, of_input, defended) == (spec.objective, False, False) and not spec.maps_only:
         return model
     form = input_form(model)
@@ -38,7 +41,7 @@ def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str,
     if size is not None:
         plain = with_nominal_size(plain, size) or plain
     return make_explainable(plain, layers, logits=spec.logits, objective=objective, defended_relus=defended,
-                            **stored)
+                            **stored, **options)
 
 
 def variant_kind(of_input: bool, defended: bool) -> str:

@@ -166,10 +166,14 @@ class OnnxRuntimeSession:
         key = f"{method}@{objective}"
         if key not in self._maps:
             log.info("building the map head of %s for objective %s", method, objective)
-            headed = onnx.ModelProto()
-            headed.CopyFrom(variant_model(self._model, self.spec, objective, False))
-            headed = add_map_heads(without_maps(headed), [method], target_objective=True)
-            self._maps[key] = self._session(keep_maps_only(headed, [method]))
+            if (objective, False, False) == (self.spec.objective, False, False) and not self.spec.maps_only:
+                headed = onnx.ModelProto()
+                headed.CopyFrom(self._model)
+                headed = keep_maps_only(add_map_heads(without_maps(headed), [method], target_objective=True), [method])
+            else:  # made anew, its reverse pass skipping the scales no box matched (ONNX Runtime runs If nodes)
+                headed = variant_model(self._model, self.spec, objective, False, maps=[method], maps_only=True,
+                                       target_objective=True, zero_branches=True)
+            self._maps[key] = self._session(headed)
         outputs = output_names(self.spec.logits, 0, objective)
         values = self._run(self._maps[key], [*outputs, maps_output(method)],
                            {self.spec.image_input: images, **targets_feed(objective, targets)})

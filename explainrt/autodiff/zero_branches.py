@@ -1,0 +1,174 @@
+"""Branches of the reverse pass that run only when their cotangent can be non-zero.
+
+A detector's box objective seeds the gradient at the predictions whose box overlaps the given one, and on
+a multi-scale head (YOLO's P3/P4/P5) those often lie on one scale: the reverse pass through the others
+(their class branches and, from P4 and P5, the neck back to the target layer) multiplies zeros. This pass
+wraps each such branch in an ONNX ``If`` that runs it when one of its sources may be non-zero and
+otherwise yields zeros of the same shape: exact, and the runtime skips the branch's convolutions.
+
+A *source* is a gradient tensor with a run-time flag (a scalar bool: False means it is all zero); a
+branch is the set of reverse-pass nodes that depend on the same sources. It runs on the finished model
+(after map heads and pruning: nothing may prune it afterwards, a pruner that does not look into the
+``If`` would drop what the branch reads), with the record ``append_gradients`` keeps of what each
+gradient tensor is the gradient of, from which the zeros take their shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto, helper
+
+
+@dataclass(frozen=True)
+class ZeroBranches:
+    """What ``run_when_nonzero`` needs from the builder of the reverse pass."""
+
+    sources: dict[str, str]  # gradient tensor -> scalar bool tensor: False when the gradient is all zero
+    gradient_of: dict[str, tuple[str, bool]]  # gradient tensor -> (forward tensor, merged to [K*N, ...])
+    elem_types: dict[str, int]  # forward tensor -> its element type
+    nodes: frozenset[str]  # the reverse pass's node names (what a branch may hold)
+    seeds: str  # 1-D int64 [K]: the seed axis's length
+
+
+def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> int:
+    """Wrap each branch of ``model``'s reverse pass that depends on ``plan.sources`` in an ``If`` on their
+    flags (changed in place); the number of branches wrapped. A branch whose outputs' shapes the record does
+    not give, or that a node outside the reverse pass feeds after reading a source, is left as it is."""
+    graph = model.graph
+    nodes = list(graph.node)
+    depends: dict[str, frozenset[str]] = {source: frozenset([source]) for source in plan.sources}
+    node_sources: list[frozenset[str]] = []
+    for node in nodes:
+        found = frozenset().union(*(depends.get(i, frozenset()) for i in node.input if i))
+        node_sources.append(found)
+        for output in node.output:
+            if output not in plan.sources:
+                depends[output] = found
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in _reads(node):
+            readers.setdefault(name, []).append(index)
+    graph_outputs = {o.name for o in graph.output}
+    branch_of: dict[int, frozenset[str]] = {}
+    for index in reversed(range(len(nodes))):  # readers first
+        node = nodes[index]
+        if node.name not in plan.nodes:
+            continue
+        if node_sources[index]:
+            branch_of[index] = node_sources[index]
+            continue
+        # what only one branch reads (a SiLU's sigmoid of its forward input) runs in it, skipped with it
+        read_by = {branch_of.get(r) for o in node.output for r in readers.get(o, [])}
+        if len(read_by) == 1 and None not in read_by and not graph_outputs.intersection(node.output) \
+                and not plan.sources.keys() & set(node.output):
+            branch_of[index] = read_by.pop()  # type: ignore[assignment]
+    branches: dict[frozenset[str], list[int]] = {}
+    for index in sorted(branch_of):
+        branches.setdefault(branch_of[index], []).append(index)
+    inside = set(branch_of)
+    outside_after_source = {i for i, found in enumerate(node_sources) if found and i not in inside}
+    if any(reader in inside for i in outside_after_source for o in nodes[i].output for reader in readers.get(o, [])):
+        return 0  # a node outside the reverse pass between two branch nodes: no order would hold
+    replaced: dict[int, onnx.NodeProto] = {}  # a wrapped branch's first node -> its If
+    dropped: set[int] = set()
+    flag_nodes: list[onnx.NodeProto] = []
+    for number, (found, members) in enumerate(sorted(branches.items(), key=lambda item: item[1][0])):
+        member_set = set(members)
+        leaving = [o for i in members for o in nodes[i].output
+                   if o and (o in graph_outputs or any(r not in member_set for r in readers.get(o, [])))]
+        if not leaving or any(o not in plan.gradient_of for o in leaving):
+            continue
+        prefix = f"explainrt/zero_branches/{number}"
+        flags = [plan.sources[source] for source in sorted(found)]
+        condition = flags[0]
+        for position, flag in enumerate(flags[1:]):
+            either = f"{prefix}/any.{position}"
+            flag_nodes.append(helper.make_node("Or", [condition, flag], [either], name=either))
+            condition = either
+        replaced[members[0]] = _if_node(prefix, condition, [nodes[i] for i in members], leaving, plan)
+        dropped |= member_set
+    if not replaced:
+        return 0
+    kept = [replaced.get(i, node) for i, node in enumerate(nodes) if i in replaced or i not in dropped]
+    del graph.node[:]
+    graph.node.extend(_topologically_sorted([*flag_nodes, *kept]))
+    return len(replaced)
+
+
+def _if_node(prefix: str, condition: str, members: list[onnx.NodeProto], leaving: list[str],
+             plan: ZeroBranches) -> onnx.NodeProto:
+    """``If(condition)``: then the branch's nodes (their outputs that leave it renamed inside), else zeros."""
+    renamed = {name: f"{name}/then" for name in leaving}
+    then_nodes = []
+    for node in members:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.output[:] = [renamed.get(o, o) for o in node.output]
+        copy.input[:] = [renamed.get(i, i) for i in node.input]
+        then_nodes.append(copy)
+    types = {name: plan.elem_types[plan.gradient_of[name][0]] for name in leaving}
+    then_branch = helper.make_graph(then_nodes, f"{prefix}/then", [],
+                                    [helper.make_tensor_value_info(renamed[n], types[n], None) for n in leaving])
+    else_nodes: list[onnx.NodeProto] = []
+    else_outputs = []
+    for index, name in enumerate(leaving):
+        forward, merged = plan.gradient_of[name]
+        at = f"{prefix}/else/{index}"
+        else_nodes += [
+            helper.make_node("Shape", [forward], [f"{at}/shape"], name=f"{at}/Shape"),
+            helper.make_node("Concat", [plan.seeds, f"{at}/shape"], [f"{at}/grad_shape"], name=f"{at}/Concat", axis=0),
+            helper.make_node("ConstantOfShape", [f"{at}/grad_shape"], [f"{at}/zeros"], name=f"{at}/ConstantOfShape",
+                             value=helper.make_tensor("zero", types[name], [1], [0])),
+        ]
+        out = f"{at}/zeros"
+        if merged:  # [K, N, ...] -> [K*N, ...], as ``merge_seeds``
+            else_nodes += [
+                _ints(f"{at}/one", [1]), _ints(f"{at}/end", [2**62]), _ints(f"{at}/minus_one", [-1]),
+                helper.make_node("Slice", [f"{at}/shape", f"{at}/one", f"{at}/end"], [f"{at}/rest"], name=f"{at}/Slice"),
+                helper.make_node("Concat", [f"{at}/minus_one", f"{at}/rest"], [f"{at}/merged_shape"],
+                                 name=f"{at}/Concat.1", axis=0),
+                helper.make_node("Reshape", [out, f"{at}/merged_shape"], [f"{at}/merged"], name=f"{at}/Reshape"),
+            ]
+            out = f"{at}/merged"
+        else_outputs.append(helper.make_tensor_value_info(out, types[name], None))
+    else_branch = helper.make_graph(else_nodes, f"{prefix}/else", [], else_outputs)
+    return helper.make_node("If", [condition], leaving, name=f"{prefix}/If", then_branch=then_branch,
+                            else_branch=else_branch)
+
+
+def _ints(name: str, values: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=f"{name}/Constant",
+                            value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors ``node`` reads, those its subgraphs read from the enclosing scope included."""
+    found = {i for i in node.input if i}
+    for attribute in node.attribute:
+        for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+            made = {o for n in subgraph.node for o in n.output}
+            found |= {name for n in subgraph.node for name in _reads(n)} - made
+    return found
+
+
+def _topologically_sorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` with each after the producers of what it reads (stable otherwise)."""
+    producer = {o: index for index, node in enumerate(nodes) for o in node.output}
+    order: list[int] = []
+    placed: set[int] = set()
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            index, ready = stack.pop()
+            if index in placed:
+                continue
+            if ready:
+                placed.add(index)
+                order.append(index)
+                continue
+            stack.append((index, True))
+            stack += [(producer[name], False) for name in sorted(_reads(nodes[index]))
+                      if name in producer and producer[name] not in placed]
+    return [nodes[index] for index in order]
