@@ -19,7 +19,8 @@ constant model would compare nothing). 224x224 inputs, one random batch per batc
 tensor for every contender:
 
 - ``ort plain``: ONNX Runtime on the plain exported model, with explainrt's session options;
-- ``explainrt gradcam``: ``Explainer(model, [layer]).explain(x, method="gradcam")``, end to end
+- ``explainrt gradcam``: ``Explainer(model, [layer]).explain(images, method="gradcam")``, end to end, given
+  the NumPy array plain ONNX Runtime is given (a torch tensor costs a conversion first)
   (one runtime call: the Explainer puts Grad-CAM's map head into its session's model, so the
   runtime returns the logits and the maps at 224x224 in [0, 1]);
 - ``explainrt head alone``: the same with ``map_heads=()``: the model's call, then Grad-CAM's head as
@@ -28,8 +29,8 @@ tensor for every contender:
 - ``explainrt python path``: the same with ``map_heads=False``: the runtime returns activations and
   gradients, and the weights, weighted sum, resize and normalisation run in Python (the kernels);
 - ``explainrt runtime``: only that runtime call, ``explainer.session.maps(x, targets, "gradcam")``
-  (``explainrt gradcam`` minus it is explainrt's Python overhead; with target objects, which take the
-  Python path, ``explainer.session.run`` of the objective);
+  (``explainrt gradcam`` minus it is explainrt's Python overhead; with target objects,
+  ``explainer.session.run`` of the objective: its gradients, without the map head or skipped scales);
 - ``pytorch-grad-cam``: ``GradCAM(model=..., target_layers=[layer])(input_tensor=x, targets=None)``,
   with its ViT or Swin ``reshape_transform`` for token and channels-last layers;
 - ``captum``: ``LayerGradCam(model, layer).attribute(x, target)`` + ``LayerAttribution.interpolate``
@@ -288,7 +289,7 @@ def contenders(model: Model, explainer: Explainer, head_alone: Explainer, python
     captum = LayerGradCam(model.module, model.target)
 
     def run_explainrt() -> object:
-        explanation = explainer.explain(x, method="gradcam", targets=targets)
+        explanation = explainer.explain(images, method="gradcam", targets=targets)
         stage_log.append(explanation.timings)
         return explanation
 
@@ -305,8 +306,8 @@ def contenders(model: Model, explainer: Explainer, head_alone: Explainer, python
     runs: dict[str, Callable[[], object]] = {
         PLAIN: lambda: plain.run(None, {plain_input: images}),
         EXPLAINRT: run_explainrt,
-        HEAD_ALONE: lambda: head_alone.explain(x, method="gradcam", targets=targets),
-        PYTHON_PATH: lambda: python_path.explain(x, method="gradcam", targets=targets),
+        HEAD_ALONE: lambda: head_alone.explain(images, method="gradcam", targets=targets),
+        PYTHON_PATH: lambda: python_path.explain(images, method="gradcam", targets=targets),
         # the call Grad-CAM makes: its maps in one call for class targets; the objective's gradients for target objects
         RUNTIME: (lambda: explainer.session.run(images, runtime_feed, runtime_objective)) if objective else (
             lambda: explainer.session.maps(images, runtime_feed, "gradcam")),  # type: ignore[attr-defined]
@@ -496,7 +497,9 @@ def report(cases: list[Case], args: argparse.Namespace, threads: int, load: tupl
                      f"target <= {c.model.target_ratio:.2f}x plain ORT" for c in cases})
     notes = [
         *titles,
-        f"Input: random float32 [N, 3, {SIZE}, {SIZE}] (fixed seed), the same tensor for every contender; CPU only.",
+        f"Input: random float32 [N, 3, {SIZE}, {SIZE}] (fixed seed; YOLOv8n: [N, 3, 640, 640] in [0, 1]), the same values "
+        "for every contender: one NumPy array for plain ONNX Runtime and explainrt, its torch view for the torch "
+        "contenders; CPU only.",
         f"Threads: torch.set_num_threads({threads}); ONNX Runtime intra-op threads at its default "
         f"(one per physical core = {physical_cores()}), the same for plain ORT and explainrt's session. "
         f"Thread environment: {thread_environment()}. explainrt kernels: `{kernel_backend()}` backend.",

@@ -237,8 +237,8 @@ class Explainer:
         """``batch`` (in ``layout``, default the model's own) as float32 [N, C, H, W], checked against the model's form."""
         form = self.input_form
         layout = layout or form.layout
-        accepted = sorted({"float32", form.dtype})
-        if batch.dtype.name not in accepted:
+        if batch.dtype != np.float32 and batch.dtype != np.dtype(form.dtype):
+            accepted = sorted({"float32", form.dtype})
             raise InvalidInputError(f"images must be {' or '.join(accepted)}, got {batch.dtype}: the model takes "
                                     f"{form.describe()}")
         if batch.ndim != 4 or batch.shape[0] == 0:
@@ -252,7 +252,8 @@ class Explainer:
             if isinstance(want, int) and want > 0 and got != want:
                 raise InvalidInputError(f"images have shape {given}; the model expects {form.describe()} "
                                         f"({'CHW'[axis]} must be {want}, got {got})")
-        batch = np.ascontiguousarray(batch.astype(np.float32, copy=False))
+        if batch.dtype != np.float32 or not batch.flags.c_contiguous:
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
         # one BLAS pass, no mask: NaN/inf propagate into the sum of squares (a quarter of NumPy's sum's
         # time); a float32 overflow of huge but finite pixels is told apart by the exact check that follows only then
         flat = batch.reshape(-1)
@@ -263,9 +264,9 @@ class Explainer:
 
     def _targets(self, targets: Any, count: int) -> np.ndarray:
         classes = self.spec.num_classes
-        if targets is None:
-            wanted = np.full(count, -1, dtype=np.int64)
-        elif isinstance(targets, (int, np.integer)):
+        if targets is None:  # the most likely class: in range for any output
+            return np.full(count, -1, dtype=np.int64)
+        if isinstance(targets, (int, np.integer)):
             wanted = np.full(count, int(targets), dtype=np.int64)
         else:
             try:
@@ -460,9 +461,9 @@ def _attribute(method: Method, request: AttributionRequest) -> Attribution:
     """``method``'s attribution of a chunk; for K targets per image (``request.targets`` [n, K]), maps
     [n, K, H, W] and targets [n, K]: one call with all K where the method takes them at once
     (``Method.many_targets``), else one call per target column, stacked."""
-    if request.targets.ndim == 1 or method.many_targets:
-        return method.attribute(request)
-    columns = [method.attribute(replace(request, targets=request.targets[:, k])) for k in range(request.targets.shape[1])]
+    if request.targets.ndim == 1 or method.many_targets:  # options checked by explain: compute, not attribute
+        return method.compute(request)
+    columns = [method.compute(replace(request, targets=request.targets[:, k])) for k in range(request.targets.shape[1])]
     timings: dict[str, float] = {}
     add_timings(timings, *columns)
     extras = {key: np.stack([column.extras[key] for column in columns], axis=1) for key in columns[0].extras}

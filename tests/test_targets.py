@@ -245,9 +245,10 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module) -> None:
     the P3 neck output (``model.15``), which every scale's gradient reaches."""
     import copy
 
+    import onnx
     import onnxruntime as ort
 
-    from explainrt.export.spec import BOXES_INPUT
+    from explainrt.export.spec import BOXES_INPUT, WEIGHTS_INPUT
     from explainrt.export.variants import variant_model
 
     exported = copy.deepcopy(yolo)  # an export leaves traced tensors cached on the module (its anchors)
@@ -273,6 +274,8 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module) -> None:
                  7, iou=0.5) for start, stop in scales] for i in range(2)]
     matched = [[{s for s, (start, stop) in enumerate(scales) if box._overlapping(values[i].T)[start:stop].any()}
                 for box in row] for i, row in enumerate(rows)]
+    conditions = [n.input[0] for n in wrapped]  # also returned, to see which branches ran
+    made[True].graph.output.extend(onnx.helper.make_tensor_value_info(c, onnx.TensorProto.BOOL, []) for c in conditions)
     sessions = {skip: ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
                 for skip, model in made.items()}
     ran = []
@@ -285,7 +288,25 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module) -> None:
         for got, want, name in zip(ours, reference, ("logits", "matches", "maps")):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{name}, picks {picks}, skipped {skipped}")
         assert reference[-1].std() > 0.01, picks
+        executed = [bool(flag) for flag in ours[len(reference):]]
+        assert any(executed) and all(executed) == (not skipped), (picks, skipped, executed)
     assert any(len(r) == 1 for r in ran) and any(len(r) >= 2 for r in ran)  # scales left out (If took else), and not
+    # weighted boxes (a Box with linear targets, compat's sums of boxes): a scale also runs where it has a weight
+    weighted_models = {skip: variant_model(explainer.session.model, explainer.spec, "weights_boxes_yolov8", False,
+                                           maps=["gradcam"], maps_only=True, target_objective=True, zero_branches=skip)
+                       for skip in (True, False)}
+    assert any(n.op_type == "If" for n in weighted_models[True].graph.node)
+    weighted = {skip: ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                for skip, model in weighted_models.items()}
+    boxes = np.array([[[[*rows[i][0].box, 7, 0.5]]] for i in range(2)], np.float32)  # [2, 1, 1, 6]: P3's box
+    for weighted_scale in (None, 2):  # no weights; a weight on one P5 prediction's score of class 3
+        weights = np.zeros((2, 1, 84, 525), np.float32)
+        if weighted_scale is not None:
+            weights[:, 0, 4 + 3, 510] = 1.0
+        feeds = {explainer.spec.image_input: images, BOXES_INPUT: boxes, WEIGHTS_INPUT: weights}
+        ours, reference = (weighted[skip].run(None, feeds) for skip in (True, False))
+        for got, want in zip(ours, reference):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"weights on scale {weighted_scale}")
 
 
 class _TinyDetector(torch.nn.Module):

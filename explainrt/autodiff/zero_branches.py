@@ -78,8 +78,8 @@ def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> int:
         member_set = set(members)
         leaving = [o for i in members for o in nodes[i].output
                    if o and (o in graph_outputs or any(r not in member_set for r in readers.get(o, [])))]
-        if not leaving or any(o not in plan.gradient_of for o in leaving):
-            continue
+        if not leaving or any(plan.gradient_of.get(o, ("", False))[0] not in plan.elem_types for o in leaving):
+            continue  # a value whose shape and type the record does not give leaves the branch
         prefix = f"explainrt/zero_branches/{number}"
         flags = [plan.sources[source] for source in sorted(found)]
         condition = flags[0]

@@ -101,7 +101,8 @@ def make_explainable(
     uint8); ``maps_only=True`` then drops the activation and gradient outputs. ``target_objective``: the
     objective is a target objects' (``heads.closed_form``), whose maps the runtime asks for.
     ``zero_branches``: a box objective's reverse pass runs each scale's branch of a multi-scale head (and what
-    depends on it alone) only when a prediction of that scale matched a box (``If`` nodes, see
+    depends on it alone) only when a prediction of that scale matched a box or, for weighted boxes, has a
+    non-zero weight (``If`` nodes, see
     ``explainrt.autodiff.zero_branches``): for ONNX Runtime, applied last (nothing may prune the model after).
     """
     if objective not in OBJECTIVES:
@@ -147,7 +148,7 @@ def make_explainable(
             weights = builder.add_input(WEIGHTS_INPUT, output_info.elem_type, ["N", "K", *axes])
             boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", "B", 6])
             builder.scope = "explainrt/grad/seed"
-            of, seed, matches = _weighted_box_seed(builder, logits_name, weights, boxes, BOX_OBJECTIVES[objective])
+            of, seed, matches, matched = _weighted_box_seed(builder, logits_name, weights, boxes, BOX_OBJECTIVES[objective])
         else:
             boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", 6])
             builder.scope = "explainrt/grad/seed"
@@ -197,7 +198,8 @@ def make_explainable(
     if methods:
         proto = heads.add_map_heads(proto, methods, maps_only, maps_dtype, target_objective=target_objective)
     if scales is not None:
-        _skip_unmatched_scales(proto, scales, matched)  # type: ignore[arg-type]
+        linear = WEIGHTS_INPUT if objective in WEIGHTED_BOX_OBJECTIVES else None
+        _skip_unmatched_scales(proto, scales, matched, linear)  # type: ignore[arg-type]
     return proto
 
 
@@ -542,8 +544,9 @@ def _probability_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[s
 
 
 def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple[str, str, str, str]:
-    """Cotangent [K, N, *shape(y)[1:]] of each box target on a raw detector head y, how many predictions
-    each box matched [N, K] (int64) and which [N, K, anchors] (0/1). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input pixels), class, IoU threshold.
+    """Cotangent [K, N, *shape(y)[1:]] of each box target on a raw detector head y, how many predictions each box
+    matched [N, K] (int64) and which [N, K, anchors] (0/1). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input
+    pixels), class, IoU threshold.
     Which predictions count (IoU of their cx, cy, w, h box with the given box >= the threshold) is decided on
     this pass and held constant: the objective is linear in the scores (YOLOv5: objectness x class score)."""
     like = logits
@@ -624,9 +627,11 @@ class _ScaleBranches:
     anchors: dict[str, tuple[int, int]]  # a scale's gradient (of its part of the anchor Concat) -> its anchors
     record: ZeroBranches  # sources left empty: their flags are made last
     elem_type: int  # the matches' (the output's)
+    axis: int  # the output's anchor axis
 
 
-def _scale_branches(b: GradientBuilder, logits: str, layout: str, reverse: Sequence[onnx.NodeProto]) -> _ScaleBranches | None:
+def _scale_branches(b: GradientBuilder, logits: str, layout: str,
+                    reverse: Sequence[onnx.NodeProto]) -> _ScaleBranches | None:
     """The scales of a multi-scale detector head: the forward Concat nearest the output along its anchor axis
     (static sizes adding up to the output's anchors), and each part's gradient; None when there is none."""
     axis = 2 if layout == "yolov8" else 1
@@ -634,7 +639,8 @@ def _scale_branches(b: GradientBuilder, logits: str, layout: str, reverse: Seque
     count = shape[axis] if len(shape) == 3 else None
     concat = None
     for node in b.graph.node:
-        if node.op_type != "Concat" or node.name.startswith("explainrt/") or (node.name or node.output[0]) not in b.node_gradients:
+        forward = node.op_type == "Concat" and not node.name.startswith("explainrt/")
+        if not forward or (node.name or node.output[0]) not in b.node_gradients:
             continue
         infos = [b.infos.get(x) for x in node.input]
         sizes = [info.shape[axis] if info is not None and info.shape and len(info.shape) == 3 else None for info in infos]
@@ -647,21 +653,29 @@ def _scale_branches(b: GradientBuilder, logits: str, layout: str, reverse: Seque
     starts = list(itertools.accumulate([0, *sizes[:-1]]))
     anchors = {gradient: (start, start + size) for gradient, start, size in
                zip(b.node_gradients[node.name or node.output[0]], starts, sizes) if gradient is not None}
-    elem_types = {x: b.info(x).elem_type for x, _ in b.gradient_of.values()}
+    elem_types = {x: b.infos[x].elem_type for x, _ in b.gradient_of.values() if x in b.infos}
     record = ZeroBranches({}, dict(b.gradient_of), elem_types, frozenset(n.name for n in reverse), b.seeds)
-    return _ScaleBranches(anchors, record, b.info(logits).elem_type) if len(anchors) > 1 else None
+    return _ScaleBranches(anchors, record, b.info(logits).elem_type, axis) if len(anchors) > 1 else None
 
 
-def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, matched: str) -> None:
+def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, matched: str, weights: str | None) -> None:
     """Run each scale's reverse branch of the finished ``model`` only when a box matched a prediction of that
-    scale (``matched`` [N, K, anchors]: the box seed's 0/1 matches), in place."""
+    scale (``matched`` [N, K, anchors]: the box seed's 0/1 matches) or, with the linear ``weights`` of
+    weighted boxes ([N, K, *output]), one of the scale's predictions has a non-zero weight; in place."""
     b = GraphBuilder(model)
     b.scope = "explainrt/zero_branches/flags"
+    zero = b.constant(0.0, dtype=scales.elem_type)
+
+    def any_nonzero(x: str, reduce: str, rank: int, start: int, stop: int, axis: int) -> str:
+        part = b.op("Slice", [x, b.ints([start]), b.ints([stop]), b.ints([axis])])
+        return b.op("Greater", [b.reduce(reduce, part, list(range(rank)), keepdims=False), zero])
+
     flags = {}
     for gradient, (start, stop) in scales.anchors.items():
-        part = b.op("Slice", [matched, b.ints([start]), b.ints([stop]), b.ints([2])])
-        flags[gradient] = b.op("Greater", [b.reduce("ReduceMax", part, [0, 1, 2], keepdims=False),
-                                           b.constant(0.0, dtype=scales.elem_type)])
+        flags[gradient] = any_nonzero(matched, "ReduceMax", 3, start, stop, 2)
+        if weights is not None:  # a sum of magnitudes: > 0 where any weight is not 0
+            weighted = any_nonzero(weights, "ReduceL1", 4, start, stop, scales.axis + 1)
+            flags[gradient] = b.op("Or", [flags[gradient], weighted])
     if not run_when_nonzero(model, dataclasses.replace(scales.record, sources=flags)):
         prune_added_nodes(model)  # nothing wrapped: no flags either
     try:
@@ -670,19 +684,21 @@ def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, match
         raise InvalidModelError(f"the explainable model failed ONNX validation after wrapping branches: {error}") from error
 
 
-def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str, layout: str) -> tuple[str, str, str]:
+def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str,
+                       layout: str) -> tuple[str, str, str, str]:
     """Cotangent [K, N, *shape(y)[1:]] of target k = sum(weights[:, k] * y) plus the box objectives of its B
-    boxes (``boxes`` [N, K, B, 6], as ``_box_seed``'s), and each box's match count [N, K, B]: a Box mixed
-    with other linear targets, or a sum of boxes, in one pass (padding boxes have an IoU threshold > 1)."""
+    boxes (``boxes`` [N, K, B, 6], as ``_box_seed``'s), each box's match count [N, K, B] and which predictions
+    [N, K * B, anchors] (0/1): a Box mixed with other linear targets, or a sum of boxes, in one pass (padding
+    boxes have an IoU threshold > 1)."""
     flat = b.op("Reshape", [boxes, b.ints([0, -1, 6])], like=boxes)  # [N, K * B, 6]
-    _, per_box, matches, _ = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
+    _, per_box, matches, matched = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
     counts = b.shape_slice(boxes, 1, 3)  # K, B
     split = b.op("Reshape", [per_box, b.concat([counts, b.shape_slice(per_box, 1)], 0)], like=per_box)
     boxed = b.reduce("ReduceSum", split, [1], keepdims=False)  # [K, N, *out]
     rank = b.info(logits).rank
     linear = b.op("Transpose", [weights], perm=[1, 0, *range(2, rank + 1)], like=logits)
     seed = b.op("Add", [linear, boxed], name="explainrt/grad/seed/weights_boxes", like=logits)
-    return logits, seed, b.op("Reshape", [matches, b.shape_slice(boxes, 0, 3)])
+    return logits, seed, b.op("Reshape", [matches, b.shape_slice(boxes, 0, 3)]), matched
 
 
 def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[object]]]:
