@@ -104,6 +104,43 @@ def dequantized(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) ->
     return ((quantized.astype(np.float64) - zero.astype(np.float64)) * scale).astype(scale.dtype)
 
 
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors ``node`` reads: its inputs and what its subgraphs (If, Loop, Scan) read from the enclosing
+    scope."""
+    found = {i for i in node.input if i}
+    for attribute in node.attribute:
+        for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+            local = {o for n in subgraph.node for o in n.output} | {i.name for i in subgraph.input} \
+                | {t.name for t in subgraph.initializer}
+            found |= {name for n in subgraph.node for name in node_reads(n)} - local
+    return found
+
+
+def sort_topologically(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` each after the producers of what it reads (``node_reads``), in their order where that allows;
+    InvalidModelError on a cycle."""
+    producer = {o: index for index, node in enumerate(nodes) for o in node.output if o}
+    order: list[int] = []
+    state: dict[int, bool] = {}  # False: being placed (its producers first), True: placed
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            index, ready = stack.pop()
+            if ready:
+                state[index] = True
+                order.append(index)
+                continue
+            if index in state:
+                if not state[index]:
+                    raise InvalidModelError(f"the graph has a cycle through node {nodes[index].name!r}")
+                continue
+            state[index] = False
+            stack.append((index, True))
+            stack += [(producer[name], False) for name in sorted(node_reads(nodes[index]), reverse=True)
+                      if name in producer and state.get(producer[name]) is not True]
+    return [nodes[index] for index in order]
+
+
 class GraphBuilder:
     """Appends nodes, constants and outputs to ``model.graph`` (mutated in place).
 

@@ -4,21 +4,24 @@ A detector's box objective seeds the gradient at the predictions whose box overl
 a multi-scale head (YOLO's P3/P4/P5) those often lie on one scale: the reverse pass through the others
 (their class branches and, from P4 and P5, the neck back to the target layer) multiplies zeros. This pass
 wraps each such branch in an ONNX ``If`` that runs it when one of its sources may be non-zero and
-otherwise yields zeros of the same shape: exact, and the runtime skips the branch's convolutions.
+otherwise yields zeros of the same shape: exact (but where the forward pass holds inf or NaN, which a
+skipped branch would have multiplied into NaN), and the runtime skips the branch's convolutions.
 
 A *source* is a gradient tensor with a run-time flag (a scalar bool: False means it is all zero); a
-branch is the set of reverse-pass nodes that depend on the same sources. It runs on the finished model
-(after map heads and pruning: nothing may prune it afterwards, a pruner that does not look into the
-``If`` would drop what the branch reads), with the record ``append_gradients`` keeps of what each
-gradient tensor is the gradient of, from which the zeros take their shape.
+branch is the set of reverse-pass nodes that depend on the same sources (and the nodes only it reads). It
+runs on the finished model (after map heads and pruning), with the record ``append_gradients`` keeps of
+what each gradient tensor is the gradient of, from which the zeros take their shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from explainrt.autodiff.builder import node_reads, sort_topologically
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class ZeroBranches:
 
     sources: dict[str, str]  # gradient tensor -> scalar bool tensor: False when the gradient is all zero
     gradient_of: dict[str, tuple[str, bool]]  # gradient tensor -> (forward tensor, merged to [K*N, ...])
-    elem_types: dict[str, int]  # forward tensor -> its element type
+    elem_types: dict[str, int]  # floating forward tensor -> its (and its gradient's) element type
     nodes: frozenset[str]  # the reverse pass's node names (what a branch may hold)
     seeds: str  # 1-D int64 [K]: the seed axis's length
 
@@ -48,7 +51,7 @@ def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> int:
                 depends[output] = found
     readers: dict[str, list[int]] = {}
     for index, node in enumerate(nodes):
-        for name in _reads(node):
+        for name in node_reads(node):
             readers.setdefault(name, []).append(index)
     graph_outputs = {o.name for o in graph.output}
     branch_of: dict[int, frozenset[str]] = {}
@@ -62,7 +65,7 @@ def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> int:
         # what only one branch reads (a SiLU's sigmoid of its forward input) runs in it, skipped with it
         read_by = {branch_of.get(r) for o in node.output for r in readers.get(o, [])}
         if len(read_by) == 1 and None not in read_by and not graph_outputs.intersection(node.output) \
-                and not plan.sources.keys() & set(node.output):
+                and not {*plan.sources, plan.seeds} & set(node.output):  # the else branches read the seed count
             branch_of[index] = read_by.pop()  # type: ignore[assignment]
     branches: dict[frozenset[str], list[int]] = {}
     for index in sorted(branch_of):
@@ -93,7 +96,7 @@ def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> int:
         return 0
     kept = [replaced.get(i, node) for i, node in enumerate(nodes) if i in replaced or i not in dropped]
     del graph.node[:]
-    graph.node.extend(_topologically_sorted([*flag_nodes, *kept]))
+    graph.node.extend(sort_topologically([*flag_nodes, *kept]))
     return len(replaced)
 
 
@@ -125,7 +128,7 @@ def _if_node(prefix: str, condition: str, members: list[onnx.NodeProto], leaving
         out = f"{at}/zeros"
         if merged:  # [K, N, ...] -> [K*N, ...], as ``merge_seeds``
             else_nodes += [
-                _ints(f"{at}/one", [1]), _ints(f"{at}/end", [2**62]), _ints(f"{at}/minus_one", [-1]),
+                _ints(f"{at}/one", [1]), _ints(f"{at}/end", [int(np.iinfo(np.int64).max)]), _ints(f"{at}/minus_one", [-1]),
                 helper.make_node("Slice", [f"{at}/shape", f"{at}/one", f"{at}/end"], [f"{at}/rest"], name=f"{at}/Slice"),
                 helper.make_node("Concat", [f"{at}/minus_one", f"{at}/rest"], [f"{at}/merged_shape"],
                                  name=f"{at}/Concat.1", axis=0),
@@ -139,36 +142,6 @@ def _if_node(prefix: str, condition: str, members: list[onnx.NodeProto], leaving
 
 
 def _ints(name: str, values: list[int]) -> onnx.NodeProto:
+    """A Constant node holding int64 ``values`` as ``name`` (an else branch's own: it has no initializers)."""
     return helper.make_node("Constant", [], [name], name=f"{name}/Constant",
                             value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """The tensors ``node`` reads, those its subgraphs read from the enclosing scope included."""
-    found = {i for i in node.input if i}
-    for attribute in node.attribute:
-        for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
-            made = {o for n in subgraph.node for o in n.output}
-            found |= {name for n in subgraph.node for name in _reads(n)} - made
-    return found
-
-
-def _topologically_sorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """``nodes`` with each after the producers of what it reads (stable otherwise)."""
-    producer = {o: index for index, node in enumerate(nodes) for o in node.output}
-    order: list[int] = []
-    placed: set[int] = set()
-    for start in range(len(nodes)):
-        stack = [(start, False)]
-        while stack:
-            index, ready = stack.pop()
-            if index in placed:
-                continue
-            if ready:
-                placed.add(index)
-                order.append(index)
-                continue
-            stack.append((index, True))
-            stack += [(producer[name], False) for name in sorted(_reads(nodes[index]))
-                      if name in producer and producer[name] not in placed]
-    return [nodes[index] for index in order]

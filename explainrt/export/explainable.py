@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, version_converter
+from onnx import TensorProto, version_converter
 
 from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version
 from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
@@ -99,10 +99,9 @@ def make_explainable(
     ``maps`` ("gradcam", "gradcam++", ...; see ``explainrt.export.heads``) appends each method's map
     computation: output ``explainrt.maps.<method>`` [N, K, H, W] (``maps_dtype`` float32, float16 or
     uint8); ``maps_only=True`` then drops the activation and gradient outputs. ``target_objective``: the
-    objective is a target objects' (``heads.closed_form``), whose maps the runtime asks for.
+    maps are of the objective of target objects (a box, a region...), not of a class (``heads.closed_form``).
     ``zero_branches``: a box objective's reverse pass runs each scale's branch of a multi-scale head (and what
-    depends on it alone) only when a prediction of that scale matched a box or, for weighted boxes, has a
-    non-zero weight (``If`` nodes, see
+    depends on it alone) only when a prediction of that scale matched a box (``If`` nodes, see
     ``explainrt.autodiff.zero_branches``): for ONNX Runtime, applied last (nothing may prune the model after).
     """
     if objective not in OBJECTIVES:
@@ -148,7 +147,7 @@ def make_explainable(
             weights = builder.add_input(WEIGHTS_INPUT, output_info.elem_type, ["N", "K", *axes])
             boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", "B", 6])
             builder.scope = "explainrt/grad/seed"
-            of, seed, matches, matched = _weighted_box_seed(builder, logits_name, weights, boxes, BOX_OBJECTIVES[objective])
+            of, seed, matches = _weighted_box_seed(builder, logits_name, weights, boxes, BOX_OBJECTIVES[objective])
         else:
             boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", 6])
             builder.scope = "explainrt/grad/seed"
@@ -168,7 +167,7 @@ def make_explainable(
         raise InvalidModelError(f"no gradient reaches {blocked} from {logits_name!r}: every path from there passes "
                                 f"integer tensors ({form.describe()} image input)")
     compute_on_blocks(builder, seed)
-    scales = _scale_branches(builder, logits_name, BOX_OBJECTIVES[objective], proto.graph.node[first:]) \
+    scales = _scale_branches(builder, logits_name, of, targets, BOX_OBJECTIVES[objective], proto.graph.node[first:]) \
         if zero_branches and objective in BOX_OBJECTIVES and matched is not None else None
 
     builder.scope = "explainrt/outputs"
@@ -198,8 +197,7 @@ def make_explainable(
     if methods:
         proto = heads.add_map_heads(proto, methods, maps_only, maps_dtype, target_objective=target_objective)
     if scales is not None:
-        linear = WEIGHTS_INPUT if objective in WEIGHTED_BOX_OBJECTIVES else None
-        _skip_unmatched_scales(proto, scales, matched, linear)  # type: ignore[arg-type]
+        _skip_unmatched_scales(proto, scales, matched)  # type: ignore[arg-type]
     return proto
 
 
@@ -598,7 +596,7 @@ def _past_zero_rows(b: GradientBuilder, y: str, seed: str, first: int, targets: 
     target layer reaches it. Exact, and the reverse pass skips the parts whose cotangent is zero (YOLOv8's box
     branch: its convolutions at every scale, the DFL softmax)."""
     while (node := b.producer(y)) is not None and node.op_type == "Concat":
-        axis = next(int(a.i) for a in node.attribute if a.name == "axis")
+        axis = _attribute_int(node, "axis")
         if axis % b.rank(y) != 1:
             break
         infos = [b.infos.get(x) for x in node.input]
@@ -627,13 +625,14 @@ class _ScaleBranches:
     anchors: dict[str, tuple[int, int]]  # a scale's gradient (of its part of the anchor Concat) -> its anchors
     record: ZeroBranches  # sources left empty: their flags are made last
     elem_type: int  # the matches' (the output's)
-    axis: int  # the output's anchor axis
 
 
-def _scale_branches(b: GradientBuilder, logits: str, layout: str,
+def _scale_branches(b: GradientBuilder, logits: str, of: str, targets: Sequence[str], layout: str,
                     reverse: Sequence[onnx.NodeProto]) -> _ScaleBranches | None:
     """The scales of a multi-scale detector head: the forward Concat nearest the output along its anchor axis
-    (static sizes adding up to the output's anchors), and each part's gradient; None when there is none."""
+    (static sizes adding up to the output's anchors), each part's gradient and the anchors it covers; None
+    when there is none, or when a scale's gradient may be non-zero with none of its anchors seeded
+    (``_anchors_kept_apart``)."""
     axis = 2 if layout == "yolov8" else 1
     shape = b.info(logits).shape or ()
     count = shape[axis] if len(shape) == 3 else None
@@ -644,61 +643,92 @@ def _scale_branches(b: GradientBuilder, logits: str, layout: str,
             continue
         infos = [b.infos.get(x) for x in node.input]
         sizes = [info.shape[axis] if info is not None and info.shape and len(info.shape) == 3 else None for info in infos]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if int(attrs.get("axis", 0)) % 3 == axis and all(isinstance(s, int) for s in sizes) and sum(sizes) == count:  # type: ignore[arg-type]
+        if _attribute_int(node, "axis") % 3 == axis and all(isinstance(s, int) for s in sizes) and sum(sizes) == count:  # type: ignore[arg-type]
             concat = (node, sizes)
-    if concat is None or not isinstance(count, int):
+    if concat is None or not _anchors_kept_apart(b, concat[0], of, targets, axis):
         return None
     node, sizes = concat
     starts = list(itertools.accumulate([0, *sizes[:-1]]))
     anchors = {gradient: (start, start + size) for gradient, start, size in
                zip(b.node_gradients[node.name or node.output[0]], starts, sizes) if gradient is not None}
-    elem_types = {x: b.infos[x].elem_type for x, _ in b.gradient_of.values() if x in b.infos}
+    elem_types = {x: b.infos[x].elem_type for x, _ in b.gradient_of.values() if x in b.infos and b.infos[x].is_float}
     record = ZeroBranches({}, dict(b.gradient_of), elem_types, frozenset(n.name for n in reverse), b.seeds)
-    return _ScaleBranches(anchors, record, b.info(logits).elem_type, axis) if len(anchors) > 1 else None
+    return _ScaleBranches(anchors, record, b.info(logits).elem_type) if len(anchors) > 1 else None
 
 
-def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, matched: str, weights: str | None) -> None:
+ANCHORWISE_OPS = {"Identity", "Sigmoid", "Relu", "Tanh", "Exp", "Neg", "Mul", "Add", "Sub", "Div"}
+"""Operators that act on each anchor's values apart (element-wise), between a head's anchor Concat and its output."""
+
+
+def _anchors_kept_apart(b: GradientBuilder, concat: onnx.NodeProto, of: str, targets: Sequence[str], axis: int) -> bool:
+    """Whether the gradient of each part of the anchor ``concat`` is zero when the cotangent of ``of`` is zero on
+    the part's anchors: every path from the target layers to ``of`` passes ``concat``, and from it to ``of`` only
+    element-wise operators and Split / Slice / Concat along other axes act (anchors keep their place)."""
+    if set(targets) & ancestors(b.graph, of, stop=concat.output[0]):
+        return False
+    upstream, reached = ancestors(b.graph, of), {concat.output[0]}
+    for node in b.graph.node:
+        if node is concat or node.name.startswith("explainrt/") or not reached.intersection(node.input) \
+                or not upstream.intersection(node.output):
+            continue
+        reached.update(node.output)
+        if node.op_type in ("Split", "Concat"):
+            kept = _attribute_int(node, "axis") % 3 != axis
+        elif node.op_type == "Slice":
+            axes = b.constant_value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            kept = axes is not None and axis not in {int(a) % 3 for a in axes.reshape(-1)}
+        else:
+            kept = node.op_type in ANCHORWISE_OPS
+        if not kept or any(len(b.infos[o].shape or ()) != 3 for o in node.output if o in b.infos):
+            return False
+    return True
+
+
+def _attribute_int(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    """Integer attribute ``name`` of ``node`` (``default`` where it has none)."""
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, matched: str) -> None:
     """Run each scale's reverse branch of the finished ``model`` only when a box matched a prediction of that
-    scale (``matched`` [N, K, anchors]: the box seed's 0/1 matches) or, with the linear ``weights`` of
-    weighted boxes ([N, K, *output]), one of the scale's predictions has a non-zero weight; in place."""
-    b = GraphBuilder(model)
+    scale (``matched`` [N, K, anchors]: the box seed's 0/1 matches), in place. A wrapped model that fails
+    ONNX's checks (types, shapes) is not kept: the model stays as it was."""
+    wrapped = onnx.ModelProto()
+    wrapped.CopyFrom(model)
+    b = GraphBuilder(wrapped)
     b.scope = "explainrt/zero_branches/flags"
     zero = b.constant(0.0, dtype=scales.elem_type)
 
-    def any_nonzero(x: str, reduce: str, rank: int, start: int, stop: int, axis: int) -> str:
-        part = b.op("Slice", [x, b.ints([start]), b.ints([stop]), b.ints([axis])])
-        return b.op("Greater", [b.reduce(reduce, part, list(range(rank)), keepdims=False), zero])
-
     flags = {}
     for gradient, (start, stop) in scales.anchors.items():
-        flags[gradient] = any_nonzero(matched, "ReduceMax", 3, start, stop, 2)
-        if weights is not None:  # a sum of magnitudes: > 0 where any weight is not 0
-            weighted = any_nonzero(weights, "ReduceL1", 4, start, stop, scales.axis + 1)
-            flags[gradient] = b.op("Or", [flags[gradient], weighted])
-    if not run_when_nonzero(model, dataclasses.replace(scales.record, sources=flags)):
-        prune_added_nodes(model)  # nothing wrapped: no flags either
+        part = b.op("Slice", [matched, b.ints([start]), b.ints([stop]), b.ints([2])])
+        flags[gradient] = b.op("Greater", [b.reduce("ReduceMax", part, [0, 1, 2], keepdims=False), zero])
+    if not run_when_nonzero(wrapped, dataclasses.replace(scales.record, sources=flags)):
+        return
+    prune_added_nodes(wrapped)  # the flags of scales whose branch stayed as it was
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as error:
-        raise InvalidModelError(f"the explainable model failed ONNX validation after wrapping branches: {error}") from error
+        onnx.checker.check_model(wrapped)
+        onnx.shape_inference.infer_shapes(wrapped, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        log.warning("the reverse pass runs every scale's branch: the model with If nodes failed ONNX's checks (%s)",
+                    error)
+        return
+    model.CopyFrom(wrapped)
 
 
-def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str,
-                       layout: str) -> tuple[str, str, str, str]:
+def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str, layout: str) -> tuple[str, str, str]:
     """Cotangent [K, N, *shape(y)[1:]] of target k = sum(weights[:, k] * y) plus the box objectives of its B
-    boxes (``boxes`` [N, K, B, 6], as ``_box_seed``'s), each box's match count [N, K, B] and which predictions
-    [N, K * B, anchors] (0/1): a Box mixed with other linear targets, or a sum of boxes, in one pass (padding
-    boxes have an IoU threshold > 1)."""
+    boxes (``boxes`` [N, K, B, 6], as ``_box_seed``'s), and each box's match count [N, K, B]: a Box mixed
+    with other linear targets, or a sum of boxes, in one pass (padding boxes have an IoU threshold > 1)."""
     flat = b.op("Reshape", [boxes, b.ints([0, -1, 6])], like=boxes)  # [N, K * B, 6]
-    _, per_box, matches, matched = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
+    _, per_box, matches, _ = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
     counts = b.shape_slice(boxes, 1, 3)  # K, B
     split = b.op("Reshape", [per_box, b.concat([counts, b.shape_slice(per_box, 1)], 0)], like=per_box)
     boxed = b.reduce("ReduceSum", split, [1], keepdims=False)  # [K, N, *out]
     rank = b.info(logits).rank
     linear = b.op("Transpose", [weights], perm=[1, 0, *range(2, rank + 1)], like=logits)
     seed = b.op("Add", [linear, boxed], name="explainrt/grad/seed/weights_boxes", like=logits)
-    return logits, seed, b.op("Reshape", [matches, b.shape_slice(boxes, 0, 3)]), matched
+    return logits, seed, b.op("Reshape", [matches, b.shape_slice(boxes, 0, 3)])
 
 
 def _defended_relu_rules(b: GradientBuilder) -> dict[str, Callable[..., Sequence[object]]]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from explainrt.autodiff.builder import node_reads
 from explainrt.errors import InvalidModelError
 
 TARGETS_INPUT = "explainrt.targets"
@@ -196,7 +197,7 @@ def prune_added_nodes(model: onnx.ModelProto) -> None:
     for node in reversed(graph.node):
         if not node.name.startswith("explainrt/") or any(o in needed for o in node.output):
             keep.append(node)
-            needed.update(node.input)
+            needed.update(node_reads(node))
     del graph.node[:]
     graph.node.extend(reversed(keep))
     unused = [t for t in graph.initializer if t.name.startswith("explainrt/") and t.name not in needed]

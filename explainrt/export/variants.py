@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx
 
-from explainrt.autodiff.builder import GraphBuilder
+from explainrt.autodiff.builder import GraphBuilder, sort_topologically
 from explainrt.autodiff.gradients import ancestors
 from explainrt.errors import InvalidInputError
 from explainrt.export.explainable import make_explainable
@@ -26,7 +26,7 @@ def variant_model(model: onnx.ModelProto, spec: ExplainableSpec, objective: str,
     the original model made explainable again. ``size``: the image height and width to fix first (a model
     of dynamic size whose gradient down to the image needs static shapes, as a strided Conv's does).
     ``options``: more of ``make_explainable``'s (map heads, ``zero_branches``) for a variant made anew."""
-    if (objective, of_input, defended) == (spec.objective, False, False) and not spec.maps_only:
+    if (objective, of_input, defended) == (spec.objective, False, False) and not spec.maps_only and not options:
         return model
     form = input_form(model)
     if of_input and form.is_integer:
@@ -95,34 +95,9 @@ def _head_from_maps(plain: onnx.ModelProto, spec: ExplainableSpec, layer: int,
         for index, value in enumerate(node.input):
             if value == tensor:
                 node.input[index] = replaced
-    _sort_topologically(plain.graph)
+    nodes = sort_topologically(plain.graph.node)
+    del plain.graph.node[:]
+    plain.graph.node.extend(nodes)
     reads_image = layout.prefix_tokens > 0 or spec.image_input in ancestors(plain.graph, spec.logits, stop=replaced)
     inputs = [head_input(spec, layer)] + ([spec.image_input] if reads_image else [])
     return onnx.utils.Extractor(plain).extract_model(inputs, [spec.logits]), reads_image
-
-
-def _sort_topologically(graph: onnx.GraphProto) -> None:
-    """Reorder ``graph``'s nodes so that each comes after the producers of its inputs (appended nodes move up)."""
-    producers = {out: index for index, node in enumerate(graph.node) for out in node.output}
-    order: list[int] = []
-    placed: set[int] = set()
-
-    def place(index: int) -> None:
-        stack = [(index, False)]
-        while stack:
-            current, ready = stack.pop()
-            if current in placed:
-                continue
-            if ready:
-                placed.add(current)
-                order.append(current)
-                continue
-            stack.append((current, True))
-            stack += [(producers[i], False) for i in graph.node[current].input if i in producers
-                      and producers[i] not in placed]
-
-    for index in range(len(graph.node)):
-        place(index)
-    nodes = [graph.node[index] for index in order]
-    del graph.node[:]
-    graph.node.extend(nodes)

@@ -166,7 +166,7 @@ class OnnxRuntimeSession:
         key = f"{method}@{objective}"
         if key not in self._maps:
             log.info("building the map head of %s for objective %s", method, objective)
-            if (objective, False, False) == (self.spec.objective, False, False) and not self.spec.maps_only:
+            if objective == self.spec.objective and not self.spec.maps_only:
                 headed = onnx.ModelProto()
                 headed.CopyFrom(self._model)
                 headed = keep_maps_only(add_map_heads(without_maps(headed), [method], target_objective=True), [method])
