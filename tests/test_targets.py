@@ -827,3 +827,7 @@ def test_target_maps_from_map_heads_equal_the_python_path(embedder_explainer: Ex
             np.testing.assert_allclose(heads.logits, python.logits, rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(heads.targets, python.targets)
             assert "method" not in heads.timings and "method" in python.timings
+        # one maps-only model (one copy of the weights) per objective kind, holding the four methods' heads
+        variants = explainer.session._objective_variants
+        assert len(variants) == calls_wanted and all(methods == ("gradcam", "gradcam++", "layercam", "counterfactual-cam")
+                                                     for methods, _ in variants.values())

@@ -98,8 +98,10 @@ class OnnxRuntimeSession:
             self.spec.maps_only or lean) else {
             (self.spec.objective, False, False): (self._main, output_names(self.spec.logits, len(self.spec.target_layers),
                                                                            self.spec.objective), [])}
-        # method -> the session of its head alone; "method@objective" -> a maps-only variant for a target objective
+        # method -> the session of its head alone
         self._maps: dict[str, object] = {}
+        # target objective -> the methods whose heads its maps-only variant holds, and that variant's session
+        self._objective_variants: dict[str, tuple[tuple[str, ...], object]] = {}
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
 
     def _own_heads(self) -> tuple[str, ...]:
@@ -145,7 +147,7 @@ class OnnxRuntimeSession:
         (``head_only_model``, built on first use) run on what the explainable model (or its variant for
         the method's objective) returns. ``objective``: a target objective (``TARGET_OBJECTIVES``, targets
         fed as ``targets_feed`` takes them) in place of the class logit the method weighs: a maps-only
-        variant for it with the method's head, one call (a copy of the model's weights per method and objective)."""
+        variant for it with the method's head, one call (``_objective_maps``)."""
         own = closed_form(method, objective, target_objective=True).objective
         if objective is not None and objective != own:
             return self._objective_maps(images, targets, method, objective)
@@ -161,21 +163,26 @@ class OnnxRuntimeSession:
         return MapsResult(result.logits, result.targets, maps)
 
     def _objective_maps(self, images: np.ndarray, targets: Any, method: str, objective: str) -> MapsResult:
-        """``maps`` for a target objective: the layer variant of ``objective`` with ``method``'s head, maps-only
-        (built on first use), whose logits and resolved targets (or box matches) read as ``run_result``'s."""
-        key = f"{method}@{objective}"
-        if key not in self._maps:
-            log.info("building the map head of %s for objective %s", method, objective)
+        """``maps`` for a target objective: the maps-only layer variant of ``objective``, whose logits and resolved
+        targets (or box matches) read as ``run_result``'s. One variant per objective (one copy of the model's
+        weights) holds the heads of every method asked for with it so far: a method new to it rebuilds it with
+        its head added, and each call then computes every head it holds (about 1 % of the call each)."""
+        methods, session = self._objective_variants.get(objective, ((), None))
+        if method not in methods:
+            self._objective_variants.pop(objective, None)
+            methods, session = (*methods, method), None  # the old session goes before the new one is made
+            log.info("building the maps-only model of objective %s with the heads of %s", objective, ", ".join(methods))
             if objective == self.spec.objective and not self.spec.maps_only:
                 headed = onnx.ModelProto()
                 headed.CopyFrom(self._model)
-                headed = keep_maps_only(add_map_heads(without_maps(headed), [method], target_objective=True), [method])
+                headed = keep_maps_only(add_map_heads(without_maps(headed), methods, target_objective=True), methods)
             else:  # made anew, its reverse pass skipping the scales no box matched (ONNX Runtime runs If nodes)
-                headed = variant_model(self._model, self.spec, objective, False, maps=[method], maps_only=True,
+                headed = variant_model(self._model, self.spec, objective, False, maps=list(methods), maps_only=True,
                                        target_objective=True, zero_branches=True)
-            self._maps[key] = self._session(headed)
+            session = self._session(headed)
+            self._objective_variants[objective] = (methods, session)
         outputs = output_names(self.spec.logits, 0, objective)
-        values = self._run(self._maps[key], [*outputs, maps_output(method)],
+        values = self._run(session, [*outputs, maps_output(method)],
                            {self.spec.image_input: images, **targets_feed(objective, targets)})
         result = run_result(values[:-1], objective, targets)
         return MapsResult(result.logits, result.targets, values[-1])
