@@ -223,50 +223,31 @@ def serve_cli(line: int, code: str, folder: Path) -> None:
 def serve_kserve(line: int, code: str, folder: Path) -> None:
     """The README's KServe block, run as a script with kserve's own ``--http_port`` (a free port) and without its
     gRPC server; asked the V1 explanation and the V2 inference its comments show, then stopped."""
-    import signal
     import socket
-    import time
 
     import httpx
     import numpy as np
 
-    with socket.socket() as probe:
+    from explainrt.serve.launcher import UVICORN_READY, ServerProcess
+
+    with socket.socket() as probe:  # kserve takes no port 0
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = folder / "kserve.log"
-    with open(log, "wb") as output:
-        server = subprocess.Popen([sys.executable, "-c", code, "--http_port", str(port), "--enable_grpc", "false"],
-                                  cwd=folder, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        with httpx.Client(timeout=120) as client:
-            deadline = time.monotonic() + 300
-            while True:
-                assert server.poll() is None, f"README.md line {line} exited:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"README.md line {line} not ready:\n{log.read_text()[-3000:]}"
-                try:
-                    if client.get(f"{url}/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
-            answer = client.post(f"{url}/v1/models/resnet50:explain", json=_explain_request(folder / "cat.jpg"))
-            assert answer.status_code == 200, answer.text
-            _check_explained(answer.json(), [281, None])
-            batch = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-            inferred = client.post(f"{url}/v2/models/resnet50/infer", json={
-                "inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
-                            "data": batch.ravel().tolist()}],
-                "parameters": {"method": "gradcam", "targets": "[[281, -2]]"},
-                "outputs": [{"name": "explainrt.maps", "parameters": {"format": "UINT8"}}]})
-            assert inferred.status_code == 200, inferred.text
-            (maps,) = inferred.json()["outputs"]
-            assert maps["name"] == "explainrt.maps" and maps["shape"] == [1, 2, 224, 224]
-            assert maps["datatype"] == "UINT8" and 0 <= min(maps["data"]) < max(maps["data"]) <= 255
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    command = [sys.executable, "-c", code, "--http_port", str(port), "--enable_grpc", "false"]
+    with ServerProcess(command=command, cwd=folder, log_path=folder / "kserve.log", ready=UVICORN_READY) as server, \
+            httpx.Client(base_url=server.url, timeout=120) as client:
+        assert client.get("/v2/health/ready").status_code == 200, f"README.md line {line}"
+        answer = client.post("/v1/models/resnet50:explain", json=_explain_request(folder / "cat.jpg"))
+        assert answer.status_code == 200, answer.text
+        _check_explained(answer.json(), [281, None])
+        batch = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        inferred = client.post("/v2/models/resnet50/infer", json={
+            "inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
+                        "data": batch.ravel().tolist()}],
+            "parameters": {"method": "gradcam", "targets": "[[281, -2]]"},
+            "outputs": [{"name": "explainrt.maps", "parameters": {"format": "UINT8"}}]})
+        assert inferred.status_code == 200, inferred.text
+        (maps,) = inferred.json()["outputs"]
+        assert maps["name"] == "explainrt.maps" and maps["shape"] == [1, 2, 224, 224]
+        assert maps["datatype"] == "UINT8" and 0 <= min(maps["data"]) < max(maps["data"]) <= 255
+        assert server.alive()

@@ -1,9 +1,11 @@
-"""Run ``explainrt serve`` as a child process on a loopback port (for tests and benchmarks).
+"""Run ``explainrt serve`` (or another HTTP server) as a child process on a loopback port (for tests and
+benchmarks).
 
 The server is a real separate process, so what is measured (latency, resident memory) is the
-server's own, and a crash in it cannot hide behind the caller. It listens on ``--port 0`` (a port
-the kernel picks) and the URL is read from its "ready at" line: a port probed free beforehand
-could be taken by another process (another test worker's server) before the child binds it.
+server's own, and a crash in it cannot hide behind the caller. ``explainrt serve`` listens on
+``--port 0`` (a port the kernel picks) and the URL is read from its "ready at" line: a port probed
+free beforehand could be taken by another process (another test worker's server) before the child
+binds it. Another server (``command``) says it is ready with its own line (``ready``: uvicorn's).
 """
 
 from __future__ import annotations
@@ -25,18 +27,28 @@ class ServerStartError(ExplainrtError):
     """The server process exited or did not become ready in time."""
 
 
-_READY = re.compile(r"^explainrt: ready at (http://[^\s/]+):(\d+)/?\s*$")
+_READY = re.compile(r"^explainrt: ready at http://[^\s/]+:(?P<port>\d+)/?\s*$")
+UVICORN_READY = re.compile(r"Uvicorn running on http://\S+:(?P<port>\d+)")
+"""The line a uvicorn server (KServe's ModelServer) logs once it listens."""
 
 
 class ServerProcess:
-    """``with ServerProcess(["--max-batch", "8"]) as server: httpx.get(server.url + "/v2/health/ready")``."""
+    """``with ServerProcess(["--max-batch", "8"]) as server: httpx.get(server.url + "/v2/health/ready")``.
+
+    ``command`` runs another server in place of ``explainrt serve <arguments>`` (from ``cwd``), which logs
+    ``ready`` (a pattern with the group ``port``) once it listens on ``127.0.0.1``."""
 
     def __init__(self, arguments: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 log_path: str | os.PathLike | None = None, ready_timeout: float = 300.0) -> None:
+                 log_path: str | os.PathLike | None = None, ready_timeout: float = 300.0, *,
+                 command: Sequence[str] | None = None, cwd: str | os.PathLike | None = None,
+                 ready: re.Pattern[str] = _READY) -> None:
         self.host = "127.0.0.1"
         self.port = 0  # known once the server says where it listens
         self.url = ""
-        self.arguments = list(arguments)
+        self.command = list(command) if command is not None else [
+            sys.executable, "-m", "explainrt.cli", "-v", "serve", "--host", self.host, "--port", "0", *arguments]
+        self.cwd = cwd
+        self.ready = ready
         self.env = dict(env if env is not None else os.environ)
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout = ready_timeout
@@ -45,9 +57,8 @@ class ServerProcess:
         self._output: threading.Thread | None = None
 
     def __enter__(self) -> ServerProcess:
-        command = [sys.executable, "-m", "explainrt.cli", "-v", "serve", "--host", self.host, "--port", "0",
-                   *self.arguments]
-        self.process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
         self._output = threading.Thread(target=self._read_output, args=(self.process,), daemon=True)
         self._output.start()
         try:
@@ -74,8 +85,9 @@ class ServerProcess:
             for line in process.stdout:
                 log.write(line)
                 log.flush()
-                if not self._ready.is_set() and (ready := _READY.match(line.decode(errors="replace"))):
-                    self.url, self.port = f"{ready[1]}:{ready[2]}", int(ready[2])
+                if not self._ready.is_set() and (ready := self.ready.search(line.decode(errors="replace"))):
+                    self.port = int(ready["port"])
+                    self.url = f"http://{self.host}:{self.port}"
                     self._ready.set()
         self._ready.set()  # the process is gone: _wait_ready reports it
 
