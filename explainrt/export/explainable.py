@@ -102,7 +102,7 @@ def make_explainable(
     maps are of the objective of target objects (a box, a region...), not of a class (``heads.closed_form``).
     ``zero_branches``: a box objective's reverse pass runs each scale's branch of a multi-scale head (and what
     depends on it alone) only when a prediction of that scale matched a box (``If`` nodes, see
-    ``explainrt.autodiff.zero_branches``): for ONNX Runtime, applied last (nothing may prune the model after).
+    ``explainrt.autodiff.zero_branches``): for ONNX Runtime, applied last, to the model with its map heads.
     """
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
