@@ -238,21 +238,26 @@ def test_box_target_matches_autograd_on_yolov8(yolo: torch.nn.Module, yolo_onnx:
     assert np.isclose(eigen.maps.max(), 1) and eigen.maps.std() > 0.01
 
 
-def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module) -> None:
+@pytest.fixture(scope="module")
+def yolo_neck_explainer(yolo: torch.nn.Module) -> Explainer:
+    """The YOLOv8n at the P3 neck output (``model.15``), which every scale's gradient reaches."""
+    import copy
+
+    exported = copy.deepcopy(yolo)  # an export leaves traced tensors cached on the module (its anchors)
+    return Explainer(exported, [exported.model[15]], input_size=(YOLO_SIZE, YOLO_SIZE))
+
+
+def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_neck_explainer: Explainer) -> None:
     """The maps-only model of a box objective runs each scale's reverse branch (P3, P4, P5 class branches,
     the neck behind P4 and P5) inside an If on whether a box matched a prediction of that scale, else zeros:
     the same maps, objectives and matches as the model without them, for boxes matched on one scale only and
-    on several, K = 1 and 2 boxes per image (the values are checked against autograd above). Target layer:
-    the P3 neck output (``model.15``), which every scale's gradient reaches."""
-    import copy
-
+    on several, K = 1 and 2 boxes per image (the values are checked against autograd above)."""
     import onnxruntime as ort
 
     from explainrt.export.spec import BOXES_INPUT
     from explainrt.export.variants import variant_model
 
-    exported = copy.deepcopy(yolo)  # an export leaves traced tensors cached on the module (its anchors)
-    explainer = Explainer(exported, [exported.model[15]], input_size=(YOLO_SIZE, YOLO_SIZE))
+    explainer = yolo_neck_explainer
     made = {skip: variant_model(explainer.session.model, explainer.spec, "boxes_yolov8", False, maps=["gradcam"],
                                 maps_only=True, target_objective=True, zero_branches=skip) for skip in (True, False)}
     wrapped = [n for n in made[True].graph.node if n.op_type == "If"]
@@ -308,12 +313,11 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module) -> None:
     assert not any(n.op_type == "If" for n in weighted.graph.node)
 
 
-def test_box_branches_that_fail_onnx_checks_are_not_kept(yolo: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+def test_box_branches_that_fail_onnx_checks_are_not_kept(yolo_neck_explainer: Explainer,
+                                                         monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """A wrapped model that ONNX's checks refuse (here a branch output declared int8, as the gradient of an
     int8 tensor would be if typed like it) is dropped with a warning: the model runs every scale, as before."""
-    import copy
-
     from explainrt.export import explainable
     from explainrt.export.variants import variant_model
 
@@ -327,8 +331,7 @@ def test_box_branches_that_fail_onnx_checks_are_not_kept(yolo: torch.nn.Module, 
         return count
 
     monkeypatch.setattr(explainable, "run_when_nonzero", mistyped)
-    exported = copy.deepcopy(yolo)
-    explainer = Explainer(exported, [exported.model[15]], input_size=(YOLO_SIZE, YOLO_SIZE))
+    explainer = yolo_neck_explainer
     with caplog.at_level("WARNING", logger="explainrt.export.explainable"):
         model = variant_model(explainer.session.model, explainer.spec, "boxes_yolov8", False, maps=["gradcam"],
                               maps_only=True, target_objective=True, zero_branches=True)
