@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import SMALL_SIZE
 
-from explainrt import Explainer, from_torch
+from explainrt import Explainer, from_torch, kernels
 from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export import make_explainable
-from explainrt.export.heads import add_map_heads, head_only_model, without_maps
+from explainrt.export.heads import add_map_heads, extreme_rows, head_only_model, without_maps
 from explainrt.export.spec import ExplainableSpec, original_model
 from explainrt.kernels.cam_weights import CLOSED_FORMS
 
@@ -262,8 +262,9 @@ def test_static_head_resizes_without_shape_arithmetic_dynamic_sizes_keep_resize(
     (the Python path's: the other tests)."""
     static = from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), [small_resnet.layer4], maps="gradcam")
     head_ops = [n.op_type for n in static.graph.node if n.name.startswith("explainrt/maps/")]
-    # channel sum and the two resize MatMuls; the pooled layer's gradient is read before its copy: no mean of it
-    assert "Resize" not in head_ops and "Shape" not in head_ops and head_ops.count("MatMul") == 3
+    # the channel sum, the resize's two MatMuls and the two of its extreme rows and columns (the final
+    # normalisation is done on the small map); the pooled layer's gradient is read before its copy: no mean of it
+    assert "Resize" not in head_ops and "Shape" not in head_ops and head_ops.count("MatMul") == 5
     assert "ReduceMean" not in head_ops
     dynamic = copy.deepcopy(original_model(static))
     for dim in dynamic.graph.input[0].type.tensor_type.shape.dim[2:]:
@@ -275,6 +276,23 @@ def test_static_head_resizes_without_shape_arithmetic_dynamic_sizes_keep_resize(
     targets = np.array([[-1], [3], [0]], dtype=np.int64)
     np.testing.assert_allclose(_run(dynamic, small_batch, targets)["explainrt.maps.gradcam"],
                                _run(static, small_batch, targets)["explainrt.maps.gradcam"], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(7, 224), (14, 224), (1, 32), (5, 5), (9, 4), (20, 7), (2, 640)])
+def test_a_resize_is_extreme_at_its_extreme_rows(n_in: int, n_out: int) -> None:
+    """The head normalises a resized map from its values at ``extreme_rows`` x ``extreme_rows`` alone: their min
+    and max are the whole resized map's, for any map, upsampling and downsampling alike."""
+    rows, columns = kernels.resize_matrix(n_in, n_out), kernels.resize_matrix(n_in + 1, n_out + 3)
+    keep_rows, keep_columns = extreme_rows(rows), extreme_rows(columns)
+    assert keep_rows is not None and keep_columns is not None
+    assert len(keep_rows) <= 2 * n_in + 2 and len(keep_columns) <= 2 * (n_in + 1) + 2  # a few per input
+    maps = np.random.default_rng(n_in * 1000 + n_out).standard_normal((50, n_in, n_in + 1))
+    full = rows @ maps @ columns.T
+    extremes = rows[keep_rows] @ maps @ columns[keep_columns].T
+    np.testing.assert_allclose(extremes.min(axis=(1, 2)), full.min(axis=(1, 2)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(extremes.max(axis=(1, 2)), full.max(axis=(1, 2)), rtol=1e-12, atol=1e-12)
+    # a table that mixes three inputs in a row, or weights that do not sum to 1, has no such rows
+    assert extreme_rows(np.full((4, 3), 1 / 3)) is None and extreme_rows(2 * rows) is None
 
 
 def test_maps_only_model_drops_the_gradient_copy_and_ranks_only_what_targets_ask(small_resnet, small_batch) -> None:  # noqa: ANN001

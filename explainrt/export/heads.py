@@ -228,7 +228,8 @@ def _input_hw(model: onnx.ModelProto, spec: ExplainableSpec) -> list[int | str]:
 
 
 def _method_maps(b: GraphBuilder, form: ClosedForm, layers: list[tuple[V, V]], image: str) -> V:
-    """[N, K, H, W] maps of one method: per layer weights, ReLU'd sum, normalise, resize; layer average; normalise."""
+    """[N, K, H, W] maps of one method: per layer weights, ReLU'd sum, normalise, resize; layer average; normalise.
+    One layer resized by static tables is normalised on its small map (``_normalized_resize``)."""
     ops = _GraphAlgebra()
     per_layer = []
     image_hw = (b.info(image).shape or (None,) * 4)[2:4]
@@ -249,8 +250,12 @@ def _method_maps(b: GraphBuilder, form: ClosedForm, layers: list[tuple[V, V]], i
             cams = ops.relu(_channel_sum(b, weights, as_float, shape[1:]))  # type: ignore[arg-type]
         else:
             cams = ops.relu((weights * weighted).sum([-3], keepdims=False))  # [N, K, h, w]
-        per_layer.append(_resize_like_image(b, _normalized(b, cams), image, list(shape[2:4]) if shape else []))
-    combined = per_layer[0] if len(per_layer) == 1 else add_n([ops.relu(m) for m in per_layer]) / float(len(per_layer))
+        per_layer.append((_normalized(b, cams), list(shape[2:4]) if shape else []))
+    tables = _resize_tables(b, image, per_layer[0][1])
+    if len(per_layer) == 1 and tables is not None:
+        return _normalized_resize(b, per_layer[0][0], *tables)
+    resized = [_resize_like_image(b, maps, image, grid) for maps, grid in per_layer]
+    combined = resized[0] if len(resized) == 1 else add_n([ops.relu(m) for m in resized]) / float(len(resized))
     return _normalized(b, combined)
 
 
@@ -414,25 +419,69 @@ def _normalized(b: GraphBuilder, maps: V) -> V:
     return shifted / (V(b, b.reduce("ReduceMax", shifted.name, [-2, -1])) + CAM_EPS)
 
 
+def _resize_tables(b: GraphBuilder, image: str, grid: Sequence[object]) -> tuple[np.ndarray, np.ndarray] | None:
+    """cv2.resize(INTER_LINEAR)'s interpolation matrices from a layer's ``grid`` (h, w as the graph knows
+    them) to the image's [H, W] (``kernels.resize_matrix``, the Python path's table): rows [H, h] and
+    columns [w, W]; None unless both sizes are static."""
+    sizes = [*grid, *(b.info(image).shape or (None,) * 4)[2:4]]
+    if len(sizes) != 4 or not all(isinstance(d, int) and d > 0 for d in sizes):
+        return None
+    h, w, height, width = sizes
+    return kernels.resize_matrix(h, height), kernels.resize_matrix(w, width).T  # type: ignore[arg-type]
+
+
 def _resize_like_image(b: GraphBuilder, maps: V, image: str, grid: Sequence[object]) -> V:
     """Bilinear resize of [N, K, h, w] (``grid``: h, w as the graph knows them) to the image's [H, W] as
     cv2.resize(INTER_LINEAR) does it. Where both sizes are static, two MatMuls with the interpolation
-    matrices (``kernels.resize_matrix``, the Python path's table): no shape arithmetic at run time and a
-    fraction of ONNX Runtime's Resize kernel time; otherwise a Resize to the image's run-time size."""
-    image_hw = (b.info(image).shape or (None,) * 4)[2:4]
-    sizes_known = [*grid, *image_hw]
-    if len(sizes_known) == 4 and all(isinstance(d, int) and d > 0 for d in sizes_known):
-        (h, w), (height, width) = grid, image_hw
-        rows = b.constant(kernels.resize_matrix(h, height), dtype=TensorProto.FLOAT)  # [H, h]
-        columns = b.constant(kernels.resize_matrix(w, width).T, dtype=TensorProto.FLOAT)  # [w, W]
-        across = b.op("MatMul", [maps.name, columns])  # [N, K, h, W]
-        resized = b.op("MatMul", [rows, across])  # [N, K, H, W]
-        b.infos[resized] = TensorInfo(TensorProto.FLOAT, None)
-        return V(b, resized)
+    matrices (``_resize_tables``): no shape arithmetic at run time and a fraction of ONNX Runtime's Resize
+    kernel time; otherwise a Resize to the image's run-time size."""
+    tables = _resize_tables(b, image, grid)
+    if tables is not None:
+        return _resized_by(b, maps, *tables)
     sizes = b.concat([b.shape_slice(maps.name, 0, 2), b.shape_slice(image, 2, 4)], 0)
     resized = b.op("Resize", [maps.name, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
     b.infos[resized] = TensorInfo(maps.dtype, None)
     return V(b, resized)
+
+
+def _resized_by(b: GraphBuilder, maps: V, rows: np.ndarray, columns: np.ndarray) -> V:
+    """``rows @ maps @ columns`` for maps [N, K, h, w]: two MatMuls with constant tables."""
+    across = b.op("MatMul", [maps.name, b.constant(columns, dtype=TensorProto.FLOAT)])  # [N, K, h, W]
+    resized = b.op("MatMul", [b.constant(rows, dtype=TensorProto.FLOAT), across])  # [N, K, H, W]
+    b.infos[resized] = TensorInfo(TensorProto.FLOAT, None)
+    return V(b, resized)
+
+
+def _normalized_resize(b: GraphBuilder, maps: V, rows: np.ndarray, columns: np.ndarray) -> V:
+    """``_normalized(resize(maps))`` with the normalisation done on the small maps [N, K, h, w]: a resize's rows
+    sum to 1, so it commutes with ``x - min`` and ``x / scale``; and its min and max over [H, W] lie among
+    ``extreme_rows`` x ``extreme_rows`` of the tables (a few dozen values), not the H * W of the full map."""
+    keep_rows, keep_columns = extreme_rows(rows), extreme_rows(columns.T)
+    if keep_rows is None or keep_columns is None:
+        return _normalized(b, _resized_by(b, maps, rows, columns))
+    extremes = _resized_by(b, maps, rows[keep_rows], columns[:, keep_columns])  # [N, K, r, c]
+    low = V(b, b.reduce("ReduceMin", extremes.name, [-2, -1]))
+    high = V(b, b.reduce("ReduceMax", (extremes - low).name, [-2, -1]))
+    return _resized_by(b, (maps - low) / (high + CAM_EPS), rows, columns)
+
+
+def extreme_rows(table: np.ndarray) -> np.ndarray | None:
+    """Rows of an interpolation matrix [out, in] (each row a convex combination of at most two inputs) at
+    which ``table @ x`` takes its smallest and largest value for every ``x``: rows mixing the same inputs are
+    ``x[i] + w (x[j] - x[i])``, extreme at their smallest and largest weight ``w``; a product of two tables
+    (a bilinear map) is extreme at pairs of such rows. None for a table of another form."""
+    if np.any(table < 0) or not np.allclose(table.sum(axis=1), 1.0, atol=1e-6):
+        return None
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, row in enumerate(table):
+        groups.setdefault(tuple(np.flatnonzero(row)), []).append(index)
+    if any(len(inputs) > 2 for inputs in groups):
+        return None
+    kept = set()
+    for inputs, members in groups.items():
+        weights = table[members, inputs[0]]
+        kept.update((members[int(np.argmin(weights))], members[int(np.argmax(weights))]))
+    return np.array(sorted(kept))
 
 
 def _as_dtype(maps: V, dtype: int) -> V:
