@@ -495,9 +495,10 @@ def report(cases: list[Case], args: argparse.Namespace, threads: int, load: tupl
            profiles: list[Profile] | None = None) -> tuple[list[str], list[str]]:
     titles = sorted({f"`{c.model.key}` = {c.model.title}, target layer `{c.model.target_name}` ({c.model.layout}), "
                      f"target <= {c.model.target_ratio:.2f}x plain ORT" for c in cases})
+    yolo_input = "; YOLOv8n: [N, 3, 640, 640] in [0, 1]" if any(c.model.key == "yolov8n" for c in cases) else ""
     notes = [
         *titles,
-        f"Input: random float32 [N, 3, {SIZE}, {SIZE}] (fixed seed; YOLOv8n: [N, 3, 640, 640] in [0, 1]), the same values "
+        f"Input: random float32 [N, 3, {SIZE}, {SIZE}] (fixed seed{yolo_input}), the same values "
         "for every contender: one NumPy array for plain ONNX Runtime and explainrt, its torch view for the torch "
         "contenders; CPU only.",
         f"Threads: torch.set_num_threads({threads}); ONNX Runtime intra-op threads at its default "
