@@ -22,6 +22,7 @@ from explainrt.errors import InconsistentExplanationError, InvalidInputError, In
 from explainrt.export.heads import checked_maps
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.methods import Attribution, AttributionRequest, Method, add_timings, get_method
+from explainrt.methods.base import softmax
 from explainrt.models import LoadedModel
 from explainrt.overlay import caption, concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
@@ -64,7 +65,10 @@ class Explanation:
     @property
     def class_scores(self) -> np.ndarray:
         """The logits as [N, classes]: an output [N, classes, ...] (a segmentation map) summed over its other
-        axes, as class-index targets read it."""
+        axes, as class-index targets read it. Not for target objects: their logits are the objectives."""
+        if self.objective:
+            raise InvalidTargetError("this explanation's logits hold its target objects' objectives, one per image "
+                                     "and target, not the model's class scores: Explainer.predict() returns those")
         return class_scores(self.logits)
 
     def top_k(self, k: int = 5) -> list[list[Prediction]]:
@@ -101,15 +105,13 @@ class Explanation:
         """Per image, "<class label> <probability> | <method>" (the class index where there are no labels)."""
         if self.maps.ndim == 4:
             return self._one_map_each().captions()
-        scores = self.class_scores
-        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        probabilities = None if self.objective else softmax(self.class_scores)
         texts = []
         for index, target in enumerate(self.targets):
             known = self.labels is not None and 0 <= target < len(self.labels)
             name = self.labels[target] if known else f"class {int(target)}" if target >= 0 else "target"  # type: ignore[index]
             blank = " (all zero)" if index < len(self.notes) and self.notes[index] else ""
-            value = f"score {self.logits[index, 0]:.3g}" if self.objective else f"{probabilities[index, target]:.0%}"
+            value = f"score {self.logits[index, 0]:.3g}" if probabilities is None else f"{probabilities[index, target]:.0%}"
             texts.append(f"{name} {value} | {self.method}{blank}")
         return texts
 
@@ -372,8 +374,8 @@ class Explainer:
         """The session the methods run, the int targets they see ([N], or [N, K] for K targets per image),
         and the target objects as rows [N][K] (None: class indices).
 
-        Target objects other than ``Class`` are checked against the explained output and become
-        the "classes" of a ``TargetSession`` (each target's int is its object's column)."""
+        Target objects other than ``Class`` are checked against the explained output (``Target.bound``: a Box's
+        layout decided) and become the "classes" of a ``TargetSession`` (each target's int is its object's column)."""
         given = as_targets(targets, batch.shape[0])
         if given is not None and all(type(target) is Class for row in given[0] for target in row):
             indices = [[target.class_index for target in row] for row in given[0]]  # the class-index fast path
@@ -385,11 +387,11 @@ class Explainer:
         shape = self.spec.output_shape
         if not shape or None in shape:  # not stored (older models) or known only at run time
             shape = tuple(np.shape(self.session.logits(batch[:1]))[1:])
-        for target in unique:
-            target.check(shape, tuple(batch.shape[2:]))
-        column = {id(target): index for index, target in enumerate(unique)}
+        bound = {id(target): target.bound(shape, tuple(batch.shape[2:])) for target in unique}
+        column = {key: index for index, key in enumerate(bound)}
         wanted = np.array([[column[id(target)] for target in row] for row in rows], np.int64)
-        return TargetSession(self.session, unique), wanted if many else wanted[:, 0], rows
+        rows = [[bound[id(target)] for target in row] for row in rows]
+        return TargetSession(self.session, list(bound.values()), batch, wanted), wanted if many else wanted[:, 0], rows
 
     def explain_contrasts(self, images: Any, k: int = 3, **kwargs: Any) -> Explanation:
         """Contrast-CAM of each image's prediction against each of the next ``k`` most likely classes,

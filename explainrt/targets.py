@@ -46,6 +46,12 @@ class Target(ABC):
         """Raise InvalidTargetError if an output of ``shape`` (no batch axis; None where unknown before
         a run) of images of ``image_size`` (H, W) cannot take this target."""
 
+    def bound(self, shape: Shape, image_size: tuple[int, int]) -> Target:
+        """This target checked (``check``) for an output of ``shape`` and images of ``image_size``, with what
+        it leaves to them decided (a Box's layout): what the runtime then evaluates."""
+        self.check(shape, image_size)
+        return self
+
     @abstractmethod
     def gradient(self, output: np.ndarray) -> np.ndarray:
         """df/dy at one image's output ``output`` (same shape)."""
@@ -53,6 +59,10 @@ class Target(ABC):
     def outline(self, size: tuple[int, int]) -> np.ndarray | None:
         """Pixels [H, W] (bool) that outline what the target covers on an image of ``size``, for
         overlays; None when it covers no image area (a class, a concept vector)."""
+        return None
+
+    def unmatched(self, output: np.ndarray) -> Box | None:
+        """The Box of this target that no prediction of one image's ``output`` overlaps, else None."""
         return None
 
     def score(self, outputs: np.ndarray) -> np.ndarray:
@@ -217,9 +227,11 @@ class Region(Target):
         return (self.mask != 0) & ~interior
 
 
-def detector_layout(shape: Shape, layout: str | None = None) -> str:
+def detector_layout(shape: Shape, layout: str | None = None, image_size: tuple[int, int] | None = None) -> str:
     """The layout of a raw detector head of ``shape`` (no batch axis): ``layout`` if given (checked),
-    else told from the shape (the anchors axis is the longer one)."""
+    else told from the shape. Given the images' ``image_size``, an axis whose length is the anchor count of
+    YOLO's grids at that size (``anchor_counts``) is the anchors axis; when both axes could be (a 64 x 64
+    YOLOv8 head is [84, 84]) the layout must be named. Otherwise the anchors axis is the longer one."""
     if layout is not None and layout not in LAYOUTS:
         raise InvalidTargetError(f"Box layout must be one of {LAYOUTS}, got {layout!r}")
     if len(shape) != 2 or not all(isinstance(s, int) for s in shape):
@@ -227,12 +239,37 @@ def detector_layout(shape: Shape, layout: str | None = None) -> str:
                                  f"[N, anchors, 5 + classes] (YOLOv5) before NMS; the explained output is "
                                  f"[N, {', '.join(map(str, shape))}]")
     rows, cols = shape
-    chosen = layout or ("yolov8" if rows < cols else "yolov5")
+    chosen = layout or _layout_from_shape(rows, cols, image_size)  # type: ignore[arg-type]
     fields = rows if chosen == "yolov8" else cols
     if fields <= (4 if chosen == "yolov8" else 5):
         raise InvalidTargetError(f"an output [N, {rows}, {cols}] is not a {chosen} detector head (too few "
                                  "fields per prediction)")
     return chosen
+
+
+def anchor_counts(image_size: tuple[int, int]) -> set[int]:
+    """How many predictions a YOLO head makes for images of ``image_size`` (H, W): one (YOLOv8/v11) or three
+    (YOLOv5/v7) per cell of its grids at strides 8, 16, 32 (and 64: the P6 models)."""
+    height, width = image_size
+    counts = set()
+    for strides in ((8, 16, 32), (8, 16, 32, 64)):
+        cells = sum(-(-height // s) * -(-width // s) for s in strides)
+        counts.update({cells, 3 * cells})
+    return counts
+
+
+def _layout_from_shape(rows: int, cols: int, image_size: tuple[int, int] | None) -> str:
+    """YOLOv8's [4 + classes, anchors] or YOLOv5's [anchors, 5 + classes], from the shape (``detector_layout``)."""
+    known = image_size is not None and min(image_size) > 0
+    counts = anchor_counts(image_size) if known else set()  # type: ignore[arg-type]
+    readings = [name for name, anchors in (("yolov8", cols), ("yolov5", rows)) if anchors in counts]
+    if len(readings) == 1:
+        return readings[0]
+    if rows == cols or readings:
+        raise InvalidTargetError(f"an output [N, {rows}, {cols}] reads as YOLOv8's [N, 4 + classes, anchors] and as "
+                                 f"YOLOv5's [N, anchors, 5 + classes] alike: name it, Box(..., layout='yolov8') or "
+                                 "layout='yolov5'")
+    return "yolov8" if rows < cols else "yolov5"
 
 
 class Box(Target):
@@ -262,8 +299,13 @@ class Box(Target):
     def class_index(self) -> int:
         return self.index
 
+    def bound(self, shape: Shape, image_size: tuple[int, int]) -> Target:
+        self.check(shape, image_size)
+        layout = detector_layout(shape, self.layout, image_size)
+        return self if layout == self.layout else Box(self.box, self.index, self.iou, layout)
+
     def check(self, shape: Shape, image_size: tuple[int, int]) -> None:
-        layout = detector_layout(shape, self.layout)
+        layout = detector_layout(shape, self.layout, image_size)
         classes = shape[0] - 4 if layout == "yolov8" else shape[1] - 5  # type: ignore[operator]
         _class_in(self.index, classes, "class")
         height, width = image_size
@@ -303,11 +345,14 @@ class Box(Target):
         return InvalidTargetError(f"no prediction overlaps box {self.box.tolist()} with IoU >= {self.iou}: "
                                   "lower iou or check the box (xyxy in input pixels)")
 
+    def unmatched(self, output: np.ndarray) -> Box | None:
+        return None if self._overlapping(self._fields(output)[1]).any() else self
+
     def gradient(self, output: np.ndarray) -> np.ndarray:
+        """The cotangent at ``output``: zero where no prediction overlaps the box (a perturbed copy's objective
+        is then 0; ``runtime.objective.TargetSession`` refuses it on the images being explained)."""
         layout, predictions = self._fields(output)
         chosen = self._overlapping(predictions)
-        if not chosen.any():
-            raise self.no_overlap()
         weights = np.zeros_like(predictions)
         if layout == "yolov8":
             weights[chosen, 4 + self.index] = 1
@@ -391,9 +436,16 @@ class Sum(Target):
         for part in self.parts:
             part.check(shape, image_size)
 
+    def bound(self, shape: Shape, image_size: tuple[int, int]) -> Target:
+        parts = [part.bound(shape, image_size) for part in self.parts]
+        return self if all(new is old for new, old in zip(parts, self.parts)) else Sum(parts)
+
     def outline(self, size: tuple[int, int]) -> np.ndarray | None:
         outlines = [edges for part in self.parts if (edges := part.outline(size)) is not None]
         return np.logical_or.reduce(outlines) if outlines else None
+
+    def unmatched(self, output: np.ndarray) -> Box | None:
+        return next((box for part in self.parts if (box := part.unmatched(output)) is not None), None)
 
     def gradient(self, output: np.ndarray) -> np.ndarray:
         return np.sum([part.gradient(output) for part in self.parts], axis=0).astype(output.dtype)

@@ -20,7 +20,7 @@ import torchvision
 
 from explainrt import Explainer, Explanation
 from explainrt.errors import InvalidInputError, InvalidTargetError
-from explainrt.targets import Box, Class, Difference, Region, Similarity, Softmax, Sum, Weights
+from explainrt.targets import Box, Class, Difference, Region, Similarity, Softmax, Sum, Weights, detector_layout
 
 SEG_SIZE = 64
 YOLO_SIZE = 160
@@ -389,6 +389,50 @@ def test_box_objective_in_one_call_matches_autograd(layout: str, monkeypatch: py
                 np.testing.assert_allclose(ours.logits[i, k], float(score[chosen].sum()), rtol=1e-5)
         with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
             explainer.explain(image, method="gradcam", targets=Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout=layout))
+
+
+def test_boxes_on_copies_of_the_image_score_zero_on_the_image_they_must_match() -> None:
+    """IG's interpolations and SmoothGrad's noisy copies may match no prediction: they score 0 (no error), and
+    IG equals its integral computed with torch.autograd, each point's matches decided on its own forward pass.
+    A Box the image itself does not match is refused by the perturbation methods too (not a blank map)."""
+    from explainrt.methods.gradients import quadrature
+
+    model = _TinyDetector("yolov8").eval()
+    image = _image((1, 3, 32, 32), seed=21)
+    with torch.no_grad():
+        predictions = model(torch.from_numpy(image))[0].numpy().T
+    cx, cy, w, h = predictions[int(np.argmax(predictions[:, 5]))][:4]
+    box = Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), 1, iou=0.9, layout="yolov8")
+    explainer = Explainer(model, [model.features], input_size=(32, 32))
+    steps = 8
+    ours = explainer.explain(image, method="integrated-gradients", targets=box, normalize=False, steps=steps)
+    alphas, weights = quadrature("gausslegendre", steps)
+    x = torch.from_numpy(image)
+    path, matched = torch.zeros_like(x), []
+    for alpha, weight in zip(alphas, weights):
+        point = (float(alpha) * x).requires_grad_(True)
+        out = model(point)[0]
+        chosen = torch.from_numpy(box._overlapping(out.detach().numpy().T))
+        matched.append(bool(chosen.any()))
+        out[5, chosen].sum().backward()
+        path += float(weight) * point.grad
+    assert not all(matched) and any(matched)  # the path crosses copies that match nothing
+    reference = (x * path).sum(dim=1).numpy()
+    assert np.abs(ours.maps - reference).max() <= 1e-4 * np.abs(reference).max()
+    noisy = explainer.explain(image, method="smoothgrad", targets=box, normalize=False, noise=0.05, n_samples=6)
+    std = 0.05 * (image.max() - image.min())
+    copies = torch.from_numpy(image + std * np.random.default_rng(0).standard_normal((6, 3, 32, 32), dtype=np.float32))
+    copies.requires_grad_(True)
+    out = model(copies)
+    chosen = torch.from_numpy(np.stack([box._overlapping(row.T) for row in out.detach().numpy()]))
+    assert 0 < int(chosen.any(dim=1).sum()) < 6
+    (out[:, 5] * chosen).sum().backward()
+    reference = copies.grad.mean(dim=0).abs().sum(dim=0).numpy()
+    assert np.abs(noisy.maps[0] - reference).max() <= 1e-4 * np.abs(reference).max()
+    missed = Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout="yolov8")
+    for method in ("occlusion", "rise", "integrated-gradients", "smoothgrad"):
+        with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
+            explainer.explain(image, method=method, targets=missed)
 
 
 def test_box_gradient_skips_the_zero_box_rows() -> None:
@@ -779,6 +823,47 @@ def test_v2_takes_target_objects(embedder_explainer: Explainer) -> None:
 
 
 # -- errors ------------------------------------------------------------------------------------------
+class _GridHead(torch.nn.Module):
+    """A YOLOv8-like raw head [N, 4 + 80, 21] for 32 x 32 images: fewer anchors (16 + 4 + 1 cells of its three
+    grids) than fields, so the longer axis is not the anchors axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.features = torch.nn.Conv2d(3, 8, 3, stride=8, padding=1)  # [N, 8, 4, 4]
+        self.head = torch.nn.Linear(8 * 16, 84 * 21)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fields = self.head(torch.relu(self.features(x)).flatten(1)).reshape(-1, 84, 21)
+        return torch.cat([torch.sigmoid(fields[:, :4]) * 32, torch.sigmoid(fields[:, 4:])], 1)
+
+
+def test_box_layout_is_told_from_the_shape_and_the_image_size() -> None:
+    """An axis as long as YOLO's predictions for the image size is the anchors axis (even the shorter one); a
+    shape both layouts read alike must be named; elsewhere the longer axis holds the anchors."""
+    assert detector_layout((84, 8400), None, (640, 640)) == "yolov8"
+    assert detector_layout((25200, 85), None, (640, 640)) == "yolov5"
+    assert detector_layout((84, 21), None, (32, 32)) == "yolov8"
+    assert detector_layout((63, 85), None, (32, 32)) == "yolov5"
+    assert detector_layout((6, 64), None, (32, 32)) == "yolov8"  # no YOLO grid at this size: the longer axis
+    for shape, size in [((84, 84), (64, 64)), ((50, 50), None), ((21, 63), (32, 32))]:
+        with pytest.raises(InvalidTargetError, match="name it"):
+            detector_layout(shape, None, size)
+    assert detector_layout((84, 84), "yolov5", (64, 64)) == "yolov5"
+    box = Box([1, 1, 20, 20], 0)
+    assert box.bound((84, 21), (32, 32)).layout == "yolov8" and box.layout is None  # the user's Box unchanged
+    model = _GridHead().eval()
+    image = _image((1, 3, 32, 32), seed=5)
+    with torch.no_grad():
+        predictions = model(torch.from_numpy(image))[0].numpy().T  # [anchors, fields]
+    cx, cy, w, h = predictions[0, :4]
+    target = Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), 7, iou=0.5)
+    explanation = Explainer(model, [model.features], input_size=(32, 32)).explain(image, targets=target)
+    chosen = Box(target.box, 7, iou=0.5, layout="yolov8")._overlapping(predictions)
+    assert chosen[0]
+    np.testing.assert_allclose(explanation.logits[0, 0], predictions[chosen, 4 + 7].sum(), rtol=1e-5)
+
+
 def test_target_errors(deeplab_explainer: Explainer, embedder_explainer: Explainer) -> None:
     image = _image((1, 3, SEG_SIZE, SEG_SIZE))
     with pytest.raises(InvalidTargetError, match=r"mask has shape \(32, 32\); the output's maps are \(64, 64\)"):

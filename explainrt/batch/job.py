@@ -465,7 +465,7 @@ class ExplainWorker:
         from explainrt.overlay import save_png
 
         overlays = explanation.overlays(captions=self.captions)
-        probabilities = softmax(explanation.class_scores)
+        probabilities = None if explanation.objective else softmax(explanation.class_scores)
         labels = explanation.labels
         for position, index in enumerate(good):
             for k, (name, row) in enumerate(zip(self.names, rows[index], strict=True)):
@@ -484,8 +484,8 @@ class ExplainWorker:
                     continue
                 predicted = int(np.argmax(explanation.class_scores[position]))
                 row.update(predicted_class=predicted, predicted_label=labels[predicted] if labels else None,
-                           probability=float(probabilities[position, predicted]),
-                           explained_probability=float(probabilities[position, explained]))
+                           probability=float(probabilities[position, predicted]),  # type: ignore[index]
+                           explained_probability=float(probabilities[position, explained]))  # type: ignore[index]
 
 
 def _worker_id() -> str:

@@ -121,7 +121,7 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: Any, ba
             overlays = explanation.overlays(captions=captions)
             timings = {"read": read, **explanation.timings, "batch_images": len(chunk)}
             objective = explanation.objective  # target objects: logits hold each image's objective [N, 1]
-            probabilities = softmax(explanation.class_scores)
+            probabilities = None if objective else softmax(explanation.class_scores)
             tops = [[]] * len(chunk) if objective else explanation.top_k(TOP_K)
             given = target if many else [target]
             for index, (source, top) in enumerate(zip(chunk, tops, strict=True)):
@@ -131,7 +131,7 @@ def _compute(explainer: Any, sources: list[Source], method: str, target: Any, ba
                     cls = int(explanation.targets[at])
                     known = explanation.labels and 0 <= cls < len(explanation.labels)
                     score = ({"objective": repr(chosen), "score": float(explanation.logits[index, k])} if objective
-                             else {"probability": float(probabilities[index, cls])})
+                             else {"probability": float(probabilities[index, cls])})  # type: ignore[index]
                     described = {"index": cls, "label": explanation.labels[cls] if known else None, **score}
                     parts.append(_Part(names[k] if many else "", explanation.maps[at], overlays[at],
                                        {key: values[at] for key, values in explanation.extras.items()},

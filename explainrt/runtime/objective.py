@@ -10,6 +10,10 @@ target reads the output's values, as ``Class(-k)`` does), or, for Softmax target
 the graph's ``probability`` seed; ``maps`` runs a CAM method's map head on the same objectives (where the
 inner session has map heads), one call per objective kind; ``logits`` and ``head`` return every target's objective of each
 (perturbed) input [b, T], so perturbation methods score each copy with the same objective.
+
+A Box that no prediction overlaps is an error on the images being explained; on a perturbed, noisy or
+interpolated copy of them it is an objective of 0 (its cotangent zero), as in pytorch-grad-cam's
+FasterRCNNBoxScoreTarget, so RISE, occlusion, IG and SmoothGrad run with boxes.
 """
 
 from __future__ import annotations
@@ -32,9 +36,15 @@ Result = TypeVar("Result", RunResult, MapsResult)
 class TargetSession:
     """``inner`` with the objectives of ``targets`` as its classes (see the module docstring)."""
 
-    def __init__(self, inner: Session, targets: Sequence[Target]) -> None:
+    def __init__(self, inner: Session, targets: Sequence[Target], images: Any = None, wanted: Any = None) -> None:
+        """``images``: the images being explained, and ``wanted`` the targets (ids, [N] or [N, K]) of each: the
+        only ones whose Boxes must match a prediction."""
         self.inner = inner
         self.targets = list(targets)
+        self._columns = {id(target): column for column, target in enumerate(self.targets)}
+        self._explained = [] if images is None else [(image, set(np.atleast_1d(ids).tolist()))
+                                                     for image, ids in zip(_host(images), np.asarray(wanted))]
+        self._samples = [_sample(image) for image, _ in self._explained]
         self.spec = dataclasses.replace(inner.spec, num_classes=len(self.targets))
         self.input_shape = inner.input_shape
 
@@ -64,7 +74,10 @@ class TargetSession:
                                    lambda batch, fed, kind: self.inner.maps(batch, fed, method, kind))  # type: ignore[attr-defined]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        return self.scores(_host(self.inner.logits(images)))
+        outputs = _host(self.inner.logits(images))
+        for index, output in enumerate(outputs):
+            self._check_matched(images, index, [(target, target.unmatched(output)) for target in self.targets])
+        return self.scores(outputs)
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         return self.scores(_host(self.inner.head(layer, activations, images)))
@@ -108,16 +121,19 @@ class TargetSession:
             boxes = np.array([[[*target.box, target.index, target.iou] for target in row] for row in chosen],  # type: ignore[attr-defined]
                              dtype=np.float32)
             result = call(images, boxes, f"boxes_{layout}")
-            for row, matched in zip(chosen, _host(result.targets)):
-                for target, count in zip(row, matched):
-                    if count == 0:
-                        raise target.no_overlap()  # type: ignore[attr-defined]
+            for index, (row, matched) in enumerate(zip(chosen, _host(result.targets))):
+                self._check_matched(images, index, [(target, target if count == 0 else None)
+                                                    for target, count in zip(row, matched)])
             return result
         split = [[_box_parts(target) for target in row] for row in chosen]
         layout = self._weighted_box_layout(split)
         if layout is not None:
-            return self._weighted_box_call(images, split, layout, call)
-        outputs = self._outputs(images, any(target.needs_values for row in chosen for target in row))
+            return self._weighted_box_call(images, chosen, split, layout, call)
+        values = any(target.needs_values for row in chosen for target in row)
+        outputs = self._outputs(images, values)
+        if values:
+            for index, (row, output) in enumerate(zip(chosen, outputs)):
+                self._check_matched(images, index, [(target, target.unmatched(output)) for target in row])
         weights = np.stack([np.stack([target.gradient(output) for target in row]) for row, output in
                             zip(chosen, outputs)]).astype(outputs.dtype)
         return call(images, weights, "weights")
@@ -138,7 +154,8 @@ class TargetSession:
         layouts = {detector_layout(shape, box.layout) for box in boxes}
         return layouts.pop() if len(layouts) == 1 else None
 
-    def _weighted_box_call(self, images: np.ndarray, split: list[list[tuple[list[Box], list[Target]]]], layout: str,
+    def _weighted_box_call(self, images: np.ndarray, chosen: list[list[Target]],
+                           split: list[list[tuple[list[Box], list[Target]]]], layout: str,
                            call: Callable[[np.ndarray, Any, str], Result]) -> Result:
         """One call of the weighted box objective: per target its other parts' constant weights, and its boxes
         padded to the most of any target with boxes that match nothing (IoU threshold 2)."""
@@ -154,12 +171,27 @@ class TargetSession:
                     boxes[i, k, b] = [*box.box, box.index, box.iou]
         result = call(images, (weights, boxes), f"weights_boxes_{layout}")
         matches = _host(result.targets)
-        for row, matched in zip(split, matches):
-            for (parts, _), counts in zip(row, matched):
-                for box, found in zip(parts, counts):
-                    if found == 0:
-                        raise box.no_overlap()
+        for index, (row, matched) in enumerate(zip(split, matches)):
+            self._check_matched(images, index, [(target, box if found == 0 else None)
+                                                for target, (parts, _), counts in zip(chosen[index], row, matched)
+                                                for box, found in zip(parts, counts)])
         return dataclasses.replace(result, targets=matches.sum(axis=2))
+
+    def _check_matched(self, images: Any, index: int, unmatched: list[tuple[Target, Box | None]]) -> None:
+        """Raise the error of a Box that matched nothing (``unmatched``: targets with such a Box, or None) when
+        image ``index`` of ``images`` is an image being explained and the target one of its own; on a copy of
+        an image, or for another image's target, the Box scores 0."""
+        missed = [(self._columns.get(id(target)), box) for target, box in unmatched if box is not None]
+        if not missed:
+            return
+        image = _host(images[index])
+        sample = _sample(image)
+        for (own, columns), own_sample in zip(self._explained, self._samples):
+            # a perturbed copy differs at some of the sampled pixels: the whole image is compared only after them
+            if image.shape == own.shape and np.array_equal(sample, own_sample) and np.array_equal(image, own):
+                for column, box in missed:
+                    if column in columns:
+                        raise box.no_overlap()
 
     def _outputs(self, images: np.ndarray, values: bool) -> np.ndarray:
         """What the targets' gradients are taken at: the forward pass's outputs where a target reads
@@ -168,6 +200,11 @@ class TargetSession:
         if values or not shape or not all(isinstance(d, int) for d in shape):
             return _host(self.inner.logits(images))
         return np.zeros((images.shape[0], *shape), dtype=np.float32)
+
+
+def _sample(image: np.ndarray) -> np.ndarray:
+    """Every 61st value of ``image``: a cheap first test of whether two images are equal."""
+    return image.reshape(-1)[::61]
 
 
 def _host(value: Any) -> np.ndarray:
