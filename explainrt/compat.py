@@ -140,6 +140,8 @@ def _as_target(target: Any, kind: str, index: int, spec: ExplainableSpec) -> int
         labels = [int(label) for label in np.asarray(_numpy(target.labels)).reshape(-1)]
         if len(labels) != len(boxes):
             raise InvalidInputError(f"target {index}: {len(labels)} labels for {len(boxes)} bounding boxes")
+        if not len(boxes):
+            raise InvalidInputError(f"target {index}: FasterRCNNBoxScoreTarget has no bounding boxes")
         return targets.Sum([targets.Box(box, label, float(target.iou_threshold)) for box, label in zip(boxes, labels)])
     try:
         category = operator.index(target.category)

@@ -76,6 +76,16 @@ def _class_in(index: int, classes: int | None, what: str) -> None:
                                  f"(use 0..{classes - 1}, or -k for the k-th most likely)")
 
 
+def _numbers(value: Any, what: str, dtype: type = np.float32) -> np.ndarray:
+    """``value`` as an array of numbers; InvalidTargetError for text, ragged sequences and non-numbers."""
+    if isinstance(value, (str, bytes)):
+        raise InvalidTargetError(f"{what} must be numbers (an array), got the text {value!r}")
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (ValueError, TypeError) as error:
+        raise InvalidTargetError(f"{what} must be an array of numbers of one shape, got {value!r:.80}: {error}") from None
+
+
 def _checked_index(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidTargetError(f"{name} must be an int, got {value!r}")
@@ -192,7 +202,7 @@ class Region(Target):
         self.index = _checked_index(class_index, "Region class_index")
         if self.index < 0:
             raise InvalidTargetError(f"Region class_index must be a class index >= 0, got {self.index}")
-        self.mask = np.asarray(mask, dtype=np.float32)
+        self.mask = _numbers(mask, "Region mask")
         if self.mask.ndim != 2 or self.mask.size == 0:
             raise InvalidTargetError(f"Region mask must be a 2-D array [H, W], got shape {self.mask.shape}")
         if not np.isfinite(self.mask).all():
@@ -280,11 +290,11 @@ class Box(Target):
     needs_values = True
 
     def __init__(self, xyxy: Sequence[float], class_index: int, iou: float = 0.5, layout: str | None = None) -> None:
-        box = np.asarray(xyxy, dtype=np.float64)
+        box = _numbers(xyxy, "Box xyxy", np.float64)
         if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
             raise InvalidTargetError(f"Box xyxy must be 4 finite numbers x1, y1, x2, y2 with x2 > x1 and y2 > y1, "
                                      f"got {xyxy!r}")
-        if isinstance(iou, bool) or not isinstance(iou, (int, float)) or not 0 < iou <= 1:
+        if isinstance(iou, (bool, np.bool_)) or not isinstance(iou, (int, float, np.integer, np.floating)) or not 0 < iou <= 1:
             raise InvalidTargetError(f"Box iou must be a number in (0, 1], got {iou!r}")
         if layout is not None and layout not in LAYOUTS:
             raise InvalidTargetError(f"Box layout must be one of {LAYOUTS}, got {layout!r}")
@@ -377,7 +387,7 @@ class Similarity(Target):
     """Dot product of an embedding output [N, D] with a concept vector [D]."""
 
     def __init__(self, vector: Any) -> None:
-        self.vector = np.asarray(vector, dtype=np.float32)
+        self.vector = _numbers(vector, "Similarity vector")
         if self.vector.ndim != 1 or self.vector.size == 0 or not np.isfinite(self.vector).all():
             raise InvalidTargetError(f"Similarity vector must be a finite 1-D array [D], got shape {self.vector.shape}")
 
@@ -398,7 +408,7 @@ class Weights(Target):
     """Any linear objective: sum(weights * y) for one image's output y (``weights`` has y's shape)."""
 
     def __init__(self, weights: Any) -> None:
-        self.weights = np.asarray(weights, dtype=np.float32)
+        self.weights = _numbers(weights, "Weights")
         if self.weights.ndim == 0 or not np.isfinite(self.weights).all():
             raise InvalidTargetError(f"Weights must be a finite array of the output's shape, got shape "
                                      f"{self.weights.shape}")

@@ -216,6 +216,9 @@ def test_bad_map_options(small_onnx) -> None:  # noqa: ANN001
         add_map_heads(copy.deepcopy(small_onnx), ["contrast-cam"])
     with pytest.raises(InvalidInputError, match="maps_dtype must be one of float32, float16, uint8"):
         add_map_heads(copy.deepcopy(small_onnx), ["gradcam"], maps_dtype="int8")
+    for maps in (5, ["gradcam", 5]):
+        with pytest.raises(InvalidInputError, match="maps must be method names"):
+            add_map_heads(copy.deepcopy(small_onnx), maps)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="map methods repeat"):
         add_map_heads(copy.deepcopy(small_onnx), ["gradcam", "GradCAM"])
     with pytest.raises(InvalidInputError, match="already has map heads for \\['gradcam'\\]"):

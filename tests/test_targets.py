@@ -531,6 +531,11 @@ def test_mixed_targets_and_class_fast_path(embedder_explainer: Explainer) -> Non
     mixed = explainer.explain(image, method="gradcam", targets=[Class(2), Difference(1, 0)], normalize=False)
     np.testing.assert_allclose(mixed.maps[0], fast.maps[0], rtol=1e-4, atol=1e-6)
     assert mixed.targets.tolist() == [2, 1]
+    # objectives, not class scores: no top classes from them (Explainer.predict has the model's scores)
+    with pytest.raises(InvalidTargetError, match="objectives"):
+        mixed.top_k(2)
+    assert [line.split(" | ")[0] for line in mixed.captions()] == [f"class 2 score {mixed.logits[0, 0]:.3g}",
+                                                                  f"class 1 score {mixed.logits[1, 0]:.3g}"]
 
 
 class _Calls:
@@ -681,6 +686,30 @@ def test_compat_binary_and_raw_scores_targets_match_pytorch_grad_cam(method: str
             ours = cam(input_tensor=image, targets=targets)
         assert reference.std(axis=(1, 2)).min() > 0.05  # maps that vary: the comparison says something
         np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_compat_faster_rcnn_box_score_target_is_the_sum_of_its_boxes() -> None:
+    """compat's FasterRCNNBoxScoreTarget on a raw head: per box and label the overlapping predictions' scores
+    summed, the maps those of explainrt's Sum of Boxes; a target without boxes is refused."""
+    from explainrt import compat
+
+    model = _TinyDetector("yolov8").eval()
+    image = _image((1, 3, 32, 32), seed=23)
+    with torch.no_grad():
+        predictions = model(torch.from_numpy(image))[0].numpy().T
+    picks = [int(np.argmax(predictions[:, 5])), int(np.argmax(predictions[:, 4]))]
+    boxes = np.array([np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32)
+                      for cx, cy, w, h in predictions[picks, :4]])
+    target = compat.FasterRCNNBoxScoreTarget(labels=[1, 0], bounding_boxes=boxes, iou_threshold=0.7)
+    with compat.GradCAM(model=model, target_layers=[model.features]) as cam:
+        ours = cam(input_tensor=torch.from_numpy(image), targets=[target])
+    summed = Sum([Box(boxes[0], 1, iou=0.7), Box(boxes[1], 0, iou=0.7)])
+    direct = Explainer(model, [model.features], input_size=(32, 32)).explain(image, targets=summed)
+    assert direct.maps.std() > 0.05
+    np.testing.assert_allclose(ours, direct.maps, atol=1e-5)
+    with compat.GradCAM(model=model, target_layers=[model.features]) as cam:
+        with pytest.raises(InvalidInputError, match="has no bounding boxes"):
+            cam(input_tensor=torch.from_numpy(image), targets=[compat.FasterRCNNBoxScoreTarget([], np.zeros((0, 4)))])
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -888,6 +917,14 @@ def test_target_errors(deeplab_explainer: Explainer, embedder_explainer: Explain
         Box([5, 5, 1, 1], 0)
     with pytest.raises(InvalidTargetError, match="layout must be one of"):
         Box([1, 1, 5, 5], 0, layout="detr")
+    for make, match in [(lambda: Region(1, [[1, 2], [3]]), "Region mask must be an array of numbers"),
+                        (lambda: Region(1, "mask.png"), "Region mask must be numbers"),
+                        (lambda: Weights([[1], [1, 2]]), "Weights must be an array of numbers"),
+                        (lambda: Similarity(["a", "b"]), "Similarity vector must be an array of numbers"),
+                        (lambda: Box("1,2,3,4", 0), "Box xyxy must be numbers")]:
+        with pytest.raises(InvalidTargetError, match=match):
+            make()
+    assert Box([1, 1, 5, 5], 0, iou=np.float32(0.5)).iou == 0.5
 
 
 def test_target_maps_from_map_heads_equal_the_python_path(embedder_explainer: Explainer, deeplab_explainer: Explainer,

@@ -92,7 +92,9 @@ def closed_form(method: str, objective: str | None = None, *, target_objective: 
 
 def checked_maps(maps: str | Sequence[str]) -> tuple[str, ...]:
     """Method names for map heads (a comma-separated string or a sequence), lower-cased, each checked."""
-    names = [m.strip() for m in maps.split(",")] if isinstance(maps, str) else [str(m).strip() for m in maps]
+    if not isinstance(maps, (str, Sequence)) or any(not isinstance(m, str) for m in ([] if isinstance(maps, str) else maps)):
+        raise InvalidInputError(f"maps must be method names (a sequence, or one comma-separated string), got {maps!r}")
+    names = [m.strip() for m in maps.split(",")] if isinstance(maps, str) else [m.strip() for m in maps]
     names = [n.lower() for n in names if n]
     for name in names:
         closed_form(name)
