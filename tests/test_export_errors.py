@@ -92,6 +92,44 @@ def test_explained_output_of_rank_below_2() -> None:
         make_explainable(model, "auto", logits="total")
 
 
+def test_an_inner_tensor_explained_becomes_an_output() -> None:
+    """A final Softmax's input, or an inner tensor named as the logits, is an output of the explainable model (a
+    runtime returns only outputs): its values come back, in ONNX Runtime and through the Explainer."""
+    from explainrt import Explainer
+
+    model = _model()
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1))
+    model.graph.output[0].name = "probabilities"
+    image = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    plain = onnxruntime_outputs(model, image, ["logits", "pooled"])
+    explained = Explainer(model.SerializeToString(), ["features"]).explain(image, normalize=False)
+    np.testing.assert_allclose(explained.logits, plain[0], rtol=1e-5, atol=1e-6)
+    inner = make_explainable(model, ["features"], logits="pooled")
+    assert "pooled" in [o.name for o in inner.graph.output]
+    np.testing.assert_allclose(onnxruntime_outputs(inner, image, ["pooled"])[0], plain[1], rtol=1e-6)
+
+
+def test_an_index_into_a_single_tensor_output_is_refused() -> None:
+    """output=1 on a model returning one tensor would pick along the batch axis: refused, naming it."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 5)).eval()
+    with pytest.raises(InvalidModelError, match=r"returns one tensor.*output=1 has nothing to choose"):
+        from_torch(model, torch.zeros(1, 3, 8, 8), [model[0]], output=1)
+    assert ExplainableSpec.from_model(from_torch(model, torch.zeros(1, 3, 8, 8), [model[0]], output=0)).num_classes == 5
+
+
+def onnxruntime_outputs(model: onnx.ModelProto, image: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """``names`` of ``model`` run on ``image`` in ONNX Runtime, inner tensors made outputs first."""
+    import onnxruntime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in known)
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: image if i.name == "image" else np.full((image.shape[0], 1), -1, np.int64) for i in session.get_inputs()}
+    return session.run(names, feeds)
+
+
 def test_target_off_the_path_to_the_logits() -> None:
     model = _model()
     model.graph.node.append(helper.make_node("Sigmoid", ["image"], ["side"], name="side_branch"))

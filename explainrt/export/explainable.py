@@ -118,6 +118,10 @@ def make_explainable(
     builder = GradientBuilder(proto)
     image_input = inputs.image_input(proto).name
     logits_name = _logits(builder, logits)
+    if logits_name not in {o.name for o in proto.graph.output}:  # an inner tensor (a final Softmax's input): the
+        info = builder.info(logits_name)  # runtime returns graph outputs only, so it becomes one
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(
+            logits_name, info.elem_type, None if info.shape is None else list(info.shape)))
     _refuse_qoperator(builder, logits_name)
     num_classes = _num_classes(builder, logits_name)
     output_info = builder.info(logits_name)

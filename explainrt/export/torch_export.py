@@ -214,10 +214,15 @@ def from_torch(
 
 
 def model_output(value: Any, output: str | int | None = None) -> torch.Tensor:
-    """The logits among a model's outputs: a tensor as it is; ``output`` (a key, attribute or index)
-    where given; else a Hugging Face ``ModelOutput``'s ``logits``, a dict's ``"out"`` (torchvision
+    """The logits among a model's outputs: a tensor as it is (``output`` None or 0); ``output`` (a key, attribute
+    or index) where given; else a Hugging Face ``ModelOutput``'s ``logits``, a dict's ``"out"`` (torchvision
     segmentation) or ``"logits"``, a tuple's first element."""
-    if output is not None:
+    if output is not None and isinstance(value, torch.Tensor):
+        if output != 0:  # indexing the tensor would pick along its batch axis
+            raise InvalidModelError(f"the model returns one tensor {tuple(value.shape)}: output={output!r} has nothing "
+                                    "to choose (leave it out, or 0)")
+        chosen = value
+    elif output is not None:
         try:
             chosen = value[output] if isinstance(value, (dict, tuple, list)) or isinstance(output, int) else (
                 getattr(value, output) if hasattr(value, output) else value[output])
