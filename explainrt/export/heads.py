@@ -464,7 +464,10 @@ def _normalized_resize(b: GraphBuilder, maps: V, rows: np.ndarray, columns: np.n
     extremes = _resized_by(b, maps, rows[keep_rows], columns[:, keep_columns])  # [N, K, r, c]
     low = V(b, b.reduce("ReduceMin", extremes.name, [-2, -1]))
     high = V(b, b.reduce("ReduceMax", (extremes - low).name, [-2, -1]))
-    return _resized_by(b, (maps - low) / (high + CAM_EPS), rows, columns)
+    resized = _resized_by(b, (maps - low) / (high + CAM_EPS), rows, columns)
+    # the MatMuls' rounding leaves values like -1e-13 where the full-size normalisation gave 0: kept in [0, 1]
+    bounds = [b.constant(0.0, dtype=TensorProto.FLOAT), b.constant(1.0, dtype=TensorProto.FLOAT)]
+    return V(b, b.op("Clip", [resized.name, *bounds]), TensorInfo(TensorProto.FLOAT, None))
 
 
 def extreme_rows(table: np.ndarray) -> np.ndarray | None:
