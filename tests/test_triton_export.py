@@ -197,3 +197,34 @@ def test_cli_export_maps(small_onnx, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "no map head for 'nosuch'" in capsys.readouterr().err
     assert main(["export", str(model), "-o", str(out), "--maps-only"]) == 2
     assert "--maps-only needs --maps METHODS" in capsys.readouterr().err
+
+
+def test_cli_export_objective_takes_target_objects_in_the_graph(small_onnx, small_batch, tmp_path: Path,  # noqa: ANN001
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--objective weights: the exported model takes explainrt.weights (any linear objective: a Region, a
+    Similarity) in place of class indices, also in Triton's config; one-hot weights give the class-index
+    maps. --objective cross_entropy gives Contrast-CAM its head; a method of another objective is refused."""
+    model = tmp_path / "small.onnx"
+    onnx.save(small_onnx, model)
+    out, classes = tmp_path / "weights.onnx", tmp_path / "classes.onnx"
+    assert main(["export", str(model), "-o", str(out), "--objective", "weights", "--maps", "gradcam", "--maps-only",
+                 "--triton", str(tmp_path / "repo")]) == 0
+    assert "objective weights" in capsys.readouterr().out
+    assert main(["export", str(model), "-o", str(classes), "--maps", "gradcam", "--maps-only"]) == 0
+    weighted = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in weighted.get_inputs()] == ["input", "explainrt.weights"]
+    one_hot = np.zeros((3, 1, SMALL_CLASSES), np.float32)
+    one_hot[np.arange(3), 0, [0, 3, 7]] = 1
+    ours = weighted.run(["explainrt.maps.gradcam"], {"input": small_batch, "explainrt.weights": one_hot})[0]
+    by_class = ort.InferenceSession(str(classes), providers=["CPUExecutionProvider"]).run(
+        ["explainrt.maps.gradcam"], {"input": small_batch, "explainrt.targets": np.array([[0], [3], [7]], np.int64)})[0]
+    assert by_class.std() > 0.05
+    np.testing.assert_allclose(ours, by_class, atol=1e-5)
+    config = parse_config(tmp_path / "repo" / "small")
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, *SMALL_SIZE]),
+                                                              ("explainrt.weights", [-1, SMALL_CLASSES])]
+    contrast = tmp_path / "contrast.onnx"
+    assert main(["export", str(model), "-o", str(contrast), "--objective", "cross_entropy", "--maps", "contrast-cam"]) == 0
+    assert "explainrt.maps.contrast-cam" in [o.name for o in onnx.load(contrast).graph.output]
+    assert main(["export", str(model), "-o", str(contrast), "--objective", "cross_entropy", "--maps", "gradcam"]) == 2
+    assert "weighs the gradients of objective 'logit'" in capsys.readouterr().err

@@ -9,8 +9,9 @@ from typing import Any
 
 from explainrt.cli.common import load_model, positive_int
 from explainrt.errors import InvalidInputError
-from explainrt.export.heads import MAPS_DTYPES, add_map_heads, checked_maps
-from explainrt.export.spec import TAP_PREFIX, ExplainableSpec
+from explainrt.export.heads import MAPS_DTYPES, TARGET_OBJECTIVES, add_map_heads, checked_maps, closed_form
+from explainrt.export.spec import OBJECTIVES, TAP_PREFIX, ExplainableSpec
+from explainrt.export.variants import variant_model
 from explainrt.files import write_atomic
 
 
@@ -28,6 +29,11 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                         help="target layer: an ONNX tensor name, or a dotted module name (layer4) for a torchvision "
                              "architecture; repeat for several (default: the last spatial layer)")
     export.add_argument("--logits", metavar="NAME", help="the ONNX tensor of class scores (default: the first output)")
+    export.add_argument("--objective", choices=tuple(OBJECTIVES), default="logit",
+                        help="what the gradients (and maps) are of: logit (input explainrt.targets, class indices); "
+                             "cross_entropy (Contrast-CAM's maps); weights (any linear objective, e.g. a Region or "
+                             "Similarity target: input explainrt.weights [N, K, *output]); boxes_yolov8 / boxes_yolov5 "
+                             "(Box targets: input explainrt.boxes [N, K, 6]); weights_boxes_* (both); default logit")
     export.add_argument("--maps", metavar="METHODS",
                         help="append map heads for these comma-separated methods (gradcam,gradcam++,xgradcam,hirescam,"
                              "layercam,counterfactual-cam; contrast-cam with a cross_entropy model): outputs "
@@ -77,15 +83,20 @@ def _export(args: argparse.Namespace) -> int:
     if args.maps_only and not args.maps:
         raise InvalidInputError("--maps-only needs --maps METHODS")
     maps = checked_maps(args.maps or "")  # before the (slow) export
+    for method in maps:  # a logit method's head weighs a target objective's gradients in its place
+        closed_form(method, args.objective, target_objective=True)
     if args.triton is not None:
         from explainrt.deploy.triton import check_triton_target
 
         check_triton_target(args.triton, *triton_settings)  # before the (slow) export
     proto = load_model(args).explainable
+    proto = variant_model(proto, ExplainableSpec.from_model(proto), args.objective, False)
     if maps:
-        proto = add_map_heads(copy.deepcopy(proto), maps, args.maps_only, args.maps_dtype)
+        proto = add_map_heads(copy.deepcopy(proto), maps, args.maps_only, args.maps_dtype,
+                              target_objective=args.objective in TARGET_OBJECTIVES)
     spec = ExplainableSpec.from_model(proto)
-    explains = f"explains {spec.logits!r} ({spec.num_classes} classes) w.r.t. {', '.join(map(repr, _layer_names(spec, args)))}"
+    explains = (f"explains {spec.logits!r} ({spec.num_classes} classes; objective {spec.objective}) w.r.t. "
+                f"{', '.join(map(repr, _layer_names(spec, args)))}")
     if maps:
         explains += f"; maps {', '.join(maps)} ({spec.maps_dtype}{', maps only' if spec.maps_only else ''})"
     if args.output is not None:
