@@ -353,6 +353,12 @@ class Explainer:
             logits = np.take_along_axis(logits, wanted.reshape(wanted.shape[0], -1), axis=1)
             explained = np.array([[target.class_index for target in row] for row in objects],
                                  dtype=np.int64).reshape(wanted.shape)
+            ranked = np.array([[target.ranks_classes and target.class_index < 0 for target in row] for row in objects])
+            if ranked.any():  # -k (Softmax(-2), Difference(-1, -2)): the class each image ranks k-th
+                order = np.argsort(-class_scores(np.asarray(self.session.logits(batch))), axis=1, kind="stable")
+                flat = explained.reshape(explained.shape[0], -1)
+                by_rank = np.take_along_axis(order, np.maximum(-flat - 1, 0), axis=1)
+                explained = np.where(ranked.reshape(flat.shape), by_rank, flat).reshape(explained.shape)
             drawn = [target.outline(tuple(batch.shape[2:])) for row in objects for target in row]
             if any(edges is not None for edges in drawn):
                 outlines = np.stack([np.zeros(batch.shape[2:], bool) if edges is None else edges

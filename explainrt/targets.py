@@ -35,6 +35,7 @@ class Target(ABC):
     """One objective of one image's explained output (see the module docstring)."""
 
     needs_values: bool = False  # gradient() reads the output's values, not only its shape
+    ranks_classes: bool = False  # a class_index -k is the image's k-th most likely class (else -1 is "no class")
     linear: bool = True  # False: differentiated in the graph (Softmax), gradient() unused
 
     @property
@@ -110,6 +111,8 @@ def _needs_classes(shape: Shape, what: str, rank: int | None = None) -> None:
 class Class(Target):
     """The class's score: its logit on [N, classes], its scores summed over the other axes on [N, classes, ...]."""
 
+    ranks_classes = True
+
     def __init__(self, index: int) -> None:
         self.index = _checked_index(index, "Class index")
         self.needs_values = self.index < 0
@@ -133,6 +136,8 @@ class Class(Target):
 
 class Softmax(Target):
     """The class's probability softmax(y)_index on an output [N, classes] (nonlinear: seeded in the graph)."""
+
+    ranks_classes = True
 
     linear = False
 
@@ -168,6 +173,8 @@ def _softmax(y: np.ndarray) -> np.ndarray:
 
 class Difference(Target):
     """Score of class p minus score of class q ("why p rather than q")."""
+
+    ranks_classes = True
 
     def __init__(self, p: int, q: int) -> None:
         self.p, self.q = _checked_index(p, "Difference p"), _checked_index(q, "Difference q")

@@ -531,6 +531,9 @@ def test_mixed_targets_and_class_fast_path(embedder_explainer: Explainer) -> Non
     mixed = explainer.explain(image, method="gradcam", targets=[Class(2), Difference(1, 0)], normalize=False)
     np.testing.assert_allclose(mixed.maps[0], fast.maps[0], rtol=1e-4, atol=1e-6)
     assert mixed.targets.tolist() == [2, 1]
+    ranked = explainer.explain(image, method="gradcam", targets=[Softmax(-2), Difference(-1, -2)], normalize=False)
+    order = np.argsort(-explainer.predict(image), axis=1)
+    assert ranked.targets.tolist() == [order[0, 1], order[1, 0]]  # the classes the ranks name, not the ranks
     # objectives, not class scores: no top classes from them (Explainer.predict has the model's scores)
     with pytest.raises(InvalidTargetError, match="objectives"):
         mixed.top_k(2)
