@@ -769,6 +769,39 @@ def test_cli_region_and_box_targets(tmp_path: Path, capsys: pytest.CaptureFixtur
         parse(f"region:{tmp_path / 'missing.png'}:1")
 
 
+def test_cli_box_target_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--target box:x1,y1,x2,y2:class:iou on an exported detector head: the objective the Explainer gives for
+    that Box, and the box outline drawn in white on the overlay."""
+    import json
+
+    from PIL import Image
+
+    from explainrt.cli import main
+    from explainrt.export.torch_export import from_torch
+    from explainrt.models import PreprocessingOverrides, load
+
+    model = _TinyDetector("yolov8").eval()
+    onnx.save(from_torch(model, torch.zeros(1, 3, 32, 32), [model.features]), tmp_path / "det.onnx")
+    picture = np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "image.png")
+    explainer = Explainer(load(str(tmp_path / "det.onnx"), overrides=PreprocessingOverrides(input_size=(32, 32))))
+    batch, _ = explainer.prepare(str(tmp_path / "image.png"))
+    with torch.no_grad():
+        predictions = model(torch.from_numpy(batch))[0].numpy().T
+    cx, cy, w, h = predictions[int(np.argmax(predictions[:, 5]))][:4]
+    x1, y1, x2, y2 = (int(v) for v in np.clip(np.round([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), 0, 32))
+    code = main(["explain", str(tmp_path / "image.png"), "--model", str(tmp_path / "det.onnx"), "--input-size", "32",
+                 "32", "--target", f"box:{x1},{y1},{x2},{y2}:1:0.3", "--no-caption", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "explanations.json").read_text())["images"][0]
+    expected = explainer.explain(str(tmp_path / "image.png"), targets=Box([x1, y1, x2, y2], 1, iou=0.3))
+    assert record["target"]["index"] == 1 and expected.logits[0, 0] > 0
+    np.testing.assert_allclose(record["target"]["score"], expected.logits[0, 0], rtol=1e-5)
+    drawn = np.asarray(Image.open(tmp_path / "out" / record["overlay"]))
+    right, bottom = min(x2, 31), min(y2, 31)
+    assert (drawn[y1, x1:right + 1] == 255).all() and (drawn[y1:bottom + 1, right] == 255).all()  # the box, in white
+
+
 def _server_takes_targets_as_json(explainer: Explainer, picture: np.ndarray, mask: np.ndarray) -> None:
     """POST /v1/models/NAME:explain with a region target as JSON: the map the in-process call gives."""
     import base64
