@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -355,7 +355,7 @@ class Explainer:
                                  dtype=np.int64).reshape(wanted.shape)
             ranked = np.array([[target.ranks_classes and target.class_index < 0 for target in row] for row in objects])
             if ranked.any():  # -k (Softmax(-2), Difference(-1, -2)): the class each image ranks k-th
-                order = np.argsort(-class_scores(np.asarray(self.session.logits(batch))), axis=1, kind="stable")
+                order = cast(TargetSession, session).classes_by_rank(batch, int(batch_size))
                 flat = explained.reshape(explained.shape[0], -1)
                 by_rank = np.take_along_axis(order, np.maximum(-flat - 1, 0), axis=1)
                 explained = np.where(ranked.reshape(flat.shape), by_rank, flat).reshape(explained.shape)

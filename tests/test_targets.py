@@ -433,6 +433,19 @@ def test_boxes_on_copies_of_the_image_score_zero_on_the_image_they_must_match() 
     for method in ("occlusion", "rise", "integrated-gradients", "smoothgrad"):
         with pytest.raises(InvalidTargetError, match="no prediction overlaps"):
             explainer.explain(image, method=method, targets=missed)
+    # two images, each with a Box only it matches: the other image's Box is no error on it, and each map is the
+    # one the image gets alone
+    second = _image((1, 3, 32, 32), seed=23)
+    with torch.no_grad():
+        others = model(torch.from_numpy(second))[0].numpy().T
+    cx, cy, w, h = others[16][:4]  # a prediction of the second image that the first has none like (IoU >= 0.9)
+    own = Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), 0, iou=0.9, layout="yolov8")
+    assert not box._overlapping(others).any() and not own._overlapping(predictions).any()
+    both = np.concatenate([image, second])
+    for method, options in (("occlusion", {"window": (8, 8), "stride": (8, 8)}), ("integrated-gradients", {"steps": 4})):
+        pair = explainer.explain(both, method=method, targets=[box, own], normalize=False, **options)
+        alone = explainer.explain(second, method=method, targets=own, normalize=False, **options)
+        np.testing.assert_allclose(pair.maps[1], alone.maps[0], rtol=1e-4, atol=1e-6)
 
 
 def test_box_gradient_skips_the_zero_box_rows() -> None:

@@ -228,3 +228,9 @@ def test_cli_export_objective_takes_target_objects_in_the_graph(small_onnx, smal
     assert "explainrt.maps.contrast-cam" in [o.name for o in onnx.load(contrast).graph.output]
     assert main(["export", str(model), "-o", str(contrast), "--objective", "cross_entropy", "--maps", "gradcam"]) == 2
     assert "weighs the gradients of objective 'logit'" in capsys.readouterr().err
+    # a model of another objective keeps it unless told otherwise (and takes its methods' heads)
+    assert main(["export", str(contrast), "-o", str(tmp_path / "again.onnx"), "--maps", "counterfactual-cam"]) == 2
+    assert "differentiates 'cross_entropy'" in capsys.readouterr().err
+    assert main(["export", str(contrast), "-o", str(tmp_path / "again.onnx")]) == 0
+    assert "objective cross_entropy" in capsys.readouterr().out
+    assert ExplainableSpec.from_model(onnx.load(tmp_path / "again.onnx")).maps == ("contrast-cam",)

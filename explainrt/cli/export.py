@@ -29,14 +29,15 @@ def register(commands: Any, parents: dict[str, argparse.ArgumentParser]) -> None
                         help="target layer: an ONNX tensor name, or a dotted module name (layer4) for a torchvision "
                              "architecture; repeat for several (default: the last spatial layer)")
     export.add_argument("--logits", metavar="NAME", help="the ONNX tensor of class scores (default: the first output)")
-    export.add_argument("--objective", choices=tuple(OBJECTIVES), default="logit",
+    export.add_argument("--objective", choices=tuple(OBJECTIVES),
                         help="what the gradients (and maps) are of: logit (input explainrt.targets, class indices); "
                              "cross_entropy (Contrast-CAM's maps); weights (any linear objective, e.g. a Region or "
                              "Similarity target: input explainrt.weights [N, K, *output]); boxes_yolov8 / boxes_yolov5 "
-                             "(Box targets: input explainrt.boxes [N, K, 6]); weights_boxes_* (both); default logit")
+                             "(Box targets: input explainrt.boxes [N, K, 6]); weights_boxes_* (both); default: the "
+                             "model's own (logit for a model not explainable yet)")
     export.add_argument("--maps", metavar="METHODS",
                         help="append map heads for these comma-separated methods (gradcam,gradcam++,xgradcam,hirescam,"
-                             "layercam,counterfactual-cam; contrast-cam with a cross_entropy model): outputs "
+                             "layercam,counterfactual-cam; contrast-cam with --objective cross_entropy): outputs "
                              "explainrt.maps.<method> [N, K, H, W], the normalised heatmaps computed in the graph")
     export.add_argument("--maps-only", action="store_true",
                         help="with --maps: drop the activation and gradient outputs (only logits, resolved targets "
@@ -84,16 +85,19 @@ def _export(args: argparse.Namespace) -> int:
         raise InvalidInputError("--maps-only needs --maps METHODS")
     maps = checked_maps(args.maps or "")  # before the (slow) export
     for method in maps:  # a logit method's head weighs a target objective's gradients in its place
-        closed_form(method, args.objective, target_objective=True)
+        closed_form(method, args.objective, target_objective=True)  # no --objective: add_map_heads checks the model's
     if args.triton is not None:
         from explainrt.deploy.triton import check_triton_target
 
         check_triton_target(args.triton, *triton_settings)  # before the (slow) export
     proto = load_model(args).explainable
-    proto = variant_model(proto, ExplainableSpec.from_model(proto), args.objective, False)
+    loaded = ExplainableSpec.from_model(proto)
+    objective = args.objective or loaded.objective
+    if objective != loaded.objective:  # the model made explainable again, for the objective asked for
+        proto = variant_model(proto, loaded, objective, False)
     if maps:
         proto = add_map_heads(copy.deepcopy(proto), maps, args.maps_only, args.maps_dtype,
-                              target_objective=args.objective in TARGET_OBJECTIVES)
+                              target_objective=objective in TARGET_OBJECTIVES)
     spec = ExplainableSpec.from_model(proto)
     explains = (f"explains {spec.logits!r} ({spec.num_classes} classes; objective {spec.objective}) w.r.t. "
                 f"{', '.join(map(repr, _layer_names(spec, args)))}")

@@ -175,7 +175,8 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 
 
 def original_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without what make_explainable added: plain inference, same original outputs."""
+    """The model without what make_explainable added: plain inference, its original outputs (and the explained
+    tensor, where make_explainable made an inner one an output)."""
     plain = copy.deepcopy(model)
     graph = plain.graph
     for field_name, prefix in (("node", "explainrt/"), ("initializer", "explainrt/"), ("input", "explainrt."), ("output", "explainrt.")):

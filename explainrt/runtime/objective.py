@@ -38,13 +38,15 @@ class TargetSession:
 
     def __init__(self, inner: Session, targets: Sequence[Target], images: Any = None, wanted: Any = None) -> None:
         """``images``: the images being explained, and ``wanted`` the targets (ids, [N] or [N, K]) of each: the
-        only ones whose Boxes must match a prediction."""
+        only ones whose Boxes must match a prediction (None: every image and target, as if each were explained)."""
         self.inner = inner
         self.targets = list(targets)
         self._columns = {id(target): column for column, target in enumerate(self.targets)}
-        self._explained = [] if images is None else [(image, set(np.atleast_1d(ids).tolist()))
-                                                     for image, ids in zip(_host(images), np.asarray(wanted))]
-        self._samples = [_sample(image) for image, _ in self._explained]
+        self._explained: list[tuple[np.ndarray, set[int]]] = [] if images is None else [
+            (image, set(np.atleast_1d(ids).tolist())) for image, ids in zip(_host(images), np.asarray(wanted))]
+        self._by_sample: dict[tuple[Any, ...], list[int]] = {}
+        for index, (image, _) in enumerate(self._explained):
+            self._by_sample.setdefault(_sample_key(image), []).append(index)
         self.spec = dataclasses.replace(inner.spec, num_classes=len(self.targets))
         self.input_shape = inner.input_shape
 
@@ -76,8 +78,17 @@ class TargetSession:
     def logits(self, images: np.ndarray) -> np.ndarray:
         outputs = _host(self.inner.logits(images))
         for index, output in enumerate(outputs):
-            self._check_matched(images, index, [(target, target.unmatched(output)) for target in self.targets])
+            for column in sorted(self._own_columns(images, index)):
+                if (box := self.targets[column].unmatched(output)) is not None:
+                    raise box.no_overlap()
         return self.scores(outputs)
+
+    def classes_by_rank(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        """Each image's class indices from the most to the least likely, [n, classes] (the inner model's output
+        summed over its axes after the classes), in runtime calls of at most ``batch_size`` images."""
+        scores = np.concatenate([_host(self.inner.logits(images[start:start + batch_size]))
+                                 for start in range(0, images.shape[0], batch_size)])
+        return np.argsort(-scores.reshape(*scores.shape[:2], -1).sum(axis=2), axis=1, kind="stable")
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         return self.scores(_host(self.inner.head(layer, activations, images)))
@@ -133,7 +144,9 @@ class TargetSession:
         outputs = self._outputs(images, values)
         if values:
             for index, (row, output) in enumerate(zip(chosen, outputs)):
-                self._check_matched(images, index, [(target, target.unmatched(output)) for target in row])
+                own = self._own_columns(images, index)
+                self._check_matched(images, index, [(target, target.unmatched(output)) for target in row
+                                                    if self._columns.get(id(target)) in own])
         weights = np.stack([np.stack([target.gradient(output) for target in row]) for row, output in
                             zip(chosen, outputs)]).astype(outputs.dtype)
         return call(images, weights, "weights")
@@ -182,16 +195,24 @@ class TargetSession:
         image ``index`` of ``images`` is an image being explained and the target one of its own; on a copy of
         an image, or for another image's target, the Box scores 0."""
         missed = [(self._columns.get(id(target)), box) for target, box in unmatched if box is not None]
-        if not missed:
-            return
+        if missed:
+            own = self._own_columns(images, index)
+            for column, box in missed:
+                if column in own:
+                    raise box.no_overlap()  # type: ignore[union-attr]
+
+    def _own_columns(self, images: Any, index: int) -> set[int]:
+        """The targets (columns) of the explained image that image ``index`` of ``images`` is (equal values), or
+        none for a perturbed, noisy or interpolated copy; every target when no images were given."""
+        if not self._explained:
+            return set(range(len(self.targets)))
         image = _host(images[index])
-        sample = _sample(image)
-        for (own, columns), own_sample in zip(self._explained, self._samples):
-            # a perturbed copy differs at some of the sampled pixels: the whole image is compared only after them
-            if image.shape == own.shape and np.array_equal(sample, own_sample) and np.array_equal(image, own):
-                for column, box in missed:
-                    if column in columns:
-                        raise box.no_overlap()
+        # a copy differs at some sampled pixels (its key is not found): whole images are compared only after them
+        for candidate in self._by_sample.get(_sample_key(image), ()):
+            own, columns = self._explained[candidate]
+            if np.array_equal(image, own):
+                return columns
+        return set()
 
     def _outputs(self, images: np.ndarray, values: bool) -> np.ndarray:
         """What the targets' gradients are taken at: the forward pass's outputs where a target reads
@@ -202,9 +223,9 @@ class TargetSession:
         return np.zeros((images.shape[0], *shape), dtype=np.float32)
 
 
-def _sample(image: np.ndarray) -> np.ndarray:
-    """Every 61st value of ``image``: a cheap first test of whether two images are equal."""
-    return image.reshape(-1)[::61]
+def _sample_key(image: np.ndarray) -> tuple[Any, ...]:
+    """The shape, dtype and every 61st value of ``image``: equal for equal images, a cheap first test."""
+    return image.shape, image.dtype.str, np.ascontiguousarray(image.reshape(-1)[::61]).tobytes()
 
 
 def _host(value: Any) -> np.ndarray:
