@@ -253,8 +253,7 @@ def _method_maps(b: GraphBuilder, form: ClosedForm, layers: list[tuple[V, V]], i
         else:
             cams = ops.relu((weights * weighted).sum([-3], keepdims=False))  # [N, K, h, w]
         per_layer.append((_normalized(b, cams), list(shape[2:4]) if shape else []))
-    tables = _resize_tables(b, image, per_layer[0][1])
-    if len(per_layer) == 1 and tables is not None:
+    if len(per_layer) == 1 and (tables := _resize_tables(b, image, per_layer[0][1])) is not None:
         return _normalized_resize(b, per_layer[0][0], *tables)
     resized = [_resize_like_image(b, maps, image, grid) for maps, grid in per_layer]
     combined = resized[0] if len(resized) == 1 else add_n([ops.relu(m) for m in resized]) / float(len(resized))

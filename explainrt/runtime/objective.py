@@ -78,9 +78,7 @@ class TargetSession:
     def logits(self, images: np.ndarray) -> np.ndarray:
         outputs = _host(self.inner.logits(images))
         for index, output in enumerate(outputs):
-            for column in sorted(self._own_columns(images, index)):
-                if (box := self.targets[column].unmatched(output)) is not None:
-                    raise box.no_overlap()
+            self._check_own_boxes(images, index, output, self.targets)
         return self.scores(outputs)
 
     def classes_by_rank(self, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -144,9 +142,7 @@ class TargetSession:
         outputs = self._outputs(images, values)
         if values:
             for index, (row, output) in enumerate(zip(chosen, outputs)):
-                own = self._own_columns(images, index)
-                self._check_matched(images, index, [(target, target.unmatched(output)) for target in row
-                                                    if self._columns.get(id(target)) in own])
+                self._check_own_boxes(images, index, output, row)
         weights = np.stack([np.stack([target.gradient(output) for target in row]) for row, output in
                             zip(chosen, outputs)]).astype(outputs.dtype)
         return call(images, weights, "weights")
@@ -200,6 +196,14 @@ class TargetSession:
             for column, box in missed:
                 if column in own:
                     raise box.no_overlap()  # type: ignore[union-attr]
+
+    def _check_own_boxes(self, images: Any, index: int, output: np.ndarray, targets: Sequence[Target]) -> None:
+        """Raise the error of a Box of ``targets`` that no prediction of ``output`` overlaps, when image ``index``
+        of ``images`` is an image being explained and the target one of its own (a copy's targets are not read)."""
+        own = self._own_columns(images, index)
+        for target in targets:
+            if self._columns.get(id(target)) in own and (box := target.unmatched(output)) is not None:
+                raise box.no_overlap()
 
     def _own_columns(self, images: Any, index: int) -> set[int]:
         """The targets (columns) of the explained image that image ``index`` of ``images`` is (equal values), or
