@@ -285,6 +285,23 @@ def _gather_pad() -> list[Case]:
              attrs={"axis": 1}),
         case("Gather", "wrapping-run", ["x", "i"], {"x": n64([5, 3])}, constants={"i": np.array([-2, -1], I64)}),
     ]
+    # GatherND: torch's adaptive pooling to a size its input does not divide gathers index pairs, some twice
+    pooled = np.array([[[0, 0], [0, 1]], [[1, 1], [1, 1]], [[2, -1], [0, 0]]], I64)  # [3, 2, 2]: (0, 0) thrice
+    cases += [
+        case("GatherND", "pairs-repeating", ["x", "i"], {"x": n64([3, 4, 2])}, constants={"i": pooled}),
+        case("GatherND", "one-axis-slices", ["x", "i"], {"x": n64([4, 3])}, constants={"i": np.array([[3], [-4], [3]], I64)}),
+        case("GatherND", "full-index", ["x", "i"], {"x": n64([2, 3])}, constants={"i": np.array([[1, 2], [0, -1]], I64)}),
+        case("GatherND", "runtime-indices", ["x", "i"], {"x": n64([3, 2, 2]), "i": np.array([[2, 1], [2, 1]], I64)}),
+        case("GatherND", "distinct-opset13", ["x", "i"], {"x": n64([3, 4])}, constants={"i": np.array([[0, 1], [2, -1]], I64)},
+             opset=13),
+        case("GatherElements", "axis0-repeats", ["x", "i"], {"x": n64([3, 4])},
+             constants={"i": np.array([[0, 2, 2, 1], [0, -1, 2, 0]], I64)}),
+        case("GatherElements", "axis-last", ["x", "i"], {"x": n64([2, 3, 4])},
+             constants={"i": np.array([[[3, 3], [0, -1], [1, 2]], [[0, 0], [2, 2], [1, 1]]], I64)}, attrs={"axis": -1}),
+        case("GatherElements", "int32-runtime", ["x", "i"], {"x": n64([3, 2]), "i": np.array([[1, 1], [2, 0]], np.int32)}),
+        case("GatherElements", "distinct-opset13", ["x", "i"], {"x": n64([3, 2])},
+             constants={"i": np.array([[1, 1], [2, 0]], I64)}, opset=13),
+    ]
     x = n64([2, 3, 4])
     cases += [
         case("Pad", "constant-zero", ["x", "p"], {"x": x}, constants={"p": np.array([0, 1, 2, 1, 0, 3], I64)}),
@@ -890,6 +907,19 @@ def test_gather_with_repeated_indices_before_opset16_is_unsupported() -> None:
     assert error.node_name == "repeating_gather" and "opset 16" in str(error)
     error = _error_for([gather], {"x": n64([4, 3]), "i": np.array([1, 3], I64)}, ["x"], opset=13)
     assert error.op_type == "Gather"
+
+
+def test_gather_nd_and_elements_refusals() -> None:
+    """Repeating or computed indices before opset 16 (no reduction='add'), and GatherND with batch_dims."""
+    nd = helper.make_node("GatherND", ["x", "i"], ["y"], name="repeating_gather_nd")
+    error = _error_for([nd], {"x": n64([3, 2])}, ["x"], opset=13, constants={"i": np.array([[1, 0], [-2, 0]], I64)})
+    assert error.node_name == "repeating_gather_nd" and "opset 16" in str(error)
+    elements = helper.make_node("GatherElements", ["x", "i"], ["y"], name="repeating_gather_elements")
+    error = _error_for([elements], {"x": n64([3, 2]), "i": np.array([[1, 0]], I64)}, ["x"], opset=13)
+    assert error.node_name == "repeating_gather_elements" and "opset 16" in str(error)
+    batched = helper.make_node("GatherND", ["x", "i"], ["y"], name="batched_gather_nd", batch_dims=1)
+    error = _error_for([batched], {"x": n64([2, 3])}, ["x"], constants={"i": np.array([[1], [2]], I64)})
+    assert error.node_name == "batched_gather_nd" and "batch_dims" in str(error)
 
 
 @pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])

@@ -162,15 +162,21 @@ MODULES = {  # id: (module, input shape, the operator it exports)
     "normalize-p2": (lambda: Lambda(lambda x: F.normalize(x, dim=1)), [2, 4, 3, 2], "ReduceL2"),
     "normalize-p1": (lambda: Lambda(lambda x: F.normalize(x, p=1, dim=1)), [2, 4, 3, 2], "ReduceL1"),
     "repeat": (lambda: Lambda(lambda x: x.repeat(1, 2, 1, 3) * 2), [2, 3, 2, 2], "Tile"),
+    "gather": (lambda: Lambda(lambda x: torch.gather(x, 2, torch.tensor([[[0, 2], [1, 1], [2, 0]]]).expand(2, 3, 2)) * 2),
+               [2, 3, 4], "GatherElements"),
+    # only the dynamo exporter exports a size the input does not divide (index pairs, some taken twice)
+    "adaptive-avg-pool-up": (lambda: torch.nn.AdaptiveAvgPool2d((7, 7)), [2, 3, 2, 3], "GatherND"),
 }
 
 
-DYNAMO_MODULES = ("conv-transpose-stride2-output_padding-groups", "group-norm")
+DYNAMO_MODULES = ("conv-transpose-stride2-output_padding-groups", "group-norm", "adaptive-avg-pool-up")
+DYNAMO_ONLY = ("adaptive-avg-pool-up",)
 
 
 @pytest.mark.parametrize("make, shape, op, dynamo", [
     pytest.param(*arguments, dynamo, id=f"{name}-{'dynamo' if dynamo else 'torchscript'}")
-    for name, arguments in MODULES.items() for dynamo in (False, True) if not dynamo or name in DYNAMO_MODULES])
+    for name, arguments in MODULES.items() for dynamo in (False, True)
+    if (not dynamo and name not in DYNAMO_ONLY) or (dynamo and name in DYNAMO_MODULES)])
 def test_exported_module_matches_torch(make: Callable[[], torch.nn.Module], shape: list[int], op: str,
                                        dynamo: bool) -> None:
     check_against_torch(_seeded(make()), normal(shape, F32, 1), dynamo, op, tolerance=2e-5)

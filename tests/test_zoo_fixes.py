@@ -9,6 +9,9 @@
   for one, a silently wrong map. Axes are now labelled with the image axes they come from
   (``explainrt.export.axes``), and a grid whose axes are not the image's rows and columns is no
   target layer.
+- VGG at an input smaller than 224 (64 x 64: a 2 x 2 map before ``AdaptiveAvgPool2d((7, 7))``): torch's
+  exporter writes the upsampling average as GatherND over index pairs, some taken twice; it had no
+  gradient rule (now ScatterElements with reduction 'add' on the indexed axes merged into one).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pytorch_grad_cam.utils.model_targets import (
 )
 
 from explainrt import Explainer, make_explainable
+from explainrt.deploy.trt_support import check_tensorrt_support
 from explainrt.errors import UnknownLayerError
 from explainrt.export import axes
 from explainrt.export.spec import ExplainableSpec
@@ -97,3 +101,27 @@ def test_axis_labels_follow_reshapes_and_transposes() -> None:
     folded = axes.reshaped(tuple(windows[p] for p in (0, 2, 4, 3, 5, 1)), ("M", 4, 16))  # windows into the batch
     assert folded is not None and _atoms(folded)[0] == [("N", None), ("H", 4), ("W", 4)]
     assert axes.reshaped(image, ("N", 16, 3, 0)) is None  # sizes that do not line up: unknown, not guessed
+
+
+def test_adaptive_pooling_that_upsamples_matches_pytorch_grad_cam() -> None:
+    """A VGG-shaped classifier at 16 x 16: 2 x 2 features pooled up to 7 x 7 (GatherND) before the linear head;
+    Grad-CAM at the last convolution equals pytorch-grad-cam's, the input gradient torch.autograd's."""
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                   torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(4))
+    model = torch.nn.Sequential(features, torch.nn.AdaptiveAvgPool2d((7, 7)), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 49, 5)).eval()
+    images = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    explainer = Explainer(model, [features[3]], input_size=(16, 16))
+    assert "GatherND" in {node.op_type for node in explainer.session.model.graph.node}
+    assert not list(check_tensorrt_support(explainer.session.model))  # ScatterElements adds; ScatterND would not
+    ours = explainer.explain(images, method="gradcam", targets=[1, 4])
+    with ReferenceGradCAM(model=model, target_layers=[features[3]]) as cam:
+        reference = cam(torch.from_numpy(images), targets=[ReferenceTarget(1), ReferenceTarget(4)])
+    assert reference.std() > 0.1
+    np.testing.assert_allclose(ours.maps.reshape(reference.shape), reference, atol=1e-5)
+    x = torch.from_numpy(images).requires_grad_(True)
+    model(x)[[0, 1], [1, 4]].sum().backward()
+    saliency = explainer.explain(images, method="saliency", targets=[1, 4], normalize=False, abs=False)
+    expected = x.grad.numpy().sum(axis=1)
+    assert np.abs(saliency.maps.reshape(expected.shape) - expected).max() <= 1e-5 * np.abs(expected).max()

@@ -197,26 +197,94 @@ def _gather(n: Node, g: Grads) -> Grads:
     """Scatter-add the gathered gradient back into a zero tensor shaped like the data; a constant index
     or run of consecutive indices (a transformer's q, k, v = qkv[0], qkv[1], qkv[2]; its CLS token) pads
     the gradient with zeros instead, which costs a copy where ScatterElements costs many."""
-    b, (data, indices) = n.b, n.inputs
-    rank = b.rank(data)
-    axis = int(n.attr("axis", 0)) % rank  # type: ignore[arg-type]
+    b, (data, _) = n.b, n.inputs
+    x = n.x[0]
+    axis = int(n.attr("axis", 0)) % x.rank  # type: ignore[arg-type]
     padded = _gather_as_pad(n, g[0], axis)
     if padded is not None:
         return (padded, None)
-    flat_grad_shape = b.concat([b.seeds, b.shape_slice(data, 0, axis), b.ints([-1]), b.shape_slice(data, axis + 1)], 0)
-    g_flat = b.op("Reshape", [g[0].name, flat_grad_shape])
-    flat_indices = b.op("Reshape", [indices, b.ints([-1])])
-    dim = b.op("Gather", [b.shape(data), b.ints([axis])])
-    wrapped = b.op("Where", [b.op("Less", [flat_indices, b.ints([0])]), b.op("Add", [flat_indices, dim]), flat_indices])
-    placed = b.op("Reshape", [wrapped, b.ints([1] * (axis + 1) + [-1] + [1] * (rank - axis - 1))])
-    expanded = b.op("Expand", [placed, b.shape(g_flat)])
-    if b.opset < 16:  # ScatterElements adds repeated indices' gradients only from opset 16 on
-        known = b.constant_value(indices)
-        size = n.x[0].shape[axis]
-        if known is None or not isinstance(size, int) or len(np.unique(known % size)) != known.size:
-            raise n.unsupported(f"indices that may repeat need ScatterElements(reduction='add'), opset 16 (model: {b.opset})")
-    reduction = {"reduction": "add"} if b.opset >= 16 else {}
-    return (_zeros(n.x[0]).op("ScatterElements", expanded, g_flat, axis=axis + 1, **reduction), None)
+    rows = b.op("Reshape", [_wrapped_indices(n, b.op("Gather", [b.shape(data), b.ints([axis])])), b.ints([-1])])
+    g_rows = b.op("Reshape", [g[0].name, b.concat([b.seeds, b.shape_slice(data, 0, axis), b.ints([-1]),
+                                                   b.shape_slice(data, axis + 1)], 0)])
+    return (_grad_of(x, _scatter_rows(n, _zeros(x).name, rows, g_rows, axis, x.rank,
+                                      lambda known, shape: (known % shape[axis]).reshape(-1, 1))), None)
+
+
+def _gather_nd(n: Node, g: Grads) -> Grads:
+    """GatherND (batch_dims 0; torch exports adaptive pooling to a size its input does not divide with it): a
+    Gather of rows of the data with its first r axes merged into one (indices [..., r] reach the first r axes),
+    each index tuple a row number. ScatterElements, which TensorRT runs with reduction 'add' (ScatterND it
+    does not), adds the rows back, an index tuple taken twice (the pooling's) getting both gradients."""
+    b, (data, indices) = n.b, n.inputs
+    x = n.x[0]
+    if int(n.attr("batch_dims", 0)):  # type: ignore[arg-type]
+        raise n.unsupported("batch_dims > 0 (a gradient rule exists for batch_dims 0 only)")
+    index_shape = b.info(indices).shape
+    depth = index_shape[-1] if index_shape else None
+    if not isinstance(depth, int) or not all(isinstance(d, int) for d in x.shape[1:depth]):
+        raise n.unsupported("indices whose last dimension, or data whose indexed axes after the first, are not static")
+    strides = np.cumprod([1, *x.shape[1:depth][::-1]])[::-1]  # type: ignore[arg-type]
+    wrapped = _wrapped_indices(n, b.shape_slice(data, 0, depth))
+    rows = b.op("Reshape", [b.reduce("ReduceSum", b.op("Mul", [wrapped, b.ints(strides)]), [-1], keepdims=False),
+                            b.ints([-1])])
+    rest = b.shape_slice(data, depth)
+    merged = b.op("Expand", [b.scalar_like(0.0, data),
+                             b.concat([b.seeds, b.reduce("ReduceProd", b.shape_slice(data, 0, depth), [0]), rest], 0)])
+    g_rows = b.op("Reshape", [g[0].name, b.concat([b.seeds, b.ints([-1]), rest], 0)])
+    scattered = _scatter_rows(n, merged, rows, g_rows, 0, x.rank - depth + 1,
+                              lambda known, shape: (known.reshape(-1, depth) % np.asarray(shape[:depth])) @ strides[:, None])
+    return (_grad_of(x, b.op("Reshape", [scattered, b.grad_shape(data)])), None)
+
+
+def _scatter_rows(n: Node, zeros: str, rows: str, g_rows: str, axis: int, rank: int,
+                  read: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> str:
+    """``zeros`` ([K, ...], per seed of ``rank`` axes) plus ``g_rows`` scattered along per-seed ``axis`` at ``rows``
+    (1-D int64, non-negative: where each of g_rows' rows was read). ``read(indices, data shape)``: the places a
+    constant index input read, one row each, which must not repeat before opset 16 (no reduction 'add')."""
+    b = n.b
+    placed = b.op("Reshape", [rows, b.ints([1] * (axis + 1) + [-1] + [1] * (rank - axis - 1))])
+    expanded = b.op("Expand", [placed, b.shape(g_rows)])
+    return b.op("ScatterElements", [zeros, expanded, g_rows], axis=axis + 1, **_scatter_reduction(n, read))
+
+
+def _gather_elements(n: Node, g: Grads) -> Grads:
+    """GatherElements (torch.gather): ScatterElements adds each gradient back where its element came from,
+    the indices repeated along the seed axis."""
+    b, (data, indices) = n.b, n.inputs
+    x = n.x[0]
+    axis = int(n.attr("axis", 0)) % x.rank  # type: ignore[arg-type]
+
+    def read(known: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:  # each element's coordinates in the data
+        coordinates = np.indices(known.shape)
+        coordinates[axis] = known % shape[axis]
+        return coordinates.reshape(len(shape), -1).T
+
+    wrapped = _wrapped_indices(n, b.op("Gather", [b.shape(data), b.ints([axis])]))
+    expanded = b.op("Expand", [b.unsqueeze(wrapped, [0]), b.grad_shape(indices)])
+    return (_zeros(x).op("ScatterElements", expanded, g[0], axis=axis + 1, **_scatter_reduction(n, read)), None)
+
+
+def _wrapped_indices(n: Node, bounds: str) -> str:
+    """The node's indices (input 1) as int64, negative ones counted from the end of ``bounds`` (a shape that
+    broadcasts against them): the places the gather read, as a scatter wants them."""
+    b, indices = n.b, n.inputs[1]
+    if b.info(indices).elem_type != TensorProto.INT64:
+        indices = b.op("Cast", [indices], to=TensorProto.INT64)
+    return b.op("Where", [b.op("Less", [indices, b.ints([0])]), b.op("Add", [indices, bounds]), indices])
+
+
+def _scatter_reduction(n: Node, read: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> dict[str, str]:
+    """``reduction='add'`` (opset 16 on), so that a place gathered twice gets both gradients; before opset 16,
+    only constant indices whose places ``read(indices, data shape)`` (one row per gathered element) never
+    repeat scatter right without it."""
+    if n.b.opset >= 16:
+        return {"reduction": "add"}
+    known, shape = n.b.constant_value(n.inputs[1]), n.x[0].shape
+    if known is None or not all(isinstance(d, int) for d in shape) \
+            or len(np.unique(places := read(known, shape), axis=0)) != len(places):  # type: ignore[arg-type]
+        raise n.unsupported(f"indices that may repeat need ScatterElements(reduction='add'), opset 16 "
+                            f"(model: {n.b.opset})")
+    return {}
 
 
 def _gather_as_pad(n: Node, g: V, axis: int) -> V | None:
@@ -1004,6 +1072,8 @@ RULES: dict[str, Rule] = {
     "Split": _split,
     "Slice": _slice,
     "Gather": _gather,
+    "GatherND": _gather_nd,
+    "GatherElements": _gather_elements,
     "Pad": _pad,
     # reductions and pooling
     "GlobalAveragePool": _reduce_mean,
