@@ -301,6 +301,11 @@ def _gather_pad() -> list[Case]:
         case("GatherElements", "int32-runtime", ["x", "i"], {"x": n64([3, 2]), "i": np.array([[1, 1], [2, 0]], np.int32)}),
         case("GatherElements", "distinct-opset13", ["x", "i"], {"x": n64([3, 2])},
              constants={"i": np.array([[1, 1], [2, 0]], I64)}, opset=13),
+        # before opset 16 only the indexed axis's size must be known to tell that indices never repeat
+        case("Gather", "scattered-opset13-dynamic-batch", ["x", "i"], {"x": n64([2, 5, 3])},
+             constants={"i": np.array([3, 0, -1], I64)}, attrs={"axis": 1}, opset=13, dynamic_batch=("x",)),
+        case("GatherElements", "opset13-dynamic-batch", ["x", "i"], {"x": n64([2, 3])},
+             constants={"i": np.array([[2, 0], [1, -1]], I64)}, attrs={"axis": 1}, opset=13, dynamic_batch=("x",)),
     ]
     x = n64([2, 3, 4])
     cases += [

@@ -193,6 +193,11 @@ def _slice(n: Node, g: Grads) -> Grads:
     return (g[0].op("Pad", b.ints(before + after), info=x.info),)
 
 
+Places = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(constant indices, the data's shape as floats, NaN for an unknown size) -> the places they read, one row each
+(NaN where they depend on an unknown size)."""
+
+
 def _gather(n: Node, g: Grads) -> Grads:
     """Scatter-add the gathered gradient back into a zero tensor shaped like the data; a constant index
     or run of consecutive indices (a transformer's q, k, v = qkv[0], qkv[1], qkv[2]; its CLS token) pads
@@ -207,7 +212,7 @@ def _gather(n: Node, g: Grads) -> Grads:
     g_rows = b.op("Reshape", [g[0].name, b.concat([b.seeds, b.shape_slice(data, 0, axis), b.ints([-1]),
                                                    b.shape_slice(data, axis + 1)], 0)])
     return (_grad_of(x, _scatter_rows(n, _zeros(x).name, rows, g_rows, axis, x.rank,
-                                      lambda known, shape: (known % shape[axis]).reshape(-1, 1))), None)
+                                      lambda known, size: (known % size[axis]).reshape(-1, 1))), None)
 
 
 def _gather_nd(n: Node, g: Grads) -> Grads:
@@ -232,15 +237,13 @@ def _gather_nd(n: Node, g: Grads) -> Grads:
                              b.concat([b.seeds, b.reduce("ReduceProd", b.shape_slice(data, 0, depth), [0]), rest], 0)])
     g_rows = b.op("Reshape", [g[0].name, b.concat([b.seeds, b.ints([-1]), rest], 0)])
     scattered = _scatter_rows(n, merged, rows, g_rows, 0, x.rank - depth + 1,
-                              lambda known, shape: (known.reshape(-1, depth) % np.asarray(shape[:depth])) @ strides[:, None])
+                              lambda known, size: (known.reshape(-1, depth) % size[:depth]) @ strides[:, None])
     return (_grad_of(x, b.op("Reshape", [scattered, b.grad_shape(data)])), None)
 
 
-def _scatter_rows(n: Node, zeros: str, rows: str, g_rows: str, axis: int, rank: int,
-                  read: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> str:
+def _scatter_rows(n: Node, zeros: str, rows: str, g_rows: str, axis: int, rank: int, read: Places) -> str:
     """``zeros`` ([K, ...], per seed of ``rank`` axes) plus ``g_rows`` scattered along per-seed ``axis`` at ``rows``
-    (1-D int64, non-negative: where each of g_rows' rows was read). ``read(indices, data shape)``: the places a
-    constant index input read, one row each, which must not repeat before opset 16 (no reduction 'add')."""
+    (1-D int64, non-negative: where each of g_rows' rows was read); ``read`` as ``_scatter_reduction``'s."""
     b = n.b
     placed = b.op("Reshape", [rows, b.ints([1] * (axis + 1) + [-1] + [1] * (rank - axis - 1))])
     expanded = b.op("Expand", [placed, b.shape(g_rows)])
@@ -254,10 +257,10 @@ def _gather_elements(n: Node, g: Grads) -> Grads:
     x = n.x[0]
     axis = int(n.attr("axis", 0)) % x.rank  # type: ignore[arg-type]
 
-    def read(known: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:  # each element's coordinates in the data
-        coordinates = np.indices(known.shape)
-        coordinates[axis] = known % shape[axis]
-        return coordinates.reshape(len(shape), -1).T
+    def read(known: np.ndarray, size: np.ndarray) -> np.ndarray:  # each element's coordinates in the data
+        coordinates = np.indices(known.shape, dtype=np.float64)
+        coordinates[axis] = known % size[axis]
+        return coordinates.reshape(len(size), -1).T
 
     wrapped = _wrapped_indices(n, b.op("Gather", [b.shape(data), b.ints([axis])]))
     expanded = b.op("Expand", [b.unsqueeze(wrapped, [0]), b.grad_shape(indices)])
@@ -273,15 +276,16 @@ def _wrapped_indices(n: Node, bounds: str) -> str:
     return b.op("Where", [b.op("Less", [indices, b.ints([0])]), b.op("Add", [indices, bounds]), indices])
 
 
-def _scatter_reduction(n: Node, read: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> dict[str, str]:
+def _scatter_reduction(n: Node, read: Places) -> dict[str, str]:
     """``reduction='add'`` (opset 16 on), so that a place gathered twice gets both gradients; before opset 16,
-    only constant indices whose places ``read(indices, data shape)`` (one row per gathered element) never
-    repeat scatter right without it."""
+    only constant indices whose places ``read`` never repeat scatter right without it (the sizes the places
+    need must be static)."""
     if n.b.opset >= 16:
         return {"reduction": "add"}
-    known, shape = n.b.constant_value(n.inputs[1]), n.x[0].shape
-    if known is None or not all(isinstance(d, int) for d in shape) \
-            or len(np.unique(places := read(known, shape), axis=0)) != len(places):  # type: ignore[arg-type]
+    known = n.b.constant_value(n.inputs[1])
+    size = np.array([d if isinstance(d, int) else np.nan for d in n.x[0].shape])
+    places = None if known is None else read(known, size)
+    if places is None or np.isnan(places).any() or len(np.unique(places, axis=0)) != len(places):
         raise n.unsupported(f"indices that may repeat need ScatterElements(reduction='add'), opset 16 "
                             f"(model: {n.b.opset})")
     return {}
