@@ -22,8 +22,8 @@ from explainrt.errors import InconsistentExplanationError, InvalidInputError, In
 from explainrt.export.heads import checked_maps
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.methods import Attribution, AttributionRequest, Method, add_timings, get_method
-from explainrt.methods.base import softmax
 from explainrt.models import LoadedModel
+from explainrt.numerics import softmax
 from explainrt.overlay import caption, concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
 from explainrt.progress import track

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from explainrt.errors import InvalidTargetError
+from explainrt.numerics import softmax
 
 Shape = tuple[int | None, ...]
 
@@ -156,19 +157,14 @@ class Softmax(Target):
         _class_in(self.index, shape[0], "class")
 
     def gradient(self, output: np.ndarray) -> np.ndarray:
-        p = _softmax(output)
+        p = softmax(output)
         t = _ranked(output, self.index)
         hot = np.zeros_like(p)
         hot[t] = 1
         return (p[t] * (hot - p)).astype(output.dtype)
 
     def score(self, outputs: np.ndarray) -> np.ndarray:
-        return np.array([_softmax(y)[_ranked(y, self.index)] for y in outputs], dtype=np.float32)
-
-
-def _softmax(y: np.ndarray) -> np.ndarray:
-    shifted = np.exp(y.astype(np.float64) - y.max())
-    return shifted / shifted.sum()
+        return np.array([softmax(y)[_ranked(y, self.index)] for y in outputs], dtype=np.float32)
 
 
 class Difference(Target):

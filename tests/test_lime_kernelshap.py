@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from explainrt.errors import ExplanationCancelled, InvalidInputError
-from explainrt.methods.base import softmax
+from explainrt.numerics import softmax
 from explainrt.methods.surrogate import (
     Coalitions,
     lime_kernel,

@@ -461,7 +461,7 @@ class ExplainWorker:
 
     def _write(self, explanation: Any, good: list[int], names: list[str], rows: list[list[dict[str, Any]]]) -> None:
         from explainrt.files import write_atomic
-        from explainrt.methods.base import softmax
+        from explainrt.numerics import softmax
         from explainrt.overlay import save_png
 
         overlays = explanation.overlays(captions=self.captions)

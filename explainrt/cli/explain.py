@@ -37,7 +37,7 @@ from explainrt.cli.common import (
     target_name,
 )
 from explainrt.errors import OutputWriteError
-from explainrt.methods.base import softmax
+from explainrt.numerics import softmax
 from explainrt.progress import progress
 
 log = logging.getLogger(__name__)

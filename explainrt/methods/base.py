@@ -116,12 +116,6 @@ class Method(ABC):
         return InvalidInputError(f"method {self.name!r} takes no option(s) {', '.join(names)}; {takes}")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of [..., classes] logits, in float64 for stable probabilities."""
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True), dtype=np.float64)
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 def resolve_targets(requested: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """Class indices for requested targets (any shape [n, ...]); -k is the k-th most likely class of its image."""
     requested = np.asarray(requested, dtype=np.int64)

@@ -15,8 +15,9 @@ import numpy as np
 from explainrt import kernels
 from explainrt.optional import require
 from explainrt.errors import InvalidInputError
-from explainrt.methods.base import Attribution, AttributionRequest, Method, resolve_targets, softmax, timed
+from explainrt.methods.base import Attribution, AttributionRequest, Method, resolve_targets, timed
 from explainrt.methods.options import Integer, Option
+from explainrt.numerics import softmax
 
 TOP_CLASSES = 3
 """Classes listed per concept in ``extras["concept_classes"]``."""

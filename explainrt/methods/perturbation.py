@@ -49,10 +49,10 @@ from explainrt.methods.base import (
     Method,
     gaussian_blur,
     resolve_targets,
-    softmax,
     timed,
 )
 from explainrt.methods.options import Choice, Integer, Number, OneOf, Option, Size
+from explainrt.numerics import softmax
 from explainrt.progress import progress
 from explainrt.runtime.incremental import incremental_forward
 from explainrt.runtime.objective import TargetSession

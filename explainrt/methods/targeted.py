@@ -29,7 +29,6 @@ from explainrt.methods.base import (
     Method,
     add_timings,
     resolve_targets,
-    softmax,
     timed,
 )
 from explainrt.methods.cam import (
@@ -41,6 +40,7 @@ from explainrt.methods.cam import (
     head_maps,
 )
 from explainrt.methods.options import ClassIndex, Images, Integer, Option
+from explainrt.numerics import softmax
 from explainrt.runtime.base import RunResult
 from explainrt.validation import check_class_range, checked_int
 

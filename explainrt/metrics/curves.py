@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from explainrt.errors import InvalidInputError
-from explainrt.methods.base import softmax
+from explainrt.numerics import softmax
 from explainrt.optional import require
 from explainrt.progress import track
 from explainrt.validation import checked_int

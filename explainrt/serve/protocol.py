@@ -26,7 +26,7 @@ from explainrt.export.spec import (
     gradients_output,
 )
 from explainrt.methods import METHODS
-from explainrt.methods.base import softmax
+from explainrt.numerics import softmax
 from explainrt.serve import codec
 from explainrt.serve.codec import Limits, V2Tensor
 from explainrt.serve.models import (
