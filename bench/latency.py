@@ -403,13 +403,14 @@ def _per_run(events: list[dict]) -> list[list[dict]]:
 
 def profile_case(model: Model, batch: int, runs: int, seed: int) -> Profile:
     """Profile ``runs`` calls of the plain model and of the model the Explainer's Grad-CAM call runs."""
-    from explainrt.export.explainable import make_explainable
+    from explainrt.export.explainable import make_explainable, shallow_target_ranking
     from explainrt.export.torch_export import LOGITS_OUTPUT
-    from explainrt.runtime.onnxruntime import maps_session_model
+    from explainrt.runtime.base import maps_session_model
 
     plain, taps = export_torch(model.module, torch.zeros(1, 3, SIZE, SIZE), [model.target])
     # what the Explainer's one Grad-CAM call runs: the maps-only copy with the Grad-CAM head
-    proto = maps_session_model(make_explainable(plain, taps, logits=LOGITS_OUTPUT), ["gradcam"], ["gradcam"])
+    proto = shallow_target_ranking(maps_session_model(make_explainable(plain, taps, logits=LOGITS_OUTPUT), ["gradcam"],
+                                                      ["gradcam"]))
     x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed + batch)).numpy()
     plain_runs = _per_run(_node_events(plain, {"input": x}, runs))
     plain_ms = float(np.median([sum(e["dur"] for e in run) / 1e3 for run in plain_runs]))

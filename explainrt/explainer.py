@@ -152,10 +152,10 @@ class Explainer:
     static batch runs in chunks of that batch.
     ``map_heads``: closed-form CAM methods (Grad-CAM, Grad-CAM++, ...) compute their normalised maps
     in the graph (``explainrt.export.heads``) on ONNX Runtime and TensorRT; False keeps the Python path.
-    On ONNX Runtime the heads of ``map_heads`` (True: ``("gradcam",)``; or method names, heads on)
-    join the model's own runtime call when the model lacks them (one call per batch; each costs every
-    call a little, as the runtime runs all of a model's nodes); other closed-form methods run their
-    head alone after the model (a second, small call).
+    The heads of ``map_heads`` (True: ``("gradcam",)``; or method names, heads on) join the model's own
+    runtime call when the model lacks them (one call per batch; each costs every call a little, as the
+    runtime runs all of a model's nodes); other closed-form methods run their head alone after the model
+    (a second, small call).
     """
 
     def __init__(

@@ -19,7 +19,7 @@ import torch
 
 from explainrt import Explainer
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.spec import TARGETS_INPUT
+from explainrt.export.spec import RESOLVED_TARGETS_OUTPUT, TARGETS_INPUT, maps_output
 from explainrt.runtime.base import parse_device
 from explainrt.runtime.onnxruntime import CUDA_PROVIDER, OnnxRuntimeSession, onnxruntime_placement
 from explainrt.runtime.tensorrt import BatchProfile, EngineKey, TensorRTSession, engine_key
@@ -481,6 +481,40 @@ def test_tensorrt_map_heads_run_alone_on_the_models_outputs(fake_tensorrt, small
     weights = sum(init.ByteSize() for init in small_onnx.graph.initializer)
     heads = [path for path in engines if path.stat().st_size < weights / 100]
     assert len(engines) == len(fake_tensorrt) == 5 and len(heads) == 3
+
+
+def test_tensorrt_explainer_runs_grad_cams_head_in_the_models_engine(fake_tensorrt, small_onnx, small_explainer,  # noqa: ANN001
+                                                                      small_batch, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """As on ONNX Runtime, the Explainer's TensorRT session puts Grad-CAM's head into the model's own engine: one
+    call per chunk returning only the logits, the resolved targets and the maps (no trip of the activations and
+    gradients to the host and into an engine of the head alone), with the full class ranking (TensorRT's TopK
+    wants a constant depth); maps equal ONNX Runtime's. A method whose head is not in the call runs it alone."""
+    from explainrt.runtime import tensorrt as tensorrt_session
+
+    calls: list[tuple[int, tuple[str, ...]]] = []  # rows and outputs of each engine call
+    engine_call = tensorrt_session._Engine.__call__
+    monkeypatch.setattr(tensorrt_session._Engine, "__call__", lambda engine, feeds: calls.append(
+        (next(iter(feeds.values())).shape[0], tuple(engine.outputs))) or engine_call(engine, feeds))
+    profile = BatchProfile(min_batch=1, opt_batch=2, max_batch=2, max_targets=2)  # 3 images: two chunks
+    explainer = Explainer(small_onnx, backend="tensorrt", backend_options={"profile": profile, "cache_dir": str(tmp_path)})
+    assert explainer.session.main_maps == ("gradcam",)
+    targets = [[-1, 1], [2, -2], [0, -1]]
+    for method in ("gradcam", "layercam"):
+        calls.clear()
+        ours, theirs = (e.explain(small_batch, method=method, targets=targets) for e in (explainer, small_explainer))
+        np.testing.assert_array_equal(ours.targets, theirs.targets)
+        np.testing.assert_allclose(ours.maps, theirs.maps, rtol=1e-5, atol=1e-5)
+        assert np.ptp(ours.maps) > 0.5
+        if method == "gradcam":
+            assert [rows for rows, _ in calls] == [2, 1]
+            assert all(set(outputs) == {small_explainer.spec.logits, RESOLVED_TARGETS_OUTPUT, maps_output("gradcam")}
+                       for _, outputs in calls)
+        else:  # the full model's engine, then the head alone, per chunk
+            assert [rows for rows, _ in calls] == [2, 1, 2, 1]
+    built = [onnx.load_from_string(path.read_bytes().split(b"\n", 1)[1]) for path in tmp_path.glob("*.engine")]
+    main = next(m for m in built if any(o.name == maps_output("gradcam") for o in m.graph.output))
+    assert not any(o.name.startswith("explainrt.gradients") for o in main.graph.output)
+    assert not any(n.name.startswith("explainrt/targets/depth") for n in main.graph.node)  # shallow_target_ranking's
 
 
 def test_tensorrt_defended_gradients_are_a_clear_error(fake_tensorrt, small_onnx, small_batch, tmp_path) -> None:  # noqa: ANN001

@@ -68,7 +68,7 @@ BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     Backend("onnxruntime", "onnx", ("device_outputs",), _open_onnxruntime, adds_heads=True),
     Backend("torch", "module", (), _open_torch),
     Backend("tensorrt", "onnx", ("precision", "profile", "cache_dir", "device_outputs"), _open_tensorrt,
-            _check_tensorrt),
+            _check_tensorrt, adds_heads=True),
 )}
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from explainrt.errors import InvalidInputError, InvalidModelError
-from explainrt.export.heads import closed_form
+from explainrt.export.heads import add_map_heads, closed_form, keep_maps_only
 from explainrt.export.spec import (
     BOX_MATCHES_OUTPUT,
     BOX_OBJECTIVES,
@@ -72,6 +72,26 @@ class MapHeadSession(Protocol):
 def uses_main_model(spec: ExplainableSpec, method: str) -> bool:
     """Whether the model's own outputs hold ``method``'s float32 maps for the objective the method weighs."""
     return method in spec.maps and spec.maps_dtype == "float32" and spec.objective == closed_form(method).objective
+
+
+def in_call_heads(spec: ExplainableSpec, methods: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The methods whose float32 maps a session's one model call can return, and which of them need a head added:
+    the model's own heads (``uses_main_model``), then those of ``methods`` the model can take (not there yet,
+    weighing the model's objective, and its activations and gradients still outputs (not maps-only) beside
+    any float32 heads it has)."""
+    own = tuple(m for m in spec.maps if uses_main_model(spec, m))
+    takes_heads = not spec.maps_only and (not spec.maps or spec.maps_dtype == "float32")
+    added = tuple(m for m in methods if takes_heads and m not in spec.maps and closed_form(m).objective == spec.objective)
+    return (*own, *added), added
+
+
+def maps_session_model(model: onnx.ModelProto, added: Sequence[str], methods: Sequence[str]) -> onnx.ModelProto:
+    """What a session runs for in-call map heads: a copy of the explainable ``model`` (which stays as given:
+    variants, heads alone and users read it) with the heads of ``added``, returning only the maps of ``methods``
+    (``keep_maps_only``)."""
+    headed = onnx.ModelProto()
+    headed.CopyFrom(model)
+    return keep_maps_only(add_map_heads(headed, added) if added else headed, methods)
 
 
 def maps_outputs(spec: ExplainableSpec, method: str) -> list[str]:

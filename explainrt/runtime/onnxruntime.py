@@ -34,9 +34,11 @@ from explainrt.runtime.base import (
     MapsResult,
     RunResult,
     head_feeds,
+    in_call_heads,
     input_dims,
     map_head_feeds,
     maps_outputs,
+    maps_session_model,
     output_names,
     parse_device,
     run_in_chunks,
@@ -80,14 +82,14 @@ class OnnxRuntimeSession:
         self.device_outputs = bool(device_outputs)
         self._model = model
         self._ort = ort
-        added = self._addable_heads(checked_maps(maps))
-        self.main_maps = (*self._own_heads(), *added)
+        self.main_maps, added = in_call_heads(self.spec, checked_maps(maps))
         """Methods whose float32 maps the main session returns (the model's own heads and those added)."""
         lean = bool(self.main_maps) and not self.spec.maps_only
         if lean:
             log.info("the model's session returns the maps of %s (heads added: %s)", ", ".join(self.main_maps),
                      ", ".join(added) or "none")
-            self._main = self._session(maps_session_model(model, added, self.main_maps))
+            # its targets ranked only as deep as asked (TensorRT, which wants a constant depth, ranks every class)
+            self._main = self._session(shallow_target_ranking(maps_session_model(model, added, self.main_maps)))
         else:
             self._main = self._session(model)
         self._plain: object | None = None
@@ -103,19 +105,6 @@ class OnnxRuntimeSession:
         # target objective -> the methods whose heads its maps-only variant holds, and that variant's session
         self._objective_variants: dict[str, tuple[tuple[str, ...], object]] = {}
         self.input_shape = tuple(input_dims(model, self.spec.image_input))
-
-    def _own_heads(self) -> tuple[str, ...]:
-        """The model's own heads whose maps the methods read: float32, for the objective each method weighs."""
-        if self.spec.maps_dtype != "float32":
-            return ()
-        return tuple(m for m in self.spec.maps if closed_form(m).objective == self.spec.objective)
-
-    def _addable_heads(self, methods: Sequence[str]) -> tuple[str, ...]:
-        """The heads of ``methods`` the main model can take: not there yet, the model's objective, and its
-        activations and gradients still outputs (not maps-only) in float32 beside any heads it has."""
-        if self.spec.maps_only or (self.spec.maps and self.spec.maps_dtype != "float32"):
-            return ()
-        return tuple(m for m in methods if m not in self.spec.maps and closed_form(m).objective == self.spec.objective)
 
     def _session(self, model: onnx.ModelProto, spinning: bool = True) -> object:
         """An ONNX Runtime session on this session's providers. ``spinning=False`` for sessions run in
@@ -293,15 +282,6 @@ class OnnxRuntimeSession:
             self._heads[layer] = (self._session(head), reads_image)
         session, reads_image = self._heads[layer]
         return self._run(session, [self.spec.logits], head_feeds(self.spec, layer, activations, images, reads_image))[0]
-
-
-def maps_session_model(model: onnx.ModelProto, added: Sequence[str], methods: Sequence[str]) -> onnx.ModelProto:
-    """What the main session runs for in-call map heads: a copy of the explainable ``model`` (which stays as
-    given: variants, heads alone and users read it) with the heads of ``added``, returning only the maps of
-    ``methods`` (``keep_maps_only``), its targets ranked only as deep as asked (``shallow_target_ranking``)."""
-    headed = onnx.ModelProto()
-    headed.CopyFrom(model)
-    return shallow_target_ranking(keep_maps_only(add_map_heads(headed, added) if added else headed, methods))
 
 
 _FLOAT_INPUTS = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from explainrt.errors import BackendUnavailableError, InvalidInputError, InvalidModelError
-from explainrt.export.heads import closed_form, head_only_model
+from explainrt.export.heads import checked_maps, closed_form, head_only_model
 from explainrt.export.spec import (
     BOXES_INPUT,
     TARGETS_INPUT,
@@ -46,16 +46,17 @@ from explainrt.runtime.base import (
     MapsResult,
     RunResult,
     head_feeds,
+    in_call_heads,
     input_dims,
     map_head_feeds,
     maps_outputs,
+    maps_session_model,
     output_names,
     parse_device,
     run_in_chunks,
     run_result,
     static_batch,
     targets_feed,
-    uses_main_model,
 )
 from explainrt.validation import checked_int
 
@@ -258,8 +259,14 @@ class TensorRTSession:
 
     def __init__(self, model: onnx.ModelProto, device: str | None = "cuda", precision: str = "fp32",
                  profile: BatchProfile | None = None, cache_dir: str | os.PathLike | None = None,
-                 device_outputs: bool = False) -> None:
+                 device_outputs: bool = False, maps: Sequence[str] = ()) -> None:
+        """``maps``: closed-form CAM methods whose map heads the model's main engine gets when ``model`` lacks
+        them (``main_maps``): their maps then come from one engine call that returns only the logits, the
+        resolved targets and the maps (``maps_session_model``), not from the model's engine, a copy of the
+        activations and gradients to the host and back, and an engine of the head alone."""
         self.spec = ExplainableSpec.from_model(model)
+        self.main_maps, self._added_maps = in_call_heads(self.spec, checked_maps(maps))
+        """Methods whose float32 maps the main engine returns (the model's own heads and those added)."""
         self.precision = checked_precision(precision)
         self.profile = profile or BatchProfile()
         if not isinstance(self.profile, BatchProfile):
@@ -325,9 +332,9 @@ class TensorRTSession:
         the GPU per method) run on what the model (or its variant for the method's objective, or for the
         target ``objective`` given in its place) returns."""
         own = closed_form(method, objective, target_objective=True).objective
-        if objective in (None, own) and uses_main_model(self.spec, method):
+        if objective in (None, own) and method in self.main_maps:
             self._check_targets(np.asarray(targets))
-            engine = self._engine("main", lambda: self._model)
+            engine = self._engine("main", lambda: maps_session_model(self._model, self._added_maps, self.main_maps))
             return MapsResult(*self._call(engine, {self.spec.image_input: images,
                                                    TARGETS_INPUT: np.asarray(targets, np.int64)},
                                           maps_outputs(self.spec, method)))
