@@ -11,6 +11,10 @@ class InvalidModelError(ExplainrtError):
     """The model file or graph is unreadable, corrupt, or lacks what explaining needs."""
 
 
+class UnknownSizeError(InvalidModelError):
+    """A gradient rule needs a tensor's size, which the graph leaves unknown (a dynamic image size)."""
+
+
 class UnsupportedOperatorError(ExplainrtError):
     """The gradient builder has no VJP rule for an operator on the path to the logits."""
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from explainrt.export.heads import checked_maps
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.methods import Attribution, AttributionRequest, Method, add_timings, get_method
 from explainrt.models import LoadedModel
-from explainrt.numerics import softmax
+from explainrt.numerics import class_scores, softmax
 from explainrt.overlay import caption, concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
 from explainrt.progress import track
@@ -125,12 +125,6 @@ class Explanation:
                        outlines=None if self.outlines is None else self.outlines.reshape(n * k, *self.outlines.shape[2:]))
         flat.logits = self.logits.reshape(n * k, 1) if self.objective else np.repeat(self.logits, k, axis=0)
         return flat
-
-
-def class_scores(logits: np.ndarray) -> np.ndarray:
-    """Logits [N, classes, ...] as [N, classes]: summed over the axes after the classes' (a segmentation map's
-    pixels), as class-index targets read them."""
-    return logits if logits.ndim <= 2 else logits.reshape(*logits.shape[:2], -1).sum(axis=2)
 
 
 class Explainer:
@@ -312,7 +306,7 @@ class Explainer:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         batch, crops = self.prepare(images)
-        session, wanted, objects = self._session_and_targets(targets, batch)
+        session, wanted, objects = self._session_and_targets(targets, batch, int(batch_size))
         if objects is None and not chosen.target_free:
             self._check_class_output()
         if objects is not None and chosen.class_targets_only:
@@ -353,12 +347,6 @@ class Explainer:
             logits = np.take_along_axis(logits, wanted.reshape(wanted.shape[0], -1), axis=1)
             explained = np.array([[target.class_index for target in row] for row in objects],
                                  dtype=np.int64).reshape(wanted.shape)
-            ranked = np.array([[target.ranks_classes and target.class_index < 0 for target in row] for row in objects])
-            if ranked.any():  # -k (Softmax(-2), Difference(-1, -2)): the class each image ranks k-th
-                order = cast(TargetSession, session).classes_by_rank(batch, int(batch_size))
-                flat = explained.reshape(explained.shape[0], -1)
-                by_rank = np.take_along_axis(order, np.maximum(-flat - 1, 0), axis=1)
-                explained = np.where(ranked.reshape(flat.shape), by_rank, flat).reshape(explained.shape)
             drawn = [target.outline(tuple(batch.shape[2:])) for row in objects for target in row]
             if any(edges is not None for edges in drawn):
                 outlines = np.stack([np.zeros(batch.shape[2:], bool) if edges is None else edges
@@ -376,12 +364,15 @@ class Explainer:
                                      "a row of it summed over its last axis, not a class score; give explainrt.targets "
                                      "objects (Box(xyxy, class) for a detector head, Weights for any linear objective)")
 
-    def _session_and_targets(self, targets: Any, batch: np.ndarray) -> tuple[Session, np.ndarray, list[list[Target]] | None]:
+    def _session_and_targets(self, targets: Any, batch: np.ndarray,
+                             batch_size: int) -> tuple[Session, np.ndarray, list[list[Target]] | None]:
         """The session the methods run, the int targets they see ([N], or [N, K] for K targets per image),
         and the target objects as rows [N][K] (None: class indices).
 
         Target objects other than ``Class`` are checked against the explained output (``Target.bound``: a Box's
-        layout decided) and become the "classes" of a ``TargetSession`` (each target's int is its object's column)."""
+        layout decided) and become the "classes" of a ``TargetSession`` (each target's int is its object's column).
+        Classes given by rank (``Difference(-1, -2)``) are fixed per image first (``Target.with_classes``, runtime
+        calls of at most ``batch_size`` images), so every perturbed copy is scored for the image's classes."""
         given = as_targets(targets, batch.shape[0])
         if given is not None and all(type(target) is Class for row in given[0] for target in row):
             indices = [[target.class_index for target in row] for row in given[0]]  # the class-index fast path
@@ -389,6 +380,8 @@ class Explainer:
         if given is None:
             return self.session, self._targets(targets, batch.shape[0]), None
         rows, many = given
+        if any(target.ranked for row in rows for target in row):
+            rows = self._with_classes(rows, batch, batch_size)
         unique = list({id(target): target for row in rows for target in row}.values())
         shape = self.spec.output_shape
         if not shape or None in shape:  # not stored (older models) or known only at run time
@@ -398,6 +391,21 @@ class Explainer:
         wanted = np.array([[column[id(target)] for target in row] for row in rows], np.int64)
         rows = [[bound[id(target)] for target in row] for row in rows]
         return TargetSession(self.session, list(bound.values()), batch, wanted), wanted if many else wanted[:, 0], rows
+
+    def _with_classes(self, rows: list[list[Target]], batch: np.ndarray, batch_size: int) -> list[list[Target]]:
+        """``rows`` with each image's classes given by rank fixed (``Target.with_classes``), from the explained
+        output's class scores (``numerics.class_scores``); a target that ranks the same classes on several images
+        stays one object (one column of the ``TargetSession``)."""
+        scores = np.concatenate([class_scores(np.asarray(self.session.logits(batch[start:start + batch_size])))
+                                 for start in range(0, batch.shape[0], batch_size)])
+        orders = np.argsort(-scores, axis=1, kind="stable")
+        fixed: dict[tuple[int, str], Target] = {}  # (the given target, the classes it got): repr is exact for
+        # the ranked kinds (Class, Softmax, Difference) and a Sum keeps its other parts' objects
+        result = []
+        for row, order in zip(rows, orders):
+            bound = [target.with_classes(order) for target in row]
+            result.append([fixed.setdefault((id(given), repr(new)), new) for given, new in zip(row, bound)])
+        return result
 
     def explain_contrasts(self, images: Any, k: int = 3, **kwargs: Any) -> Explanation:
         """Contrast-CAM of each image's prediction against each of the next ``k`` most likely classes,

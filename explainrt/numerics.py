@@ -9,3 +9,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of [..., classes] logits, computed in float64 for stable probabilities."""
     shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def class_scores(logits: np.ndarray) -> np.ndarray:
+    """Logits [N, classes, ...] as [N, classes]: summed over the axes after the classes' (a segmentation map's
+    pixels), as class-index targets read them."""
+    return logits if logits.ndim <= 2 else logits.reshape(*logits.shape[:2], -1).sum(axis=2)

@@ -36,7 +36,6 @@ class Target(ABC):
     """One objective of one image's explained output (see the module docstring)."""
 
     needs_values: bool = False  # gradient() reads the output's values, not only its shape
-    ranks_classes: bool = False  # a class_index -k is the image's k-th most likely class (else -1 is "no class")
     linear: bool = True  # False: differentiated in the graph (Softmax), gradient() unused
 
     @property
@@ -57,6 +56,17 @@ class Target(ABC):
     @abstractmethod
     def gradient(self, output: np.ndarray) -> np.ndarray:
         """df/dy at one image's output ``output`` (same shape)."""
+
+    @property
+    def ranked(self) -> bool:
+        """Whether a class is given by rank (-k: the image's k-th most likely class), to be fixed per image
+        (``with_classes``) before perturbed copies are scored."""
+        return False
+
+    def with_classes(self, order: np.ndarray) -> Target:
+        """This target with each class -k replaced by ``order[k - 1]``, one image's classes from the most likely
+        (the image's, so that its perturbed copies are scored for those classes, not for their own top ones)."""
+        return self
 
     def outline(self, size: tuple[int, int]) -> np.ndarray | None:
         """Pixels [H, W] (bool) that outline what the target covers on an image of ``size``, for
@@ -102,6 +112,11 @@ def _ranked(output: np.ndarray, index: int) -> int:
     return int(np.argsort(-scores, kind="stable")[-index - 1])
 
 
+def _by_rank(index: int, order: np.ndarray) -> int:
+    """``index`` itself, or for -k the k-th class of ``order`` (an image's classes from the most likely)."""
+    return index if index >= 0 else int(order[-index - 1])
+
+
 def _needs_classes(shape: Shape, what: str, rank: int | None = None) -> None:
     if len(shape) < 1 or (rank is not None and len(shape) != rank):
         wanted = "[N, classes]" if rank == 1 else "[N, classes, ...]" if rank is None else f"rank {rank + 1}"
@@ -111,8 +126,6 @@ def _needs_classes(shape: Shape, what: str, rank: int | None = None) -> None:
 
 class Class(Target):
     """The class's score: its logit on [N, classes], its scores summed over the other axes on [N, classes, ...]."""
-
-    ranks_classes = True
 
     def __init__(self, index: int) -> None:
         self.index = _checked_index(index, "Class index")
@@ -124,6 +137,13 @@ class Class(Target):
     @property
     def class_index(self) -> int:
         return self.index
+
+    @property
+    def ranked(self) -> bool:
+        return self.index < 0
+
+    def with_classes(self, order: np.ndarray) -> Target:
+        return Class(_by_rank(self.index, order)) if self.ranked else self
 
     def check(self, shape: Shape, image_size: tuple[int, int]) -> None:
         _needs_classes(shape, "Class")
@@ -138,8 +158,6 @@ class Class(Target):
 class Softmax(Target):
     """The class's probability softmax(y)_index on an output [N, classes] (nonlinear: seeded in the graph)."""
 
-    ranks_classes = True
-
     linear = False
 
     def __init__(self, index: int) -> None:
@@ -151,6 +169,13 @@ class Softmax(Target):
     @property
     def class_index(self) -> int:
         return self.index
+
+    @property
+    def ranked(self) -> bool:
+        return self.index < 0
+
+    def with_classes(self, order: np.ndarray) -> Target:
+        return Softmax(_by_rank(self.index, order)) if self.ranked else self
 
     def check(self, shape: Shape, image_size: tuple[int, int]) -> None:
         _needs_classes(shape, "Softmax", rank=1)
@@ -170,8 +195,6 @@ class Softmax(Target):
 class Difference(Target):
     """Score of class p minus score of class q ("why p rather than q")."""
 
-    ranks_classes = True
-
     def __init__(self, p: int, q: int) -> None:
         self.p, self.q = _checked_index(p, "Difference p"), _checked_index(q, "Difference q")
         self.needs_values = self.p < 0 or self.q < 0
@@ -182,6 +205,18 @@ class Difference(Target):
     @property
     def class_index(self) -> int:
         return self.p
+
+    @property
+    def ranked(self) -> bool:
+        return self.needs_values
+
+    def with_classes(self, order: np.ndarray) -> Target:
+        if not self.ranked:
+            return self
+        p, q = _by_rank(self.p, order), _by_rank(self.q, order)
+        if p == q:
+            raise InvalidTargetError(f"Difference({self.p}, {self.q}): p and q are the same class {p}")
+        return Difference(p, q)
 
     def check(self, shape: Shape, image_size: tuple[int, int]) -> None:
         _needs_classes(shape, "Difference")
@@ -450,7 +485,17 @@ class Sum(Target):
             part.check(shape, image_size)
 
     def bound(self, shape: Shape, image_size: tuple[int, int]) -> Target:
-        parts = [part.bound(shape, image_size) for part in self.parts]
+        return self._with_parts([part.bound(shape, image_size) for part in self.parts])
+
+    @property
+    def ranked(self) -> bool:
+        return any(part.ranked for part in self.parts)
+
+    def with_classes(self, order: np.ndarray) -> Target:
+        return self._with_parts([part.with_classes(order) for part in self.parts])
+
+    def _with_parts(self, parts: list[Target]) -> Target:
+        """This Sum if ``parts`` are its own, else a Sum of ``parts``."""
         return self if all(new is old for new, old in zip(parts, self.parts)) else Sum(parts)
 
     def outline(self, size: tuple[int, int]) -> np.ndarray | None:

@@ -26,7 +26,7 @@ from pytorch_grad_cam.utils.model_targets import (
 
 from explainrt import Explainer, make_explainable
 from explainrt.deploy.trt_support import check_tensorrt_support
-from explainrt.errors import UnknownLayerError
+from explainrt.errors import InvalidInputError, UnknownLayerError
 from explainrt.export import axes
 from explainrt.export.spec import ExplainableSpec
 from explainrt.export.torch_export import export_torch
@@ -125,3 +125,46 @@ def test_adaptive_pooling_that_upsamples_matches_pytorch_grad_cam() -> None:
     saliency = explainer.explain(images, method="saliency", targets=[1, 4], normalize=False, abs=False)
     expected = x.grad.numpy().sum(axis=1)
     assert np.abs(saliency.maps.reshape(expected.shape) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_pointwise_convolution_after_the_target_keeps_a_dynamic_image_size() -> None:
+    """A SqueezeNet-shaped classifier (a 1x1 stride-1 convolution after the target layer) given without input_size:
+    exported with a dynamic image size (its Conv gradient needs no static size), it explains images of two other
+    sizes, equal to pytorch-grad-cam's maps."""
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(8, 12, 3, stride=2, padding=1), torch.nn.ReLU())
+    model = torch.nn.Sequential(features, torch.nn.Conv2d(12, 5, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten()).eval()
+    explainer = Explainer(model, [features[2]])
+    assert not any(isinstance(size, int) for size in explainer.session.input_shape[2:])  # symbolic: any size
+    for seed, size in enumerate([(48, 64), (40, 40)]):
+        images = np.random.default_rng(seed).standard_normal((2, 3, *size)).astype(np.float32)
+        ours = explainer.explain(images, method="gradcam", targets=[1, 3])
+        with ReferenceGradCAM(model=model, target_layers=[features[2]]) as cam:
+            reference = cam(torch.from_numpy(images), targets=[ReferenceTarget(1), ReferenceTarget(3)])
+        assert reference.std() > 0.1
+        np.testing.assert_allclose(ours.maps.reshape(reference.shape), reference, atol=1e-5)
+
+
+def test_adaptive_pool_exported_for_one_size_falls_back_to_that_size(caplog: pytest.LogCaptureFixture) -> None:
+    """A VGG-shaped classifier whose features are 7 x 7 at 224 x 224, given without input_size: torch's dynamic
+    export writes AdaptiveAvgPool2d((7, 7)) as a fixed 1 x 1 AveragePool, a graph of that one size; the export is
+    redone at 224 x 224 (said in the log), explains as pytorch-grad-cam does, and refuses another size clearly."""
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                   torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+    model = torch.nn.Sequential(features, torch.nn.AdaptiveAvgPool2d((7, 7)), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 49, 5)).eval()
+    with caplog.at_level("INFO", logger="explainrt"):
+        explainer = Explainer(model, [features[3]])
+    assert tuple(explainer.session.input_shape)[2:] == (224, 224)
+    assert "exported at 224x224" in caplog.text and "AveragePool" in caplog.text
+    images = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    ours = explainer.explain(images, method="gradcam", targets=[0, 2])
+    with ReferenceGradCAM(model=model, target_layers=[features[3]]) as cam:
+        reference = cam(torch.from_numpy(images), targets=[ReferenceTarget(0), ReferenceTarget(2)])
+    assert reference.std() > 0.05
+    np.testing.assert_allclose(ours.maps.reshape(reference.shape), reference, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="224"):
+        explainer.explain(images[:, :, :200, :200])

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from explainrt.errors import InvalidModelError
+from explainrt.errors import InvalidModelError, UnknownSizeError
 
 Dim = int | str | None
 
@@ -300,7 +300,7 @@ class GraphBuilder:
         """The shape of ``name``; every dimension but the batch (axis 0) must be a known integer."""
         shape = self.info(name).shape
         if shape is None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
-            raise InvalidModelError(f"{what} needs the static shape of {name!r}, got {shape}")
+            raise UnknownSizeError(f"{what} needs the static shape of {name!r}, got {shape}")
         return shape
 
     # -- opset-aware building blocks -----------------------------------------------------------

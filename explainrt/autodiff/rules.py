@@ -772,27 +772,33 @@ def _space_to_depth(n: Node, g: Grads) -> Grads:
 # -- windows: convolution and pooling ----------------------------------------------------------
 def _window_geometry(n: Node, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
     """Static (input size, output size, strides, dilations, leading pads, trailing pads) of a window operator."""
-    x, y = n.inputs[0], n.outputs[0]
+    in_size = list(n.b.static_shape(n.inputs[0], f"the gradient of {n.op_type}")[2:])
+    out_size = list(n.b.static_shape(n.outputs[0], f"the gradient of {n.op_type}")[2:])
+    strides, dilations, pads, end_pads = _window_pads(n, kernel)
+    if n.attr("ceil_mode", 0) and any((o - 1) * s >= i + p for o, s, i, p in zip(out_size, strides, in_size, pads)):
+        # ONNX shape inference before opset 22 keeps a last window that starts past the input;
+        # ONNX Runtime (like ONNX 22 and PyTorch) drops it: the model's static shapes are wrong.
+        raise n.unsupported(f"ceil_mode with a last window past the input (inferred output {out_size}): "
+                            "ONNX shape inference before opset 22 disagrees with the runtime; export with opset 22")
+    return in_size, out_size, strides, dilations, pads, end_pads
+
+
+def _window_pads(n: Node, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(strides, dilations, leading pads, trailing pads) of a window operator: from its attributes, and from
+    its static sizes only for ``auto_pad`` SAME_* (so explicit pads work at a dynamic image size)."""
     spatial = len(kernel)
-    in_size = list(n.b.static_shape(x, f"the gradient of {n.op_type}")[2:])
-    out_size = list(n.b.static_shape(y, f"the gradient of {n.op_type}")[2:])
     strides = list(n.attr("strides") or [1] * spatial)  # type: ignore[arg-type]
     dilations = list(n.attr("dilations") or [1] * spatial)  # type: ignore[arg-type]
     auto_pad = n.attr("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", "VALID"):
         both = list(n.attr("pads") or [0] * 2 * spatial) if auto_pad == "NOTSET" else [0] * 2 * spatial  # type: ignore[arg-type]
-        pads, end_pads = both[:spatial], both[spatial:]
-        if n.attr("ceil_mode", 0) and any((o - 1) * s >= i + p for o, s, i, p in zip(out_size, strides, in_size, pads)):
-            # ONNX shape inference before opset 22 keeps a last window that starts past the input;
-            # ONNX Runtime (like ONNX 22 and PyTorch) drops it: the model's static shapes are wrong.
-            raise n.unsupported(f"ceil_mode with a last window past the input (inferred output {out_size}): "
-                                "ONNX shape inference before opset 22 disagrees with the runtime; export with opset 22")
-    else:
-        totals = [max((o - 1) * s + (k - 1) * d + 1 - i, 0)
-                  for i, o, s, k, d in zip(in_size, out_size, strides, kernel, dilations)]
-        pads = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
-        end_pads = [t - p for t, p in zip(totals, pads)]
-    return in_size, out_size, strides, dilations, pads, end_pads
+        return strides, dilations, both[:spatial], both[spatial:]
+    in_size = n.b.static_shape(n.inputs[0], f"the gradient of {n.op_type} with auto_pad {auto_pad}")[2:]
+    out_size = n.b.static_shape(n.outputs[0], f"the gradient of {n.op_type} with auto_pad {auto_pad}")[2:]
+    totals = [max((o - 1) * s + (k - 1) * d + 1 - i, 0)
+              for i, o, s, k, d in zip(in_size, out_size, strides, kernel, dilations)]
+    pads = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+    return strides, dilations, pads, [t - p for t, p in zip(totals, pads)]
 
 
 def _scatter_windows(n: Node, g_merged: str, weight: str, group: int, kernel: Sequence[int]) -> V:
@@ -858,15 +864,16 @@ def _correlate_back(n: Node, g_merged: str, back_weight: str, group: int, kernel
     gradients with the flipped weight: ``gx[i] = sum_k' gy[i - (d (k - 1) - pad) + k' d] w[k - 1 - k']``,
     i.e. leading pads ``d (k - 1) - pad`` and trailing pads ``d (k - 1) - end_pad``. ONNX Runtime's Conv
     (NCHWc layout, no col2im) is much faster than its ConvTranspose. A negative pad (a pad wider than the
-    dilated kernel) drops window gradients that reach no input: a Slice of them first."""
+    dilated kernel) drops window gradients that reach no input: a Slice of them first. Nothing here needs the
+    image size (explicit pads), so a model exported with a dynamic size keeps it."""
     b = n.b
-    _, out_size, _, dilations, pads, end_pads = _window_geometry(n, kernel)
+    _, dilations, pads, end_pads = _window_pads(n, kernel)
     reach = [d * (k - 1) for d, k in zip(dilations, kernel)]
     lead = [r - p for r, p in zip(reach, pads)]
     trail = [r - e for r, e in zip(reach, end_pads)]
-    if any(v < 0 for v in lead + trail):
+    if any(v < 0 for v in lead + trail):  # ends counted from the end: no static size needed
         starts = [max(-v, 0) for v in lead]
-        ends = [o - max(-v, 0) for o, v in zip(out_size, trail)]
+        ends = [v if v < 0 else np.iinfo(np.int64).max for v in trail]
         g_merged = b.op("Slice", [g_merged, b.ints(starts), b.ints(ends), b.ints(list(range(2, 2 + len(kernel))))])
     back = b.op("Conv", [g_merged, back_weight], dilations=dilations, group=group,
                 pads=[max(v, 0) for v in lead] + [max(v, 0) for v in trail])

@@ -22,6 +22,7 @@ from explainrt.kernels import cam_weights
 from explainrt.methods.base import Attribution, AttributionRequest, Method, add_timings, timed
 from explainrt.methods.options import Array, Function, OneOf, Option
 from explainrt.methods.perturbation import perturbation_scores
+from explainrt.numerics import class_scores
 from explainrt.runtime.base import MapHeadSession, MapsResult, RunResult, Session
 
 
@@ -192,7 +193,7 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
     values = ablation_values(a) if values is None else np.asarray(values, dtype=np.float32)
     if values.shape != (n, channels):
         raise InvalidInputError(f"ablation_values must have shape {(n, channels)}, got {values.shape}")
-    original = ctx.logits[np.arange(n), ctx.targets]
+    original = class_scores(ctx.logits)[np.arange(n), ctx.targets]
     ablated = np.empty((n, channels), dtype=np.float32)
     for image in range(n):
         for start in range(0, channels, ctx.batch_size):
@@ -200,7 +201,7 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
             copies = np.repeat(a[image : image + 1], stop - start, axis=0)
             copies[np.arange(stop - start), np.arange(start, stop)] = values[image, start:stop, None, None]
             logits = ctx.session.head(ctx.layer, copies, ctx.images[image : image + 1])
-            ablated[image, start:stop] = logits[:, ctx.targets[image]]
+            ablated[image, start:stop] = class_scores(np.asarray(logits))[:, ctx.targets[image]]
     return CamTerms(a, (original[:, None] - ablated) / original[:, None])
 
 

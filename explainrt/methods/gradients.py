@@ -25,6 +25,7 @@ import numpy as np
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import Attribution, AttributionRequest, Method, gaussian_blur, resolve_targets, timed
 from explainrt.methods.options import Array, Choice, Flag, Integer, Number, OneOf, Option
+from explainrt.numerics import class_scores
 from explainrt.progress import track
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,11 @@ class IntegratedGradients(Method):
                                   weights, timings)
         attributions = delta * path
         rows = np.arange(n)
-        gap = attributions.sum(axis=(1, 2, 3)) - (logits[rows, targets] - base_logits[rows, targets])
+        change = class_scores(logits)[rows, targets] - class_scores(base_logits)[rows, targets]
+        gap = attributions.sum(axis=(1, 2, 3)) - change
         for image, value in enumerate(gap):
             log.info("integrated gradients, image %d: completeness gap %.3g (y(x) - y(baseline) = %.3g)",
-                     image, value, logits[image, targets[image]] - base_logits[image, targets[image]])
+                     image, value, change[image])
         return Attribution(attributions.sum(axis=1).astype(np.float32), logits, targets, timings,
                            {"completeness_gap": gap.astype(np.float32)})
 

@@ -52,7 +52,7 @@ from explainrt.methods.base import (
     timed,
 )
 from explainrt.methods.options import Choice, Integer, Number, OneOf, Option, Size
-from explainrt.numerics import softmax
+from explainrt.numerics import class_scores, softmax
 from explainrt.progress import progress
 from explainrt.runtime.incremental import incremental_forward
 from explainrt.runtime.objective import TargetSession
@@ -120,7 +120,8 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
     against ``baseline`` (a number or [C, H, W]); a batch larger than ``perturbation_budget``
     runs in several runtime calls, through ``forward`` if given (else the session's plain forward
     pass), timed into ``timings["runtime"]``. Scores are logits, or softmax probabilities over all
-    classes when ``probabilities``. ``total`` (the masks ``batches`` yields) sizes the progress bar
+    classes when ``probabilities`` and the output is [N, classes]; on an output [N, classes, ...] (a
+    segmentation map) a class's score is its map summed (``numerics.class_scores``), as for Grad-CAM. ``total`` (the masks ``batches`` yields) sizes the progress bar
     and is checked at the end.
     """
     image = request.images[index]
@@ -139,7 +140,8 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
                 copies = kernels.apply_masks(image, chunk, baseline)
                 with timed(runtime, "runtime"):
                     logits = np.asarray(request.session.logits(copies) if forward is None else forward(copies, chunk))
-                scores[start : start + budget] = (softmax(logits) if probabilities else logits)[:, columns]
+                scores[start : start + budget] = (softmax(logits) if probabilities and logits.ndim == 2
+                                                  else class_scores(logits))[:, columns]
                 bar.update(copies.shape[0])
             seen += masks.shape[0]
             yield masks, scores
@@ -206,7 +208,7 @@ class Occlusion(Method):
         maps = np.empty((request.images.shape[0], height, width), dtype=np.float32)
         for index in range(request.images.shape[0]):
             baseline = _occlusion_baseline(request.options["baseline"], request.images[index])
-            reference = logits[index, targets[index]]
+            reference = class_scores(logits)[index, targets[index]]
             forward = None
             if incremental is not False:
                 with timed(timings, "runtime"):

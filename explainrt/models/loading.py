@@ -40,6 +40,7 @@ from explainrt.errors import (
     InvalidInputError,
     InvalidModelError,
     UnknownLayerError,
+    UnknownSizeError,
 )
 from explainrt.export import layouts
 from explainrt.export.explainable import make_explainable
@@ -208,11 +209,13 @@ def _from_module(module: Any, layers: list[Any] | None, backend: str, preprocess
     try:
         proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
                            dynamic_size=dynamic_size and reason is None, **outputs.layouts())
-    except UnknownLayerError as error:
+    except (UnknownLayerError, UnknownSizeError) as error:
         if not dynamic_size or reason is not None:
             raise
-        log.info("exported at %dx%d: with a dynamic image size the target layers cannot be read (%s)",
-                 *input_size, error)
+        # e.g. torch writes an adaptive pool that keeps the example's size as a fixed AveragePool: the dynamic
+        # graph holds that one size, and the pool's gradient rule cannot read the others
+        log.info("exported at %dx%d: with a dynamic image size the target layers or their gradients cannot be "
+                 "built (%s)", *input_size, error)
         proto = from_torch(module, example, targets, preprocessing=stored, output=outputs.output,
                            **outputs.layouts())
     named = _named_classes(preprocessing, ExplainableSpec.from_model(proto).num_classes)

@@ -81,13 +81,6 @@ class TargetSession:
             self._check_own_boxes(images, index, output, self.targets)
         return self.scores(outputs)
 
-    def classes_by_rank(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        """Each image's class indices from the most to the least likely, [n, classes] (the inner model's output
-        summed over its axes after the classes), in runtime calls of at most ``batch_size`` images."""
-        scores = np.concatenate([_host(self.inner.logits(images[start:start + batch_size]))
-                                 for start in range(0, images.shape[0], batch_size)])
-        return np.argsort(-scores.reshape(*scores.shape[:2], -1).sum(axis=2), axis=1, kind="stable")
-
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
         return self.scores(_host(self.inner.head(layer, activations, images)))
 

@@ -19,14 +19,13 @@ from typing import Any
 import numpy as np
 
 from explainrt.errors import InvalidInputError, InvalidTargetError, RequestTooLargeError
-from explainrt.explainer import class_scores
 from explainrt.export.spec import (
     RESOLVED_TARGETS_OUTPUT,
     activations_output,
     gradients_output,
 )
 from explainrt.methods import METHODS
-from explainrt.numerics import softmax
+from explainrt.numerics import class_scores, softmax
 from explainrt.serve import codec
 from explainrt.serve.codec import Limits, V2Tensor
 from explainrt.serve.models import (
