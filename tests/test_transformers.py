@@ -137,6 +137,18 @@ def test_grad_cam_equals_pytorch_grad_cam_with_its_reshape_transform(family: dic
         np.testing.assert_allclose(maps, family["reference"], atol=1e-4, err_msg=f"{family['name']} on {backend}")
 
 
+def test_saliency_equals_torch_autograd(family: dict[str, Any]) -> None:
+    """The input gradient through every family's whole graph (Swin's patch merging: Slice with step 2, its
+    shifted windows, ViT attention) equals torch.autograd's for one target per image."""
+    explainer = Explainer(family["model"], [family["layer"]], input_size=(family["size"], family["size"]))
+    ours = explainer.explain(family["images"], method="saliency", targets=[1, 7], normalize=False, abs=False).maps
+    x = torch.from_numpy(family["images"]).requires_grad_(True)
+    _Logits(family["model"])(x)[[0, 1], [1, 7]].sum().backward()
+    expected = x.grad.numpy().sum(axis=1)
+    assert np.abs(expected).max() > 0
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max(), family["name"]
+
+
 def test_the_automatic_layer_is_the_documented_one(family: dict[str, Any]) -> None:
     explainer = Explainer(family["model"], input_size=(family["size"], family["size"]))
     assert explainer.spec.layouts[0]["kind"] == family["layout"]["kind"]

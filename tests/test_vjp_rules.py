@@ -248,19 +248,31 @@ def _concat_split_slice() -> list[Case]:
         "negative-axis": ([-3], [1000], [-1]),
         "start-before-begin": ([-100, 2], [2, 4], [1, 0]),
         "empty-range-axis": ([3], [1], [1]),
-        "all-three-axes-with-steps-1": ([0, 1, 1], [2, 3, -1], [0, 1, 2]),
+        "all-three-axes-with-steps-1": ([0, 1, 1], [2, 3, -1], [0, 1, 2], [1, 1, 1]),
+        # steps other than 1: patch merging (x[:, 0::2, 0::2]), an odd start, spread zeros past the input,
+        # a flip, a negative step of 2, and strided and unit-step axes mixed
+        "patch-merging-steps-2": ([0, 0], [BIG, BIG], [1, 2], [2, 2]),
+        "odd-start-step-2": ([1], [BIG], [2], [2]),
+        "step-3-last-zeros-past-the-input": ([0], [4], [2], [3]),
+        "flip": ([-1], [-BIG], [1], [-1]),
+        "negative-step-2": ([4], [0], [2], [-2]),
+        "mixed-steps": ([1, 0, 3], [3, BIG, 0], [0, 1, 2], [1, 3, -1]),
     }
-    for variant, (starts, ends, axes) in slices.items():
+    for variant, (starts, ends, axes, *steps) in slices.items():
         inputs = ["x", "st", "en"] + (["ax"] if axes is not None else [])
         constants = {"st": np.array(starts, I64), "en": np.array(ends, I64)}
         if axes is not None:
             constants["ax"] = np.array(axes, I64)
-        if variant.endswith("steps-1"):
+        if steps:
             inputs.append("sp")
-            constants["sp"] = np.ones(len(starts), I64)
+            constants["sp"] = np.array(steps[0], I64)
         cases.append(case("Slice", variant, inputs, {"x": y}, constants=constants))
     cases.append(case("Slice", "dynamic-batch", ["x", "st", "en", "ax"], {"x": y},
                       constants={"st": np.array([1], I64), "en": np.array([-1], I64), "ax": np.array([2], I64)},
+                      dynamic_batch=("x",)))
+    cases.append(case("Slice", "dynamic-batch-steps-2", ["x", "st", "en", "ax", "sp"], {"x": y},
+                      constants={"st": np.array([0, 1], I64), "en": np.array([BIG, BIG], I64),
+                                 "ax": np.array([1, 2], I64), "sp": np.array([2, 2], I64)},
                       dynamic_batch=("x",)))
     return cases
 
@@ -870,11 +882,15 @@ def test_batch_norm_scale_on_path_is_unsupported() -> None:
     assert error.op_type == "BatchNormalization" and "input 1" in str(error)
 
 
-def test_slice_with_step_is_unsupported() -> None:
+def test_slice_with_step_along_a_dynamic_axis_is_unsupported() -> None:
+    """A step other than 1 along an axis of unknown size (here the batch) places the gradient by that size."""
     sl = helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["y"], name="strided")
-    error = _error_for([sl], {"x": n64([4, 6])}, ["x"], constants={
-        "st": np.array([0], I64), "en": np.array([6], I64), "ax": np.array([1], I64), "sp": np.array([2], I64)})
-    assert error.op_type == "Slice" and "steps" in str(error)
+    model = forward_model([sl], {"x": n64([4, 6])}, "y", constants={
+        "st": np.array([0], I64), "en": np.array([BIG], I64), "ax": np.array([0], I64), "sp": np.array([2], I64)})
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    with pytest.raises(UnsupportedOperatorError, match="dynamic axis 0") as caught:
+        gradient_model(model, ["x"], "y")
+    assert caught.value.op_type == "Slice"
 
 
 def test_reduce_l2_of_zeros_has_torchs_zero_gradient() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from explainrt.autodiff.builder import Dim, TensorInfo
-from explainrt.autodiff.gradients import Node, Rule, V, add_n, blocks_path, through_integers, where
+from explainrt.autodiff.gradients import GradientBuilder, Node, Rule, V, add_n, blocks_path, through_integers, where
 
 Grads = Sequence[V | None]
 
@@ -168,8 +168,10 @@ def _split(n: Node, g: Grads) -> Grads:
 
 
 def _slice(n: Node, g: Grads) -> Grads:
-    """Slices with unit steps: pad the gradient back with zeros. Only the sliced axes need a static
-    size (a slice from a start to the end of an axis needs none)."""
+    """Pad the gradient back with zeros; along an axis sliced with a step other than 1 (Swin's patch merging
+    ``x[..., 0::2, 0::2, :]``, a flip), first reversed where the step is negative and spread with step - 1 zeros
+    after each element (``_spread``). Only the sliced axes need a static size (a unit-step slice from a start to
+    the end of an axis needs none)."""
     b, x = n.b, n.x[0]
     shape = b.info(n.inputs[0]).shape
     if shape is None:
@@ -178,19 +180,41 @@ def _slice(n: Node, g: Grads) -> Grads:
     starts, ends = input_or_attr(n, 1, "starts"), input_or_attr(n, 2, "ends")
     axes = input_or_attr(n, 3, "axes") or list(range(len(starts or [])))
     steps = input_or_attr(n, 4, "steps") or [1] * len(axes)
-    if any(s != 1 for s in steps):
-        raise n.unsupported("slices with steps other than 1")
+    grad = g[0].name
     before, after = [0] * (rank + 1), [0] * (rank + 1)
-    for axis, start, end in zip(axes, starts or [], ends or []):
+    for axis, start, end, step in zip(axes, starts or [], ends or [], steps):
         axis %= rank
         if not isinstance(shape[axis], int):
-            if start < 0 or end < 2**31 - 1:
+            if step != 1 or start < 0 or end < 2**31 - 1:
                 raise n.unsupported(f"slicing along the dynamic axis {axis} other than from a start to its end")
             before[axis + 1] = start
             continue
-        lo, hi, _ = slice(start, end).indices(shape[axis])
-        before[axis + 1], after[axis + 1] = lo, shape[axis] - max(hi, lo)
-    return (g[0].op("Pad", b.ints(before + after), info=x.info),)
+        picked = range(*slice(start, end, step).indices(shape[axis]))
+        if not picked:
+            after[axis + 1] = shape[axis]
+            continue
+        first, stride = (picked[0], step) if step > 0 else (picked[-1], -step)
+        if step < 0:
+            grad = b.op("Slice", [grad, b.ints([-1]), b.ints([np.iinfo(np.int64).min]), b.ints([axis + 1]),
+                                  b.ints([-1])])
+        length = len(picked)
+        if stride > 1:
+            grad, length = _spread(b, grad, axis + 1, stride, rank + 1), length * stride
+        kept = min(length, shape[axis] - first)  # the zeros after the last element that fall past the input
+        if kept < length:
+            grad = b.op("Slice", [grad, b.ints([0]), b.ints([kept]), b.ints([axis + 1])])
+        before[axis + 1], after[axis + 1] = first, shape[axis] - first - kept
+    return (V(b, grad, seeded=g[0].seeded).op("Pad", b.ints(before + after), info=x.info),)
+
+
+def _spread(b: GradientBuilder, x: str, axis: int, stride: int, rank: int) -> str:
+    """``x`` with ``stride - 1`` zeros after each element along ``axis`` (of ``rank`` axes): an axis of
+    length m becomes m * stride."""
+    pads = [0] * 2 * (rank + 1)
+    pads[rank + 1 + axis + 1] = stride - 1
+    spread = b.op("Pad", [b.unsqueeze(x, [axis + 1]), b.ints(pads)])
+    merged = b.concat([b.shape_slice(spread, 0, axis), b.ints([-1]), b.shape_slice(spread, axis + 2)], 0)
+    return b.op("Reshape", [spread, merged])
 
 
 Places = Callable[[np.ndarray, np.ndarray], np.ndarray]
