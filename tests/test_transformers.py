@@ -370,3 +370,15 @@ def test_a_fixed_size_is_told_from_one_forward_pass_at_another_size() -> None:
     assert fixed_size_reason(cnn.train(), example, [cnn[0]]) is None
     torch.testing.assert_close(cnn[1].running_mean, running, rtol=0, atol=0)  # evaluated, not trained
     assert cnn.training
+
+
+def test_a_model_that_refuses_the_export_size_says_why_in_one_plain_line() -> None:
+    """A ViT built for 32 x 32 given input_size=(40, 40): the model's own size check, not torch.export's report
+    with its terminal colour codes."""
+    model = torchvision_vit()
+    with pytest.raises(InvalidModelError) as caught:
+        Explainer(model, [model.encoder.layers[-1].ln_1], input_size=(40, 40))
+    message = str(caught.value)
+    assert message.startswith("torch.onnx.export of the model on a 40x40 image failed: AssertionError: Wrong image "
+                              "height! Expected 32 but got 40!")
+    assert "\x1b" not in message and "\n" not in message

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -75,6 +76,22 @@ def _own_error(error: BaseException | None) -> ExplainrtError | None:
     return None
 
 
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+"""Terminal colour codes, which torch.export puts in its messages."""
+
+
+def _export_failure(error: BaseException, size: tuple[int, ...]) -> InvalidModelError:
+    """The error of a failed export, told by its first cause (the model's own exception where it raised one,
+    e.g. a ViT's image size check) in one plain line, not torch.export's multi-page report."""
+    cause = error
+    while (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    text = ANSI_CODES.sub("", str(cause)).strip()
+    line = text.splitlines()[0] if text else ""
+    return InvalidModelError(f"torch.onnx.export of the model on a {'x'.join(map(str, size))} image failed: "
+                             f"{type(cause).__name__}: {line} (a model that takes one image size needs input_size set to it)")
+
+
 def export_torch(
     model: torch.nn.Module,
     example_input: torch.Tensor,
@@ -115,7 +132,7 @@ def export_torch(
             )
         program.save(buffer)
     except Exception as error:  # torch.export raises many unrelated types and wraps ours
-        raise _own_error(error) or InvalidModelError(f"torch.onnx.export failed: {error}") from error
+        raise _own_error(error) or _export_failure(error, tuple(example.shape[2:])) from error
     finally:
         for module, training in modes.items():
             module.train(training)
