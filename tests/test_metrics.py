@@ -22,7 +22,8 @@ import torch
 from onnx import numpy_helper
 from scipy.ndimage import gaussian_filter
 
-from explainrt.errors import InvalidInputError
+from explainrt import Explainer
+from explainrt.errors import InvalidInputError, InvalidModelError, InvalidTargetError
 from explainrt.export.spec import original_model
 from explainrt.metrics import (
     blur,
@@ -38,8 +39,11 @@ from explainrt.metrics import (
     trapezoid_auc,
     weighted_nodes,
 )
+from explainrt.metrics.curves import probabilities
+from explainrt.metrics.evaluate import evaluate
 from explainrt.metrics.pasted import MARGIN
 from explainrt.metrics.road import removed_pixels
+from explainrt.targets import Similarity
 
 SIDE = 16
 REGION = (slice(2, 6), slice(9, 13))  # the 16 pixels the region model reads
@@ -419,3 +423,30 @@ def test_curves_png_with_and_without_matplotlib(without_matplotlib: bool, monkey
         pixels = np.asarray(image.convert("RGB"))
     assert (np.abs(pixels.astype(int) - (31, 119, 180)).sum(axis=2) < 60).sum() > 50  # the method's line colour
     assert "| gradcam | 0.500 | 0.500 |" in evaluation.markdown()
+
+
+def test_probability_metrics_refuse_outputs_and_targets_that_are_no_class_probability(small_explainer,  # noqa: ANN001
+                                                                                      small_batch) -> None:  # noqa: ANN001
+    """Deletion, insertion and ROAD score a class's softmax probability: a segmentation output [N, K, H, W] and a
+    Similarity target (Explanation.targets -1, which would index the last class) are refused by name; the pointing
+    games take a segmentation output."""
+    torch.manual_seed(0)
+    segmenter = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1)).eval()
+    explainer = Explainer(segmenter, [segmenter[1]], input_size=(16, 16))
+    images = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    for metrics in (["deletion"], ["insertion", "road"]):
+        with pytest.raises(InvalidInputError, match=r"explained output is \[N, 3, 16, 16\]"):
+            evaluate(explainer, images, ["gradcam"], metrics, progress=False)
+    boxes = np.array([[0, 0, 8, 8], [4, 4, 16, 16]])
+    pointing = evaluate(explainer, images, ["gradcam"], ["pointing", "energy"], boxes=boxes, progress=False)
+    assert set(pointing.scores["gradcam"]) == {"pointing", "energy"}
+    vector = np.ones(small_explainer.spec.num_classes, np.float32)
+    with pytest.raises(InvalidTargetError, match=r"class indices as targets, not Similarity"):
+        evaluate(small_explainer, small_batch, ["gradcam"], ["deletion"], targets=Similarity(vector), progress=False)
+    with pytest.raises(InvalidInputError, match="classifier output"):
+        probabilities(explainer.session, [images], np.array([0, 1]))
+
+
+def test_cascading_randomization_refuses_what_is_no_onnx_model(small_explainer, small_batch) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidModelError, match="got Explainer"):
+        cascading_randomization(small_explainer, small_batch)

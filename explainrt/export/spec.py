@@ -117,6 +117,9 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     """Read an ONNX model from a path, serialized bytes or a ModelProto (copied)."""
     if isinstance(source, onnx.ModelProto):
         return copy.deepcopy(source)
+    if not isinstance(source, (bytes, str, os.PathLike)):
+        raise InvalidModelError(f"an ONNX model is a path, serialized bytes or an onnx.ModelProto, got "
+                                f"{type(source).__name__}")
     try:
         if isinstance(source, bytes):
             model = onnx.load_from_string(source)

@@ -79,7 +79,13 @@ def check_maps(images: np.ndarray, maps: np.ndarray, targets: np.ndarray) -> Non
 
 def probabilities(model: ScoresModel, batches: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
     """Softmax probability of ``targets[i]`` for each image of each batch (targets aligned with the concatenation)."""
-    scores = [softmax(model.logits(np.ascontiguousarray(batch))) for batch in batches]
+    scores = []
+    for batch in batches:
+        logits = np.asarray(model.logits(np.ascontiguousarray(batch)))
+        if logits.ndim != 2:
+            raise InvalidInputError(f"class probabilities need a classifier output [N, classes]; the model returns "
+                                    f"{logits.shape}")
+        scores.append(softmax(logits))
     return np.concatenate(scores)[np.arange(targets.shape[0]), targets]
 
 

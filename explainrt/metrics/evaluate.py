@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from explainrt.errors import InvalidInputError, UnknownMetricError
+from explainrt.errors import InvalidInputError, InvalidTargetError, UnknownMetricError
 from explainrt.methods import get_method
 from explainrt.metrics.curves import CausalCurves, causal_curves
 from explainrt.metrics.pointing import POINTING_TOLERANCE, energy_pointing_game, pointing_game
 from explainrt.metrics.road import DEFAULT_NOISE, DEFAULT_PERCENTAGES, road_curves
 from explainrt.progress import progress as progress_of
+from explainrt.targets import Class, as_targets
 from explainrt.validation import checked_int
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ METRICS = {
             "(default 10..90 %)",
 }
 BOX_METRICS = ("pointing", "energy")
+PROBABILITY_METRICS = ("deletion", "insertion", "road")
+"""Metrics that score a class's softmax probability: they need a classifier output and class targets."""
 COLUMNS = {"deletion": ("deletion",), "insertion": ("insertion",), "pointing": ("pointing",), "energy": ("energy",),
            "road": ("road-morf", "road-lerf")}
 BETTER = {"deletion": "lower", "insertion": "higher", "pointing": "higher", "energy": "higher",
@@ -98,6 +101,24 @@ def object_targets(logits: np.ndarray, classes: Sequence[Sequence[int]]) -> np.n
     return np.array([int(max(options, key=lambda c: row[c])) for row, options in zip(logits, classes, strict=True)])
 
 
+def _check_class_probabilities(explainer: Any, metrics: list[str], targets: Any, count: int) -> None:
+    """Refuse ``metrics`` that score a class's probability where there is none to score: an explained output
+    other than [N, classes] (a segmentation map, a detector head), or targets that are not classes (a Region's,
+    a Similarity's objective is no class probability, and its ``Explanation.targets`` is -1 or its class)."""
+    if not metrics:
+        return
+    shape = tuple(explainer.spec.output_shape)
+    if len(shape) > 1:
+        raise InvalidInputError(f"metric(s) {', '.join(metrics)} score a class's softmax probability over an output "
+                                f"[N, classes]; the explained output is [N, {', '.join(map(str, shape))}] (the "
+                                "pointing games take any output)")
+    given = as_targets(targets, count)
+    others = sorted({repr(target) for row in given[0] for target in row if type(target) is not Class}) if given else []
+    if others:
+        raise InvalidTargetError(f"metric(s) {', '.join(metrics)} score the explained class's probability; they take "
+                                 f"class indices as targets, not {', '.join(others)}")
+
+
 def evaluate(explainer: Any, images: Any, methods: Sequence[str], metrics: Sequence[str] = ("deletion", "insertion"),
              boxes: np.ndarray | None = None, targets: Any = None, steps: int = 50, batch_size: int = 32,
              road_percentages: Sequence[float] = DEFAULT_PERCENTAGES, road_noise: float = DEFAULT_NOISE,
@@ -119,6 +140,7 @@ def evaluate(explainer: Any, images: Any, methods: Sequence[str], metrics: Seque
     if unknown:
         raise InvalidInputError(f"options given for method(s) {', '.join(sorted(unknown))} that are not evaluated")
     batch, _ = explainer.prepare(images)
+    _check_class_probabilities(explainer, [m for m in metrics if m in PROBABILITY_METRICS], targets, batch.shape[0])
     columns = tuple(column for metric in metrics for column in COLUMNS[metric])
     all_scores: dict[str, dict[str, np.ndarray]] = {}
     all_curves: dict[str, dict[str, CausalCurves]] = {}
