@@ -380,12 +380,14 @@ class Explainer:
         if given is None:
             return self.session, self._targets(targets, batch.shape[0]), None
         rows, many = given
-        if any(target.ranked for row in rows for target in row):
-            rows = self._with_classes(rows, batch, batch_size)
-        unique = list({id(target): target for row in rows for target in row}.values())
         shape = self.spec.output_shape
         if not shape or None in shape:  # not stored (older models) or known only at run time
             shape = tuple(np.shape(self.session.logits(batch[:1]))[1:])
+        if any(target.ranked for row in rows for target in row):
+            for target in {id(target): target for row in rows for target in row}.values():
+                target.check(shape, tuple(batch.shape[2:]))  # a rank -k within the classes before it is looked up
+            rows = self._with_classes(rows, batch, batch_size)
+        unique = list({id(target): target for row in rows for target in row}.values())
         bound = {id(target): target.bound(shape, tuple(batch.shape[2:])) for target in unique}
         column = {key: index for index, key in enumerate(bound)}
         wanted = np.array([[column[id(target)] for target in row] for row in rows], np.int64)

@@ -35,7 +35,9 @@ import torch
 from test_lime_kernelshap import _blocks, _superpixel_vector
 
 from explainrt import Explainer, compat
+from explainrt.errors import InvalidTargetError
 from explainrt.targets import (
+    Class,
     Difference,
     Region,
     Similarity,
@@ -391,3 +393,9 @@ def test_ranked_targets_name_each_image_classes_in_perturbation_methods(models, 
     assert ranked.targets.tolist() == fixed.targets.tolist() == [
         p if kind == "difference" else q for p, q in orders]
     np.testing.assert_allclose(ranked.maps, fixed.maps, rtol=0, atol=1e-4 * np.abs(fixed.maps).max())
+
+
+@pytest.mark.parametrize("target", [Difference(-7, -1), Softmax(-7), Sum([Class(-7), Weights(np.ones(FEATURES))])])
+def test_a_rank_beyond_the_classes_is_refused_by_name(explainers, target: Target) -> None:
+    with pytest.raises(InvalidTargetError, match="out of range for an output of 6 classes"):
+        explainers("cls", "relu").explain(_images(1), method="scorecam", targets=target)
