@@ -23,11 +23,11 @@ from explainrt.export.heads import checked_maps
 from explainrt.export.inputs import InputForm, input_form
 from explainrt.methods import Attribution, AttributionRequest, Method, add_timings, get_method
 from explainrt.models import LoadedModel
-from explainrt.numerics import class_scores, softmax
+from explainrt.numerics import class_order, class_scores, softmax
 from explainrt.overlay import caption, concept_overlay, overlay
 from explainrt.preprocessing import Preprocessing
 from explainrt.progress import track
-from explainrt.runtime.base import Session
+from explainrt.runtime.base import Session, to_host
 from explainrt.runtime.objective import TargetSession
 from explainrt.targets import Class, Target, as_targets
 from explainrt.validation import check_class_range
@@ -396,11 +396,10 @@ class Explainer:
 
     def _with_classes(self, rows: list[list[Target]], batch: np.ndarray, batch_size: int) -> list[list[Target]]:
         """``rows`` with each image's classes given by rank fixed (``Target.with_classes``), from the explained
-        output's class scores (``numerics.class_scores``); a target that ranks the same classes on several images
+        output's class scores (``numerics.class_order``); a target that ranks the same classes on several images
         stays one object (one column of the ``TargetSession``)."""
-        scores = np.concatenate([class_scores(np.asarray(self.session.logits(batch[start:start + batch_size])))
-                                 for start in range(0, batch.shape[0], batch_size)])
-        orders = np.argsort(-scores, axis=1, kind="stable")
+        orders = class_order(np.concatenate([to_host(self.session.logits(batch[start:start + batch_size]))
+                                             for start in range(0, batch.shape[0], batch_size)]))
         fixed: dict[tuple[int, str], Target] = {}  # (the given target, the classes it got): repr is exact for
         # the ranked kinds (Class, Softmax, Difference) and a Sum keeps its other parts' objects
         result = []

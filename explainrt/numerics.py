@@ -15,3 +15,9 @@ def class_scores(logits: np.ndarray) -> np.ndarray:
     """Logits [N, classes, ...] as [N, classes]: summed over the axes after the classes' (a segmentation map's
     pixels), as class-index targets read them."""
     return logits if logits.ndim <= 2 else logits.reshape(*logits.shape[:2], -1).sum(axis=2)
+
+
+def class_order(logits: np.ndarray) -> np.ndarray:
+    """Each image's class indices from the most to the least likely by ``class_scores``, [N, classes]
+    (ties in index order): what a target -k (the k-th most likely class) reads."""
+    return np.argsort(-class_scores(logits), axis=1, kind="stable")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from explainrt.errors import InvalidTargetError
-from explainrt.numerics import softmax
+from explainrt.numerics import class_order, softmax
 
 Shape = tuple[int | None, ...]
 
@@ -105,11 +105,8 @@ def _checked_index(value: Any, name: str) -> int:
 
 
 def _ranked(output: np.ndarray, index: int) -> int:
-    """``index`` itself, or for -k the k-th largest class by score (summed over axes after the classes')."""
-    if index >= 0:
-        return index
-    scores = output.reshape(output.shape[0], -1).sum(axis=1)
-    return int(np.argsort(-scores, kind="stable")[-index - 1])
+    """``index`` itself, or for -k the k-th largest class of one image's output by ``numerics.class_order``."""
+    return index if index >= 0 else _by_rank(index, class_order(output[None])[0])
 
 
 def _by_rank(index: int, order: np.ndarray) -> int:

@@ -89,7 +89,8 @@ def _export_failure(error: BaseException, size: tuple[int, ...]) -> InvalidModel
     text = ANSI_CODES.sub("", str(cause)).strip()
     line = text.splitlines()[0] if text else ""
     return InvalidModelError(f"torch.onnx.export of the model on a {'x'.join(map(str, size))} image failed: "
-                             f"{type(cause).__name__}: {line} (a model that takes one image size needs input_size set to it)")
+                             f"{type(cause).__name__}: {line} "
+                             "(a model that takes one image size needs input_size set to it)")
 
 
 def export_torch(

@@ -21,7 +21,7 @@ import numpy as np
 
 from explainrt.errors import ExplanationCancelled, InvalidInputError
 from explainrt.methods.options import Option
-from explainrt.numerics import class_scores
+from explainrt.numerics import class_order
 from explainrt.optional import require
 from explainrt.runtime.base import Session
 
@@ -119,9 +119,9 @@ class Method(ABC):
 
 def resolve_targets(requested: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """Class indices for requested targets (any shape [n, ...]); -k is the k-th most likely class of its image
-    (by ``numerics.class_scores``: a segmentation output's class maps summed)."""
+    (by ``numerics.class_order``: a segmentation output's class maps summed)."""
     requested = np.asarray(requested, dtype=np.int64)
-    ranked = np.argsort(-class_scores(logits), axis=1, kind="stable")
+    ranked = class_order(logits)
     flat = requested.reshape(requested.shape[0], -1)
     by_rank = np.take_along_axis(ranked, np.maximum(-flat - 1, 0), axis=1)
     return np.where(flat < 0, by_rank, flat).reshape(requested.shape)

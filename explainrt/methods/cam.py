@@ -23,7 +23,7 @@ from explainrt.methods.base import Attribution, AttributionRequest, Method, add_
 from explainrt.methods.options import Array, Function, OneOf, Option
 from explainrt.methods.perturbation import perturbation_scores
 from explainrt.numerics import class_scores
-from explainrt.runtime.base import MapHeadSession, MapsResult, RunResult, Session
+from explainrt.runtime.base import MapHeadSession, MapsResult, RunResult, Session, to_host
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
             copies = np.repeat(a[image : image + 1], stop - start, axis=0)
             copies[np.arange(stop - start), np.arange(start, stop)] = values[image, start:stop, None, None]
             logits = ctx.session.head(ctx.layer, copies, ctx.images[image : image + 1])
-            ablated[image, start:stop] = class_scores(np.asarray(logits))[:, ctx.targets[image]]
+            ablated[image, start:stop] = class_scores(to_host(logits))[:, ctx.targets[image]]
     return CamTerms(a, (original[:, None] - ablated) / original[:, None])
 
 

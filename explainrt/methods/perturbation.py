@@ -121,8 +121,8 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
     runs in several runtime calls, through ``forward`` if given (else the session's plain forward
     pass), timed into ``timings["runtime"]``. Scores are logits, or softmax probabilities over all
     classes when ``probabilities`` and the output is [N, classes]; on an output [N, classes, ...] (a
-    segmentation map) a class's score is its map summed (``numerics.class_scores``), as for Grad-CAM. ``total`` (the masks ``batches`` yields) sizes the progress bar
-    and is checked at the end.
+    segmentation map) a class's score is its map summed (``numerics.class_scores``), as for Grad-CAM.
+    ``total`` (the masks ``batches`` yields) sizes the progress bar and is checked at the end.
     """
     image = request.images[index]
     columns = np.asarray(targets, dtype=np.int64).reshape(-1)

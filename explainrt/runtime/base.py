@@ -191,6 +191,11 @@ def static_batch(dims: Sequence[int | str | None]) -> int | None:
     return batch if isinstance(batch, int) and batch > 0 else None
 
 
+def to_host(value: Any) -> np.ndarray:
+    """A NumPy array of ``value``, copied from the GPU where it is a CuPy array (a session's device outputs)."""
+    return value.get() if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get") else np.asarray(value)
+
+
 def run_in_chunks(run_once: Callable[[dict[str, Any]], Sequence[Any]], feeds: dict[str, Any], size: int | None,
                   pad: bool, concatenate: Callable[[list[Any]], Any]) -> list[Any]:
     """``run_once``'s outputs for ``feeds`` run in chunks of ``size`` along axis 0 (None: one call), each

@@ -26,7 +26,7 @@ import numpy as np
 
 from explainrt.errors import InvalidTargetError
 from explainrt.export.heads import closed_form
-from explainrt.runtime.base import MapsResult, RunResult, Session
+from explainrt.runtime.base import MapsResult, RunResult, Session, to_host
 from explainrt.targets import Box, Sum, Target, detector_layout
 
 Result = TypeVar("Result", RunResult, MapsResult)
@@ -43,7 +43,7 @@ class TargetSession:
         self.targets = list(targets)
         self._columns = {id(target): column for column, target in enumerate(self.targets)}
         self._explained: list[tuple[np.ndarray, set[int]]] = [] if images is None else [
-            (image, set(np.atleast_1d(ids).tolist())) for image, ids in zip(_host(images), np.asarray(wanted))]
+            (image, set(np.atleast_1d(ids).tolist())) for image, ids in zip(to_host(images), np.asarray(wanted))]
         self._by_sample: dict[tuple[Any, ...], list[int]] = {}
         for index, (image, _) in enumerate(self._explained):
             self._by_sample.setdefault(_sample_key(image), []).append(index)
@@ -76,13 +76,13 @@ class TargetSession:
                                    lambda batch, fed, kind: self.inner.maps(batch, fed, method, kind))  # type: ignore[attr-defined]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        outputs = _host(self.inner.logits(images))
+        outputs = to_host(self.inner.logits(images))
         for index, output in enumerate(outputs):
             self._check_own_boxes(images, index, output, self.targets)
         return self.scores(outputs)
 
     def head(self, layer: int, activations: np.ndarray, images: np.ndarray) -> np.ndarray:
-        return self.scores(_host(self.inner.head(layer, activations, images)))
+        return self.scores(to_host(self.inner.head(layer, activations, images)))
 
     def scores(self, outputs: np.ndarray) -> np.ndarray:
         """Every target's objective of each output [b, ...] -> [b, T] float32."""
@@ -109,7 +109,7 @@ class TargetSession:
             parts = [(rows, self._call(images[rows], [chosen[i] for i in rows], kind, call))
                      for kind, rows in ((True, np.flatnonzero(softmax)), (False, np.flatnonzero(~softmax)))]
             result = _merged(parts, images.shape[0])
-        return dataclasses.replace(result, logits=self.scores(_host(result.logits)), targets=ids)
+        return dataclasses.replace(result, logits=self.scores(to_host(result.logits)), targets=ids)
 
     def _call(self, images: np.ndarray, chosen: list[list[Target]], softmax: bool,
               call: Callable[[np.ndarray, Any, str], Result]) -> Result:
@@ -123,7 +123,7 @@ class TargetSession:
             boxes = np.array([[[*target.box, target.index, target.iou] for target in row] for row in chosen],  # type: ignore[attr-defined]
                              dtype=np.float32)
             result = call(images, boxes, f"boxes_{layout}")
-            for index, (row, matched) in enumerate(zip(chosen, _host(result.targets))):
+            for index, (row, matched) in enumerate(zip(chosen, to_host(result.targets))):
                 self._check_matched(images, index, [(target, target if count == 0 else None)
                                                     for target, count in zip(row, matched)])
             return result
@@ -172,7 +172,7 @@ class TargetSession:
                 for b, box in enumerate(parts):
                     boxes[i, k, b] = [*box.box, box.index, box.iou]
         result = call(images, (weights, boxes), f"weights_boxes_{layout}")
-        matches = _host(result.targets)
+        matches = to_host(result.targets)
         for index, (row, matched) in enumerate(zip(split, matches)):
             self._check_matched(images, index, [(target, box if found == 0 else None)
                                                 for target, (parts, _), counts in zip(chosen[index], row, matched)
@@ -203,7 +203,7 @@ class TargetSession:
         none for a perturbed, noisy or interpolated copy; every target when no images were given."""
         if not self._explained:
             return set(range(len(self.targets)))
-        image = _host(images[index])
+        image = to_host(images[index])
         # a copy differs at some sampled pixels (its key is not found): whole images are compared only after them
         for candidate in self._by_sample.get(_sample_key(image), ()):
             own, columns = self._explained[candidate]
@@ -216,18 +216,13 @@ class TargetSession:
         them (or the output's size is known only at run time), else zeros of the stored shape."""
         shape = self.inner.spec.output_shape
         if values or not shape or not all(isinstance(d, int) for d in shape):
-            return _host(self.inner.logits(images))
+            return to_host(self.inner.logits(images))
         return np.zeros((images.shape[0], *shape), dtype=np.float32)
 
 
 def _sample_key(image: np.ndarray) -> tuple[Any, ...]:
     """The shape, dtype and every 61st value of ``image``: equal for equal images, a cheap first test."""
     return image.shape, image.dtype.str, np.ascontiguousarray(image.reshape(-1)[::61]).tobytes()
-
-
-def _host(value: Any) -> np.ndarray:
-    """A NumPy array of ``value``, copied from the GPU where it is a CuPy array (a session's device outputs)."""
-    return value.get() if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get") else np.asarray(value)
 
 
 PADDING_BOX = (0.0, 0.0, 1.0, 1.0, 0.0, 2.0)
@@ -253,10 +248,10 @@ def _merged(parts: list[tuple[np.ndarray, Result]], count: int) -> Result:
     """One result (RunResult or MapsResult) of ``count`` images from results for some of them (their rows given):
     each array field, and each array of a list field (per target layer), gathered by row."""
     def gather(pick: Callable[[Result], Any]) -> np.ndarray:
-        first = _host(pick(parts[0][1]))
+        first = to_host(pick(parts[0][1]))
         merged = np.empty((count, *first.shape[1:]), dtype=first.dtype)
         for rows, result in parts:
-            merged[rows] = _host(pick(result))
+            merged[rows] = to_host(pick(result))
         return merged
 
     values: dict[str, Any] = {}
