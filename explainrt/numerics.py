@@ -17,6 +17,14 @@ def class_scores(logits: np.ndarray) -> np.ndarray:
     return logits if logits.ndim <= 2 else logits.reshape(*logits.shape[:2], -1).sum(axis=2)
 
 
+def class_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Logits [N, classes, ...] as [N, classes] probabilities: the softmax over the classes, averaged over a
+    segmentation map's pixels (for a map of equal pixels, its pixels' softmax)."""
+    if logits.ndim <= 2:
+        return softmax(logits)
+    return softmax(np.moveaxis(logits.reshape(*logits.shape[:2], -1), 1, 2)).mean(axis=1)
+
+
 def class_order(logits: np.ndarray) -> np.ndarray:
     """Each image's class indices from the most to the least likely by ``class_scores``, [N, classes]
     (ties in index order): what a target -k (the k-th most likely class) reads."""

@@ -162,6 +162,12 @@ def test_causal_curves_bad_input() -> None:
         causal_curves(RegionModel(), images, perfect[:, :8], targets, "deletion")
     with pytest.raises(InvalidInputError, match="targets must hold one class per image"):
         causal_curves(RegionModel(), images, perfect, targets[:1], "deletion")
+    with pytest.raises(InvalidTargetError, match=r"class indices >= 0 .* got \[0, -1\]"):
+        causal_curves(RegionModel(), images, perfect, np.array([0, -1]), "deletion")
+    model = RegionModel()
+    with pytest.raises(InvalidTargetError, match=r"targets \[2\] name classes beyond the model's 2"):
+        causal_curves(model, images, perfect, np.array([0, 2]), "insertion", steps=10, batch_size=100)
+    assert model.calls == 1  # refused on the first batch's scores
 
 
 # -- pointing games ---------------------------------------------------------------------------------
@@ -297,6 +303,10 @@ def test_road_bad_input(small_explainer, small_batch) -> None:  # noqa: ANN001
         road_curves(small_explainer.session, small_batch, maps, np.zeros(3, np.int64), percentages=(50, 100))
     with pytest.raises(InvalidInputError, match="order must be one of"):
         road_curves(small_explainer.session, small_batch, maps, np.zeros(3, np.int64), order="random")
+    with pytest.raises(InvalidTargetError, match="class indices >= 0"):
+        road_curves(small_explainer.session, small_batch, maps, np.array([0, -1, 0]))
+    with pytest.raises(InvalidTargetError, match="beyond the model's"):
+        road_curves(small_explainer.session, small_batch, maps, np.array([0, 1000, 0]), percentages=(50,))
 
 
 # -- Adebayo's cascading randomisation ----------------------------------------------------------------

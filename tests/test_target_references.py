@@ -36,6 +36,7 @@ from test_lime_kernelshap import _blocks, _superpixel_vector
 
 from explainrt import Explainer, compat
 from explainrt.errors import InvalidTargetError
+from explainrt.methods.dff import factorize
 from explainrt.targets import (
     Class,
     Difference,
@@ -395,7 +396,50 @@ def test_ranked_targets_name_each_image_classes_in_perturbation_methods(models, 
     np.testing.assert_allclose(ranked.maps, fixed.maps, rtol=0, atol=1e-4 * np.abs(fixed.maps).max())
 
 
+@pytest.mark.parametrize("method", ["rise", "ablationcam"])
+def test_perturbed_copies_are_scored_for_their_own_image_targets_only(explainers, monkeypatch: pytest.MonkeyPatch,
+                                                                       method: str) -> None:
+    """Each image's copies are scored for that image's targets, not for every image's: with two images and one
+    Weights target each, a target scores the two explained images once and its own image's copies."""
+    explainer = explainers("cls", "relu")
+    rng = np.random.default_rng(3)
+    targets = [Weights(rng.standard_normal(FEATURES).astype(np.float32)) for _ in range(2)]
+    rows: dict[int, int] = {id(target): 0 for target in targets}
+    score = Weights.score
+
+    def counted(self: Weights, outputs: np.ndarray) -> np.ndarray:
+        rows[id(self)] += outputs.shape[0]
+        return score(self, outputs)
+
+    monkeypatch.setattr(Weights, "score", counted)
+    options = {"n_masks": 16} if method == "rise" else {}
+    explainer.explain(_images(2, seed=0), method=method, targets=targets, **options)
+    copies = 16 if method == "rise" else 12  # masks, or the target layer's channels ablated one at a time
+    assert sorted(rows.values()) == [2 + copies, 2 + copies]
+
+
 @pytest.mark.parametrize("target", [Difference(-7, -1), Softmax(-7), Sum([Class(-7), Weights(np.ones(FEATURES))])])
 def test_a_rank_beyond_the_classes_is_refused_by_name(explainers, target: Target) -> None:
     with pytest.raises(InvalidTargetError, match="out of range for an output of 6 classes"):
         explainers("cls", "relu").explain(_images(1), method="scorecam", targets=target)
+
+
+def test_dff_scores_concepts_on_a_segmentation_output_by_pixel_probabilities(models, explainers) -> None:
+    """DFF's concept classes on a segmentation head: each concept's filled feature map through the head, the
+    per-pixel softmax over the classes averaged over the map (not a softmax over the map's width)."""
+    explainer = explainers("seg", "relu")
+    images = _images(2, seed=0)
+    explanation = explainer.explain(images, method="dff", n_concepts=3)
+    seg = models["seg"]
+    with torch.no_grad():
+        activations = seg.relu(seg.conv(seg.stem(torch.from_numpy(images))))
+    concepts, _ = factorize(activations.numpy(), 3)
+    with torch.no_grad():
+        filled = torch.from_numpy(concepts)[:, :, None, None].expand(3, *activations.shape[1:])
+        head = seg.head(seg.linear(filled))
+        logits = torch.nn.functional.interpolate(head, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    probabilities = logits.double().softmax(dim=1).mean(dim=(2, 3)).numpy()
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :3]
+    assert explanation.extras["concept_classes"].tolist() == [top.tolist()] * 2
+    np.testing.assert_allclose(explanation.extras["concept_scores"][0], np.take_along_axis(probabilities, top, 1),
+                               atol=1e-5)

@@ -168,3 +168,30 @@ def test_adaptive_pool_exported_for_one_size_falls_back_to_that_size(caplog: pyt
     np.testing.assert_allclose(ours.maps.reshape(reference.shape), reference, atol=1e-5)
     with pytest.raises(InvalidInputError, match="224"):
         explainer.explain(images[:, :, :200, :200])
+
+
+class _SpaceToDepth(torch.nn.Module):
+    """YOLOv5's Focus: the four pixel phases of each 2 x 2 block stacked as channels (strided slices)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+
+
+def test_strided_slice_after_the_target_falls_back_to_a_fixed_size(caplog: pytest.LogCaptureFixture) -> None:
+    """A strided Slice along a dynamic image axis places its gradient by that axis' size: without input_size the
+    export is redone at 224 x 224 (said in the log) instead of refusing the model, and explains as pytorch-grad-cam
+    does."""
+    torch.manual_seed(0)
+    stem = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+    model = torch.nn.Sequential(stem, torch.nn.ReLU(), _SpaceToDepth(), torch.nn.Conv2d(16, 5, 1),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    with caplog.at_level("INFO", logger="explainrt"):
+        explainer = Explainer(model, [stem])
+    assert tuple(explainer.session.input_shape)[2:] == (224, 224)
+    assert "exported at 224x224" in caplog.text and "Slice" in caplog.text
+    images = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    ours = explainer.explain(images, method="gradcam", targets=[0, 3])
+    with ReferenceGradCAM(model=model, target_layers=[stem]) as cam:
+        reference = cam(torch.from_numpy(images), targets=[ReferenceTarget(0), ReferenceTarget(3)])
+    assert reference.std() > 0.05
+    np.testing.assert_allclose(ours.maps.reshape(reference.shape), reference, atol=1e-5)

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 
 from explainrt.autodiff.builder import Dim, TensorInfo
 from explainrt.autodiff.gradients import GradientBuilder, Node, Rule, V, add_n, blocks_path, through_integers, where
+from explainrt.errors import InvalidModelError, UnknownSizeError
 
 Grads = Sequence[V | None]
 
@@ -177,6 +178,7 @@ def _slice(n: Node, g: Grads) -> Grads:
     if shape is None:
         raise n.unsupported(f"the rank of {n.inputs[0]!r} is unknown")
     rank = len(shape)
+    out_shape = b.info(n.outputs[0]).shape
     starts, ends = input_or_attr(n, 1, "starts"), input_or_attr(n, 2, "ends")
     axes = input_or_attr(n, 3, "axes") or list(range(len(starts or [])))
     steps = input_or_attr(n, 4, "steps") or [1] * len(axes)
@@ -186,13 +188,20 @@ def _slice(n: Node, g: Grads) -> Grads:
         axis %= rank
         if not isinstance(shape[axis], int):
             if step != 1 or start < 0 or end < 2**31 - 1:
-                raise n.unsupported(f"slicing along the dynamic axis {axis} other than from a start to its end")
+                raise UnknownSizeError(f"Slice {n.name!r} along axis {axis} of {n.inputs[0]!r} other than from a "
+                                       f"start to its end with step 1 needs the axis' static size, got {shape}")
             before[axis + 1] = start
             continue
+        if step < 0 and end in (2**31 - 1, 2**63 - 1):
+            raise InvalidModelError(f"Slice {n.name!r} ends at INT_MAX with step {step} along axis {axis}: ONNX Runtime "
+                                    "slices to the first element, the ONNX standard and its shape inference to "
+                                    "nothing; write the end as INT64_MIN")
         picked = range(*slice(start, end, step).indices(shape[axis]))
-        if not picked:
-            after[axis + 1] = shape[axis]
-            continue
+        if out_shape is not None and isinstance(out_shape[axis], int) and out_shape[axis] != len(picked):
+            raise InvalidModelError(f"Slice {n.name!r} picks {len(picked)} elements along axis {axis} of "
+                                    f"{n.inputs[0]!r}, but its output declares {out_shape[axis]}")
+        if not picked:  # the output is empty: nothing flows back
+            return (_zeros(x),)
         first, stride = (picked[0], step) if step > 0 else (picked[-1], -step)
         if step < 0:
             grad = b.op("Slice", [grad, b.ints([-1]), b.ints([np.iinfo(np.int64).min]), b.ints([axis + 1]),

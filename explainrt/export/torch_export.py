@@ -90,7 +90,7 @@ def _export_failure(error: BaseException, size: tuple[int, ...]) -> InvalidModel
     line = text.splitlines()[0] if text else ""
     return InvalidModelError(f"torch.onnx.export of the model on a {'x'.join(map(str, size))} image failed: "
                              f"{type(cause).__name__}: {line} "
-                             "(a model that takes one image size needs input_size set to it)")
+                             "(a model that takes only one image size needs input_size to be that size)")
 
 
 def export_torch(

@@ -24,6 +24,7 @@ from explainrt.methods.options import Array, Function, OneOf, Option
 from explainrt.methods.perturbation import perturbation_scores
 from explainrt.numerics import class_scores
 from explainrt.runtime.base import MapHeadSession, MapsResult, RunResult, Session, to_host
+from explainrt.runtime.objective import scoring_only
 
 
 @dataclass(frozen=True)
@@ -196,12 +197,13 @@ def _ablation_cam(ctx: LayerContext) -> CamTerms:
     original = class_scores(ctx.logits)[np.arange(n), ctx.targets]
     ablated = np.empty((n, channels), dtype=np.float32)
     for image in range(n):
+        session, (target,) = scoring_only(ctx.session, ctx.targets[image : image + 1])
         for start in range(0, channels, ctx.batch_size):
             stop = min(start + ctx.batch_size, channels)
             copies = np.repeat(a[image : image + 1], stop - start, axis=0)
             copies[np.arange(stop - start), np.arange(start, stop)] = values[image, start:stop, None, None]
-            logits = ctx.session.head(ctx.layer, copies, ctx.images[image : image + 1])
-            ablated[image, start:stop] = class_scores(to_host(logits))[:, ctx.targets[image]]
+            logits = session.head(ctx.layer, copies, ctx.images[image : image + 1])
+            ablated[image, start:stop] = class_scores(to_host(logits))[:, target]
     return CamTerms(a, (original[:, None] - ablated) / original[:, None])
 
 

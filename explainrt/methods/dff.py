@@ -4,7 +4,8 @@ The target layer's activations of a chunk of images [n, C, h, w] are factorised 
 concepts: A (as [C, n*h*w], shifted to be non-negative) ~ W [C, k] @ H [k, n*h*w]. Each
 concept's heatmap is its row of H; each concept vector (W plus the shift, as pytorch-grad-cam
 computes it) is scored by running the model's head on a feature map filled with that vector,
-which for a global-pooling head equals the classifier applied to the concept. Concepts are
+which for a global-pooling head equals the classifier applied to the concept (a segmentation head's
+per-pixel class probabilities are averaged over the map). Concepts are
 shared by the images of one chunk (``batch_size`` images), like pytorch-grad-cam's batch.
 """
 
@@ -17,7 +18,7 @@ from explainrt.optional import require
 from explainrt.errors import InvalidInputError
 from explainrt.methods.base import Attribution, AttributionRequest, Method, resolve_targets, timed
 from explainrt.methods.options import Integer, Option
-from explainrt.numerics import softmax
+from explainrt.numerics import class_probabilities
 
 TOP_CLASSES = 3
 """Classes listed per concept in ``extras["concept_classes"]``."""
@@ -51,6 +52,7 @@ class DeepFeatureFactorization(Method):
         timings: dict[str, float] = {}
         with timed(timings, "runtime"):
             result = request.session.run(request.images, np.full((n, 1), -1, dtype=np.int64))
+        targets = resolve_targets(request.targets, result.logits)  # refuses an output that has no classes first
         layer = len(result.activations) - 1  # the deepest target layer: the one next to the head
         activations = result.activations[layer]
         if n_concepts > activations.shape[1]:
@@ -64,15 +66,14 @@ class DeepFeatureFactorization(Method):
             height, width = request.images.shape[2:]
             scaled = kernels.normalize_minmax(heatmaps.reshape(-1, *heatmaps.shape[2:]))
             concept_maps = kernels.resize_bilinear(scaled, (height, width)).reshape(n, n_concepts, height, width)
-            probabilities = softmax(concept_logits)
+            probabilities = class_probabilities(concept_logits)
             top = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_CLASSES]
         extras = {
             "concept_maps": concept_maps,
             "concept_classes": np.broadcast_to(top, (n, *top.shape)).copy(),
             "concept_scores": np.broadcast_to(np.take_along_axis(probabilities, top, axis=1), (n, *top.shape)).copy(),
         }
-        return Attribution(concept_maps.max(axis=1), result.logits, resolve_targets(request.targets, result.logits),
-                           timings, extras)
+        return Attribution(concept_maps.max(axis=1), result.logits, targets, timings, extras)
 
 
 DFF_METHODS: tuple[Method, ...] = (DeepFeatureFactorization(),)

@@ -8,8 +8,8 @@ use the same runner. Stable API (other method modules build on it):
 
 - ``perturbation_budget(request, mask_channels=1) -> int``: perturbed copies per runtime call,
   ``request.batch_size`` capped by the options ``max_batch`` and ``memory_mb`` (``BUDGET_OPTIONS``).
-- ``reference_logits(request) -> (logits [n, classes], targets [n])``: unperturbed logits of the
-  chunk and its requested targets resolved (-k = k-th largest logit).
+- ``reference_logits(request) -> (logits [n, classes, ...], targets [n])``: unperturbed logits of the
+  chunk and its requested targets resolved (-k = the k-th most likely class, ``numerics.class_order``).
 - ``iter_perturbation_scores(request, index, batches, total, targets, baseline=0.0, *,
   probabilities=False, desc="perturbations") -> Iterator[(masks, scores [b, T])]``: each mask
   batch of image ``index`` with the scores of its copies for the classes ``targets`` [T]
@@ -55,7 +55,7 @@ from explainrt.methods.options import Choice, Integer, Number, OneOf, Option, Si
 from explainrt.numerics import class_scores, softmax
 from explainrt.progress import progress
 from explainrt.runtime.incremental import incremental_forward
-from explainrt.runtime.objective import TargetSession
+from explainrt.runtime.objective import TargetSession, scoring_only
 
 BUDGET_OPTIONS = (
     Option("max_batch", Integer(1), None, "perturbed copies per runtime call at most (None: batch_size)"),
@@ -104,7 +104,7 @@ def _logits(request: AttributionRequest, images: np.ndarray, timings: dict[str, 
 
 
 def reference_logits(request: AttributionRequest, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unperturbed logits [n, classes] of the chunk and its targets [n] resolved (-k: k-th largest);
+    """Unperturbed logits [n, classes, ...] of the chunk and its targets [n] resolved (-k: k-th most likely);
     the runtime's seconds are added to ``timings["runtime"]``."""
     logits = _logits(request, request.images, timings)
     return logits, resolve_targets(request.targets, logits)
@@ -126,6 +126,7 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
     """
     image = request.images[index]
     columns = np.asarray(targets, dtype=np.int64).reshape(-1)
+    session, picked = (request.session, columns) if forward is not None else scoring_only(request.session, columns)
     # a target object's score is its own objective (a Softmax target's is a probability already)
     probabilities = probabilities and not isinstance(request.session, TargetSession)
     runtime = {} if timings is None else timings
@@ -139,9 +140,9 @@ def iter_perturbation_scores(request: AttributionRequest, index: int, batches: I
                 chunk = masks[start : start + budget]
                 copies = kernels.apply_masks(image, chunk, baseline)
                 with timed(runtime, "runtime"):
-                    logits = np.asarray(request.session.logits(copies) if forward is None else forward(copies, chunk))
+                    logits = np.asarray(session.logits(copies) if forward is None else forward(copies, chunk))
                 scores[start : start + budget] = (softmax(logits) if probabilities and logits.ndim == 2
-                                                  else class_scores(logits))[:, columns]
+                                                  else class_scores(logits))[:, picked]
                 bar.update(copies.shape[0])
             seen += masks.shape[0]
             yield masks, scores

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from explainrt.errors import InvalidInputError
+from explainrt.errors import InvalidInputError, InvalidTargetError
 from explainrt.numerics import softmax
 from explainrt.optional import require
 from explainrt.progress import track
@@ -75,6 +75,9 @@ def check_maps(images: np.ndarray, maps: np.ndarray, targets: np.ndarray) -> Non
                                 f"to match the images, got {maps.shape}")
     if targets.shape != (images.shape[0],):
         raise InvalidInputError(f"targets must hold one class per image ({images.shape[0]}), got shape {targets.shape}")
+    if (targets < 0).any():
+        raise InvalidTargetError(f"targets must be class indices >= 0 (an Explanation's -1 marks a target that is no "
+                                 f"class), got {targets.tolist()}")
 
 
 def probabilities(model: ScoresModel, batches: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
@@ -86,7 +89,11 @@ def probabilities(model: ScoresModel, batches: list[np.ndarray], targets: np.nda
             raise InvalidInputError(f"class probabilities need a classifier output [N, classes]; the model returns "
                                     f"{logits.shape}")
         scores.append(softmax(logits))
-    return np.concatenate(scores)[np.arange(targets.shape[0]), targets]
+    stacked = np.concatenate(scores)
+    beyond = sorted(set(targets[targets >= stacked.shape[1]].tolist()))
+    if beyond:
+        raise InvalidTargetError(f"targets {beyond} name classes beyond the model's {stacked.shape[1]}")
+    return stacked[np.arange(targets.shape[0]), targets]
 
 
 def causal_curves(model: ScoresModel, images: np.ndarray, maps: np.ndarray, targets: np.ndarray, mode: str,

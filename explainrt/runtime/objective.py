@@ -6,7 +6,7 @@ targets' cotangents to the explainable graph's ``weights`` objective (one runtim
 Box targets (all targets of a call Boxes) to its box objective, which decides which predictions
 count on the same pass (one call too), Boxes mixed with other linear targets or summed (``Sum``) to its
 weighted box objective (weights and boxes in the same call; a forward pass first only where another
-target reads the output's values, as ``Class(-k)`` does), or, for Softmax targets,
+target reads the output's values, as a rank ``Class(-k)`` not yet bound to an image's classes does), or, for Softmax targets,
 the graph's ``probability`` seed; ``maps`` runs a CAM method's map head on the same objectives (where the
 inner session has map heads), one call per objective kind; ``logits`` and ``head`` return every target's objective of each
 (perturbed) input [b, T], so perturbation methods score each copy with the same objective.
@@ -18,6 +18,7 @@ FasterRCNNBoxScoreTarget, so RISE, occlusion, IG and SmoothGrad run with boxes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -49,6 +50,14 @@ class TargetSession:
             self._by_sample.setdefault(_sample_key(image), []).append(index)
         self.spec = dataclasses.replace(inner.spec, num_classes=len(self.targets))
         self.input_shape = inner.input_shape
+
+    def restricted(self, columns: Sequence[int]) -> TargetSession:
+        """This session with only the targets ``columns`` as its classes (in that order); Boxes are still checked on
+        the explained images as their own targets."""
+        view = copy.copy(self)
+        view.targets = [self.targets[column] for column in columns]
+        view.spec = dataclasses.replace(self.spec, num_classes=len(view.targets))
+        return view
 
     def run(self, images: np.ndarray, targets: np.ndarray, objective: str = "logit") -> RunResult:
         return self._differentiate(images, targets, objective, self.inner.run)
@@ -260,3 +269,11 @@ def _merged(parts: list[tuple[np.ndarray, Result]], count: int) -> Result:
         values[field.name] = ([gather(lambda r, n=field.name, i=i: getattr(r, n)[i]) for i in range(len(value))]
                               if isinstance(value, list) else gather(lambda r, n=field.name: getattr(r, n)))
     return type(parts[0][1])(**values)
+
+
+def scoring_only(session: Session, columns: np.ndarray) -> tuple[Session, np.ndarray]:
+    """``session`` scoring only the classes ``columns``, and where they are in what it returns: a TargetSession
+    scores every target on every copy, while the perturbed copies of one image need that image's targets only."""
+    if not isinstance(session, TargetSession):
+        return session, columns
+    return session.restricted(columns.tolist()), np.arange(columns.size)
