@@ -306,11 +306,55 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
         executed = [bool(flag) for flag in ours[len(reference):]]
         assert executed == [bool(scales_of(c) & ran[-1]) for c in conditions], (picks, ran[-1], executed)
     assert any(len(r) == 1 for r in ran) and any(len(r) >= 2 for r in ran)  # scales left out (If took else), and not
+    # the P3 class branch runs on the window of the 20x20 grid its matched cells reach (Slice in, Pad out): at the
+    # grid's corners (the window clipped to it), at two far corners at once, and at one cell per image
+    windowed = [node for node in wrapped for a in node.attribute if a.name == "then_branch"
+                and any(n.op_type == "Pad" for n in a.g.node)]
+    assert windowed and all(any(n.op_type == "Slice" for n in a.g.node) for node in windowed
+                            for a in node.attribute if a.name == "then_branch")
+    assert len(windowed) < len(wrapped)  # the neck behind P4 and P5 (an upsampling, a Concat) runs whole
+    for cells in ([0], [399], [0, 399], [21, 378]):  # each cell's own predicted box: an IoU of 1 with it
+        boxes = np.array([[[*corners[i, :, cell], 7, 0.9] for cell in cells] for i in range(2)], np.float32)
+        feeds = {explainer.spec.image_input: images, BOXES_INPUT: boxes}
+        ours, reference = (sessions[skip].run(None, feeds) for skip in (True, False))
+        assert (ours[1] > 0).all(), cells  # each box matched (at least the prediction it was made from)
+        for got, want, name in zip(ours, reference, ("logits", "matches", "maps")):
+            # a convolution over a window may sum in another order than over the grid: float32 rounding apart
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{name}, cells {cells}")
+        assert reference[-1].std() > 0.01, cells
     # weighted boxes (a Box with linear targets, compat's sums of boxes) may weigh any prediction, through
     # YOLOv8's box decoding (reshapes that move the anchor axis): every scale runs, as without
     weighted = variant_model(explainer.session.model, explainer.spec, "weights_boxes_yolov8", False, maps=["gradcam"],
                              maps_only=True, target_objective=True, zero_branches=True)
     assert not any(n.op_type == "If" for n in weighted.graph.node)
+
+
+@pytest.mark.parametrize(("kernel", "attributes", "radius"), [
+    ((3, 3), {"pads": [1, 1, 1, 1]}, 1),
+    ((1, 1), {}, 0),
+    ((5, 3), {"pads": [2, 1, 2, 1], "strides": [1, 1], "dilations": [1, 1]}, 2),
+    ((3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, None),  # a stride moves the grid
+    ((3, 3), {"pads": [1, 1, 1, 1], "dilations": [2, 2]}, None),
+    ((3, 3), {"pads": [0, 0, 0, 0]}, None),  # "valid": the output grid is smaller
+    ((3, 3), {"pads": [1, 1, 0, 0]}, None),
+    ((2, 2), {"pads": [1, 1, 0, 0]}, None),  # an even kernel has no centre
+    ((3, 3), {"auto_pad": "SAME_UPPER"}, None),
+])
+def test_window_reach_of_a_convolution(kernel: tuple[int, int], attributes: dict[str, object],
+                                       radius: int | None) -> None:
+    """How far a reverse-pass Conv spreads a cell's value, for the windowed branches: only "same" stride-1
+    convolutions with constant weights run on a window; any other keeps its branch on the whole grid."""
+    from explainrt.autodiff.builder import GraphBuilder
+    from explainrt.autodiff.windows import _same_conv_radius
+
+    weights = onnx.numpy_helper.from_array(np.ones((4, 4, *kernel), np.float32), "w")
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], **attributes)
+    graph = onnx.helper.make_graph([node], "conv", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weights])
+    builder = GraphBuilder(onnx.helper.make_model(graph))
+    assert _same_conv_radius(builder, node) == radius
+    computed = onnx.helper.make_node("Conv", ["x", "x"], ["y"], pads=[1, 1, 1, 1])  # weights not constant
+    assert _same_conv_radius(builder, computed) is None
 
 
 def test_box_branches_that_fail_onnx_checks_are_not_kept(yolo_neck_explainer: Explainer,

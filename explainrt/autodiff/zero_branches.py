@@ -35,10 +35,11 @@ class ZeroBranches:
     seeds: str  # 1-D int64 [K]: the seed axis's length
 
 
-def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> int:
+def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> dict[str, frozenset[str]]:
     """Wrap each branch of ``model``'s reverse pass that depends on ``plan.sources`` in an ``If`` on their
-    flags (changed in place); the number of branches wrapped. A branch whose outputs' shapes the record does
-    not give, or that a node outside the reverse pass feeds after reading a source, is left as it is."""
+    flags (changed in place); each ``If`` node's name -> the sources its branch depends on (empty: none
+    wrapped). A branch whose outputs' shapes the record does not give, or that a node outside the reverse
+    pass feeds after reading a source, is left as it is."""
     graph = model.graph
     nodes = list(graph.node)
     depends: dict[str, frozenset[str]] = {source: frozenset([source]) for source in plan.sources}
@@ -73,8 +74,9 @@ def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> int:
     inside = set(branch_of)
     outside_after_source = {i for i, found in enumerate(node_sources) if found and i not in inside}
     if any(reader in inside for i in outside_after_source for o in nodes[i].output for reader in readers.get(o, [])):
-        return 0  # a node outside the reverse pass between two branch nodes: no order would hold
+        return {}  # a node outside the reverse pass between two branch nodes: no order would hold
     replaced: dict[int, onnx.NodeProto] = {}  # a wrapped branch's first node -> its If
+    wrapped: dict[str, frozenset[str]] = {}
     dropped: set[int] = set()
     flag_nodes: list[onnx.NodeProto] = []
     for number, (found, members) in enumerate(sorted(branches.items(), key=lambda item: item[1][0])):
@@ -91,13 +93,14 @@ def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> int:
             flag_nodes.append(helper.make_node("Or", [condition, flag], [either], name=either))
             condition = either
         replaced[members[0]] = _if_node(prefix, condition, [nodes[i] for i in members], leaving, plan)
+        wrapped[replaced[members[0]].name] = found
         dropped |= member_set
     if not replaced:
-        return 0
+        return {}
     kept = [replaced.get(i, node) for i, node in enumerate(nodes) if i in replaced or i not in dropped]
     del graph.node[:]
     graph.node.extend(sort_topologically([*flag_nodes, *kept]))
-    return len(replaced)
+    return wrapped
 
 
 def _if_node(prefix: str, condition: str, members: list[onnx.NodeProto], leaving: list[str],

@@ -21,6 +21,7 @@ from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version
 from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.zero_blocks import compute_on_blocks
+from explainrt.autodiff.windows import run_on_windows
 from explainrt.autodiff.zero_branches import ZeroBranches, run_when_nonzero
 from explainrt.errors import (
     DynamicTokenGridError,
@@ -102,7 +103,9 @@ def make_explainable(
     maps are of the objective of target objects (a box, a region...), not of a class (``heads.closed_form``).
     ``zero_branches``: a box objective's reverse pass runs each scale's branch of a multi-scale head (and what
     depends on it alone) only when a prediction of that scale matched a box (``If`` nodes, see
-    ``explainrt.autodiff.zero_branches``): for ONNX Runtime, applied last, to the model with its map heads.
+    ``explainrt.autodiff.zero_branches``), and where the branch allows, on the window of the scale's grid
+    around the matched cells (``explainrt.autodiff.windows``): for ONNX Runtime, applied last, to the model
+    with its map heads.
     """
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
@@ -695,8 +698,9 @@ def _attribute_int(node: onnx.NodeProto, name: str, default: int = 0) -> int:
 
 def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, matched: str) -> None:
     """Run each scale's reverse branch of the finished ``model`` only when a box matched a prediction of that
-    scale (``matched`` [N, K, anchors]: the box seed's 0/1 matches), in place. A wrapped model that fails
-    ONNX's checks (types, shapes) is not kept: the model stays as it was."""
+    scale (``matched`` [N, K, anchors]: the box seed's 0/1 matches), on the window of its grid those matches
+    reach where the branch allows (``run_on_windows``), in place. A wrapped model that fails ONNX's checks
+    (types, shapes) is not kept: the model stays as it was."""
     wrapped = onnx.ModelProto()
     wrapped.CopyFrom(model)
     b = GraphBuilder(wrapped)
@@ -707,9 +711,12 @@ def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, match
     for gradient, (start, stop) in scales.anchors.items():
         part = b.op("Slice", [matched, b.ints([start]), b.ints([stop]), b.ints([2])])
         flags[gradient] = b.op("Greater", [b.reduce("ReduceMax", part, [0, 1, 2], keepdims=False), zero])
-    if not run_when_nonzero(wrapped, dataclasses.replace(scales.record, sources=flags)):
+    record = dataclasses.replace(scales.record, sources=flags)
+    branches = run_when_nonzero(wrapped, record)
+    if not branches:
         return
     prune_added_nodes(wrapped)  # the flags of scales whose branch stayed as it was
+    run_on_windows(wrapped, branches, scales.anchors, matched, record)
     try:
         onnx.checker.check_model(wrapped)
         onnx.shape_inference.infer_shapes(wrapped, strict_mode=True)
