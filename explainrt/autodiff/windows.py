@@ -6,11 +6,13 @@ only as far as its kernels reach, yet it runs over the whole grid: most of the c
 branch that ``run_when_nonzero`` wrapped in an ``If`` for one scale runs instead on the rows and columns from
 the first to the last matched cell of the scale, widened by the sum of the branch's kernel radii and clipped
 to the grid, and its outputs are padded back with zeros. This is exact: the cotangent is zero outside the
-matched cells, and the reverse pass is linear in it. The one exception is inf or NaN in the forward pass, as
-for the skipped branches. The branch's nodes must act on each grid cell apart (element-wise operators,
-constants without a grid extent) or be "same" stride-1 convolutions (the head's Conv3x3 and Conv1x1), with
-shape plumbing (Shape, Concat, Slice of shape vectors, Reshape to them) between. A branch with any other
-node, or whose tensors' grid the static shapes do not give, runs on the whole grid as before.
+matched cells, and every node a windowed branch may hold keeps what it computes inside the window unchanged:
+the cotangent's zeros stay zeros (products, quotients by forward values, sums of cotangents, Neg, Relu, a Where
+between the cotangent and 0), forward values are computed cell by cell (any element-wise operator, constants
+without a grid extent), the convolutions of the cotangent are "same", stride 1 and without a bias (the head's
+Conv3x3 and Conv1x1), so that what they read from outside the window is zero, and reshapes keep the grid as
+the last two axes. The one exception is inf or NaN in the forward pass, as for the skipped branches. A branch
+with any other node (``_Tracer``), or whose tensors' grid the static shapes do not give, runs on the whole grid.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 from onnx import helper
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 CELLWISE_OPS = frozenset({"Identity", "Sigmoid", "Relu", "Tanh", "Exp", "Neg", "Mul", "Add", "Sub", "Div", "Sum",
                           "Where", "Cast", "Greater", "Less", "Equal", "Not", "And", "Or"})
-"""Operators that compute each grid cell from the same cell of their inputs."""
+"""Operators that compute each grid cell from the same cell of their inputs (on the cotangent, only those of
+``_keeps_zeros``)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,11 @@ def run_on_windows(model: onnx.ModelProto, branches: Mapping[str, frozenset[str]
     sources are one scale's gradients (``anchors``: a source -> that scale's anchors) on the window of the
     scale's grid around the cells ``matched`` [N, K, anchors] (0/1) marks, where its nodes allow (changed in
     place); the number of branches so rewritten."""
-    infos = tensor_infos(onnx.shape_inference.infer_shapes(model))
+    try:
+        infos = tensor_infos(onnx.shape_inference.infer_shapes(model))
+    except onnx.shape_inference.InferenceError as error:
+        log.warning("every branch runs on its whole grid: ONNX shape inference failed (%s)", error)
+        return 0
     b = GraphBuilder(model)
     rewritten = 0
     for node in [n for n in model.graph.node if n.op_type == "If" and n.name in branches]:
@@ -82,71 +88,186 @@ def run_on_windows(model: onnx.ModelProto, branches: Mapping[str, frozenset[str]
 def _window(b: GraphBuilder, infos: dict[str, TensorInfo], then: onnx.GraphProto, node: onnx.NodeProto,
             sources: frozenset[str], cells: int, record: ZeroBranches) -> _Window | None:
     """The window plan of branch ``then`` (of ``If`` ``node``) over a grid of ``cells`` cells; None when one of
-    its nodes or tensors does not allow it."""
+    its nodes or tensors does not allow it (``_Tracer``)."""
     produced = {o for n in then.node for o in n.output}
-    shapes: set[str] = set()  # shape vectors computed in the branch
-    outer: set[str] = set()  # tensors from outside the branch that it reads as data or the shape of
-    margin = 0
-    for inner in then.node:
-        constant = {i: b.constant_value(i) for i in inner.input if i}
-        if inner.op_type == "Shape":
-            pass
-        elif inner.op_type in ("Concat", "Slice"):
-            vectors = inner.input if inner.op_type == "Concat" else inner.input[:1]
-            if not all(v in shapes or v == record.seeds or _plumbing_constant(constant.get(v)) for v in vectors):
-                return None
-            if inner.op_type == "Slice" and any(constant.get(i) is None for i in inner.input[1:] if i):
-                return None
-        elif inner.op_type == "Reshape":
-            if inner.input[1] not in shapes:
-                return None
-        elif inner.op_type in ("Unsqueeze", "Squeeze"):
-            axes = constant.get(inner.input[1]) if len(inner.input) > 1 else _attribute(inner, "axes")
-            if axes is None or np.asarray(axes).reshape(-1).tolist() != [0]:
-                return None
-        elif inner.op_type == "Conv":
-            radius = _same_conv_radius(b, inner)
-            if radius is None:
-                return None
-            margin += radius
-        elif inner.op_type in CELLWISE_OPS:
-            # a constant that varies along the grid's rows or columns would broadcast against the window
-            if any(v is not None and any(d != 1 for d in v.shape[-2:]) for v in constant.values()) \
-                    or shapes.intersection(inner.input):
-                return None
-        else:
-            return None
-        if inner.op_type in ("Shape", "Concat", "Slice"):
-            shapes.update(inner.output)
-        data = inner.input[:1] if inner.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Conv", "Slice", "Shape") \
-            else inner.input
-        outer.update(i for i in data if i and i not in produced and i not in shapes and constant.get(i) is None
-                     and i != record.seeds)
-    grids = {shape[-2:] for name in outer - sources if (shape := _static(infos, name)) is not None and len(shape) >= 3}
-    if len(grids) != 1 or not sources & outer:
+    read = {i for n in then.node for i in n.input if i and i not in produced and b.constant_value(i) is None}
+    if record.gradient_of.keys() & read - sources or not sources & read:
+        return None  # another gradient (non-zero anywhere) comes in; or the branch's own cotangent does not
+    grids = {shape[-2:] for name in read - sources - {record.seeds}
+             if (shape := _static(infos, name)) is not None and len(shape) >= 3}
+    if len(grids) != 1:
         return None
     grid = grids.pop()
     if grid[0] * grid[1] != cells:
         return None
+    tracer = _Tracer(b)
     spatial: list[str] = []
     flat: list[tuple[str, int]] = []
-    for name in sorted(outer):
-        shape = _static(infos, name)
-        if name in record.gradient_of and name not in sources:  # another gradient: non-zero anywhere
-            return None
-        if shape is not None and len(shape) >= 3 and shape[-2:] == grid:
+    for name in sorted(read):
+        shape = _static(infos, name) if name not in sources else _gradient_shape(infos, record, name)
+        if name == record.seeds:
+            tracer.vectors[name] = [_DIM]
+        elif shape is not None and len(shape) >= 3 and shape[-2:] == grid:
             spatial.append(name)
-        elif name in sources and (form := _gradient_shape(infos, record, name)) is not None and form[-1] == cells:
-            flat.append((name, len(form)))
+            tracer.data[name] = _Data(len(shape), "grid", name in sources)
+        elif name in sources and shape is not None and shape[-1] == cells:
+            flat.append((name, len(shape)))
+            tracer.data[name] = _Data(len(shape), "cells", True)
         else:
             return None
-    ranks = []
-    for leaving in node.output:
-        shape = _gradient_shape(infos, record, leaving)
-        if shape is None or shape[-2:] != grid:
-            return None
-        ranks.append(len(shape))
-    return _Window(grid, margin, tuple(spatial), tuple(flat), tuple(ranks))
+    if not all(tracer.follow(inner) for inner in then.node):
+        return None
+    results = [tracer.data.get(output.name) for output in then.output]
+    if any(result is None or result.layout != "grid" or not result.carries for result in results):
+        return None  # an output padded with zeros must be a gradient, on the grid
+    return _Window(grid, tracer.margin, tuple(spatial), tuple(flat), tuple(r.rank for r in results))  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class _Data:
+    """A data tensor of a branch: its rank, whether its last axes are the grid's rows and columns ("grid") or
+    its cells flattened row by row ("cells"), and whether it carries the cotangent (is linear in it, so zero
+    wherever the cotangent is zero), as opposed to a value of the forward pass."""
+
+    rank: int
+    layout: str
+    carries: bool
+
+
+_DIM, _ROWS, _COLUMNS, _CELLS, _INFERRED = "dim", "rows", "columns", "cells", -1
+"""Elements of a shape vector: a dimension the window does not change, the grid's rows and columns, its cells
+flattened, and a Reshape's -1."""
+
+
+class _Tracer:
+    """Follows a branch's nodes, tracking each tensor's ``_Data`` and each shape vector's elements, and refuses
+    (``follow`` is False) a node that would compute something else on a window than on the grid, or that the
+    margin does not cover: its sum of convolution radii (the cotangent's reach)."""
+
+    def __init__(self, b: GraphBuilder) -> None:
+        self.b = b
+        self.data: dict[str, _Data] = {}
+        self.vectors: dict[str, list[object]] = {}
+        self.margin = 0
+
+    def follow(self, node: onnx.NodeProto) -> bool:
+        op = node.op_type
+        if op == "Shape":
+            return self._shape(node)
+        if op in ("Slice", "Concat"):
+            return self._vector(node)
+        if any(i in self.vectors for i in node.input[:1]):
+            return False  # shape vectors go only into Slice, Concat and a Reshape's target
+        if op == "Reshape":
+            return self._reshape(node)
+        if op in ("Unsqueeze", "Squeeze"):
+            axes = self.b.constant_value(node.input[1]) if len(node.input) > 1 else None
+            given = self.data.get(node.input[0])
+            if given is None or axes is None or axes.reshape(-1).tolist() != [0]:
+                return False
+            self.data[node.output[0]] = _Data(given.rank + (1 if op == "Unsqueeze" else -1), given.layout, given.carries)
+            return True
+        if op == "Conv":
+            return self._conv(node)
+        if op in CELLWISE_OPS:
+            return self._cellwise(node)
+        return False
+
+    def _shape(self, node: onnx.NodeProto) -> bool:
+        given = self.data.get(node.input[0])
+        if given is None or node.attribute:  # a constant's shape is the grid's, not the window's; start/end
+            return False
+        if given.layout == "grid":
+            self.vectors[node.output[0]] = [_DIM] * (given.rank - 2) + [_ROWS, _COLUMNS]
+        else:
+            self.vectors[node.output[0]] = [_DIM] * (given.rank - 1) + [_CELLS]
+        return True
+
+    def _vector(self, node: onnx.NodeProto) -> bool:
+        """Slice and Concat of shape vectors (constants: -1 only), with their elements followed."""
+        constants = [self.b.constant_value(i) for i in node.input]
+        if node.op_type == "Concat":
+            parts: list[list[object]] = []
+            for name, value in zip(node.input, constants):
+                if name in self.vectors:
+                    parts.append(self.vectors[name])
+                elif value is not None and value.ndim == 1 and set(value.tolist()) <= {-1}:
+                    parts.append([_INFERRED] * value.size)
+                else:
+                    return False
+            self.vectors[node.output[0]] = [element for part in parts for element in part]
+            return True
+        if node.input[0] not in self.vectors or any(v is None for v in constants[1:]) \
+                or any(v.size != 1 for v in constants[1:]):  # type: ignore[union-attr]
+            return False
+        bounds = [int(v.reshape(-1)[0]) for v in constants[1:]]  # type: ignore[union-attr]
+        if len(bounds) > 2 and bounds[2] != 0 or len(bounds) > 3 and bounds[3] != 1:
+            return False  # an axis other than 0, or a step
+        vector = self.vectors[node.input[0]]
+        self.vectors[node.output[0]] = vector[slice(*(max(min(v, len(vector)), -len(vector) - 1) for v in bounds[:2]))]
+        return True
+
+    def _reshape(self, node: onnx.NodeProto) -> bool:
+        """A Reshape to a shape vector ending in the grid's rows and columns, which appear nowhere else: the grid
+        (or the cells it was flattened to, row by row) stays the last axes; the leading axes may regroup."""
+        given, target = self.data.get(node.input[0]), self.vectors.get(node.input[1])
+        if given is None or target is None or target[-2:] != [_ROWS, _COLUMNS] \
+                or any(e in (_ROWS, _COLUMNS, _CELLS) for e in target[:-2]) or target.count(_INFERRED) > 1:
+            return False
+        self.data[node.output[0]] = _Data(len(target), "grid", given.carries)
+        return True
+
+    def _conv(self, node: onnx.NodeProto) -> bool:
+        """A "same" stride-1 convolution of the cotangent, without a bias (a constant added everywhere)."""
+        given = self.data.get(node.input[0])
+        radius = _same_conv_radius(self.b, node)
+        bias = self.b.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if given is None or not given.carries or given.layout != "grid" or given.rank != 4 or radius is None \
+                or (bias is not None and bias.any()):
+            return False
+        self.margin += radius
+        self.data[node.output[0]] = _Data(4, "grid", True)
+        return True
+
+    def _cellwise(self, node: onnx.NodeProto) -> bool:
+        """A cell-wise operator: on values of the forward pass, any; on the cotangent, only one that keeps its
+        zeros (``_keeps_zeros``)."""
+        ranks, carrying, zeros = [], [], []
+        for position, name in enumerate(node.input):
+            value = self.b.constant_value(name) if name else None
+            if value is not None:
+                if any(d != 1 for d in value.shape[-2:]):
+                    return False  # it would broadcast against the window's rows or columns
+                ranks.append(value.ndim)
+                if not value.any():
+                    zeros.append(position)
+                continue
+            given = self.data.get(name)
+            if given is None or given.layout != "grid":
+                return False
+            ranks.append(given.rank)
+            if given.carries:
+                carrying.append(position)
+        if carrying and not _keeps_zeros(node, carrying, zeros):
+            return False
+        self.data[node.output[0]] = _Data(max(ranks), "grid", bool(carrying))
+        return True
+
+
+def _keeps_zeros(node: onnx.NodeProto, carrying: list[int], zeros: list[int]) -> bool:
+    """Whether ``node``'s output is zero wherever its inputs that carry the cotangent (positions ``carrying``)
+    are: a product, a quotient by a forward value, a sum of cotangents, Neg, Relu, a Where choosing between
+    cotangents and zeros on a forward condition."""
+    op = node.op_type
+    if op in ("Mul", "Neg", "Identity", "Relu", "Cast"):
+        return True
+    if op == "Div":
+        return carrying == [0]
+    if op in ("Add", "Sub", "Sum"):
+        return carrying == list(range(len(node.input)))
+    if op == "Where":
+        return 0 not in carrying and all(p in carrying or p in zeros for p in (1, 2))
+    return False
 
 
 def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _Window, matched: str,
@@ -186,7 +307,8 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
         zeros = [b.ints([0] * (rank - 2))] if rank > 2 else []
         pads = b.concat([*zeros, low, *zeros, remaining], 0)
         renamed[output.name] = b.fresh(f"{output.name}/window")
-        padded.append(helper.make_node("Pad", [renamed[output.name], pads], [output.name], name=f"{output.name}/Pad"))
+        padded.append(helper.make_node("Pad", [renamed[output.name], pads], [output.name],
+                                       name=b.fresh(f"{output.name}/Pad")))
     for inner in then.node:
         inner.input[:] = [renamed.get(i, i) for i in inner.input]
         inner.output[:] = [renamed.get(o, o) for o in inner.output]
@@ -210,11 +332,6 @@ def _gradient_shape(infos: dict[str, TensorInfo], record: ZeroBranches, gradient
     forward, merged = record.gradient_of.get(gradient, ("", False))
     shape = _static(infos, forward)
     return None if shape is None else (shape if merged else ("K", *shape))
-
-
-def _plumbing_constant(value: np.ndarray | None) -> bool:
-    """A constant part of a shape vector that keeps a window's shape: -1 (inferred) and 0 (copied) only."""
-    return value is not None and value.ndim <= 1 and set(value.reshape(-1).tolist()) <= {-1, 0}
 
 
 def _attribute(node: onnx.NodeProto, name: str) -> object:

@@ -716,15 +716,31 @@ def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, match
     if not branches:
         return
     prune_added_nodes(wrapped)  # the flags of scales whose branch stayed as it was
-    run_on_windows(wrapped, branches, scales.anchors, matched, record)
-    try:
-        onnx.checker.check_model(wrapped)
-        onnx.shape_inference.infer_shapes(wrapped, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+    failure = _failed_checks(wrapped)
+    if failure:
         log.warning("the reverse pass runs every scale's branch: the model with If nodes failed ONNX's checks (%s)",
-                    error)
+                    failure)
         return
+    windowed = onnx.ModelProto()
+    windowed.CopyFrom(wrapped)
+    if run_on_windows(windowed, branches, scales.anchors, matched, record):
+        failure = _failed_checks(windowed)
+        if failure:
+            log.warning("the scales' branches run on their whole grids: the model with windows failed ONNX's "
+                        "checks (%s)", failure)
+        else:
+            wrapped = windowed
     model.CopyFrom(wrapped)
+
+
+def _failed_checks(model: onnx.ModelProto) -> str | None:
+    """Why ONNX's checker or its strict shape inference refuses ``model``; None when both pass."""
+    try:
+        onnx.checker.check_model(model)
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        return str(error)
+    return None
 
 
 def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str, layout: str) -> tuple[str, str, str]:
