@@ -240,7 +240,7 @@ def box_objective(module: torch.nn.Module, x: torch.Tensor) -> Objective:
         cx, cy, w, h = head[:4, anchor]
         box = np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, x.shape[2]).tolist()
         target = Box(box, int(class_index), iou=0.5)
-        chosen = torch.from_numpy(target._overlapping(head.T))
+        chosen = torch.from_numpy(target._overlapping(head))
         targets.append(target)
         callables.append(lambda output, c=int(class_index), m=chosen: output[4 + c, m].sum())
         boxes.append([[*box, float(class_index), 0.5]])

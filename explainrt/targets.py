@@ -371,17 +371,18 @@ class Box(Target):
         return edges
 
     def _fields(self, output: np.ndarray) -> tuple[str, np.ndarray]:
-        """The layout, and the predictions as [anchors, fields] (cx, cy, w, h, ...)."""
+        """The layout, and the predictions field-major as [fields, anchors] (rows cx, cy, w, h, ...): each field
+        one contiguous row for YOLOv8's layout."""
         layout = detector_layout(output.shape, self.layout)
-        return layout, (output.T if layout == "yolov8" else output)
+        return layout, (output if layout == "yolov8" else output.T)
 
-    def _overlapping(self, predictions: np.ndarray) -> np.ndarray:
-        """Which predictions' boxes overlap the box with IoU >= iou: bool [anchors]."""
-        cx, cy, w, h = (predictions[:, i].astype(np.float64) for i in range(4))
-        x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    def _overlapping(self, fields: np.ndarray) -> np.ndarray:
+        """Which predictions' boxes (``fields`` [fields, anchors]) overlap the box with IoU >= iou: bool [anchors]."""
+        cx, cy, w, h = fields[:4].astype(np.float64)
         bx1, by1, bx2, by2 = self.box
-        inter = np.clip(np.minimum(x2, bx2) - np.maximum(x1, bx1), 0, None) * np.clip(
-            np.minimum(y2, by2) - np.maximum(y1, by1), 0, None)
+        across = np.minimum(cx + w / 2, bx2) - np.maximum(cx - w / 2, bx1)
+        down = np.minimum(cy + h / 2, by2) - np.maximum(cy - h / 2, by1)
+        inter = np.maximum(across, 0) * np.maximum(down, 0)
         union = np.abs(w * h) + (bx2 - bx1) * (by2 - by1) - inter
         return inter / np.maximum(union, 1e-12) >= self.iou
 
@@ -396,24 +397,24 @@ class Box(Target):
     def gradient(self, output: np.ndarray) -> np.ndarray:
         """The cotangent at ``output``: zero where no prediction overlaps the box (a perturbed copy's objective
         is then 0; ``runtime.objective.TargetSession`` refuses it on the images being explained)."""
-        layout, predictions = self._fields(output)
-        chosen = self._overlapping(predictions)
-        weights = np.zeros_like(predictions)
+        layout, fields = self._fields(output)
+        chosen = self._overlapping(fields)
+        weights = np.zeros_like(fields)
         if layout == "yolov8":
-            weights[chosen, 4 + self.index] = 1
-            return weights.T
+            weights[4 + self.index, chosen] = 1
+            return weights
         # d(objectness * class score) = class score d objectness + objectness d class score
-        weights[chosen, 4] = predictions[chosen, 5 + self.index]
-        weights[chosen, 5 + self.index] = predictions[chosen, 4]
-        return weights
+        weights[4, chosen] = fields[5 + self.index, chosen]
+        weights[5 + self.index, chosen] = fields[4, chosen]
+        return weights.T
 
     def score(self, outputs: np.ndarray) -> np.ndarray:
         scores = np.empty(outputs.shape[0], dtype=np.float32)
         for i, output in enumerate(outputs):
-            layout, predictions = self._fields(output)
-            chosen = self._overlapping(predictions)
-            values = predictions[chosen, 4 + self.index] if layout == "yolov8" else (
-                predictions[chosen, 4] * predictions[chosen, 5 + self.index])
+            layout, fields = self._fields(output)
+            chosen = self._overlapping(fields)
+            values = fields[4 + self.index, chosen] if layout == "yolov8" else (
+                fields[4, chosen] * fields[5 + self.index, chosen])
             scores[i] = float(values.astype(np.float64).sum())
         return scores
 

@@ -266,7 +266,7 @@ def test_boxes_mixed_with_other_targets_and_summed_in_one_call(layout: str, monk
         if isinstance(target, Weights):
             return (out[i] * torch.from_numpy(target.weights)).sum()
         assert isinstance(target, Box)
-        chosen = torch.from_numpy(target._overlapping(values[i] if layout == "yolov5" else values[i].T))
+        chosen = torch.from_numpy(target._overlapping(values[i].T if layout == "yolov5" else values[i]))
         assert 0 < int(chosen.sum()) < 64  # some predictions count, not all: the mask matters
         fields = out[i] if layout == "yolov5" else out[i].T
         score = fields[:, 5 + target.index] * fields[:, 4] if layout == "yolov5" else fields[:, 4 + target.index]

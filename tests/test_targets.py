@@ -277,7 +277,7 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
     # per image and scale, the box of the scale's most confident prediction of class 7 that lies in the image
     rows = [[Box(corners[i, :, start + int(np.argmax(np.where(within[i, start:stop], values[i, 4 + 7, start:stop], -1)))],
                  7, iou=0.5) for start, stop in scales] for i in range(2)]
-    matched = [[{s for s, (start, stop) in enumerate(scales) if box._overlapping(values[i].T)[start:stop].any()}
+    matched = [[{s for s, (start, stop) in enumerate(scales) if box._overlapping(values[i])[start:stop].any()}
                 for box in row] for i, row in enumerate(rows)]
     conditions = [n.input[0] for n in wrapped]  # also returned, to see which branches ran
     made[True].graph.output.extend(onnx.helper.make_tensor_value_info(c, onnx.TensorProto.BOOL, []) for c in conditions)
@@ -423,7 +423,7 @@ def test_box_objective_in_one_call_matches_autograd(layout: str, monkeypatch: py
         for i in range(2):
             for k in range(2):
                 x.grad = None
-                chosen = torch.from_numpy(rows[i][k]._overlapping(values[i] if layout == "yolov5" else values[i].T))
+                chosen = torch.from_numpy(rows[i][k]._overlapping(values[i].T if layout == "yolov5" else values[i]))
                 assert 0 < int(chosen.sum()) < 64  # some predictions count, not all: the mask matters
                 fields = out[i] if layout == "yolov5" else out[i].T
                 score = fields[:, 5 + rows[i][k].index] * fields[:, 4] if layout == "yolov5" else fields[:, 4 + rows[i][k].index]
@@ -456,7 +456,7 @@ def test_boxes_on_copies_of_the_image_score_zero_on_the_image_they_must_match() 
     for alpha, weight in zip(alphas, weights):
         point = (float(alpha) * x).requires_grad_(True)
         out = model(point)[0]
-        chosen = torch.from_numpy(box._overlapping(out.detach().numpy().T))
+        chosen = torch.from_numpy(box._overlapping(out.detach().numpy()))
         matched.append(bool(chosen.any()))
         out[5, chosen].sum().backward()
         path += float(weight) * point.grad
@@ -468,7 +468,7 @@ def test_boxes_on_copies_of_the_image_score_zero_on_the_image_they_must_match() 
     copies = torch.from_numpy(image + std * np.random.default_rng(0).standard_normal((6, 3, 32, 32), dtype=np.float32))
     copies.requires_grad_(True)
     out = model(copies)
-    chosen = torch.from_numpy(np.stack([box._overlapping(row.T) for row in out.detach().numpy()]))
+    chosen = torch.from_numpy(np.stack([box._overlapping(row) for row in out.detach().numpy()]))
     assert 0 < int(chosen.any(dim=1).sum()) < 6
     (out[:, 5] * chosen).sum().backward()
     reference = copies.grad.mean(dim=0).abs().sum(dim=0).numpy()
@@ -484,7 +484,7 @@ def test_boxes_on_copies_of_the_image_score_zero_on_the_image_they_must_match() 
         others = model(torch.from_numpy(second))[0].numpy().T
     cx, cy, w, h = others[16][:4]  # a prediction of the second image that the first has none like (IoU >= 0.9)
     own = Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), 0, iou=0.9, layout="yolov8")
-    assert not box._overlapping(others).any() and not own._overlapping(predictions).any()
+    assert not box._overlapping(others.T).any() and not own._overlapping(predictions.T).any()
     both = np.concatenate([image, second])
     for method, options in (("occlusion", {"window": (8, 8), "stride": (8, 8)}), ("integrated-gradients", {"steps": 4})):
         pair = explainer.explain(both, method=method, targets=[box, own], normalize=False, **options)
@@ -494,8 +494,9 @@ def test_boxes_on_copies_of_the_image_score_zero_on_the_image_they_must_match() 
 
 def test_box_gradient_skips_the_zero_box_rows() -> None:
     """YOLOv8's box rows get no cotangent: the reverse pass starts at the concatenated part holding the class
-    rows (seeded with those rows) and builds nothing for the parts before it (the values are checked against
-    torch.autograd in test_box_objective_in_one_call_matches_autograd)."""
+    rows and builds nothing for the parts before it; that part is a Sigmoid, seeded at its input (its derivative
+    gathered on the boxes' classes: no rule of its own). The values are checked against torch.autograd in
+    test_box_objective_in_one_call_matches_autograd."""
     from explainrt.export.explainable import make_explainable
     from explainrt.export.torch_export import LOGITS_OUTPUT, export_torch
 
@@ -508,7 +509,22 @@ def test_box_gradient_skips_the_zero_box_rows() -> None:
     box_parts = {producers[x].name for x in concat.input[:2]}  # the Muls scaling cx, cy and w, h
     added = [n.name for n in explainable.graph.node if n.name.startswith("explainrt/grad/")]
     assert not [name for name in added if name.split("/")[2] in box_parts]
-    assert any(name.split("/")[2] == producers[concat.input[2]].name for name in added)  # the class scores' Sigmoid
+    sigmoid = producers[concat.input[2]]  # the class scores'
+    assert sigmoid.op_type == "Sigmoid" and not [name for name in added if name.split("/")[2] == sigmoid.name]
+    assert any(name.split("/")[2] == producers[sigmoid.input[0]].name for name in added)
+    assert [n for n in explainable.graph.node if n.op_type == "GatherElements" and n.name.startswith("explainrt/grad/seed")]
+    # fed straight to ONNX Runtime, a class the head does not have (5, -3 of its 2) matches predictions and seeds
+    # nothing: the gather reads a clamped row that the class's one-hot row then zeroes
+    import onnxruntime as ort
+
+    from explainrt.export.spec import BOX_MATCHES_OUTPUT, BOXES_INPUT, gradients_output
+
+    session = ort.InferenceSession(explainable.SerializeToString())
+    boxes = np.array([[[0, 0, 32, 32, c, 1e-4] for c in (1, 5, -3)]], np.float32)
+    gradients, matches = session.run([gradients_output(0), BOX_MATCHES_OUTPUT],
+                                     {session.get_inputs()[0].name: _image((1, 3, 32, 32), seed=14), BOXES_INPUT: boxes})
+    assert matches.tolist() == [[64, 64, 64]]
+    assert np.abs(gradients[:, 0]).max() > 1e-3 and not gradients[:, 1:].any()
 
 
 def test_box_yolov5_layout_is_objectness_times_class() -> None:
@@ -981,7 +997,7 @@ def test_box_layout_is_told_from_the_shape_and_the_image_size() -> None:
     cx, cy, w, h = predictions[0, :4]
     target = Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), 7, iou=0.5)
     explanation = Explainer(model, [model.features], input_size=(32, 32)).explain(image, targets=target)
-    chosen = Box(target.box, 7, iou=0.5, layout="yolov8")._overlapping(predictions)
+    chosen = Box(target.box, 7, iou=0.5, layout="yolov8")._overlapping(predictions.T)
     assert chosen[0]
     np.testing.assert_allclose(explanation.logits[0, 0], predictions[chosen, 4 + 7].sum(), rtol=1e-5)
 

@@ -20,8 +20,8 @@ from onnx import TensorProto, version_converter
 from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version
 from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
-from explainrt.autodiff.zero_blocks import compute_on_blocks
 from explainrt.autodiff.windows import run_on_windows
+from explainrt.autodiff.zero_blocks import compute_on_blocks
 from explainrt.autodiff.zero_branches import ZeroBranches, run_when_nonzero
 from explainrt.errors import (
     DynamicTokenGridError,
@@ -158,9 +158,14 @@ def make_explainable(
         else:
             boxes = builder.add_input(BOXES_INPUT, output_info.elem_type, ["N", "K", 6])
             builder.scope = "explainrt/grad/seed"
-            of, seed, matches, matched = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective])
-            if BOX_OBJECTIVES[objective] == "yolov8":  # zero on the 4 box rows: the gradient skips the box branch
-                of, seed = _past_zero_rows(builder, of, seed, 4, targets)
+            # YOLOv8's seed is zero on the 4 box rows: seeded past them, the gradient skips the box branch; past the
+            # class scores' Sigmoid too, its derivative taken on the boxes' classes alone
+            of, rows = _past_zero_rows(builder, logits_name, 4, targets) if BOX_OBJECTIVES[objective] == "yolov8" \
+                else (logits_name, None)
+            sigmoid = _sigmoid_of(builder, of, targets) if rows is not None else None
+            seed, matches, matched = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective], rows,
+                                               None if sigmoid is None else of)
+            of = sigmoid or of
     else:
         requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
         resolved = _resolve_targets(builder, logits_name, requested)
@@ -548,10 +553,14 @@ def _probability_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[s
                         like=logits)
 
 
-def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple[str, str, str, str]:
+def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tuple[int, int] | None = None,
+              sigmoid: str | None = None) -> tuple[str, str, str]:
     """Cotangent [K, N, *shape(y)[1:]] of each box target on a raw detector head y, how many predictions each box
     matched [N, K] (int64) and which [N, K, anchors] (0/1). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input
-    pixels), class, IoU threshold.
+    pixels), class, IoU threshold. ``rows`` (YOLOv8): the cotangent of only the fields [start, stop) of y's
+    axis 1, made from the class's rows and the matches (a product of two small factors: no full-size transpose
+    or slice). ``sigmoid``: those rows as s = Sigmoid(x) (``_sigmoid_of``): the cotangent of x instead, the
+    matches times s (1 - s) on the class's row, read with a gather (no full-size derivative).
     Which predictions count (IoU of their cx, cy, w, h box with the given box >= the threshold) is decided on
     this pass and held constant: the objective is linear in the scores (YOLOv5: objectness x class score)."""
     like = logits
@@ -577,31 +586,42 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str) -> tuple
     iou = binary("Div", inter, binary("Max", union, b.scalar_like(1e-12, like)))
     mask = b.op("Cast", [b.op("GreaterOrEqual", [iou, threshold])], to=b.info(like).elem_type)  # [N, K, A]
     matches = b.op("Cast", [b.reduce("ReduceSum", mask, [2], keepdims=False)], to=TensorProto.INT64)
-    count = b.squeeze(b.shape_slice(fields, 1, 2), [0])
-    rows = b.op("Cast", [b.op("Range", [b.constant(0, dtype=TensorProto.INT64), count,
-                                        b.constant(1, dtype=TensorProto.INT64)])], to=b.info(like).elem_type)
-    rows = b.unsqueeze(rows, [1])  # [F, 1]: the field of each row
+    start, stop = (b.constant(0, dtype=TensorProto.INT64), b.squeeze(b.shape_slice(fields, 1, 2), [0])) \
+        if rows is None else (b.constant(rows[0], dtype=TensorProto.INT64), b.constant(rows[1], dtype=TensorProto.INT64))
+    fields_of_rows = b.op("Cast", [b.op("Range", [start, stop, b.constant(1, dtype=TensorProto.INT64)])],
+                          to=b.info(like).elem_type)
+    fields_of_rows = b.unsqueeze(fields_of_rows, [1])  # [F, 1]: the field of each row
     first = 4 if layout == "yolov8" else 5
-    hot = b.op("Cast", [b.op("Equal", [rows, b.unsqueeze(binary("Add", chosen_class, b.scalar_like(first, like)), [3])])],
-               to=b.info(like).elem_type)  # [N, K, F, 1]: the class's row
-    counted = b.unsqueeze(mask, [2])  # [N, K, 1, A]
-    if layout == "yolov8":
-        seed = binary("Mul", hot, counted)
-    else:  # d(objectness * class score): class score on the objectness row, objectness on the class row
-        objectness = b.unsqueeze(part(fields, 4, 1), [1])  # [N, 1, 1, A]
-        scores = b.reduce("ReduceSum", binary("Mul", hot, b.unsqueeze(fields, [1])), [2])  # [N, K, 1, A]
-        is_objectness = b.op("Cast", [b.op("Equal", [rows, b.scalar_like(4.0, like)])], to=b.info(like).elem_type)
-        seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, scores)))
-    perm = [1, 0, 2, 3] if layout == "yolov8" else [1, 0, 3, 2]
-    return logits, b.op("Transpose", [seed], perm=perm, name="explainrt/grad/seed/boxes", like=like), matches, mask
+    hot = b.op("Cast", [b.op("Equal", [fields_of_rows, b.unsqueeze(binary("Add", chosen_class, b.scalar_like(first, like)),
+                                                                   [3])])], to=b.info(like).elem_type)  # [N, K, F, 1]
+    weights = mask
+    if sigmoid is not None:  # s (1 - s) of each box's class: its row among the rows held, gathered ([N, K, A])
+        row = b.op("Cast", [binary("Add", chosen_class, b.scalar_like(first - (rows or (0,))[0], like))],
+                   to=TensorProto.INT64)
+        last = b.op("Sub", [b.shape_slice(sigmoid, 1, 2), b.constant([1], dtype=TensorProto.INT64)])
+        row = b.op("Min", [b.op("Max", [row, b.constant([0], dtype=TensorProto.INT64)]), last])  # an absent class: hot is 0
+        scores = b.op("GatherElements", [sigmoid, b.op("Expand", [row, b.op("Shape", [mask])])], axis=1, like=like)
+        weights = binary("Mul", mask, binary("Mul", scores, binary("Sub", b.scalar_like(1.0, like), scores)))
+    counted = b.unsqueeze(weights, [2])  # [N, K, 1, A]
+    if layout == "yolov8":  # the class's row times the matches, each factor put in [K, N, ...] order first
+        seed = b.op("Mul", [b.op("Transpose", [factor], perm=[1, 0, 2, 3], like=like) for factor in (hot, counted)],
+                    name="explainrt/grad/seed/boxes", like=like)
+        return seed, matches, mask
+    # d(objectness * class score): class score on the objectness row, objectness on the class row
+    objectness = b.unsqueeze(part(fields, 4, 1), [1])  # [N, 1, 1, A]
+    scores = b.reduce("ReduceSum", binary("Mul", hot, b.unsqueeze(fields, [1])), [2])  # [N, K, 1, A]
+    is_objectness = b.op("Cast", [b.op("Equal", [fields_of_rows, b.scalar_like(4.0, like)])], to=b.info(like).elem_type)
+    seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, scores)))
+    return b.op("Transpose", [seed], perm=[1, 0, 3, 2], name="explainrt/grad/seed/boxes", like=like), matches, mask
 
 
-def _past_zero_rows(b: GradientBuilder, y: str, seed: str, first: int, targets: Sequence[str]) -> tuple[str, str]:
-    """The tensor to seed and its cotangent, when ``seed`` (y's cotangent [K, N, F, ...]) is zero on rows
-    ``[0, first)`` of y's axis 1 and y concatenates parts along that axis (YOLOv8's head: the 4 box rows, then
-    the sigmoid class scores): the part holding every other row, seeded with its rows of ``seed``, if every
-    target layer reaches it. Exact, and the reverse pass skips the parts whose cotangent is zero (YOLOv8's box
-    branch: its convolutions at every scale, the DFL softmax)."""
+def _past_zero_rows(b: GradientBuilder, y: str, first: int, targets: Sequence[str]) -> tuple[str, tuple[int, int] | None]:
+    """The tensor to seed and the rows [start, stop) of y's axis 1 it holds (None: y itself), when y's cotangent
+    is zero on rows ``[0, first)`` and y concatenates parts along that axis (YOLOv8's head: the 4 box rows, then
+    the sigmoid class scores): the part holding every other row, if every target layer reaches it. Exact, and
+    the reverse pass skips the parts whose cotangent is zero (YOLOv8's box branch: its convolutions at every
+    scale, the DFL softmax)."""
+    offset, rows = 0, None
     while (node := b.producer(y)) is not None and node.op_type == "Concat":
         axis = _attribute_int(node, "axis")
         if axis % b.rank(y) != 1:
@@ -619,9 +639,19 @@ def _past_zero_rows(b: GradientBuilder, y: str, seed: str, first: int, targets: 
             break
         start, size = starts[index], sizes[index]
         y = node.input[index]
-        seed = b.op("Slice", [seed, b.ints([start]), b.ints([start + size]), b.ints([2])], like=y)
+        offset += start
+        rows = (offset, offset + size)
         first = max(first - start, 0)
-    return y, seed
+    return y, rows
+
+
+def _sigmoid_of(b: GradientBuilder, y: str, targets: Sequence[str]) -> str | None:
+    """x where y = Sigmoid(x) and every target layer reaches x (YOLOv8's class scores): a box objective's seed
+    then lands on x, the derivative taken on the boxes' classes only; else None."""
+    node = b.producer(y)
+    if node is None or node.op_type != "Sigmoid" or not set(targets) <= ancestors(b.graph, node.input[0]):
+        return None
+    return node.input[0]
 
 
 @dataclass(frozen=True)
@@ -748,7 +778,7 @@ def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str
     boxes (``boxes`` [N, K, B, 6], as ``_box_seed``'s), and each box's match count [N, K, B]: a Box mixed
     with other linear targets, or a sum of boxes, in one pass (padding boxes have an IoU threshold > 1)."""
     flat = b.op("Reshape", [boxes, b.ints([0, -1, 6])], like=boxes)  # [N, K * B, 6]
-    _, per_box, matches, _ = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
+    per_box, matches, _ = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
     counts = b.shape_slice(boxes, 1, 3)  # K, B
     split = b.op("Reshape", [per_box, b.concat([counts, b.shape_slice(per_box, 1)], 0)], like=per_box)
     boxed = b.reduce("ReduceSum", split, [1], keepdims=False)  # [K, N, *out]

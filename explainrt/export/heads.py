@@ -343,8 +343,9 @@ def _conv_input_mean(b: GraphBuilder, term: str) -> str | None:
     taps = b.op("MatMul", [b.constant(rows, dtype=dtype), across])  # [K*N, O, kh, kw]
     flat = b.op("Reshape", [taps, b.ints([-1, channels_out * kernel_h * kernel_w])])
     mean = b.op("MatMul", [flat, b.constant(per_tap, dtype=dtype)])  # [K*N, C]
-    seeds = b.producer(merged).input[0]  # type: ignore[union-attr]  # [K, N, O, h', w']
-    shape = b.concat([b.shape_slice(seeds, 0, 2), b.ints([channels, 1, 1])], 0)
+    # [K*N, C] -> [K, N, C, 1, 1], N read from the layer's input: a shape read from the output gradients would keep
+    # them whole where only ``merged`` is needed (a windowed detector branch then pads them back for nothing)
+    shape = b.concat([b.ints([-1]), b.shape_slice(conv.input[0], 0, 1), b.ints([channels, 1, 1])], 0)
     return b.op("Reshape", [mean, shape])
 
 
