@@ -117,6 +117,22 @@ class Stats:
         return cls(float(np.median(ms)), float(np.percentile(ms, 90)), len(ms))
 
 
+@dataclass(frozen=True)
+class PairedRatio:
+    """A contender's time over the baseline's in the same round, over the rounds (median, 10th and 90th
+    percentile): the two calls of a round lie a few hundred ms apart, so a slow spell of a shared machine
+    that spans them cancels out, as it does not in the ratio of two medians taken over different rounds."""
+
+    median: float
+    p10: float
+    p90: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float], baseline: Sequence[float]) -> PairedRatio:
+        ratios = np.asarray(seconds) / np.asarray(baseline)
+        return cls(float(np.median(ratios)), float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90)))
+
+
 def interleaved(contenders: Sequence[Contender], runs: int, warmup: int, pause_s: float = 0.0) -> dict[str, list[float]]:
     """Wall seconds per contender: ``warmup`` untimed rounds, then ``runs`` timed rounds.
 
