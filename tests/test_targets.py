@@ -260,8 +260,13 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
     explainer = yolo_neck_explainer
     made = {skip: variant_model(explainer.session.model, explainer.spec, "boxes_yolov8", False, maps=["gradcam"],
                                 maps_only=True, target_objective=True, zero_branches=skip) for skip in (True, False)}
-    wrapped = [n for n in made[True].graph.node if n.op_type == "If"]
+    wrapped = _if_nodes(made[True].graph)
     assert len(wrapped) >= 3 and not any(n.op_type == "If" for n in made[False].graph.node)
+    # the P4 and P5 class branches, which only the neck's branch reads, run inside it: skipped with it, their zeros
+    # not made when no box matched P4 or P5
+    outer = [n for n in made[True].graph.node if n.op_type == "If"]
+    nested = [n for node in outer for a in node.attribute if a.name == "then_branch" for n in _if_nodes(a.g)]
+    assert len(nested) == 2 and len(outer) + len(nested) == len(wrapped)
     inside = [n.op_type for node in wrapped for a in node.attribute if a.name == "then_branch" for n in a.g.node]
     assert inside.count("Conv") >= 8 and not any(n.op_type == "Conv" and n.name.startswith("explainrt/grad/")
                                                  for n in made[True].graph.node)
@@ -327,6 +332,12 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
     weighted = variant_model(explainer.session.model, explainer.spec, "weights_boxes_yolov8", False, maps=["gradcam"],
                              maps_only=True, target_objective=True, zero_branches=True)
     assert not any(n.op_type == "If" for n in weighted.graph.node)
+
+
+def _if_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The If nodes of ``graph`` and of its If nodes' branches, outer ones first."""
+    found = [n for n in graph.node if n.op_type == "If"]
+    return found + [inner for node in found for a in node.attribute for inner in _if_nodes(a.g)]
 
 
 @pytest.mark.parametrize(("kernel", "attributes", "radius"), [

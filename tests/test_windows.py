@@ -236,3 +236,58 @@ def test_detector_branches_on_windows_of_non_square_grids() -> None:
         for got, want, name in zip(ours, whole, ("objectives", "matches", "maps")):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{name}, cells {cells}")
         assert whole[-1].std() > 0.01, cells
+
+
+def _branch(name: str, condition: str, then_nodes: list[onnx.NodeProto], then_out: str, else_value: float,
+            output: str) -> onnx.NodeProto:
+    """``If(condition)``: ``then_nodes`` (their ``then_out``), else the constant ``else_value``, as ``output``."""
+    then = helper.make_graph(then_nodes, f"{name}/then", [],
+                             [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)])
+    orelse = helper.make_graph([helper.make_node("Constant", [], [f"{name}/zero"],
+                                                 value=numpy_helper.from_array(np.full([2], else_value, np.float32)))],
+                               f"{name}/else", [], [helper.make_tensor_value_info(f"{name}/zero", TensorProto.FLOAT, None)])
+    return helper.make_node("If", [condition], [output], name=name, then_branch=then, else_branch=orelse)
+
+
+def test_if_read_only_by_another_ifs_then_branch_moves_into_it() -> None:
+    """``nest_in_sole_readers``: an If whose output only the then branch of another If reads runs inside it (not
+    run when that one takes its else branch); one also read outside, or by an else branch, stays; the values are
+    the same for every combination of conditions."""
+    import onnxruntime as ort
+
+    from explainrt.autodiff.zero_branches import nest_in_sole_readers
+
+    nodes = [
+        _branch("inner", "a", [helper.make_node("Mul", ["x", "x"], ["inner/sq"])], "inner/sq", 0.0, "inner_out"),
+        _branch("shared", "a", [helper.make_node("Neg", ["x"], ["shared/neg"])], "shared/neg", 0.0, "shared_out"),
+        _branch("elsewise", "a", [helper.make_node("Abs", ["x"], ["elsewise/abs"])], "elsewise/abs", 0.0, "else_out"),
+        _branch("outer", "b", [helper.make_node("Add", ["inner_out", "shared_out"], ["outer/sum"])], "outer/sum", 0.0,
+                "outer_out"),
+        _branch("reads_else", "b", [helper.make_node("Identity", ["x"], ["reads_else/x"])], "reads_else/x", 0.0,
+                "reads_else_out"),
+        helper.make_node("Add", ["shared_out", "outer_out"], ["y"]),
+    ]
+    else_branch = next(a.g for a in nodes[4].attribute if a.name == "else_branch")
+    else_branch.node[0].CopyFrom(helper.make_node("Identity", ["else_out"], ["reads_else/zero"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                           helper.make_tensor_value_info("a", TensorProto.BOOL, []),
+                                           helper.make_tensor_value_info("b", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2]) for o in ("y", "reads_else_out")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    nested = copy.deepcopy(model)
+    assert nest_in_sole_readers(nested, {"inner", "shared", "elsewise", "outer", "reads_else"}) == 1
+    onnx.checker.check_model(nested)
+    assert [n.name for n in nested.graph.node if n.op_type == "If"] == ["shared", "elsewise", "outer", "reads_else"]
+    outer = next(n for n in nested.graph.node if n.name == "outer")
+    then_branch = next(a.g for a in outer.attribute if a.name == "then_branch")
+    assert [n.name for n in then_branch.node if n.op_type == "If"] == ["inner"]
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, nested)]
+    x = np.array([1.5, -2.0], np.float32)
+    for a in (False, True):
+        for b in (False, True):
+            feeds = {"x": x, "a": np.array(a), "b": np.array(b)}
+            want, got = (s.run(None, feeds) for s in sessions)
+            for w, g in zip(want, got):
+                np.testing.assert_array_equal(g, w)
+            inner, shared = (x * x, -x) if a else (0 * x, 0 * x)
+            np.testing.assert_array_equal(got[0], shared + (inner + shared if b else 0 * x))

@@ -15,6 +15,7 @@ what each gradient tensor is the gradient of, from which the zeros take their sh
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,34 @@ def run_when_nonzero(model: onnx.ModelProto, plan: ZeroBranches) -> dict[str, fr
     del graph.node[:]
     graph.node.extend(sort_topologically([*flag_nodes, *kept]))
     return wrapped
+
+
+def nest_in_sole_readers(model: onnx.ModelProto, names: Collection[str]) -> int:
+    """Move each ``If`` of ``names`` whose outputs only the then branch of another of them reads into that branch
+    (changed in place), so that when the reader takes its else branch the inner one is not run either (the zeros of
+    a P4 class branch that only the neck's branch reads are then not made when no box matched P4 or P5). Returns
+    how many moved."""
+    graph = model.graph
+    moved = 0
+    while True:
+        nodes = [node for node in graph.node if node.op_type == "If" and node.name in names]
+        outputs = {o.name for o in graph.output}
+        for inner in nodes:
+            leaving = set(inner.output)
+            readers = [node for node in graph.node if node is not inner and leaving & node_reads(node)]
+            if outputs & leaving or len(readers) != 1 or readers[0] not in nodes:
+                continue
+            branches = {a.name: a.g for a in readers[0].attribute if a.type == onnx.AttributeProto.GRAPH}
+            if leaving & {name for node in branches["else_branch"].node for name in node_reads(node)}:
+                continue
+            nested = onnx.NodeProto()
+            nested.CopyFrom(inner)
+            branches["then_branch"].node.insert(0, nested)  # it reads only the enclosing scope's tensors
+            graph.node.remove(inner)
+            moved += 1
+            break
+        else:
+            return moved
 
 
 def _if_node(prefix: str, condition: str, members: list[onnx.NodeProto], leaving: list[str],

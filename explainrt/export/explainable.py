@@ -22,7 +22,7 @@ from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, appen
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.windows import run_on_windows
 from explainrt.autodiff.zero_blocks import compute_on_blocks
-from explainrt.autodiff.zero_branches import ZeroBranches, run_when_nonzero
+from explainrt.autodiff.zero_branches import ZeroBranches, nest_in_sole_readers, run_when_nonzero
 from explainrt.errors import (
     DynamicTokenGridError,
     InvalidInputError,
@@ -760,6 +760,7 @@ def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, match
                         "checks (%s)", failure)
         else:
             wrapped = windowed
+    nest_in_sole_readers(wrapped, branches)
     model.CopyFrom(wrapped)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -45,11 +46,17 @@ class TargetSession:
         self._columns = {id(target): column for column, target in enumerate(self.targets)}
         self._explained: list[tuple[np.ndarray, set[int]]] = [] if images is None else [
             (image, set(np.atleast_1d(ids).tolist())) for image, ids in zip(to_host(images), np.asarray(wanted))]
-        self._by_sample: dict[tuple[Any, ...], list[int]] = {}
-        for index, (image, _) in enumerate(self._explained):
-            self._by_sample.setdefault(_sample_key(image), []).append(index)
         self.spec = dataclasses.replace(inner.spec, num_classes=len(self.targets))
         self.input_shape = inner.input_shape
+
+    @functools.cached_property
+    def _by_sample(self) -> dict[tuple[Any, ...], list[int]]:
+        """The explained images by ``_sample_key``: made when a call first checks which image a batch's image is
+        (a Box that matched nothing), not on every explanation."""
+        found: dict[tuple[Any, ...], list[int]] = {}
+        for index, (image, _) in enumerate(self._explained):
+            found.setdefault(_sample_key(image), []).append(index)
+        return found
 
     def restricted(self, columns: Sequence[int]) -> TargetSession:
         """This session with only the targets ``columns`` as its classes (in that order); Boxes are still checked on
