@@ -311,12 +311,16 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
         executed = [bool(flag) for flag in ours[len(reference):]]
         assert executed == [bool(scales_of(c) & ran[-1]) for c in conditions], (picks, ran[-1], executed)
     assert any(len(r) == 1 for r in ran) and any(len(r) >= 2 for r in ran)  # scales left out (If took else), and not
-    # the P3 class branch runs on the window of the 20x20 grid its matched cells reach (Slice in, Pad out): at the
-    # grid's corners (the window clipped to it), at two far corners at once, and at one cell per image
-    windowed = [node for node in wrapped for a in node.attribute if a.name == "then_branch"
-                and any(n.op_type == "Pad" for n in a.g.node)]
-    assert windowed and all(any(n.op_type == "Slice" for n in a.g.node) for node in windowed
-                            for a in node.attribute if a.name == "then_branch")
+    # the P3 class branch runs on the window of the 20x20 grid its matched cells reach (its inputs sliced): at the
+    # grid's corners (the window clipped to it), at two far corners at once, and at one cell per image. The map
+    # head alone reads its output gradient (the sums over the target layer's Conv taps): not padded back to the
+    # grid, the head's tables are cut to the window instead
+    windowed = [a.g for node in wrapped for a in node.attribute if a.name == "then_branch"
+                and any(n.op_type == "Slice" and "/window/" in n.name for n in a.g.node)]
+    assert len(windowed) == 1 and not any(n.op_type == "Pad" for n in windowed[0].node)
+    cut_tables = [n for n in made[True].graph.node if n.op_type == "Slice" and n.name.startswith("explainrt/zero_branches/")
+                  and any(producers.get(i) is None and i in {t.name for t in made[True].graph.initializer} for i in n.input[:1])]
+    assert len(cut_tables) == 2  # the head's row and column tables
     assert len(windowed) < len(wrapped)  # the neck behind P4 and P5 (an upsampling, a Concat) runs whole
     for cells in ([0], [399], [0, 399], [21, 378]):  # each cell's own predicted box: an IoU of 1 with it
         boxes = np.array([[[*corners[i, :, cell], 7, 0.9] for cell in cells] for i in range(2)], np.float32)

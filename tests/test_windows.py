@@ -163,6 +163,45 @@ def test_branch_runs_on_a_window_only_where_that_changes_nothing(body: Body, all
         np.testing.assert_allclose(ours, whole, rtol=1e-5, atol=1e-6, err_msg=f"cell {cell}")
 
 
+@pytest.mark.parametrize("also_output", [False, True])
+def test_output_read_only_by_constant_tables_is_not_padded(also_output: bool) -> None:
+    """A windowed branch's output that only ``rows @ (output @ columns)`` with constant tables reads (a map head's
+    sums over a Conv's taps) leaves the If unpadded and the tables are cut to the window; read elsewhere too (here a
+    graph output), it is padded back to the grid. The sums equal the whole grid's, also when the If takes its else
+    branch (no cell matched: the window is the whole grid, as the else branch's zeros)."""
+    import onnxruntime as ort
+
+    model = _model(linear)
+    rng = np.random.default_rng(2)
+    model.graph.initializer.extend([numpy_helper.from_array(rng.random((W, 3)).astype(np.float32), "columns"),
+                                    numpy_helper.from_array(rng.random((2, H)).astype(np.float32), "rows")])
+    model.graph.node.extend([helper.make_node("MatMul", ["gx", "columns"], ["across"]),
+                             helper.make_node("MatMul", ["rows", "across"], ["taps"])])
+    kept = list(model.graph.output) if also_output else []
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info("taps", TensorProto.FLOAT, [K, 1, C, 2, 3]), *kept])
+    record = ZeroBranches({"g": "ran"}, {"g": ("y", False), "gx": ("x", False)},
+                          {"x": TensorProto.FLOAT, "y": TensorProto.FLOAT}, frozenset(), "seeds")
+    windowed = copy.deepcopy(model)
+    assert run_on_windows(windowed, {"scale/If": frozenset({"g"})}, {"g": (0, H * W)}, "matched", record) == 1
+    onnx.checker.check_model(windowed)
+    then = next(a.g for n in windowed.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert any(n.op_type == "Pad" for n in then.node) == also_output
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (windowed, model)]
+    for cell in (None, 0, H * W - 1, W - 1, int(rng.integers(H * W))):  # None: no match, the else branch
+        matched = np.zeros((1, K, H * W), np.float32)
+        if cell is not None:
+            matched[0, 0, cell] = 1
+        cotangent = rng.normal(size=(K, 1, C, H * W)).astype(np.float32) * matched.transpose(1, 0, 2)[:, :, None, :]
+        feeds = {"ran": np.array(cell is not None), "x": rng.normal(size=(1, C, H, W)).astype(np.float32),
+                 "y": np.zeros((1, C, H * W), np.float32), "g": cotangent, "seeds": np.array([K], np.int64),
+                 "other": np.zeros((K, 1, C, H, W), np.float32), "matched": matched}
+        ours, whole = (session.run(None, feeds) for session in sessions)
+        assert (np.abs(whole[0]).max() > 0) == (cell is not None)
+        for got, want in zip(ours, whole):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"cell {cell}")
+
+
 class _Head(torch.nn.Module):
     """One scale of a YOLOv8-layout head: boxes (cx, cy, w, h) from the cell and a 1x1 conv, three classes
     from 3x3, 5x5, 3x5 and 1x1 convolutions."""
@@ -200,7 +239,7 @@ class _TwoScaleDetector(torch.nn.Module):
 
 
 def test_detector_branches_on_windows_of_non_square_grids() -> None:
-    """Both scales' class branches run on windows (Pad in their If); the maps, objectives and matches equal those
+    """Both scales' class branches run on windows (their inputs sliced); the maps, objectives and matches equal those
     of the model whose branches run on the whole grid, for boxes at the grids' corners and edges, at two far
     cells at once and at random cells of either scale, two images with two boxes each."""
     import onnxruntime as ort
@@ -216,7 +255,10 @@ def test_detector_branches_on_windows_of_non_square_grids() -> None:
                                    maps_only=True, target_objective=True, zero_branches=windows) for windows in (True, False)}
     branches = [a.g for node in made[True].graph.node if node.op_type == "If" for a in node.attribute
                 if a.name == "then_branch"]
-    assert len(branches) == 2 and all(any(n.op_type == "Pad" for n in branch.node) for branch in branches)
+    assert len(branches) == 2 and all(any("/window/" in n.name for n in branch.node) for branch in branches)
+    # each leaves the output gradient of a Conv reading the target layer (the fine head's, the downsampling one's),
+    # which the map head only sums over the Conv's taps: cut to the window, not padded back
+    assert not any(n.op_type == "Pad" for branch in branches for n in branch.node)
     sessions = {windows: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                 for windows, m in made.items()}
     rng = np.random.default_rng(1)

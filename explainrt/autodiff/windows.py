@@ -27,6 +27,7 @@ from onnx import helper
 from explainrt.autodiff.builder import (
     GraphBuilder,
     TensorInfo,
+    node_reads,
     sort_topologically,
     tensor_infos,
 )
@@ -303,7 +304,16 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
         renamed[name] = add("Reshape", [cut, b.ints([0] * (rank - 1) + [-1])], f"{b.scope}/{name}")
     padded: list[onnx.NodeProto] = []
     remaining = b.op("Sub", [b.ints([height, width]), high])
-    for output, rank in zip(then.output, window.output_ranks):
+    for leaving, output, rank in zip(node.output, then.output, window.output_ranks):
+        tables = _tap_sums(b, leaving)
+        if tables is not None:
+            # read only by constant tables summing over the grid (a map head's Conv shortcut): the tables cut to
+            # the window instead of the output padded. The else branch's zeros cover the whole grid, which is the
+            # window when no cell matched (the last index of an all-zero line is the grid's last)
+            across, down = tables
+            across.input[1] = b.op("Slice", [across.input[1], _element(b, low, 1), _element(b, high, 1), b.ints([0])])
+            down.input[0] = b.op("Slice", [down.input[0], _element(b, low, 0), _element(b, high, 0), b.ints([1])])
+            continue
         zeros = [b.ints([0] * (rank - 2))] if rank > 2 else []
         pads = b.concat([*zeros, low, *zeros, remaining], 0)
         renamed[output.name] = b.fresh(f"{output.name}/window")
@@ -315,6 +325,33 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
     nodes = [*inside, *then.node, *padded]
     del then.node[:]
     then.node.extend(nodes)
+
+
+def _tap_sums(b: GraphBuilder, name: str) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """The MatMuls ``rows @ (name @ columns)`` with constant 2-D tables that alone read ``name`` [..., H, W] (the
+    sums over a Conv's input positions of a map head's ``_conv_input_mean``), else None."""
+    def sole_reader(tensor: str) -> onnx.NodeProto | None:
+        readers = [n for n in b.graph.node if tensor in node_reads(n)]
+        outputs = {o.name for o in b.graph.output}
+        return readers[0] if len(readers) == 1 and readers[0].op_type == "MatMul" and tensor not in outputs else None
+
+    across = sole_reader(name)
+    if across is None or across.input[0] != name or not _is_table(b, across.input[1]):
+        return None
+    down = sole_reader(across.output[0])
+    if down is None or down.input[1] != across.output[0] or not _is_table(b, down.input[0]):
+        return None
+    return across, down
+
+
+def _is_table(b: GraphBuilder, name: str) -> bool:
+    value = b.constant_value(name)
+    return value is not None and value.ndim == 2
+
+
+def _element(b: GraphBuilder, vector: str, index: int) -> str:
+    """Element ``index`` of a 1-D tensor, as a 1-D tensor (a Slice's start or end)."""
+    return b.op("Slice", [vector, b.ints([index]), b.ints([index + 1])])
 
 
 def _static(infos: dict[str, TensorInfo], name: str) -> tuple[int | str | None, ...] | None:
