@@ -14,7 +14,7 @@ from conftest import SMALL_SIZE
 from explainrt import Explainer, from_torch, kernels
 from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export import make_explainable
-from explainrt.export.heads import add_map_heads, extreme_rows, head_only_model, without_maps
+from explainrt.export.heads import add_map_heads, extreme_rows, grouped_rows, head_only_model, without_maps
 from explainrt.export.spec import ExplainableSpec, original_model
 from explainrt.kernels.cam_weights import CLOSED_FORMS
 
@@ -320,6 +320,56 @@ def test_maps_only_model_drops_the_gradient_copy_and_ranks_only_what_targets_ask
                                   ranked[:, 3])
     with pytest.raises(InvalidInputError, match="maps-only needs some of them"):
         keep_maps_only(copy.deepcopy(full), ["gradcam++"])
+
+
+@pytest.mark.parametrize("n_in, n_out", [(16, 64), (20, 640), (80, 640), (17, 34), (16, 16), (3, 96)])
+def test_grouped_rows_equal_the_table(n_in: int, n_out: int) -> None:
+    """An integer upscale's table as groups of output rows reading three input rows each: the same products as the
+    whole table (float32), for any map; a downscale or a non-integer factor has no such form."""
+    table = kernels.resize_matrix(n_in, n_out)
+    grouped = grouped_rows(table)
+    assert grouped is not None
+    sources, weights = grouped
+    assert sources.shape == (n_in, 3) and weights.shape == (n_in, n_out // n_in, 3)
+    maps = np.random.default_rng(n_in + n_out).standard_normal((2, 3, n_in, 5)).astype(np.float32)
+    by_groups = (weights @ maps[:, :, sources]).reshape(2, 3, n_out, 5)
+    np.testing.assert_allclose(by_groups, table.astype(np.float32) @ maps, rtol=1e-6, atol=1e-6)
+    assert grouped_rows(kernels.resize_matrix(20, 50)) is None and grouped_rows(kernels.resize_matrix(64, 16)) is None
+
+
+class _FineGrid(torch.nn.Module):
+    """A 32x24 target layer of a 64x48 image: its head resizes by groups of rows (``grouped_rows``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.layer = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer(x).mean((2, 3)))
+
+
+def test_head_resizing_by_groups_of_rows_equals_python_path_and_pytorch_grad_cam() -> None:
+    """Grad-CAM's head on a fine grid (32 rows, upscaled 2x) gathers three rows per group instead of the dense
+    table: maps equal the Python path's and pytorch-grad-cam's."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    module = _FineGrid().eval()
+    images = np.random.default_rng(6).standard_normal((2, 3, 64, 48)).astype(np.float32)
+    model = from_torch(module, torch.zeros(1, 3, 64, 48), [module.layer], maps="gradcam")
+    head = [n.op_type for n in model.graph.node if n.name.startswith("explainrt/maps/")]
+    assert "Gather" in head and head.count("MatMul") == 5  # the channel sum, 2 for the extremes, 2 for the resize
+    targets = np.array([[-1], [2]], dtype=np.int64)
+    maps = _run(model, images, targets)["explainrt.maps.gradcam"][:, 0]
+    expected = Explainer(without_maps(copy.deepcopy(model)), map_heads=False).explain(images, targets=targets[:, 0])
+    np.testing.assert_allclose(maps, expected.maps, atol=1e-5)
+    with GradCAM(model=module, target_layers=[module.layer]) as cam:
+        reference = cam(input_tensor=torch.from_numpy(images),
+                        targets=[ClassifierOutputTarget(int(t)) for t in expected.targets])
+    np.testing.assert_allclose(maps, reference, atol=1e-5)
+    assert (maps.max(axis=(1, 2)) > 0.99).all() and (maps.std(axis=(1, 2)) > 0.05).all()
 
 
 class _ConvReaders(torch.nn.Module):

@@ -447,11 +447,43 @@ def _resize_like_image(b: GraphBuilder, maps: V, image: str, grid: Sequence[obje
 
 
 def _resized_by(b: GraphBuilder, maps: V, rows: np.ndarray, columns: np.ndarray) -> V:
-    """``rows @ maps @ columns`` for maps [N, K, h, w]: two MatMuls with constant tables."""
+    """``rows @ maps @ columns`` for maps [N, K, h, w]: two MatMuls with constant tables, the second one by groups of
+    output rows (``grouped_rows``) where that saves work."""
     across = b.op("MatMul", [maps.name, b.constant(columns, dtype=TensorProto.FLOAT)])  # [N, K, h, W]
-    resized = b.op("MatMul", [b.constant(rows, dtype=TensorProto.FLOAT), across])  # [N, K, H, W]
+    grouped = grouped_rows(rows) if rows.shape[1] >= GROUPED_ROWS_FROM else None
+    if grouped is None:
+        resized = b.op("MatMul", [b.constant(rows, dtype=TensorProto.FLOAT), across])  # [N, K, H, W]
+    else:
+        sources, weights = grouped
+        near = b.op("Gather", [across, b.constant(sources, dtype=TensorProto.INT64)], axis=-2)  # [N, K, h, 3, W]
+        spread = b.op("MatMul", [b.constant(weights, dtype=TensorProto.FLOAT), near])  # [N, K, h, H / h, W]
+        resized = b.op("Reshape", [spread, b.ints([0, 0, rows.shape[0], -1])])
     b.infos[resized] = TensorInfo(TensorProto.FLOAT, None)
     return V(b, resized)
+
+
+GROUPED_ROWS_FROM = 16
+"""Source rows from which ``grouped_rows`` pays for its Gather (ONNX Runtime, CPU: slower for 14 -> 224, 1.1x faster
+for 20 -> 640, 1.9x for YOLOv8's 80 -> 640)."""
+
+
+def grouped_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """An interpolation matrix [H, h] with H = f h whose output rows f j ... f j + f - 1 read only input rows j - 1,
+    j, j + 1 (an integer upscale: cv2's bilinear) as ``sources`` [h, 3] (those rows, clamped to the grid) and
+    ``weights`` [h, f, 3]: ``table @ x`` is then ``weights @ x[sources]`` by groups, 3 products per output instead
+    of h. None for a table of another form."""
+    height, size = table.shape
+    if height % size:
+        return None
+    factor = height // size
+    sources = np.clip(np.arange(size)[:, None] + np.arange(-1, 2)[None, :], 0, size - 1)
+    weights = np.zeros((size, factor, 3), dtype=np.float32)
+    for row, column in zip(*np.nonzero(table)):
+        group = row // factor
+        if not group - 1 <= column <= group + 1:
+            return None
+        weights[group, row % factor, column - group + 1] = table[row, column]  # a clamped copy's weight stays 0
+    return sources.astype(np.int64), weights
 
 
 def _normalized_resize(b: GraphBuilder, maps: V, rows: np.ndarray, columns: np.ndarray) -> V:
