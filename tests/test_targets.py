@@ -338,6 +338,40 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
     assert not any(n.op_type == "If" for n in weighted.graph.node)
 
 
+def test_reverse_pass_takes_forward_shapes_from_the_image(yolo_neck_explainer: Explainer, tmp_path) -> None:  # noqa: ANN001
+    """The reverse pass (its If branches too) reads no Shape of a forward tensor whose shape is static but for the
+    batch: the image's batch joined to constants instead. ONNX Runtime keeps convolution outputs in a blocked layout
+    (NCHWc): it then converts none of them back for a Shape alone (it did for 14, even in branches that do not run)."""
+    import onnxruntime as ort
+
+    from explainrt.export.variants import variant_model
+
+    explainer = yolo_neck_explainer
+    made = variant_model(explainer.session.model, explainer.spec, "boxes_yolov8", False, maps=["gradcam"],
+                         maps_only=True, target_objective=True, zero_branches=True)
+    forward = {o for n in made.graph.node if not n.name.startswith("explainrt/") for o in n.output}
+    graphs = [made.graph, *(a.g for n in _if_nodes(made.graph) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)]
+    assert not [n.name for g in graphs for n in g.node if n.op_type == "Shape" and n.input[0] in forward]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(made.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    readers: dict[str, list[str]] = {}
+    for g in [optimized.graph, *(a.g for n in _if_nodes(optimized.graph) for a in n.attribute
+                                 if a.type == onnx.AttributeProto.GRAPH)]:
+        for n in g.node:
+            for name in n.input:
+                readers.setdefault(name, []).append(n.op_type)
+            for a in n.attribute:  # what a branch reads from the enclosing graph
+                if a.type == onnx.AttributeProto.GRAPH:
+                    for inner in a.g.node:
+                        for name in inner.input:
+                            readers.setdefault(name, []).append(inner.op_type)
+    reorders = [n for n in optimized.graph.node if n.op_type == "ReorderOutput"]
+    assert reorders  # the model does run in NCHWc: the check below checks something
+    assert not [n.name for n in reorders if set(readers.get(n.output[0], [])) == {"Shape"}]
+
+
 def _if_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The If nodes of ``graph`` and of its If nodes' branches, outer ones first."""
     found = [n for n in graph.node if n.op_type == "If"]

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, version_converter
 
-from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version
+from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version, sort_topologically
 from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.windows import run_on_windows
@@ -210,7 +210,61 @@ def make_explainable(
         proto = heads.add_map_heads(proto, methods, maps_only, maps_dtype, target_objective=target_objective)
     if scales is not None:
         _skip_unmatched_scales(proto, scales, matched)  # type: ignore[arg-type]
+    _shapes_from_the_image(proto, image_input)
     return proto
+
+
+def _shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
+    """Make each Shape node explainrt added (in the graph and in its If branches) that reads a tensor of the forward
+    pass whose shape is static but for the image's batch the image's batch joined to constants (a constant where the
+    batch is static too); changed in place, returns how many. ONNX Runtime holds convolution outputs in a blocked
+    layout (NCHWc) and converts one back for any reader outside it, a Shape too, and even for an If branch that does
+    not run: YOLOv8n's box objective read 30 such shapes."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        return 0
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim]
+            for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
+            if v.type.tensor_type.HasField("shape")}
+    batch = (dims.get(image) or [None])[0]
+    forward = {o for n in model.graph.node if not n.name.startswith("explainrt/") for o in n.output} - {image}
+    b = GraphBuilder(model)
+    b.scope = "explainrt/shapes"
+    made: dict[tuple[object, ...], str] = {}
+
+    def static_or_batch(shape: list[object]) -> str | None:
+        if not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            return None
+        if isinstance(shape[0], int) and shape[0] > 0:
+            return b.ints(shape)  # type: ignore[arg-type]
+        if shape[0] is None or shape[0] != batch:
+            return None
+        if tuple(shape) not in made:
+            made[tuple(shape)] = b.concat([b.shape_slice(image, 0, 1), *([b.ints(shape[1:])] if len(shape) > 1 else [])], 0)  # type: ignore[arg-type]
+        return made[tuple(shape)]
+
+    def visit(graph: onnx.GraphProto) -> int:
+        replaced = 0
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    replaced += visit(attribute.g)
+            if node.op_type != "Shape" or not node.name.startswith("explainrt/") or node.input[0] not in forward:
+                continue
+            attrs = {a.name: a.i for a in node.attribute}
+            value = static_or_batch(dims.get(node.input[0], [])[attrs.get("start", 0):attrs.get("end")])
+            if value is not None:
+                node.CopyFrom(onnx.helper.make_node("Identity", [value], list(node.output), name=node.name))
+                replaced += 1
+        return replaced
+
+    replaced = visit(model.graph)
+    if replaced:
+        nodes = sort_topologically(list(model.graph.node))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return replaced
 
 
 DEQUANTIZED_PREFIX = "explainrt/dequantized/"
