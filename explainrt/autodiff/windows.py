@@ -57,8 +57,8 @@ def run_on_windows(model: onnx.ModelProto, branches: Mapping[str, frozenset[str]
                    anchors: Mapping[str, tuple[int, int]], matched: str, record: ZeroBranches) -> int:
     """Run each ``If`` branch of ``model`` (``branches``: its name -> its sources, from ``run_when_nonzero``) whose
     sources are one scale's gradients (``anchors``: a source -> that scale's anchors) on the window of the
-    scale's grid around the cells ``matched`` [N, K, anchors] (0/1) marks, where its nodes allow (changed in
-    place); the number of branches so rewritten."""
+    scale's grid around the cells ``matched`` [K, N, anchors] (0/1; images and targets in either order) marks,
+    where its nodes allow (changed in place); the number of branches so rewritten."""
     try:
         infos = tensor_infos(onnx.shape_inference.infer_shapes(model))
     except onnx.shape_inference.InferenceError as error:

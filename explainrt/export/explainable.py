@@ -162,10 +162,10 @@ def make_explainable(
             # class scores' Sigmoid too, its derivative taken on the boxes' classes alone
             of, rows = _past_zero_rows(builder, logits_name, 4, targets) if BOX_OBJECTIVES[objective] == "yolov8" \
                 else (logits_name, None)
-            sigmoid = _sigmoid_of(builder, of, targets) if rows is not None else None
+            below_sigmoid = _sigmoid_of(builder, of, targets) if rows is not None else None
             seed, matches, matched = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective], rows,
-                                               None if sigmoid is None else of)
-            of = sigmoid or of
+                                               None if below_sigmoid is None else of)
+            of = below_sigmoid or of
     else:
         requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
         resolved = _resolve_targets(builder, logits_name, requested)
@@ -608,17 +608,20 @@ def _probability_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[s
 
 
 def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tuple[int, int] | None = None,
-              sigmoid: str | None = None) -> tuple[str, str, str]:
+              scores: str | None = None) -> tuple[str, str, str]:
     """Cotangent [K, N, *shape(y)[1:]] of each box target on a raw detector head y, how many predictions each box
-    matched [N, K] (int64) and which [N, K, anchors] (0/1). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input
+    matched [N, K] (int64) and which [K, N, anchors] (0/1). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input
     pixels), class, IoU threshold. ``rows`` (YOLOv8): the cotangent of only the fields [start, stop) of y's
-    axis 1, made from the class's rows and the matches (a product of two small factors: no full-size transpose
-    or slice). ``sigmoid``: those rows as s = Sigmoid(x) (``_sigmoid_of``): the cotangent of x instead, the
-    matches times s (1 - s) on the class's row, read with a gather (no full-size derivative).
+    axis 1, made from the class's rows and the matches (a product of two small factors: no full-size slice).
+    ``scores``: those rows, s = Sigmoid(x) (``_sigmoid_of``): the cotangent of x instead, the matches times
+    s (1 - s) on the class's row, read with a gather (no full-size derivative).
+    Everything is computed in [K, N] order from the boxes on (transposed while they are small): a Transpose of
+    a factor next to the full-size product is one ONNX Runtime moves past it, onto the product.
     Which predictions count (IoU of their cx, cy, w, h box with the given box >= the threshold) is decided on
     this pass and held constant: the objective is linear in the scores (YOLOv5: objectness x class score)."""
     like = logits
     fields = logits if layout == "yolov8" else b.op("Transpose", [logits], perm=[0, 2, 1], like=like)  # [N, F, A]
+    per_box = b.op("Transpose", [boxes], perm=[1, 0, 2], like=boxes)  # [K, N, 6]
 
     def part(x: str, start: int, axis: int) -> str:
         return b.op("Slice", [x, b.ints([start]), b.ints([start + 1]), b.ints([axis])], like=like)
@@ -627,19 +630,20 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tu
         return b.op(op, [x, y], like=like)
 
     half = b.scalar_like(0.5, like)
-    cx, cy, w, h = (part(fields, i, 1) for i in range(4))  # [N, 1, A]
+    cx, cy, w, h = (b.squeeze(part(fields, i, 1), [1]) for i in range(4))  # [N, A]
     x1, x2 = binary("Sub", cx, binary("Mul", w, half)), binary("Add", cx, binary("Mul", w, half))
     y1, y2 = binary("Sub", cy, binary("Mul", h, half)), binary("Add", cy, binary("Mul", h, half))
-    bx1, by1, bx2, by2, chosen_class, threshold = (part(boxes, i, 2) for i in range(6))  # [N, K, 1]
+    bx1, by1, bx2, by2, chosen_class, threshold = (part(per_box, i, 2) for i in range(6))  # [K, N, 1]
     zero = b.scalar_like(0.0, like)
-    across = binary("Max", binary("Sub", binary("Min", x2, bx2), binary("Max", x1, bx1)), zero)  # [N, K, A]
+    across = binary("Max", binary("Sub", binary("Min", x2, bx2), binary("Max", x1, bx1)), zero)  # [K, N, A]
     down = binary("Max", binary("Sub", binary("Min", y2, by2), binary("Max", y1, by1)), zero)
     inter = binary("Mul", across, down)
     area = binary("Mul", binary("Sub", bx2, bx1), binary("Sub", by2, by1))
     union = binary("Sub", binary("Add", b.op("Abs", [binary("Mul", w, h)], like=like), area), inter)
     iou = binary("Div", inter, binary("Max", union, b.scalar_like(1e-12, like)))
-    mask = b.op("Cast", [b.op("GreaterOrEqual", [iou, threshold])], to=b.info(like).elem_type)  # [N, K, A]
-    matches = b.op("Cast", [b.reduce("ReduceSum", mask, [2], keepdims=False)], to=TensorProto.INT64)
+    mask = b.op("Cast", [b.op("GreaterOrEqual", [iou, threshold])], to=b.info(like).elem_type)  # [K, N, A]
+    counts = b.reduce("ReduceSum", mask, [2], keepdims=False)  # [K, N]
+    matches = b.op("Cast", [b.op("Transpose", [counts], perm=[1, 0])], to=TensorProto.INT64)
     start, stop = (b.constant(0, dtype=TensorProto.INT64), b.squeeze(b.shape_slice(fields, 1, 2), [0])) \
         if rows is None else (b.constant(rows[0], dtype=TensorProto.INT64), b.constant(rows[1], dtype=TensorProto.INT64))
     fields_of_rows = b.op("Cast", [b.op("Range", [start, stop, b.constant(1, dtype=TensorProto.INT64)])],
@@ -647,26 +651,28 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tu
     fields_of_rows = b.unsqueeze(fields_of_rows, [1])  # [F, 1]: the field of each row
     first = 4 if layout == "yolov8" else 5
     hot = b.op("Cast", [b.op("Equal", [fields_of_rows, b.unsqueeze(binary("Add", chosen_class, b.scalar_like(first, like)),
-                                                                   [3])])], to=b.info(like).elem_type)  # [N, K, F, 1]
+                                                                   [3])])], to=b.info(like).elem_type)  # [K, N, F, 1]
     weights = mask
-    if sigmoid is not None:  # s (1 - s) of each box's class: its row among the rows held, gathered ([N, K, A])
+    if scores is not None:  # s (1 - s) of each box's class: its row among the rows held, gathered per image
         row = b.op("Cast", [binary("Add", chosen_class, b.scalar_like(first - (rows or (0,))[0], like))],
                    to=TensorProto.INT64)
-        last = b.op("Sub", [b.shape_slice(sigmoid, 1, 2), b.constant([1], dtype=TensorProto.INT64)])
+        last = b.op("Sub", [b.shape_slice(scores, 1, 2), b.constant([1], dtype=TensorProto.INT64)])
         row = b.op("Min", [b.op("Max", [row, b.constant([0], dtype=TensorProto.INT64)]), last])  # an absent class: hot is 0
-        scores = b.op("GatherElements", [sigmoid, b.op("Expand", [row, b.op("Shape", [mask])])], axis=1, like=like)
-        weights = binary("Mul", mask, binary("Mul", scores, binary("Sub", b.scalar_like(1.0, like), scores)))
-    counted = b.unsqueeze(weights, [2])  # [N, K, 1, A]
-    if layout == "yolov8":  # the class's row times the matches, each factor put in [K, N, ...] order first
-        seed = b.op("Mul", [b.op("Transpose", [factor], perm=[1, 0, 2, 3], like=like) for factor in (hot, counted)],
-                    name="explainrt/grad/seed/boxes", like=like)
-        return seed, matches, mask
+        per_image = b.op("Transpose", [row], perm=[1, 0, 2])  # [N, K, 1]
+        where = b.op("Expand", [per_image, b.concat([b.shape_slice(per_image, 0, 2), b.shape_slice(fields, 2, 3)], 0)])
+        taken = b.op("Transpose", [b.op("GatherElements", [scores, where], axis=1, like=like)], perm=[1, 0, 2],
+                     like=like)  # [K, N, A]
+        weights = binary("Mul", mask, binary("Mul", taken, binary("Sub", b.scalar_like(1.0, like), taken)))
+    counted = b.unsqueeze(weights, [2])  # [K, N, 1, A]
+    if layout == "yolov8":  # the class's row times the matches
+        return b.op("Mul", [hot, counted], name="explainrt/grad/seed/boxes", like=like), matches, mask
     # d(objectness * class score): class score on the objectness row, objectness on the class row
-    objectness = b.unsqueeze(part(fields, 4, 1), [1])  # [N, 1, 1, A]
-    scores = b.reduce("ReduceSum", binary("Mul", hot, b.unsqueeze(fields, [1])), [2])  # [N, K, 1, A]
+    each = b.unsqueeze(fields, [0])  # [1, N, F, A]
+    objectness = part(each, 4, 2)  # [1, N, 1, A]
+    class_scores = b.reduce("ReduceSum", binary("Mul", hot, each), [2])  # [K, N, 1, A]
     is_objectness = b.op("Cast", [b.op("Equal", [fields_of_rows, b.scalar_like(4.0, like)])], to=b.info(like).elem_type)
-    seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, scores)))
-    return b.op("Transpose", [seed], perm=[1, 0, 3, 2], name="explainrt/grad/seed/boxes", like=like), matches, mask
+    seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, class_scores)))
+    return b.op("Transpose", [seed], perm=[0, 1, 3, 2], name="explainrt/grad/seed/boxes", like=like), matches, mask
 
 
 def _past_zero_rows(b: GradientBuilder, y: str, first: int, targets: Sequence[str]) -> tuple[str, tuple[int, int] | None]:
@@ -782,7 +788,7 @@ def _attribute_int(node: onnx.NodeProto, name: str, default: int = 0) -> int:
 
 def _skip_unmatched_scales(model: onnx.ModelProto, scales: _ScaleBranches, matched: str) -> None:
     """Run each scale's reverse branch of the finished ``model`` only when a box matched a prediction of that
-    scale (``matched`` [N, K, anchors]: the box seed's 0/1 matches), on the window of its grid those matches
+    scale (``matched`` [K, N, anchors]: the box seed's 0/1 matches), on the window of its grid those matches
     reach where the branch allows (``run_on_windows``), in place. A wrapped model that fails ONNX's checks
     (types, shapes) is not kept: the model stays as it was."""
     wrapped = onnx.ModelProto()
