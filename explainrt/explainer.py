@@ -7,6 +7,7 @@ runs the model through the session), normalise the maps, assemble the Explanatio
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -59,8 +60,18 @@ class Explanation:
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # method-specific per-image arrays
     normalized: bool = True  # False: raw attributions (overlays scale them first)
     notes: tuple[str | None, ...] = ()  # per image: why its map deserves a word (all zero), else None
-    outlines: np.ndarray | None = None  # bool [N, (K,) H, W]: the box or region each target covers, drawn on overlays
     objective: bool = False  # targets were explainrt.targets objects: logits [N, 1] (or [N, K]) hold the objectives
+    outlined: tuple[tuple[Any, ...], ...] = ()  # those objects, per image: what ``outlines`` draws, when asked
+
+    @functools.cached_property
+    def outlines(self) -> np.ndarray | None:
+        """bool [N, (K,) H, W]: the box or region each target object covers (None where none has one), drawn on
+        overlays; drawn on first use, not for every explanation (a full-size mask per target)."""
+        size = tuple(self.maps.shape[-2:])
+        drawn = [target.outline(size) for row in self.outlined for target in row]
+        if not any(edges is not None for edges in drawn):
+            return None
+        return np.stack([np.zeros(size, bool) if edges is None else edges for edges in drawn]).reshape(self.maps.shape)
 
     @property
     def class_scores(self) -> np.ndarray:
@@ -122,7 +133,7 @@ class Explanation:
                        images=None if self.images is None else np.repeat(self.images, k, axis=0),
                        extras={key: value.reshape(n * k, *value.shape[2:]) for key, value in self.extras.items()},
                        notes=tuple(note for note in self.notes for _ in range(k)),
-                       outlines=None if self.outlines is None else self.outlines.reshape(n * k, *self.outlines.shape[2:]))
+                       outlined=tuple((target,) for row in self.outlined for target in row))
         flat.logits = self.logits.reshape(n * k, 1) if self.objective else np.repeat(self.logits, k, axis=0)
         return flat
 
@@ -342,17 +353,12 @@ class Explainer:
         extras = {key: _joined([p.extras[key] for p in parts]) for key in parts[0].extras}
         labels = self.preprocessing.labels if self.preprocessing else None
         logits, explained = _joined([p.logits for p in parts]), _joined([p.targets for p in parts])
-        outlines = None
         if objects is not None:  # per image (and target): its objective, and the class the target is about
             logits = np.take_along_axis(logits, wanted.reshape(wanted.shape[0], -1), axis=1)
             explained = np.array([[target.class_index for target in row] for row in objects],
                                  dtype=np.int64).reshape(wanted.shape)
-            drawn = [target.outline(tuple(batch.shape[2:])) for row in objects for target in row]
-            if any(edges is not None for edges in drawn):
-                outlines = np.stack([np.zeros(batch.shape[2:], bool) if edges is None else edges
-                                     for edges in drawn]).reshape(*wanted.shape, *batch.shape[2:])
         return Explanation(maps, logits, explained, chosen.name, timings, labels, crops, extras, normalize, notes,
-                           outlines, objects is not None)
+                           objects is not None, tuple(tuple(row) for row in objects or ()))
 
     def _check_class_output(self) -> None:
         """Class indices mean a class's scores; on an [N, A, B] output (a detector head such as YOLO's
