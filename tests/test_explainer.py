@@ -382,3 +382,26 @@ def test_list_of_preprocessed_images(small_explainer, small_batch) -> None:  # n
     np.testing.assert_array_equal(small_explainer.explain([torch.from_numpy(x) for x in small_batch]).maps, together)
     with pytest.raises(InvalidInputError, match=r"images have mixed sizes \[\(3, 32, 32\), \(3, 64, 64\)\]"):
         small_explainer.explain([small_batch[0], small_batch[1, :, :32, :32]], method="occlusion")
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_blank_notes_read_every_map_exactly(signed: bool) -> None:
+    """A map is blank when nothing of it shows: no positive value (signed maps) or no non-zero one. One value off
+    the every-8th-row-and-column sample that proves most maps non-blank is found by the whole read that follows."""
+    from types import SimpleNamespace
+
+    from explainrt.explainer import _blank_notes
+
+    method = SimpleNamespace(name="gradcam", signed=signed, blank_reason="")  # what the notes read of a Method
+    maps = np.zeros((3, 2, 20, 30), np.float32)
+    maps[0, 0, 3, 5] = 0.25  # off the sample grid
+    maps[0, 1, 8, 16] = 1.0  # on it
+    maps[1, 0, 11, 29] = -0.5  # negative: shows on an unsigned map only
+    maps[2, 1] = -1.0
+    notes = _blank_notes(method, maps)
+    if signed:
+        assert notes == (None, "the gradcam map of target(s) 0, 1 is all zero", "the gradcam map of target(s) 0, 1 is all zero")
+    else:
+        assert notes == (None, "the gradcam map of target(s) 1 is all zero", "the gradcam map of target(s) 0 is all zero")
+    one = _blank_notes(method, maps[:, 0])
+    assert one == (None, "the gradcam map is all zero" if signed else None, "the gradcam map is all zero")
