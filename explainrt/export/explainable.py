@@ -215,11 +215,11 @@ def make_explainable(
 
 
 def _shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
-    """Make each Shape node explainrt added (in the graph and in its If branches) that reads a tensor of the forward
-    pass whose shape is static but for the image's batch the image's batch joined to constants (a constant where the
-    batch is static too); changed in place, returns how many. ONNX Runtime holds convolution outputs in a blocked
-    layout (NCHWc) and converts one back for any reader outside it, a Shape too, and even for an If branch that does
-    not run: YOLOv8n's box objective read 30 such shapes."""
+    """Replace each Shape node explainrt added (in the graph and in its If branches) that reads a forward tensor whose
+    shape is static but for the image's batch by that batch (read from the image input) joined to constants, or by a
+    constant where the batch is static too; in place, returns how many. ONNX Runtime holds convolution outputs in a
+    blocked layout (NCHWc) and converts one back for any reader outside it, a Shape too, even in an If branch that
+    does not run: on YOLOv8n's box objective 14 such conversions served shapes alone."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, RuntimeError):
