@@ -372,6 +372,36 @@ def test_reverse_pass_takes_forward_shapes_from_the_image(yolo_neck_explainer: E
     assert not [n.name for n in reorders if set(readers.get(n.output[0], [])) == {"Shape"}]
 
 
+@pytest.mark.parametrize("batch", ["N", 2])
+def test_forward_shapes_from_the_image_trust_only_what_the_batch_allows(batch: object) -> None:
+    """A forward tensor's Shape becomes the image's batch and constants (a dynamic batch) or a constant (a static
+    one, or the axes after the batch), from shapes inferred anew: a fixed first axis the graph records beside a
+    dynamic batch (a stale trace-time shape) is not trusted. Run-time values equal the Shapes'."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from explainrt.export.explainable import _shapes_from_the_image
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image"], ["relu"], name="relu"),
+         helper.make_node("Sigmoid", ["image"], ["sigmoid"], name="sigmoid"),
+         helper.make_node("Shape", ["relu"], ["relu_shape"], name="explainrt/shape/relu"),
+         helper.make_node("Shape", ["sigmoid"], ["sigmoid_shape"], name="explainrt/shape/sigmoid", start=1)],
+        "shapes", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, 4, 5])],
+        [helper.make_tensor_value_info(name, TensorProto.INT64, None) for name in ("relu_shape", "sigmoid_shape")],
+        value_info=[helper.make_tensor_value_info("relu", TensorProto.FLOAT, [1, 3, 4, 5]),  # stale where batch is N
+                    helper.make_tensor_value_info("sigmoid", TensorProto.FLOAT, [batch, 3, 4, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert _shapes_from_the_image(model, "image") == 2
+    assert [n.op_type for n in model.graph.node if n.name in ("explainrt/shape/relu", "explainrt/shape/sigmoid")] \
+        == ["Identity", "Identity"]
+    readers = {n.output[0]: n.input[0] for n in model.graph.node}
+    assert (readers["relu_shape"] in {t.name for t in model.graph.initializer}) == (batch == 2)  # N: from the image
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    relu_shape, sigmoid_shape = session.run(None, {"image": np.zeros((2, 3, 4, 5), np.float32)})
+    assert relu_shape.tolist() == [2, 3, 4, 5] and sigmoid_shape.tolist() == [3, 4, 5]
+
+
 def _if_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The If nodes of ``graph`` and of its If nodes' branches, outer ones first."""
     found = [n for n in graph.node if n.op_type == "If"]

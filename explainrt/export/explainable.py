@@ -217,32 +217,40 @@ def make_explainable(
 def _shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
     """Replace each Shape node explainrt added (in the graph and in its If branches) that reads a forward tensor whose
     shape is static but for the image's batch by that batch (read from the image input) joined to constants, or by a
-    constant where the batch is static too; in place, returns how many. ONNX Runtime holds convolution outputs in a
-    blocked layout (NCHWc) and converts one back for any reader outside it, a Shape too, even in an If branch that
-    does not run: on YOLOv8n's box objective 14 such conversions served shapes alone."""
+    constant where it is all static; in place, returns how many. The shapes are inferred anew from the graph (a
+    recorded size may be stale). ONNX Runtime holds convolution outputs in a blocked layout
+    (NCHWc) and converts one back for any reader outside it, a Shape too, even in an If branch that does not run:
+    on YOLOv8n's box objective 14 such conversions served shapes alone."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        fresh, recorded = (_inferred_dims(onnx.shape_inference.infer_shapes(m)) for m in (bare, model))
     except (onnx.shape_inference.InferenceError, RuntimeError):
         return 0
-    dims = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim]
-            for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
-            if v.type.tensor_type.HasField("shape")}
-    batch = (dims.get(image) or [None])[0]
+    batch = (fresh.get(image) or [None])[0]
+    # a first axis is the batch where inference says so, or where the graph records it so (ONNX's Conv inference names
+    # its output's first axis anew) and its other axes as inferred: a recorded static size is not trusted
+    dims = {name: [batch, *shape[1:]] if shape and batch is not None and (recorded.get(name) or [None])[0] == batch
+            and recorded[name][1:] == shape[1:] and not isinstance(shape[0], int) else shape
+            for name, shape in fresh.items()}
     forward = {o for n in model.graph.node if not n.name.startswith("explainrt/") for o in n.output} - {image}
     b = GraphBuilder(model)
     b.scope = "explainrt/shapes"
     made: dict[tuple[object, ...], str] = {}
 
-    def static_or_batch(shape: list[object]) -> str | None:
-        if not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+    def shape_of(shape: list[object], start: int, end: int | None) -> str | None:
+        """Shape(x, start, end) for x of ``shape`` from constants and the image's batch, else None."""
+        picked = shape[start:end]
+        if not picked or not all(isinstance(d, int) and d > 0 for d in picked[1:]):
             return None
-        if isinstance(shape[0], int) and shape[0] > 0:
-            return b.ints(shape)  # type: ignore[arg-type]
-        if shape[0] is None or shape[0] != batch:
+        if isinstance(picked[0], int) and picked[0] > 0:
+            return b.ints(picked)  # type: ignore[arg-type]
+        if picked[0] is None or picked[0] != batch or start not in (0, -len(shape)):
             return None
-        if tuple(shape) not in made:
-            made[tuple(shape)] = b.concat([b.shape_slice(image, 0, 1), *([b.ints(shape[1:])] if len(shape) > 1 else [])], 0)  # type: ignore[arg-type]
-        return made[tuple(shape)]
+        if tuple(picked) not in made:
+            made[tuple(picked)] = b.concat([b.shape_slice(image, 0, 1), *([b.ints(picked[1:])] if len(picked) > 1 else [])], 0)  # type: ignore[arg-type]
+        return made[tuple(picked)]
 
     def visit(graph: onnx.GraphProto) -> int:
         replaced = 0
@@ -253,7 +261,7 @@ def _shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
             if node.op_type != "Shape" or not node.name.startswith("explainrt/") or node.input[0] not in forward:
                 continue
             attrs = {a.name: a.i for a in node.attribute}
-            value = static_or_batch(dims.get(node.input[0], [])[attrs.get("start", 0):attrs.get("end")])
+            value = shape_of(dims.get(node.input[0], []), attrs.get("start", 0), attrs.get("end"))
             if value is not None:
                 node.CopyFrom(onnx.helper.make_node("Identity", [value], list(node.output), name=node.name))
                 replaced += 1
@@ -265,6 +273,12 @@ def _shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return replaced
+
+
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Each typed tensor's dimensions (an int, a symbol or None) from an inferred ``model``'s graph."""
+    return {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim]
+            for v in (*model.graph.input, *model.graph.value_info, *model.graph.output) if v.type.tensor_type.HasField("shape")}
 
 
 DEQUANTIZED_PREFIX = "explainrt/dequantized/"
