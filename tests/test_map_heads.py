@@ -322,6 +322,26 @@ def test_maps_only_model_drops_the_gradient_copy_and_ranks_only_what_targets_ask
         keep_maps_only(copy.deepcopy(full), ["gradcam++"])
 
 
+def test_heads_added_to_an_explainable_model_skip_the_pooled_gradient_too(small_resnet, small_batch) -> None:  # noqa: ANN001
+    """What an Explainer's session runs: heads added to a model already made explainable, whose reverse pass reads
+    forward shapes from the image (``shapes_from_the_image``). Its Grad-CAM head still reads the pooling's one value
+    per channel (no Expand to the layer's positions, no Shape of a forward tensor), with the maps of a head made
+    at export."""
+    from explainrt.runtime.base import maps_session_model
+
+    explainable = from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), [small_resnet.layer4])
+    at_export = from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), [small_resnet.layer4], maps="gradcam")
+    session_model = maps_session_model(explainable, ["gradcam"], ["gradcam"])
+    added = [n for n in session_model.graph.node if n.name.startswith("explainrt/")]
+    forward = {o for n in session_model.graph.node if not n.name.startswith("explainrt/") for o in n.output}
+    assert not [n.name for n in added if n.op_type == "Expand"]
+    assert not [n.name for n in added if n.op_type == "Shape" and n.input[0] in forward]
+    targets = np.array([[-1], [3], [-2]])
+    want, got = _run(at_export, small_batch, targets), _run(session_model, small_batch, targets)
+    np.testing.assert_array_equal(got["explainrt.resolved_targets"], want["explainrt.resolved_targets"])
+    np.testing.assert_allclose(got["explainrt.maps.gradcam"], want["explainrt.maps.gradcam"], atol=1e-6)
+
+
 @pytest.mark.parametrize("n_in, n_out", [(16, 64), (20, 640), (80, 640), (17, 34), (16, 16), (3, 96)])
 def test_grouped_rows_equal_the_table(n_in: int, n_out: int) -> None:
     """An integer upscale's table as groups of output rows reading three input rows each: the same products as the

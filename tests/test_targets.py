@@ -380,7 +380,7 @@ def test_forward_shapes_from_the_image_trust_only_what_the_batch_allows(batch: o
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from explainrt.export.explainable import _shapes_from_the_image
+    from explainrt.export.forward_shapes import shapes_from_the_image
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["image"], ["relu"], name="relu"),
@@ -392,7 +392,7 @@ def test_forward_shapes_from_the_image_trust_only_what_the_batch_allows(batch: o
         value_info=[helper.make_tensor_value_info("relu", TensorProto.FLOAT, [1, 3, 4, 5]),  # stale where batch is N
                     helper.make_tensor_value_info("sigmoid", TensorProto.FLOAT, [batch, 3, 4, 5])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert _shapes_from_the_image(model, "image") == 2
+    assert shapes_from_the_image(model, "image") == 2
     assert [n.op_type for n in model.graph.node if n.name in ("explainrt/shape/relu", "explainrt/shape/sigmoid")] \
         == ["Identity", "Identity"]
     readers = {n.output[0]: n.input[0] for n in model.graph.node}

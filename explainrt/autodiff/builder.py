@@ -78,6 +78,11 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
+def shape_name(tensor: str) -> str:
+    """The name of the Shape node (and its output) ``GraphBuilder.shape`` adds for ``tensor`` in a graph without one."""
+    return f"explainrt/shape/{tensor}"
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -307,7 +312,7 @@ class GraphBuilder:
     def shape(self, name: str) -> str:
         """``Shape(name)``, built once per tensor."""
         if name not in self._shapes:
-            self._shapes[name] = self.op("Shape", [name], name=f"explainrt/shape/{name}")
+            self._shapes[name] = self.op("Shape", [name], name=shape_name(name))
         return self._shapes[name]
 
     def shape_slice(self, name: str, start: int, end: int | None = None) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, version_converter
 
-from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version, sort_topologically, tensor_infos
+from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version, sort_topologically
 from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.windows import run_on_windows
@@ -31,6 +31,7 @@ from explainrt.errors import (
     UnsupportedOperatorError,
 )
 from explainrt.export import heads, inputs, layers, layouts
+from explainrt.export.forward_shapes import shapes_from_the_image
 from explainrt.export.spec import (
     BOX_MATCHES_OUTPUT,
     BOX_OBJECTIVES,
@@ -207,86 +208,12 @@ def make_explainable(
     except onnx.checker.ValidationError as error:
         raise InvalidModelError(f"the explainable model failed ONNX validation: {error}") from error
     if methods:
-        proto = heads.add_map_heads(proto, methods, maps_only, maps_dtype, target_objective=target_objective)
+        proto = heads.add_map_heads(proto, methods, maps_only, maps_dtype, target_objective=target_objective,
+                                    forward_shapes=False)  # that pass runs last here, after the scales' branches
     if scales is not None:
         _skip_unmatched_scales(proto, scales, matched)  # type: ignore[arg-type]
-    _shapes_from_the_image(proto, image_input)
+    shapes_from_the_image(proto, image_input)
     return proto
-
-
-def _shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
-    """Replace each Shape node explainrt added (in the graph and in its If branches) that reads a forward tensor whose
-    shape is static but for the image's batch by that batch (read from the image input) joined to constants, or by a
-    constant where it is all static; in place, returns how many. The shapes are inferred anew from the graph (a
-    recorded size may be stale). ONNX Runtime holds convolution outputs in a blocked layout
-    (NCHWc) and converts one back for any reader outside it, a Shape too, even in an If branch that does not run:
-    on YOLOv8n's box objective 14 such conversions served shapes alone."""
-    forward = {o for n in model.graph.node if not n.name.startswith("explainrt/") for o in n.output} - {image}
-    shapes = [n for g in _graphs(model.graph) for n in g.node
-              if n.op_type == "Shape" and n.name.startswith("explainrt/") and n.input[0] in forward]
-    if not shapes:
-        return 0
-    try:
-        fresh = {name: list(info.shape) for name, info in tensor_infos(_for_shape_inference(model)).items()
-                 if info.shape is not None}
-    except (onnx.shape_inference.InferenceError, RuntimeError):
-        return 0
-    recorded = {name: list(info.shape) for name, info in tensor_infos(model).items() if info.shape is not None}
-    batch = (fresh.get(image) or [None])[0]
-    # a first axis is the batch where inference says so, or where the graph records it so (ONNX's Conv inference names
-    # its output's first axis anew) and its other axes as inferred: a recorded static size is not trusted
-    dims = {name: [batch, *shape[1:]] if shape and batch is not None and (recorded.get(name) or [None])[0] == batch
-            and recorded[name][1:] == shape[1:] and not isinstance(shape[0], int) else shape
-            for name, shape in fresh.items()}
-    b = GraphBuilder(model)
-    b.scope = "explainrt/shapes"
-    made: dict[tuple[object, ...], str] = {}
-
-    def shape_of(shape: list[object], start: int, end: int | None) -> str | None:
-        """Shape(x, start, end) for x of ``shape`` from constants and the image's batch, else None."""
-        picked = shape[start:end]
-        if not picked or not all(isinstance(d, int) and d > 0 for d in picked[1:]):
-            return None
-        if isinstance(picked[0], int) and picked[0] > 0:
-            return b.ints(picked)  # type: ignore[arg-type]
-        if picked[0] is None or picked[0] != batch or start not in (0, -len(shape)):
-            return None
-        if tuple(picked) not in made:
-            made[tuple(picked)] = b.concat([b.shape_slice(image, 0, 1), *([b.ints(picked[1:])] if len(picked) > 1 else [])], 0)  # type: ignore[arg-type]
-        return made[tuple(picked)]
-
-    replaced = 0
-    for node in shapes:
-        attrs = {a.name: a.i for a in node.attribute}
-        value = shape_of(dims.get(node.input[0], []), attrs.get("start", 0), attrs.get("end"))
-        if value is not None:
-            node.CopyFrom(onnx.helper.make_node("Identity", [value], list(node.output), name=node.name))
-            replaced += 1
-    if replaced:
-        nodes = sort_topologically(list(model.graph.node))
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return replaced
-
-
-def _for_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` inferred anew from its graph alone: its recorded shapes left out, and its initializers of more than
-    64 values (weights) given as inputs of their type and shape, which is all inference reads of them (not copied:
-    a ResNet-50's weights made this pass most of a second)."""
-    graph = model.graph
-    small = [t for t in graph.initializer if int(np.prod(t.dims)) <= 64]
-    weights = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer
-               if int(np.prod(t.dims)) > 64]
-    bare = onnx.helper.make_model(onnx.helper.make_graph(graph.node, graph.name, [*graph.input, *weights], graph.output,
-                                                         small), opset_imports=model.opset_import)
-    bare.ir_version = model.ir_version
-    return onnx.shape_inference.infer_shapes(bare)
-
-
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """``graph`` and the graphs of its nodes' subgraph attributes (an If's branches), nested ones too."""
-    return [graph, *(inner for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
-                     for inner in _graphs(a.g))]
 
 
 DEQUANTIZED_PREFIX = "explainrt/dequantized/"
@@ -547,7 +474,7 @@ def _resolve_targets(b: GradientBuilder, logits: str, requested: str) -> str:
     rank = b.rank(logits)
     scores = logits if rank == 2 else b.op("ReduceSum", [logits, b.ints(list(range(2, rank)))], keepdims=0)
     ranked = b.op_multi("TopK", [scores, classes], outputs=2, axis=1, largest=1, sorted=1)[1]
-    rank = b.op("Max", [b.op("Sub", [b.op("Neg", [requested]), b.ints([1])]), b.ints([0])])
+    rank = b.op("Max", [b.op("Sub", [b.ints([-1]), requested]), b.ints([0])])  # -k -> k - 1; a class -> 0
     by_rank = b.op("GatherElements", [ranked, rank], axis=1)
     return b.op("Where", [b.op("Less", [requested, b.ints([0])]), by_rank, requested])
 
@@ -559,19 +486,20 @@ def shallow_target_ranking(model: onnx.ModelProto) -> onnx.ModelProto:
     default model's 5 ms at batch 1). Same resolved targets (TopK orders equal scores by index either
     way). For ONNX Runtime: TensorRT wants a constant K, so exported models keep the full ranking."""
     graph = model.graph
-    index = next((i for i, n in enumerate(graph.node) if n.name == "explainrt/targets/TopK" and n.op_type == "TopK"), None)
-    if index is None or not any(i.name == TARGETS_INPUT for i in graph.input):
+    top_k = next((n for n in graph.node if n.name == "explainrt/targets/TopK" and n.op_type == "TopK"), None)
+    by_rank = next((n for n in graph.node if top_k is not None and n.op_type == "GatherElements"
+                    and n.name.startswith("explainrt/targets/") and n.input[0] == top_k.output[1]), None)
+    if by_rank is None or not any(i.name == TARGETS_INPUT for i in graph.input):
         return model
     b = GradientBuilder(model)
     b.scope = "explainrt/targets/depth"
-    first = len(graph.node)
-    deepest = b.reduce("ReduceMax", b.op("Neg", [TARGETS_INPUT]), [0, 1], keepdims=False)  # a scalar
-    depth = b.op("Min", [b.op("Max", [deepest, b.ints([1])]), b.ints([ExplainableSpec.from_model(model).num_classes])])
-    added = list(graph.node[first:])  # moved before the TopK
-    del graph.node[first:]
-    for offset, node in enumerate(added):
-        graph.node.insert(index + offset, node)
-    graph.node[index + len(added)].input[1] = depth
+    # the deepest rank asked for (ranks are >= 0: a class's is 0), plus one, at most the class count
+    deepest = b.reduce("ReduceMax", by_rank.input[1], [0, 1], keepdims=False)  # a scalar
+    depth = b.op("Min", [b.op("Add", [deepest, b.ints([1])]), b.ints([ExplainableSpec.from_model(model).num_classes])])
+    top_k.input[1] = depth  # type: ignore[union-attr]
+    nodes = sort_topologically(list(graph.node))  # the ranks and the depth before the TopK
+    del graph.node[:]
+    graph.node.extend(nodes)
     prune_added_nodes(model)  # the class count the TopK read (computed from the logits' shape in older exports)
     return model
 

@@ -19,9 +19,10 @@ import onnx
 from onnx import TensorProto
 
 from explainrt import kernels
-from explainrt.autodiff.builder import GraphBuilder, TensorInfo, tensor_infos
+from explainrt.autodiff.builder import GraphBuilder, TensorInfo, shape_name, tensor_infos
 from explainrt.autodiff.gradients import V, add_n, where
 from explainrt.errors import InvalidInputError, InvalidModelError
+from explainrt.export.forward_shapes import shapes_from_the_image
 from explainrt.export.spec import (
     BOX_MATCHES_OUTPUT,
     BOX_OBJECTIVES,
@@ -104,14 +105,16 @@ def checked_maps(maps: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: bool = False,
-                  maps_dtype: str = "float32", *, target_objective: bool = False) -> onnx.ModelProto:
+                  maps_dtype: str = "float32", *, target_objective: bool = False,
+                  forward_shapes: bool = True) -> onnx.ModelProto:
     """The explainable ``model`` (changed in place) with a map head per method of ``maps``.
 
     ``maps_only=True`` leaves as outputs only the original ones, ``explainrt.resolved_targets``
     (the class each map explains) and the maps added now: activations, gradients and earlier maps
     no longer leave the runtime. ``maps_dtype`` is float32, float16 or uint8 (round(255 * map)).
     ``target_objective``: the model differentiates a target objects' objective in place of the logit
-    (``closed_form``), for the runtime's maps of target objects.
+    (``closed_form``), for the runtime's maps of target objects. ``forward_shapes``: the heads' own Shape
+    reads of forward tensors then come from the image (``shapes_from_the_image``), as the reverse pass's do.
     """
     spec = ExplainableSpec.from_model(model)
     methods = checked_maps(maps)
@@ -137,6 +140,8 @@ def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: 
         out = _as_dtype(heatmaps, MAPS_DTYPES[maps_dtype])
         b.add_output(maps_output(method), out.name, MAPS_DTYPES[maps_dtype], ["N", "K", *_input_hw(model, spec)])
     prune_added_nodes(model)  # what a head built and then did not read (a broadcast the MatMul spares)
+    if forward_shapes:
+        shapes_from_the_image(model, spec.image_input)
     updated = dataclasses.replace(spec, maps=(*spec.maps, *methods), maps_dtype=maps_dtype)
     set_metadata(model, METADATA_KEY, updated.to_json())
     if maps_only:
@@ -300,7 +305,10 @@ def _expanded_value(b: GraphBuilder, term: str) -> str | None:
     pooling = _pooling_of(b, expand) if expand is not None and expand.op_type == "Expand" else None
     sizes = b.producer(expand.input[1]) if pooling is not None else None  # type: ignore[union-attr]
     shape = b.producer(sizes.input[-1]) if sizes is not None and sizes.op_type == "Concat" else None
-    if shape is None or shape.op_type != "Shape" or shape.input[0] != pooling.input[0]:  # type: ignore[union-attr]
+    # the pooled tensor's Shape, or what ``shapes_from_the_image`` put in its place: the same value from the image's
+    # batch and constants, under the name ``GraphBuilder.shape`` gave that Shape
+    if shape is None or not ((shape.op_type == "Shape" and shape.input[0] == pooling.input[0])  # type: ignore[union-attr]
+                             or (shape.op_type == "Identity" and shape.output[0] == shape_name(pooling.input[0]))):  # type: ignore[union-attr]
         return None
     return expand.input[0]  # type: ignore[union-attr]
 
