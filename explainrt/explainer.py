@@ -503,14 +503,14 @@ def _joined(arrays: list[np.ndarray]) -> np.ndarray:
 def _blank_notes(method: Method, maps: np.ndarray) -> tuple[str | None, ...]:
     """Per image, a note when its raw map (with K targets: any of its maps) is all zero (nothing to show:
     a blank overlay), with the method's reason."""
-    # a map shows something where a value is positive (signed maps: a negative value is not shown) or, unsigned,
-    # non-zero: one such value among every 8th row and column proves it (an eighth of the rows read, for the usual
-    # map); only the maps not proven are read whole
-    sample = maps[..., ::8, ::8]
-    blank = ~np.any(sample > 0 if method.signed else sample != 0, axis=(-2, -1))
-    if blank.any():
-        flat = maps[blank].reshape(int(blank.sum()), -1)
-        blank[blank] = flat.max(axis=-1) <= 0 if method.signed else (flat.max(axis=-1) == 0) & (flat.min(axis=-1) == 0)
+    # one contiguous max per map (faster than reading a sample of it first, which a blank map must follow by the
+    # whole read); its min only where that max is 0 (no copy of the maps: a detector's map is 1.6 MB)
+    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1])
+    top = flat.max(axis=-1)
+    blank = (top <= 0).reshape(maps.shape[:-2])
+    if not method.signed:
+        for index in np.flatnonzero(blank):
+            blank.flat[index] = top[index] == 0 and flat[index].min() == 0
     reason = f": {method.blank_reason}" if method.blank_reason else ""
     if blank.ndim == 1:
         return tuple(f"the {method.name} map is all zero{reason}" if flag else None for flag in blank)

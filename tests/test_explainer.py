@@ -386,16 +386,16 @@ def test_list_of_preprocessed_images(small_explainer, small_batch) -> None:  # n
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_blank_notes_read_every_map_exactly(signed: bool) -> None:
-    """A map is blank when nothing of it shows: no positive value (signed maps) or no non-zero one. One value off
-    the every-8th-row-and-column sample that proves most maps non-blank is found by the whole read that follows."""
+    """A map is blank when nothing of it shows: no positive value (signed maps) or no non-zero one, a single value
+    anywhere counting (a negative one under a max of 0 on an unsigned map too); the maps of one image apart."""
     from types import SimpleNamespace
 
     from explainrt.explainer import _blank_notes
 
     method = SimpleNamespace(name="gradcam", signed=signed, blank_reason="")  # what the notes read of a Method
     maps = np.zeros((3, 2, 20, 30), np.float32)
-    maps[0, 0, 3, 5] = 0.25  # off the sample grid
-    maps[0, 1, 8, 16] = 1.0  # on it
+    maps[0, 0, 3, 5] = 0.25
+    maps[0, 1, 8, 16] = 1.0
     maps[1, 0, 11, 29] = -0.5  # negative: shows on an unsigned map only
     maps[2, 1] = -1.0
     notes = _blank_notes(method, maps)

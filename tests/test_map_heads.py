@@ -326,7 +326,7 @@ def test_heads_added_to_an_explainable_model_skip_the_pooled_gradient_too(small_
     """What an Explainer's session runs: heads added to a model already made explainable, whose reverse pass reads
     forward shapes from the image (``shapes_from_the_image``). Its Grad-CAM head still reads the pooling's one value
     per channel (no Expand to the layer's positions, no Shape of a forward tensor), with the maps of a head made
-    at export."""
+    at export, for three images."""
     from explainrt.runtime.base import maps_session_model
 
     explainable = from_torch(small_resnet, torch.zeros(1, 3, *SMALL_SIZE), [small_resnet.layer4])
@@ -336,6 +336,8 @@ def test_heads_added_to_an_explainable_model_skip_the_pooled_gradient_too(small_
     forward = {o for n in session_model.graph.node if not n.name.startswith("explainrt/") for o in n.output}
     assert not [n.name for n in added if n.op_type == "Expand"]
     assert not [n.name for n in added if n.op_type == "Shape" and n.input[0] in forward]
+    # the gradient's size reads no batch: the seed count joined to [-1, C, 1, 1], the batch inferred by its Reshape
+    assert [n.input[0] for n in added if n.op_type == "Shape"] == ["explainrt/grad/seed/Gather"]
     targets = np.array([[-1], [3], [-2]])
     want, got = _run(at_export, small_batch, targets), _run(session_model, small_batch, targets)
     np.testing.assert_array_equal(got["explainrt.resolved_targets"], want["explainrt.resolved_targets"])

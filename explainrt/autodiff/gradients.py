@@ -25,6 +25,9 @@ from onnx import TensorProto, helper
 from explainrt.autodiff.builder import Dim, GraphBuilder, TensorInfo
 from explainrt.errors import InvalidModelError, UnsupportedOperatorError
 
+GRADIENT_SEEDS = "explainrt/grad/seeds"
+"""The node (and its output) giving the length K of the seed axis, [K], that every gradient's size starts with."""
+
 Shape = tuple[Dim, ...] | None
 
 
@@ -447,7 +450,7 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
     if unreached:
         raise InvalidModelError(f"{of!r} does not depend on {unreached}: no gradient flows there")
     builder.seeds = builder.op("Slice", [builder.shape(seed), builder.ints([0]), builder.ints([1])],
-                               name="explainrt/grad/seeds")
+                               name=GRADIENT_SEEDS)
     builder.gradient_of, builder.node_gradients = {seed: (of, False)}, {}
     contributions: dict[str, list[str]] = {of: [seed]}
     path_nodes = [n for n in graph.node if any(o in on_path for o in n.output)

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from explainrt.autodiff.builder import GraphBuilder, sort_topologically, tensor_infos
+from explainrt.autodiff.gradients import GRADIENT_SEEDS
 
 
 def shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
@@ -49,10 +50,14 @@ def shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
             made[tuple(picked)] = b.concat([b.shape_slice(image, 0, 1), *([b.ints(picked[1:])] if len(picked) > 1 else [])], 0)  # type: ignore[arg-type]
         return made[tuple(picked)]
 
+    as_reshape_sizes = _read_as_gradient_reshape_sizes(model)
     replaced = 0
     for node in shapes:
         attrs = {a.name: a.i for a in node.attribute}
-        value = shape_of(dims.get(node.input[0], []), attrs.get("start", 0), attrs.get("end"))
+        shape = dims.get(node.input[0], [])
+        value = shape_of(shape, attrs.get("start", 0), attrs.get("end"))
+        if value is not None and node.output[0] in as_reshape_sizes and not attrs.get("start") and "end" not in attrs:
+            value = b.ints([-1, *shape[1:]])  # type: ignore[list-item]  # the batch inferred by the Reshape
         if value is not None:
             node.CopyFrom(onnx.helper.make_node("Identity", [value], list(node.output), name=node.name))
             replaced += 1
@@ -61,6 +66,30 @@ def shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return replaced
+
+
+def _read_as_gradient_reshape_sizes(model: onnx.ModelProto) -> set[str]:
+    """The tensors that every reader, in any of the model's graphs, reads as the tail of a gradient's size
+    ``Concat(seeds, x)`` (``GradientBuilder.grad_shape``) that only Reshapes read as their size: there the forward
+    tensor's batch may be -1, which each Reshape infers from the gradient's K * N * ... values (one -1: the seed
+    count is a number)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            for name in set(node.input):
+                readers.setdefault(name, []).append(node)
+    producers = {o: n for g in _graphs(model.graph) for n in g.node for o in n.output}
+    outputs = {o.name for g in _graphs(model.graph) for o in g.output}
+
+    def is_gradient_size(concat: onnx.NodeProto, tail: str) -> bool:
+        seeds = producers.get(concat.input[0]) if len(concat.input) == 2 else None
+        return concat.op_type == "Concat" and list(concat.input).index(tail) == 1 and seeds is not None \
+            and seeds.name == GRADIENT_SEEDS and concat.output[0] not in outputs \
+            and all(r.op_type == "Reshape" and list(r.input).index(concat.output[0]) == 1
+                    for r in readers.get(concat.output[0], []))
+
+    return {name for name, nodes in readers.items() if name not in outputs
+            and all(is_gradient_size(node, name) for node in nodes)}
 
 
 def _for_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
