@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -264,7 +265,7 @@ class Explainer:
         # one BLAS pass, no mask: NaN/inf propagate into the sum of squares (a quarter of NumPy's sum's
         # time); a float32 overflow of huge but finite pixels is told apart by the exact check that follows only then
         flat = batch.reshape(-1)
-        if not np.isfinite(np.vdot(flat, flat)) and not np.isfinite(batch).all():
+        if not math.isfinite(np.vdot(flat, flat)) and not np.isfinite(batch).all():
             bad = int(np.argwhere(~np.isfinite(batch))[0][0])
             raise InvalidInputError(f"images contain NaN or inf values (image {bad})")
         return batch
@@ -328,7 +329,7 @@ class Explainer:
         parts: list[Attribution] = []
         chunks = range(0, batch.shape[0], batch_size)
         shown = progress is not False
-        for first in track(chunks, chosen.name, unit="batches", enabled=shown and len(chunks) > 1):
+        for first in track(chunks, chosen.name, unit="batches") if shown and len(chunks) > 1 else chunks:
             stop = first + batch_size
             chunk_options = {**options, **{name: values[first:stop] for name, values in per_image.items()}}
             request = AttributionRequest(batch[first:stop], wanted[first:stop], session, int(batch_size),
@@ -504,15 +505,15 @@ def _blank_notes(method: Method, maps: np.ndarray) -> tuple[str | None, ...]:
     """Per image, a note when its raw map (with K targets: any of its maps) is all zero (nothing to show:
     a blank overlay), with the method's reason."""
     # one contiguous max per map (faster than reading a sample of it first, which a blank map must follow by the
-    # whole read); its min only where that max is 0 (no copy of the maps: a detector's map is 1.6 MB)
+    # whole read); its min only where that max is 0 (no copy of the maps: a detector's map is 1.6 MB). Python lists
+    # past the max: a few values, and each NumPy call costs tens of microseconds with the caches cold
     flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1])
-    top = flat.max(axis=-1)
-    blank = (top <= 0).reshape(maps.shape[:-2])
-    if not method.signed:
-        for index in np.flatnonzero(blank):
-            blank.flat[index] = top[index] == 0 and flat[index].min() == 0
+    tops = flat.max(axis=-1).tolist()
+    blank = [top <= 0 if method.signed else top == 0 and flat[index].min() == 0 for index, top in enumerate(tops)]
     reason = f": {method.blank_reason}" if method.blank_reason else ""
-    if blank.ndim == 1:
+    if maps.ndim == 3:
         return tuple(f"the {method.name} map is all zero{reason}" if flag else None for flag in blank)
-    return tuple(f"the {method.name} map of target(s) {', '.join(map(str, np.flatnonzero(row)))} is all zero{reason}"
-                 if row.any() else None for row in blank)
+    per_image = maps.shape[1]
+    rows = [blank[first:first + per_image] for first in range(0, len(blank), per_image)]
+    return tuple(f"the {method.name} map of target(s) {', '.join(str(k) for k, flag in enumerate(row) if flag)} is all "
+                 f"zero{reason}" if any(row) else None for row in rows)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -141,11 +139,17 @@ def add_timings(timings: dict[str, float], *parts: Attribution) -> None:
             timings[stage] = timings.get(stage, 0.0) + seconds
 
 
-@contextmanager
-def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the seconds the block takes to ``timings[stage]`` (the per-stage timings of an Attribution)."""
-    tick = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - tick
+class timed:  # noqa: N801 (used as a function: ``with timed(timings, "maps"):``)
+    """Add the seconds the block takes to ``timings[stage]`` (the per-stage timings of an Attribution). A class,
+    not a generator context manager: a third of the cost on every explanation's path."""
+
+    __slots__ = ("timings", "stage", "tick")
+
+    def __init__(self, timings: dict[str, float], stage: str) -> None:
+        self.timings, self.stage = timings, stage
+
+    def __enter__(self) -> None:
+        self.tick = time.perf_counter()
+
+    def __exit__(self, *exception: object) -> None:
+        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.perf_counter() - self.tick

@@ -137,7 +137,9 @@ class OnnxRuntimeSession:
         the method's objective) returns. ``objective``: a target objective (``TARGET_OBJECTIVES``, targets
         fed as ``targets_feed`` takes them) in place of the class logit the method weighs: a maps-only
         variant for it with the method's head, one call (``_objective_maps``)."""
-        own = closed_form(method, objective, target_objective=True).objective
+        # a method whose head the model's own call has needs no other check
+        own = None if objective is None and method in self.main_maps else closed_form(
+            method, objective, target_objective=True).objective
         if objective is not None and objective != own:
             return self._objective_maps(images, targets, method, objective)
         if method in self.main_maps:
@@ -299,8 +301,8 @@ def _concatenated(values: list[Any]) -> Any:
 
 def _as_float32(value: Any) -> Any:
     """Float outputs of another precision as float32; everything else as it is."""
-    dtype = getattr(value, "dtype", None)
-    if dtype is not None and np.dtype(dtype).kind == "f" and np.dtype(dtype) != np.float32:
+    dtype = getattr(value, "dtype", None)  # NumPy's dtype on NumPy and CuPy arrays alike
+    if dtype is not None and dtype.kind == "f" and dtype.char != "f":
         return value.astype(np.float32)
     return value
 
