@@ -345,7 +345,7 @@ class Explainer:
             raise InconsistentExplanationError(
                 f"{chosen.name} returned maps of shape {maps.shape} for {batch.shape[0]} images of size "
                 f"{batch.shape[2:]}: expected one map per image and target ({expected})")
-        notes = _blank_notes(chosen, maps)
+        notes = _blank_notes(chosen, maps, all(p.normalized for p in parts))
         if normalize and not all(p.normalized for p in parts):
             flat = maps.reshape(-1, *maps.shape[-2:])
             maps = kernels.normalize_minmax(np.maximum(flat, 0) if chosen.signed else flat).reshape(maps.shape)
@@ -501,15 +501,18 @@ def _joined(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _blank_notes(method: Method, maps: np.ndarray) -> tuple[str | None, ...]:
+def _blank_notes(method: Method, maps: np.ndarray, normalized: bool = False) -> tuple[str | None, ...]:
     """Per image, a note when its raw map (with K targets: any of its maps) is all zero (nothing to show:
-    a blank overlay), with the method's reason."""
+    a blank overlay), with the method's reason. ``normalized``: the maps are in [0, 1] (a map head's), so a
+    max of 0 is a map of zeros."""
     # one contiguous max per map (faster than reading a sample of it first, which a blank map must follow by the
-    # whole read); its min only where that max is 0 (no copy of the maps: a detector's map is 1.6 MB). Python lists
-    # past the max: a few values, and each NumPy call costs tens of microseconds with the caches cold
+    # whole read); its min only where that max is 0 and a value may be negative (no copy of the maps: a detector's
+    # map is 1.6 MB). Python lists past the max: a few values, and each NumPy call costs tens of microseconds with
+    # the caches cold
     flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1])
     tops = flat.max(axis=-1).tolist()
-    blank = [top <= 0 if method.signed else top == 0 and flat[index].min() == 0 for index, top in enumerate(tops)]
+    blank = [top <= 0 if method.signed or normalized else top == 0 and flat[index].min() == 0
+             for index, top in enumerate(tops)]
     reason = f": {method.blank_reason}" if method.blank_reason else ""
     if maps.ndim == 3:
         return tuple(f"the {method.name} map is all zero{reason}" if flag else None for flag in blank)

@@ -16,6 +16,7 @@ A target is a differentiable function f of one image's explained output y (the m
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -345,11 +346,18 @@ class Box(Target):
         return self.index
 
     def bound(self, shape: Shape, image_size: tuple[int, int]) -> Target:
-        self.check(shape, image_size)
-        layout = detector_layout(shape, self.layout, image_size)
-        return self if layout == self.layout else Box(self.box, self.index, self.iou, layout)
+        layout = self._checked_layout(shape, image_size)
+        if layout == self.layout:
+            return self
+        bound = copy.copy(self)  # its checked fields as they are, no second validation on every call
+        bound.layout = layout
+        return bound
 
     def check(self, shape: Shape, image_size: tuple[int, int]) -> None:
+        self._checked_layout(shape, image_size)
+
+    def _checked_layout(self, shape: Shape, image_size: tuple[int, int]) -> str:
+        """The layout of a head of ``shape`` after checking the box and class against it and the image."""
         layout = detector_layout(shape, self.layout, image_size)
         classes = shape[0] - 4 if layout == "yolov8" else shape[1] - 5  # type: ignore[operator]
         _class_in(self.index, classes, "class")
@@ -358,6 +366,7 @@ class Box(Target):
         if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
             raise InvalidTargetError(f"Box {self.box.tolist()} is outside the {width}x{height} image "
                                      "(xyxy in input pixels)")
+        return layout
 
     def outline(self, size: tuple[int, int]) -> np.ndarray | None:
         """The box's edges, 2 pixels wide, clipped to the image."""

@@ -405,3 +405,7 @@ def test_blank_notes_read_every_map_exactly(signed: bool) -> None:
         assert notes == (None, "the gradcam map of target(s) 1 is all zero", "the gradcam map of target(s) 0 is all zero")
     one = _blank_notes(method, maps[:, 0])
     assert one == (None, "the gradcam map is all zero" if signed else None, "the gradcam map is all zero")
+    # normalised maps (a map head's, in [0, 1]): a max of 0 is a map of zeros, read once
+    in_range = np.clip(maps, 0, 1)
+    assert _blank_notes(method, in_range, normalized=True) == _blank_notes(method, in_range) == (
+        None, "the gradcam map of target(s) 0, 1 is all zero", "the gradcam map of target(s) 0, 1 is all zero")
