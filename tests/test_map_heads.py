@@ -338,6 +338,10 @@ def test_heads_added_to_an_explainable_model_skip_the_pooled_gradient_too(small_
     assert not [n.name for n in added if n.op_type == "Shape" and n.input[0] in forward]
     # the gradient's size reads no batch: the seed count joined to [-1, C, 1, 1], the batch inferred by its Reshape
     assert [n.input[0] for n in added if n.op_type == "Shape"] == ["explainrt/grad/seed/Gather"]
+    for model in (explainable, session_model):  # nothing built and left unread (the pass runs last at export)
+        read = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+        assert not [n.name for n in model.graph.node if n.name.startswith("explainrt/")
+                    and not any(o in read for o in n.output)]
     targets = np.array([[-1], [3], [-2]])
     want, got = _run(at_export, small_batch, targets), _run(session_model, small_batch, targets)
     np.testing.assert_array_equal(got["explainrt.resolved_targets"], want["explainrt.resolved_targets"])

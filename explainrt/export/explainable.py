@@ -493,9 +493,11 @@ def shallow_target_ranking(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     b = GradientBuilder(model)
     b.scope = "explainrt/targets/depth"
-    # the deepest rank asked for (ranks are >= 0: a class's is 0), plus one, at most the class count
+    # the deepest rank asked for (ranks are >= 0: a class's is 0), plus one, in 1..classes (no targets: ReduceMax of
+    # nothing is the lowest int64)
     deepest = b.reduce("ReduceMax", by_rank.input[1], [0, 1], keepdims=False)  # a scalar
-    depth = b.op("Min", [b.op("Add", [deepest, b.ints([1])]), b.ints([ExplainableSpec.from_model(model).num_classes])])
+    depth = b.op("Min", [b.op("Max", [b.op("Add", [deepest, b.ints([1])]), b.ints([1])]),
+                         b.ints([ExplainableSpec.from_model(model).num_classes])])
     top_k.input[1] = depth  # type: ignore[union-attr]
     nodes = sort_topologically(list(graph.node))  # the ranks and the depth before the TopK
     del graph.node[:]

@@ -55,9 +55,12 @@ def shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
     for node in shapes:
         attrs = {a.name: a.i for a in node.attribute}
         shape = dims.get(node.input[0], [])
-        value = shape_of(shape, attrs.get("start", 0), attrs.get("end"))
-        if value is not None and node.output[0] in as_reshape_sizes and not attrs.get("start") and "end" not in attrs:
+        whole = not attrs.get("start") and "end" not in attrs
+        if whole and node.output[0] in as_reshape_sizes and shape and shape[0] == batch and batch is not None \
+                and all(isinstance(d, int) and d > 0 for d in shape[1:]):
             value = b.ints([-1, *shape[1:]])  # type: ignore[list-item]  # the batch inferred by the Reshape
+        else:
+            value = shape_of(shape, attrs.get("start", 0), attrs.get("end"))
         if value is not None:
             node.CopyFrom(onnx.helper.make_node("Identity", [value], list(node.output), name=node.name))
             replaced += 1
@@ -72,7 +75,7 @@ def _read_as_gradient_reshape_sizes(model: onnx.ModelProto) -> set[str]:
     """The tensors that every reader, in any of the model's graphs, reads as the tail of a gradient's size
     ``Concat(seeds, x)`` (``GradientBuilder.grad_shape``) that only Reshapes read as their size: there the forward
     tensor's batch may be -1, which each Reshape infers from the gradient's K * N * ... values (one -1: the seed
-    count is a number)."""
+    count is a number, K >= 1: a gradient of no targets has no batch to infer)."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for graph in _graphs(model.graph):
         for node in graph.node:

@@ -113,8 +113,8 @@ def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: 
     (the class each map explains) and the maps added now: activations, gradients and earlier maps
     no longer leave the runtime. ``maps_dtype`` is float32, float16 or uint8 (round(255 * map)).
     ``target_objective``: the model differentiates a target objects' objective in place of the logit
-    (``closed_form``), for the runtime's maps of target objects. ``forward_shapes``: the heads' own Shape
-    reads of forward tensors then come from the image (``shapes_from_the_image``), as the reverse pass's do.
+    (``closed_form``), for the runtime's maps of target objects. ``forward_shapes``: then every Shape read of a
+    forward tensor explainrt added, the heads' and the reverse pass's, comes from the image (``shapes_from_the_image``).
     """
     spec = ExplainableSpec.from_model(model)
     methods = checked_maps(maps)
@@ -305,8 +305,8 @@ def _expanded_value(b: GraphBuilder, term: str) -> str | None:
     pooling = _pooling_of(b, expand) if expand is not None and expand.op_type == "Expand" else None
     sizes = b.producer(expand.input[1]) if pooling is not None else None  # type: ignore[union-attr]
     shape = b.producer(sizes.input[-1]) if sizes is not None and sizes.op_type == "Concat" else None
-    # the pooled tensor's Shape, or what ``shapes_from_the_image`` put in its place: the same value from the image's
-    # batch and constants, under the name ``GraphBuilder.shape`` gave that Shape
+    # the pooled tensor's Shape, or what ``shapes_from_the_image`` put in its place under the name ``GraphBuilder.shape``
+    # gave that Shape: the same value from the image's batch and constants (an Expand reads it: never a -1 batch)
     if shape is None or not ((shape.op_type == "Shape" and shape.input[0] == pooling.input[0])  # type: ignore[union-attr]
                              or (shape.op_type == "Identity" and shape.output[0] == shape_name(pooling.input[0]))):  # type: ignore[union-attr]
         return None
