@@ -345,8 +345,9 @@ class Explainer:
             raise InconsistentExplanationError(
                 f"{chosen.name} returned maps of shape {maps.shape} for {batch.shape[0]} images of size "
                 f"{batch.shape[2:]}: expected one map per image and target ({expected})")
-        notes = _blank_notes(chosen, maps, all(p.normalized for p in parts))
-        if normalize and not all(p.normalized for p in parts):
+        normalized = all(p.normalized for p in parts)
+        notes = _blank_notes(chosen, maps, normalized)
+        if normalize and not normalized:
             flat = maps.reshape(-1, *maps.shape[-2:])
             maps = kernels.normalize_minmax(np.maximum(flat, 0) if chosen.signed else flat).reshape(maps.shape)
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - tick

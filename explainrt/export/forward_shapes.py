@@ -37,8 +37,9 @@ def shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
     b.scope = "explainrt/shapes"
     made: dict[tuple[object, ...], str] = {}
 
-    def shape_of(shape: list[object], start: int, end: int | None) -> str | None:
-        """Shape(x, start, end) for x of ``shape`` from constants and the image's batch, else None."""
+    def shape_of(shape: list[object], start: int, end: int | None, batch_inferred: bool) -> str | None:
+        """Shape(x, start, end) for x of ``shape`` from constants and the image's batch (``batch_inferred``: -1 for
+        the batch, which the Reshapes reading it infer), else None."""
         picked = shape[start:end]
         if not picked or not all(isinstance(d, int) and d > 0 for d in picked[1:]):
             return None
@@ -46,6 +47,8 @@ def shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
             return b.ints(picked)  # type: ignore[arg-type]
         if picked[0] is None or picked[0] != batch or start not in (0, -len(shape)):
             return None
+        if batch_inferred:
+            return b.ints([-1, *picked[1:]])  # type: ignore[list-item]
         if tuple(picked) not in made:
             made[tuple(picked)] = b.concat([b.shape_slice(image, 0, 1), *([b.ints(picked[1:])] if len(picked) > 1 else [])], 0)  # type: ignore[arg-type]
         return made[tuple(picked)]
@@ -54,13 +57,9 @@ def shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
     replaced = 0
     for node in shapes:
         attrs = {a.name: a.i for a in node.attribute}
-        shape = dims.get(node.input[0], [])
         whole = not attrs.get("start") and "end" not in attrs
-        if whole and node.output[0] in as_reshape_sizes and shape and shape[0] == batch and batch is not None \
-                and all(isinstance(d, int) and d > 0 for d in shape[1:]):
-            value = b.ints([-1, *shape[1:]])  # type: ignore[list-item]  # the batch inferred by the Reshape
-        else:
-            value = shape_of(shape, attrs.get("start", 0), attrs.get("end"))
+        value = shape_of(dims.get(node.input[0], []), attrs.get("start", 0), attrs.get("end"),
+                         whole and node.output[0] in as_reshape_sizes)
         if value is not None:
             node.CopyFrom(onnx.helper.make_node("Identity", [value], list(node.output), name=node.name))
             replaced += 1
