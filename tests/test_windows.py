@@ -259,6 +259,11 @@ def test_detector_branches_on_windows_of_non_square_grids() -> None:
     # each leaves the output gradient of a Conv reading the target layer (the fine head's, the downsampling one's),
     # which the map head only sums over the Conv's taps: cut to the window, not padded back
     assert not any(n.op_type == "Pad" for branch in branches for n in branch.node)
+    # a forward tensor a branch reads for its shape alone (a Conv's input, sizing the Conv's input gradient) is not
+    # cut to the window: that window's shape is its leading axes and the window's size, no copy of its data
+    for branch in branches:
+        cuts = [n.output[0] for n in branch.node if n.op_type == "Slice" and "/window/" in n.name]
+        assert cuts and all(any(cut in n.input and n.op_type != "Shape" for n in branch.node) for cut in cuts)
     sessions = {windows: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                 for windows, m in made.items()}
     rng = np.random.default_rng(1)

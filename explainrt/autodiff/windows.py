@@ -291,12 +291,22 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
     inside: list[onnx.NodeProto] = []
     renamed: dict[str, str] = {}
 
-    def add(op_type: str, inputs: list[str], hint: str) -> str:
+    def add(op_type: str, inputs: list[str], hint: str, **attributes: int) -> str:
         output = b.fresh(hint)
-        inside.append(helper.make_node(op_type, inputs, [output], name=output))
+        inside.append(helper.make_node(op_type, inputs, [output], name=output, **attributes))
         return output
 
     for name in window.spatial:
+        readers = [inner for inner in then.node if name in inner.input]
+        if readers and all(inner.op_type == "Shape" for inner in readers):
+            # read for its window's shape alone: that shape is made from its own leading axes and the window's
+            # size, with no copy of the data (ONNX Runtime converts a convolution's blocked output for any reader)
+            lead = add("Shape", [name], f"{b.scope}/{name}/leading", end=-2)
+            window_shape = add("Concat", [lead, b.op("Sub", [high, low])], f"{b.scope}/{name}/shape", axis=0)
+            for inner in readers:
+                inner.op_type = "Identity"
+                inner.input[:] = [window_shape]
+            continue
         renamed[name] = add("Slice", [name, low, high, axes], f"{b.scope}/{name}")
     for name, rank in window.cells:
         as_grid = add("Reshape", [name, b.ints([0] * (rank - 1) + [height, width])], f"{b.scope}/{name}/grid")
