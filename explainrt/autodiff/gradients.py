@@ -365,10 +365,27 @@ def blocks_path(rule: Rule) -> Rule:
     return rule
 
 
+@dataclass(frozen=True)
+class Product:
+    """A cotangent built as the product ``constant * varying`` of two factors with every axis of the product,
+    ``constant`` of size 1 on ``axes`` (negative, from the end) and ``varying`` with the seed axis in full: a
+    Split along one of ``axes`` splits ``varying`` alone and multiplies each part, where that part is read (a
+    box objective's seed: the class's rows times the matched predictions, split by detector scale)."""
+
+    constant: str
+    varying: str
+    axes: tuple[int, ...]
+
+
 class GradientBuilder(GraphBuilder):
     """GraphBuilder plus what gradients share: the seed axis and shapes with it."""
 
     seeds: str  # 1-D int64 [K]: the length of the seed axis
+    products: dict[str, Product]  # cotangents built as a ``Product`` (the rules may split them factor by factor)
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__(model)
+        self.products = {}
     # what the reverse pass built, for passes that rewrite it (``zero_branches``): the gradient tensor ->
     # (the forward tensor it is the gradient of, merged to [K*N, ...]); a forward node -> its inputs' gradients
     gradient_of: dict[str, tuple[str, bool]]
@@ -449,8 +466,10 @@ def append_gradients(builder: GradientBuilder, wrt: Sequence[str], of: str, seed
     unreached = [x for x in wrt if x not in on_path]
     if unreached:
         raise InvalidModelError(f"{of!r} does not depend on {unreached}: no gradient flows there")
-    builder.seeds = builder.op("Slice", [builder.shape(seed), builder.ints([0]), builder.ints([1])],
-                               name=GRADIENT_SEEDS)
+    product = builder.products.get(seed)
+    # a product's seed axis is read from its varying factor: a Shape of the product would keep it whole
+    builder.seeds = builder.op("Slice", [builder.shape(seed if product is None else product.varying), builder.ints([0]),
+                                         builder.ints([1])], name=GRADIENT_SEEDS)
     builder.gradient_of, builder.node_gradients = {seed: (of, False)}, {}
     contributions: dict[str, list[str]] = {of: [seed]}
     path_nodes = [n for n in graph.node if any(o in on_path for o in n.output)

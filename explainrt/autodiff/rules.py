@@ -158,6 +158,10 @@ def _concat(n: Node, g: Grads) -> Grads:
     rank = xs[0].rank
     pos = axis % rank
     sizes = b.concat([b.shape_slice(x, pos, pos + 1) for x in n.inputs], 0)
+    product = b.products.get(g[0].name)
+    if product is not None and neg_axis(axis, rank) in product.axes:  # the varying factor split, each part multiplied
+        parts = b.op_multi("Split", [product.varying, sizes], outputs=len(xs), axis=neg_axis(axis, rank))
+        return [_grad_of(x, b.op("Mul", [product.constant, part])) for x, part in zip(xs, parts)]
     parts = b.op_multi("Split", [g[0].name, sizes], outputs=len(xs), axis=neg_axis(axis, rank))
     return [_grad_of(x, part) for x, part in zip(xs, parts)]
 

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, version_converter
 
 from explainrt.autodiff.builder import GraphBuilder, dequantized, opset_version, sort_topologically
-from explainrt.autodiff.gradients import GradientBuilder, Node, ancestors, append_gradients
+from explainrt.autodiff.gradients import GradientBuilder, Node, Product, ancestors, append_gradients
 from explainrt.autodiff.rules import QOPERATOR_HINT, QOPERATOR_OPS, RULES
 from explainrt.autodiff.windows import run_on_windows
 from explainrt.autodiff.zero_blocks import compute_on_blocks
@@ -617,7 +617,9 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tu
         weights = binary("Mul", mask, binary("Mul", taken, binary("Sub", b.scalar_like(1.0, like), taken)))
     counted = b.unsqueeze(weights, [2])  # [K, N, 1, A]
     if layout == "yolov8":  # the class's row times the matches
-        return b.op("Mul", [hot, counted], name="explainrt/grad/seed/boxes", like=like), matches, mask
+        seed = b.op("Mul", [hot, counted], name="explainrt/grad/seed/boxes", like=like)
+        b.products[seed] = Product(hot, counted, (-1,))
+        return seed, matches, mask
     # d(objectness * class score): class score on the objectness row, objectness on the class row
     each = b.unsqueeze(fields, [0])  # [1, N, F, A]
     objectness = part(each, 4, 2)  # [1, N, 1, A]
