@@ -273,11 +273,12 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
     # the seed (the box's class row times its matched predictions) is split by scale before the product is made:
     # each scale's part made from its own matches, no full-size product nor a copy of one
     for model in made.values():
-        made_by = {o: n for n in model.graph.node for o in n.output}
-        (split,) = [n for n in model.graph.node if n.op_type == "Split" and n.input[0] in made_by
+        nodes = [*model.graph.node, *(n for node in _if_nodes(model.graph) for a in node.attribute for n in a.g.node)]
+        made_by = {o: n for n in nodes for o in n.output}
+        (split,) = [n for n in nodes if n.op_type == "Split" and len(n.output) == 3 and n.input[0] in made_by
                     and made_by[n.input[0]].name.startswith("explainrt/grad/seed/")]
-        assert "explainrt/grad/seed/boxes" not in {n.name for n in model.graph.node}
-        assert [sum(part in n.input for n in model.graph.node if n.op_type == "Mul") for part in split.output] == [1] * 3
+        assert "explainrt/grad/seed/boxes" not in {n.name for n in nodes}
+        assert [sum(part in n.input for n in nodes if n.op_type == "Mul") for part in split.output] == [1] * 3
     images = np.concatenate([_image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=5), _image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=6)])
     images = images * 0.2 + 0.5
     with torch.no_grad():

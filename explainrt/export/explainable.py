@@ -573,60 +573,64 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tu
     this pass and held constant: the objective is linear in the scores (YOLOv5: objectness x class score)."""
     like = logits
     fields = logits if layout == "yolov8" else b.op("Transpose", [logits], perm=[0, 2, 1], like=like)  # [N, F, A]
-    per_box = b.op("Transpose", [boxes], perm=[1, 0, 2], like=boxes)  # [K, N, 6]
-
-    def part(x: str, start: int, axis: int) -> str:
-        return b.op("Slice", [x, b.ints([start]), b.ints([start + 1]), b.ints([axis])], like=like)
+    # each box's fields [K, N, 6, 1]: corners (x1, y1) and (x2, y2) as pairs [K, N, 2, 1], class, threshold
+    per_box = b.unsqueeze(b.op("Transpose", [boxes], perm=[1, 0, 2], like=boxes), [3])
+    low_corner, high_corner, chosen_class, threshold = b.op_multi("Split", [per_box, b.ints([2, 2, 1, 1])],
+                                                                    outputs=4, axis=2)
 
     def binary(op: str, x: str, y: str) -> str:
         return b.op(op, [x, y], like=like)
 
-    half = b.scalar_like(0.5, like)
-    cx, cy, w, h = (b.squeeze(part(fields, i, 1), [1]) for i in range(4))  # [N, A]
-    x1, x2 = binary("Sub", cx, binary("Mul", w, half)), binary("Add", cx, binary("Mul", w, half))
-    y1, y2 = binary("Sub", cy, binary("Mul", h, half)), binary("Add", cy, binary("Mul", h, half))
-    bx1, by1, bx2, by2, chosen_class, threshold = (part(per_box, i, 2) for i in range(6))  # [K, N, 1]
-    zero = b.scalar_like(0.0, like)
-    across = binary("Max", binary("Sub", binary("Min", x2, bx2), binary("Max", x1, bx1)), zero)  # [K, N, A]
-    down = binary("Max", binary("Sub", binary("Min", y2, by2), binary("Max", y1, by1)), zero)
-    inter = binary("Mul", across, down)
-    area = binary("Mul", binary("Sub", bx2, bx1), binary("Sub", by2, by1))
-    union = binary("Sub", binary("Add", b.op("Abs", [binary("Mul", w, h)], like=like), area), inter)
+    # the predictions' centres and sizes as (x, y) pairs [N, 2, A]: each step below works on both axes at once
+    centres, sizes = (b.op("Slice", [fields, b.ints([i]), b.ints([i + 2]), b.ints([1])], like=like) for i in (0, 2))
+    half = binary("Mul", sizes, b.scalar_like(0.5, like))
+    low, high = binary("Sub", centres, half), binary("Add", centres, half)
+    overlap = binary("Max", binary("Sub", binary("Min", high, high_corner), binary("Max", low, low_corner)),
+                     b.scalar_like(0.0, like))  # [K, N, 2, A]: across, down
+    inter = b.reduce("ReduceProd", overlap, [2])  # [K, N, 1, A]
+    area = b.reduce("ReduceProd", binary("Sub", high_corner, low_corner), [2])  # [K, N, 1, 1]
+    union = binary("Sub", binary("Add", b.op("Abs", [b.reduce("ReduceProd", sizes, [1])], like=like), area), inter)
     iou = binary("Div", inter, binary("Max", union, b.scalar_like(1e-12, like)))
-    mask = b.op("Cast", [b.op("GreaterOrEqual", [iou, threshold])], to=b.info(like).elem_type)  # [K, N, A]
+    counted = b.op("Cast", [b.op("GreaterOrEqual", [iou, threshold])], to=b.info(like).elem_type)  # [K, N, 1, A]
+    mask = b.squeeze(counted, [2])  # [K, N, A]
     counts = b.reduce("ReduceSum", mask, [2], keepdims=False)  # [K, N]
     matches = b.op("Cast", [b.op("Transpose", [counts], perm=[1, 0])], to=TensorProto.INT64)
-    start, stop = (b.constant(0, dtype=TensorProto.INT64), b.squeeze(b.shape_slice(fields, 1, 2), [0])) \
-        if rows is None else (b.constant(rows[0], dtype=TensorProto.INT64), b.constant(rows[1], dtype=TensorProto.INT64))
-    fields_of_rows = b.op("Cast", [b.op("Range", [start, stop, b.constant(1, dtype=TensorProto.INT64)])],
-                          to=b.info(like).elem_type)
-    fields_of_rows = b.unsqueeze(fields_of_rows, [1])  # [F, 1]: the field of each row
     first = 4 if layout == "yolov8" else 5
-    hot = b.op("Cast", [b.op("Equal", [fields_of_rows, b.unsqueeze(binary("Add", chosen_class, b.scalar_like(first, like)),
-                                                                   [3])])], to=b.info(like).elem_type)  # [K, N, F, 1]
-    weights = mask
+    start, stop = (0, (b.info(logits).shape or ())[1 if layout == "yolov8" else 2]) if rows is None else rows
+    fields_of_rows = _field_numbers(b, fields, start, stop, b.info(like).elem_type)  # [F, 1]
+    hot = b.op("Cast", [b.op("Equal", [fields_of_rows, binary("Add", chosen_class, b.scalar_like(first, like))])],
+               to=b.info(like).elem_type)  # [K, N, F, 1]
     if scores is not None:  # s (1 - s) of each box's class: its row among the rows held, gathered per image
-        row = b.op("Cast", [binary("Add", chosen_class, b.scalar_like(first - (rows or (0,))[0], like))],
+        row = b.op("Cast", [b.squeeze(binary("Add", chosen_class, b.scalar_like(first - start, like)), [3])],
                    to=TensorProto.INT64)
         last = b.op("Sub", [b.shape_slice(scores, 1, 2), b.constant([1], dtype=TensorProto.INT64)])
         row = b.op("Min", [b.op("Max", [row, b.constant([0], dtype=TensorProto.INT64)]), last])  # an absent class: hot is 0
         per_image = b.op("Transpose", [row], perm=[1, 0, 2])  # [N, K, 1]
         where = b.op("Expand", [per_image, b.concat([b.shape_slice(per_image, 0, 2), b.shape_slice(fields, 2, 3)], 0)])
-        taken = b.op("Transpose", [b.op("GatherElements", [scores, where], axis=1, like=like)], perm=[1, 0, 2],
-                     like=like)  # [K, N, A]
-        weights = binary("Mul", mask, binary("Mul", taken, binary("Sub", b.scalar_like(1.0, like), taken)))
-    counted = b.unsqueeze(weights, [2])  # [K, N, 1, A]
+        taken = b.op("Transpose", [b.unsqueeze(b.op("GatherElements", [scores, where], axis=1, like=like), [2])],
+                     perm=[1, 0, 2, 3], like=like)  # [K, N, 1, A]
+        counted = binary("Mul", counted, binary("Mul", taken, binary("Sub", b.scalar_like(1.0, like), taken)))
     if layout == "yolov8":  # the class's row times the matches
         seed = b.op("Mul", [hot, counted], name="explainrt/grad/seed/boxes", like=like)
         b.products[seed] = Product(hot, counted, (-1,))
         return seed, matches, mask
     # d(objectness * class score): class score on the objectness row, objectness on the class row
     each = b.unsqueeze(fields, [0])  # [1, N, F, A]
-    objectness = part(each, 4, 2)  # [1, N, 1, A]
+    objectness = b.op("Slice", [each, b.ints([4]), b.ints([5]), b.ints([2])], like=like)  # [1, N, 1, A]
     class_scores = b.reduce("ReduceSum", binary("Mul", hot, each), [2])  # [K, N, 1, A]
     is_objectness = b.op("Cast", [b.op("Equal", [fields_of_rows, b.scalar_like(4.0, like)])], to=b.info(like).elem_type)
     seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, class_scores)))
     return b.op("Transpose", [seed], perm=[0, 1, 3, 2], name="explainrt/grad/seed/boxes", like=like), matches, mask
+
+
+def _field_numbers(b: GradientBuilder, fields: str, start: int, stop: object, elem_type: int) -> str:
+    """The numbers start, ..., stop - 1 of a detector output's fields [F, 1] in its type: a constant where the
+    output's field count ``stop`` is static, else counted from ``fields`` [N, F, A] at run time."""
+    if isinstance(stop, int):
+        return b.constant(np.arange(start, stop)[:, None], dtype=elem_type)
+    count = b.squeeze(b.shape_slice(fields, 1, 2), [0])
+    numbers = b.op("Range", [b.constant(start, dtype=TensorProto.INT64), count, b.constant(1, dtype=TensorProto.INT64)])
+    return b.unsqueeze(b.op("Cast", [numbers], to=elem_type), [1])
 
 
 def _past_zero_rows(b: GradientBuilder, y: str, first: int, targets: Sequence[str]) -> tuple[str, tuple[int, int] | None]:

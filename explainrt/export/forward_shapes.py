@@ -49,8 +49,10 @@ def shapes_from_the_image(model: onnx.ModelProto, image: str) -> int:
             return None
         if batch_inferred:
             return b.ints([-1, *picked[1:]])  # type: ignore[list-item]
+        if () not in made:  # the image's batch, read once for every shape
+            made[()] = b.shape_slice(image, 0, 1)
         if tuple(picked) not in made:
-            made[tuple(picked)] = b.concat([b.shape_slice(image, 0, 1), *([b.ints(picked[1:])] if len(picked) > 1 else [])], 0)  # type: ignore[arg-type]
+            made[tuple(picked)] = b.concat([made[()], *([b.ints(picked[1:])] if len(picked) > 1 else [])], 0)  # type: ignore[arg-type]
         return made[tuple(picked)]
 
     as_reshape_sizes = _read_as_gradient_reshape_sizes(model)
