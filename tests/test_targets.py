@@ -271,14 +271,16 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
     assert inside.count("Conv") >= 8 and not any(n.op_type == "Conv" and n.name.startswith("explainrt/grad/")
                                                  for n in made[True].graph.node)
     # the seed (the box's class row times its matched predictions) is split by scale before the product is made:
-    # each scale's part made from its own matches, no full-size product nor a copy of one
-    for model in made.values():
+    # each scale's part made from its own matches, no full-size product nor a copy of one; the P3 part, whose branch
+    # runs on a window (below), is multiplied on the window's cells alone
+    for windows, model in made.items():
         nodes = [*model.graph.node, *(n for node in _if_nodes(model.graph) for a in node.attribute for n in a.g.node)]
         made_by = {o: n for n in nodes for o in n.output}
         (split,) = [n for n in nodes if n.op_type == "Split" and len(n.output) == 3 and n.input[0] in made_by
                     and made_by[n.input[0]].name.startswith("explainrt/grad/seed/")]
         assert "explainrt/grad/seed/boxes" not in {n.name for n in nodes}
-        assert [sum(part in n.input for n in nodes if n.op_type == "Mul") for part in split.output] == [1] * 3
+        readers = [[n.op_type for n in nodes if part in n.input] for part in split.output]
+        assert readers == [["Reshape"] if windows else ["Mul"], ["Mul"], ["Mul"]], readers
     images = np.concatenate([_image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=5), _image((1, 3, YOLO_SIZE, YOLO_SIZE), seed=6)])
     images = images * 0.2 + 0.5
     with torch.no_grad():
@@ -327,6 +329,7 @@ def test_box_reverse_pass_skips_unmatched_scales(yolo: torch.nn.Module, yolo_nec
     windowed = [a.g for node in wrapped for a in node.attribute if a.name == "then_branch"
                 and any(n.op_type == "Slice" and "/window/" in n.name for n in a.g.node)]
     assert len(windowed) == 1 and not any(n.op_type == "Pad" for n in windowed[0].node)
+    assert sum(n.op_type == "Mul" and n.name.endswith("/product") for n in windowed[0].node) == 1
     cut_tables = [n for n in made[True].graph.node if n.op_type == "Slice" and n.name.startswith("explainrt/zero_branches/")
                   and any(producers.get(i) is None and i in {t.name for t in made[True].graph.initializer} for i in n.input[:1])]
     assert len(cut_tables) == 2  # the head's row and column tables

@@ -157,7 +157,11 @@ def _concat(n: Node, g: Grads) -> Grads:
     axis = int(n.attr("axis"))  # type: ignore[arg-type]
     rank = xs[0].rank
     pos = axis % rank
-    sizes = b.concat([b.shape_slice(x, pos, pos + 1) for x in n.inputs], 0)
+    # static sizes where the graph knows them (not along the batch): the parts' shapes are then known to the passes
+    # that rewrite the reverse pass (``windows``)
+    static = [(b.info(x).shape or ())[pos] if pos > 0 and b.info(x).rank == rank else None for x in n.inputs]
+    sizes = b.ints(static) if all(isinstance(size, int) and size > 0 for size in static) \
+        else b.concat([b.shape_slice(x, pos, pos + 1) for x in n.inputs], 0)  # type: ignore[arg-type]
     product = b.products.get(g[0].name)
     if product is not None and neg_axis(axis, rank) in product.axes:  # the varying factor split, each part multiplied
         parts = b.op_multi("Split", [product.varying, sizes], outputs=len(xs), axis=neg_axis(axis, rank))

@@ -49,7 +49,7 @@ class _Window:
     grid: tuple[int, int]
     margin: int
     spatial: tuple[str, ...]
-    cells: tuple[tuple[str, int], ...]  # with its rank
+    cells: tuple[tuple[str, int, tuple[str, str] | None], ...]  # with its rank and its factors (``_cells_factors``)
     output_ranks: tuple[int, ...]
 
 
@@ -103,7 +103,7 @@ def _window(b: GraphBuilder, infos: dict[str, TensorInfo], then: onnx.GraphProto
         return None
     tracer = _Tracer(b)
     spatial: list[str] = []
-    flat: list[tuple[str, int]] = []
+    flat: list[tuple[str, int, tuple[str, str] | None]] = []
     for name in sorted(read):
         shape = _static(infos, name) if name not in sources else _gradient_shape(infos, record, name)
         if name == record.seeds:
@@ -112,7 +112,7 @@ def _window(b: GraphBuilder, infos: dict[str, TensorInfo], then: onnx.GraphProto
             spatial.append(name)
             tracer.data[name] = _Data(len(shape), "grid", name in sources)
         elif name in sources and shape is not None and shape[-1] == cells:
-            flat.append((name, len(shape)))
+            flat.append((name, len(shape), _cells_factors(b, infos, name, len(shape), cells)))
             tracer.data[name] = _Data(len(shape), "cells", True)
         else:
             return None
@@ -308,10 +308,15 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
                 inner.input[:] = [window_shape]
             continue
         renamed[name] = add("Slice", [name, low, high, axes], f"{b.scope}/{name}")
-    for name, rank in window.cells:
-        as_grid = add("Reshape", [name, b.ints([0] * (rank - 1) + [height, width])], f"{b.scope}/{name}/grid")
+    products = []
+    for name, rank, factors in window.cells:
+        varying = name if factors is None else factors[1]
+        as_grid = add("Reshape", [varying, b.ints([0] * (rank - 1) + [height, width])], f"{b.scope}/{name}/grid")
         cut = add("Slice", [as_grid, low, high, axes], f"{b.scope}/{name}/cut")
         renamed[name] = add("Reshape", [cut, b.ints([0] * (rank - 1) + [-1])], f"{b.scope}/{name}")
+        if factors is not None:  # the product made on the window's cells alone
+            renamed[name] = add("Mul", [factors[0], renamed[name]], f"{b.scope}/{name}/product")
+            products.append(name)
     padded: list[onnx.NodeProto] = []
     remaining = b.op("Sub", [b.ints([height, width]), high])
     for leaving, output, rank in zip(node.output, then.output, window.output_ranks):
@@ -335,6 +340,25 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
     nodes = [*inside, *then.node, *padded]
     del then.node[:]
     then.node.extend(nodes)
+    for name in products:  # the product on the whole grid, if nothing else reads it
+        if not any(name in node_reads(other) for other in b.graph.node):
+            b.graph.node.remove(next(other for other in b.graph.node if name in other.output))
+
+
+def _cells_factors(b: GraphBuilder, infos: dict[str, TensorInfo], name: str, rank: int,
+                   cells: int) -> tuple[str, str] | None:
+    """(a, v) where the branch's input ``name`` [..., cells] is Mul(a, v), a of the same rank and of size 1 on the
+    cells axis, v of the same rank (a box seed's part for one scale: the class rows times that scale's matches): the
+    window then cuts v and multiplies, no product on the whole grid. None for any other input."""
+    producer = next((node for node in b.graph.node if name in node.output), None)
+    if producer is None or producer.op_type != "Mul":
+        return None
+    for a, v in (tuple(producer.input), tuple(reversed(producer.input))):
+        given, varying = infos.get(a), infos.get(v)
+        if given is not None and varying is not None and given.rank == varying.rank == rank \
+                and given.shape[-1] == 1 and varying.shape[-1] == cells:  # type: ignore[index]
+            return a, v
+    return None
 
 
 def _tap_sums(b: GraphBuilder, name: str) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
