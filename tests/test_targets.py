@@ -526,6 +526,60 @@ def test_box_objective_in_one_call_matches_autograd(layout: str, monkeypatch: py
             explainer.explain(image, method="gradcam", targets=Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout=layout))
 
 
+class _RawClassScores(_TinyDetector):
+    """The YOLOv8-layout ``_TinyDetector`` with raw class scores (no Sigmoid for the seed to pass)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.head(torch.relu(self.features(x))).flatten(2)
+        return torch.cat([torch.sigmoid(raw[:, :2]) * 32, torch.sigmoid(raw[:, 2:4]) * 24, raw[:, 4:]], 1)
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5", "yolov8_raw"])
+def test_box_objectives_are_computed_in_the_graph(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A box objective's model returns each box's objective (``explainrt.box_objectives`` [N, K], equal to
+    ``Box.score`` on the same outputs; "yolov8_raw": class scores without a Sigmoid): the map head's and the input
+    gradients' explanations of an image read their objectives from it, with no pass over the predictions in
+    Python; in a batch whose images explain different boxes, each box is still scored on the other images too
+    (``Box.score``), as every target's objective is."""
+    import onnxruntime as ort
+
+    from explainrt.export.spec import BOX_OBJECTIVES_OUTPUT, BOXES_INPUT
+    from explainrt.export.variants import variant_model
+
+    head = "yolov5" if layout == "yolov5" else "yolov8"
+    model = (_RawClassScores("yolov8") if layout == "yolov8_raw" else _TinyDetector(layout)).eval()
+    image = _image((2, 3, 32, 32), seed=14)
+    with torch.no_grad():
+        values = model(torch.from_numpy(image)).numpy()
+    rows = []
+    for i in range(2):
+        predictions = values[i] if head == "yolov5" else values[i].T  # [anchors, fields]
+        picks = [int(np.argmax(predictions[:, -1])), int(np.argmax(predictions[:, -2]))]
+        rows.append([Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), c, iou=0.3, layout=head)
+                     for (cx, cy, w, h), c in zip(predictions[picks, :4], (1, 0))])
+    expected = np.array([[box.score(values[i:i + 1])[0] for box in row] for i, row in enumerate(rows)])
+    assert (np.abs(expected) > 1e-3).all()
+    explainer = Explainer(model, [model.features], input_size=(32, 32))
+    made = variant_model(explainer.session.model, explainer.spec, f"boxes_{head}", False, maps=["gradcam"],
+                         maps_only=True, target_objective=True)
+    boxes = np.array([[[*box.box, box.index, box.iou] for box in row] for row in rows], np.float32)
+    session = ort.InferenceSession(made.SerializeToString(), providers=["CPUExecutionProvider"])
+    (computed,) = session.run([BOX_OBJECTIVES_OUTPUT], {explainer.spec.image_input: image, BOXES_INPUT: boxes})
+    np.testing.assert_allclose(computed, expected, rtol=1e-5)
+
+    def no_python_pass(self: Box, outputs: np.ndarray) -> np.ndarray:
+        raise AssertionError("the objectives were computed again in Python")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Box, "score", no_python_pass)
+        for method in ("gradcam", "saliency"):
+            for i in range(2):
+                np.testing.assert_allclose(explainer.explain(image[i:i + 1], method=method, targets=[rows[i]]).logits,
+                                           expected[i:i + 1], rtol=1e-5, err_msg=f"{method}, image {i}")
+    for method in ("gradcam", "saliency"):
+        np.testing.assert_allclose(explainer.explain(image, method=method, targets=rows).logits, expected, rtol=1e-5)
+
+
 def test_boxes_on_copies_of_the_image_score_zero_on_the_image_they_must_match() -> None:
     """IG's interpolations and SmoothGrad's noisy copies may match no prediction: they score 0 (no error), and
     IG equals its integral computed with torch.autograd, each point's matches decided on its own forward pass.

@@ -35,6 +35,7 @@ from explainrt.export.forward_shapes import shapes_from_the_image
 from explainrt.export.spec import (
     BOX_MATCHES_OUTPUT,
     BOX_OBJECTIVES,
+    BOX_OBJECTIVES_OUTPUT,
     BOXES_INPUT,
     METADATA_KEY,
     OBJECTIVES,
@@ -139,7 +140,7 @@ def make_explainable(
     targets = [name for name, _ in chosen]
     log.info("explaining %s w.r.t. %s", logits_name, ", ".join(f"{n} ({l.kind})" for n, l in chosen))
 
-    resolved, matched = None, None
+    resolved, matched, box_objectives = None, None, None
     if objective == "weights":
         axes = [f"d{axis}" if d is None else d for axis, d in enumerate(output_shape, start=2)]
         weights = builder.add_input(WEIGHTS_INPUT, output_info.elem_type, ["N", "K", *axes])
@@ -164,8 +165,8 @@ def make_explainable(
             of, rows = _past_zero_rows(builder, logits_name, 4, targets) if BOX_OBJECTIVES[objective] == "yolov8" \
                 else (logits_name, None)
             below_sigmoid = _sigmoid_of(builder, of, targets) if rows is not None else None
-            seed, matches, matched = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective], rows,
-                                               None if below_sigmoid is None else of)
+            seed, matches, matched, box_objectives = _box_seed(builder, logits_name, boxes, BOX_OBJECTIVES[objective],
+                                                               rows, None if below_sigmoid is None else of)
             of = below_sigmoid or of
     else:
         requested = builder.add_input(TARGETS_INPUT, TensorProto.INT64, ["N", "K"])
@@ -189,6 +190,8 @@ def make_explainable(
     if objective in BOX_OBJECTIVES:
         builder.add_output(BOX_MATCHES_OUTPUT, matches, TensorProto.INT64,
                            ["N", "K", "B"] if objective in WEIGHTED_BOX_OBJECTIVES else ["N", "K"])
+    if box_objectives is not None:
+        builder.add_output(BOX_OBJECTIVES_OUTPUT, box_objectives, output_info.elem_type, ["N", "K"])
     for index, (target, layout) in enumerate(chosen):
         elem_type = builder.info(target).elem_type
         channels_hw = [layout.channels, *_declared_grid(builder, target, layout)]
@@ -560,9 +563,10 @@ def _probability_seed(b: GradientBuilder, logits: str, resolved: str) -> tuple[s
 
 
 def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tuple[int, int] | None = None,
-              scores: str | None = None) -> tuple[str, str, str]:
+              scores: str | None = None) -> tuple[str, str, str, str]:
     """Cotangent [K, N, *shape(y)[1:]] of each box target on a raw detector head y, how many predictions each box
-    matched [N, K] (int64) and which [K, N, anchors] (0/1). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input
+    matched [N, K] (int64), which [K, N, anchors] (0/1) and the objective [N, K] (the matched predictions' class
+    scores summed, what ``Box.score`` computes, without a second pass in Python). ``boxes`` [N, K, 6]: x1, y1, x2, y2 (input
     pixels), class, IoU threshold. ``rows`` (YOLOv8): the cotangent of only the fields [start, stop) of y's
     axis 1, made from the class's rows and the matches (a product of two small factors: no full-size slice).
     ``scores``: those rows, s = Sigmoid(x) (``_sigmoid_of``): the cotangent of x instead, the matches times
@@ -600,27 +604,42 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tu
     fields_of_rows = _field_numbers(b, fields, start, stop, b.info(like).elem_type)  # [F, 1]
     hot = b.op("Cast", [b.op("Equal", [fields_of_rows, binary("Add", chosen_class, b.scalar_like(first, like))])],
                to=b.info(like).elem_type)  # [K, N, F, 1]
-    if scores is not None:  # s (1 - s) of each box's class: its row among the rows held, gathered per image
-        row = b.op("Cast", [b.squeeze(binary("Add", chosen_class, b.scalar_like(first - start, like)), [3])],
-                   to=TensorProto.INT64)
-        last = b.op("Sub", [b.shape_slice(scores, 1, 2), b.constant([1], dtype=TensorProto.INT64)])
-        row = b.op("Min", [b.op("Max", [row, b.constant([0], dtype=TensorProto.INT64)]), last])  # an absent class: hot is 0
-        per_image = b.op("Transpose", [row], perm=[1, 0, 2])  # [N, K, 1]
-        where = b.op("Expand", [per_image, b.concat([b.shape_slice(per_image, 0, 2), b.shape_slice(fields, 2, 3)], 0)])
-        taken = b.op("Transpose", [b.unsqueeze(b.op("GatherElements", [scores, where], axis=1, like=like), [2])],
-                     perm=[1, 0, 2, 3], like=like)  # [K, N, 1, A]
-        counted = binary("Mul", counted, binary("Mul", taken, binary("Sub", b.scalar_like(1.0, like), taken)))
+    matched = counted
+
+    def objectives(values: str) -> str:  # the matched predictions' values summed, [N, K]
+        summed = b.reduce("ReduceSum", binary("Mul", matched, values), [2, 3], keepdims=False)
+        return b.op("Transpose", [summed], perm=[1, 0], like=like)
+
     if layout == "yolov8":  # the class's row times the matches
+        class_scores = _class_row(b, fields if scores is None else scores, chosen_class, first - (0 if scores is None
+                                                                                                   else start), like)
+        if scores is not None:  # s (1 - s) of each box's class: its row among the rows held
+            counted = binary("Mul", counted, binary("Mul", class_scores, binary("Sub", b.scalar_like(1.0, like),
+                                                                                 class_scores)))
         seed = b.op("Mul", [hot, counted], name="explainrt/grad/seed/boxes", like=like)
         b.products[seed] = Product(hot, counted, (-1,))
-        return seed, matches, mask
+        return seed, matches, mask, objectives(class_scores)
     # d(objectness * class score): class score on the objectness row, objectness on the class row
     each = b.unsqueeze(fields, [0])  # [1, N, F, A]
     objectness = b.op("Slice", [each, b.ints([4]), b.ints([5]), b.ints([2])], like=like)  # [1, N, 1, A]
     class_scores = b.reduce("ReduceSum", binary("Mul", hot, each), [2])  # [K, N, 1, A]
     is_objectness = b.op("Cast", [b.op("Equal", [fields_of_rows, b.scalar_like(4.0, like)])], to=b.info(like).elem_type)
     seed = binary("Mul", counted, binary("Add", binary("Mul", hot, objectness), binary("Mul", is_objectness, class_scores)))
-    return b.op("Transpose", [seed], perm=[0, 1, 3, 2], name="explainrt/grad/seed/boxes", like=like), matches, mask
+    return (b.op("Transpose", [seed], perm=[0, 1, 3, 2], name="explainrt/grad/seed/boxes", like=like), matches, mask,
+            objectives(binary("Mul", objectness, class_scores)))
+
+
+def _class_row(b: GradientBuilder, values: str, chosen_class: str, offset: int, like: str) -> str:
+    """Row ``chosen_class + offset`` of ``values`` [N, F, A] for each box (``chosen_class`` [K, N, 1, 1]), gathered per
+    image as [K, N, 1, A]; a class outside the rows reads the nearest row (its box's one-hot row is zero there)."""
+    row = b.op("Cast", [b.squeeze(b.op("Add", [chosen_class, b.scalar_like(offset, like)], like=like), [3])],
+               to=TensorProto.INT64)
+    last = b.op("Sub", [b.shape_slice(values, 1, 2), b.constant([1], dtype=TensorProto.INT64)])
+    row = b.op("Min", [b.op("Max", [row, b.constant([0], dtype=TensorProto.INT64)]), last])
+    per_image = b.op("Transpose", [row], perm=[1, 0, 2])  # [N, K, 1]
+    where = b.op("Expand", [per_image, b.concat([b.shape_slice(per_image, 0, 2), b.shape_slice(values, 2, 3)], 0)])
+    return b.op("Transpose", [b.unsqueeze(b.op("GatherElements", [values, where], axis=1, like=like), [2])],
+                perm=[1, 0, 2, 3], like=like)
 
 
 def _field_numbers(b: GradientBuilder, fields: str, start: int, stop: object, elem_type: int) -> str:
@@ -797,7 +816,7 @@ def _weighted_box_seed(b: GradientBuilder, logits: str, weights: str, boxes: str
     boxes (``boxes`` [N, K, B, 6], as ``_box_seed``'s), and each box's match count [N, K, B]: a Box mixed
     with other linear targets, or a sum of boxes, in one pass (padding boxes have an IoU threshold > 1)."""
     flat = b.op("Reshape", [boxes, b.ints([0, -1, 6])], like=boxes)  # [N, K * B, 6]
-    per_box, matches, _ = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
+    per_box, matches, _, _ = _box_seed(b, logits, flat, layout)  # [K * B, N, *out], [N, K * B]
     counts = b.shape_slice(boxes, 1, 3)  # K, B
     split = b.op("Reshape", [per_box, b.concat([counts, b.shape_slice(per_box, 1)], 0)], like=per_box)
     boxed = b.reduce("ReduceSum", split, [1], keepdims=False)  # [K, N, *out]

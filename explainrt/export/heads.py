@@ -25,6 +25,7 @@ from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export.forward_shapes import shapes_from_the_image
 from explainrt.export.spec import (
     BOX_MATCHES_OUTPUT,
+    BOX_OBJECTIVES_OUTPUT,
     BOX_OBJECTIVES,
     MAPS_PREFIX,
     METADATA_KEY,
@@ -164,7 +165,7 @@ def keep_maps_only(model: onnx.ModelProto, methods: Sequence[str]) -> onnx.Model
     if missing or not methods:
         raise InvalidInputError(f"the model has map heads for {list(spec.maps)}; maps-only needs some of them, "
                                 f"got {list(methods)}")
-    wanted = {RESOLVED_TARGETS_OUTPUT, BOX_MATCHES_OUTPUT, *(maps_output(m) for m in methods)}
+    wanted = {RESOLVED_TARGETS_OUTPUT, BOX_MATCHES_OUTPUT, BOX_OBJECTIVES_OUTPUT, *(maps_output(m) for m in methods)}
     outputs = [o for o in model.graph.output if not o.name.startswith("explainrt.") or o.name in wanted]
     del model.graph.output[:]
     model.graph.output.extend(outputs)

@@ -40,6 +40,7 @@ WEIGHTS_INPUT = "explainrt.weights"
 BOXES_INPUT = "explainrt.boxes"
 RESOLVED_TARGETS_OUTPUT = "explainrt.resolved_targets"
 BOX_MATCHES_OUTPUT = "explainrt.box_matches"
+BOX_OBJECTIVES_OUTPUT = "explainrt.box_objectives"  # [N, K]: each box's objective (its matched predictions' scores)
 METADATA_KEY = "explainrt"
 
 
@@ -143,7 +144,8 @@ OBJECTIVES = {
     "weights": "a linear objective sum(w * y), w fed per image and target as explainrt.weights [N, K, *shape(y)[1:]]",
     "boxes_yolov8": "a detector head's class score summed over the predictions whose box overlaps a given box with IoU "
                     ">= a threshold, decided in the graph on the same pass: explainrt.boxes [N, K, 6] (x1, y1, x2, y2, "
-                    "class, iou) on a YOLOv8 head [N, 4 + classes, anchors]; output explainrt.box_matches [N, K]",
+                    "class, iou) on a YOLOv8 head [N, 4 + classes, anchors]; outputs explainrt.box_matches [N, K] (how many "
+                    "predictions each box matched) and explainrt.box_objectives [N, K] (the objective)",
     "boxes_yolov5": "the same on a YOLOv5 head [N, anchors, 5 + classes] (score: objectness x class)",
     "weights_boxes_yolov8": "per target, a linear objective sum(w * y) plus the box objectives of B boxes, in one pass: "
                             "explainrt.weights [N, K, *shape(y)[1:]] and explainrt.boxes [N, K, B, 6] (a box with iou "

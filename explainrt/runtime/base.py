@@ -48,6 +48,7 @@ class RunResult:
     targets: np.ndarray  # [N, K] resolved class indices
     activations: list[np.ndarray]  # per target layer [N, C, h, w]
     gradients: list[np.ndarray]  # per target layer [N, K, C, h, w]
+    objectives: np.ndarray | None = None  # [N, K] each target's objective where the graph computed it (boxes)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class MapsResult:
     logits: Any  # [N, classes]
     targets: Any  # [N, K] resolved class indices
     maps: Any  # [N, K, H, W] float32, normalised as the Python path normalises CAM maps
+    objectives: Any = None  # [N, K] each target's objective where the graph computed it (boxes)
 
 
 @runtime_checkable

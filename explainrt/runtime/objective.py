@@ -125,7 +125,26 @@ class TargetSession:
             parts = [(rows, self._call(images[rows], [chosen[i] for i in rows], kind, call))
                      for kind, rows in ((True, np.flatnonzero(softmax)), (False, np.flatnonzero(~softmax)))]
             result = _merged(parts, images.shape[0])
-        return dataclasses.replace(result, logits=self.scores(to_host(result.logits)), targets=ids)
+        return dataclasses.replace(result, logits=self._objectives(result, ids), targets=ids)
+
+    def _objectives(self, result: Result, ids: np.ndarray) -> np.ndarray:
+        """Every target's objective [N, T] on the outputs of ``result``: each image's own targets (``ids``) as the graph
+        computed them where it did (box objectives: the same predictions the gradient is of), the others, and every
+        one where the graph did not, by ``scores``."""
+        computed = result.objectives
+        if computed is None:
+            return self.scores(to_host(result.logits))
+        values = np.zeros((ids.shape[0], len(self.targets)), dtype=np.float32)
+        known = np.zeros(values.shape, dtype=bool)
+        rows = np.arange(ids.shape[0])[:, None]
+        values[rows, ids] = to_host(computed)
+        known[rows, ids] = True
+        if not known.all():
+            outputs = to_host(result.logits)
+            for column in np.flatnonzero(~known.all(axis=0)):
+                missing = ~known[:, column]
+                values[missing, column] = self.targets[column].score(outputs[missing])
+        return values
 
     def _call(self, images: np.ndarray, chosen: list[list[Target]], softmax: bool,
               call: Callable[[np.ndarray, Any, str], Result]) -> Result:
@@ -273,6 +292,9 @@ def _merged(parts: list[tuple[np.ndarray, Result]], count: int) -> Result:
     values: dict[str, Any] = {}
     for field in dataclasses.fields(parts[0][1]):  # type: ignore[arg-type]
         value = getattr(parts[0][1], field.name)
+        if any(getattr(result, field.name) is None for _, result in parts):  # a field only some results have
+            values[field.name] = None
+            continue
         values[field.name] = ([gather(lambda r, n=field.name, i=i: getattr(r, n)[i]) for i in range(len(value))]
                               if isinstance(value, list) else gather(lambda r, n=field.name: getattr(r, n)))
     return type(parts[0][1])(**values)

@@ -3,6 +3,7 @@ with CUDAExecutionProvider first, inputs and outputs are bound on the device by 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,8 +21,11 @@ from explainrt.export.heads import (
     without_maps,
 )
 from explainrt.export.spec import (
+    BOX_OBJECTIVES,
+    BOX_OBJECTIVES_OUTPUT,
     REFERENCE_PREFIX,
     TARGETS_INPUT,
+    WEIGHTED_BOX_OBJECTIVES,
     ExplainableSpec,
     maps_output,
     original_model,
@@ -95,6 +99,7 @@ class OnnxRuntimeSession:
         self._plain: object | None = None
         self._heads: dict[int, tuple[object, bool]] = {}
         self._input_types: dict[object, dict[str, np.dtype]] = {}
+        self._output_names: dict[object, set[str]] = {}
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
         self._variants: dict[tuple[Any, ...], tuple[object, list[str], list[list[int | str | None]]]] = {} if (
             self.spec.maps_only or lean) else {
@@ -173,10 +178,20 @@ class OnnxRuntimeSession:
             session = self._session(headed)
             self._objective_variants[objective] = (methods, session)
         outputs = output_names(self.spec.logits, 0, objective)
-        values = self._run(session, [*outputs, maps_output(method)],
+        computed = self._box_objectives(session, objective)
+        values = self._run(session, [*outputs, *computed, maps_output(method)],
                            {self.spec.image_input: images, **targets_feed(objective, targets)})
-        result = run_result(values[:-1], objective, targets)
-        return MapsResult(result.logits, result.targets, values[-1])
+        result = run_result(values[:len(outputs)], objective, targets)
+        return MapsResult(result.logits, result.targets, values[-1], values[len(outputs)] if computed else None)
+
+    def _box_objectives(self, session: object, objective: str) -> list[str]:
+        """The output of each box's objective, where ``session``'s model has one (a box objective's, not a weighted
+        one's; a model exported by an earlier explainrt has none): the objectives then need no pass in Python."""
+        if objective not in BOX_OBJECTIVES or objective in WEIGHTED_BOX_OBJECTIVES:
+            return []
+        if session not in self._output_names:
+            self._output_names[session] = {o.name for o in session.get_outputs()}  # type: ignore[attr-defined]
+        return [BOX_OBJECTIVES_OUTPUT] if BOX_OBJECTIVES_OUTPUT in self._output_names[session] else []
 
     def _variant(self, objective: str, of_input: bool, defended: bool = False,
                  images: Any = None) -> tuple[object, list[str], list[list[int | str | None]]]:
@@ -196,8 +211,11 @@ class OnnxRuntimeSession:
 
     def _run_variant(self, images: np.ndarray, targets: np.ndarray, objective: str, of_input: bool) -> RunResult:
         session, outputs, _ = self._variant(objective, of_input, images=images)
-        values = self._run(session, outputs, {self.spec.image_input: images, **targets_feed(objective, targets)})
-        return run_result(values, objective, targets)
+        computed = self._box_objectives(session, objective)
+        values = self._run(session, [*outputs, *computed], {self.spec.image_input: images,
+                                                            **targets_feed(objective, targets)})
+        result = run_result(values[:len(outputs)], objective, targets)
+        return dataclasses.replace(result, objectives=values[-1]) if computed else result
 
     def _run(self, session: object, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
         """Run ``session``: in chunks of the model's static batch where it has one (the last chunk padded
