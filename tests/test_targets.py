@@ -491,6 +491,18 @@ class _TinyDetector(torch.nn.Module):
         return fields if self.layout == "yolov8" else fields.transpose(1, 2)
 
 
+def _boxes_of_top_predictions(values: np.ndarray, layout: str, iou: float) -> list[list[Box]]:
+    """Per image of a ``_TinyDetector``'s outputs, two Boxes: of class 1 around its most confident prediction of the
+    last class, of class 0 around that of the one before (clipped to the 32x32 image)."""
+    rows = []
+    for output in values:
+        predictions = output if layout == "yolov5" else output.T  # [anchors, fields]
+        picks = [int(np.argmax(predictions[:, -1])), int(np.argmax(predictions[:, -2]))]
+        rows.append([Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), c, iou=iou, layout=layout)
+                     for (cx, cy, w, h), c in zip(predictions[picks, :4], (1, 0))])
+    return rows
+
+
 @pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
 def test_box_objective_in_one_call_matches_autograd(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """K Box targets per image on both layouts, both backends: one runtime call (the overlaps decided in the
@@ -500,12 +512,7 @@ def test_box_objective_in_one_call_matches_autograd(layout: str, monkeypatch: py
     x = torch.from_numpy(image).requires_grad_(True)
     out = model(x)
     values = out.detach().numpy()
-    rows = []
-    for i in range(2):
-        predictions = values[i] if layout == "yolov5" else values[i].T  # [anchors, fields]
-        picks = [int(np.argmax(predictions[:, -1])), int(np.argmax(predictions[:, -2]))]
-        rows.append([Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), c, iou=0.7, layout=layout)
-                     for (cx, cy, w, h), c in zip(predictions[picks, :4], (1, 0))])
+    rows = _boxes_of_top_predictions(values, layout, iou=0.7)
     for backend in ("onnxruntime", "torch"):
         explainer = Explainer(model, [model.features], backend=backend, input_size=(32, 32))
         calls = _Calls(explainer, monkeypatch)
@@ -551,12 +558,7 @@ def test_box_objectives_are_computed_in_the_graph(layout: str, monkeypatch: pyte
     image = _image((2, 3, 32, 32), seed=14)
     with torch.no_grad():
         values = model(torch.from_numpy(image)).numpy()
-    rows = []
-    for i in range(2):
-        predictions = values[i] if head == "yolov5" else values[i].T  # [anchors, fields]
-        picks = [int(np.argmax(predictions[:, -1])), int(np.argmax(predictions[:, -2]))]
-        rows.append([Box(np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 32), c, iou=0.3, layout=head)
-                     for (cx, cy, w, h), c in zip(predictions[picks, :4], (1, 0))])
+    rows = _boxes_of_top_predictions(values, head, iou=0.3)
     expected = np.array([[box.score(values[i:i + 1])[0] for box in row] for i, row in enumerate(rows)])
     assert (np.abs(expected) > 1e-3).all()
     explainer = Explainer(model, [model.features], input_size=(32, 32))
