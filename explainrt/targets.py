@@ -260,9 +260,16 @@ class Region(Target):
 
     def gradient(self, output: np.ndarray) -> np.ndarray:
         self.check(output.shape, (0, 0))
-        weights = np.zeros_like(output)
+        weights = np.zeros(output.shape, dtype=output.dtype)
         weights[self.index] = self.mask
         return weights
+
+    def score(self, outputs: np.ndarray) -> np.ndarray:
+        """The masked sum of the class's map alone: the other classes' zero weights read nothing (a segmenter's
+        whole output would be read, in float64, a few times over)."""
+        for output in outputs:
+            self.check(output.shape, (0, 0))
+        return np.array([float((self.mask.astype(np.float64) * y[self.index]).sum()) for y in outputs], dtype=np.float32)
 
     def outline(self, size: tuple[int, int]) -> np.ndarray | None:
         """The mask's border (masked pixels with an unmasked 4-neighbour or on the image's edge)."""

@@ -93,6 +93,22 @@ def test_region_gradcam_matches_pytorch_grad_cam(deeplab: torch.nn.Module, deepl
     np.testing.assert_allclose(dropped_in, reference, atol=2e-4)
 
 
+def test_region_score_is_the_masked_sum_of_its_class() -> None:
+    """``Region.score`` reads its class's map alone: equal to the linear objective sum(gradient * y) that every
+    target's score is, for a weighted mask on several outputs; a mask of the wrong size is refused."""
+    from explainrt.targets import Target
+
+    rng = np.random.default_rng(3)
+    outputs = rng.normal(size=(3, 5, 6, 7)).astype(np.float32)
+    region = Region(2, rng.random((6, 7)))
+    expected = Target.score(region, outputs)
+    assert np.abs(expected).min() > 1e-3
+    np.testing.assert_allclose(region.score(outputs), expected, rtol=1e-6)
+    np.testing.assert_allclose(region.score(outputs), [(region.mask * y[2]).sum() for y in outputs], rtol=1e-5)
+    with pytest.raises(InvalidTargetError, match="Region mask has shape"):
+        region.score(outputs[:, :, :5])
+
+
 def test_region_weighted_mask_input_gradients_match_autograd(deeplab: torch.nn.Module,
                                                               deeplab_explainer: Explainer) -> None:
     """A weighted mask; Saliency's signed sum over channels is the input gradient summed over channels."""
