@@ -56,7 +56,7 @@ class Target(ABC):
 
     @abstractmethod
     def gradient(self, output: np.ndarray) -> np.ndarray:
-        """df/dy at one image's output ``output`` (same shape)."""
+        """df/dy at one image's output ``output`` (same shape; read-only: a new array is returned)."""
 
     @property
     def ranked(self) -> bool:

@@ -596,6 +596,21 @@ def test_box_objectives_are_computed_in_the_graph(layout: str, monkeypatch: pyte
                                            expected[i:i + 1], rtol=1e-5, err_msg=f"{method}, image {i}")
     for method in ("gradcam", "saliency"):
         np.testing.assert_allclose(explainer.explain(image, method=method, targets=rows).logits, expected, rtol=1e-5)
+    # a class the output does not have: its seed is zero, and so is its objective (not its nearest row's)
+    absent = boxes.copy()
+    absent[:, :, 4] = [7, 99]
+    (zeros, matches) = session.run([BOX_OBJECTIVES_OUTPUT, "explainrt.box_matches"],
+                                   {explainer.spec.image_input: image, BOXES_INPUT: absent})
+    assert (matches > 0).all() and not zeros.any()
+    # float16: the objectives summed and returned in float32
+    from onnxconverter_common import float16
+
+    from explainrt.export.spec import original_model
+
+    half = Explainer(float16.convert_float_to_float16(original_model(explainer.session.model), keep_io_types=True))
+    explained = half.explain(image, targets=rows)
+    assert explained.logits.dtype == np.float32
+    np.testing.assert_allclose(explained.logits, expected, rtol=2e-2)
 
 
 def test_boxes_on_copies_of_the_image_score_zero_on_the_image_they_must_match() -> None:

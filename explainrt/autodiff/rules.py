@@ -159,7 +159,9 @@ def _concat(n: Node, g: Grads) -> Grads:
     pos = axis % rank
     # static sizes where the graph knows them (not along the batch): the parts' shapes are then known to the passes
     # that rewrite the reverse pass (``windows``)
-    static = [(b.info(x).shape or ())[pos] if pos > 0 and b.info(x).rank == rank else None for x in n.inputs]
+    infos = [b.infos.get(x) for x in n.inputs]
+    static = [info.shape[pos] if pos > 0 and info is not None and info.rank == rank else None  # type: ignore[index]
+              for info in infos]
     sizes = b.ints(static) if all(isinstance(size, int) and size > 0 for size in static) \
         else b.concat([b.shape_slice(x, pos, pos + 1) for x in n.inputs], 0)  # type: ignore[arg-type]
     product = b.products.get(g[0].name)

@@ -296,13 +296,16 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
         inside.append(helper.make_node(op_type, inputs, [output], name=output, **attributes))
         return output
 
+    window_size = b.op("Sub", [high, low])
     for name in window.spatial:
         readers = [inner for inner in then.node if name in inner.input]
         if readers and all(inner.op_type == "Shape" for inner in readers):
-            # read for its window's shape alone: that shape is made from its own leading axes and the window's
-            # size, with no copy of the data (ONNX Runtime converts a convolution's blocked output for any reader)
-            lead = add("Shape", [name], f"{b.scope}/{name}/leading", end=-2)
-            window_shape = add("Concat", [lead, b.op("Sub", [high, low])], f"{b.scope}/{name}/shape", axis=0)
+            # read for its window's shape alone: that shape is its own leading axes and the window's size, with no
+            # copy of the data (ONNX Runtime converts a convolution's blocked output for any reader; the Shape of a
+            # forward tensor becomes constants and the image's batch, ``shapes_from_the_image``)
+            lead = add("Slice", [add("Shape", [name], f"{b.scope}/{name}/whole"), b.ints([0]), b.ints([-2])],
+                       f"{b.scope}/{name}/leading")
+            window_shape = add("Concat", [lead, window_size], f"{b.scope}/{name}/shape", axis=0)
             for inner in readers:
                 inner.op_type = "Identity"
                 inner.input[:] = [window_shape]

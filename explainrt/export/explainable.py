@@ -191,7 +191,7 @@ def make_explainable(
         builder.add_output(BOX_MATCHES_OUTPUT, matches, TensorProto.INT64,
                            ["N", "K", "B"] if objective in WEIGHTED_BOX_OBJECTIVES else ["N", "K"])
     if box_objectives is not None:
-        builder.add_output(BOX_OBJECTIVES_OUTPUT, box_objectives, output_info.elem_type, ["N", "K"])
+        builder.add_output(BOX_OBJECTIVES_OUTPUT, box_objectives, TensorProto.FLOAT, ["N", "K"])
     for index, (target, layout) in enumerate(chosen):
         elem_type = builder.info(target).elem_type
         channels_hw = [layout.channels, *_declared_grid(builder, target, layout)]
@@ -600,15 +600,20 @@ def _box_seed(b: GradientBuilder, logits: str, boxes: str, layout: str, rows: tu
     counts = b.reduce("ReduceSum", mask, [2], keepdims=False)  # [K, N]
     matches = b.op("Cast", [b.op("Transpose", [counts], perm=[1, 0])], to=TensorProto.INT64)
     first = 4 if layout == "yolov8" else 5
-    start, stop = (0, (b.info(logits).shape or ())[1 if layout == "yolov8" else 2]) if rows is None else rows
+    shape = b.info(logits).shape or ()
+    start, stop = (0, shape[1 if layout == "yolov8" else 2] if len(shape) == 3 else None) if rows is None else rows
     fields_of_rows = _field_numbers(b, fields, start, stop, b.info(like).elem_type)  # [F, 1]
     hot = b.op("Cast", [b.op("Equal", [fields_of_rows, binary("Add", chosen_class, b.scalar_like(first, like))])],
                to=b.info(like).elem_type)  # [K, N, F, 1]
     matched = counted
 
-    def objectives(values: str) -> str:  # the matched predictions' values summed, [N, K]
-        summed = b.reduce("ReduceSum", binary("Mul", matched, values), [2, 3], keepdims=False)
-        return b.op("Transpose", [summed], perm=[1, 0], like=like)
+    def objectives(values: str) -> str:
+        """The matched predictions' ``values`` [K, N, 1, A] summed in float32, [N, K]; 0 for a class the output does
+        not have (no row of ``hot``: its seed is zero too)."""
+        product = binary("Mul", matched, binary("Mul", values, b.reduce("ReduceMax", hot, [2])))
+        if b.info(like).elem_type != TensorProto.FLOAT:  # a float16 model's: summed in float32
+            product = b.op("Cast", [product], to=TensorProto.FLOAT)
+        return b.op("Transpose", [b.reduce("ReduceSum", product, [2, 3], keepdims=False)], perm=[1, 0])
 
     if layout == "yolov8":  # the class's row times the matches
         class_scores = _class_row(b, fields if scores is None else scores, chosen_class, first - (0 if scores is None

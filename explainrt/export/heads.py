@@ -25,8 +25,8 @@ from explainrt.errors import InvalidInputError, InvalidModelError
 from explainrt.export.forward_shapes import shapes_from_the_image
 from explainrt.export.spec import (
     BOX_MATCHES_OUTPUT,
-    BOX_OBJECTIVES_OUTPUT,
     BOX_OBJECTIVES,
+    BOX_OBJECTIVES_OUTPUT,
     MAPS_PREFIX,
     METADATA_KEY,
     OBJECTIVES,
@@ -156,10 +156,10 @@ def add_map_heads(model: onnx.ModelProto, maps: str | Sequence[str], maps_only: 
 
 def keep_maps_only(model: onnx.ModelProto, methods: Sequence[str]) -> onnx.ModelProto:
     """The explainable ``model`` (changed in place) returning only its original outputs,
-    ``explainrt.resolved_targets`` (a box objective's ``explainrt.box_matches``) and the maps of ``methods``
-    (heads it has): the activation and gradient outputs, other maps and every node only they need are
-    dropped. ONNX Runtime runs all of a model's nodes whatever is fetched, so a runtime asked for maps
-    alone runs this."""
+    ``explainrt.resolved_targets`` (a box objective's ``explainrt.box_matches`` and ``explainrt.box_objectives``)
+    and the maps of ``methods`` (heads it has): the activation and gradient outputs, other maps and every node
+    only they need are dropped. ONNX Runtime runs all of a model's nodes whatever is fetched, so a runtime asked
+    for maps alone runs this."""
     spec = ExplainableSpec.from_model(model)
     missing = [m for m in methods if m not in spec.maps]
     if missing or not methods:

@@ -125,7 +125,7 @@ class TargetSession:
             parts = [(rows, self._call(images[rows], [chosen[i] for i in rows], kind, call))
                      for kind, rows in ((True, np.flatnonzero(softmax)), (False, np.flatnonzero(~softmax)))]
             result = _merged(parts, images.shape[0])
-        return dataclasses.replace(result, logits=self._objectives(result, ids), targets=ids)
+        return dataclasses.replace(result, logits=self._objectives(result, ids), targets=ids, objectives=None)
 
     def _objectives(self, result: Result, ids: np.ndarray) -> np.ndarray:
         """Every target's objective [N, T] on the outputs of ``result``: each image's own targets (``ids``) as the graph
@@ -248,7 +248,8 @@ class TargetSession:
 
     def _outputs(self, images: np.ndarray, values: bool) -> np.ndarray:
         """What the targets' gradients are taken at: the forward pass's outputs where a target reads
-        them (or the output's size is known only at run time), else zeros of the stored shape."""
+        them (or the output's size is known only at run time), else a read-only zero of the stored shape
+        (a broadcast: nothing written for a target that reads the shape alone)."""
         shape = self.inner.spec.output_shape
         if values or not shape or not all(isinstance(d, int) for d in shape):
             return to_host(self.inner.logits(images))
