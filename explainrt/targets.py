@@ -269,7 +269,8 @@ class Region(Target):
         whole output would be read, in float64, a few times over)."""
         for output in outputs:
             self.check(output.shape, (0, 0))
-        return np.array([float((self.mask.astype(np.float64) * y[self.index]).sum()) for y in outputs], dtype=np.float32)
+        mask = self.mask.astype(np.float64)
+        return np.array([float((mask * y[self.index]).sum()) for y in outputs], dtype=np.float32)
 
     def outline(self, size: tuple[int, int]) -> np.ndarray | None:
         """The mask's border (masked pixels with an unmasked 4-neighbour or on the image's edge)."""

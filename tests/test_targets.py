@@ -549,6 +549,27 @@ def test_box_objective_in_one_call_matches_autograd(layout: str, monkeypatch: py
             explainer.explain(image, method="gradcam", targets=Box([0, 0, 0.5, 0.5], 1, iou=0.9, layout=layout))
 
 
+def test_replaced_maps_only_session_is_freed() -> None:
+    """A box objective's maps-only session rebuilt with one more method's head lets the old one go (with its copy of
+    the weights): what the session remembers of each runtime session does not hold it."""
+    import gc
+    import weakref
+
+    model = _TinyDetector("yolov8").eval()
+    image = _image((1, 3, 32, 32), seed=14)
+    with torch.no_grad():
+        rows = _boxes_of_top_predictions(model(torch.from_numpy(image)).numpy(), "yolov8", iou=0.3)
+    explainer = Explainer(model, [model.features], input_size=(32, 32))
+    explainer.explain(image, method="gradcam", targets=rows)
+    ((methods, first),) = explainer.session._objective_variants.values()  # type: ignore[attr-defined]
+    assert methods == ("gradcam",)
+    replaced = weakref.ref(first)
+    del first
+    explainer.explain(image, method="layercam", targets=rows)
+    gc.collect()
+    assert replaced() is None
+
+
 class _RawClassScores(_TinyDetector):
     """The YOLOv8-layout ``_TinyDetector`` with raw class scores (no Sigmoid for the seed to pass)."""
 

@@ -275,6 +275,12 @@ def test_detector_branches_on_windows_of_non_square_grids() -> None:
     for branch in branches:
         cuts = [n.output[0] for n in branch.node if n.op_type == "Slice" and "/window/" in n.name]
         assert cuts and all(any(cut in n.input and n.op_type != "Shape" for n in branch.node) for cut in cuts)
+    # every node the rewrite added is read: none left to run for nothing
+    from explainrt.autodiff.builder import node_reads
+
+    for graph in (made[True].graph, *branches):
+        read = {name for n in graph.node for name in node_reads(n)} | {o.name for o in graph.output}
+        assert not [n.name for n in graph.node if n.name.startswith("explainrt/") and not read & set(n.output)]
     sessions = {windows: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                 for windows, m in made.items()}
     rng = np.random.default_rng(1)

@@ -382,14 +382,14 @@ class GradientBuilder(GraphBuilder):
 
     seeds: str  # 1-D int64 [K]: the length of the seed axis
     products: dict[str, Product]  # cotangents built as a ``Product`` (the rules may split them factor by factor)
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        super().__init__(model)
-        self.products = {}
     # what the reverse pass built, for passes that rewrite it (``zero_branches``): the gradient tensor ->
     # (the forward tensor it is the gradient of, merged to [K*N, ...]); a forward node -> its inputs' gradients
     gradient_of: dict[str, tuple[str, bool]]
     node_gradients: dict[str, list[str | None]]
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__(model)
+        self.products = {}
 
     def grad_shape(self, x: str) -> str:
         """Runtime shape ``[K, *shape(x)]`` of the gradient of forward tensor ``x``."""

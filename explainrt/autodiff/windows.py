@@ -296,7 +296,7 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
         inside.append(helper.make_node(op_type, inputs, [output], name=output, **attributes))
         return output
 
-    window_size = b.op("Sub", [high, low])
+    window_size: str | None = None  # made where a shape needs it, as the padding's ``remaining`` below
     for name in window.spatial:
         readers = [inner for inner in then.node if name in inner.input]
         if readers and all(inner.op_type == "Shape" for inner in readers):
@@ -305,6 +305,7 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
             # forward tensor becomes constants and the image's batch, ``shapes_from_the_image``)
             lead = add("Slice", [add("Shape", [name], f"{b.scope}/{name}/whole"), b.ints([0]), b.ints([-2])],
                        f"{b.scope}/{name}/leading")
+            window_size = window_size or b.op("Sub", [high, low])
             window_shape = add("Concat", [lead, window_size], f"{b.scope}/{name}/shape", axis=0)
             for inner in readers:
                 inner.op_type = "Identity"
@@ -321,7 +322,7 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
             renamed[name] = add("Mul", [factors[0], renamed[name]], f"{b.scope}/{name}/product")
             products.append(name)
     padded: list[onnx.NodeProto] = []
-    remaining = b.op("Sub", [b.ints([height, width]), high])
+    remaining: str | None = None
     for leaving, output, rank in zip(node.output, then.output, window.output_ranks):
         tables = _tap_sums(b, leaving)
         if tables is not None:
@@ -333,6 +334,7 @@ def _cut(b: GraphBuilder, node: onnx.NodeProto, then: onnx.GraphProto, window: _
             down.input[0] = b.op("Slice", [down.input[0], _element(b, low, 0), _element(b, high, 0), b.ints([1])])
             continue
         zeros = [b.ints([0] * (rank - 2))] if rank > 2 else []
+        remaining = remaining or b.op("Sub", [b.ints([height, width]), high])
         pads = b.concat([*zeros, low, *zeros, remaining], 0)
         renamed[output.name] = b.fresh(f"{output.name}/window")
         padded.append(helper.make_node("Pad", [renamed[output.name], pads], [output.name],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,8 +99,10 @@ class OnnxRuntimeSession:
             self._main = self._session(model)
         self._plain: object | None = None
         self._heads: dict[int, tuple[object, bool]] = {}
-        self._input_types: dict[object, dict[str, np.dtype]] = {}
-        self._output_names: dict[object, set[str]] = {}
+        # per session, what it takes and returns: held weakly, so that a session replaced (a maps-only variant rebuilt
+        # with one more head) goes with its weights
+        self._input_types: weakref.WeakKeyDictionary[object, dict[str, np.dtype]] = weakref.WeakKeyDictionary()
+        self._output_names: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
         # (objective, of_input, defended) -> (session, output names, shapes of the defence's reference inputs)
         self._variants: dict[tuple[Any, ...], tuple[object, list[str], list[list[int | str | None]]]] = {} if (
             self.spec.maps_only or lean) else {
